@@ -1,0 +1,1 @@
+"""The ``flightlog`` operator command: local stack, schemas, topics, shards and services."""

@@ -1,0 +1,204 @@
+"""``flightlog``: the operator's command line.
+
+flightlog stack up|down|status     the local Kafka, MariaDB clusters and Dovecot
+flightlog db migrate               global schema, shard map and shard schemas
+flightlog topics create|list       Kafka topics with their partitions and configs
+flightlog shards list              the shard map
+flightlog services up|down|status  the four services as local processes
+flightlog dev                      all of the above, in order: what `make dev` runs
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from cli.services import LocalServices
+from cli.stack import Stack, StackError
+from libs.config import DatabaseSettings, KafkaSettings, StackSettings
+from libs.db import connect
+from libs.db.migrate import migrate_global, migrate_shard
+from libs.kafka import TOPICS, create_topics
+from libs.logs import configure_logging
+from libs.shards import load_shard_map, register_clusters
+
+__all__ = ["app", "main"]
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+stack_app = typer.Typer(help="The local stack (no Docker engine needed).", no_args_is_help=True)
+db_app = typer.Typer(help="Schemas and migrations.", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+shards_app = typer.Typer(help="The shard map.", no_args_is_help=True)
+services_app = typer.Typer(help="The four services as local processes.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(db_app, name="db")
+app.add_typer(topics_app, name="topics")
+app.add_typer(shards_app, name="shards")
+app.add_typer(services_app, name="services")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start Kafka, the MariaDB clusters and Dovecot (harmless when they already run)."""
+    stack = Stack()
+    try:
+        stack.up()
+    except StackError as exc:
+        _fail(str(exc))
+    stack_status()
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop exactly the processes `stack up` started."""
+    stopped = Stack().down()
+    typer.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Each part with its address and whether it answers."""
+    parts = Stack().status()
+    for st in parts:
+        state = "up" if st.running and st.answers else ("running, not answering" if st.running else "down")
+        typer.echo(f"{st.name:<12} {st.address:<18} {state}")
+
+
+def _parse_cluster(text: str) -> tuple[str, str, int]:
+    try:
+        name, address = text.split("=", 1)
+        host, port = address.rsplit(":", 1)
+        return name, host, int(port)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected NAME=HOST:PORT") from None
+
+
+async def _migrate(clusters: list[tuple[str, str, int]], shard_count: int) -> None:
+    settings = DatabaseSettings()
+    async with connect(settings, settings.global_db_host, settings.global_db_port) as conn:
+        await migrate_global(conn, settings.global_db_name)
+    shard_map = await register_clusters(settings, clusters, shard_count)
+    for cluster in shard_map.clusters.values():
+        shards = [s for s, c in shard_map.shard_cluster.items() if c == cluster.cluster_id]
+        async with connect(settings, *cluster.primary) as conn:
+            for shard in sorted(shards):
+                await migrate_shard(conn, shard)
+        typer.echo(
+            f"cluster {cluster.name} ({cluster.primary_host}:{cluster.primary_port}): "
+            f"{len(shards)} shards migrated"
+        )
+    typer.echo(f"shard map version {shard_map.version}: {len(shard_map.shard_cluster)} shards")
+
+
+@db_app.command("migrate")
+def db_migrate(
+    cluster: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=HOST:PORT of a cluster; repeat. Default: the local stack's servers."),
+    ] = None,
+    shards: Annotated[int, typer.Option(help="Number of logical shards.")] = StackSettings().shard_count,
+) -> None:
+    """Apply the global and shard migrations; register clusters and spread new shards over them."""
+    clusters = [_parse_cluster(c) for c in cluster] if cluster else Stack().clusters()
+    asyncio.run(_migrate(clusters, shards))
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create the flightlog topics that do not exist yet."""
+    created = asyncio.run(create_topics(KafkaSettings()))
+    typer.echo(f"created: {', '.join(created) if created else 'all topics already existed'}")
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """The topics flightlog uses, with their partition counts and configs."""
+    for spec in TOPICS:
+        typer.echo(f"{spec.name:<28} partitions={spec.partitions} {spec.config}")
+
+
+async def _shard_map_text() -> list[str]:
+    settings = DatabaseSettings()
+    async with connect(settings, settings.global_db_host, settings.global_db_port) as conn:
+        m = await load_shard_map(conn, settings.global_db_name)
+    lines = [f"shard map version {m.version}"]
+    for shard in m.shards:
+        c = m.cluster_of(shard)
+        ro = " (read-only)" if shard in m.readonly else ""
+        lines.append(f"shard {shard:>5}  cluster {c.name}  {c.primary_host}:{c.primary_port}{ro}")
+    return lines
+
+
+@shards_app.command("list")
+def shards_list() -> None:
+    """Every logical shard with its cluster and address."""
+    for line in asyncio.run(_shard_map_text()):
+        typer.echo(line)
+
+
+@services_app.command("up")
+def services_up() -> None:
+    """Start ingest, transform, persist and gateway in the background (logs in the state folder)."""
+    try:
+        LocalServices().up()
+    except StackError as exc:
+        _fail(str(exc))
+    services_status()
+
+
+@services_app.command("down")
+def services_down() -> None:
+    """Stop the services (SIGTERM: they drain, then exit)."""
+    stopped = LocalServices().down()
+    typer.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@services_app.command("status")
+def services_status() -> None:
+    for name, address, state in LocalServices().status():
+        typer.echo(f"{name:<12} {address:<24} {state}")
+
+
+@app.command("dev")
+def dev() -> None:
+    """Bring up the stack, apply schemas, create topics and start every service."""
+    stack_up()
+    db_migrate(cluster=None, shards=StackSettings().shard_count)
+    topics_create()
+    services_up()
+    typer.secho(
+        "\nflightlog is running. Gateway: http://127.0.0.1:8080  Ingest: http://127.0.0.1:8081",
+        fg=typer.colors.GREEN,
+    )
+    typer.echo("Stop everything with: make down")
+
+
+@app.command("down")
+def down() -> None:
+    """Stop the services, then the stack."""
+    services_down()
+    stack_down()
+
+
+def main() -> None:
+    configure_logging("console", "INFO")
+    try:
+        app()
+    except StackError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""The local stack: Kafka (KRaft), MariaDB clusters and Dovecot as plain processes.
+
+No Docker engine is needed: Kafka runs from the official jars that Maven resolves from
+``deploy/kafka/pom.xml``; MariaDB and Dovecot come from Debian packages, installed with apt-get
+when missing. All state, logs and generated configs live under ``StackSettings.state_dir``
+(``.state/`` by default, git-ignored). ``up`` is idempotent; ``down`` stops only the processes
+whose pid files ``up`` wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from cli.procs import ManagedProcess, ProcessError, port_answers, wait_until
+from libs.config import REPO_ROOT, StackSettings
+
+__all__ = ["Dovecot", "Kafka", "MariaDB", "Part", "Stack", "StackError"]
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+DB_USER = "flightlog"
+DB_PASSWORD = "flightlog"
+IMAP_TEST_PASSWORD = "flightlog"
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _run(argv: list[str], what: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise StackError(
+            f"{what} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}"
+        )
+    return result  # type: ignore[no-any-return]
+
+
+def ensure_debian_packages(binaries: dict[str, str]) -> None:
+    """Install the Debian packages whose binaries are missing (``binary -> package``)."""
+    missing = sorted({pkg for binary, pkg in binaries.items() if shutil.which(binary) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise StackError(
+            f"missing Debian packages {missing}: install them (apt-get install {' '.join(missing)}) "
+            "or run `flightlog stack up` as root so it can"
+        )
+    logger.info("installing %s with apt-get", missing)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    _run(["apt-get", "update", "-qq"], "apt-get update", env=env)
+    _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], "apt-get install", env=env)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    name: str
+    address: str
+    running: bool
+    answers: bool
+
+
+class Part:
+    name: str
+    proc: ManagedProcess
+
+    def up(self) -> None:
+        raise NotImplementedError
+
+    def down(self) -> bool:
+        raise NotImplementedError
+
+    def status(self) -> Status:
+        raise NotImplementedError
+
+
+class Kafka(Part):
+    """A single KRaft node (broker and controller in one JVM)."""
+
+    name = "kafka"
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.dir = settings.state_dir / "kafka"
+        self.proc = ManagedProcess("kafka", self.dir / "kafka.pid", self.dir / "kafka.out", str(self.dir))
+        self.pom = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.settings.kafka_port}"
+
+    def classpath(self) -> str:
+        """Resolve the broker's jars with Maven once per version of the pom."""
+        cp_file = self.dir / "classpath.txt"
+        stamp = self.dir / "classpath.pom-sha256"
+        digest = hashlib.sha256(self.pom.read_bytes()).hexdigest()
+        if not (cp_file.exists() and stamp.exists() and stamp.read_text() == digest):
+            for tool in ("java", "mvn"):
+                if shutil.which(tool) is None:
+                    raise StackError(f"{tool} is not installed: Kafka needs Java 17 and Maven")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            logger.info("resolving Kafka jars with Maven (first run only)")
+            _run(
+                [
+                    "mvn",
+                    "-q",
+                    "-B",
+                    "-f",
+                    str(self.pom),
+                    "dependency:build-classpath",
+                    f"-Dmdep.outputFile={cp_file}",
+                ],
+                "mvn dependency:build-classpath",
+            )
+            stamp.write_text(digest)
+        return cp_file.read_text().strip()
+
+    def _write_config(self) -> Path:
+        s = self.settings
+        data = self.dir / "data"
+        props = self.dir / "server.properties"
+        props.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.bootstrap.servers={HOST}:{s.kafka_controller_port}",
+                    f"listeners=PLAINTEXT://{HOST}:{s.kafka_port},CONTROLLER://{HOST}:{s.kafka_controller_port}",
+                    f"advertised.listeners=PLAINTEXT://{HOST}:{s.kafka_port}",
+                    "controller.listener.names=CONTROLLER",
+                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    f"log.dirs={data}",
+                    "num.partitions=6",
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=6",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "transaction.state.log.num.partitions=6",
+                    "group.initial.rebalance.delay.ms=0",
+                    "auto.create.topics.enable=false",
+                    "log.retention.check.interval.ms=60000",
+                    "",
+                ]
+            )
+        )
+        (self.dir / "log4j2.properties").write_text(
+            "\n".join(
+                [
+                    "status = warn",
+                    "appender.file.type = RollingFile",
+                    "appender.file.name = file",
+                    f"appender.file.fileName = {self.dir}/server.log",
+                    f"appender.file.filePattern = {self.dir}/server.log.%i",
+                    "appender.file.layout.type = PatternLayout",
+                    "appender.file.layout.pattern = [%d] %p %m (%c)%n",
+                    "appender.file.policies.type = Policies",
+                    "appender.file.policies.size.type = SizeBasedTriggeringPolicy",
+                    "appender.file.policies.size.size = 20MB",
+                    "appender.file.strategy.type = DefaultRolloverStrategy",
+                    "appender.file.strategy.max = 3",
+                    "rootLogger.level = INFO",
+                    "rootLogger.appenderRef.file.ref = file",
+                    "",
+                ]
+            )
+        )
+        return props
+
+    def _java(self, main: str, *args: str, heap_mb: int = 256) -> list[str]:
+        return [
+            "java",
+            f"-Xms{min(heap_mb, 256)}m",
+            f"-Xmx{heap_mb}m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
+            "-cp",
+            self.classpath(),
+            main,
+            *args,
+        ]
+
+    def up(self) -> None:
+        if self.proc.running():
+            return
+        if port_answers(HOST, self.settings.kafka_port):
+            raise StackError(
+                f"port {self.settings.kafka_port} is taken by a process this stack did not start"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        props = self._write_config()
+        if not (self.dir / "data" / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            _run(
+                self._java(
+                    "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), "--standalone"
+                ),
+                "kafka storage format",
+            )
+        self.proc.start(self._java("kafka.Kafka", str(props), heap_mb=self.settings.kafka_heap_mb))
+        try:
+            wait_until(self._answers, 90, f"Kafka on {self.address}")
+        except ProcessError as exc:
+            raise StackError(f"{exc}\n{self.proc.log_tail()}") from None
+        self.proc.detach()
+
+    def _answers(self) -> bool:
+        if not self.proc.running():
+            raise StackError(f"Kafka exited during start-up:\n{self.proc.log_tail()}")
+        return port_answers(HOST, self.settings.kafka_port)
+
+    def down(self) -> bool:
+        return self.proc.stop(timeout_s=60)
+
+    def status(self) -> Status:
+        return Status(
+            self.name, self.address, self.proc.running(), port_answers(HOST, self.settings.kafka_port)
+        )
+
+
+class MariaDB(Part):
+    """One MariaDB server process: one "physical cluster" of the shard map."""
+
+    def __init__(self, settings: StackSettings, index: int) -> None:
+        self.settings = settings
+        self.index = index
+        self.port = settings.mariadb_ports[index]
+        self.name = f"mariadb-c{index + 1}"
+        self.cluster_name = f"c{index + 1}"
+        self.dir = settings.state_dir / "mariadb" / self.cluster_name
+        self.socket = self.dir / "mysqld.sock"
+        self.proc = ManagedProcess(self.name, self.dir / "mysqld.pid", self.dir / "mysqld.out", str(self.dir))
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _client(self, sql: str) -> str:
+        return _run(
+            ["mariadb", "--no-defaults", f"--socket={self.socket}", "-uroot", "-N", "-B", "-e", sql],
+            f"{self.name}: {sql[:60]}",
+        ).stdout
+
+    def _ping(self) -> bool:
+        if not self.proc.running():
+            raise StackError(
+                f"{self.name} exited during start-up:\n{self.proc.log_tail()}\n{self._error_log_tail()}"
+            )
+        result = subprocess.run(
+            ["mariadb-admin", "--no-defaults", f"--socket={self.socket}", "-uroot", "ping"],
+            capture_output=True,
+            check=False,
+        )
+        return result.returncode == 0
+
+    def _error_log_tail(self) -> str:
+        try:
+            return "\n".join((self.dir / "error.log").read_text(errors="replace").splitlines()[-15:])
+        except FileNotFoundError:
+            return ""
+
+    def up(self) -> None:
+        ensure_debian_packages({"mariadbd": "mariadb-server", "mariadb": "mariadb-client"})
+        if not self.proc.running():
+            self._start()
+        self._grant()
+
+    def _start(self) -> None:
+        if port_answers(HOST, self.port):
+            raise StackError(f"port {self.port} is taken by a process this stack did not start")
+        data = self.dir / "data"
+        if not (data / "mysql").is_dir():
+            data.mkdir(parents=True, exist_ok=True)
+            _run(
+                [
+                    "mariadb-install-db",
+                    "--no-defaults",
+                    f"--datadir={data}",
+                    "--user=root",
+                    "--auth-root-authentication-method=socket",
+                    "--skip-test-db",
+                ],
+                f"{self.name}: mariadb-install-db",
+            )
+        self.proc.start(
+            [
+                "mariadbd",
+                "--no-defaults",
+                f"--datadir={data}",
+                "--user=root",
+                f"--port={self.port}",
+                f"--bind-address={HOST}",
+                f"--socket={self.socket}",
+                f"--pid-file={self.dir / 'mariadbd.pid'}",
+                f"--log-error={self.dir / 'error.log'}",
+                "--skip-name-resolve",
+                "--character-set-server=utf8mb4",
+                "--collation-server=utf8mb4_bin",
+                f"--innodb-buffer-pool-size={self.settings.mariadb_buffer_pool_mb}M",
+                "--innodb-log-file-size=256M",
+                "--max-connections=1000",
+                "--max-allowed-packet=64M",
+                "--innodb-autoinc-lock-mode=2",
+                "--transaction-isolation=READ-COMMITTED",
+            ]
+        )
+        wait_until(self._ping, 60, f"{self.name} on {self.address}")
+        self.proc.detach()
+
+    def _grant(self) -> None:
+        # The services log in over TCP with a password; root stays socket-only.
+        self._client(
+            f"CREATE USER IF NOT EXISTS '{DB_USER}'@'127.0.0.1' IDENTIFIED BY '{DB_PASSWORD}';"
+            f"CREATE USER IF NOT EXISTS '{DB_USER}'@'localhost' IDENTIFIED BY '{DB_PASSWORD}';"
+            f"GRANT ALL PRIVILEGES ON *.* TO '{DB_USER}'@'127.0.0.1' WITH GRANT OPTION;"
+            f"GRANT ALL PRIVILEGES ON *.* TO '{DB_USER}'@'localhost' WITH GRANT OPTION;"
+        )
+
+    def down(self) -> bool:
+        return self.proc.stop(timeout_s=60)
+
+    def kill(self) -> bool:
+        return self.proc.kill()
+
+    def status(self) -> Status:
+        return Status(self.name, self.address, self.proc.running(), port_answers(HOST, self.port))
+
+
+class Dovecot(Part):
+    """Dovecot IMAP on loopback with a passwd-file of test users (maildirs in the state folder)."""
+
+    name = "dovecot"
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.dir = settings.state_dir / "dovecot"
+        self.conf = self.dir / "dovecot.conf"
+        self.users = self.dir / "users"
+        self.proc = ManagedProcess(
+            "dovecot", self.dir / "run" / "master.pid", self.dir / "dovecot.out", "dovecot"
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.settings.imap_port}"
+
+    def add_user(self, username: str, password: str = IMAP_TEST_PASSWORD) -> None:
+        """Add or replace a user in the passwd-file; Dovecot re-reads it when it changes."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lines = self.users.read_text().splitlines() if self.users.exists() else []
+        lines = [line for line in lines if not line.startswith(f"{username}:")]
+        lines.append(f"{username}:{{PLAIN}}{password}::::::")
+        self.users.write_text("\n".join(lines) + "\n")
+
+    def _write_config(self) -> None:
+        d = self.dir
+        for sub in ("run", "state", "mail"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        shutil.chown(d / "mail", "mail", "mail")
+        if not self.users.exists():
+            for i in range(1, 4):
+                self.add_user(f"user{i}@flightlog.test")
+        self.conf.write_text(
+            f"""# Generated by `flightlog stack up`; edits are overwritten.
+protocols = imap
+listen = {HOST}
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot.log
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:{d}/mail/%d/%n/Maildir
+mail_uid = mail
+mail_gid = mail
+first_valid_uid = 8
+mail_max_userip_connections = 2000
+default_process_limit = 2000
+default_client_limit = 4000
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {self.users}
+}}
+userdb {{
+  driver = static
+  args = uid=mail gid=mail home={d}/mail/%d/%n
+}}
+namespace inbox {{
+  inbox = yes
+  separator = /
+  mailbox Drafts {{
+    special_use = \\Drafts
+    auto = subscribe
+  }}
+  mailbox Sent {{
+    special_use = \\Sent
+    auto = subscribe
+  }}
+  mailbox Trash {{
+    special_use = \\Trash
+    auto = subscribe
+  }}
+  mailbox Junk {{
+    special_use = \\Junk
+    auto = subscribe
+  }}
+  mailbox Archive {{
+    special_use = \\Archive
+    auto = create
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = {HOST}
+    port = {self.settings.imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+  service_count = 0
+  process_min_avail = 1
+}}
+service imap {{
+  process_limit = 2000
+}}
+protocol imap {{
+  imap_idle_notify_interval = 2 mins
+}}
+"""
+        )
+
+    def up(self) -> None:
+        ensure_debian_packages({"dovecot": "dovecot-imapd", "doveadm": "dovecot-core"})
+        if self.proc.running():
+            return
+        if port_answers(HOST, self.settings.imap_port):
+            raise StackError(f"port {self.settings.imap_port} is taken by a process this stack did not start")
+        self._write_config()
+        # dovecot daemonizes itself and writes run/master.pid, which is our pid file. Its output
+        # goes to a file: a daemon holding our pipes open would block us forever.
+        with open(self.proc.log_file, "ab") as log:
+            result = subprocess.run(
+                ["dovecot", "-c", str(self.conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        if result.returncode != 0:
+            raise StackError(f"dovecot failed to start:\n{self.proc.log_tail()}")
+        wait_until(lambda: port_answers(HOST, self.settings.imap_port), 30, f"Dovecot on {self.address}")
+
+    def down(self) -> bool:
+        return self.proc.stop(timeout_s=30)
+
+    def status(self) -> Status:
+        return Status(
+            self.name, self.address, self.proc.running(), port_answers(HOST, self.settings.imap_port)
+        )
+
+
+class Stack:
+    """All parts of the local stack, in start order."""
+
+    def __init__(self, settings: StackSettings | None = None) -> None:
+        self.settings = settings or StackSettings()
+        self.kafka = Kafka(self.settings)
+        self.mariadb = [MariaDB(self.settings, i) for i in range(len(self.settings.mariadb_ports))]
+        self.dovecot = Dovecot(self.settings)
+
+    @property
+    def parts(self) -> list[Part]:
+        return [*self.mariadb, self.kafka, self.dovecot]
+
+    def up(self) -> None:
+        for part in self.parts:
+            logger.info("starting %s", part.name)
+            part.up()
+
+    def down(self) -> list[str]:
+        return [part.name for part in reversed(self.parts) if part.down()]
+
+    def status(self) -> list[Status]:
+        return [part.status() for part in self.parts]
+
+    def clusters(self) -> list[tuple[str, str, int]]:
+        """The MariaDB servers as shard-map clusters: (name, host, port)."""
+        return [(m.cluster_name, HOST, m.port) for m in self.mariadb]

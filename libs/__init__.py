@@ -1,0 +1,1 @@
+"""Code shared by the flightlog services: settings, logging, Kafka, ids, shards, database."""

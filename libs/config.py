@@ -1,0 +1,73 @@
+"""Typed settings read from ``FLIGHTLOG_*`` environment variables.
+
+Every service builds one settings object at start-up; a malformed value fails loudly there, not
+on first use. Defaults are the local stack's addresses (see DESIGN.md, "Real parts").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DatabaseSettings", "KafkaSettings", "ServiceSettings", "Settings", "StackSettings"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
+
+
+class KafkaSettings(_Base):
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_request_timeout_ms: int = 30_000
+    kafka_linger_ms: int = 5
+    kafka_max_batch_bytes: int = 1_048_576
+
+
+class DatabaseSettings(_Base):
+    """Where the global schema lives and how to log in to every cluster.
+
+    Shard schemas are found through the shard map in the global schema, so only the global
+    schema's address is configured; clusters share the credentials.
+    """
+
+    db_user: str = "flightlog"
+    db_password: str = "flightlog"
+    global_db_host: str = "127.0.0.1"
+    global_db_port: int = 3307
+    global_db_name: str = "flightlog_global"
+    db_pool_min_size: int = 1
+    db_pool_max_size: int = 8
+    db_connect_timeout_s: float = 5.0
+    shard_map_reload_interval_s: float = 10.0
+
+
+class ServiceSettings(KafkaSettings, DatabaseSettings):
+    """What every service reads: its HTTP address for health and metrics, logging, draining."""
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 0  # 0 means "the service's default port"
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "INFO"
+    drain_timeout_s: float = 25.0  # below the Kubernetes grace period of 30 s
+    admin_api_key: str = "flightlog-dev-admin-key"
+
+
+Settings = ServiceSettings
+
+
+class StackSettings(_Base):
+    """The local stack: the servers that ``flightlog stack up`` runs as plain processes."""
+
+    state_dir: Path = Field(default=REPO_ROOT / ".state")
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_heap_mb: int = 1024
+    mariadb_ports: tuple[int, ...] = (3307, 3308)
+    mariadb_buffer_pool_mb: int = 256
+    imap_port: int = 1143
+    shard_count: int = 16

@@ -1,0 +1,125 @@
+"""Kafka helpers: the topic catalogue, topic creation, and producer/consumer factories.
+
+Every producer is idempotent with ``acks=all``; consumers commit offsets explicitly (after the
+work they cover is durable) and read committed data only, so aborted transactions stay unseen.
+aiokafka's clients already have the ``start()`` / idempotent ``stop()`` / ``async with`` shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from libs.config import KafkaSettings
+
+__all__ = [
+    "CHANGES",
+    "DLQ",
+    "INFLIGHT",
+    "POSTFLIGHT",
+    "TOPICS",
+    "TRANSFORM_STATE",
+    "TopicSpec",
+    "create_topics",
+    "make_consumer",
+    "make_producer",
+]
+
+logger = logging.getLogger(__name__)
+
+INFLIGHT: Final = "flightlog.inflight"
+POSTFLIGHT: Final = "flightlog.postflight"
+CHANGES: Final = "flightlog.changes"
+DLQ: Final = "flightlog.dlq"
+TRANSFORM_STATE: Final = "flightlog.transform-state"
+
+_WEEK_MS: Final = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+# inflight and the transform's changelog must have the same partition count: partition N of the
+# changelog holds the state of the messages read from partition N of inflight.
+TOPICS: Final = (
+    TopicSpec(INFLIGHT, 6, {"retention.ms": str(_WEEK_MS), "min.insync.replicas": "1"}),
+    TopicSpec(POSTFLIGHT, 6, {"retention.ms": str(_WEEK_MS), "min.insync.replicas": "1"}),
+    TopicSpec(CHANGES, 6, {"retention.ms": str(_WEEK_MS), "min.insync.replicas": "1"}),
+    TopicSpec(DLQ, 1, {"retention.ms": str(4 * _WEEK_MS)}),
+    TopicSpec(
+        TRANSFORM_STATE,
+        6,
+        {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000", "segment.ms": "3600000"},
+    ),
+)
+
+
+async def create_topics(
+    settings: KafkaSettings, specs: tuple[TopicSpec, ...] = TOPICS, *, replication_factor: int = 1
+) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [s for s in specs if s.name not in existing]
+        if not wanted:
+            return []
+        try:
+            await admin.create_topics(
+                [
+                    NewTopic(s.name, s.partitions, replication_factor, topic_configs=dict(s.config))
+                    for s in wanted
+                ]
+            )
+        except TopicAlreadyExistsError:
+            pass  # another process won the race: what we wanted exists
+        logger.info("created topics %s", [s.name for s in wanted])
+        return [s.name for s in wanted]
+    finally:
+        await admin.close()
+
+
+def make_producer(
+    settings: KafkaSettings, *, transactional_id: str | None = None, **overrides: Any
+) -> AIOKafkaProducer:
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": settings.kafka_linger_ms,
+        "max_batch_size": settings.kafka_max_batch_bytes,
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+        "compression_type": None,
+    }
+    if transactional_id is not None:
+        options["transactional_id"] = transactional_id
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(
+    settings: KafkaSettings, *topics: str, group_id: str | None, **overrides: Any
+) -> AIOKafkaConsumer:
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)

@@ -1,0 +1,155 @@
+"""The one runner every flightlog service starts through.
+
+It installs uvloop, configures logging, serves ``/healthz``, ``/readyz`` and ``/metrics`` on the
+service's port (beside the service's own routes, if it has any), runs the service's ``main`` and
+handles SIGTERM and SIGINT the same way everywhere: set ``ctx.stopping`` so the service stops
+taking input and finishes or hands back its batch, wait up to ``drain_timeout_s`` for ``main`` to
+return, then cancel it. A second signal cancels at once.
+
+A service's own routes answer 503 until it calls ``ctx.set_ready()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import prometheus_client
+import uvloop
+from aiohttp import web
+
+from libs.config import ServiceSettings
+from libs.http import problem_response
+from libs.logs import configure_logging
+
+__all__ = ["HEALTH_PATHS", "ServiceContext", "ServiceDefinition", "run_service", "serve"]
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+@dataclass(slots=True)
+class ServiceContext:
+    """What a running service gets from the runner."""
+
+    name: str
+    settings: ServiceSettings
+    app: web.Application
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: bool = False
+    ready_checks: list[Callable[[], bool]] = field(default_factory=list)
+
+    def set_ready(self) -> None:
+        self.ready = True
+
+    def is_ready(self) -> bool:
+        return self.ready and not self.stopping.is_set() and all(c() for c in self.ready_checks)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceDefinition:
+    """A service: its name, default port, optional HTTP routes and its ``main`` coroutine.
+
+    ``main`` opens its resources, calls ``ctx.set_ready()``, works until ``ctx.stopping`` is set
+    and then drains and closes before returning.
+    """
+
+    name: str
+    default_port: int
+    main: Callable[[ServiceContext], Coroutine[Any, Any, None]]
+    add_routes: Callable[[web.Application], None] | None = None
+    client_max_size: int = 1024**2
+
+
+def _health_routes(ctx: ServiceContext) -> list[web.RouteDef]:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": ctx.name})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready = ctx.is_ready()
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "service": ctx.name},
+            status=200 if ready else 503,
+        )
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = prometheus_client.generate_latest()
+        return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    return [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]
+
+
+def _ready_gate(ctx: ServiceContext) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def gate(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path not in HEALTH_PATHS and not ctx.ready:
+            return problem_response(503, "Service starting", f"{ctx.name} is not ready yet", retry_after_s=1)
+        return await handler(request)
+
+    return gate
+
+
+async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
+    app = web.Application(client_max_size=defn.client_max_size)
+    ctx = ServiceContext(defn.name, settings, app)
+    app.middlewares.append(_ready_gate(ctx))
+    app.add_routes(_health_routes(ctx))
+    if defn.add_routes is not None:
+        defn.add_routes(app)
+
+    loop = asyncio.get_running_loop()
+    main_task: asyncio.Task[None] | None = None
+
+    def on_signal(signum: int) -> None:
+        if ctx.stopping.is_set():
+            logger.warning("second %s: cancelling without draining", signal.Signals(signum).name)
+            if main_task is not None:
+                main_task.cancel()
+            return
+        logger.info(
+            "%s received: draining (up to %.0f s)", signal.Signals(signum).name, settings.drain_timeout_s
+        )
+        ctx.stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    port = settings.http_port or defn.default_port
+    site = web.TCPSite(runner, settings.http_host, port, reuse_address=True)
+    await site.start()
+    logger.info("%s listening on http://%s:%d", defn.name, settings.http_host, port)
+    try:
+        main_task = asyncio.create_task(defn.main(ctx), name=f"{defn.name}-main")
+        stop_wait = asyncio.create_task(ctx.stopping.wait())
+        done, _ = await asyncio.wait({main_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if main_task not in done:
+            try:
+                await asyncio.wait_for(asyncio.shield(main_task), settings.drain_timeout_s)
+            except TimeoutError:
+                logger.error("drain timed out after %.0f s; cancelling", settings.drain_timeout_s)
+                main_task.cancel()
+        stop_wait.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main_task  # re-raises a crash of main, so the process exits non-zero
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+        logger.info("%s stopped", defn.name)
+
+
+def run_service(defn: ServiceDefinition) -> None:
+    """Entry point for ``python -m services.<name>``."""
+    settings = ServiceSettings()
+    configure_logging(settings.log_format, settings.log_level)
+    uvloop.run(serve(defn, settings))

@@ -1,0 +1,295 @@
+"""The shard map (logical shard -> cluster -> addresses) and the router that hands out pools.
+
+The map lives in the global schema with a version number. :class:`ShardRouter` caches it, polls
+the version every ``shard_map_reload_interval_s`` and reloads when it changed, so moving a shard
+to another cluster is an update of the map that every service picks up without a restart.
+
+Exceptions::
+
+    ShardError            root
+    ├── UnknownShard      no such shard in the map
+    └── ShardReadOnly     the shard is being moved; writes must wait
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import aiomysql
+
+from libs.config import DatabaseSettings
+from libs.db import connect, create_pool, shard_schema
+from libs.ids import shard_of
+
+__all__ = [
+    "Cluster",
+    "ShardError",
+    "ShardMap",
+    "ShardReadOnly",
+    "ShardRouter",
+    "UnknownShard",
+    "load_shard_map",
+    "register_clusters",
+    "spread_shards",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ShardError(Exception):
+    retriable = False
+
+
+class UnknownShard(ShardError):
+    pass
+
+
+class ShardReadOnly(ShardError):
+    retriable = True
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    cluster_id: int
+    name: str
+    primary_host: str
+    primary_port: int
+    replica_host: str | None = None
+    replica_port: int | None = None
+
+    @property
+    def primary(self) -> tuple[str, int]:
+        return self.primary_host, self.primary_port
+
+    @property
+    def replica(self) -> tuple[str, int]:
+        """The read replica's address, or the primary's when the cluster has no replica."""
+        if self.replica_host and self.replica_port:
+            return self.replica_host, self.replica_port
+        return self.primary
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMap:
+    version: int
+    clusters: dict[int, Cluster]
+    shard_cluster: dict[int, int]
+    readonly: frozenset[int] = frozenset()
+
+    @property
+    def shards(self) -> list[int]:
+        return sorted(self.shard_cluster)
+
+    def cluster_of(self, shard: int) -> Cluster:
+        try:
+            return self.clusters[self.shard_cluster[shard]]
+        except KeyError:
+            raise UnknownShard(f"shard {shard} is not in the shard map (version {self.version})") from None
+
+
+def spread_shards(shards: Iterable[int], cluster_ids: list[int]) -> dict[int, int]:
+    """Assign shards to clusters round-robin: shard 1 to the first cluster, 2 to the second..."""
+    return {shard: cluster_ids[i % len(cluster_ids)] for i, shard in enumerate(sorted(shards))}
+
+
+async def load_shard_map(conn: aiomysql.Connection, global_schema: str) -> ShardMap:
+    async with conn.cursor() as cur:
+        await cur.execute(f"SELECT version FROM `{global_schema}`.shard_map_version WHERE id = 1")
+        (version,) = await cur.fetchone()
+        await cur.execute(
+            "SELECT cluster_id, name, primary_host, primary_port, replica_host, replica_port"
+            f" FROM `{global_schema}`.clusters"
+        )
+        clusters = {row[0]: Cluster(*row) for row in await cur.fetchall()}
+        await cur.execute(f"SELECT shard_id, cluster_id, state FROM `{global_schema}`.shards")
+        rows = await cur.fetchall()
+    await conn.commit()  # end the read view so the next poll sees new versions
+    return ShardMap(
+        version=int(version),
+        clusters=clusters,
+        shard_cluster={r[0]: r[1] for r in rows},
+        readonly=frozenset(r[0] for r in rows if r[2] == "readonly"),
+    )
+
+
+class ShardRouter:
+    """Routes a shard (or any id) to a connection pool on the cluster that holds it.
+
+    One pool per cluster, shared by all of its shards; queries name their schema explicitly
+    (:meth:`table`). Use as ``async with ShardRouter(settings) as router``.
+    """
+
+    def __init__(self, settings: DatabaseSettings, *, replica_reads: bool = False) -> None:
+        self._settings = settings
+        self._replica_reads = replica_reads
+        self._map: ShardMap | None = None
+        self._pools: dict[tuple[str, int], aiomysql.Pool] = {}
+        self._global: aiomysql.Pool | None = None
+        self._reloader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        if self._global is not None:
+            return
+        s = self._settings
+        self._global = await create_pool(s, s.global_db_host, s.global_db_port)
+        await self.reload()
+        self._reloader = asyncio.create_task(self._reload_forever(), name="shard-map-reloader")
+
+    async def stop(self) -> None:
+        if self._reloader is not None:
+            self._reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloader
+            self._reloader = None
+        pools = [*self._pools.values(), *([self._global] if self._global else [])]
+        self._pools.clear()
+        self._global = None
+        for pool in pools:
+            pool.close()
+        for pool in pools:
+            await pool.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    @property
+    def shard_map(self) -> ShardMap:
+        if self._map is None:
+            raise ShardError("the router is not started")
+        return self._map
+
+    @property
+    def global_pool(self) -> aiomysql.Pool:
+        if self._global is None:
+            raise ShardError("the router is not started")
+        return self._global
+
+    @property
+    def global_schema(self) -> str:
+        return self._settings.global_db_name
+
+    async def reload(self) -> bool:
+        """Reload the map if its version changed; returns whether it did."""
+        async with self._lock, self.global_pool.acquire() as conn:
+            fresh = await load_shard_map(conn, self._settings.global_db_name)
+            if self._map is not None and fresh.version == self._map.version:
+                return False
+            old = self._map
+            self._map = fresh
+            logger.info(
+                "shard map version %d: %d shards on %d clusters",
+                fresh.version,
+                len(fresh.shard_cluster),
+                len(fresh.clusters),
+            )
+            if old is not None:
+                await self._close_unused_pools()
+            return True
+
+    async def _reload_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.shard_map_reload_interval_s)
+            try:
+                await self.reload()
+            except Exception:
+                logger.exception("shard map reload failed; keeping version %d", self.shard_map.version)
+
+    async def _close_unused_pools(self) -> None:
+        in_use = {c.primary for c in self.shard_map.clusters.values()}
+        in_use |= {c.replica for c in self.shard_map.clusters.values()}
+        for address in [a for a in self._pools if a not in in_use]:
+            pool = self._pools.pop(address)
+            pool.close()
+            await pool.wait_closed()
+
+    async def _pool_for(self, address: tuple[str, int]) -> aiomysql.Pool:
+        pool = self._pools.get(address)
+        if pool is None:
+            pool = await create_pool(self._settings, *address)
+            # Another task may have created one while we awaited; keep the first.
+            if address in self._pools:
+                pool.close()
+                await pool.wait_closed()
+                return self._pools[address]
+            self._pools[address] = pool
+        return pool
+
+    async def pool(self, shard: int, *, write: bool = True) -> aiomysql.Pool:
+        cluster = self.shard_map.cluster_of(shard)
+        if write and shard in self.shard_map.readonly:
+            raise ShardReadOnly(f"shard {shard} is read-only while it moves")
+        address = cluster.replica if (self._replica_reads and not write) else cluster.primary
+        return await self._pool_for(address)
+
+    async def pool_for_id(self, id_: int, *, write: bool = True) -> aiomysql.Pool:
+        return await self.pool(shard_of(id_), write=write)
+
+    @staticmethod
+    def table(shard: int, name: str) -> str:
+        return f"`{shard_schema(shard)}`.`{name}`"
+
+
+async def register_clusters(
+    settings: DatabaseSettings, clusters: list[tuple[str, str, int]], shard_count: int
+) -> ShardMap:
+    """Write clusters and a round-robin shard assignment into the global schema.
+
+    Existing shards keep their cluster (moving one is a separate operation); new shards are
+    spread over the clusters. Bumps the map version when anything changed.
+    """
+    schema = settings.global_db_name
+    async with connect(settings, settings.global_db_host, settings.global_db_port) as conn:
+        current = await load_shard_map(conn, schema)
+        changed = False
+        async with conn.cursor() as cur:
+            by_name = {c.name: c for c in current.clusters.values()}
+            next_id = max(current.clusters, default=0) + 1
+            ids = []
+            for name, host, port in clusters:
+                existing = by_name.get(name)
+                if existing is None:
+                    await cur.execute(
+                        f"INSERT INTO `{schema}`.clusters"
+                        " (cluster_id, name, primary_host, primary_port) VALUES (%s, %s, %s, %s)",
+                        (next_id, name, host, port),
+                    )
+                    ids.append(next_id)
+                    next_id += 1
+                    changed = True
+                else:
+                    if existing.primary != (host, port):
+                        await cur.execute(
+                            f"UPDATE `{schema}`.clusters SET primary_host = %s, primary_port = %s"
+                            " WHERE cluster_id = %s",
+                            (host, port, existing.cluster_id),
+                        )
+                        changed = True
+                    ids.append(existing.cluster_id)
+            wanted = range(1, shard_count + 1)
+            missing = [s for s in wanted if s not in current.shard_cluster]
+            assignment = spread_shards(wanted, ids)
+            for shard in missing:
+                await cur.execute(
+                    f"INSERT INTO `{schema}`.shards (shard_id, cluster_id) VALUES (%s, %s)",
+                    (shard, assignment[shard]),
+                )
+                changed = True
+            if changed:
+                await cur.execute(
+                    f"UPDATE `{schema}`.shard_map_version SET version = version + 1 WHERE id = 1"
+                )
+        await conn.commit()
+        return await load_shard_map(conn, schema)

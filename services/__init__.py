@@ -1,0 +1,1 @@
+"""The flightlog services: ingest, transform, persist and gateway, one package each."""

