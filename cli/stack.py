@@ -270,7 +270,14 @@ class MariaDB(Part):
             return ""
 
     def up(self) -> None:
-        ensure_debian_packages({"mariadbd": "mariadb-server", "mariadb": "mariadb-client"})
+        ensure_debian_packages(
+            {
+                "mariadbd": "mariadb-server",
+                "mariadb-install-db": "mariadb-server",
+                "mariadb": "mariadb-client",
+                "mariadb-admin": "mariadb-client",
+            }
+        )
         if not self.proc.running():
             self._start()
         self._grant()
