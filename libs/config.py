@@ -6,6 +6,7 @@ on first use. Defaults are the local stack's addresses (see DESIGN.md, "Real par
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -55,6 +56,9 @@ class ServiceSettings(KafkaSettings, DatabaseSettings):
     log_level: str = "INFO"
     drain_timeout_s: float = 25.0  # below the Kubernetes grace period of 30 s
     admin_api_key: str = "flightlog-dev-admin-key"
+    # Stable per replica (a StatefulSet ordinal or host name): transform's transactional id is
+    # derived from it, so a restarted instance fences its dead predecessor.
+    instance_id: str = Field(default_factory=socket.gethostname)
 
 
 Settings = ServiceSettings
