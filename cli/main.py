@@ -19,12 +19,13 @@ import typer
 
 from cli.services import LocalServices
 from cli.stack import Stack, StackError
+from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings, KafkaSettings, StackSettings
 from libs.db import connect
 from libs.db.migrate import migrate_global, migrate_shard
 from libs.kafka import TOPICS, create_topics
 from libs.logs import configure_logging
-from libs.shards import load_shard_map, register_clusters
+from libs.shards import ShardRouter, load_shard_map, register_clusters
 
 __all__ = ["app", "main"]
 
@@ -36,11 +37,15 @@ db_app = typer.Typer(help="Schemas and migrations.", no_args_is_help=True)
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 shards_app = typer.Typer(help="The shard map.", no_args_is_help=True)
 services_app = typer.Typer(help="The four services as local processes.", no_args_is_help=True)
+apps_app = typer.Typer(help="Applications (tenants) and their API keys.", no_args_is_help=True)
+accounts_app = typer.Typer(help="Accounts, placed on shards.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
 app.add_typer(topics_app, name="topics")
 app.add_typer(shards_app, name="shards")
 app.add_typer(services_app, name="services")
+app.add_typer(apps_app, name="apps")
+app.add_typer(accounts_app, name="accounts")
 
 
 def _fail(message: str) -> None:
@@ -145,6 +150,37 @@ def shards_list() -> None:
     """Every logical shard with its cluster and address."""
     for line in asyncio.run(_shard_map_text()):
         typer.echo(line)
+
+
+@apps_app.command("create")
+def apps_create(name: str) -> None:
+    """Create an application; prints its API key once (it is stored only as a digest)."""
+
+    async def create() -> tuple[int, str]:
+        async with ShardRouter(DatabaseSettings()) as router:
+            application, key = await create_application(router, name)
+            return application.id, key
+
+    app_id, key = asyncio.run(create())
+    typer.echo(f"application {app_id}\napi key (shown once): {key}")
+
+
+@accounts_app.command("create")
+def accounts_create(
+    application: Annotated[int, typer.Option(help="The owning application's id.")],
+    email: Annotated[str, typer.Option(help="The account's address.")],
+    shard: Annotated[int | None, typer.Option(help="Place on this shard (default: least loaded).")] = None,
+    provider: Annotated[str, typer.Option(help="events or imap")] = "events",
+) -> None:
+    """Create an account on a shard; its id carries the shard's bits."""
+
+    async def create() -> int:
+        async with ShardRouter(DatabaseSettings()) as router:
+            account = await create_account(router, application, email, provider=provider, shard=shard)
+            return account.id
+
+    account_id = asyncio.run(create())
+    typer.echo(f"account {account_id} on shard {account_id >> 48}")
 
 
 @services_app.command("up")

@@ -58,13 +58,19 @@ async def dead_letter(
     ]
     if source is not None:
         topic, partition, offset = source
-        headers += [(H_TOPIC, topic.encode()), (H_PARTITION, str(partition).encode()),
-                    (H_OFFSET, str(offset).encode())]
-    return await producer.send(DLQ, value=value, key=key, headers=headers)
+        headers += [
+            (H_TOPIC, topic.encode()),
+            (H_PARTITION, str(partition).encode()),
+            (H_OFFSET, str(offset).encode()),
+        ]
+    future: asyncio.Future[RecordMetadata] = await producer.send(DLQ, value=value, key=key, headers=headers)
+    return future
 
 
 def parse_dead_letter(
-    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...],
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...],
     offset: int | None = None,
 ) -> DeadLetter:
     h = {k: v.decode(errors="replace") for k, v in headers}

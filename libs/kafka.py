@@ -21,6 +21,7 @@ __all__ = [
     "CHANGES",
     "DLQ",
     "INFLIGHT",
+    "PERSIST_RETRY",
     "POSTFLIGHT",
     "TOPICS",
     "TRANSFORM_STATE",
@@ -37,6 +38,9 @@ POSTFLIGHT: Final = "flightlog.postflight"
 CHANGES: Final = "flightlog.changes"
 DLQ: Final = "flightlog.dlq"
 TRANSFORM_STATE: Final = "flightlog.transform-state"
+# Postflight records persist could not write because their shard was down or slow; persist
+# retries them from here so the other shards never wait for one.
+PERSIST_RETRY: Final = "flightlog.persist-retry"
 
 _WEEK_MS: Final = 7 * 24 * 3600 * 1000
 
@@ -55,6 +59,7 @@ TOPICS: Final = (
     TopicSpec(POSTFLIGHT, 6, {"retention.ms": str(_WEEK_MS), "min.insync.replicas": "1"}),
     TopicSpec(CHANGES, 6, {"retention.ms": str(_WEEK_MS), "min.insync.replicas": "1"}),
     TopicSpec(DLQ, 1, {"retention.ms": str(4 * _WEEK_MS)}),
+    TopicSpec(PERSIST_RETRY, 6, {"retention.ms": str(4 * _WEEK_MS)}),
     TopicSpec(
         TRANSFORM_STATE,
         6,

@@ -1,15 +1,29 @@
-"""persist service (port 8083)."""
+"""persist: postflight records into the account shards (port 8083 for health and metrics)."""
 
 from __future__ import annotations
 
-from libs.kafka import make_producer
+from contextlib import AsyncExitStack
+
+from libs.kafka import PERSIST_RETRY, POSTFLIGHT, make_consumer, make_producer
 from libs.service import ServiceContext, ServiceDefinition
+from libs.shards import ShardRouter
+from services.persist.worker import PersistWorker
+
+GROUP_ID = "flightlog-persist"
+RETRY_GROUP_ID = "flightlog-persist-retry"
 
 
 async def main(ctx: ServiceContext) -> None:
-    async with make_producer(ctx.settings):
+    s = ctx.settings
+    async with AsyncExitStack() as stack:
+        router = await stack.enter_async_context(ShardRouter(s))
+        producer = await stack.enter_async_context(make_producer(s))
+        consumer = await stack.enter_async_context(
+            make_consumer(s, POSTFLIGHT, group_id=GROUP_ID, max_partition_fetch_bytes=4 * 1024**2)
+        )
+        retry = await stack.enter_async_context(make_consumer(s, PERSIST_RETRY, group_id=RETRY_GROUP_ID))
         ctx.set_ready()
-        await ctx.stopping.wait()
+        await PersistWorker(router, producer, consumer, retry).run(ctx.stopping)
 
 
 DEFINITION = ServiceDefinition(name="persist", default_port=8083, main=main)

@@ -1,0 +1,173 @@
+"""Applications (tenants), their API keys, and accounts placed on shards.
+
+An account is created on a chosen shard (named, or the one with the fewest accounts) and its id
+carries that shard's bits, so everything about it routes by a bit shift. API keys are random,
+shown once, and stored as SHA-256 digests.
+
+:class:`AccountDirectory` answers the two questions every request asks ("whose key is this?",
+"which application owns this account?") from a small TTL cache, so the hot path does not hit
+MySQL for every event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from libs.db import insert_guarded
+from libs.ids import shard_of
+from libs.shards import ShardRouter, UnknownShard
+
+__all__ = [
+    "API_KEY_PREFIX",
+    "Account",
+    "AccountDirectory",
+    "Application",
+    "create_account",
+    "create_application",
+    "hash_api_key",
+    "least_loaded_shard",
+]
+
+API_KEY_PREFIX: Final = "flk_"
+
+
+@dataclass(frozen=True, slots=True)
+class Application:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    application_id: int
+    email: str
+    provider: str
+
+
+def hash_api_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+async def create_application(router: ShardRouter, name: str) -> tuple[Application, str]:
+    """Create an application and its first API key; the key is returned once and never stored."""
+    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    schema = router.global_schema
+    async with router.global_pool.acquire() as conn, conn.cursor() as cur:
+        try:
+            await cur.execute(f"INSERT INTO `{schema}`.applications (name) VALUES (%s)", (name,))
+            app_id = int(cur.lastrowid)
+            await cur.execute(
+                f"INSERT INTO `{schema}`.api_keys (application_id, key_hash, key_prefix) VALUES (%s, %s, %s)",
+                (app_id, hash_api_key(key), key[:12]),
+            )
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+    return Application(app_id, name), key
+
+
+async def least_loaded_shard(router: ShardRouter) -> int:
+    """The writable shard holding the fewest accounts (ties go to the lowest shard id)."""
+    m = router.shard_map
+
+    async def count(shard: int) -> tuple[int, int]:
+        pool = await router.pool(shard, write=False)
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(f"SELECT COUNT(*) FROM {router.table(shard, 'accounts')}")
+            (n,) = await cur.fetchone()
+            await conn.commit()
+        return int(n), shard
+
+    writable = [s for s in m.shards if s not in m.readonly]
+    if not writable:
+        raise UnknownShard("no writable shard in the shard map")
+    counts = await asyncio.gather(*(count(s) for s in writable))
+    return min(counts)[1]
+
+
+async def create_account(
+    router: ShardRouter,
+    application_id: int,
+    email: str,
+    *,
+    provider: str = "events",
+    shard: int | None = None,
+) -> Account:
+    if shard is None:
+        shard = await least_loaded_shard(router)
+    router.shard_map.cluster_of(shard)  # raises UnknownShard for a shard not in the map
+    pool = await router.pool(shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        try:
+            account_id = await insert_guarded(
+                cur,
+                shard,
+                f"INSERT INTO {router.table(shard, 'accounts')} (application_id, email, provider)"
+                " VALUES (%s, %s, %s)",
+                (application_id, email, provider),
+            )
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+    return Account(account_id, application_id, email, provider)
+
+
+class AccountDirectory:
+    """Cached look-ups of API keys and accounts (positive and negative answers, ``ttl_s``)."""
+
+    def __init__(self, router: ShardRouter, ttl_s: float = 30.0) -> None:
+        self._router = router
+        self._ttl_s = ttl_s
+        self._keys: dict[bytes, tuple[float, Application | None]] = {}
+        self._accounts: dict[int, tuple[float, Account | None]] = {}
+
+    async def application_for_key(self, api_key: str) -> Application | None:
+        digest = hash_api_key(api_key)
+        hit = self._keys.get(digest)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        schema = self._router.global_schema
+        async with self._router.global_pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT a.id, a.name FROM `{schema}`.api_keys k JOIN `{schema}`.applications a"
+                " ON a.id = k.application_id WHERE k.key_hash = %s AND k.revoked_at IS NULL",
+                (digest,),
+            )
+            row = await cur.fetchone()
+            await conn.commit()
+        app = Application(int(row[0]), row[1]) if row else None
+        self._keys[digest] = (time.monotonic() + self._ttl_s, app)
+        return app
+
+    async def account(self, account_id: int) -> Account | None:
+        hit = self._accounts.get(account_id)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        shard = shard_of(account_id)
+        if shard not in self._router.shard_map.shard_cluster:
+            return None
+        pool = await self._router.pool(shard, write=False)
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT id, application_id, email, provider FROM {self._router.table(shard, 'accounts')}"
+                " WHERE id = %s",
+                (account_id,),
+            )
+            row = await cur.fetchone()
+            await conn.commit()
+        account = Account(int(row[0]), int(row[1]), row[2], row[3]) if row else None
+        self._accounts[account_id] = (time.monotonic() + self._ttl_s, account)
+        return account
+
+    async def owned_account(self, application_id: int, account_id: int) -> Account | None:
+        """The account if it exists and belongs to the application; None otherwise (alike)."""
+        account = await self.account(account_id)
+        return account if account is not None and account.application_id == application_id else None

@@ -1,0 +1,76 @@
+"""Reading back what the pipeline wrote, straight from MariaDB, and waiting for it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from libs.ids import shard_of
+from libs.shards import ShardRouter
+
+
+async def messages(router: ShardRouter, account_id: int) -> dict[str, dict[str, Any]]:
+    shard = shard_of(account_id)
+    pool = await router.pool(shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT id, message_key, version, status, direction, subject, snippet, unread, starred,"
+            " folder, deleted, redacted, body IS NULL"
+            f" FROM {router.table(shard, 'messages')} WHERE account_id = %s",
+            (account_id,),
+        )
+        rows = await cur.fetchall()
+        await conn.commit()
+    cols = ("id", "message_key", "version", "status", "direction", "subject", "snippet", "unread",
+            "starred", "folder", "deleted", "redacted", "body_is_null")  # fmt: skip
+    return {bytes(r[1]).decode(): dict(zip(cols, r, strict=True)) for r in rows}
+
+
+async def changes(router: ShardRouter, account_id: int) -> list[tuple[int, str, int]]:
+    """(object_id, change_type, version) in commit order."""
+    shard = shard_of(account_id)
+    pool = await router.pool(shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT object_id, change_type, version FROM {router.table(shard, 'changes')}"
+            " WHERE account_id = %s ORDER BY id",
+            (account_id,),
+        )
+        rows = await cur.fetchall()
+        await conn.commit()
+    return [(int(a), b, int(c)) for a, b, c in rows]
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def assert_exact_changes(got: list[tuple[int, str, int]], final: dict[int, tuple[int, bool]]) -> None:
+    """The change log of an account is exact: per message, one ``created`` first, versions
+    strictly increasing (no duplicates), ending at the message's final version, ``deleted`` last
+    if it was deleted. Versions written in one batch collapse into one change (the row went
+    straight to the newest), so intermediate versions may be absent, never repeated.
+
+    ``final`` maps object id -> (final version, deleted).
+    """
+    per_object: dict[int, list[tuple[str, int]]] = {}
+    for object_id, kind, version in got:
+        per_object.setdefault(object_id, []).append((kind, version))
+    assert set(per_object) == set(final), "changes for unexpected or missing messages"
+    for object_id, entries in per_object.items():
+        kinds = [k for k, _ in entries]
+        versions = [v for _, v in entries]
+        # A message created and deleted within one batch leaves just its tombstone.
+        assert kinds[0] == "created" or kinds == ["deleted"], (object_id, entries)
+        assert kinds.count("created") <= 1, (object_id, entries)
+        assert versions == sorted(set(versions)), f"duplicated or reordered changes: {entries}"
+        final_version, deleted = final[object_id]
+        assert versions[-1] == final_version, (object_id, entries)
+        assert (kinds[-1] == "deleted") == deleted, (object_id, entries)

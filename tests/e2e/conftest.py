@@ -1,0 +1,65 @@
+"""Fixtures for end-to-end tests: the services as real processes, and tenants to test with."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from cli.services import SERVICE_PORTS, LocalService
+from cli.stack import Stack
+from libs.accounts import Account, Application, create_account, create_application
+from libs.shards import ShardMap, ShardRouter
+
+# Ports of their own, so a `make dev` instance on the default ports never interferes.
+E2E_PORT_OFFSET = 200
+
+
+@dataclass
+class Pipeline:
+    services: dict[str, LocalService]
+
+    def url(self, name: str) -> str:
+        return self.services[name].address
+
+
+@pytest.fixture(scope="session")
+def pipeline(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[Pipeline]:
+    services = {
+        name: LocalService(name, port + E2E_PORT_OFFSET, stack.settings.state_dir, instance="-e2e")
+        for name, port in SERVICE_PORTS.items()
+    }
+    for svc in services.values():
+        svc.start(wait_s=0)
+    try:
+        for svc in services.values():
+            svc.wait_ready(90)
+        yield Pipeline(services)
+    finally:
+        for svc in services.values():
+            svc.proc.stop(timeout_s=40)
+
+
+@dataclass
+class Tenant:
+    application: Application
+    api_key: str
+    accounts: list[Account]
+
+
+@pytest.fixture
+async def tenant_factory(router: ShardRouter) -> AsyncIterator[Any]:
+    async def make(shards: list[int]) -> Tenant:
+        application, key = await create_application(router, f"test-{uuid.uuid4().hex[:8]}")
+        accounts = [
+            await create_account(router, application.id, f"{uuid.uuid4().hex[:8]}@example.test", shard=s)
+            for s in shards
+        ]
+        return Tenant(application, key, accounts)
+
+    yield make
+    await asyncio.sleep(0)
