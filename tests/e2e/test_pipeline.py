@@ -1,0 +1,113 @@
+"""The whole pipeline as processes: ingest -> inflight -> transform -> postflight -> persist -> MariaDB."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from libs.config import KafkaSettings
+from libs.kafka import DLQ, make_consumer
+from libs.shards import ShardRouter
+from tests.e2e import checks
+from tests.e2e.client import event, outbound_events, post_events
+from tests.e2e.conftest import Pipeline
+
+pytestmark = pytest.mark.e2e
+
+
+async def dlq_entries(
+    settings: KafkaSettings, needle: bytes, count: int, timeout_s: float = 30
+) -> list[dict[str, bytes]]:
+    """Headers of the DLQ records whose value contains ``needle`` (waits for ``count``)."""
+    found: list[dict[str, bytes]] = []
+    consumer = make_consumer(settings, DLQ, group_id=None)
+    async with consumer:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(found) < count and asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=1000)
+            for r in (r for rs in batch.values() for r in rs):
+                if r.value and needle in r.value:
+                    found.append(dict(r.headers))
+    return found
+
+
+async def test_valid_duplicated_out_of_order_late_and_invalid_events(
+    pipeline: Pipeline, router: ShardRouter, tenant_factory: Any, kafka_settings: KafkaSettings
+) -> None:
+    tenant = await tenant_factory([router.shard_map.shards[0], router.shard_map.shards[1]])
+    a, b = (acc.id for acc in tenant.accounts)
+    valid = outbound_events(a, "valid")
+    dup = outbound_events(a, "dup")
+    dup = [*dup, dict(dup[4]), dict(dup[2])]  # the same event ids again
+    ooo = outbound_events(b, "ooo")
+    ooo = [ooo[0], ooo[3], ooo[1], ooo[4], ooo[2]]  # sent before queued; sending after delivered (late)
+    impossible = [
+        event(b, "impossible", "accepted", step=0, direction="outbound"),
+        event(b, "impossible", "failed", step=1, direction="outbound"),
+        event(b, "impossible", "delivered", step=2, direction="outbound"),  # after failed: impossible
+    ]
+    inbound = [
+        event(a, "in", "receiving", step=0, direction="inbound"),
+        event(a, "in", "received", step=1, direction="inbound"),
+    ]
+    url = pipeline.url("ingest")
+    async with aiohttp.ClientSession() as http:
+        for batch in (valid, dup, ooo, impossible, inbound):
+            status, body = await post_events(http, url, tenant.api_key, batch)
+            assert status == 202, body
+        # A late update after the final state: read and starred.
+        status, body = await post_events(
+            http,
+            url,
+            tenant.api_key,
+            [
+                event(a, "valid", "updated", step=10, flags={"unread": False, "starred": True}),
+            ],
+        )
+        assert status == 202, body
+        # Invalid items: the batch is refused as a whole with every bad item listed.
+        status, body = await post_events(
+            http,
+            url,
+            tenant.api_key,
+            [
+                event(a, "bad-1", "teleported"),
+                {**event(a, "bad-2", "accepted"), "occurred_at": "yesterday"},
+                event(a, "fine", "accepted"),
+            ],
+        )
+        assert status == 422, body
+        assert {e["index"] for e in body["errors"]} == {0, 1}
+
+    async def done() -> bool:
+        ra, rb = await checks.messages(router, a), await checks.messages(router, b)
+        return (
+            ra.get("valid", {}).get("version") == 2
+            and set(ra) == {"valid", "dup", "in"}
+            and set(rb) == {"ooo", "impossible"}
+        )
+
+    await checks.wait_for(done, 60, "the pipeline's rows")
+    ra, rb = await checks.messages(router, a), await checks.messages(router, b)
+    assert ra["valid"]["status"] == "delivered" and ra["valid"]["starred"] == 1 and ra["valid"]["unread"] == 0
+    assert ra["dup"]["status"] == "delivered" and ra["dup"]["version"] == 1
+    assert ra["in"]["status"] == "received" and ra["in"]["direction"] == "inbound"
+    assert rb["ooo"]["status"] == "delivered" and rb["ooo"]["version"] == 1
+    assert rb["impossible"]["status"] == "failed" and rb["impossible"]["version"] == 1
+    checks.assert_exact_changes(
+        await checks.changes(router, a),
+        {ra["valid"]["id"]: (2, False), ra["dup"]["id"]: (1, False), ra["in"]["id"]: (1, False)},
+    )
+    checks.assert_exact_changes(
+        await checks.changes(router, b), {rb["ooo"]["id"]: (1, False), rb["impossible"]["id"]: (1, False)}
+    )
+
+    # The impossible transition is in the DLQ with its stage and reason; so are the refused items.
+    transform_dead = await dlq_entries(kafka_settings, impossible[2]["event_id"].encode(), 1)
+    assert transform_dead and transform_dead[0]["flightlog-stage"] == b"transform"
+    assert b"delivered" in transform_dead[0]["flightlog-reason"]
+    ingest_dead = await dlq_entries(kafka_settings, b"bad-1", 1)
+    assert ingest_dead and ingest_dead[0]["flightlog-stage"] == b"ingest"
