@@ -27,19 +27,20 @@ def event(
 
 
 def outbound_events(account_id: int, key: str) -> list[dict[str, Any]]:
-    content = {
+    content: dict[str, Any] = {
         "from": "sender@example.test",
         "to": ["rcpt@example.test"],
         "subject": f"subject {key}",
         "body_text": f"body of {key} " * 20,
         "channel": "email",
     }
-    return [
-        event(
-            account_id, key, status, step=i, direction="outbound", **({"content": content} if i == 0 else {})
-        )
-        for i, status in enumerate(OUTBOUND)
-    ]
+    events = []
+    for i, status in enumerate(OUTBOUND):
+        extra: dict[str, Any] = {"direction": "outbound"}
+        if i == 0:
+            extra["content"] = content
+        events.append(event(account_id, key, status, step=i, **extra))
+    return events
 
 
 async def post_events(
