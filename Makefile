@@ -9,7 +9,7 @@ FLIGHTLOG := $(VENV)/bin/flightlog
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install stack dev down test test-unit lint format mypy all clean
+.PHONY: help install stack dev down test test-unit lint format mypy all clean bench
 
 help:
 	@echo "make dev      bring up Kafka, MariaDB, Dovecot, schemas, topics and the four services"
@@ -57,3 +57,6 @@ all: lint mypy test
 
 clean: down
 	rm -rf .state
+
+bench: install
+	$(FLIGHTLOG) bench --write-md

@@ -220,6 +220,35 @@ def dev() -> None:
     typer.echo("Stop everything with: make down")
 
 
+@app.command("bench")
+def bench(
+    quick: Annotated[bool, typer.Option(help="Shorter runs (a smoke test of the benchmark).")] = False,
+    write_md: Annotated[
+        bool, typer.Option("--write-md", help="Rewrite BENCHMARKS.md with this run.")
+    ] = False,
+    json_path: Annotated[str, typer.Option("--json", help="Where to write the JSON report.")] = (
+        "bench-results/latest.json"
+    ),
+) -> None:
+    """Measure every stage beside the raw limits of this machine, in one run (starts what it needs)."""
+    from pathlib import Path
+
+    from cli.bench import run_bench, write_benchmarks_md
+    from libs.config import REPO_ROOT
+
+    dev()
+    report = asyncio.run(run_bench(lambda line: typer.echo(line, err=True), quick=quick))
+    typer.echo("\n" + report.table())
+    out = Path(json_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.to_json())
+    typer.echo(f"\nJSON: {out}")
+    if write_md:
+        command = "flightlog bench --write-md" + (" --quick" if quick else "")
+        write_benchmarks_md(report, command, REPO_ROOT / "BENCHMARKS.md")
+        typer.echo("BENCHMARKS.md rewritten")
+
+
 @app.command("down")
 def down() -> None:
     """Stop the services, then the stack."""

@@ -1,0 +1,399 @@
+"""``flightlog bench``: every stage measured beside the raw limit of the same machine, in one run.
+
+Raw limits: MariaDB batched upserts into a real shard table, Kafka produce and consume with
+aiokafka at the pipeline's message size. Pipeline: the highest sustained events/s from ingest to
+queryable, and the ingest-to-queryable latency at a fixed rate. Each stage reports its figure and,
+where one applies, its ratio to the raw limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import TopicPartition
+
+from libs.accounts import create_account, create_application
+from libs.config import DatabaseSettings, KafkaSettings
+from libs.db import connect, shard_schema
+from libs.db.migrate import migrate_shard
+from libs.events import Direction, MessageDoc, PostflightRecord, Status
+from libs.kafka import TopicSpec, create_topics, make_consumer, make_producer
+from libs.shards import ShardRouter
+from services.persist.writer import write_shard
+
+__all__ = ["BenchReport", "run_bench"]
+
+SCRATCH_SHARD = 9999  # a schema outside the shard map, dropped afterwards
+
+
+@dataclass
+class Figure:
+    stage: str
+    value: float
+    unit: str
+    limit: str | None = None
+    ratio: float | None = None
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    started_at: str
+    machine: dict[str, Any]
+    figures: list[Figure] = field(default_factory=list)
+
+    def add(self, figure: Figure, progress: Callable[[str], None]) -> None:
+        self.figures.append(figure)
+        progress(f"  {figure.stage}: {_fmt(figure.value)} {figure.unit}")
+
+    def by_stage(self, stage: str) -> Figure | None:
+        return next((f for f in self.figures if f.stage == stage), None)
+
+    def table(self) -> str:
+        rows = ["| stage | figure | raw limit (same run) | ratio | note |", "| --- | --- | --- | --- | --- |"]
+        for f in self.figures:
+            ratio = f"{f.ratio:.0%}" if f.ratio is not None else ""
+            rows.append(f"| {f.stage} | {_fmt(f.value)} {f.unit} | {f.limit or ''} | {ratio} | {f.note} |")
+        return "\n".join(rows)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "started_at": self.started_at,
+                "machine": self.machine,
+                "figures": [asdict(f) for f in self.figures],
+            },
+            indent=2,
+        )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
+
+
+def machine_facts() -> dict[str, Any]:
+    mem_kb = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    import aiokafka
+    import aiomysql
+
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 1024**2, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "aiokafka": aiokafka.__version__,
+        "aiomysql": aiomysql.__version__,
+    }
+
+
+def _sample_record(account_id: int, n: int) -> PostflightRecord:
+    now = datetime.now(UTC)
+    return PostflightRecord(
+        account_id=account_id,
+        message_key=f"bench-{n}",
+        version=1,
+        message=MessageDoc(
+            status=Status.DELIVERED,
+            direction=Direction.OUTBOUND,
+            channel="email",
+            sender="sender@example.test",
+            to=["rcpt@example.test"],
+            subject=f"subject {n}",
+            snippet="a short body",
+            body_text="a short body " * 20,
+            occurred_at=now,
+            final_at=now,
+        ),
+    )
+
+
+async def raw_mariadb_upserts(db: DatabaseSettings, seconds: float, batch: int = 500) -> float:
+    """Rows/s of the persist writer's own batched, version-guarded upsert into a scratch shard."""
+    async with ShardRouter(db) as router:
+        cluster = next(iter(router.shard_map.clusters.values()))
+        async with connect(db, *cluster.primary) as conn:
+            await migrate_shard(conn, SCRATCH_SHARD)
+        # The router routes by map; point the scratch shard at the first cluster for this run.
+        router.shard_map.shard_cluster[SCRATCH_SHARD] = cluster.cluster_id
+        try:
+            account = 1 + (SCRATCH_SHARD << 48)
+            n, rows = 0, 0
+            deadline = time.monotonic() + seconds
+            start = time.monotonic()
+            while time.monotonic() < deadline:
+                records = [_sample_record(account, n + i) for i in range(batch)]
+                n += batch
+                await write_shard(router, SCRATCH_SHARD, records)
+                rows += batch
+            return rows / (time.monotonic() - start)
+        finally:
+            del router.shard_map.shard_cluster[SCRATCH_SHARD]
+            async with connect(db, *cluster.primary) as conn, conn.cursor() as cur:
+                await cur.execute(f"DROP DATABASE IF EXISTS `{shard_schema(SCRATCH_SHARD)}`")
+
+
+async def raw_kafka(kafka: KafkaSettings, count: int, size: int) -> tuple[float, float]:
+    """(produce msgs/s, consume msgs/s) with aiokafka, acks=all, at ``size`` bytes a message."""
+    topic = f"bench.raw.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, (TopicSpec(topic, 6),))
+    payload = os.urandom(size // 2).hex().encode()[:size]
+    async with make_producer(kafka, linger_ms=5) as producer:
+        start = time.monotonic()
+        futures = []
+        for i in range(count):
+            futures.append(await producer.send(topic, payload, key=str(i % 997).encode()))
+        await asyncio.gather(*futures)
+        produce = count / (time.monotonic() - start)
+    consumer = make_consumer(kafka, group_id=None, isolation_level="read_uncommitted")
+    async with consumer:
+        parts = [TopicPartition(topic, p) for p in range(6)]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        got = 0
+        start = time.monotonic()
+        while got < count:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            got += sum(len(v) for v in batch.values())
+        consume = count / (time.monotonic() - start)
+    return produce, consume
+
+
+@dataclass
+class Tenant:
+    api_key: str
+    accounts: list[int]
+
+
+async def make_tenant(db: DatabaseSettings) -> Tenant:
+    async with ShardRouter(db) as router:
+        app, key = await create_application(router, f"bench-{uuid.uuid4().hex[:6]}")
+        accounts = [
+            (await create_account(router, app.id, f"bench{s}@example.test", shard=s)).id
+            for s in router.shard_map.shards
+        ]
+    return Tenant(key, accounts)
+
+
+def lifecycle(account_id: int, key: str, t: datetime) -> list[dict[str, Any]]:
+    content = {
+        "from": "sender@example.test",
+        "to": ["rcpt@example.test"],
+        "subject": f"subject {key}",
+        "body_text": f"body of {key} " * 20,
+        "channel": "email",
+    }
+    out = []
+    for i, status in enumerate(("accepted", "queued", "sending", "sent", "delivered")):
+        e: dict[str, Any] = {
+            "event_id": uuid.uuid4().hex,
+            "account_id": str(account_id),
+            "message_key": key,
+            "type": f"message.{status}",
+            "occurred_at": t.isoformat(),
+            "direction": "outbound",
+        }
+        if i == 0:
+            e["content"] = content
+        out.append(e)
+    return out
+
+
+async def _post(http: aiohttp.ClientSession, url: str, key: str, events: list[dict[str, Any]]) -> None:
+    while True:
+        async with http.post(
+            f"{url}/v1/events",
+            data=orjson.dumps({"events": events}),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        ) as resp:
+            if resp.status == 202:
+                return
+            if resp.status in (429, 503):
+                await asyncio.sleep(float(resp.headers.get("Retry-After", "0.5")))
+                continue
+            raise RuntimeError(f"ingest answered {resp.status}: {await resp.text()}")
+
+
+async def _landed(router: ShardRouter, accounts: list[int], prefix: str) -> int:
+    async def one(acc: int) -> int:
+        shard = acc >> 48
+        pool = await router.pool(shard, write=False)
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT COUNT(*) FROM {router.table(shard, 'messages')}"
+                " WHERE account_id = %s AND message_key LIKE %s AND status = 'delivered'",
+                (acc, prefix + "%"),
+            )
+            (n,) = await cur.fetchone()
+            await conn.commit()
+            return int(n)
+
+    return sum(await asyncio.gather(*(one(a) for a in accounts)))
+
+
+async def _wait_landed(router: ShardRouter, accounts: list[int], prefix: str, count: int) -> None:
+    while True:
+        if await _landed(router, accounts, prefix) >= count:
+            return
+        await asyncio.sleep(0.25)
+
+
+async def pipeline_throughput(
+    db: DatabaseSettings, url: str, tenant: Tenant, messages: int, posters: int = 8, batch_messages: int = 100
+) -> tuple[float, float]:
+    """Offer events as fast as ingest takes them; returns (events/s accepted, events/s queryable).
+
+    With the offered load above capacity, the rate at which the last message becomes queryable
+    is the highest rate the pipeline sustains.
+    """
+    prefix = f"tp{uuid.uuid4().hex[:6]}-"
+    t = datetime.now(UTC)
+    batches = []
+    for first in range(0, messages, batch_messages):
+        events = []
+        for n in range(first, min(first + batch_messages, messages)):
+            events += lifecycle(tenant.accounts[n % len(tenant.accounts)], f"{prefix}{n}", t)
+        batches.append(events)
+    queue: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
+    for b in batches:
+        queue.put_nowait(b)
+    async with ShardRouter(db) as router, aiohttp.ClientSession() as http:
+
+        async def poster() -> None:
+            while not queue.empty():
+                await _post(http, url, tenant.api_key, queue.get_nowait())
+
+        start = time.monotonic()
+        await asyncio.gather(*(poster() for _ in range(posters)))
+        posted = time.monotonic() - start
+        await _wait_landed(router, tenant.accounts, prefix, messages)
+        done = time.monotonic() - start
+    return messages * 5 / posted, messages * 5 / done
+
+
+async def pipeline_latency(
+    db: DatabaseSettings, url: str, tenant: Tenant, rate_events_s: int, seconds: float
+) -> list[float]:
+    """Post at a fixed rate; latency of each message = its row's insert time - its POST's start."""
+    prefix = f"lat{uuid.uuid4().hex[:6]}-"
+    tick_s = 0.1
+    per_tick = max(1, int(rate_events_s * tick_s / 5))  # messages per tick, 5 events each
+    sent_at: dict[str, float] = {}
+    n = 0
+    async with ShardRouter(db) as router, aiohttp.ClientSession() as http:
+        tasks = []
+        start = time.monotonic()
+        ticks = int(seconds / tick_s)
+        for tick in range(ticks):
+            await asyncio.sleep(max(0.0, start + tick * tick_s - time.monotonic()))
+            t = datetime.now(UTC)
+            events = []
+            for _ in range(per_tick):
+                key = f"{prefix}{n}"
+                events += lifecycle(tenant.accounts[n % len(tenant.accounts)], key, t)
+                sent_at[key] = time.time()
+                n += 1
+            tasks.append(asyncio.create_task(_post(http, url, tenant.api_key, events)))
+        await asyncio.gather(*tasks)
+        await _wait_landed(router, tenant.accounts, prefix, n)
+        latencies = []
+        for acc in tenant.accounts:
+            shard = acc >> 48
+            pool = await router.pool(shard, write=False)
+            async with pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute(
+                    f"SELECT message_key, UNIX_TIMESTAMP(updated_at) FROM "
+                    f"{router.table(shard, 'messages')} WHERE account_id = %s AND message_key LIKE %s",
+                    (acc, prefix + "%"),
+                )
+                for key, at in await cur.fetchall():
+                    latencies.append(float(at) - sent_at[bytes(key).decode()])
+                await conn.commit()
+    return latencies
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def run_bench(
+    progress: Callable[[str], None],
+    *,
+    quick: bool = False,
+    extra: list[Callable[[BenchReport], Awaitable[None]]] | None = None,
+    ingest_url: str = "http://127.0.0.1:8081",
+) -> BenchReport:
+    db, kafka = DatabaseSettings(), KafkaSettings()
+    report = BenchReport(started_at=datetime.now(UTC).isoformat(timespec="seconds"), machine=machine_facts())
+    seconds = 5.0 if quick else 15.0
+    progress("raw limits")
+    upsert = await raw_mariadb_upserts(db, seconds)
+    report.add(
+        Figure("raw MariaDB batched upsert (persist's writer, 500 rows/txn)", upsert, "rows/s"), progress
+    )
+    size = len(orjson.dumps(lifecycle(1 << 48 | 1, "bench-0000001", datetime.now(UTC))[0]))
+    produce, consume = await raw_kafka(kafka, 50_000 if quick else 200_000, size)
+    report.add(Figure(f"raw Kafka produce (aiokafka, acks=all, {size} B)", produce, "msgs/s"), progress)
+    report.add(Figure(f"raw Kafka consume (aiokafka, {size} B)", consume, "msgs/s"), progress)
+
+    progress("pipeline")
+    tenant = await make_tenant(db)
+    accepted, sustained = await pipeline_throughput(db, ingest_url, tenant, 4_000 if quick else 20_000)
+    report.add(
+        Figure("ingest accepted (POST /v1/events, 500 events/request)", accepted, "events/s"), progress
+    )
+    # Each message is 5 events and one row: the row rate is what MariaDB sees.
+    report.add(
+        Figure(
+            "end-to-end ingest to queryable, sustained",
+            sustained,
+            "events/s",
+            limit=f"{upsert:,.0f} rows/s upsert",
+            ratio=(sustained / 5) / upsert,
+            note=f"{sustained / 5:,.0f} rows/s; ratio is rows/s over raw upsert rows/s",
+        ),
+        progress,
+    )
+    latencies = await pipeline_latency(db, ingest_url, tenant, 2_000, 10.0 if quick else 30.0)
+    report.add(
+        Figure(
+            "ingest-to-queryable latency p50 at 2,000 events/s", statistics.median(latencies) * 1000, "ms"
+        ),
+        progress,
+    )
+    report.add(
+        Figure("ingest-to-queryable latency p99 at 2,000 events/s", percentile(latencies, 99) * 1000, "ms"),
+        progress,
+    )
+    for stage in extra or []:
+        await stage(report)
+    return report
+
+
+def write_benchmarks_md(report: BenchReport, command: str, path: Path) -> None:
+    m = report.machine
+    path.write_text(
+        "# Benchmarks\n\n"
+        f"Produced by `{command}` on {report.started_at}: {m['cores']} cores, {m['memory_gib']} GiB, "
+        f"Python {m['python']}, aiokafka {m['aiokafka']}, aiomysql {m['aiomysql']}, kernel {m['kernel']}. "
+        "Kafka, both MariaDB servers, every service and the load generator share the machine.\n\n"
+        + report.table()
+        + "\n"
+    )
