@@ -90,7 +90,16 @@ def _utc_naive(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
 
 
-def _row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
+def upsert_statement(table: str, rows: int) -> str:
+    """The version-guarded multi-row upsert of ``rows`` messages."""
+    return (
+        f"INSERT INTO {table} ({', '.join(_INSERT_COLUMNS)}) VALUES "
+        + ", ".join([_ROW_PLACEHOLDER] * rows)
+        + f" ON DUPLICATE KEY UPDATE {_GUARDED_UPDATE}"
+    )
+
+
+def row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
     m: MessageDoc = record.message
     if record.deleted:  # privacy: a deleted message keeps only its tombstone
         body, encoding, raw_len = None, BODY_RAW, 0
@@ -139,7 +148,7 @@ async def write_shard(
     """Write one shard's records in one transaction; see the module docstring."""
     records = latest_per_message(records)
     table = router.table(shard, "messages")
-    rows = [_row(r) for r in records]
+    rows = [row(r) for r in records]
     keys = [(r.account_id, r.message_key.encode()) for r in records]
     pool = await router.pool(shard)
     async with pool.acquire() as conn:
@@ -147,10 +156,7 @@ async def write_shard(
             async with conn.cursor() as cur:
                 before = await _versions(cur, table, keys, lock=True)
                 await cur.execute(
-                    f"INSERT INTO {table} ({', '.join(_INSERT_COLUMNS)}) VALUES "
-                    + ", ".join([_ROW_PLACEHOLDER] * len(rows))
-                    + f" ON DUPLICATE KEY UPDATE {_GUARDED_UPDATE}",
-                    [v for values, _, _ in rows for v in values],
+                    upsert_statement(table, len(rows)), [v for values, _, _ in rows for v in values]
                 )
                 after = await _versions(cur, table, keys, lock=False)
                 changes = []
