@@ -8,7 +8,8 @@ One transaction per shard batch:
    conditions compare with the old value);
 3. read back ids and versions: a row whose version is now the record's, and was lower or
    missing before, really changed; each such row gets one ``changes`` row;
-4. check the shard bits of every id (the bug #199 guard) and commit.
+4. check the shard bits of every id (the bug #199 guard), lock the shard's change order
+   (:func:`lock_changes`), insert the change rows and commit.
 
 Replays and reordering therefore change nothing: an equal or lower version is a no-op and
 writes no change.
@@ -142,6 +143,14 @@ async def _versions(
     return {(int(a), bytes(k)): (int(i), int(v)) for a, k, i, v in await cur.fetchall()}
 
 
+async def lock_changes(cur: aiomysql.Cursor, router: ShardRouter, shard: int) -> None:
+    """Serialize the shard's change writers so change ids commit in order (see migration 0003).
+
+    Call it right before inserting change rows, in the transaction that inserts them.
+    """
+    await cur.execute(f"SELECT id FROM {router.table(shard, 'changes_lock')} WHERE id = 1 FOR UPDATE")
+
+
 async def write_shard(
     router: ShardRouter, shard: int, records: Sequence[PostflightRecord]
 ) -> ShardWriteResult:
@@ -168,6 +177,7 @@ async def write_shard(
                         kind = "deleted" if record.deleted else ("created" if old is None else "updated")
                         changes.append((record.account_id, "message", id_, kind, record.version))
                 if changes:
+                    await lock_changes(cur, router, shard)
                     await insert_guarded(
                         cur,
                         shard,
