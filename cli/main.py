@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from cli.dlq import dlq_app
 from cli.services import LocalServices
 from cli.stack import Stack, StackError
 from libs.accounts import create_account, create_application
@@ -44,6 +45,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(topics_app, name="topics")
 app.add_typer(shards_app, name="shards")
 app.add_typer(services_app, name="services")
+app.add_typer(dlq_app, name="dlq")
 app.add_typer(apps_app, name="apps")
 app.add_typer(accounts_app, name="accounts")
 

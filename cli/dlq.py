@@ -1,0 +1,226 @@
+"""``flightlog dlq``: read the dead-letter topic and replay entries to where they came from.
+
+The Kafka work is in plain async functions (:func:`read_dead_letters`, :func:`replay`) that the
+tests call directly; the typer commands only parse options and print.
+
+A replay re-produces the original key and value, byte for byte, to the source topic named in the
+entry's headers. Entries from ingest have no source topic: they were HTTP items, never on Kafka.
+Such an entry goes to ``flightlog.inflight`` only if it now makes a valid event (normalised the
+way ingest does it) for an account that exists; otherwise the reason is reported and nothing is
+produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Final
+
+import orjson
+import typer
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from pydantic import ValidationError
+
+from libs.accounts import AccountDirectory
+from libs.config import DatabaseSettings, KafkaSettings
+from libs.dlq import DeadLetter, parse_dead_letter
+from libs.events import encode, message_key_bytes
+from libs.kafka import DLQ, INFLIGHT, make_consumer, make_producer
+from libs.shards import ShardRouter
+from services.ingest.constants import STAGE as INGEST_STAGE
+from services.ingest.validation import normalise_item
+
+__all__ = ["Replayed", "dlq_app", "read_dead_letters", "replay", "topic_partitions"]
+
+PREVIEW_BYTES: Final = 120
+_IDLE_POLL_MS: Final = 1000
+_MAX_IDLE_POLLS: Final = 5  # positions short of the end with nothing arriving: give up
+
+dlq_app = typer.Typer(help="The dead-letter topic: list and replay entries.", no_args_is_help=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """What became of one DLQ entry: where it went (topic, partition, offset) or why it did not."""
+
+    dlq_offset: int
+    stage: str
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    skipped: str | None = None
+
+
+async def topic_partitions(settings: KafkaSettings, topic: str) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
+    )
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if described.get("error_code") or not described.get("partitions"):
+        raise LookupError(f"topic {topic} does not exist")
+    return sorted(TopicPartition(topic, p["partition"]) for p in described["partitions"])
+
+
+async def read_dead_letters(
+    settings: KafkaSettings,
+    *,
+    stage: str | None = None,
+    offsets: Iterable[int] | None = None,
+    limit: int | None = None,
+    topic: str = DLQ,
+) -> list[DeadLetter]:
+    """The DLQ entries present now (up to the end offsets read at the start), oldest first.
+
+    ``limit`` keeps the newest ``limit`` entries that match ``stage`` and ``offsets``.
+    """
+    wanted = set(offsets) if offsets is not None else None
+    found: deque[DeadLetter] = deque(maxlen=limit)
+    async with make_consumer(settings, group_id=None) as consumer:
+        tps = await topic_partitions(settings, topic)
+        consumer.assign(tps)
+        await asyncio.sleep(0)  # aiokafka's group-less coordinator must start before stop() cancels it
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        idle_polls = 0
+        while idle_polls < _MAX_IDLE_POLLS:
+            pending = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
+            if not pending:
+                break
+            batch = await consumer.getmany(*pending, timeout_ms=_IDLE_POLL_MS)
+            idle_polls = 0 if any(batch.values()) else idle_polls + 1
+            for tp, records in batch.items():
+                for rec in records:
+                    if rec.offset >= ends[tp]:
+                        continue
+                    entry = parse_dead_letter(rec.key, rec.value, list(rec.headers), rec.offset)
+                    if (stage is None or entry.stage == stage) and (wanted is None or rec.offset in wanted):
+                        found.append(entry)
+    return list(found)
+
+
+async def _ingest_entry_as_event(entry: DeadLetter, directory: AccountDirectory) -> tuple[bytes, bytes] | str:
+    """The (key, value) an ingest entry makes now, or why it still cannot go to inflight."""
+    if entry.value is None:
+        return "the entry has no value"
+    try:
+        event = normalise_item(orjson.loads(entry.value), datetime.now(UTC))
+    except orjson.JSONDecodeError as exc:
+        return f"not JSON: {exc}"
+    except ValidationError as exc:
+        return "still not a valid event: " + "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(item)'}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+    except ValueError as exc:
+        return f"still not a valid event: {exc}"
+    if await directory.account(event.account_id) is None:
+        return f"account {event.account_id} not found"
+    return message_key_bytes(event.account_id, event.message_key), encode(event)
+
+
+async def replay(
+    kafka: KafkaSettings,
+    db: DatabaseSettings | None = None,
+    *,
+    offsets: Iterable[int] | None = None,
+    stage: str | None = None,
+    topic: str = DLQ,
+) -> list[Replayed]:
+    """Replay the chosen entries (``offsets``, or every entry when None), oldest first."""
+    entries = await read_dead_letters(kafka, stage=stage, offsets=offsets, topic=topic)
+    results: list[Replayed] = []
+    router: ShardRouter | None = None
+    try:
+        async with make_producer(kafka) as producer:
+            for entry in entries:
+                assert entry.dlq_offset is not None
+                if entry.source_topic is not None:
+                    target, key, value = entry.source_topic, entry.key, entry.value
+                elif entry.stage == INGEST_STAGE:
+                    if router is None:
+                        router = ShardRouter(db or DatabaseSettings())
+                        await router.start()
+                    made = await _ingest_entry_as_event(entry, AccountDirectory(router))
+                    if isinstance(made, str):
+                        results.append(Replayed(entry.dlq_offset, entry.stage, skipped=made))
+                        continue
+                    target, (key, value) = INFLIGHT, made
+                else:
+                    results.append(
+                        Replayed(entry.dlq_offset, entry.stage, skipped="no source topic recorded")
+                    )
+                    continue
+                meta = await (await producer.send(target, value=value, key=key))
+                results.append(Replayed(entry.dlq_offset, entry.stage, target, meta.partition, meta.offset))
+    finally:
+        if router is not None:
+            await router.stop()
+    return results
+
+
+def _preview(value: bytes | None) -> str:
+    if value is None:
+        return "(no value)"
+    text = value[:PREVIEW_BYTES].decode(errors="replace")
+    return text + ("..." if len(value) > PREVIEW_BYTES else "")
+
+
+def format_entry(entry: DeadLetter) -> str:
+    source = (
+        f"{entry.source_topic}[{entry.source_partition}]@{entry.source_offset}"
+        if entry.source_topic is not None
+        else "-"
+    )
+    return (
+        f"{entry.dlq_offset:>8}  {entry.stage:<10} {entry.failed_at or '-'}  {source}\n"
+        f"          reason: {entry.reason}\n"
+        f"          value:  {_preview(entry.value)}"
+    )
+
+
+def format_replayed(r: Replayed) -> str:
+    if r.skipped is not None:
+        return f"{r.dlq_offset:>8}  {r.stage:<10} not replayed: {r.skipped}"
+    return f"{r.dlq_offset:>8}  {r.stage:<10} replayed to {r.topic}[{r.partition}]@{r.offset}"
+
+
+@dlq_app.command("list")
+def list_command(
+    limit: Annotated[int, typer.Option(min=1, help="Show the newest N matching entries.")] = 50,
+    stage: Annotated[str | None, typer.Option(help="Only entries from this stage.")] = None,
+) -> None:
+    """Entries of flightlog.dlq: offset, stage, when, source position, reason, start of the value."""
+    entries = asyncio.run(read_dead_letters(KafkaSettings(), stage=stage, limit=limit))
+    for entry in entries:
+        typer.echo(format_entry(entry))
+    typer.echo(f"{len(entries)} entries")
+
+
+@dlq_app.command("replay")
+def replay_command(
+    offset: Annotated[list[int] | None, typer.Option(help="A DLQ offset to replay; repeat.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Replay every entry (with --stage: of it).")] = False,
+    stage: Annotated[str | None, typer.Option(help="Only entries from this stage.")] = None,
+) -> None:
+    """Re-produce entries' original key and value to their source topic."""
+    if bool(offset) == all_:
+        raise typer.BadParameter("give either --offset (one or more) or --all")
+    results = asyncio.run(replay(KafkaSettings(), DatabaseSettings(), offsets=offset, stage=stage))
+    for r in results:
+        typer.echo(format_replayed(r))
+    if offset:
+        missing = sorted(set(offset) - {r.dlq_offset for r in results})
+        for o in missing:
+            typer.echo(f"{o:>8}  no such entry" + (f" in stage {stage}" if stage else ""))
+    done = sum(r.skipped is None for r in results)
+    typer.echo(f"{done} replayed, {len(results) - done} not replayed")
+    if len(results) - done:
+        raise typer.Exit(1)

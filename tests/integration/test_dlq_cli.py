@@ -1,0 +1,117 @@
+"""`flightlog dlq list|replay` against the real flightlog.dlq topic."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import orjson
+import pytest
+from aiokafka import TopicPartition
+from typer.testing import CliRunner
+
+from cli.dlq import dlq_app, read_dead_letters, replay
+from libs.accounts import create_account, create_application
+from libs.config import DatabaseSettings, KafkaSettings
+from libs.dlq import dead_letter
+from libs.events import decode_event, message_key_bytes
+from libs.kafka import INFLIGHT, TopicSpec, create_topics, make_consumer, make_producer
+from libs.shards import ShardRouter
+
+pytestmark = pytest.mark.integration
+
+
+async def record_at(
+    settings: KafkaSettings, topic: str, partition: int, offset: int
+) -> tuple[bytes | None, bytes]:
+    tp = TopicPartition(topic, partition)
+    async with make_consumer(settings, group_id=None) as consumer:
+        consumer.assign([tp])
+        await asyncio.sleep(0)  # aiokafka's group-less coordinator must start before stop() cancels it
+        consumer.seek(tp, offset)
+        batch = await consumer.getmany(tp, timeout_ms=10_000, max_records=1)
+    (rec,) = batch[tp]
+    assert rec.offset == offset and rec.value is not None
+    return rec.key, rec.value
+
+
+async def test_list_shows_entries(topics: None, kafka_settings: KafkaSettings) -> None:
+    stage = f"test-{uuid.uuid4().hex[:8]}"
+    async with make_producer(kafka_settings) as producer:
+        fut = await dead_letter(
+            producer, stage=stage, reason="unknown transition sent -> queued", key=b"k",
+            value=b'{"hello": "dlq"}', source=("flightlog.inflight", 3, 42),
+        )  # fmt: skip
+        meta = await fut
+    entries = await read_dead_letters(kafka_settings, stage=stage)
+    assert [e.dlq_offset for e in entries] == [meta.offset]
+    assert entries[0].reason == "unknown transition sent -> queued"
+
+    result = await asyncio.to_thread(CliRunner().invoke, dlq_app, ["list", "--stage", stage, "--limit", "5"])
+    assert result.exit_code == 0, result.output
+    assert str(meta.offset) in result.output
+    assert stage in result.output
+    assert "flightlog.inflight[3]@42" in result.output
+    assert "unknown transition sent -> queued" in result.output
+    assert '{"hello": "dlq"}' in result.output
+    assert "1 entries" in result.output
+
+
+async def test_replay_puts_the_original_bytes_back_on_the_source_topic(
+    topics: None, kafka_settings: KafkaSettings
+) -> None:
+    source = f"test.dlq-replay.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka_settings, (TopicSpec(source, 1),))
+    key, value = b"acct:msg\x00\xff", b"\x00\x01 not json \xfe"
+    async with make_producer(kafka_settings) as producer:
+        original = await (await producer.send(source, value=value, key=key))
+        dlq = await (
+            await dead_letter(
+                producer, stage="transform", reason="cannot decode", key=key, value=value,
+                source=(source, original.partition, original.offset),
+            )
+        )  # fmt: skip
+
+    replayed = await replay(kafka_settings, offsets=[dlq.offset])
+    assert len(replayed) == 1
+    r = replayed[0]
+    assert (r.dlq_offset, r.topic, r.skipped) == (dlq.offset, source, None)
+    assert r.partition is not None and r.offset is not None and r.offset == original.offset + 1
+    assert await record_at(kafka_settings, source, r.partition, r.offset) == (key, value)
+
+    # The command line does the same and says what it did.
+    result = await asyncio.to_thread(CliRunner().invoke, dlq_app, ["replay", "--offset", str(dlq.offset)])
+    assert result.exit_code == 0, result.output
+    assert f"replayed to {source}[0]@{original.offset + 2}" in result.output
+    assert await record_at(kafka_settings, source, 0, original.offset + 2) == (key, value)
+
+
+async def test_replay_of_ingest_entries_goes_to_inflight_only_when_valid(
+    topics: None, kafka_settings: KafkaSettings, db_settings: DatabaseSettings, router: ShardRouter
+) -> None:
+    app, _ = await create_application(router, f"dlq-test-{uuid.uuid4().hex[:8]}")
+    account = await create_account(router, app.id, "dlq@example.com")
+    key = f"replayed-{uuid.uuid4().hex}"
+    fixed = {"account_id": str(account.id), "message_key": key, "type": "message.queued",
+             "occurred_at": "2025-01-02T03:04:05Z"}  # fmt: skip
+    still_bad = {**fixed, "type": "message.teleported"}
+    gone = {**fixed, "account_id": str((1 << 48) + (1 << 40) + 7)}
+    offsets = []
+    async with make_producer(kafka_settings) as producer:
+        for item in (fixed, still_bad, gone):
+            meta = await (
+                await dead_letter(producer, stage="ingest", reason="x", key=None, value=orjson.dumps(item))
+            )
+            offsets.append(meta.offset)
+
+    results = {r.dlq_offset: r for r in await replay(kafka_settings, db_settings, offsets=offsets)}
+    ok, bad, missing = (results[o] for o in offsets)
+    assert ok.skipped is None and ok.topic == INFLIGHT
+    assert ok.partition is not None and ok.offset is not None
+    got_key, got_value = await record_at(kafka_settings, INFLIGHT, ok.partition, ok.offset)
+    assert got_key == message_key_bytes(account.id, key)
+    event = decode_event(got_value)
+    assert (event.account_id, event.message_key, event.event_id != "") == (account.id, key, True)
+    assert event.received_at is not None
+    assert bad.topic is None and bad.skipped is not None and "type" in bad.skipped
+    assert missing.topic is None and missing.skipped == f"account {gone['account_id']} not found"
