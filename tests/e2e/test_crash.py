@@ -31,7 +31,9 @@ async def postflight_counts(settings: KafkaSettings, accounts: set[int]) -> dict
     counts: dict[tuple[int, str], int] = {}
     consumer = make_consumer(settings, group_id=None)
     async with consumer:
+        await consumer.topics()  # a group-less consumer knows partitions only after a metadata fetch
         partitions = [TopicPartition(POSTFLIGHT, p) for p in consumer.partitions_for_topic(POSTFLIGHT) or ()]
+        assert partitions
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
