@@ -1,0 +1,367 @@
+"""The message lifecycle state machine (Twilio Postflight): pure logic, no I/O.
+
+:func:`apply` folds one inflight :class:`~libs.events.Event` into a message's
+:class:`MessageState` and says what follows from it, as an :class:`Outcome`:
+
+- ``emitted``: the state changed and a :class:`~libs.events.PostflightRecord` goes out (the first
+  final record, or an update of a final message: flags, redaction, deletion, late content);
+- ``applied``: the state changed, nothing goes out yet (the message is not final);
+- ``ignored``: nothing to do, with why (a duplicate, a late status); the state may still have
+  changed (the event id is remembered, a late event fills content gaps);
+- ``rejected``: an impossible transition, with the reason; the state is unchanged and the
+  event goes to the DLQ.
+
+Order independence: a status event's content fields are kept by rank (a field set by a later
+lifecycle stage wins over one set by an earlier stage, whatever the arrival order), and a late
+event only fills gaps. So any arrival order of one valid lifecycle ends in the same state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Final
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from libs.events import (
+    Direction,
+    Event,
+    EventType,
+    MessageContent,
+    MessageDoc,
+    MessageFlags,
+    PostflightRecord,
+    Status,
+)
+
+__all__ = [
+    "MAX_SEEN_EVENT_IDS",
+    "SNIPPET_CHARS",
+    "MessageState",
+    "Outcome",
+    "OutcomeKind",
+    "apply",
+    "make_snippet",
+    "to_doc",
+]
+
+MAX_SEEN_EVENT_IDS: Final = 64
+SNIPPET_CHARS: Final = 200
+
+_FINAL_RANK: Final = 100
+# Content from message.updated is newer than anything a lifecycle stage carried.
+_UPDATE_RANK: Final = 1000
+
+_RANKS: Final[dict[Status, int]] = {
+    Status.ACCEPTED: 1,
+    Status.QUEUED: 2,
+    Status.SENDING: 3,
+    Status.SENT: 4,
+    Status.DELIVERED: _FINAL_RANK,
+    Status.UNDELIVERED: _FINAL_RANK,
+    Status.FAILED: _FINAL_RANK,
+    Status.RECEIVING: 1,
+    Status.RECEIVED: _FINAL_RANK,
+}
+_STATUS_OF: Final[dict[EventType, Status]] = {t: s for t in EventType if (s := t.status) is not None}
+_INBOUND: Final = frozenset({Status.RECEIVING, Status.RECEIVED})
+
+_CONTENT_FIELDS: Final = ("channel", "sender", "to", "cc", "subject", "body_text", "body_html", "error_code")
+# What a redaction or a deletion erases, and what may not come back afterwards.
+_ERASABLE: Final = frozenset({"subject", "body_text", "body_html"})
+
+
+class MessageState(BaseModel):
+    """What transform knows about one message; stored as JSON in the changelog topic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    account_id: int
+    message_key: str
+    direction: Direction | None = None
+    status: Status | None = None
+    rank: int = 0
+    source: str = "api"
+    channel: str | None = None
+    sender: str | None = None
+    to: list[str] | None = None
+    cc: list[str] | None = None
+    subject: str | None = None
+    body_text: str | None = None
+    body_html: str | None = None
+    error_code: str | None = None
+    # rank of the event that set each content field (see the module docstring)
+    content_ranks: dict[str, int] = Field(default_factory=dict)
+    unread: bool | None = None
+    starred: bool | None = None
+    folder: str | None = None
+    labels: list[str] | None = None
+    version: int = 0  # postflight records emitted so far
+    final: bool = False
+    deleted: bool = False
+    redacted: bool = False
+    occurred_at: AwareDatetime
+    final_at: AwareDatetime | None = None
+    seen_event_ids: list[str] = Field(default_factory=list)
+
+
+class OutcomeKind(StrEnum):
+    EMITTED = "emitted"
+    APPLIED = "applied"
+    IGNORED = "ignored"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one event did. ``state`` is the state after the event (the old one when unchanged)."""
+
+    kind: OutcomeKind
+    state: MessageState | None
+    changed: bool = False
+    record: PostflightRecord | None = None
+    reason: str | None = None
+
+
+def make_snippet(body_text: str | None) -> str | None:
+    if body_text is None:
+        return None
+    return " ".join(body_text.split())[:SNIPPET_CHARS]
+
+
+def to_doc(state: MessageState) -> MessageDoc:
+    unread = state.unread if state.unread is not None else state.direction != Direction.OUTBOUND
+    return MessageDoc(
+        status=state.status,
+        direction=state.direction,
+        channel=state.channel,
+        sender=state.sender,
+        to=state.to or [],
+        cc=state.cc or [],
+        subject=state.subject,
+        snippet=make_snippet(state.body_text),
+        body_text=state.body_text,
+        body_html=state.body_html,
+        error_code=state.error_code,
+        unread=unread,
+        starred=bool(state.starred),
+        folder=state.folder,
+        labels=state.labels or [],
+        occurred_at=state.occurred_at,
+        final_at=state.final_at,
+        redacted=state.redacted,
+        source=state.source,
+    )
+
+
+# Everything to_doc reads: comparing these is comparing the documents, without building them.
+_DOC_FIELDS: Final = (
+    "status", "direction", "channel", "sender", "to", "cc", "subject", "body_text", "body_html",
+    "error_code", "unread", "starred", "folder", "labels", "occurred_at", "final_at", "redacted",
+    "source", "deleted",
+)  # fmt: skip
+
+
+def _doc_view(state: MessageState) -> tuple[object, ...]:
+    return tuple(getattr(state, name) for name in _DOC_FIELDS)
+
+
+def _record(state: MessageState, now: datetime | None) -> PostflightRecord:
+    doc = to_doc(state)
+    if now is None:
+        return PostflightRecord(
+            account_id=state.account_id, message_key=state.message_key, version=state.version,
+            deleted=state.deleted, message=doc,
+        )  # fmt: skip
+    return PostflightRecord(
+        account_id=state.account_id, message_key=state.message_key, version=state.version,
+        deleted=state.deleted, message=doc, emitted_at=now,
+    )  # fmt: skip
+
+
+def _merge_content(state: MessageState, content: MessageContent | None, rank: int) -> None:
+    if content is None:
+        return
+    for name in _CONTENT_FIELDS:
+        value = getattr(content, name)
+        if value is None:
+            continue
+        if name in _ERASABLE and (state.redacted or state.deleted):
+            continue
+        held = state.content_ranks.get(name)
+        if held is None or rank > held:
+            setattr(state, name, list(value) if isinstance(value, list) else value)
+            state.content_ranks[name] = rank
+
+
+def _merge_flags(state: MessageState, flags: MessageFlags | None, *, override: bool) -> None:
+    """Updates override; flags carried by a lifecycle event only fill what no update has set."""
+    if flags is None:
+        return
+    for name in ("unread", "starred", "folder", "labels"):
+        value = getattr(flags, name)
+        if value is not None and (override or getattr(state, name) is None):
+            setattr(state, name, list(value) if isinstance(value, list) else value)
+
+
+def _erase(state: MessageState) -> None:
+    for name in _ERASABLE:
+        setattr(state, name, None)
+        state.content_ranks.pop(name, None)
+
+
+def _copy(state: MessageState) -> MessageState:
+    # Shallow, much cheaper than deep: lists held in fields are replaced, never changed in place,
+    # except these two.
+    new = state.model_copy()
+    new.content_ranks = dict(state.content_ranks)
+    new.seen_event_ids = list(state.seen_event_ids)
+    return new
+
+
+def _remember(state: MessageState, event: Event) -> None:
+    state.seen_event_ids.append(event.event_id)
+    del state.seen_event_ids[:-MAX_SEEN_EVENT_IDS]
+    if event.occurred_at < state.occurred_at:
+        state.occurred_at = event.occurred_at
+
+
+def _status_of(event: Event, direction: Direction) -> Status:
+    if event.type is EventType.SYNCED:
+        return Status.RECEIVED if direction is Direction.INBOUND else Status.SENT
+    return _STATUS_OF[event.type]
+
+
+def _implied_direction(event: Event) -> Direction | str:
+    """The direction a status event belongs to, or a rejection reason."""
+    if event.type is EventType.SYNCED:
+        return event.direction or Direction.INBOUND
+    status = _STATUS_OF[event.type]
+    implied = Direction.INBOUND if status in _INBOUND else Direction.OUTBOUND
+    if event.direction is not None and event.direction is not implied:
+        return (
+            f"{event.type.value} is an {implied.value} status but the event says "
+            f"direction {event.direction.value}"
+        )
+    return implied
+
+
+def _after_change(
+    old: MessageState, new: MessageState, now: datetime | None, why_unchanged: str, *, emit_reason: str
+) -> Outcome:
+    """A final message emits an update when its document really changed; otherwise nothing."""
+    if new.final and _doc_view(new) != _doc_view(old):
+        new.version += 1
+        return Outcome(OutcomeKind.EMITTED, new, True, _record(new, now), emit_reason)
+    if new.final:
+        return Outcome(OutcomeKind.IGNORED, new, True, reason=why_unchanged)
+    return Outcome(OutcomeKind.APPLIED, new, True, reason=emit_reason)
+
+
+def apply(state: MessageState | None, event: Event, *, now: datetime | None = None) -> Outcome:
+    """Fold ``event`` into ``state`` (None for a message not seen yet). Never mutates ``state``."""
+    if state is not None:
+        if (state.account_id, state.message_key) != (event.account_id, event.message_key):
+            raise ValueError("event belongs to another message than the state")
+        if event.event_id in state.seen_event_ids:
+            return Outcome(OutcomeKind.IGNORED, state, reason=f"duplicate event_id {event.event_id}")
+        new = _copy(state)
+    else:
+        new = MessageState(
+            account_id=event.account_id, message_key=event.message_key,
+            occurred_at=event.occurred_at, source=event.source,
+        )  # fmt: skip
+    old = state or _copy(new)
+
+    if event.type in _STATUS_OF or event.type is EventType.SYNCED:
+        return _apply_status(state, old, new, event, now)
+    if event.direction is not None and new.direction is not None and event.direction is not new.direction:
+        return _reject(state, f"{event.type.value} says {event.direction.value} but the message is "
+                              f"{new.direction.value}")  # fmt: skip
+    if new.deleted:
+        if event.type is EventType.DELETED:
+            _remember(new, event)
+            return Outcome(OutcomeKind.IGNORED, new, True, reason="message is already deleted")
+        return _reject(state, f"{event.type.value}: message was deleted")
+    if new.direction is None and event.direction is not None:
+        new.direction = event.direction
+    _remember(new, event)
+
+    if event.type is EventType.UPDATED:
+        _merge_flags(new, event.flags, override=True)
+        _merge_content(new, event.content, _UPDATE_RANK)
+        return _after_change(old, new, now, "update changed nothing", emit_reason="updated")
+    if event.type is EventType.REDACTED:
+        if new.redacted:
+            return Outcome(OutcomeKind.IGNORED, new, True, reason="message is already redacted")
+        _erase(new)
+        new.redacted = True
+        return _after_change(old, new, now, "redaction changed nothing", emit_reason="redacted")
+    # message.deleted
+    _erase(new)
+    new.deleted = True
+    if not new.final:
+        return Outcome(OutcomeKind.APPLIED, new, True, reason="deleted before it was final")
+    new.version += 1
+    return Outcome(OutcomeKind.EMITTED, new, True, _record(new, now), "deleted")
+
+
+def _reject(state: MessageState | None, reason: str) -> Outcome:
+    return Outcome(OutcomeKind.REJECTED, state, reason=reason)
+
+
+def _apply_status(
+    state: MessageState | None, old: MessageState, new: MessageState, event: Event, now: datetime | None
+) -> Outcome:
+    implied = _implied_direction(event)
+    if not isinstance(implied, Direction):
+        return _reject(state, implied)
+    if new.direction is not None and new.direction is not implied:
+        return _reject(
+            state,
+            f"{implied.value} event {event.type.value} on an {new.direction.value} message",
+        )
+    status = _status_of(event, implied)
+    rank = _FINAL_RANK if event.type is EventType.SYNCED else _RANKS[status]
+    synced = event.type is EventType.SYNCED
+
+    if new.deleted:
+        if rank < new.rank or status == new.status:
+            _remember(new, event)
+            return Outcome(OutcomeKind.IGNORED, new, True, reason=f"late {status.value}: message was deleted")
+        return _reject(state, f"{event.type.value}: message was deleted")
+
+    if new.final:
+        if rank == _FINAL_RANK and status != new.status:
+            return _reject(state, f"{status.value} after {new.status.value if new.status else 'final'}")
+        _remember(new, event)
+        if synced:  # a re-sync: the mailbox's flags are current
+            _merge_flags(new, event.flags, override=True)
+        else:
+            _merge_flags(new, event.flags, override=False)
+        _merge_content(new, event.content, rank)
+        why = f"duplicate final status {status.value}" if rank == _FINAL_RANK else (
+            f"late {status.value}: message is already {new.status.value if new.status else 'final'}"
+        )  # fmt: skip
+        return _after_change(old, new, now, why, emit_reason=f"{why}, filled content")
+
+    _remember(new, event)
+    new.direction = implied
+    _merge_flags(new, event.flags, override=False)
+    _merge_content(new, event.content, rank)
+    if rank <= new.rank:
+        what = "duplicate" if rank == new.rank else "late"
+        current = new.status.value if new.status else "?"
+        return Outcome(OutcomeKind.IGNORED, new, True, reason=f"{what} {status.value}: message is {current}")
+    if new.status is None:
+        new.source = ("imap" if event.source == "api" else event.source) if synced else event.source
+    new.status = status
+    new.rank = rank
+    if rank < _FINAL_RANK:
+        return Outcome(OutcomeKind.APPLIED, new, True, reason=f"now {status.value}")
+    new.final = True
+    new.final_at = event.occurred_at
+    new.version += 1
+    return Outcome(OutcomeKind.EMITTED, new, True, _record(new, now), f"final: {status.value}")

@@ -1,0 +1,394 @@
+"""The transform worker: inflight events through the lifecycle, exactly once, into postflight.
+
+One batch is one Kafka transaction. It holds the changed message states (changelog topic,
+partition N for inflight partition N), the postflight records, the DLQ records and the consumed
+offsets, so either all of a batch's effects become visible (read_committed) or none do.
+
+The states of the assigned partitions live in memory and are rebuilt from the changelog when a
+partition is assigned. A lock held from the end of ``getmany`` until the transaction ends keeps
+rebalances (whose listener aiokafka awaits) out of the middle of a transaction, and a batch
+fetched across a rebalance is dropped: aiokafka restarts the new assignment at the committed
+offsets, so it is read again.
+
+Errors: a Kafka error before the commit aborts the transaction, rewinds the batch's partitions
+and restores the touched states, then the batch is retried after a back-off. A
+:class:`aiokafka.errors.ProducerFenced` (another instance took over our transactional id), a
+failed commit (its outcome is unknown) or a failed restore raise :class:`TransformStopped` or
+the error itself: the worker ends, and its successor rebuilds from what Kafka committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from types import TracebackType
+from typing import Any, Final, Self
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError, ProducerFenced
+from prometheus_client import Counter, Histogram
+
+from libs.config import KafkaSettings
+from libs.dlq import dead_letter
+from libs.events import decode_event, encode, message_key_bytes
+from libs.kafka import make_consumer, make_producer
+from libs.lifecycle import MessageState, OutcomeKind, apply
+from services.transform.settings import TransformSettings
+
+__all__ = ["STAGE", "TransformStopped", "TransformWorker"]
+
+logger = logging.getLogger(__name__)
+
+STAGE: Final = "transform"
+
+EVENTS = Counter("flightlog_transform_events_total", "Inflight events committed, by outcome", ["outcome"])
+POSTFLIGHT_RECORDS = Counter("flightlog_transform_postflight_records_total", "Postflight records committed")
+BATCH_SECONDS = Histogram(
+    "flightlog_transform_batch_seconds",
+    "From the end of the fetch to the transaction's commit",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+ABORTED = Counter("flightlog_transform_aborted_transactions_total", "Transactions aborted and retried")
+RESTORE_SECONDS = Histogram("flightlog_transform_restore_seconds", "Rebuilding states from the changelog")
+
+
+class TransformStopped(RuntimeError):
+    """The worker cannot go on in memory; a new one must rebuild its state from Kafka."""
+
+
+_Snapshot = dict[tuple[int, bytes], MessageState | None]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: TransformWorker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._worker._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._worker._on_assigned(assigned)
+
+
+class TransformWorker:
+    """Consumes ``inflight_topic`` in ``group_id``, produces with ``transactional_id``.
+
+    Parameters mirror :class:`TransformSettings`; ``TransformWorker.from_settings`` builds one
+    from them. Use as ``async with worker: await worker.run(stopping)``.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        *,
+        transactional_id: str,
+        group_id: str,
+        inflight_topic: str,
+        postflight_topic: str,
+        state_topic: str,
+        max_batch_records: int = 1000,
+        poll_timeout_ms: int = 100,
+        session_timeout_ms: int = 10_000,
+        transaction_timeout_ms: int = 60_000,
+        error_backoff_s: float = 1.0,
+    ) -> None:
+        self.kafka = kafka
+        self.transactional_id = transactional_id
+        self.group_id = group_id
+        self.inflight_topic = inflight_topic
+        self.postflight_topic = postflight_topic
+        self.state_topic = state_topic
+        self.max_batch_records = max_batch_records
+        self.poll_timeout_ms = poll_timeout_ms
+        self.error_backoff_s = error_backoff_s
+        self._producer: AIOKafkaProducer = make_producer(
+            kafka, transactional_id=transactional_id, transaction_timeout_ms=transaction_timeout_ms
+        )
+        self._consumer: AIOKafkaConsumer = make_consumer(
+            kafka, group_id=group_id, session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=min(3000, session_timeout_ms // 3),
+        )  # fmt: skip
+        self._states: dict[int, dict[bytes, MessageState]] = {}
+        self._lock = asyncio.Lock()
+        self._generation = 0
+        self._restoring = False
+        self._started = False
+        self._stopped = False
+        self._fatal: BaseException | None = None
+
+    @classmethod
+    def from_settings(cls, s: TransformSettings) -> TransformWorker:
+        return cls(
+            s,
+            transactional_id=s.transactional_id,
+            group_id=s.transform_group_id,
+            inflight_topic=s.transform_inflight_topic,
+            postflight_topic=s.transform_postflight_topic,
+            state_topic=s.transform_state_topic,
+            max_batch_records=s.transform_max_batch_records,
+            poll_timeout_ms=s.transform_poll_timeout_ms,
+            session_timeout_ms=s.transform_session_timeout_ms,
+            transaction_timeout_ms=s.transform_transaction_timeout_ms,
+            error_backoff_s=s.transform_error_backoff_s,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self._restoring and self._fatal is None
+
+    @property
+    def assigned_partitions(self) -> set[int]:
+        return set(self._states)
+
+    def state_of(self, account_id: int, message_key: str) -> MessageState | None:
+        key = message_key_bytes(account_id, message_key)
+        for states in self._states.values():
+            if key in states:
+                return states[key]
+        return None
+
+    async def start(self) -> None:
+        # The producer first: initialising the transactional id aborts whatever a dead
+        # predecessor left open, so the changelog is stable before we restore from it.
+        await self._producer.start()
+        try:
+            self._consumer.subscribe([self.inflight_topic], listener=_Listener(self))
+            await self._consumer.start()
+        except BaseException:
+            await self._producer.stop()
+            raise
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        try:
+            await self._consumer.stop()
+        finally:
+            await self._producer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Process batches until ``stopping`` is set; the batch in hand is committed first."""
+        while not stopping.is_set():
+            try:
+                await self.process_once()
+            except ProducerFenced:
+                logger.error("transactional id %s was taken over: stopping", self.transactional_id)
+                raise
+            except KafkaError as exc:
+                logger.warning("batch aborted (%r); retrying in %.1f s", exc, self.error_backoff_s)
+                await asyncio.sleep(self.error_backoff_s)
+
+    async def process_once(self) -> int:
+        """Fetch one batch and process it in one transaction; returns the records committed."""
+        if self._fatal is not None:
+            raise self._fatal
+        generation = self._generation
+        batch = await self._consumer.getmany(
+            timeout_ms=self.poll_timeout_ms, max_records=self.max_batch_records
+        )
+        if not batch:
+            return 0
+        async with self._lock:
+            if generation != self._generation or self._fatal is not None:
+                return 0  # fetched across a rebalance: read again from the committed offsets
+            batch = {tp: recs for tp, recs in batch.items() if recs and tp.partition in self._states}
+            if not batch:
+                return 0
+            started = time.perf_counter()
+            counts = await self._transact(batch)
+            BATCH_SECONDS.observe(time.perf_counter() - started)
+        for outcome, n in counts.items():
+            EVENTS.labels(outcome).inc(n)
+        POSTFLIGHT_RECORDS.inc(counts.get(OutcomeKind.EMITTED.value, 0))
+        return sum(len(recs) for recs in batch.values())
+
+    async def _transact(
+        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> dict[str, int]:
+        snapshot: _Snapshot = {}
+        counts: dict[str, int] = {}
+        await self._producer.begin_transaction()
+        try:
+            sends: list[Awaitable[Any]] = []
+            for tp, records in batch.items():
+                states = self._states[tp.partition]
+                dirty: set[bytes] = set()
+                for record in records:
+                    outcome = await self._handle(tp, record, states, snapshot, dirty, sends)
+                    counts[outcome] = counts.get(outcome, 0) + 1
+                for key in dirty:
+                    sends.append(
+                        await self._producer.send(
+                            self.state_topic, value=states[key].model_dump_json().encode(), key=key,
+                            partition=tp.partition,
+                        )
+                    )  # fmt: skip
+            await asyncio.gather(*sends)
+            offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+            await self._producer.send_offsets_to_transaction(offsets, self.group_id)
+        except BaseException as exc:
+            self._rewind(batch, snapshot)
+            if not isinstance(exc, ProducerFenced):
+                await self._abort()
+            raise
+        await self._commit()
+        return counts
+
+    async def _commit(self) -> None:
+        """Commit; a cancellation waits for the commit to end, as the batch is then fully done.
+
+        A commit that fails leaves its outcome unknown (the coordinator may have written the
+        markers), so rewinding in memory could duplicate or lose: the worker stops instead and
+        its successor rebuilds everything from what Kafka committed.
+        """
+        commit = asyncio.ensure_future(self._producer.commit_transaction())
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            try:
+                await asyncio.wait_for(commit, self.kafka.kafka_request_timeout_ms / 1000)
+            except BaseException as exc:
+                self._fatal = TransformStopped(f"commit interrupted: {exc!r}")
+            raise
+        except BaseException as exc:
+            self._fatal = TransformStopped(f"commit failed, outcome unknown: {exc!r}")
+            raise self._fatal from exc
+
+    async def _handle(
+        self,
+        tp: TopicPartition,
+        record: ConsumerRecord[bytes, bytes],
+        states: dict[bytes, MessageState],
+        snapshot: _Snapshot,
+        dirty: set[bytes],
+        sends: list[Awaitable[Any]],
+    ) -> str:
+        source = (tp.topic, tp.partition, record.offset)
+        try:
+            if record.value is None:
+                raise ValueError("record has no value")
+            event = decode_event(record.value)
+        except Exception as exc:  # any bad bytes or schema: the DLQ, never a stuck partition
+            sends.append(await self._dead_letter(record, f"undecodable event: {exc}", source))
+            return "undecodable"
+        key = message_key_bytes(event.account_id, event.message_key)
+        previous = states.get(key)
+        try:
+            outcome = apply(previous, event)
+        except Exception as exc:
+            logger.exception("lifecycle failed on %s", source)
+            sends.append(await self._dead_letter(record, f"transform error: {exc!r}", source))
+            return "error"
+        if outcome.kind is OutcomeKind.REJECTED:
+            sends.append(await self._dead_letter(record, outcome.reason or "rejected", source))
+        if outcome.changed and outcome.state is not None:
+            snapshot.setdefault((tp.partition, key), previous)
+            states[key] = outcome.state
+            dirty.add(key)
+        if outcome.record is not None:
+            sends.append(
+                await self._producer.send(self.postflight_topic, value=encode(outcome.record), key=key)
+            )
+        return outcome.kind.value
+
+    async def _dead_letter(
+        self, record: ConsumerRecord[bytes, bytes], reason: str, source: tuple[str, int, int]
+    ) -> Awaitable[Any]:
+        logger.info("dead-lettering %s:%d@%d: %s", *source, reason[:200])
+        return await dead_letter(
+            self._producer, stage=STAGE, reason=reason, key=record.key, value=record.value, source=source
+        )
+
+    def _rewind(
+        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], snapshot: _Snapshot
+    ) -> None:
+        ABORTED.inc()
+        for (partition, key), previous in snapshot.items():
+            states = self._states.get(partition)
+            if states is None:
+                continue
+            if previous is None:
+                states.pop(key, None)
+            else:
+                states[key] = previous
+        for tp, records in batch.items():
+            self._consumer.seek(tp, records[0].offset)
+
+    async def _abort(self) -> None:
+        try:
+            await self._producer.abort_transaction()
+        except Exception:
+            logger.exception("abort_transaction failed")
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:  # waits for the transaction in progress
+            self._generation += 1
+            for tp in revoked:
+                self._states.pop(tp.partition, None)
+            logger.info("revoked %s", sorted(tp.partition for tp in revoked))
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self._lock:
+            self._generation += 1
+            self._restoring = True
+            try:
+                partitions = sorted(tp.partition for tp in assigned if tp.topic == self.inflight_topic)
+                restored = await self._restore(partitions)
+                self._states.update(restored)
+            except BaseException as exc:
+                # aiokafka logs and swallows a listener's exception; processing without the
+                # state would be wrong, so the worker stops on its next batch.
+                logger.exception("restoring states of partitions %s failed", sorted(assigned))
+                self._fatal = TransformStopped(f"restoring states failed: {exc!r}")
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            finally:
+                self._restoring = False
+
+    async def _restore(self, partitions: list[int]) -> dict[int, dict[bytes, MessageState]]:
+        started = time.perf_counter()
+        restored: dict[int, dict[bytes, MessageState]] = {p: {} for p in partitions}
+        if not partitions:
+            return restored
+        tps = [TopicPartition(self.state_topic, p) for p in partitions]
+        consumer = make_consumer(self.kafka, group_id=None)
+        async with consumer:
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)  # the last stable offset, as read_committed
+            pending = {tp for tp in tps if ends[tp] > 0}
+            while pending:
+                batch = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
+                for tp, records in batch.items():
+                    states = restored[tp.partition]
+                    for record in records:
+                        if record.key is None:
+                            continue
+                        if record.value is None:
+                            states.pop(record.key, None)
+                        else:
+                            states[record.key] = MessageState.model_validate_json(record.value)
+                for tp in list(pending):
+                    if await consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+        elapsed = time.perf_counter() - started
+        RESTORE_SECONDS.observe(elapsed)
+        logger.info(
+            "restored %d states of partitions %s in %.2f s",
+            sum(len(s) for s in restored.values()), partitions, elapsed,
+        )  # fmt: skip
+        return restored

@@ -1,0 +1,434 @@
+"""transform against the real Kafka: lifecycle, DLQ, restore from the changelog, crashes.
+
+Every test gets its own topics, consumer group and transactional id, so a ``make dev`` transform
+on the default topics does not interfere. DLQ records go to the shared DLQ topic and are told
+apart by their source-topic header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from prometheus_client import REGISTRY
+
+from cli.services import LocalService
+from libs.config import KafkaSettings
+from libs.dlq import DeadLetter, parse_dead_letter
+from libs.events import (
+    Event,
+    EventType,
+    PostflightRecord,
+    Status,
+    decode_postflight,
+    encode,
+    message_key_bytes,
+)
+from libs.kafka import DLQ, TopicSpec, create_topics, make_consumer, make_producer
+from libs.lifecycle import MessageState, apply
+from services.transform.worker import TransformWorker
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 3
+ACCOUNT = 3 << 48 | 42
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Env:
+    kafka: KafkaSettings
+    inflight: str
+    postflight: str
+    state: str
+    group: str
+    transactional_id: str
+    dlq_start: int
+
+    def worker(self, **overrides: Any) -> TransformWorker:
+        options: dict[str, Any] = {
+            "transactional_id": self.transactional_id,
+            "group_id": self.group,
+            "inflight_topic": self.inflight,
+            "postflight_topic": self.postflight,
+            "state_topic": self.state,
+            "session_timeout_ms": 6000,
+            **overrides,
+        }
+        return TransformWorker(self.kafka, **options)
+
+    def process_env(self, instance: str) -> dict[str, str]:
+        return {
+            "FLIGHTLOG_INSTANCE_ID": instance,
+            "FLIGHTLOG_TRANSFORM_GROUP_ID": self.group,
+            "FLIGHTLOG_TRANSFORM_INFLIGHT_TOPIC": self.inflight,
+            "FLIGHTLOG_TRANSFORM_POSTFLIGHT_TOPIC": self.postflight,
+            "FLIGHTLOG_TRANSFORM_STATE_TOPIC": self.state,
+            "FLIGHTLOG_TRANSFORM_SESSION_TIMEOUT_MS": "6000",
+            "FLIGHTLOG_LOG_LEVEL": "INFO",
+        }
+
+
+async def _end_offsets(kafka: KafkaSettings, topic: str, partitions: int) -> dict[TopicPartition, int]:
+    consumer = make_consumer(kafka, group_id=None)
+    async with consumer:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        return dict(await consumer.end_offsets(tps))
+
+
+@pytest.fixture
+async def env(topics: None, kafka_settings: KafkaSettings) -> Env:
+    suffix = uuid.uuid4().hex[:8]
+    inflight, postflight, state = (
+        f"test.transform.{suffix}.{n}" for n in ("inflight", "postflight", "state")
+    )
+    await create_topics(
+        kafka_settings,
+        (
+            TopicSpec(inflight, PARTITIONS),
+            TopicSpec(postflight, PARTITIONS),
+            TopicSpec(state, PARTITIONS, {"cleanup.policy": "compact"}),
+        ),
+    )
+    dlq_end = await _end_offsets(kafka_settings, DLQ, 1)
+    return Env(
+        kafka_settings, inflight, postflight, state, f"test-transform-{suffix}", f"test-transform-{suffix}",
+        dlq_end[TopicPartition(DLQ, 0)],
+    )  # fmt: skip
+
+
+_ids = iter(range(10**9))
+
+
+def ev(type_: EventType, key: str, at: int = 0, *, event_id: str | None = None, **kw: Any) -> Event:
+    return Event(
+        event_id=event_id or f"ev-{next(_ids)}",
+        account_id=ACCOUNT,
+        message_key=key,
+        type=type_,
+        occurred_at=T0 + timedelta(seconds=at),
+        **kw,
+    )
+
+
+async def produce(env: Env, events: list[Event | tuple[bytes, bytes]]) -> None:
+    async with make_producer(env.kafka, linger_ms=20) as producer:
+        futures = []
+        for item in events:
+            if isinstance(item, Event):
+                key, value = message_key_bytes(item.account_id, item.message_key), encode(item)
+            else:
+                key, value = item
+            futures.append(await producer.send(env.inflight, value, key=key))
+        await asyncio.gather(*futures)
+
+
+async def read_all(kafka: KafkaSettings, topic: str, partitions: int, start: int = 0) -> list[Any]:
+    """Every committed record of ``topic`` (read_committed), up to the last stable offset."""
+    consumer = make_consumer(kafka, group_id=None)
+    async with consumer:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, start)
+        ends = await consumer.end_offsets(tps)
+        got: list[Any] = []
+        pending = {tp for tp in tps if ends[tp] > start}
+        while pending:
+            batch = await consumer.getmany(*pending, timeout_ms=1000)
+            for records in batch.values():
+                got.extend(records)
+            for tp in list(pending):
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+        return got
+
+
+async def postflight(env: Env) -> list[PostflightRecord]:
+    return [decode_postflight(r.value) for r in await read_all(env.kafka, env.postflight, PARTITIONS)]
+
+
+async def dead_letters(env: Env) -> list[DeadLetter]:
+    records = await read_all(env.kafka, DLQ, 1, env.dlq_start)
+    letters = [parse_dead_letter(r.key, r.value, r.headers, r.offset) for r in records]
+    return [d for d in letters if d.source_topic == env.inflight]
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 60, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def running(worker: TransformWorker) -> AsyncIterator[TransformWorker]:
+    stopping = asyncio.Event()
+    async with worker:
+        task = asyncio.create_task(worker.run(stopping), name="transform-test-worker")
+        try:
+            await eventually(
+                _ready_and_assigned(worker, task), 60, "the worker to own every partition and restore"
+            )
+            yield worker
+        finally:
+            stopping.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 30)
+
+
+def _ready_and_assigned(worker: TransformWorker, task: asyncio.Task[None]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        if task.done():
+            task.result()
+        return worker.ready and worker.assigned_partitions == set(range(PARTITIONS))
+
+    return check
+
+
+def by_message(records: list[PostflightRecord]) -> dict[str, list[PostflightRecord]]:
+    out: dict[str, list[PostflightRecord]] = {}
+    for record in records:
+        out.setdefault(record.message_key, []).append(record)
+    return out
+
+
+async def test_lifecycle_dedupe_order_updates_and_dlq(env: Env) -> None:
+    content = {"from": "a@x.io", "to": ["b@y.io"], "subject": "Hello", "body_text": "Hi  there"}
+    accepted = ev(EventType.ACCEPTED, "out-1", 0, content=content)
+    delivered = ev(EventType.DELIVERED, "out-1", 4)
+    queued = ev(EventType.QUEUED, "out-1", 1)
+    sent = ev(EventType.SENT, "out-1", 3)
+    events: list[Event | tuple[bytes, bytes]] = [
+        # out-1: final first, then duplicates and late events: one final record, then one update
+        # because the late accepted brings the content the final record lacked.
+        sent, delivered, delivered, accepted, queued, sent, ev(EventType.DELIVERED, "out-1", 5),
+        ev(EventType.UPDATED, "out-1", 6, flags={"starred": True}),
+        ev(EventType.UPDATED, "out-1", 7, flags={"starred": True}),  # no change: no record
+        ev(EventType.REDACTED, "out-1", 8),
+        # in-1: inbound, read before it was final, then moved.
+        ev(EventType.RECEIVING, "in-1", 0, content={"subject": "news"}),
+        ev(EventType.UPDATED, "in-1", 1, flags={"unread": False}),
+        ev(EventType.RECEIVED, "in-1", 2),
+        ev(EventType.UPDATED, "in-1", 3, flags={"folder": "Archive"}),
+        ev(EventType.DELETED, "in-1", 4),
+        ev(EventType.UPDATED, "in-1", 5, flags={"unread": True}),  # after deletion: DLQ
+        # bad-1: an impossible transition.
+        ev(EventType.FAILED, "bad-1", 0, content={"error_code": "30003"}),
+        ev(EventType.DELIVERED, "bad-1", 1),
+        (b"junk", b"\xff not json"),
+        (b"wrong-schema", b'{"schema_version": 1, "event_id": "x"}'),
+    ]  # fmt: skip
+    await produce(env, events)
+
+    async with running(env.worker()):
+        await eventually(lambda: _count(env, 8), 60, "8 postflight records")
+        await eventually(lambda: _dlq_count(env, 4), 30, "4 dead letters")
+        await asyncio.sleep(1)  # nothing else may follow
+
+    records = by_message(await postflight(env))
+    assert sorted(records) == ["bad-1", "in-1", "out-1"]
+    out = records["out-1"]
+    assert [r.version for r in out] == [1, 2, 3, 4]
+    assert out[0].message.status is Status.DELIVERED and out[0].message.subject is None
+    filled = out[1].message
+    assert filled.status is Status.DELIVERED and filled.subject == "Hello" and filled.snippet == "Hi there"
+    assert filled.occurred_at == T0 and filled.final_at == T0 + timedelta(seconds=4)
+    assert out[2].message.starred and out[3].message.redacted and out[3].message.body_text is None
+
+    inbound = records["in-1"]
+    assert [r.version for r in inbound] == [1, 2, 3]
+    assert inbound[0].message.unread is False and inbound[0].message.status is Status.RECEIVED
+    assert inbound[1].message.folder == "Archive" and inbound[2].deleted
+
+    assert [r.version for r in records["bad-1"]] == [1]
+    assert records["bad-1"][0].message.status is Status.FAILED
+
+    letters = await dead_letters(env)
+    assert all(d.stage == "transform" for d in letters)
+    reasons = sorted(d.reason for d in letters)
+    assert any("delivered after failed" in r for r in reasons), reasons
+    assert any("message was deleted" in r for r in reasons), reasons
+    assert sum("undecodable event" in r for r in reasons) == 2, reasons
+    junk = next(d for d in letters if d.key == b"junk")
+    assert junk.value == b"\xff not json" and junk.source_offset is not None
+
+    # The changelog partition of a message is its inflight partition.
+    inflight_partition = {
+        r.key: r.partition for r in await read_all(env.kafka, env.inflight, PARTITIONS) if r.key
+    }
+    changelog = await read_all(env.kafka, env.state, PARTITIONS)
+    assert changelog
+    for record in changelog:
+        assert record.partition == inflight_partition[record.key]
+    last = {r.key: MessageState.model_validate_json(r.value) for r in changelog}
+    assert last[message_key_bytes(ACCOUNT, "out-1")].version == 4
+
+
+async def _count(env: Env, n: int) -> bool:
+    got = len(await postflight(env))
+    assert got <= n, f"{got} postflight records, expected {n}"
+    return got == n
+
+
+async def _dlq_count(env: Env, n: int) -> bool:
+    return len(await dead_letters(env)) >= n
+
+
+async def test_restart_restores_state_from_changelog(env: Env) -> None:
+    await produce(env, [ev(EventType.ACCEPTED, "m", 0), ev(EventType.DELIVERED, "m", 1)])
+    async with running(env.worker()):
+        await eventually(lambda: _count(env, 1), 60, "the final record")
+
+    # A new instance with the same group and transactional id knows the message is final.
+    async with running(env.worker()) as worker:
+        state = worker.state_of(ACCOUNT, "m")
+        assert state is not None and state.final and state.version == 1
+        await produce(
+            env,
+            [
+                ev(EventType.DELIVERED, "m", 2),  # the same final again: a duplicate
+                ev(EventType.SENT, "m", 1),  # late
+                ev(EventType.UPDATED, "m", 3, flags={"unread": True}),
+            ],
+        )
+        await eventually(lambda: _count(env, 2), 60, "the update record")
+        await asyncio.sleep(1)
+    records = await postflight(env)
+    assert [r.version for r in records] == [1, 2]
+    assert records[1].message.unread is True
+    assert await dead_letters(env) == []
+
+
+def _bulk_events(messages: int, seed: int) -> list[Event | tuple[bytes, bytes]]:
+    rng = random.Random(seed)
+    events: list[Event | tuple[bytes, bytes]] = []
+    for i in range(messages):
+        key = f"bulk-{i}"
+        lifecycle = [
+            ev(EventType.ACCEPTED, key, 0, content={"subject": f"s{i}", "body_text": "x" * 200}),
+            ev(EventType.SENT, key, 1),
+            ev(rng.choice([EventType.DELIVERED, EventType.FAILED]), key, 2),
+        ]
+        if rng.random() < 0.3:
+            lifecycle.append(lifecycle[rng.randrange(3)])  # a duplicate
+        rng.shuffle(lifecycle)
+        events.extend(lifecycle)
+    return events
+
+
+def _expected_versions(events: list[Event | tuple[bytes, bytes]]) -> dict[str, int]:
+    """What the pure lifecycle emits for the events in their order: the number of records per message."""
+    states: dict[str, MessageState | None] = {}
+    for event in events:
+        assert isinstance(event, Event)
+        outcome = apply(states.get(event.message_key), event)
+        states[event.message_key] = outcome.state
+    return {key: state.version for key, state in states.items() if state is not None}
+
+
+def _assert_exactly_once(records: list[PostflightRecord], expected: dict[str, int]) -> None:
+    seen = [(r.message_key, r.version) for r in records]
+    assert len(seen) == len(set(seen)), "duplicated postflight records"
+    assert sorted(seen) == sorted((key, v) for key, n in expected.items() for v in range(1, n + 1))
+
+
+async def test_cancel_mid_run_then_resume_has_no_duplicates(env: Env) -> None:
+    messages = 10_000
+    events = _bulk_events(messages, seed=1)
+    expected = _expected_versions(events)
+    total = sum(expected.values())
+    await produce(env, events)
+
+    base = _committed_events()
+    first = env.worker(max_batch_records=500)
+    async with first:
+        stopping = asyncio.Event()
+        task = asyncio.create_task(first.run(stopping), name="transform-test-cancelled")
+        await eventually(_some(env), 60, "the first postflight records")
+        await asyncio.sleep(random.uniform(0, 0.05))  # land anywhere in a batch
+        task.cancel()  # an open transaction is aborted; a commit under way is finished
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    done_before = len(await postflight(env))
+    assert 0 < done_before < total
+
+    remaining = len(events) - (_committed_events() - base)
+    async with running(env.worker()):
+        started = time.perf_counter()
+        await eventually(_all_committed(base, len(events)), 120, f"{len(events)} events committed")
+        elapsed = time.perf_counter() - started
+        await eventually(lambda: _count(env, total), 30, f"{total} postflight records")
+        await asyncio.sleep(1)
+    print(f"\ntransform: {remaining} events in {elapsed:.2f} s = {remaining / elapsed:.0f} events/s")
+    _assert_exactly_once(await postflight(env), expected)
+
+
+def _committed_events() -> float:
+    return sum(
+        REGISTRY.get_sample_value("flightlog_transform_events_total", {"outcome": o}) or 0.0
+        for o in ("emitted", "applied", "ignored", "rejected", "undecodable", "error")
+    )
+
+
+def _all_committed(base: float, n: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return _committed_events() - base >= n
+
+    return check
+
+
+def _some(env: Env) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return len(await postflight(env)) > 0
+
+    return check
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.e2e
+async def test_kill_9_mid_run_produces_no_duplicates(env: Env, tmp_path: Path) -> None:
+    events = _bulk_events(20_000, seed=2)
+    expected = _expected_versions(events)
+    total = sum(expected.values())
+    await produce(env, events)
+    instance = f"t-{uuid.uuid4().hex[:6]}"
+    service = LocalService(
+        "transform", _free_port(), tmp_path, env=env.process_env(instance), instance=f"-{instance}"
+    )
+    try:
+        await asyncio.to_thread(service.start, wait_s=60)
+        await eventually(_some(env), 60, "the first postflight records")
+        await asyncio.to_thread(service.proc.kill)
+        done_before = len(await postflight(env))
+        assert done_before < total, "the kill came too late to test anything"
+
+        # Same instance id, so the same transactional id: the new producer fences the dead one
+        # and aborts its open transaction.
+        await asyncio.to_thread(service.start, wait_s=60)
+        await eventually(lambda: _count(env, total), 180, f"{total} postflight records")
+        await asyncio.sleep(1)
+    finally:
+        await asyncio.to_thread(service.proc.stop, 40)
+    _assert_exactly_once(await postflight(env), expected)

@@ -1,0 +1,298 @@
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from libs.events import Direction, Event, EventType, PostflightRecord, Status, decode_event, encode
+from libs.lifecycle import MAX_SEEN_EVENT_IDS, MessageState, Outcome, OutcomeKind, apply, make_snippet
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+ACCOUNT = 7 << 48 | 1
+
+_counter = iter(range(10**9))
+
+
+def ev(type_: EventType, *, at: int = 0, key: str = "m1", event_id: str | None = None, **kw: Any) -> Event:
+    return Event(
+        event_id=event_id or f"e{next(_counter)}",
+        account_id=ACCOUNT,
+        message_key=key,
+        type=type_,
+        occurred_at=T0 + timedelta(seconds=at),
+        **kw,
+    )
+
+
+def run(
+    events: Iterable[Event], state: MessageState | None = None
+) -> tuple[MessageState | None, list[Outcome]]:
+    outcomes = []
+    for event in events:
+        outcome = apply(state, event)
+        outcomes.append(outcome)
+        state = outcome.state
+    return state, outcomes
+
+
+def records(outcomes: list[Outcome]) -> list[PostflightRecord]:
+    return [o.record for o in outcomes if o.record is not None]
+
+
+def test_outbound_in_order_emits_one_final_record() -> None:
+    state, outcomes = run([
+        ev(EventType.ACCEPTED, at=0, content={"from": "a@x.io", "to": ["b@y.io"], "subject": "Hi",
+                                             "body_text": "  Hello\n\n  world  "}),
+        ev(EventType.QUEUED, at=1),
+        ev(EventType.SENDING, at=2),
+        ev(EventType.SENT, at=3),
+        ev(EventType.DELIVERED, at=4),
+    ])  # fmt: skip
+    assert [o.kind for o in outcomes] == [OutcomeKind.APPLIED] * 4 + [OutcomeKind.EMITTED]
+    (record,) = records(outcomes)
+    assert record.version == 1 and not record.deleted
+    doc = record.message
+    assert doc.status is Status.DELIVERED and doc.direction is Direction.OUTBOUND
+    assert doc.sender == "a@x.io" and doc.to == ["b@y.io"] and doc.subject == "Hi"
+    assert doc.snippet == "Hello world"
+    assert doc.unread is False  # outbound default
+    assert doc.occurred_at == T0 and doc.final_at == T0 + timedelta(seconds=4)
+    assert state is not None and state.final and state.version == 1
+
+
+def test_snippet_is_bounded_and_collapsed() -> None:
+    assert make_snippet("a\t b\n" + "x" * 500) == ("a b " + "x" * 500)[:200]
+    assert make_snippet(None) is None
+
+
+def test_inbound_defaults_unread_and_synced_is_final_on_arrival() -> None:
+    _, outcomes = run([ev(EventType.SYNCED, source="api", content={"subject": "S"},
+                          flags={"folder": "INBOX"})])  # fmt: skip
+    (record,) = records(outcomes)
+    doc = record.message
+    assert doc.status is Status.RECEIVED and doc.direction is Direction.INBOUND
+    assert doc.unread is True and doc.folder == "INBOX" and doc.source == "imap"
+
+    _, outcomes = run([ev(EventType.SYNCED, direction="outbound", source="imap")])
+    (record,) = records(outcomes)
+    assert record.message.direction is Direction.OUTBOUND and record.message.status is Status.SENT
+
+
+def test_inbound_lifecycle_and_raw_mime_is_carried_without_crashing() -> None:
+    _, outcomes = run([
+        ev(EventType.RECEIVING, at=0, content={"raw_mime": "bm90IHJlYWxseSBNSU1F"}),
+        ev(EventType.RECEIVED, at=1),
+    ])  # fmt: skip
+    (record,) = records(outcomes)
+    assert record.message.status is Status.RECEIVED and record.message.unread is True
+
+
+def test_duplicate_event_id_is_ignored_and_state_unchanged() -> None:
+    first = ev(EventType.ACCEPTED, event_id="dup")
+    state, _ = run([first])
+    outcome = apply(state, first)
+    assert outcome.kind is OutcomeKind.IGNORED and not outcome.changed
+    assert outcome.state is state
+    assert outcome.reason is not None and "duplicate event_id" in outcome.reason
+
+
+def test_late_lower_status_is_ignored_but_fills_gaps() -> None:
+    state, outcomes = run([
+        ev(EventType.SENT, at=3),
+        ev(EventType.QUEUED, at=1, content={"subject": "from queued", "channel": "email"}),
+    ])  # fmt: skip
+    assert outcomes[1].kind is OutcomeKind.IGNORED and outcomes[1].changed
+    assert state is not None and state.status is Status.SENT
+    assert state.subject == "from queued" and state.occurred_at == T0 + timedelta(seconds=1)
+
+
+def test_failed_from_any_non_final_state_and_error_code() -> None:
+    for before in (EventType.ACCEPTED, EventType.QUEUED, EventType.SENDING, EventType.SENT):
+        _, outcomes = run([ev(before), ev(EventType.FAILED, content={"error_code": "30003"})])
+        (record,) = records(outcomes)
+        assert record.message.status is Status.FAILED and record.message.error_code == "30003"
+
+
+@pytest.mark.parametrize(
+    ("events", "reason"),
+    [
+        ([EventType.FAILED, EventType.DELIVERED], "delivered after failed"),
+        ([EventType.DELIVERED, EventType.UNDELIVERED], "undelivered after delivered"),
+        ([EventType.RECEIVED, EventType.DELIVERED], "on an inbound message"),
+        ([EventType.RECEIVING, EventType.SENT], "on an inbound message"),
+        ([EventType.ACCEPTED, EventType.RECEIVED], "on an outbound message"),
+        ([EventType.DELIVERED, EventType.DELETED, EventType.UPDATED], "message was deleted"),
+        ([EventType.DELIVERED, EventType.DELETED, EventType.REDACTED], "message was deleted"),
+    ],
+)
+def test_impossible_transitions_are_rejected_with_reason(events: list[EventType], reason: str) -> None:
+    state, outcomes = run([ev(t, at=i) for i, t in enumerate(events)])
+    last = outcomes[-1]
+    assert last.kind is OutcomeKind.REJECTED
+    assert last.reason is not None and reason in last.reason
+    assert last.record is None and not last.changed
+    assert state is outcomes[-2].state  # a rejection leaves the state untouched
+
+
+def test_event_direction_contradicting_its_status_is_rejected() -> None:
+    outcome = apply(None, ev(EventType.DELIVERED, direction="inbound"))
+    assert outcome.kind is OutcomeKind.REJECTED and outcome.state is None
+    assert outcome.reason is not None and "outbound status" in outcome.reason
+
+
+def test_same_final_again_is_a_duplicate() -> None:
+    _, outcomes = run([ev(EventType.DELIVERED), ev(EventType.DELIVERED)])
+    assert outcomes[1].kind is OutcomeKind.IGNORED
+    assert outcomes[1].reason is not None and "duplicate final" in outcomes[1].reason
+
+
+def test_updates_after_final_emit_only_real_changes_with_next_versions() -> None:
+    _, outcomes = run([
+        ev(EventType.RECEIVED, content={"subject": "s", "body_text": "secret"}),
+        ev(EventType.UPDATED, flags={"unread": False}),
+        ev(EventType.UPDATED, flags={"unread": False}),  # no change
+        ev(EventType.UPDATED, flags={"starred": True, "labels": ["a"], "folder": "Archive"}),
+        ev(EventType.REDACTED),
+        ev(EventType.REDACTED),  # already redacted
+        ev(EventType.DELETED),
+        ev(EventType.DELETED),  # already deleted
+        ev(EventType.RECEIVING),  # late status after deletion
+    ])  # fmt: skip
+    kinds = [o.kind for o in outcomes]
+    assert kinds == [OutcomeKind.EMITTED, OutcomeKind.EMITTED, OutcomeKind.IGNORED, OutcomeKind.EMITTED,
+                     OutcomeKind.EMITTED, OutcomeKind.IGNORED, OutcomeKind.EMITTED, OutcomeKind.IGNORED,
+                     OutcomeKind.IGNORED]  # fmt: skip
+    recs = records(outcomes)
+    assert [r.version for r in recs] == [1, 2, 3, 4, 5]
+    assert recs[1].message.unread is False
+    assert recs[2].message.starred and recs[2].message.labels == ["a"] and recs[2].message.folder == "Archive"
+    redacted = recs[3].message
+    assert redacted.redacted and redacted.body_text is None and redacted.subject is None
+    assert redacted.snippet is None
+    assert recs[4].deleted and not recs[3].deleted
+
+
+def test_updates_before_final_show_in_the_final_record() -> None:
+    _, outcomes = run([
+        ev(EventType.RECEIVING, content={"body_text": "b", "subject": "s"}),
+        ev(EventType.UPDATED, flags={"unread": False, "starred": True}),
+        ev(EventType.REDACTED),
+        ev(EventType.RECEIVED, content={"body_text": "again"}),  # may not bring content back
+    ])  # fmt: skip
+    assert [o.kind for o in outcomes[:3]] == [OutcomeKind.APPLIED] * 3
+    (record,) = records(outcomes)
+    doc = record.message
+    assert record.version == 1
+    assert doc.unread is False and doc.starred is True and doc.redacted is True
+    assert doc.body_text is None and doc.subject is None
+
+
+def test_deleted_before_final_then_final_is_rejected() -> None:
+    _, outcomes = run([ev(EventType.ACCEPTED), ev(EventType.DELETED), ev(EventType.DELIVERED)])
+    assert outcomes[1].kind is OutcomeKind.APPLIED and outcomes[1].record is None
+    assert outcomes[2].kind is OutcomeKind.REJECTED
+
+
+def test_seen_ids_are_bounded_and_state_round_trips_as_json() -> None:
+    state, _ = run([ev(EventType.RECEIVED)] + [ev(EventType.UPDATED, flags={"unread": i % 2 == 0})
+                                              for i in range(100)])  # fmt: skip
+    assert state is not None and len(state.seen_event_ids) == MAX_SEEN_EVENT_IDS
+    assert MessageState.model_validate_json(state.model_dump_json()) == state
+
+
+def test_state_of_another_message_is_a_programming_error() -> None:
+    state, _ = run([ev(EventType.ACCEPTED, key="a")])
+    with pytest.raises(ValueError, match="another message"):
+        apply(state, ev(EventType.SENT, key="b"))
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+_PREFIX = (EventType.ACCEPTED, EventType.QUEUED, EventType.SENDING, EventType.SENT)
+_FINALS = (EventType.DELIVERED, EventType.UNDELIVERED, EventType.FAILED)
+texts = st.text(st.characters(codec="utf-8"), max_size=30)
+
+
+@st.composite
+def valid_outbound(draw: st.DrawFn) -> list[Event]:
+    prefix = [t for t in _PREFIX if draw(st.booleans())]
+    types = [*prefix, draw(st.sampled_from(_FINALS))]
+    events = []
+    for i, type_ in enumerate(types):
+        content = draw(st.fixed_dictionaries({}, optional={
+            "subject": texts, "body_text": texts, "channel": st.sampled_from(["sms", "email"]),
+            "to": st.lists(st.emails(), max_size=2),
+        }))  # fmt: skip
+        flags = draw(st.fixed_dictionaries({}, optional={"starred": st.booleans()})) if i == 0 else {}
+        # Round-trip through the wire format, as transform sees the events.
+        event = ev(type_, at=i * 10, event_id=f"id-{i}", content=content or None, flags=flags or None)
+        events.append(decode_event(encode(event)))
+    return events
+
+
+@st.composite
+def shuffled_with_duplicates(draw: st.DrawFn) -> tuple[list[Event], list[Event]]:
+    events = draw(valid_outbound())
+    delivered = draw(st.permutations(events + draw(st.lists(st.sampled_from(events), max_size=6))))
+    return events, delivered
+
+
+def _comparable(state: MessageState) -> dict[str, Any]:
+    return state.model_dump(exclude={"seen_event_ids", "version"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(shuffled_with_duplicates())
+def test_any_order_and_duplication_gives_one_final_record_and_same_state(
+    case: tuple[list[Event], list[Event]],
+) -> None:
+    in_order, delivered = case
+    expected, expected_outcomes = run(in_order)
+    state, outcomes = run(delivered)
+    assert expected is not None and state is not None
+
+    assert _comparable(state) == _comparable(expected)
+    assert sorted(state.seen_event_ids) == sorted(e.event_id for e in in_order)
+    assert not any(o.kind is OutcomeKind.REJECTED for o in outcomes)
+
+    recs = records(outcomes)
+    firsts = [r for r in recs if r.version == 1]
+    assert len(firsts) == 1 and firsts[0].message.status == expected.status
+    versions = [r.version for r in recs]
+    assert versions == list(range(1, len(recs) + 1))
+    assert state.version == len(recs)
+    # persist ends with the same document whatever the order.
+    final_doc = records(expected_outcomes)[-1].message
+    assert recs[-1].message == final_doc
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    valid_outbound(),
+    st.lists(
+        st.sampled_from([EventType.UPDATED, EventType.REDACTED, EventType.DELETED, *_FINALS, *_PREFIX]),
+        max_size=8,
+    ),
+    st.data(),
+)
+def test_versions_strictly_increase_and_rejections_carry_reasons(
+    lifecycle: list[Event], extra: list[EventType], data: st.DataObject
+) -> None:
+    tail = []
+    for i, type_ in enumerate(extra):
+        flags = {"unread": data.draw(st.booleans())} if type_ is EventType.UPDATED else None
+        tail.append(ev(type_, at=100 + i, flags=flags))
+    state, outcomes = run([*lifecycle, *tail])
+    versions = [r.version for r in records(outcomes)]
+    assert versions == sorted(set(versions)) and versions[:1] == [1]
+    assert state is not None and state.version == len(versions)
+    for outcome in outcomes:
+        if outcome.kind in (OutcomeKind.REJECTED, OutcomeKind.IGNORED):
+            assert outcome.reason
+            assert outcome.record is None
+        if outcome.kind is OutcomeKind.REJECTED:
+            assert not outcome.changed
