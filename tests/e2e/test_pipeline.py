@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import aiohttp
@@ -69,12 +70,13 @@ async def test_valid_duplicated_out_of_order_late_and_invalid_events(
         )
         assert status == 202, body
         # Invalid items: the batch is refused as a whole with every bad item listed.
+        refused_key = f"refused-{uuid.uuid4().hex}"
         status, body = await post_events(
             http,
             url,
             tenant.api_key,
             [
-                event(a, "bad-1", "teleported"),
+                event(a, refused_key, "teleported"),
                 {**event(a, "bad-2", "accepted"), "occurred_at": "yesterday"},
                 event(a, "fine", "accepted"),
             ],
@@ -109,5 +111,5 @@ async def test_valid_duplicated_out_of_order_late_and_invalid_events(
     transform_dead = await dlq_entries(kafka_settings, impossible[2]["event_id"].encode(), 1)
     assert transform_dead and transform_dead[0]["flightlog-stage"] == b"transform"
     assert b"delivered" in transform_dead[0]["flightlog-reason"]
-    ingest_dead = await dlq_entries(kafka_settings, b"bad-1", 1)
+    ingest_dead = await dlq_entries(kafka_settings, refused_key.encode(), 1)
     assert ingest_dead and ingest_dead[0]["flightlog-stage"] == b"ingest"
