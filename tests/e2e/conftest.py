@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from cli.stack import Stack
 from libs.accounts import Account, Application, create_account, create_application
 from libs.shards import ShardMap, ShardRouter
 
-# Ports of their own, so a `make dev` instance on the default ports never interferes.
-E2E_PORT_OFFSET = 200
+# Ports and pid files of their own, so a `make dev` instance on the default ports never
+# interferes; two checkouts sharing one stack can set different values.
+E2E_PORT_OFFSET = int(os.environ.get("FLIGHTLOG_E2E_PORT_OFFSET", "200"))
+E2E_INSTANCE = os.environ.get("FLIGHTLOG_E2E_INSTANCE", "-e2e")
 
 
 @dataclass
@@ -30,7 +33,7 @@ class Pipeline:
 @pytest.fixture(scope="session")
 def pipeline(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[Pipeline]:
     services = {
-        name: LocalService(name, port + E2E_PORT_OFFSET, stack.settings.state_dir, instance="-e2e")
+        name: LocalService(name, port + E2E_PORT_OFFSET, stack.settings.state_dir, instance=E2E_INSTANCE)
         for name, port in SERVICE_PORTS.items()
     }
     for svc in services.values():

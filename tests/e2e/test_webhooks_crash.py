@@ -1,0 +1,120 @@
+"""SIGKILL of the dispatcher (a process of its own) and of persist (which runs the change relay)
+while changes stream in: the receiver still gets every change of every account, in order per
+account; what was in flight at a kill may come twice, always with the same webhook-id."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import standardwebhooks
+
+from cli.procs import ManagedProcess, wait_until
+from cli.stack import Stack
+from libs.config import REPO_ROOT
+from libs.shards import ShardRouter
+from tests.e2e.conftest import E2E_PORT_OFFSET, Pipeline
+from tests.e2e.webhook_harness import FAST, api_server, fast_settings
+from tests.e2e.webhook_helpers import Receiver, change_ids, first_seen, write_change
+from tests.e2e.webhook_helpers import wait_until as wait_async
+
+pytestmark = pytest.mark.e2e
+
+DISPATCHER_PORT = 8084 + E2E_PORT_OFFSET
+
+
+def _metric(port: int, line: bytes) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            return line in resp.read()
+    except OSError:
+        return False
+
+
+class DispatcherProcess:
+    def __init__(self, stack: Stack) -> None:
+        state = stack.settings.state_dir
+        self.proc = ManagedProcess(
+            "webhooks-e2e", state / "services" / "webhooks-e2e.pid", state / "logs" / "webhooks-e2e.log",
+            "services.gateway.webhooks",
+        )  # fmt: skip
+        self.env = {"FLIGHTLOG_HTTP_PORT": str(DISPATCHER_PORT)}
+        self.env |= {f"FLIGHTLOG_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+                     for k, v in FAST.items()}  # fmt: skip
+
+    def start(self) -> None:
+        self.proc.start([sys.executable, "-m", "services.gateway.webhooks"], env=self.env, cwd=REPO_ROOT)
+        wait_until(
+            lambda: _metric(DISPATCHER_PORT, b"flightlog_webhook_dispatcher_active 1.0"),
+            60,
+            f"the dispatcher to deliver:\n{self.proc.log_tail(20)}",
+        )
+
+
+@pytest.fixture
+def dispatcher_process(stack: Stack) -> Iterator[DispatcherProcess]:
+    d = DispatcherProcess(stack)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.proc.stop(timeout_s=20)
+
+
+async def test_kill_dispatcher_and_relay_mid_stream(
+    pipeline: Pipeline, router: ShardRouter, tenant_factory: Any, dispatcher_process: DispatcherProcess
+) -> None:
+    persist_port = pipeline.services["persist"].port
+    assert await asyncio.to_thread(_metric, persist_port, b"flightlog_relay_active 1.0"), "persist's relay is idle"
+    tenant = await tenant_factory(router.shard_map.shards[:4])
+    rx = Receiver()
+    await rx.start()
+    try:
+        async with api_server(router, fast_settings(), tenant.api_key) as h:
+            created = await h.subscribe(rx.url)
+        rounds = 100
+
+        async def writer() -> None:
+            for n in range(rounds):
+                await asyncio.gather(*(write_change(router, a.id, f"k{n % 9}", n // 9 + 1) for a in tenant.accounts))
+                await asyncio.sleep(0.06)
+
+        task = asyncio.create_task(writer())
+        await asyncio.sleep(1.5)
+        assert rx.ok, "nothing delivered before the first kill"
+        assert dispatcher_process.proc.kill()
+        await asyncio.to_thread(dispatcher_process.start)
+        await asyncio.sleep(1.5)
+        persist = pipeline.services["persist"]
+        assert persist.proc.kill()
+        await asyncio.to_thread(persist.start, wait_s=90)
+        await task
+
+        expected = {a.id: await change_ids(router, a.id) for a in tenant.accounts}
+        total = sum(len(v) for v in expected.values())
+        assert total == rounds * len(tenant.accounts)
+
+        def got() -> dict[int, list[int]]:
+            out: dict[int, list[int]] = {}
+            for r in rx.ok:
+                d = r.json["data"]
+                out.setdefault(int(d["account_id"]), []).append(int(d["change_id"]))
+            return out
+
+        await wait_async(lambda: sum(len(set(v)) for v in got().values()) >= total, 120, "every change")
+        received = got()
+        for account, ids in expected.items():
+            assert first_seen(received[account]) == ids, f"account {account}: lost or reordered"
+        for r in rx.received:
+            assert r.headers["webhook-id"] == f"evt_{r.json['data']['change_id']}"
+        hook = standardwebhooks.Webhook(created["secret"])
+        for r in rx.received:
+            hook.verify(r.body, r.headers)
+        duplicates = len(rx.ok) - total
+        print(f"\n{total} changes delivered across 2 kills; {duplicates} re-sent duplicates (same webhook-id)")
+    finally:
+        await rx.stop()
