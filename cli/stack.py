@@ -27,6 +27,13 @@ __all__ = ["Dovecot", "Kafka", "MariaDB", "Part", "Stack", "StackError"]
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+# Dovecot 2.3's capabilities after login, less CONDSTORE and QRESYNC.
+PLAIN_IMAP_CAPABILITY = (
+    "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES THREAD=REFS"
+    " THREAD=ORDEREDSUBJECT MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS"
+    " LIST-EXTENDED I18NLEVEL=1 ESEARCH ESORT SEARCHRES WITHIN CONTEXT=SEARCH LIST-STATUS BINARY MOVE"
+    " SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW STATUS=SIZE SAVEDATE LITERAL+ NOTIFY SPECIAL-USE"
+)
 DB_USER = "flightlog"
 DB_PASSWORD = "flightlog"
 IMAP_TEST_PASSWORD = "flightlog"
@@ -348,9 +355,21 @@ class Dovecot(Part):
 
     name = "dovecot"
 
-    def __init__(self, settings: StackSettings) -> None:
+    def __init__(
+        self,
+        settings: StackSettings,
+        *,
+        name: str = "dovecot",
+        port: int | None = None,
+        capability: str | None = None,
+    ) -> None:
+        """:param capability: an ``imap_capability`` replacing Dovecot's own list (the second,
+        CONDSTORE/QRESYNC-less instance); None keeps Dovecot's."""
         self.settings = settings
-        self.dir = settings.state_dir / "dovecot"
+        self.name = name
+        self.port = settings.imap_port if port is None else port
+        self.capability = capability
+        self.dir = settings.state_dir / name
         self.conf = self.dir / "dovecot.conf"
         self.users = self.dir / "users"
         self.proc = ManagedProcess(
@@ -359,7 +378,7 @@ class Dovecot(Part):
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.settings.imap_port}"
+        return f"{HOST}:{self.port}"
 
     def add_user(self, username: str, password: str = IMAP_TEST_PASSWORD) -> None:
         """Add or replace a user in the passwd-file; Dovecot re-reads it when it changes."""
@@ -430,7 +449,7 @@ namespace inbox {{
 service imap-login {{
   inet_listener imap {{
     address = {HOST}
-    port = {self.settings.imap_port}
+    port = {self.port}
   }}
   inet_listener imaps {{
     port = 0
@@ -445,14 +464,15 @@ protocol imap {{
   imap_idle_notify_interval = 2 mins
 }}
 """
+            + (f"imap_capability = {self.capability}\n" if self.capability else "")
         )
 
     def up(self) -> None:
         ensure_debian_packages({"dovecot": "dovecot-imapd", "doveadm": "dovecot-core"})
         if self.proc.running():
             return
-        if port_answers(HOST, self.settings.imap_port):
-            raise StackError(f"port {self.settings.imap_port} is taken by a process this stack did not start")
+        if port_answers(HOST, self.port):
+            raise StackError(f"port {self.port} is taken by a process this stack did not start")
         self._write_config()
         # dovecot daemonizes itself and writes run/master.pid, which is our pid file. Its output
         # goes to a file: a daemon holding our pipes open would block us forever.
@@ -466,15 +486,13 @@ protocol imap {{
             )
         if result.returncode != 0:
             raise StackError(f"dovecot failed to start:\n{self.proc.log_tail()}")
-        wait_until(lambda: port_answers(HOST, self.settings.imap_port), 30, f"Dovecot on {self.address}")
+        wait_until(lambda: port_answers(HOST, self.port), 30, f"Dovecot on {self.address}")
 
     def down(self) -> bool:
         return self.proc.stop(timeout_s=30)
 
     def status(self) -> Status:
-        return Status(
-            self.name, self.address, self.proc.running(), port_answers(HOST, self.settings.imap_port)
-        )
+        return Status(self.name, self.address, self.proc.running(), port_answers(HOST, self.port))
 
 
 class Stack:
@@ -485,10 +503,17 @@ class Stack:
         self.kafka = Kafka(self.settings)
         self.mariadb = [MariaDB(self.settings, i) for i in range(len(self.settings.mariadb_ports))]
         self.dovecot = Dovecot(self.settings)
+        # The same server without CONDSTORE and QRESYNC, for the sync's UID-list fallback.
+        self.dovecot_plain = Dovecot(
+            self.settings,
+            name="dovecot-plain",
+            port=self.settings.imap_port + 1,
+            capability=PLAIN_IMAP_CAPABILITY,
+        )
 
     @property
     def parts(self) -> list[Part]:
-        return [*self.mariadb, self.kafka, self.dovecot]
+        return [*self.mariadb, self.kafka, self.dovecot, self.dovecot_plain]
 
     def up(self) -> None:
         for part in self.parts:

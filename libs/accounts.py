@@ -16,6 +16,7 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 from libs.db import insert_guarded
@@ -26,11 +27,17 @@ __all__ = [
     "API_KEY_PREFIX",
     "Account",
     "AccountDirectory",
+    "ApiKey",
     "Application",
+    "application_exists",
     "create_account",
+    "create_api_key",
     "create_application",
     "hash_api_key",
     "least_loaded_shard",
+    "list_accounts",
+    "list_api_keys",
+    "revoke_api_key",
 ]
 
 API_KEY_PREFIX: Final = "flk_"
@@ -50,13 +57,127 @@ class Account:
     provider: str
 
 
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as it is stored: never the key itself, only its first characters."""
+
+    id: int
+    application_id: int
+    key_prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
 def hash_api_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def _new_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+_KEY_COLUMNS: Final = "id, application_id, key_prefix, created_at, revoked_at"
+
+
+def _api_key(row: tuple[object, ...]) -> ApiKey:
+    id_, app_id, prefix, created_at, revoked_at = row
+    assert isinstance(created_at, datetime)
+    assert revoked_at is None or isinstance(revoked_at, datetime)
+    return ApiKey(int(str(id_)), int(str(app_id)), str(prefix), created_at, revoked_at)
+
+
+async def application_exists(router: ShardRouter, application_id: int) -> bool:
+    async with router.global_pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT 1 FROM `{router.global_schema}`.applications WHERE id = %s", (application_id,)
+        )
+        found = await cur.fetchone()
+        await conn.commit()
+    return found is not None
+
+
+async def create_api_key(router: ShardRouter, application_id: int) -> tuple[ApiKey, str]:
+    """Add a key to an application; the key is returned once and only its digest is stored."""
+    key = _new_key()
+    schema = router.global_schema
+    async with router.global_pool.acquire() as conn, conn.cursor() as cur:
+        try:
+            await cur.execute(
+                f"INSERT INTO `{schema}`.api_keys (application_id, key_hash, key_prefix) VALUES (%s, %s, %s)",
+                (application_id, hash_api_key(key), key[:12]),
+            )
+            await cur.execute(
+                f"SELECT {_KEY_COLUMNS} FROM `{schema}`.api_keys WHERE id = %s", (cur.lastrowid,)
+            )
+            row = await cur.fetchone()
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+    return _api_key(row), key
+
+
+async def list_api_keys(router: ShardRouter, application_id: int) -> list[ApiKey]:
+    async with router.global_pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT {_KEY_COLUMNS} FROM `{router.global_schema}`.api_keys"
+            " WHERE application_id = %s ORDER BY id",
+            (application_id,),
+        )
+        rows = await cur.fetchall()
+        await conn.commit()
+    return [_api_key(r) for r in rows]
+
+
+async def revoke_api_key(
+    router: ShardRouter, application_id: int, key_id: int
+) -> tuple[ApiKey, bytes] | None:
+    """Revoke one of the application's keys (idempotent); returns it and its digest, None if not its."""
+    schema = router.global_schema
+    async with router.global_pool.acquire() as conn, conn.cursor() as cur:
+        try:
+            await cur.execute(
+                f"UPDATE `{schema}`.api_keys SET revoked_at = UTC_TIMESTAMP(6)"
+                " WHERE id = %s AND application_id = %s AND revoked_at IS NULL",
+                (key_id, application_id),
+            )
+            await cur.execute(
+                f"SELECT {_KEY_COLUMNS}, key_hash FROM `{schema}`.api_keys"
+                " WHERE id = %s AND application_id = %s",
+                (key_id, application_id),
+            )
+            row = await cur.fetchone()
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+    return None if row is None else (_api_key(row[:5]), bytes(row[5]))
+
+
+async def list_accounts(
+    router: ShardRouter, application_id: int, *, after_id: int = 0, limit: int = 100
+) -> list[Account]:
+    """The application's accounts in id order (so in shard order), the first ``limit`` after ``after_id``."""
+    found: list[Account] = []
+    for shard in router.shard_map.shards:
+        if shard < shard_of(after_id) or len(found) >= limit:
+            continue
+        pool = await router.pool(shard, write=False)
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT id, application_id, email, provider FROM {router.table(shard, 'accounts')}"
+                " WHERE application_id = %s AND id > %s ORDER BY id LIMIT %s",
+                (application_id, after_id, limit - len(found)),
+            )
+            rows = await cur.fetchall()
+            await conn.commit()
+        found.extend(Account(int(r[0]), int(r[1]), r[2], r[3]) for r in rows)
+    return found
+
+
 async def create_application(router: ShardRouter, name: str) -> tuple[Application, str]:
     """Create an application and its first API key; the key is returned once and never stored."""
-    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = _new_key()
     schema = router.global_schema
     async with router.global_pool.acquire() as conn, conn.cursor() as cur:
         try:
@@ -146,6 +267,10 @@ class AccountDirectory:
         app = Application(int(row[0]), row[1]) if row else None
         self._keys[digest] = (time.monotonic() + self._ttl_s, app)
         return app
+
+    def forget_key(self, key_hash: bytes) -> None:
+        """Drop a cached key (after its revocation), so this process refuses it at once."""
+        self._keys.pop(key_hash, None)
 
     async def account(self, account_id: int) -> Account | None:
         hit = self._accounts.get(account_id)

@@ -26,8 +26,10 @@ from pydantic import (
 __all__ = [
     "FINAL_STATUSES",
     "INBOUND_STATUSES",
+    "MAX_ATTACHMENTS",
     "MAX_BODY_BYTES",
     "OUTBOUND_STATUSES",
+    "AttachmentInfo",
     "Direction",
     "Event",
     "EventType",
@@ -114,6 +116,20 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AttachmentInfo(_Model):
+    """Metadata of one attachment (the content itself is not carried)."""
+
+    filename: Annotated[str, StringConstraints(max_length=255)] | None = None
+    content_type: Annotated[str, StringConstraints(max_length=255)] = "application/octet-stream"
+    size_bytes: Annotated[int, Field(ge=0)] = 0
+    content_id: Annotated[str, StringConstraints(max_length=255)] | None = None
+    inline: bool = False
+
+
+MAX_ATTACHMENTS: Final = 100
+MAX_PARSE_WARNINGS: Final = 20
+
+
 class MessageContent(_Model):
     """What a message says. Every field is optional: events carry what they know."""
 
@@ -126,6 +142,11 @@ class MessageContent(_Model):
     body_html: str | None = None
     error_code: Annotated[str, StringConstraints(max_length=64)] | None = None
     raw_mime: str | None = None  # base64 of an RFC 5322 message (IMAP sync); parsed by transform
+    # Filled from raw_mime by libs.mime.content_fields (all optional, added after schema v1).
+    thread_key: Annotated[str, StringConstraints(max_length=64)] | None = None
+    size_bytes: Annotated[int, Field(ge=0)] | None = None
+    attachments: Annotated[list[AttachmentInfo], Field(max_length=MAX_ATTACHMENTS)] | None = None
+    parse_warnings: Annotated[list[str], Field(max_length=MAX_PARSE_WARNINGS)] | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -193,6 +214,10 @@ class MessageDoc(_Model):
     final_at: AwareDatetime | None = None
     redacted: bool = False
     source: str = "api"
+    thread_key: str | None = None
+    size_bytes: int | None = None
+    attachments: list[AttachmentInfo] = []
+    parse_warnings: list[str] = []
 
 
 class PostflightRecord(_Model):

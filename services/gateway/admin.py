@@ -1,39 +1,33 @@
-"""Admin paths of the gateway: applications (tenants) and accounts on shards.
+"""Admin paths of the gateway: applications (tenants), their first keys, and accounts on shards.
 
 Guarded by the operator's admin key (``FLIGHTLOG_ADMIN_API_KEY``), never by an application key.
+
+=======  ===============================================  ==========================================
+POST     /v1/admin/applications                           a new application and its first API key
+POST     /v1/admin/applications/{application_id}/api-keys  another key (e.g. after losing every key)
+POST     /v1/admin/accounts                               an account of an application, on a shard
+=======  ===============================================  ==========================================
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Annotated, Final, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from libs.accounts import create_account, create_application
-from libs.http import problem_response
-from libs.shards import ShardRouter, UnknownShard
+from libs.accounts import application_exists, create_account, create_api_key, create_application
+from libs.shards import UnknownShard
+from services.gateway.applications import account_json, key_json
+from services.gateway.auth import path_id
+from services.gateway.errors import ApiError, NotFound
+from services.gateway.params import Query
+from services.gateway.state import STATE, GatewayState
 
 __all__ = ["STATE", "GatewayState", "add_admin_routes"]
-
-
-@dataclass(slots=True)
-class GatewayState:
-    """Filled in by the service's main() once its resources are open (routes answer 503 before)."""
-
-    admin_key: str = ""
-    router: ShardRouter | None = None
-
-    @property
-    def shards(self) -> ShardRouter:
-        assert self.router is not None, "routes are gated until the router is open"
-        return self.router
-
-
-STATE: Final = web.AppKey("gateway_state", GatewayState)
 
 
 class NewApplication(BaseModel):
@@ -43,7 +37,7 @@ class NewApplication(BaseModel):
 
 class NewAccount(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    application_id: Annotated[int, Field(gt=0)]
+    application_id: Annotated[int, Field(gt=0, lt=2**63)]
     email: Annotated[str, StringConstraints(min_length=3, max_length=320)]
     provider: Annotated[str, StringConstraints(pattern="^(events|imap)$")] = "events"
     shard: Annotated[int, Field(ge=0, le=65535)] | None = None
@@ -55,8 +49,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _admin_only(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not supplied or not hmac.compare_digest(supplied, request.app[STATE].admin_key):
-            return problem_response(401, "Unauthorized", "admin paths need the operator's admin API key")
+        if not supplied or not hmac.compare_digest(supplied.encode(), request.app[STATE].admin_key.encode()):
+            raise ApiError(401, "Unauthorized", "admin paths need the operator's admin API key")
+        Query(request, ())
         return await handler(request)
 
     return guarded
@@ -65,60 +60,58 @@ def _admin_only(handler: Handler) -> Handler:
 M = TypeVar("M", bound=BaseModel)
 
 
-async def _body(request: web.Request, model: type[M]) -> M | web.Response:
+async def _body(request: web.Request, model: type[M]) -> M:
+    raw = await request.read()
     try:
-        return model.model_validate_json(await request.read())
+        data: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "Malformed JSON", "the request body is not valid JSON") from None
+    try:
+        return model.model_validate(data)
     except ValidationError as exc:
-        errors = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
-        return problem_response(
+        errors = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()[:20]]
+        raise ApiError(
             422, "Invalid request body", "the body does not match the schema", errors=errors
-        )
+        ) from None
 
 
 @_admin_only
 async def post_application(request: web.Request) -> web.StreamResponse:
     body = await _body(request, NewApplication)
-    if isinstance(body, web.Response):
-        return body
     app, key = await create_application(request.app[STATE].shards, body.name)
     return web.json_response({"id": str(app.id), "name": app.name, "api_key": key}, status=201)
 
 
 @_admin_only
+async def post_application_key(request: web.Request) -> web.StreamResponse:
+    application_id = path_id(request, "application_id", "application")
+    router = request.app[STATE].shards
+    if application_id >= 2**63 or not await application_exists(router, application_id):
+        raise NotFound("application", str(application_id))
+    key, secret = await create_api_key(router, application_id)
+    return web.json_response({**key_json(key), "api_key": secret}, status=201)
+
+
+@_admin_only
 async def post_account(request: web.Request) -> web.StreamResponse:
     body = await _body(request, NewAccount)
-    if isinstance(body, web.Response):
-        return body
     router = request.app[STATE].shards
-    async with router.global_pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            f"SELECT 1 FROM `{router.global_schema}`.applications WHERE id = %s", (body.application_id,)
-        )
-        exists = await cur.fetchone()
-        await conn.commit()
-    if not exists:
-        return problem_response(
-            422, "Unknown application", f"application {body.application_id} does not exist"
-        )
+    if not await application_exists(router, body.application_id):
+        raise ApiError(422, "Unknown application", f"application {body.application_id} does not exist")
     try:
         account = await create_account(
             router, body.application_id, body.email, provider=body.provider, shard=body.shard
         )
     except UnknownShard as exc:
-        return problem_response(422, "Unknown shard", str(exc))
-    return web.json_response(
-        {
-            "id": str(account.id),
-            "application_id": str(account.application_id),
-            "email": account.email,
-            "provider": account.provider,
-            "shard": account.id >> 48,
-        },
-        status=201,
-    )
+        raise ApiError(422, "Unknown shard", str(exc)) from None
+    return web.json_response(account_json(account), status=201)
 
 
 def add_admin_routes(app: web.Application) -> None:
     app.add_routes(
-        [web.post("/v1/admin/applications", post_application), web.post("/v1/admin/accounts", post_account)]
+        [
+            web.post("/v1/admin/applications", post_application),
+            web.post("/v1/admin/applications/{application_id}/api-keys", post_application_key),
+            web.post("/v1/admin/accounts", post_account),
+        ]
     )

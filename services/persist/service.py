@@ -1,4 +1,8 @@
-"""persist: postflight records into the account shards (port 8083 for health and metrics)."""
+"""persist: postflight records into the account shards (port 8083 for health and metrics).
+
+It also runs the change relay (:mod:`services.persist.relay`), which publishes the shards'
+``changes`` rows to flightlog.changes; it is left after the worker, so SIGTERM drains both.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from contextlib import AsyncExitStack
 from libs.kafka import PERSIST_RETRY, POSTFLIGHT, make_consumer, make_producer
 from libs.service import ServiceContext, ServiceDefinition
 from libs.shards import ShardRouter
+from services.persist.relay import ChangeRelay, RelaySettings
 from services.persist.worker import PersistWorker
 
 GROUP_ID = "flightlog-persist"
@@ -15,9 +20,13 @@ RETRY_GROUP_ID = "flightlog-persist-retry"
 
 async def main(ctx: ServiceContext) -> None:
     s = ctx.settings
+    relay_settings = RelaySettings()
     async with AsyncExitStack() as stack:
         router = await stack.enter_async_context(ShardRouter(s))
         producer = await stack.enter_async_context(make_producer(s))
+        if relay_settings.relay_enabled:
+            relay_producer = await stack.enter_async_context(make_producer(s))
+            await stack.enter_async_context(ChangeRelay(router, relay_producer, relay_settings))
         consumer = await stack.enter_async_context(
             make_consumer(s, POSTFLIGHT, group_id=GROUP_ID, max_partition_fetch_bytes=4 * 1024**2)
         )

@@ -39,7 +39,8 @@ async def postflight_counts(settings: KafkaSettings, accounts: set[int]) -> dict
         while any([await consumer.position(tp) < end[tp] for tp in partitions]):
             batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
             for r in (r for rs in batch.values() for r in rs):
-                if int((r.key or b"0:").split(b":", 1)[0] or 0) not in accounts:
+                prefix = (r.key or b"").split(b":", 1)[0]
+                if not prefix.isdigit() or int(prefix) not in accounts:
                     continue  # other tests' records, some of them deliberately undecodable
                 rec = decode_postflight(r.value or b"")
                 if rec.account_id in accounts:

@@ -23,10 +23,15 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-async def relay(router: ShardRouter, topics: None, service_settings: ServiceSettings) -> AsyncIterator[ChangeRelay]:
+async def relay(
+    router: ShardRouter, topics: None, service_settings: ServiceSettings
+) -> AsyncIterator[ChangeRelay]:
     """An in-process relay. If another relay (a running persist) holds the lock, this one waits as
     a standby and the other publishes: the tests check the topic, not who wrote to it."""
-    async with make_producer(service_settings) as producer, ChangeRelay(router, producer, RelaySettings()) as r:
+    async with (
+        make_producer(service_settings) as producer,
+        ChangeRelay(router, producer, RelaySettings()) as r,
+    ):
         yield r
 
 
@@ -106,7 +111,9 @@ async def test_kill_persist_mid_stream_loses_no_change(
 
     async def writer() -> None:
         for n in range(rounds):
-            await asyncio.gather(*(write_change(router, acc.id, f"k{n % 7}", n // 7 + 1) for acc in tenant.accounts))
+            await asyncio.gather(
+                *(write_change(router, acc.id, f"k{n % 7}", n // 7 + 1) for acc in tenant.accounts)
+            )
             await asyncio.sleep(0.05)
 
     task = asyncio.create_task(writer())

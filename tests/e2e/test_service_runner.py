@@ -44,9 +44,9 @@ async def test_service_health_metrics_and_sigterm(
 
 
 def test_stack_up_twice_is_harmless_and_status_answers(stack: Stack) -> None:
-    pids = [p.proc.pid() for p in (*stack.mariadb, stack.kafka, stack.dovecot)]
+    pids = [p.proc.pid() for p in stack.parts]
     stack.up()
-    assert [p.proc.pid() for p in (*stack.mariadb, stack.kafka, stack.dovecot)] == pids
+    assert [p.proc.pid() for p in stack.parts] == pids
     statuses = stack.status()
-    assert {s.name for s in statuses} == {"mariadb-c1", "mariadb-c2", "kafka", "dovecot"}
+    assert {s.name for s in statuses} == {"mariadb-c1", "mariadb-c2", "kafka", "dovecot", "dovecot-plain"}
     assert all(s.running and s.answers for s in statuses), statuses

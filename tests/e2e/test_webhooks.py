@@ -15,8 +15,8 @@ import standardwebhooks
 from aiohttp import web
 
 from libs.shards import ShardRouter
-from tests.e2e.webhook_harness import Harness, api_server, stack, fast_settings
-from tests.e2e.webhook_helpers import Receiver, change_ids, wait_until, write_change
+from tests.e2e.webhook_harness import api_server, fast_settings, stack
+from tests.e2e.webhook_helpers import Receiver, accept, change_ids, wait_until, write_change
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +53,9 @@ async def test_subscription_api(router: ShardRouter, tenant_factory: Any) -> Non
                     {"url": "https://example.com/x", "surprise": 1}):  # fmt: skip
             status, body = await h.call("POST", "/v1/webhooks", bad)
             assert status == 422, (bad, body)
-        assert (await h.call("POST", "/v1/webhooks", {"url": "https://example.com/x"}, key="flk_nope"))[0] == 401
+        assert (await h.call("POST", "/v1/webhooks", {"url": "https://example.com/x"}, key="flk_nope"))[
+            0
+        ] == 401
 
         created = await h.subscribe(
             "https://example.com/hook", event_types=["message.created"],
@@ -84,7 +86,9 @@ async def test_subscription_api(router: ShardRouter, tenant_factory: Any) -> Non
         assert (await h.call("GET", f"/v1/webhooks/{wid}"))[0] == 404
 
 
-async def test_receiver_down_then_flaky_gets_everything_in_order(router: ShardRouter, tenant_factory: Any) -> None:
+async def test_receiver_down_then_flaky_gets_everything_in_order(
+    router: ShardRouter, tenant_factory: Any
+) -> None:
     """Down (connection refused) for 3 s, then 500 for its first 15 requests, then healthy: it
     gets every change of every account in commit order, with one webhook-id per event on all of
     that event's attempts."""
@@ -188,7 +192,9 @@ async def test_rotation_signs_with_both_secrets_and_replay(router: ShardRouter, 
             # replay one delivery: same webhook-id and body, at the end of the lane
             status, log = await h.call("GET", f"/v1/webhooks/{created['id']}/deliveries")
             first = log["data"][-1]
-            status, body = await h.call("POST", f"/v1/webhooks/{created['id']}/deliveries/{first['id']}/replay")
+            status, body = await h.call(
+                "POST", f"/v1/webhooks/{created['id']}/deliveries/{first['id']}/replay"
+            )
             assert status == 202 and body == {"replayed": 1}
             await wait_until(lambda: len(rx.ok) == 3, 20, "the replayed delivery")
             assert rx.ok[2].headers["webhook-id"] == rx.ok[0].headers["webhook-id"]
@@ -200,7 +206,9 @@ async def test_rotation_signs_with_both_secrets_and_replay(router: ShardRouter, 
                                         {"since": since, "until": until})  # fmt: skip
             assert status == 202 and body == {"replayed": 2}, body
             await wait_until(lambda: len(rx.ok) == 5, 20, "the replayed range")
-            assert [r.headers["webhook-id"] for r in rx.ok[3:]] == [r.headers["webhook-id"] for r in rx.ok[:2]]
+            assert [r.headers["webhook-id"] for r in rx.ok[3:]] == [
+                r.headers["webhook-id"] for r in rx.ok[:2]
+            ]
     finally:
         await rx.stop()
 
@@ -234,10 +242,20 @@ async def test_endpoint_disabled_after_the_retry_window(router: ShardRouter, ten
             assert states == ["failed", "pending"], states  # the second one waits for re-enabling
             assert {r.headers["webhook-id"] for r in rx.received} == {log["data"][-1]["webhook_id"]}
 
-            # re-enabled and healthy again: the waiting one goes out
-            rx.behaviour = Receiver.__dataclass_fields__["behaviour"].default  # type: ignore[assignment]
+            # a change while disabled is kept for later, not sent
+            await write_change(router, tenant.accounts[0].id, "z", 1)
+            await asyncio.sleep(1.5)
+            _, log = await h.call("GET", f"/v1/webhooks/{created['id']}/deliveries?state=pending")
+            assert len(log["data"]) == 2
+            sent = len(rx.received)
+
+            # re-enabled and healthy again: the waiting ones go out, in order
+            rx.behaviour = accept
             status, _ = await h.call("PATCH", f"/v1/webhooks/{created['id']}", {"enabled": True})
             assert status == 200
-            await wait_until(lambda: len(rx.ok) == 1, 20, "the delivery after re-enabling")
+            await wait_until(lambda: len(rx.ok) == 2, 20, "the deliveries after re-enabling")
+            assert len(rx.received) == sent + 2
+            ids = await change_ids(router, tenant.accounts[0].id)
+            assert [int(r.json["data"]["change_id"]) for r in rx.ok] == ids[1:]
     finally:
         await rx.stop()

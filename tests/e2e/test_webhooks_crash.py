@@ -69,7 +69,9 @@ async def test_kill_dispatcher_and_relay_mid_stream(
     pipeline: Pipeline, router: ShardRouter, tenant_factory: Any, dispatcher_process: DispatcherProcess
 ) -> None:
     persist_port = pipeline.services["persist"].port
-    assert await asyncio.to_thread(_metric, persist_port, b"flightlog_relay_active 1.0"), "persist's relay is idle"
+    assert await asyncio.to_thread(_metric, persist_port, b"flightlog_relay_active 1.0"), (
+        "persist's relay is idle"
+    )
     tenant = await tenant_factory(router.shard_map.shards[:4])
     rx = Receiver()
     await rx.start()
@@ -80,7 +82,9 @@ async def test_kill_dispatcher_and_relay_mid_stream(
 
         async def writer() -> None:
             for n in range(rounds):
-                await asyncio.gather(*(write_change(router, a.id, f"k{n % 9}", n // 9 + 1) for a in tenant.accounts))
+                await asyncio.gather(
+                    *(write_change(router, a.id, f"k{n % 9}", n // 9 + 1) for a in tenant.accounts)
+                )
                 await asyncio.sleep(0.06)
 
         task = asyncio.create_task(writer())
@@ -115,6 +119,8 @@ async def test_kill_dispatcher_and_relay_mid_stream(
         for r in rx.received:
             hook.verify(r.body, r.headers)
         duplicates = len(rx.ok) - total
-        print(f"\n{total} changes delivered across 2 kills; {duplicates} re-sent duplicates (same webhook-id)")
+        print(
+            f"\n{total} changes delivered across 2 kills; {duplicates} re-sent duplicates (same webhook-id)"
+        )
     finally:
         await rx.stop()

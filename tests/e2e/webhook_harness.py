@@ -18,6 +18,7 @@ from libs.kafka import CHANGES, make_consumer, make_producer
 from libs.shards import ShardRouter
 from services.gateway.webhooks import WebhookApi, WebhookDispatcher, WebhookSettings, add_webhook_routes
 from services.persist.relay import ChangeRelay, RelaySettings
+from tests.e2e.webhook_helpers import bound_port
 
 FAST = {
     "webhooks_allow_private_targets": True,
@@ -69,9 +70,7 @@ async def api_server(router: ShardRouter, settings: WebhookSettings, api_key: st
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = bound_port(site)
     try:
         async with aiohttp.ClientSession() as http:
             yield Harness(f"http://127.0.0.1:{port}", http, api_key)

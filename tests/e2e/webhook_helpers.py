@@ -29,9 +29,15 @@ async def write_change(router: ShardRouter, account_id: int, key: str, version: 
         account_id=account_id,
         message_key=key,
         version=version,
-        message=MessageDoc(status="delivered", direction="outbound", subject=f"s {key} v{version}",
-                           occurred_at=T0),
-    )  # fmt: skip
+        message=MessageDoc.model_validate(
+            {
+                "status": "delivered",
+                "direction": "outbound",
+                "subject": f"s {key} v{version}",
+                "occurred_at": T0,
+            }
+        ),
+    )
     await write_shard(router, shard_of(account_id), [record])
 
 
@@ -40,7 +46,8 @@ async def change_ids(router: ShardRouter, account_id: int) -> list[int]:
     pool = await router.pool(shard)
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
-            f"SELECT id FROM {router.table(shard, 'changes')} WHERE account_id = %s ORDER BY id", (account_id,)
+            f"SELECT id FROM {router.table(shard, 'changes')} WHERE account_id = %s ORDER BY id",
+            (account_id,),
         )
         rows = await cur.fetchall()
         await conn.commit()
@@ -103,9 +110,7 @@ class Receiver:
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await site.start()
         if not self.port:
-            server = site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = bound_port(site)
 
     async def stop(self) -> None:
         for task in list(self._handlers):  # a slow handler would outlive the test
@@ -113,6 +118,13 @@ class Receiver:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def bound_port(site: web.TCPSite) -> int:
+    server = site._server
+    assert isinstance(server, asyncio.Server)
+    port: int = server.sockets[0].getsockname()[1]
+    return port
 
 
 async def read_changes(

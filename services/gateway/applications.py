@@ -1,0 +1,140 @@
+"""What an application manages about itself: its accounts (read) and its API keys.
+
+=======  ===========================  ==============================================================
+GET      /v1/accounts                 the application's accounts, in id order (``page_token``)
+GET      /v1/accounts/{account_id}    one account
+GET      /v1/api-keys                 the application's keys (prefix and dates; never the key)
+POST     /v1/api-keys                 a new key, shown once in the answer
+DELETE   /v1/api-keys/{key_id}        revoke a key (not the last active one)
+=======  ===========================  ==============================================================
+
+A revoked key is refused at once by the gateway that revoked it and within
+``gateway_key_cache_ttl_s`` by every other replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from libs.accounts import (
+    Account,
+    ApiKey,
+    Application,
+    create_api_key,
+    list_accounts,
+    list_api_keys,
+    revoke_api_key,
+)
+from libs.cursor import CursorError, PageToken, decode_page_token, encode_page_token
+from libs.ids import shard_of
+from services.gateway.auth import authenticated, owned_account, path_id
+from services.gateway.constants import DEFAULT_PAGE_SIZE, MAX_ACCOUNTS_PAGE_SIZE, MAX_ACTIVE_KEYS
+from services.gateway.errors import ApiError, NotFound
+from services.gateway.params import Query
+from services.gateway.state import STATE
+
+__all__ = ["account_json", "add_application_routes", "key_json"]
+
+
+def account_json(account: Account) -> dict[str, Any]:
+    return {
+        "id": str(account.id),
+        "application_id": str(account.application_id),
+        "email": account.email,
+        "provider": account.provider,
+        "shard": shard_of(account.id),
+    }
+
+
+def key_json(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": str(key.id),
+        "prefix": key.key_prefix,
+        "created_at": key.created_at.isoformat(timespec="microseconds") + "Z",
+        "revoked_at": None
+        if key.revoked_at is None
+        else key.revoked_at.isoformat(timespec="microseconds") + "Z",
+    }
+
+
+@authenticated
+async def get_accounts(request: web.Request, app: Application) -> web.StreamResponse:
+    state = request.app[STATE]
+    p = Query(request, {"limit", "page_token"})
+    limit = p.integer("limit", DEFAULT_PAGE_SIZE, 1, MAX_ACCOUNTS_PAGE_SIZE)
+    token = p.text("page_token", max_length=128)
+    after = 0
+    if token is not None:
+        try:
+            after = decode_page_token(state.token_key, token, 0, app.id).message_id
+        except CursorError as exc:
+            raise ApiError(400, "Invalid page_token", str(exc)) from None
+    found = await list_accounts(state.shards, app.id, after_id=after, limit=limit + 1)
+    page = found[:limit]
+    next_token = None
+    if len(found) > limit:
+        next_token = encode_page_token(state.token_key, PageToken(0, app.id, 0, page[-1].id))
+    return web.json_response({"data": [account_json(a) for a in page], "next_page_token": next_token})
+
+
+@authenticated
+async def get_account(request: web.Request, app: Application) -> web.StreamResponse:
+    Query(request, ())
+    return web.json_response(account_json(await owned_account(request, app)))
+
+
+@authenticated
+async def get_keys(request: web.Request, app: Application) -> web.StreamResponse:
+    Query(request, ())
+    keys = await list_api_keys(request.app[STATE].shards, app.id)
+    return web.json_response({"data": [key_json(k) for k in keys]})
+
+
+@authenticated
+async def post_key(request: web.Request, app: Application) -> web.StreamResponse:
+    Query(request, ())
+    router = request.app[STATE].shards
+    active = [k for k in await list_api_keys(router, app.id) if k.revoked_at is None]
+    if len(active) >= MAX_ACTIVE_KEYS:
+        raise ApiError(
+            409,
+            "Too many keys",
+            f"an application has at most {MAX_ACTIVE_KEYS} active keys; revoke one first",
+        )
+    key, secret = await create_api_key(router, app.id)
+    return web.json_response({**key_json(key), "api_key": secret}, status=201)
+
+
+@authenticated
+async def delete_key(request: web.Request, app: Application) -> web.StreamResponse:
+    Query(request, ())
+    state = request.app[STATE]
+    key_id = path_id(request, "key_id", "API key")
+    keys = await list_api_keys(state.shards, app.id)
+    target = next((k for k in keys if k.id == key_id), None)
+    if target is None:
+        raise NotFound("API key", str(key_id))
+    if target.revoked_at is None and not any(k.revoked_at is None and k.id != key_id for k in keys):
+        raise ApiError(
+            409, "Last active key", "create another key before revoking the application's last one"
+        )
+    revoked = await revoke_api_key(state.shards, app.id, key_id)
+    if revoked is None:
+        raise NotFound("API key", str(key_id))
+    key, digest = revoked
+    state.accounts.forget_key(digest)
+    return web.json_response(key_json(key))
+
+
+def add_application_routes(app: web.Application) -> None:
+    app.add_routes(
+        [
+            web.get("/v1/accounts", get_accounts, allow_head=False),
+            web.get("/v1/accounts/{account_id}", get_account, allow_head=False),
+            web.get("/v1/api-keys", get_keys, allow_head=False),
+            web.post("/v1/api-keys", post_key),
+            web.delete("/v1/api-keys/{key_id}", delete_key),
+        ]
+    )

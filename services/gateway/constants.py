@@ -1,0 +1,25 @@
+"""Every limit of the public API, in one place (the OpenAPI document quotes these)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_QUERY_STRING_LENGTH: Final = 4096
+MAX_PARAM_LENGTH: Final = 512
+MAX_ADDRESS_LENGTH: Final = 320
+MAX_FOLDER_LENGTH: Final = 255
+MAX_CHANNEL_LENGTH: Final = 32
+
+DEFAULT_PAGE_SIZE: Final = 50
+MAX_PAGE_SIZE: Final = 200
+DEFAULT_DELTA_PAGE_SIZE: Final = 100
+MAX_DELTA_PAGE_SIZE: Final = 500
+MAX_ACCOUNTS_PAGE_SIZE: Final = 500
+
+MAX_LONG_POLL_S: Final = 30
+MIN_SSE_HEARTBEAT_S: Final = 1
+MAX_SSE_HEARTBEAT_S: Final = 60
+
+MAX_ACTIVE_KEYS: Final = 20
+PATCH_ATTEMPTS: Final = 5

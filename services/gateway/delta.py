@@ -1,0 +1,256 @@
+"""The delta feed: an account's changes after a cursor, with the objects as they are now.
+
+A cursor is the id of the last change the client has seen, sealed with the account (see
+:mod:`libs.cursor`). Change ids of a shard commit in id order (persist's ``changes_lock``), so
+"every change after id N" never skips one that commits later. An idle account's cursor still
+moves forward (to the shard's newest change), so it does not fall behind the retention mark.
+
+Retention: the change log keeps at least ``gateway_changes_retention_s`` (7 days by default);
+:mod:`services.gateway.retention` trims older rows and raises the shard's ``trimmed_through``
+mark in the same transaction. A cursor below the mark answers 410: the client must resynchronise
+(list the messages again) and take a fresh cursor from ``latest_cursor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiomysql
+import orjson
+from aiohttp import web
+
+from libs.accounts import Account, Application
+from libs.cursor import CursorError, DeltaCursor, decode_delta_cursor, encode_delta_cursor
+from libs.ids import shard_of
+from libs.shards import ShardRouter
+from services.gateway.auth import authenticated, owned_account
+from services.gateway.constants import (
+    DEFAULT_DELTA_PAGE_SIZE,
+    MAX_DELTA_PAGE_SIZE,
+    MAX_LONG_POLL_S,
+    MAX_SSE_HEARTBEAT_S,
+    MIN_SSE_HEARTBEAT_S,
+)
+from services.gateway.errors import ApiError
+from services.gateway.messages import LIST_COLUMNS, message_json
+from services.gateway.params import Query
+from services.gateway.state import STATE, GatewayState
+
+__all__ = ["CursorExpired", "DeltaPage", "add_delta_routes", "read_delta"]
+
+SSE_RETRY_MS: Final = 2000
+
+
+class CursorExpired(Exception):
+    """The cursor is older than the retained change log."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaPage:
+    changes: list[dict[str, Any]]  # change rows with "object" (the message now, or None)
+    position: int  # the change id the next read starts after
+    more: bool
+
+
+async def read_delta(
+    router: ShardRouter, account_id: int, after: int, limit: int, *, check_expiry: bool = True
+) -> DeltaPage:
+    """One consistent read (one snapshot) of the changes after ``after`` and their objects."""
+    shard = shard_of(account_id)
+    changes_t = router.table(shard, "changes")
+    pool = await router.pool(shard, write=False)
+    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+        try:
+            await cur.execute(
+                f"SELECT trimmed_through FROM {router.table(shard, 'changes_retention')} WHERE id = 1"
+            )
+            mark_row = await cur.fetchone()
+            trimmed_through = int(mark_row["trimmed_through"]) if mark_row else 0
+            if check_expiry and after < trimmed_through:
+                raise CursorExpired(f"changes up to {trimmed_through} have been trimmed")
+            after = max(after, trimmed_through)
+            await cur.execute(
+                "SELECT id, object_type, object_id, change_type, version, created_at"
+                f" FROM {changes_t} WHERE account_id = %s AND id > %s ORDER BY id LIMIT %s",
+                (account_id, after, limit + 1),
+            )
+            rows = list(await cur.fetchall())
+            more = len(rows) > limit
+            rows = rows[:limit]
+            objects: dict[int, dict[str, Any]] = {}
+            ids = sorted({int(r["object_id"]) for r in rows if r["object_type"] == "message"})
+            if ids:
+                await cur.execute(
+                    f"SELECT {', '.join(LIST_COLUMNS)} FROM {router.table(shard, 'messages')}"
+                    f" WHERE id IN ({', '.join(['%s'] * len(ids))}) AND account_id = %s AND deleted = 0",
+                    [*ids, account_id],
+                )
+                objects = {int(m["id"]): message_json(m) for m in await cur.fetchall()}
+            position = int(rows[-1]["id"]) if rows else after
+            if not more:
+                # Nothing more for this account up to the shard's newest visible change.
+                await cur.execute(f"SELECT MAX(id) AS top FROM {changes_t}")
+                top = await cur.fetchone()
+                if top and top["top"] is not None:
+                    position = max(position, int(top["top"]))
+        finally:
+            await conn.commit()
+    for r in rows:
+        r["object"] = objects.get(int(r["object_id"]))
+    return DeltaPage(rows, position, more)
+
+
+def _delta_json(key: bytes, account_id: int, change: dict[str, Any]) -> dict[str, Any]:
+    created = change["created_at"]
+    return {
+        "cursor": encode_delta_cursor(key, DeltaCursor(account_id, int(change["id"]))),
+        "object_type": change["object_type"],
+        "object_id": str(change["object_id"]),
+        "change_type": change["change_type"],
+        "version": int(change["version"]),
+        "changed_at": created.isoformat(timespec="microseconds") + "Z",
+        "object": change["object"],
+    }
+
+
+def _cursor_position(state: GatewayState, account: Account, token: str | None) -> tuple[int, bool]:
+    """(change id to read after, whether the client gave a cursor)."""
+    if token is None:
+        return 0, False
+    try:
+        return decode_delta_cursor(state.token_key, token, account.id).change_id, True
+    except CursorError as exc:
+        raise ApiError(
+            400, "Invalid cursor", f"{exc}; take a cursor from this account's delta or delta/latest_cursor"
+        ) from None
+
+
+def _gone() -> ApiError:
+    return ApiError(
+        410,
+        "Cursor expired",
+        "the cursor is older than the retained change log; list the account's messages again and"
+        " continue from GET /v1/accounts/{account_id}/delta/latest_cursor",
+    )
+
+
+async def _read(state: GatewayState, account: Account, after: int, limit: int, given: bool) -> DeltaPage:
+    try:
+        return await read_delta(state.shards, account.id, after, limit, check_expiry=given)
+    except CursorExpired:
+        raise _gone() from None
+
+
+@authenticated
+async def get_delta(request: web.Request, app: Application) -> web.StreamResponse:
+    account = await owned_account(request, app)
+    state = request.app[STATE]
+    p = Query(request, {"cursor", "limit", "timeout"})
+    limit = p.integer("limit", DEFAULT_DELTA_PAGE_SIZE, 1, MAX_DELTA_PAGE_SIZE)
+    timeout_s = p.number("timeout", 0, 0, MAX_LONG_POLL_S)
+    after, given = _cursor_position(state, account, p.text("cursor", max_length=128))
+    deadline = time.monotonic() + timeout_s
+    page = await _read(state, account, after, limit, given)
+    while not page.changes and time.monotonic() < deadline and not state.stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            wait_s = min(state.settings.gateway_delta_poll_interval_s, deadline - time.monotonic())
+            await asyncio.wait_for(state.stopping.wait(), max(wait_s, 0))
+        page = await _read(state, account, page.position, limit, True)
+    key = state.token_key
+    return web.json_response(
+        {
+            "deltas": [_delta_json(key, account.id, c) for c in page.changes],
+            "next_cursor": encode_delta_cursor(key, DeltaCursor(account.id, page.position)),
+            "has_more": page.more,
+        },
+        dumps=lambda v: orjson.dumps(v).decode(),
+    )
+
+
+@authenticated
+async def get_latest_cursor(request: web.Request, app: Application) -> web.StreamResponse:
+    account = await owned_account(request, app)
+    state = request.app[STATE]
+    Query(request, ())
+    router = state.shards
+    shard = shard_of(account.id)
+    pool = await router.pool(shard, write=False)
+    changes, mark = router.table(shard, "changes"), router.table(shard, "changes_retention")
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT GREATEST(COALESCE((SELECT MAX(id) FROM {changes}), 0),"
+            f" COALESCE((SELECT trimmed_through FROM {mark} WHERE id = 1), 0))"
+        )
+        (top,) = await cur.fetchone()
+        await conn.commit()
+    return web.json_response(
+        {"cursor": encode_delta_cursor(state.token_key, DeltaCursor(account.id, int(top)))}
+    )
+
+
+def _sse(event: str, cursor: str | None, data: dict[str, Any]) -> bytes:
+    head = (f"id: {cursor}\n" if cursor else "") + f"event: {event}\ndata: "
+    return head.encode() + orjson.dumps(data) + b"\n\n"
+
+
+@authenticated
+async def stream_delta(request: web.Request, app: Application) -> web.StreamResponse:
+    """Server-Sent Events: one ``delta`` event per change, ``heartbeat`` events while idle.
+
+    Every event's id is a cursor, heartbeats included (they carry the advanced position), so a
+    reconnecting client's ``Last-Event-ID`` resumes exactly where it stopped.
+    """
+    account = await owned_account(request, app)
+    state = request.app[STATE]
+    p = Query(request, {"cursor", "heartbeat"})
+    heartbeat_s = p.number(
+        "heartbeat", state.settings.gateway_sse_heartbeat_s, MIN_SSE_HEARTBEAT_S, MAX_SSE_HEARTBEAT_S
+    )
+    token = request.headers.get("Last-Event-ID") or p.text("cursor", max_length=128)
+    after, given = _cursor_position(state, account, token)
+    page = await _read(state, account, after, MAX_DELTA_PAGE_SIZE, given)  # errors before the stream starts
+
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    key = state.token_key
+    await response.write(f"retry: {SSE_RETRY_MS}\n\n".encode())
+    ends_at = time.monotonic() + state.settings.gateway_sse_max_duration_s
+    last_sent = time.monotonic()
+    with contextlib.suppress(ConnectionResetError):
+        while not state.stopping.is_set() and time.monotonic() < ends_at:
+            for change in page.changes:
+                doc = _delta_json(key, account.id, change)
+                await response.write(_sse("delta", doc["cursor"], doc))
+                last_sent = time.monotonic()
+            if not page.more:
+                if time.monotonic() - last_sent >= heartbeat_s:
+                    cursor = encode_delta_cursor(key, DeltaCursor(account.id, page.position))
+                    await response.write(_sse("heartbeat", cursor, {"cursor": cursor}))
+                    last_sent = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        state.stopping.wait(), state.settings.gateway_delta_poll_interval_s
+                    )
+            try:
+                page = await _read(state, account, page.position, MAX_DELTA_PAGE_SIZE, True)
+            except ApiError as exc:
+                await response.write(_sse("error", None, {"status": exc.status, "detail": exc.detail}))
+                break
+        await response.write_eof()
+    return response
+
+
+def add_delta_routes(app: web.Application) -> None:
+    app.add_routes(
+        [
+            web.get("/v1/accounts/{account_id}/delta", get_delta, allow_head=False),
+            web.get("/v1/accounts/{account_id}/delta/latest_cursor", get_latest_cursor, allow_head=False),
+            web.get("/v1/accounts/{account_id}/delta/stream", stream_delta, allow_head=False),
+        ]
+    )

@@ -1,0 +1,445 @@
+"""Messages: range queries per account, and get / patch / delete by id.
+
+Range queries walk ``ix_messages_account_time (account_id, occurred_at, id)`` newest first with a
+keyset position carried by an opaque page token, so every page is a range scan of one index,
+however deep. Filters are applied to the rows of that range.
+
+PATCH and DELETE write a new version and a ``changes`` row in one transaction, guarded by the
+version they read (``UPDATE ... WHERE version = %s``): a concurrent write by persist makes the
+guard fail and the request is retried on the fresh row, never applied over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final
+
+import aiomysql
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from libs.accounts import Application
+from libs.cursor import CursorError, PageToken, decode_page_token, encode_page_token, query_fingerprint
+from libs.db import insert_guarded
+from libs.events import Direction, Status
+from libs.ids import shard_of
+from libs.shards import ShardRouter
+from services.gateway.auth import authenticated, owned_account, path_id
+from services.gateway.constants import (
+    DEFAULT_PAGE_SIZE,
+    MAX_ADDRESS_LENGTH,
+    MAX_CHANNEL_LENGTH,
+    MAX_FOLDER_LENGTH,
+    MAX_PAGE_SIZE,
+    PATCH_ATTEMPTS,
+)
+from services.gateway.errors import ApiError, NotFound
+from services.gateway.params import Query
+from services.gateway.state import STATE, GatewayState
+from services.persist.writer import decode_body, lock_changes
+
+__all__ = [
+    "LIST_COLUMNS",
+    "MessageQuery",
+    "add_message_routes",
+    "fetch_messages",
+    "list_statement",
+    "message_json",
+]
+
+EPOCH: Final = datetime(1970, 1, 1)
+MIN_TIME: Final = datetime(1000, 1, 1)
+MAX_TIME: Final = datetime(9999, 12, 31, 23, 59, 59, 999999)
+MAX_LABELS: Final = 50
+
+LIST_COLUMNS: Final = (
+    "id", "account_id", "message_key", "version", "status", "direction", "channel", "sender",
+    "to_addrs", "cc_addrs", "subject", "snippet", "error_code", "unread", "starred", "folder",
+    "labels", "source", "occurred_at", "final_at", "redacted", "deleted", "created_at", "updated_at",
+)  # fmt: skip
+DETAIL_COLUMNS: Final = (*LIST_COLUMNS, "body", "body_encoding")
+FILTERS: Final = ("status", "direction", "channel", "from", "to", "folder", "unread", "before", "after")
+
+
+def _time(value: Any) -> str | None:
+    if value is None:
+        return None
+    assert isinstance(value, datetime)
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def _json_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    parsed = orjson.loads(value)
+    return [str(v) for v in parsed] if isinstance(parsed, list) else []
+
+
+def message_json(row: dict[str, Any], *, with_body: bool = False) -> dict[str, Any]:
+    """The public JSON of a message row (ids as decimal strings, times in UTC with a ``Z``)."""
+    doc: dict[str, Any] = {
+        "id": str(row["id"]),
+        "account_id": str(row["account_id"]),
+        "message_key": bytes(row["message_key"]).decode("utf-8", "replace"),
+        "version": int(row["version"]),
+        "status": row["status"],
+        "direction": row["direction"],
+        "channel": row["channel"],
+        "from": row["sender"],
+        "to": _json_list(row["to_addrs"]),
+        "cc": _json_list(row["cc_addrs"]),
+        "subject": row["subject"],
+        "snippet": row["snippet"],
+        "error_code": row["error_code"],
+        "unread": bool(row["unread"]),
+        "starred": bool(row["starred"]),
+        "folder": row["folder"],
+        "labels": _json_list(row["labels"]),
+        "source": row["source"],
+        "occurred_at": _time(row["occurred_at"]),
+        "final_at": _time(row["final_at"]),
+        "redacted": bool(row["redacted"]),
+        "created_at": _time(row["created_at"]),
+        "updated_at": _time(row["updated_at"]),
+    }
+    if with_body:
+        text, html = decode_body(row["body"], int(row["body_encoding"]))
+        doc["body_text"] = text
+        doc["body_html"] = html
+    return doc
+
+
+def _micros(value: datetime) -> int:
+    return (value - EPOCH) // timedelta(microseconds=1)
+
+
+def _from_micros(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageQuery:
+    """One range query: the account, its filters (SQL values), the keyset position and the size."""
+
+    account_id: int
+    limit: int = DEFAULT_PAGE_SIZE
+    before: datetime | None = None  # exclusive, UTC naive
+    after: datetime | None = None  # inclusive, UTC naive
+    status: str | None = None
+    direction: str | None = None
+    channel: str | None = None
+    sender: str | None = None
+    to: str | None = None
+    folder: str | None = None
+    unread: bool | None = None
+    position: tuple[datetime, int] | None = None  # (occurred_at, id) of the last row already seen
+
+
+def list_statement(router: ShardRouter, q: MessageQuery) -> tuple[str, list[Any]]:
+    """The SQL of one page: newest first, one row more than the page to know whether more follow."""
+    shard = shard_of(q.account_id)
+    where = ["account_id = %s", "deleted = 0"]
+    args: list[Any] = [q.account_id]
+    if q.after is not None:
+        where.append("occurred_at >= %s")
+        args.append(q.after)
+    if q.before is not None:
+        where.append("occurred_at < %s")
+        args.append(q.before)
+    if q.position is not None:
+        # The first condition bounds the index range; the second drops what the last page showed.
+        at, last_id = q.position
+        where.append("occurred_at <= %s AND (occurred_at < %s OR id < %s)")
+        args += [at, at, last_id]
+    for column, value in (
+        ("status", q.status),
+        ("direction", q.direction),
+        ("channel", q.channel),
+        ("sender", q.sender),
+        ("folder", q.folder),
+    ):
+        if value is not None:
+            where.append(f"{column} = %s")
+            args.append(value)
+    if q.to is not None:
+        where.append("JSON_CONTAINS(to_addrs, %s)")
+        args.append(orjson.dumps(q.to).decode())
+    if q.unread is not None:
+        where.append("unread = %s")
+        args.append(int(q.unread))
+    sql = (
+        f"SELECT {', '.join(LIST_COLUMNS)} FROM {router.table(shard, 'messages')}"
+        " FORCE INDEX (ix_messages_account_time)"
+        f" WHERE {' AND '.join(where)} ORDER BY occurred_at DESC, id DESC LIMIT %s"
+    )
+    return sql, [*args, q.limit + 1]
+
+
+async def fetch_messages(router: ShardRouter, q: MessageQuery) -> tuple[list[dict[str, Any]], bool]:
+    """One page of rows (as dicts) and whether more follow."""
+    sql, args = list_statement(router, q)
+    pool = await router.pool(shard_of(q.account_id), write=False)
+    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+        await cur.execute(sql, args)
+        rows = list(await cur.fetchall())
+        await conn.commit()
+    return rows[: q.limit], len(rows) > q.limit
+
+
+def _parse_time(name: str, text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.upper())
+    except ValueError:
+        raise ApiError(400, "Invalid parameter", f"{name} must be an RFC 3339 date-time") from None
+    if value.tzinfo is None:
+        raise ApiError(400, "Invalid parameter", f"{name} must carry a time zone, e.g. 2026-11-01T09:00:00Z")
+    try:
+        naive = value.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:
+        naive = MIN_TIME if value.year < 5000 else MAX_TIME
+    return min(max(naive, MIN_TIME), MAX_TIME)
+
+
+def parse_message_query(request: web.Request, account_id: int) -> tuple[MessageQuery, int]:
+    """The query and its fingerprint (what a page token must have been made for)."""
+    p = Query(request, {"limit", "page_token", *FILTERS})
+    status = p.choice("status", [s.value for s in Status])
+    direction = p.choice("direction", [d.value for d in Direction])
+    before = p.text("before", max_length=64)
+    after = p.text("after", max_length=64)
+    q = MessageQuery(
+        account_id=account_id,
+        limit=p.integer("limit", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE),
+        before=_parse_time("before", before) if before is not None else None,
+        after=_parse_time("after", after) if after is not None else None,
+        status=status,
+        direction=direction,
+        channel=p.text("channel", max_length=MAX_CHANNEL_LENGTH),
+        sender=p.text("from", max_length=MAX_ADDRESS_LENGTH),
+        to=p.text("to", max_length=MAX_ADDRESS_LENGTH),
+        folder=p.text("folder", max_length=MAX_FOLDER_LENGTH),
+        unread=p.boolean("unread"),
+    )
+    fingerprint = query_fingerprint({name: request.query[name] for name in FILTERS if name in request.query})
+    return q, fingerprint
+
+
+@authenticated
+async def list_messages(request: web.Request, app: Application) -> web.StreamResponse:
+    account = await owned_account(request, app)
+    state = request.app[STATE]
+    q, fingerprint = parse_message_query(request, account.id)
+    token = request.query.get("page_token")
+    if token is not None:
+        try:
+            position = decode_page_token(state.token_key, token, account.id, fingerprint)
+        except CursorError as exc:
+            raise ApiError(400, "Invalid page_token", str(exc)) from None
+        q = replace(q, position=(_from_micros(position.occurred_at_us), position.message_id))
+    rows, more = await fetch_messages(state.shards, q)
+    next_token = None
+    if more and rows:
+        last = rows[-1]
+        next_token = encode_page_token(
+            state.token_key, PageToken(account.id, fingerprint, _micros(last["occurred_at"]), int(last["id"]))
+        )
+    return web.json_response(
+        {"data": [message_json(r) for r in rows], "next_page_token": next_token}, dumps=_dumps
+    )
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def _message_row(
+    state: GatewayState, app: Application, message_id: int, columns: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """The message if it exists, is not deleted and belongs to one of the application's accounts."""
+    router = state.shards
+    shard = shard_of(message_id)
+    if shard not in router.shard_map.shard_cluster:
+        return None
+    pool = await router.pool(shard, write=False)
+    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+        await cur.execute(
+            f"SELECT {', '.join(columns)} FROM {router.table(shard, 'messages')}"
+            " WHERE id = %s AND deleted = 0",
+            (message_id,),
+        )
+        row = await cur.fetchone()
+        await conn.commit()
+    if row is None or await state.accounts.owned_account(app.id, int(row["account_id"])) is None:
+        return None
+    return dict(row)
+
+
+async def _owned_message(request: web.Request, app: Application, *, with_body: bool) -> dict[str, Any]:
+    message_id = path_id(request, "message_id", "message")
+    state = request.app[STATE]
+    row = await _message_row(state, app, message_id, DETAIL_COLUMNS if with_body else LIST_COLUMNS)
+    if row is None:
+        raise NotFound("message", str(message_id))
+    return row
+
+
+@authenticated
+async def get_message(request: web.Request, app: Application) -> web.StreamResponse:
+    row = await _owned_message(request, app, with_body=True)
+    return web.json_response(message_json(row, with_body=True), dumps=_dumps)
+
+
+class MessagePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    unread: bool | None = None
+    starred: bool | None = None
+    folder: Annotated[str, StringConstraints(min_length=1, max_length=MAX_FOLDER_LENGTH)] | None = None
+    labels: (
+        Annotated[
+            list[Annotated[str, StringConstraints(min_length=1, max_length=100)]],
+            Field(max_length=MAX_LABELS),
+        ]
+        | None
+    ) = None
+
+
+async def _json_body(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise ApiError(415, "Unsupported media type", "send the body as application/json")
+    raw = await request.read()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "Malformed JSON", "the request body is not valid JSON") from None
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    errors = [
+        {"field": ".".join(map(str, e["loc"])) or "(body)", "message": e["msg"]} for e in exc.errors()[:20]
+    ]
+    return ApiError(422, "Invalid request body", "the body does not match the schema", errors=errors)
+
+
+async def _write_version(
+    router: ShardRouter,
+    message_id: int,
+    read_version: int,
+    account_id: int,
+    assignments: list[tuple[str, Any]],
+    change_type: str,
+) -> bool:
+    """Set the columns and version + 1 if the row is still at ``read_version``; write the change row."""
+    shard = shard_of(message_id)
+    pool = await router.pool(shard)
+    sets = ", ".join(f"{column} = %s" for column, _ in assignments)
+    async with pool.acquire() as conn:
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(
+                    f"UPDATE {router.table(shard, 'messages')} SET {sets}, version = version + 1"
+                    " WHERE id = %s AND version = %s AND deleted = 0",
+                    [*(v for _, v in assignments), message_id, read_version],
+                )
+                if cur.rowcount != 1:
+                    await conn.rollback()
+                    return False
+                await lock_changes(cur, router, shard)
+                await insert_guarded(
+                    cur,
+                    shard,
+                    f"INSERT INTO {router.table(shard, 'changes')}"
+                    " (account_id, object_type, object_id, change_type, version)"
+                    " VALUES (%s, 'message', %s, %s, %s)",
+                    (account_id, message_id, change_type, read_version + 1),
+                )
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+    return True
+
+
+def _conflict(message_id: int) -> ApiError:
+    return ApiError(
+        409,
+        "Conflict",
+        f"message {message_id} kept changing while it was written; try again",
+        retry_after_s=1,
+    )
+
+
+@authenticated
+async def patch_message(request: web.Request, app: Application) -> web.StreamResponse:
+    message_id = path_id(request, "message_id", "message")
+    state = request.app[STATE]
+    await _owned_message(request, app, with_body=False)  # 404 before looking at the body
+    try:
+        patch = MessagePatch.model_validate(await _json_body(request))
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    wanted = patch.model_dump(exclude_unset=True)
+    if not wanted or any(v is None for v in wanted.values()):
+        raise ApiError(
+            422,
+            "Invalid request body",
+            "set at least one of unread, starred, folder, labels (null is not a value)",
+        )
+    for _ in range(PATCH_ATTEMPTS):
+        row = await _owned_message(request, app, with_body=True)
+        current = message_json(row, with_body=True)
+        changed = [(k, v) for k, v in wanted.items() if current[k] != v]
+        if not changed:
+            return web.json_response(current, dumps=_dumps)
+        assignments = [
+            (k, orjson.dumps(v).decode() if k == "labels" else int(v) if isinstance(v, bool) else v)
+            for k, v in changed
+        ]
+        if await _write_version(
+            state.shards, message_id, int(row["version"]), int(row["account_id"]), assignments, "updated"
+        ):
+            return web.json_response(
+                message_json(await _owned_message(request, app, with_body=True), with_body=True), dumps=_dumps
+            )
+    raise _conflict(message_id)
+
+
+# Deleting erases everything a message says and who it was between; what remains is the tombstone.
+_ERASED: Final = [
+    ("deleted", 1),
+    ("sender", None),
+    ("to_addrs", None),
+    ("cc_addrs", None),
+    ("subject", None),
+    ("snippet", None),
+    ("body", None),
+    ("body_encoding", 0),
+    ("labels", None),
+    ("error_code", None),
+]
+
+
+@authenticated
+async def delete_message(request: web.Request, app: Application) -> web.StreamResponse:
+    message_id = path_id(request, "message_id", "message")
+    state = request.app[STATE]
+    for _ in range(PATCH_ATTEMPTS):
+        row = await _owned_message(request, app, with_body=False)
+        if await _write_version(
+            state.shards, message_id, int(row["version"]), int(row["account_id"]), _ERASED, "deleted"
+        ):
+            return web.Response(status=204)
+    raise _conflict(message_id)
+
+
+def add_message_routes(app: web.Application) -> None:
+    app.add_routes(
+        [
+            web.get("/v1/accounts/{account_id}/messages", list_messages, allow_head=False),
+            web.get("/v1/messages/{message_id}", get_message, allow_head=False),
+            web.patch("/v1/messages/{message_id}", patch_message),
+            web.delete("/v1/messages/{message_id}", delete_message),
+        ]
+    )

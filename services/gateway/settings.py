@@ -1,0 +1,25 @@
+"""The gateway's settings (``FLIGHTLOG_*`` environment variables, defaults written down here)."""
+
+from __future__ import annotations
+
+from libs.config import ServiceSettings
+
+__all__ = ["GatewaySettings"]
+
+
+class GatewaySettings(ServiceSettings):
+    """Everything the gateway reads beyond what every service reads.
+
+    ``gateway_token_secret`` keys the MAC of cursors and page tokens: every gateway replica needs
+    the same value, and changing it invalidates every cursor handed out (clients get a 400).
+    """
+
+    gateway_token_secret: str = "flightlog-dev-token-secret"
+    gateway_key_cache_ttl_s: float = 5.0  # how long another replica may still accept a revoked key
+    gateway_max_body_bytes: int = 64 * 1024
+    gateway_delta_poll_interval_s: float = 0.2
+    gateway_sse_heartbeat_s: float = 15.0
+    gateway_sse_max_duration_s: float = 3600.0  # then the stream ends; the client resumes
+    # The delta log keeps at least this long; older change rows are trimmed (0 keeps them forever).
+    gateway_changes_retention_s: float = 7 * 24 * 3600.0
+    gateway_trim_interval_s: float = 600.0

@@ -1,0 +1,474 @@
+"""The webhook dispatcher: flightlog.changes in, signed HTTP deliveries out.
+
+Two halves, joined by the ``webhook_deliveries`` table:
+
+* intake consumes flightlog.changes (its own consumer group), records one delivery row per
+  matching endpoint (``INSERT IGNORE``: re-consuming a change after a crash adds nothing) and
+  only then commits the Kafka offsets, so nothing consumed is ever lost;
+* delivery runs one *lane* per (endpoint, account): a task that sends the lane's first pending
+  delivery in change order, and the next only once that one succeeded, so order per endpoint and account holds
+  across retries and restarts. Lanes are independent tasks, so a slow or dead endpoint only
+  holds back its own lanes; a per-endpoint semaphore caps its concurrent requests.
+
+A failed attempt is retried with exponential backoff and jitter (:func:`retry_delay_s`) until
+``webhooks_retry_window_s`` after the event (28 h by default); then the delivery fails, the
+endpoint is disabled with the reason stored and visible in the API, and a warning is logged and
+counted (``flightlog_webhook_endpoints_disabled_total``). Every attempt of one event carries the
+same ``webhook-id``. A disabled endpoint's deliveries keep being recorded and go out, in order,
+once it is enabled again (PATCH ``enabled: true``), unless they are older than the log retention.
+
+Only one dispatcher delivers at a time (MySQL named lock ``flightlog.webhook-dispatcher`` on a
+dedicated connection); every replica's intake records deliveries, and the active one picks up
+rows written elsewhere (other replicas, replays from the API) every ``webhooks_rescan_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Final, Self
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer
+from prometheus_client import Counter, Gauge, Histogram
+
+from libs.db import connect
+from libs.shards import ShardRouter
+from libs.webhooks import sign_headers
+from services.gateway.webhooks.settings import WebhookSettings
+from services.gateway.webhooks.store import Delivery, Endpoint, NewDelivery, WebhookStore, utcnow
+from services.gateway.webhooks.targets import TargetRefused, check_target
+
+__all__ = ["DISPATCHER_LOCK", "WebhookDispatcher", "build_payload", "retry_delay_s"]
+
+logger = logging.getLogger(__name__)
+
+DISPATCHER_LOCK: Final = "flightlog.webhook-dispatcher"
+USER_AGENT: Final = "flightlog-webhooks/1"
+_INSERT_CHUNK: Final = 500
+_PRUNE_INTERVAL_S: Final = 600.0
+_LANE_BATCH: Final = 50  # pending deliveries a lane reads at once
+
+_attempts = Counter("flightlog_webhook_attempts_total", "Webhook delivery attempts", ["outcome"])
+_disabled = Counter("flightlog_webhook_endpoints_disabled_total", "Endpoints disabled after failing")
+_active = Gauge("flightlog_webhook_dispatcher_active", "1 while this process delivers (holds the lock)")
+_latency = Histogram(
+    "flightlog_webhook_event_to_delivery_seconds",
+    "From the change's commit to its successful delivery",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600, 86400),
+)
+
+
+def retry_delay_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Delay before retry number ``attempt`` (1 = the first retry): base * 2^(attempt-1), capped,
+    times a jitter in [0.75, 1.25) so endpoints failing together do not retry together."""
+    delay = min(base_s * 2.0 ** min(attempt - 1, 40), max_s)
+    jitter = rng.random() if rng is not None else random.random()
+    return float(delay * (0.75 + 0.5 * jitter))
+
+
+def build_payload(change: dict[str, Any]) -> tuple[str, bytes]:
+    """(event type, JSON body) of one flightlog.changes message, in the Standard Webhooks shape."""
+    event_type = f"{change['object_type']}.{change['change_type']}"
+    body = {
+        "type": event_type,
+        "timestamp": change["created_at"],
+        "data": {
+            "object": change["object_type"],
+            "id": change["object_id"],
+            "account_id": change["account_id"],
+            "application_id": change["application_id"],
+            "change_id": change["change_id"],
+            "change_type": change["change_type"],
+            "version": change["version"],
+        },
+    }
+    return event_type, orjson.dumps(body)
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.removesuffix("Z"))
+
+
+_Success = tuple[Delivery, datetime, int, int, bytes | None]
+
+
+class _Recorder:
+    """Batches the records of successful attempts, so a lane sends its next delivery while the
+    last one is being written. A lane waits for its records before it reads the lane again, so
+    it never re-reads a delivery it sent; a crash before a record is written re-sends it (at
+    least once, same webhook-id, still in order)."""
+
+    def __init__(self, store: WebhookStore) -> None:
+        self._store = store
+        self._queue: list[tuple[_Success, asyncio.Future[None]]] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="webhooks-recorder")
+
+    async def stop(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def record(self, success: _Success) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((success, future))
+        self._wakeup.set()
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._queue = self._queue, []
+            if batch:
+                try:
+                    await self._store.record_successes([s for s, _ in batch])
+                except Exception as exc:
+                    logger.exception("recording %d webhook deliveries failed", len(batch))
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(exc)
+                else:
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_result(None)
+            if self._closing and not self._queue:
+                return
+
+
+class WebhookDispatcher:
+    """Consumes flightlog.changes and delivers signed webhooks; see the module docstring.
+
+    :param router: the open shard router (the global schema holds endpoints and deliveries).
+    :param settings: retry, timeout and target policy.
+    :param consumer_factory: makes a not yet started consumer subscribed to flightlog.changes
+        in the dispatcher's group, with manual commits.
+    """
+
+    def __init__(
+        self,
+        router: ShardRouter,
+        settings: WebhookSettings,
+        consumer_factory: Callable[[], AIOKafkaConsumer],
+    ) -> None:
+        self._router = router
+        self._settings = settings
+        self._consumer_factory = consumer_factory
+        self.store = WebhookStore(router, settings.webhooks_secret_key)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lanes: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._dirty: set[tuple[int, int]] = set()
+        self._endpoints: dict[int, Endpoint] = {}
+        self._by_app: dict[int, list[Endpoint]] = {}
+        self._version = -1
+        self._reload_lock = asyncio.Lock()
+        self._semaphores: dict[int, asyncio.Semaphore] = {}
+        self._recorder = _Recorder(self.store)
+        self.leading = False
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        self._stopping.clear()
+        await self._refresh_endpoints()
+        self._http = aiohttp.ClientSession(
+            headers={"User-Agent": USER_AGENT},
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+        )
+        self._consumer = self._consumer_factory()
+        await self._consumer.start()
+        self._recorder.start()
+        self._tasks = [
+            asyncio.create_task(self._intake(), name="webhooks-intake"),
+            asyncio.create_task(self._lead(), name="webhooks-leader"),
+        ]
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the intake batch in hand, abandon requests in flight (they stay pending and are
+        sent again, with the same webhook-id), close."""
+        if not self._tasks:
+            return
+        self._stopping.set()
+        tasks, self._tasks = self._tasks, []
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for t in pending:
+            t.cancel()
+        await self._cancel_lanes()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._recorder.stop()  # writes what the lanes delivered
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), max(seconds, 0))
+
+    # -- endpoints cache -------------------------------------------------------------------
+
+    async def _refresh_endpoints(self) -> None:
+        async with self._reload_lock:
+            version = await self.store.version()
+            if version == self._version:
+                return
+            endpoints = await self.store.endpoints()
+            self._endpoints = {e.id: e for e in endpoints}
+            by_app: dict[int, list[Endpoint]] = {}
+            for e in endpoints:  # a disabled endpoint's deliveries queue up until it is enabled
+                by_app.setdefault(e.application_id, []).append(e)
+            self._by_app = by_app
+            self._version = version
+
+    # -- intake ----------------------------------------------------------------------------
+
+    async def _intake(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        while not self._stopping.is_set():
+            try:
+                batch = await consumer.getmany(timeout_ms=200, max_records=2000)
+                if not batch:
+                    continue
+                # Reloaded before routing: a change committed after a subscription finds it.
+                await self._refresh_endpoints()
+                news: list[NewDelivery] = []
+                for records in batch.values():
+                    for record in records:
+                        news += self._route(record.value or b"")
+                for i in range(0, len(news), _INSERT_CHUNK):
+                    await self.store.insert_deliveries(news[i : i + _INSERT_CHUNK])
+                for d in news:  # durable now: delivery need not wait for the offset commit
+                    self._wake((d.endpoint_id, d.account_id))
+                await consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Nothing was committed: seek back so the batch is read again.
+                logger.exception("webhook intake failed; re-reading from the committed offsets")
+                with contextlib.suppress(Exception):
+                    for tp in consumer.assignment():
+                        committed = await consumer.committed(tp)
+                        if committed is not None:
+                            consumer.seek(tp, committed)
+                await self._sleep(1.0)
+
+    def _route(self, value: bytes) -> list[NewDelivery]:
+        try:
+            change = orjson.loads(value)
+            application_id = change["application_id"]
+            if application_id is None:
+                return []
+            endpoints = self._by_app.get(int(application_id))
+            if not endpoints:
+                return []
+            account_id = int(change["account_id"])
+            event_at = _parse_time(change["created_at"])
+            event_type, payload = build_payload(change)
+            change_id = int(change["change_id"])
+        except (ValueError, KeyError, TypeError):
+            logger.error("skipping a malformed flightlog.changes message: %r", value[:200])
+            return []
+        return [
+            NewDelivery(e.id, account_id, change_id, event_type, payload, event_at)
+            for e in endpoints
+            # an endpoint gets the changes committed after it was created
+            if e.wants(event_type, account_id) and event_at >= e.created_at
+        ]
+
+    # -- delivery --------------------------------------------------------------------------
+
+    async def _lead(self) -> None:
+        s = self._settings
+        while not self._stopping.is_set():
+            try:
+                async with connect(s, s.global_db_host, s.global_db_port) as conn:
+                    async with conn.cursor() as cur:
+                        await cur.execute("SELECT GET_LOCK(%s, 0)", (DISPATCHER_LOCK,))
+                        (got,) = await cur.fetchone()
+                    if got != 1:
+                        await self._sleep(s.webhooks_rescan_interval_s)
+                        continue
+                    logger.info("webhook dispatcher active")
+                    self.leading = True
+                    _active.set(1)
+                    next_prune = time.monotonic()
+                    while not self._stopping.is_set():
+                        await self._refresh_endpoints()
+                        for key in await self.store.pending_lanes():
+                            self._wake(key)
+                        if time.monotonic() >= next_prune:
+                            cutoff = utcnow() - timedelta(seconds=s.webhooks_log_retention_s)
+                            while await self.store.prune(cutoff) and not self._stopping.is_set():
+                                pass
+                            next_prune = time.monotonic() + _PRUNE_INTERVAL_S
+                        await self._sleep(s.webhooks_rescan_interval_s)
+                        async with conn.cursor() as cur:  # still holding the lock?
+                            await cur.execute("SELECT 1")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("webhook dispatcher lost its lock connection; retrying")
+                await self._sleep(1.0)
+            finally:
+                self.leading = False
+                _active.set(0)
+                await self._cancel_lanes()
+
+    async def _cancel_lanes(self) -> None:
+        lanes = list(self._lanes.values())
+        for t in lanes:
+            t.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
+        self._lanes.clear()
+
+    def _wake(self, key: tuple[int, int]) -> None:
+        if not self.leading or self._stopping.is_set():
+            return
+        if key in self._lanes:
+            self._dirty.add(key)
+        else:
+            self._lanes[key] = asyncio.create_task(self._lane(key), name=f"webhook-lane-{key[0]}-{key[1]}")
+
+    async def _lane(self, key: tuple[int, int]) -> None:
+        endpoint_id, account_id = key
+        recorded: list[asyncio.Future[None]] = []
+        try:
+            while not self._stopping.is_set():
+                await asyncio.gather(*recorded)  # read the lane only once what was sent is recorded
+                recorded.clear()
+                self._dirty.discard(key)
+                batch = await self.store.lane(endpoint_id, account_id, _LANE_BATCH)
+                if not batch:
+                    if key in self._dirty:
+                        continue
+                    return
+                for head in batch:
+                    endpoint = self._endpoints.get(endpoint_id)
+                    if endpoint is None or not endpoint.enabled:
+                        return
+                    wait_s = (head.next_attempt_at - utcnow()).total_seconds()
+                    if wait_s > 0:
+                        await self._sleep(wait_s)
+                        break  # read the lane again: it may have changed meanwhile
+                    success = await self._attempt(endpoint, head)
+                    if success is None:
+                        break
+                    recorded.append(success)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("webhook lane %s failed; the rescan restarts it", key)
+        finally:
+            for f in recorded:  # a failed record is logged by the recorder; nothing to re-raise
+                f.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if self._lanes.get(key) is asyncio.current_task():
+                del self._lanes[key]
+
+    async def _attempt(self, endpoint: Endpoint, delivery: Delivery) -> asyncio.Future[None] | None:
+        """One attempt. A failure is recorded before this returns None; a success returns the
+        future of its (batched) record."""
+        s = self._settings
+        assert self._http is not None
+        sem = self._semaphores.setdefault(
+            endpoint.id, asyncio.Semaphore(s.webhooks_max_in_flight_per_endpoint)
+        )
+        async with sem:
+            started_at = utcnow()
+            t0 = time.monotonic()
+            status: int | None = None
+            error: str | None = None
+            excerpt: bytes | None = None
+            try:
+                await check_target(endpoint.url, allow_private=s.webhooks_allow_private_targets)
+                headers = sign_headers(
+                    endpoint.signing_secrets(started_at),
+                    delivery.webhook_id,
+                    int(time.time()),
+                    delivery.payload,
+                )
+                headers["Content-Type"] = "application/json"
+                async with self._http.post(
+                    endpoint.url,
+                    data=delivery.payload,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=s.webhooks_request_timeout_s),
+                ) as resp:
+                    status = resp.status
+                    excerpt = await resp.content.read(s.webhooks_response_excerpt_bytes)
+            except TargetRefused as exc:
+                error = f"target refused: {exc}"
+            except TimeoutError:
+                error = f"timed out after {s.webhooks_request_timeout_s:.0f} s"
+            except aiohttp.ClientError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            latency_ms = int((time.monotonic() - t0) * 1000)
+        ok = status is not None and 200 <= status < 300
+        if status is not None and not ok and error is None:
+            error = f"HTTP {status}"
+        state, next_at = "delivered", None
+        if not ok:
+            if utcnow() - delivery.event_at > timedelta(seconds=s.webhooks_retry_window_s):
+                state = "failed"
+            else:
+                state = "pending"
+                next_at = utcnow() + timedelta(
+                    seconds=retry_delay_s(
+                        delivery.attempts + 1, s.webhooks_retry_base_s, s.webhooks_retry_max_delay_s
+                    )
+                )
+        if ok:
+            assert status is not None
+            _attempts.labels("ok").inc()
+            _latency.observe(max((utcnow() - delivery.event_at).total_seconds(), 0.0))
+            return self._recorder.record((delivery, started_at, latency_ms, status, excerpt))
+        await self.store.record_attempt(
+            delivery,
+            started_at=started_at,
+            latency_ms=latency_ms,
+            status_code=status,
+            error=error,
+            excerpt=excerpt,
+            state=state,
+            next_attempt_at=next_at,
+        )
+        _attempts.labels(state).inc()
+        if state == "failed":
+            reason = (
+                f"deliveries failed for {s.webhooks_retry_window_s / 3600:.0f} h; event {delivery.webhook_id}"
+                f" gave up after {delivery.attempts + 1} attempts, last error: {error}"
+            )
+            await self.store.disable_endpoint(endpoint.id, reason)
+            _disabled.inc()
+            logger.warning("webhook endpoint disabled", extra={"endpoint_id": endpoint.id, "reason": reason})
+            await self._refresh_endpoints()
+        return None

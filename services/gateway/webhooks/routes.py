@@ -1,0 +1,325 @@
+"""The subscription API, authenticated by an application's API key (``Authorization: Bearer``).
+
+=======  ==================================================  =========================================
+POST     /v1/webhooks                                        create; the answer shows the secret once
+GET      /v1/webhooks                                        list the application's endpoints
+GET      /v1/webhooks/{id}                                   one endpoint (with disabled_reason)
+PATCH    /v1/webhooks/{id}                                   url, description, event_types, account_ids,
+                                                             enabled (true re-enables a disabled one)
+DELETE   /v1/webhooks/{id}                                   delete; pending deliveries are cancelled
+POST     /v1/webhooks/{id}/rotate-secret                     new secret (shown once); the old one signs
+                                                             too for ``webhooks_secret_grace_s``
+GET      /v1/webhooks/{id}/deliveries                        the delivery log (?state=&before=&limit=)
+GET      /v1/webhooks/{id}/deliveries/{delivery_id}          one delivery with all its attempts
+POST     /v1/webhooks/{id}/deliveries/{delivery_id}/replay   send it again (same webhook-id)
+POST     /v1/webhooks/{id}/replay                            {"since", "until"}: replay a time range
+=======  ==================================================  =========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from libs.accounts import AccountDirectory, Application
+from libs.http import problem_response
+from libs.ids import parse_public_id
+from libs.shards import ShardRouter
+from services.gateway.webhooks.settings import WebhookSettings
+from services.gateway.webhooks.store import EVENT_TYPES, Endpoint, WebhookStore
+from services.gateway.webhooks.targets import MAX_URL_LENGTH, TargetRefused, check_target
+
+__all__ = ["WEBHOOK_API", "WebhookApi", "add_webhook_routes"]
+
+MAX_ACCOUNT_FILTER: Final = 1000
+MAX_PAGE: Final = 500
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(slots=True)
+class WebhookApi:
+    """The routes' state; :meth:`bind` it to the router once the service has opened it."""
+
+    settings: WebhookSettings = field(default_factory=WebhookSettings)
+    store: WebhookStore | None = None
+    directory: AccountDirectory | None = None
+
+    def bind(self, router: ShardRouter) -> None:
+        self.store = WebhookStore(router, self.settings.webhooks_secret_key)
+        self.directory = AccountDirectory(router)
+
+
+WEBHOOK_API: Final = web.AppKey("webhook_api", WebhookApi)
+
+EventType = Annotated[str, StringConstraints(pattern="^(" + "|".join(EVENT_TYPES).replace(".", r"\.") + ")$")]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("account_ids", check_fields=False)
+    @classmethod
+    def _ids(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            for v in value:
+                parse_public_id(v)
+        return value
+
+
+class NewEndpoint(_Body):
+    url: Annotated[str, StringConstraints(min_length=8, max_length=MAX_URL_LENGTH)]
+    description: Annotated[str, StringConstraints(max_length=500)] = ""
+    event_types: Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES))] = Field(
+        default_factory=lambda: list(EVENT_TYPES)
+    )
+    account_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_ACCOUNT_FILTER)] | None = None
+
+
+class EndpointPatch(_Body):
+    url: Annotated[str, StringConstraints(min_length=8, max_length=MAX_URL_LENGTH)] | None = None
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+    event_types: Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES))] | None = None
+    account_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_ACCOUNT_FILTER)] | None = None
+    enabled: bool | None = None
+
+
+class ReplayRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    since: datetime
+    until: datetime
+
+
+class _Problem(Exception):
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.response = problem_response(status, title, detail)
+
+
+AppHandler = Callable[[web.Request, WebhookApi, WebhookStore, Application], Awaitable[web.StreamResponse]]
+
+
+def _authed(handler: AppHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        api = request.app[WEBHOOK_API]
+        if api.store is None or api.directory is None:
+            return problem_response(503, "Service starting", "webhooks are not ready yet", retry_after_s=1)
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        app = await api.directory.application_for_key(key) if key else None
+        if app is None:
+            return problem_response(401, "Unauthorized", "a valid application API key is required")
+        try:
+            return await handler(request, api, api.store, app)
+        except _Problem as p:
+            return p.response
+
+    return wrapped
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise _Problem(400, "Bad request", "the body is not valid JSON") from None
+
+
+def _validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise _Problem(422, "Invalid webhook", detail) from None
+
+
+async def _check_url(api: WebhookApi, url: str) -> None:
+    try:
+        await check_target(url, allow_private=api.settings.webhooks_allow_private_targets)
+    except TargetRefused as exc:
+        raise _Problem(422, "Invalid webhook target", str(exc)) from None
+
+
+async def _check_accounts(api: WebhookApi, app: Application, ids: list[str] | None) -> set[int] | None:
+    if ids is None:
+        return None
+    assert api.directory is not None
+    parsed = {parse_public_id(i) for i in ids}
+    for account_id in sorted(parsed):
+        if await api.directory.owned_account(app.id, account_id) is None:
+            raise _Problem(
+                422, "Invalid webhook", f"account {account_id} is not an account of this application"
+            )
+    return parsed
+
+
+async def _endpoint(request: web.Request, store: WebhookStore, app: Application) -> Endpoint:
+    endpoint_id = _path_id(request, "id")
+    endpoint = await store.endpoint(app.id, endpoint_id)
+    if endpoint is None:
+        raise _Problem(404, "Not found", f"no webhook {endpoint_id}")
+    return endpoint
+
+
+def _path_id(request: web.Request, name: str) -> int:
+    try:
+        value = int(request.match_info[name])
+    except ValueError:
+        raise _Problem(404, "Not found", f"{request.match_info[name]!r} is not an id") from None
+    if not 0 < value < 2**63:
+        raise _Problem(404, "Not found", f"{value} is not an id")
+    return value
+
+
+@_authed
+async def create(
+    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+) -> web.Response:
+    body = _validate(NewEndpoint, await _json(request))
+    await _check_url(api, body.url)
+    accounts = await _check_accounts(api, app, body.account_ids)
+    if await store.count_endpoints(app.id) >= api.settings.webhooks_max_endpoints_per_application:
+        raise _Problem(409, "Too many webhooks", "this application has the maximum number of webhooks")
+    endpoint = await store.create_endpoint(
+        app.id, body.url, body.description, sorted(set(body.event_types)), accounts
+    )
+    return web.json_response({**endpoint.public(), "secret": endpoint.secret}, status=201)
+
+
+@_authed
+async def list_(request: web.Request, api: WebhookApi, store: WebhookStore, app: Application) -> web.Response:
+    return web.json_response({"data": [e.public() for e in await store.endpoints(app.id)]})
+
+
+@_authed
+async def get(request: web.Request, api: WebhookApi, store: WebhookStore, app: Application) -> web.Response:
+    return web.json_response((await _endpoint(request, store, app)).public())
+
+
+@_authed
+async def patch(request: web.Request, api: WebhookApi, store: WebhookStore, app: Application) -> web.Response:
+    endpoint = await _endpoint(request, store, app)
+    body = _validate(EndpointPatch, await _json(request))
+    changes: dict[str, Any] = {}
+    given = body.model_fields_set
+    if body.url is not None:
+        await _check_url(api, body.url)
+        changes["url"] = body.url
+    if body.description is not None:
+        changes["description"] = body.description
+    if body.event_types is not None:
+        changes["event_types"] = sorted(set(body.event_types))
+    if "account_ids" in given:  # null clears the filter
+        changes["account_ids"] = await _check_accounts(api, app, body.account_ids)
+    if body.enabled is not None:
+        changes["enabled"] = body.enabled
+    await store.update_endpoint(endpoint, changes)
+    fresh = await store.endpoint(app.id, endpoint.id)
+    assert fresh is not None
+    return web.json_response(fresh.public())
+
+
+@_authed
+async def delete(
+    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+) -> web.Response:
+    await store.delete_endpoint(await _endpoint(request, store, app))
+    return web.Response(status=204)
+
+
+@_authed
+async def rotate(
+    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+) -> web.Response:
+    endpoint = await _endpoint(request, store, app)
+    secret = await store.rotate_secret(endpoint, api.settings.webhooks_secret_grace_s)
+    fresh = await store.endpoint(app.id, endpoint.id)
+    assert fresh is not None
+    return web.json_response({**fresh.public(), "secret": secret})
+
+
+@_authed
+async def deliveries(
+    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+) -> web.Response:
+    endpoint = await _endpoint(request, store, app)
+    q = request.query
+    state = q.get("state")
+    if state is not None and state not in ("pending", "delivered", "failed", "cancelled"):
+        raise _Problem(400, "Bad request", "state is pending, delivered, failed or cancelled")
+    try:
+        limit = int(q.get("limit", "100"))
+        before = int(q["before"]) if "before" in q else None
+    except ValueError:
+        raise _Problem(400, "Bad request", "limit and before are integers") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise _Problem(400, "Bad request", f"limit is 1..{MAX_PAGE}")
+    rows = await store.deliveries(endpoint.id, state=state, before_id=before, limit=limit)
+    next_before = str(rows[-1].id) if len(rows) == limit else None
+    return web.json_response({"data": [d.public() for d in rows], "next_before": next_before})
+
+
+@_authed
+async def delivery(
+    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+) -> web.Response:
+    endpoint = await _endpoint(request, store, app)
+    found = await store.delivery(endpoint.id, _path_id(request, "delivery_id"))
+    if found is None:
+        raise _Problem(404, "Not found", "no such delivery for this webhook")
+    d, attempts = found
+    return web.json_response({**d.public(), "attempts": [a.public() for a in attempts]})
+
+
+@_authed
+async def replay_one(
+    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+) -> web.Response:
+    endpoint = await _endpoint(request, store, app)
+    count = await store.replay(endpoint.id, [_path_id(request, "delivery_id")])
+    if count == 0:
+        raise _Problem(404, "Not found", "no such delivery for this webhook")
+    return web.json_response({"replayed": count}, status=202)
+
+
+@_authed
+async def replay_range(
+    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+) -> web.Response:
+    endpoint = await _endpoint(request, store, app)
+    body = _validate(ReplayRange, await _json(request))
+    since, until = (
+        t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t for t in (body.since, body.until)
+    )
+    if until <= since:
+        raise _Problem(422, "Invalid replay", "until must be after since")
+    cap = api.settings.webhooks_replay_max_deliveries
+    ids = await store.deliveries_between(endpoint.id, since, until, cap + 1)
+    if len(ids) > cap:
+        raise _Problem(422, "Replay too large", f"more than {cap} deliveries in the range; narrow it")
+    return web.json_response({"replayed": await store.replay(endpoint.id, ids)}, status=202)
+
+
+def add_webhook_routes(app: web.Application, api: WebhookApi | None = None) -> WebhookApi:
+    """Add the /v1/webhooks routes; returns their state, to :meth:`WebhookApi.bind` later."""
+    state = api or WebhookApi()
+    app[WEBHOOK_API] = state
+    base = "/v1/webhooks"
+    app.add_routes(
+        [
+            web.post(base, create),
+            web.get(base, list_),
+            web.get(base + "/{id}", get),
+            web.patch(base + "/{id}", patch),
+            web.delete(base + "/{id}", delete),
+            web.post(base + "/{id}/rotate-secret", rotate),
+            web.get(base + "/{id}/deliveries", deliveries),
+            web.get(base + "/{id}/deliveries/{delivery_id}", delivery),
+            web.post(base + "/{id}/deliveries/{delivery_id}/replay", replay_one),
+            web.post(base + "/{id}/replay", replay_range),
+        ]
+    )
+    return state

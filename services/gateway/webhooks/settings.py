@@ -1,0 +1,30 @@
+"""Settings of webhook subscriptions and their dispatcher (``FLIGHTLOG_WEBHOOKS_*``)."""
+
+from __future__ import annotations
+
+from libs.config import ServiceSettings
+
+__all__ = ["WebhookSettings"]
+
+
+class WebhookSettings(ServiceSettings):
+    # false: the gateway serves the API only, the dispatcher runs as
+    # `python -m services.gateway.webhooks` (either way, one instance delivers at a time)
+    webhooks_dispatcher_in_gateway: bool = True
+    # Targets resolving to loopback, private, link-local or reserved addresses are refused
+    # (server-side request forgery) unless the operator allows them, as the tests do.
+    webhooks_allow_private_targets: bool = False
+    # Fernet key encrypting endpoint secrets at rest. The default is for development only.
+    webhooks_secret_key: str = "diPQwX1kAOUrsxjI_qasspPqoxQQO9KgwwwqZTGQ0Tg="
+    webhooks_secret_grace_s: float = 24 * 3600.0  # the old secret's life after a rotation
+    webhooks_request_timeout_s: float = 15.0
+    webhooks_retry_base_s: float = 5.0  # first retry delay; doubled per attempt, with jitter
+    webhooks_retry_max_delay_s: float = 4 * 3600.0
+    webhooks_retry_window_s: float = 28 * 3600.0  # then the delivery fails and the endpoint is disabled
+    webhooks_max_in_flight_per_endpoint: int = 16  # concurrent requests to one endpoint (across accounts)
+    webhooks_rescan_interval_s: float = 2.0  # how often pending work written elsewhere is picked up
+    webhooks_consumer_group: str = "flightlog-webhooks"
+    webhooks_max_endpoints_per_application: int = 50
+    webhooks_replay_max_deliveries: int = 10_000
+    webhooks_response_excerpt_bytes: int = 1024
+    webhooks_log_retention_s: float = 30 * 24 * 3600.0  # finished deliveries and their attempts

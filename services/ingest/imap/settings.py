@@ -1,0 +1,24 @@
+"""Settings of the IMAP sync workers (``FLIGHTLOG_IMAP_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ImapSettings"]
+
+
+class ImapSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
+
+    imap_sync_enabled: bool = True
+    imap_accounts_topic: str = "flightlog.imap-accounts"
+    imap_accounts_partitions: int = Field(default=12, gt=0)
+    imap_consumer_group: str = "flightlog-ingest-imap"
+    imap_batch_size: int = Field(default=250, gt=0)  # messages per UID FETCH of bodies
+    imap_poll_interval_s: float = Field(default=30.0, gt=0)  # folders other than INBOX
+    imap_idle_renew_s: float = Field(default=25 * 60.0, gt=0)  # RFC 9051: servers may drop at 30 min
+    imap_command_timeout_s: float = Field(default=60.0, gt=0)
+    imap_backoff_base_s: float = Field(default=1.0, gt=0)
+    imap_backoff_max_s: float = Field(default=300.0, gt=0)
+    imap_use_condstore: bool = True  # False forces the UID-list fallback even if offered

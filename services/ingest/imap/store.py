@@ -1,0 +1,223 @@
+"""Where IMAP sync keeps its state: accounts and folders in the global schema, the UID map of
+each folder in the account's shard (``imap_uids``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from libs.crypto import SecretBox
+from libs.ids import shard_of
+from libs.shards import ShardRouter
+
+__all__ = ["AccountRow", "FolderRow", "SyncStore", "UidEntry"]
+
+
+@dataclass(slots=True)
+class AccountRow:
+    account_id: int
+    application_id: int
+    host: str
+    port: int
+    tls_mode: str
+    username: str
+    password: str
+    credentials_version: int
+    state: str
+
+
+@dataclass(slots=True)
+class FolderRow:
+    id: int
+    name: str
+    role: str | None
+    uidvalidity: int | None
+    highestmodseq: int | None
+    uidnext: int | None
+    state: str
+    message_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class UidEntry:
+    uid: int
+    message_key: str
+    flags: str
+
+
+class SyncStore:
+    """SQL of the sync state. Every method is one short transaction."""
+
+    def __init__(self, router: ShardRouter, box: SecretBox) -> None:
+        self._router = router
+        self._box = box
+        self._g = router.global_schema
+
+    async def _global(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[list[tuple[Any, ...]], int]:
+        async with self._router.global_pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(sql, args)
+            rows = list(await cur.fetchall())
+            await conn.commit()
+            return rows, int(cur.lastrowid or 0)
+
+    async def insert_account(
+        self,
+        account_id: int,
+        application_id: int,
+        host: str,
+        port: int,
+        tls_mode: str,
+        username: str,
+        password: str,
+    ) -> None:
+        await self._global(
+            f"INSERT INTO `{self._g}`.imap_accounts (account_id, application_id, host, port, tls_mode,"
+            " username,"
+            " password_enc) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (account_id, application_id, host, port, tls_mode, username, self._box.encrypt(password)),
+        )
+
+    async def update_credentials(self, account_id: int, username: str, password: str) -> int:
+        await self._global(
+            f"UPDATE `{self._g}`.imap_accounts SET username = %s, password_enc = %s,"
+            " credentials_version = credentials_version + 1, state = 'pending', last_error = NULL"
+            " WHERE account_id = %s",
+            (username, self._box.encrypt(password), account_id),
+        )
+        rows, _ = await self._global(
+            f"SELECT credentials_version FROM `{self._g}`.imap_accounts WHERE account_id = %s", (account_id,)
+        )
+        return int(rows[0][0])
+
+    async def account(self, account_id: int) -> AccountRow | None:
+        rows, _ = await self._global(
+            f"SELECT account_id, application_id, host, port, tls_mode, username, password_enc,"
+            f" credentials_version, state FROM `{self._g}`.imap_accounts WHERE account_id = %s",
+            (account_id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return AccountRow(
+            int(r[0]), int(r[1]), r[2], int(r[3]), r[4], r[5], self._box.decrypt(r[6]), int(r[7]), r[8]
+        )
+
+    async def account_public(self, account_id: int) -> dict[str, Any] | None:
+        rows, _ = await self._global(
+            f"SELECT host, port, tls_mode, username, state, last_error, last_sync_at, credentials_version"
+            f" FROM `{self._g}`.imap_accounts WHERE account_id = %s",
+            (account_id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return {
+            "host": r[0], "port": int(r[1]), "tls_mode": r[2], "username": r[3], "state": r[4],
+            "last_error": r[5], "last_sync_at": r[6].isoformat() if r[6] else None,
+            "credentials_version": int(r[7]),
+        }  # fmt: skip
+
+    async def set_account_state(self, account_id: int, state: str, error: str | None = None) -> None:
+        await self._global(
+            f"UPDATE `{self._g}`.imap_accounts SET state = %s, last_error = %s,"
+            " last_sync_at = IF(%s = 'running', CURRENT_TIMESTAMP(6), last_sync_at) WHERE account_id = %s",
+            (state, error[:1000] if error else None, state, account_id),
+        )
+
+    async def folders(self, account_id: int) -> list[FolderRow]:
+        rows, _ = await self._global(
+            f"SELECT id, name, role, uidvalidity, highestmodseq, uidnext, state, message_count"
+            f" FROM `{self._g}`.imap_folders WHERE account_id = %s AND deleted = 0 ORDER BY id",
+            (account_id,),
+        )
+        return [
+            FolderRow(int(r[0]), r[1], r[2], _int(r[3]), _int(r[4]), _int(r[5]), r[6], int(r[7]))
+            for r in rows
+        ]
+
+    async def folders_public(self, account_id: int) -> list[dict[str, Any]]:
+        rows, _ = await self._global(
+            "SELECT id, name, role, state, message_count, last_sync_at, last_error, uidvalidity,"
+            " highestmodseq"
+            f" FROM `{self._g}`.imap_folders WHERE account_id = %s AND deleted = 0 ORDER BY id",
+            (account_id,),
+        )
+        return [
+            {"id": str(r[0]), "name": r[1], "role": r[2], "state": r[3], "message_count": int(r[4]),
+             "last_sync_at": r[5].isoformat() if r[5] else None, "last_error": r[6],
+             "uidvalidity": _int(r[7]), "highestmodseq": _int(r[8])}
+            for r in rows
+        ]  # fmt: skip
+
+    async def add_folder(self, account_id: int, name: str, role: str | None) -> FolderRow:
+        _, folder_id = await self._global(
+            f"INSERT INTO `{self._g}`.imap_folders (account_id, name, role) VALUES (%s, %s, %s)",
+            (account_id, name, role),
+        )
+        return FolderRow(folder_id, name, role, None, None, None, "initial", 0)
+
+    async def update_folder(
+        self, folder: FolderRow, *, error: str | None = None, synced: bool = False
+    ) -> None:
+        await self._global(
+            f"UPDATE `{self._g}`.imap_folders SET name = %s, role = %s, uidvalidity = %s, highestmodseq = %s,"
+            " uidnext = %s, state = %s, message_count = %s, last_error = %s,"
+            " last_sync_at = IF(%s, CURRENT_TIMESTAMP(6), last_sync_at) WHERE id = %s",
+            (folder.name, folder.role, folder.uidvalidity, folder.highestmodseq, folder.uidnext, folder.state,
+             folder.message_count, error[:1000] if error else None, synced, folder.id),
+        )  # fmt: skip
+
+    async def delete_folder(self, folder_id: int) -> None:
+        await self._global(f"UPDATE `{self._g}`.imap_folders SET deleted = 1 WHERE id = %s", (folder_id,))
+
+    async def uids(self, account_id: int, folder_id: int) -> dict[int, UidEntry]:
+        shard = shard_of(account_id)
+        pool = await self._router.pool(shard)
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT uid, message_key, flags FROM {self._router.table(shard, 'imap_uids')}"
+                " WHERE account_id = %s AND folder_id = %s",
+                (account_id, folder_id),
+            )
+            rows = await cur.fetchall()
+            await conn.commit()
+        return {int(r[0]): UidEntry(int(r[0]), bytes(r[1]).decode(), r[2]) for r in rows}
+
+    async def put_uids(self, account_id: int, folder_id: int, entries: list[UidEntry]) -> None:
+        if not entries:
+            return
+        shard = shard_of(account_id)
+        pool = await self._router.pool(shard)
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.executemany(
+                f"INSERT INTO {self._router.table(shard, 'imap_uids')}"
+                " (account_id, folder_id, uid, message_key,"
+                " flags) VALUES (%s, %s, %s, %s, %s)"
+                " ON DUPLICATE KEY UPDATE message_key = VALUES(message_key),"
+                " flags = VALUES(flags)",
+                [(account_id, folder_id, e.uid, e.message_key.encode(), e.flags[:500]) for e in entries],
+            )
+            await conn.commit()
+
+    async def drop_uids(self, account_id: int, folder_id: int, uids: list[int] | None = None) -> None:
+        shard = shard_of(account_id)
+        pool = await self._router.pool(shard)
+        table = self._router.table(shard, "imap_uids")
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            if uids is None:
+                await cur.execute(
+                    f"DELETE FROM {table} WHERE account_id = %s AND folder_id = %s", (account_id, folder_id)
+                )
+            else:
+                for i in range(0, len(uids), 1000):
+                    chunk = uids[i : i + 1000]
+                    marks = ",".join(["%s"] * len(chunk))
+                    await cur.execute(
+                        f"DELETE FROM {table} WHERE account_id = %s AND folder_id = %s AND uid IN ({marks})",
+                        (account_id, folder_id, *chunk),
+                    )
+            await conn.commit()
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -1,0 +1,463 @@
+"""The sync of one IMAP account: folder list, initial sync newest first in batches (resumable),
+incremental sync (QRESYNC, else CONDSTORE, else a UID-list comparison), UIDVALIDITY resets,
+and IDLE on INBOX with polling of the other folders.
+
+Every change becomes an event on ``flightlog.inflight``: new mail ``message.synced`` (with the raw
+message), flag changes and moves ``message.updated``, expunges ``message.deleted``. The UID map in
+``imap_uids`` is written only after Kafka acknowledged the events it covers, so a restart or a
+move to another instance re-emits at most the last unacknowledged batch, with the same event ids
+(transform drops repeated event ids) and the same message keys (so never a second message).
+
+A message key is ``imap:<folder id>:<identity>``, the identity being the Message-ID (or, without
+one, a digest of the header block): it survives UIDVALIDITY resets and folder renames. Two copies
+of one message in one folder share the key (one message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import random
+import re
+from collections.abc import Callable, Coroutine, Iterable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import aioimaplib
+import aiomysql
+import prometheus_client
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from libs.events import Direction, Event, EventType, MessageContent, MessageFlags, encode, message_key_bytes
+from libs.kafka import INFLIGHT
+from libs.mime import MAX_RAW_BYTES, message_id_of
+from libs.shards import ShardError
+from services.ingest.imap.client import (
+    AuthFailed,
+    FetchItem,
+    ImapConnection,
+    ImapError,
+    SelectInfo,
+    quote_mailbox,
+)
+from services.ingest.imap.settings import ImapSettings
+from services.ingest.imap.store import AccountRow, FolderRow, SyncStore, UidEntry
+
+__all__ = ["AccountSync", "backoff_s", "message_key"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE: Final = "imap"
+INBOX: Final = "INBOX"
+_STATUS_UIDVALIDITY: Final = re.compile(rb"UIDVALIDITY (\d+)")
+_TRANSIENT: Final = (ImapError, OSError, TimeoutError, KafkaError, aiomysql.Error, ShardError)
+
+EVENTS: Final = prometheus_client.Counter(
+    "flightlog_imap_events", "Events produced by IMAP sync, by type", ["type"]
+)
+IDLE_WAKEUPS: Final = prometheus_client.Counter(
+    "flightlog_imap_idle_wakeups", "IDLE pushes that led to a sync"
+)
+ACCOUNTS_RUNNING: Final = prometheus_client.Gauge("flightlog_imap_accounts_running", "Accounts synced here")
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with full jitter (AWS architecture blog): uniform in [0, min(max, base*2^n)]."""
+    ceiling: float = min(max_s, base_s * 2.0 ** min(attempt, 30))
+    return rand() * ceiling
+
+
+def _identity(header: bytes) -> str:
+    msgid = message_id_of(header)
+    if msgid is not None:
+        return hashlib.blake2b(msgid.strip().encode("utf-8", "replace"), digest_size=16).hexdigest()
+    head = header.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0].rstrip(b"\r\n")
+    return "h" + hashlib.blake2b(head, digest_size=16).hexdigest()
+
+
+def message_key(folder_id: int, header: bytes) -> str:
+    return f"imap:{folder_id}:{_identity(header)}"
+
+
+def _flag_text(flags: Iterable[str]) -> str:
+    return " ".join(sorted(f for f in flags if f.lower() != "\\recent"))
+
+
+def _internaldate(value: str | None) -> datetime:
+    if value:
+        try:
+            return datetime.strptime(value.strip(), "%d-%b-%Y %H:%M:%S %z")
+        except ValueError:
+            pass
+    return datetime.now(UTC)
+
+
+def _event_id(account_id: int, folder: FolderRow, uid: int, kind: str, salt: str = "") -> str:
+    digest = hashlib.blake2b(
+        f"{account_id}:{folder.id}:{folder.uidvalidity}:{uid}:{kind}:{salt}".encode(), digest_size=20
+    ).hexdigest()
+    return f"imap-{digest}"
+
+
+class AccountSync:
+    """Syncs one account until cancelled, or until its credentials are refused.
+
+    :param account_id: the account (its row in ``imap_accounts``).
+    :param store: sync state.
+    :param producer: the shared idempotent ``acks=all`` producer.
+    """
+
+    def __init__(
+        self, account_id: int, store: SyncStore, producer: AIOKafkaProducer, settings: ImapSettings
+    ) -> None:
+        self.account_id = account_id
+        self.store = store
+        self.producer = producer
+        self.settings = settings
+        self.conn: ImapConnection | None = None
+        self.account: AccountRow | None = None
+        self.state = "starting"
+        self.synced_once = asyncio.Event()
+
+    async def run(self) -> None:
+        attempt = 0
+        ACCOUNTS_RUNNING.inc()
+        try:
+            while True:
+                try:
+                    account = await self.store.account(self.account_id)
+                    if account is None:
+                        logger.warning("imap account %d is gone; not syncing", self.account_id)
+                        return
+                    self.account = account
+                    await self._session(account, on_connected=lambda: None)
+                except AuthFailed as exc:
+                    self.state = "auth_failed"
+                    logger.warning("imap account %d: %s; waiting for new credentials", self.account_id, exc)
+                    await self.store.set_account_state(self.account_id, "auth_failed", str(exc))
+                    return
+                except _TRANSIENT as exc:
+                    self.state = "error"
+                    delay = backoff_s(
+                        attempt, self.settings.imap_backoff_base_s, self.settings.imap_backoff_max_s
+                    )
+                    logger.warning("imap account %d: %r; retrying in %.1f s", self.account_id, exc, delay)
+                    attempt += 1
+                    try:
+                        await self.store.set_account_state(self.account_id, "error", repr(exc))
+                    except _TRANSIENT:
+                        pass
+                    await asyncio.sleep(delay)
+                else:
+                    attempt = 0
+                finally:
+                    if self.conn is not None:
+                        await self.conn.close()
+                        self.conn = None
+        finally:
+            ACCOUNTS_RUNNING.dec()
+
+    async def _session(self, account: AccountRow, on_connected: Callable[[], None]) -> None:
+        conn = ImapConnection(
+            account.host, account.port, account.tls_mode, self.settings.imap_command_timeout_s
+        )
+        self.conn = conn
+        await conn.connect(account.username, account.password, use_condstore=self.settings.imap_use_condstore)
+        on_connected()
+        await self.sync_all(conn)
+        self.state = "running"
+        await self.store.set_account_state(self.account_id, "running")
+        self.synced_once.set()
+        await self._idle_loop(conn)
+
+    async def sync_all(self, conn: ImapConnection) -> None:
+        folders = await self._sync_folder_list(conn)
+        # INBOX last, so it stays selected for IDLE
+        for folder in sorted(folders, key=lambda f: f.name.upper() == INBOX):
+            await self.sync_folder(conn, folder)
+
+    async def _idle_loop(self, conn: ImapConnection) -> None:
+        imap = conn.imap
+        inbox = next((f for f in await self.store.folders(self.account_id) if f.name.upper() == INBOX), None)
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + self.settings.imap_poll_interval_s
+        while True:
+            if inbox is None or "IDLE" not in {c.upper() for c in imap.protocol.capabilities}:
+                await asyncio.sleep(max(0.0, next_poll - loop.time()))
+                await self.sync_all(conn)
+                next_poll = loop.time() + self.settings.imap_poll_interval_s
+                continue
+            queue = imap.protocol.idle_queue
+            while not queue.empty():  # pushes of the last IDLE, already covered by the sync after it
+                queue.get_nowait()
+            idle = await imap.idle_start(timeout=self.settings.imap_idle_renew_s)
+            pushed = False
+            try:
+                while True:
+                    remaining = next_poll - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        lines = await imap.wait_server_push(timeout=remaining)
+                    except TimeoutError:
+                        break
+                    if lines == aioimaplib.STOP_WAIT_SERVER_PUSH:  # the renew timer fired: re-issue IDLE
+                        break
+                    if any(not bytes(x).startswith(b"OK") for x in lines):
+                        pushed = True
+                        break
+            finally:
+                imap.idle_done()
+                await asyncio.wait_for(idle, self.settings.imap_command_timeout_s)
+            if pushed:
+                IDLE_WAKEUPS.inc()
+                await self.sync_folder(conn, inbox)
+            if loop.time() >= next_poll:
+                await self.sync_all(conn)
+                inbox = next(
+                    (f for f in await self.store.folders(self.account_id) if f.name.upper() == INBOX), None
+                )
+                next_poll = loop.time() + self.settings.imap_poll_interval_s
+
+    async def _sync_folder_list(self, conn: ImapConnection) -> list[FolderRow]:
+        listed = [f for f in await conn.list_folders() if f.selectable]
+        rows = await self.store.folders(self.account_id)
+        by_name = {r.name: r for r in rows}
+        listed_names = {f.name for f in listed}
+        gone = {r.id: r for r in rows if r.name not in listed_names}
+        result: list[FolderRow] = []
+        for item in listed:
+            row = by_name.get(item.name)
+            if row is None and gone:
+                uidvalidity = await self._status_uidvalidity(conn, item.name)
+                match = next((g for g in gone.values() if g.uidvalidity == uidvalidity), None)
+                if match is not None:
+                    logger.info(
+                        "imap account %d: folder %r renamed to %r", self.account_id, match.name, item.name
+                    )
+                    del gone[match.id]
+                    match.name, match.role = item.name, item.role
+                    await self._announce_rename(match)
+                    await self.store.update_folder(match)
+                    row = match
+            if row is None:
+                row = await self.store.add_folder(self.account_id, item.name, item.role)
+            elif row.role != item.role:
+                row.role = item.role
+                await self.store.update_folder(row)
+            result.append(row)
+        for row in gone.values():
+            known = await self.store.uids(self.account_id, row.id)
+            await self._emit([self._deleted(row, e) for e in known.values()])
+            await self.store.drop_uids(self.account_id, row.id)
+            await self.store.delete_folder(row.id)
+        return result
+
+    async def _status_uidvalidity(self, conn: ImapConnection, name: str) -> int | None:
+        response = await conn.imap.status(quote_mailbox(name), "(UIDVALIDITY)")
+        for line in response.lines:
+            match = _STATUS_UIDVALIDITY.search(bytes(line))
+            if match:
+                return int(match[1])
+        return None
+
+    async def _announce_rename(self, folder: FolderRow) -> None:
+        known = await self.store.uids(self.account_id, folder.id)
+        salt = f"rename:{folder.name}"
+        await self._emit([self._updated(folder, e.uid, e.message_key, e.flags.split(), salt)
+                          for e in known.values()])  # fmt: skip
+
+    async def sync_folder(self, conn: ImapConnection, folder: FolderRow) -> None:
+        known = await self.store.uids(self.account_id, folder.id)
+        info = await conn.select(folder.name, uidvalidity=folder.uidvalidity, modseq=folder.highestmodseq)
+        if folder.uidvalidity is not None and info.uidvalidity != folder.uidvalidity:
+            logger.info("imap account %d: UIDVALIDITY of %r changed; resyncing", self.account_id, folder.name)
+            known = await self._uidvalidity_reset(conn, folder, info, known)
+        folder.uidvalidity = info.uidvalidity
+        server_uids: set[int] | None = None
+        if known:
+            server_uids = await self._apply_changes(conn, folder, info, known)
+        max_known = max(known) if known else 0
+        if server_uids is None:
+            start = max_known + 1 if folder.state == "synced" else 1
+            server_uids = {u for u in await conn.uid_list() if u >= start} if info.exists else set()
+        new = sorted((u for u in server_uids if u not in known), reverse=True)
+        await self._fetch_new(conn, folder, new, known)
+        folder.highestmodseq = info.highestmodseq if conn.condstore else None
+        folder.uidnext = info.uidnext
+        folder.state = "synced"
+        folder.message_count = len(known)
+        await self.store.update_folder(folder, synced=True)
+
+    async def _apply_changes(
+        self, conn: ImapConnection, folder: FolderRow, info: SelectInfo, known: dict[int, UidEntry]
+    ) -> set[int] | None:
+        """Flag changes and expunges of known messages; returns every UID on the server when it had
+        to list them (the fallback), None when it did not."""
+        server_uids: set[int] | None = None
+        if conn.qresync and folder.highestmodseq is not None and info.vanished is not None:
+            changed = info.changed
+            vanished = [u for u in info.vanished if u in known]
+        elif conn.condstore and folder.highestmodseq is not None:
+            changed = await conn.uid_fetch("1:*", f"(UID FLAGS) (CHANGEDSINCE {folder.highestmodseq})")
+            listed = await conn.uid_list() if info.exists else set()
+            vanished = [u for u in known if u not in listed]
+            server_uids = listed
+        else:
+            changed = await conn.uid_fetch("1:*", "(UID FLAGS)") if info.exists else []
+            server_uids = {i.uid for i in changed}
+            vanished = [u for u in known if u not in server_uids]
+        events: list[Event] = []
+        updates: list[UidEntry] = []
+        for item in changed:
+            entry = known.get(item.uid)
+            if entry is None:
+                continue
+            flags = _flag_text(item.flags)
+            if flags != entry.flags:
+                events.append(
+                    self._updated(folder, item.uid, entry.message_key, item.flags, str(item.modseq or flags))
+                )
+                updates.append(UidEntry(item.uid, entry.message_key, flags))
+        # a key may sit on two UIDs (a duplicate copy): delete it only when none is left
+        gone_keys = {known[u].message_key for u in vanished} - {
+            e.message_key for u, e in known.items() if u not in set(vanished)
+        }
+        events.extend(self._deleted(folder, known[u]) for u in vanished if known[u].message_key in gone_keys)
+        await self._emit(events)
+        await self.store.put_uids(self.account_id, folder.id, updates)
+        if vanished:
+            await self.store.drop_uids(self.account_id, folder.id, vanished)
+        for u in vanished:
+            known.pop(u, None)
+        for e in updates:
+            known[e.uid] = e
+        return server_uids
+
+    async def _uidvalidity_reset(
+        self, conn: ImapConnection, folder: FolderRow, info: SelectInfo, known: dict[int, UidEntry]
+    ) -> dict[int, UidEntry]:
+        """Map the folder's new UIDs to the keys already synced; only messages never seen are
+        fetched again, and only keys no longer present are deleted."""
+        folder.uidvalidity = info.uidvalidity
+        by_key = {e.message_key: e for e in known.values()}
+        items = await conn.uid_fetch("1:*", "(UID FLAGS BODY.PEEK[HEADER])") if info.exists else []
+        kept: dict[int, UidEntry] = {}
+        events: list[Event] = []
+        for item in items:
+            key = message_key(folder.id, item.body or b"")
+            old = by_key.get(key)
+            if old is None:
+                continue
+            flags = _flag_text(item.flags)
+            kept[item.uid] = UidEntry(item.uid, key, flags)
+            if flags != old.flags:
+                events.append(self._updated(folder, item.uid, key, item.flags, f"reset:{flags}"))
+        still = {e.message_key for e in kept.values()}
+        events.extend(self._deleted(folder, e) for e in by_key.values() if e.message_key not in still)
+        await self._emit(events)
+        await self.store.drop_uids(self.account_id, folder.id)
+        await self.store.put_uids(self.account_id, folder.id, list(kept.values()))
+        folder.highestmodseq = None
+        folder.state = "initial"
+        return kept
+
+    async def _fetch_new(
+        self, conn: ImapConnection, folder: FolderRow, uids: list[int], known: dict[int, UidEntry]
+    ) -> None:
+        parts = f"(UID FLAGS RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{MAX_RAW_BYTES}>)"
+        size = self.settings.imap_batch_size
+        for i in range(0, len(uids), size):
+            batch = uids[i : i + size]
+            items = await conn.uid_fetch(",".join(map(str, batch)), parts)
+            events: list[Event] = []
+            entries: list[UidEntry] = []
+            for item in items:
+                if item.uid in known:
+                    continue
+                raw = item.body or b""
+                key = message_key(folder.id, raw)
+                events.append(self._synced(folder, item, key, raw))
+                entries.append(UidEntry(item.uid, key, _flag_text(item.flags)))
+            await _uncancelled(self._emit_and_record(folder, events, entries))
+            for e in entries:
+                known[e.uid] = e
+            folder.message_count = len(known)
+
+    def _flags(self, folder: FolderRow, flags: Iterable[str]) -> MessageFlags:
+        lowered = {f.lower() for f in flags}
+        return MessageFlags(
+            unread="\\seen" not in lowered, starred="\\flagged" in lowered, folder=folder.name[:255]
+        )
+
+    def _synced(self, folder: FolderRow, item: FetchItem, key: str, raw: bytes) -> Event:
+        return Event(
+            event_id=_event_id(self.account_id, folder, item.uid, "synced"),
+            account_id=self.account_id,
+            message_key=key,
+            type=EventType.SYNCED,
+            occurred_at=_internaldate(item.internaldate),
+            source=SOURCE,
+            direction=Direction.OUTBOUND if folder.role in ("sent", "drafts") else Direction.INBOUND,
+            content=MessageContent(
+                channel="email",
+                raw_mime=base64.b64encode(raw).decode(),
+                size_bytes=item.size if item.size is not None else len(raw),
+            ),
+            flags=self._flags(folder, item.flags),
+        )
+
+    def _updated(self, folder: FolderRow, uid: int, key: str, flags: Iterable[str], salt: str) -> Event:
+        return Event(
+            event_id=_event_id(self.account_id, folder, uid, "updated", salt),
+            account_id=self.account_id,
+            message_key=key,
+            type=EventType.UPDATED,
+            occurred_at=datetime.now(UTC),
+            source=SOURCE,
+            flags=self._flags(folder, flags),
+        )
+
+    def _deleted(self, folder: FolderRow, entry: UidEntry) -> Event:
+        return Event(
+            event_id=_event_id(self.account_id, folder, entry.uid, "deleted"),
+            account_id=self.account_id,
+            message_key=entry.message_key,
+            type=EventType.DELETED,
+            occurred_at=datetime.now(UTC),
+            source=SOURCE,
+        )
+
+    async def _emit_and_record(self, folder: FolderRow, events: list[Event], entries: list[UidEntry]) -> None:
+        await self._emit(events)
+        await self.store.put_uids(self.account_id, folder.id, entries)
+
+    async def _emit(self, events: list[Event]) -> None:
+        if not events:
+            return
+        now = datetime.now(UTC)
+        futures: list[Any] = []
+        for event in events:
+            stamped = event.model_copy(update={"received_at": now})
+            futures.append(
+                await self.producer.send(
+                    INFLIGHT, encode(stamped), key=message_key_bytes(event.account_id, event.message_key)
+                )
+            )
+            EVENTS.labels(event.type.value).inc()
+        await asyncio.gather(*futures)
+
+
+async def _uncancelled(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` to its end even if we are cancelled meanwhile (then re-raise the cancel): events
+    acknowledged by Kafka and their UID rows are written together, or a moved account would
+    emit the batch twice."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise

@@ -1,0 +1,261 @@
+"""The change relay: every committed row of every shard's ``changes`` table onto flightlog.changes.
+
+An outbox relay. For each shard it reads ``WHERE id > position ORDER BY id LIMIT n``, publishes
+the rows keyed by account id (so one account's changes stay in one partition, in order), waits
+for Kafka's acks and only then moves the shard's position; acknowledged positions are written to
+``relay_positions`` (global schema) every ``relay_position_flush_ms``, off the publishing path.
+A crash before a position is written publishes those rows again: at least once, never a gap.
+Ids missing because their transaction rolled back cannot stall it: writers commit
+change rows in id order (the shard's ``changes_lock``), so when a read returns id N every lower
+committed id was already visible.
+
+Only one relay publishes at a time, whatever the number of persist replicas: the active one holds
+the MySQL named lock ``flightlog.change-relay`` on a dedicated connection, and writes its
+positions through that same connection, so a relay that lost the lock (its connection died)
+cannot move a position any more. The others wait as standbys. Shards are tailed by independent
+tasks, so a slow or unreachable shard never holds back the others.
+
+Message value (JSON, UTF-8), see README "The change firehose"::
+
+    {"change_id": "1970324836974593", "shard": 7, "account_id": "1970324836974593",
+     "application_id": "12", "object_type": "message", "object_id": "1970324836974601",
+     "change_type": "created", "version": 3, "created_at": "2026-11-23T13:01:02.123456Z"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final, Self
+
+import aiomysql
+import orjson
+from aiokafka import AIOKafkaProducer
+from prometheus_client import Counter, Gauge
+
+from libs.config import DatabaseSettings
+from libs.db import connect
+from libs.kafka import CHANGES
+from libs.shards import ShardRouter
+
+__all__ = ["RELAY_LOCK", "ChangeRelay", "RelaySettings", "change_message"]
+
+logger = logging.getLogger(__name__)
+
+RELAY_LOCK: Final = "flightlog.change-relay"
+
+_published = Counter("flightlog_relay_changes_published_total", "Changes published to flightlog.changes")
+_position = Gauge("flightlog_relay_position", "Last published change id per shard", ["shard"])
+_active = Gauge("flightlog_relay_active", "1 while this process holds the relay lock")
+
+
+class RelaySettings(DatabaseSettings):
+    relay_enabled: bool = True
+    relay_batch_size: int = 1000
+    relay_idle_poll_ms: int = 50  # how often an idle shard is read again
+    # how often acknowledged positions are written; a crash re-publishes at most this much
+    relay_position_flush_ms: int = 200
+    relay_standby_poll_s: float = 2.0  # how often a standby tries to take the lock
+    relay_error_backoff_s: float = 1.0
+
+
+def change_message(shard: int, row: Sequence[Any]) -> tuple[bytes, bytes]:
+    """(key, value) of one ``changes`` row joined with its account's application id."""
+    change_id, account_id, application_id, object_type, object_id, change_type, version, created = row
+    # UNIX_TIMESTAMP: correct whatever the server's time zone is
+    created_at = datetime.fromtimestamp(float(created), UTC).replace(tzinfo=None)
+    value = {
+        "change_id": str(change_id),
+        "shard": shard,
+        "account_id": str(account_id),
+        "application_id": None if application_id is None else str(application_id),
+        "object_type": object_type,
+        "object_id": str(object_id),
+        "change_type": change_type,
+        "version": int(version),
+        "created_at": created_at.isoformat(timespec="microseconds") + "Z",
+    }
+    return str(account_id).encode(), orjson.dumps(value)
+
+
+class ChangeRelay:
+    """Publishes ``changes`` rows of every shard in the shard map to ``topic``.
+
+    :param router: the open shard router (shards are read on their primaries).
+    :param producer: a started idempotent producer (``acks=all``).
+    :param settings: batch size and poll intervals.
+
+    ``start()`` runs it in the background, ``stop()`` finishes the batch in flight (publish and
+    position) and returns; also ``async with``.
+    """
+
+    def __init__(
+        self,
+        router: ShardRouter,
+        producer: AIOKafkaProducer,
+        settings: RelaySettings | None = None,
+        *,
+        topic: str = CHANGES,
+    ) -> None:
+        self._router = router
+        self._producer = producer
+        self._settings = settings or RelaySettings()
+        self._topic = topic
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._acked: dict[int, int] = {}  # shard -> last change id Kafka acknowledged
+        self.active = False
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._run(), name="change-relay")
+
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            logger.error("change relay did not drain in %.0f s; cancelling", timeout_s)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _run(self) -> None:
+        s = self._settings
+        while not self._stopping.is_set():
+            try:
+                async with connect(s, s.global_db_host, s.global_db_port) as conn:
+                    if await self._take_lock(conn):
+                        await self._lead(conn)
+                    else:
+                        await self._sleep(self._settings.relay_standby_poll_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("change relay failed; retrying")
+                await self._sleep(self._settings.relay_error_backoff_s)
+            finally:
+                self.active = False
+                _active.set(0)
+
+    @staticmethod
+    async def _take_lock(conn: aiomysql.Connection) -> bool:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT GET_LOCK(%s, 0)", (RELAY_LOCK,))
+            (got,) = await cur.fetchone()
+        return bool(got == 1)
+
+    async def _lead(self, conn: aiomysql.Connection) -> None:
+        logger.info("change relay active")
+        self.active = True
+        _active.set(1)
+        positions = await self._positions(conn)
+        self._acked = dict(positions)
+        saved = dict(positions)
+        tails: dict[int, asyncio.Task[None]] = {}
+        try:
+            while not self._stopping.is_set():
+                for shard in self._router.shard_map.shards:
+                    if shard not in tails:
+                        tails[shard] = asyncio.create_task(
+                            self._tail(shard, positions.get(shard, 0)), name=f"relay-shard-{shard}"
+                        )
+                for t in [t for t in tails.values() if t.done()]:
+                    t.result()  # a tail only ends by failing: the leadership ends; _run starts over
+                await self._sleep(self._settings.relay_position_flush_ms / 1000)
+                await self._save_positions(conn, saved)
+        finally:
+            if not self._stopping.is_set():  # failing: the tails stop where they are
+                for t in tails.values():
+                    t.cancel()
+            for r in await asyncio.gather(*tails.values(), return_exceptions=True):
+                if isinstance(r, Exception):
+                    logger.error("relay tail failed: %r", r)
+        await self._save_positions(conn, saved)  # draining: what the tails published last
+
+    async def _positions(self, conn: aiomysql.Connection) -> dict[int, int]:
+        async with conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT shard_id, last_change_id FROM `{self._router.global_schema}`.relay_positions"
+            )
+            rows = await cur.fetchall()
+        await conn.commit()
+        return {int(a): int(b) for a, b in rows}
+
+    async def _tail(self, shard: int, position: int) -> None:
+        """Publish one shard's changes until stopping; the batch in flight always completes."""
+        changes = self._router.table(shard, "changes")
+        accounts = self._router.table(shard, "accounts")
+        query = (
+            "SELECT c.id, c.account_id, a.application_id, c.object_type, c.object_id, c.change_type,"
+            f" c.version, UNIX_TIMESTAMP(c.created_at) FROM {changes} c"
+            f" LEFT JOIN {accounts} a ON a.id = c.account_id WHERE c.id > %s ORDER BY c.id LIMIT %s"
+        )
+        idle_s = self._settings.relay_idle_poll_ms / 1000
+        while not self._stopping.is_set():
+            try:
+                pool = await self._router.pool(shard, write=False)
+                async with pool.acquire() as shard_conn, shard_conn.cursor() as cur:
+                    await cur.execute(query, (position, self._settings.relay_batch_size))
+                    rows = await cur.fetchall()
+                    await shard_conn.commit()  # a fresh read view for the next poll
+                if rows:
+                    acks = [
+                        await self._producer.send(self._topic, value=value, key=key)
+                        for key, value in (change_message(shard, r) for r in rows)
+                    ]
+                    await asyncio.gather(*acks)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # This shard's server or Kafka is unwell: retry this shard from the same position
+                # (re-publishing is allowed, skipping is not) while the other shards go on.
+                logger.warning("relay: shard %d failed (%r); retrying", shard, exc)
+                await self._sleep(self._settings.relay_error_backoff_s)
+                continue
+            if not rows:
+                await self._sleep(idle_s)
+                continue
+            position = int(rows[-1][0])
+            self._acked[shard] = position  # saved by _lead every relay_position_flush_ms
+            _published.inc(len(rows))
+            _position.labels(str(shard)).set(position)
+            if len(rows) < self._settings.relay_batch_size:
+                await self._sleep(idle_s)
+
+    async def _save_positions(self, conn: aiomysql.Connection, saved: dict[int, int]) -> None:
+        """Write the acknowledged positions that moved since the last save, in one transaction."""
+        moved = [(shard, pos) for shard, pos in self._acked.items() if saved.get(shard) != pos]
+        if not moved:
+            return
+        async with conn.cursor() as cur:
+            await cur.execute(
+                f"INSERT INTO `{self._router.global_schema}`.relay_positions (shard_id, last_change_id)"
+                f" VALUES {', '.join(['(%s, %s)'] * len(moved))} ON DUPLICATE KEY UPDATE"
+                " last_change_id = GREATEST(last_change_id, VALUES(last_change_id))",
+                [v for pair in moved for v in pair],
+            )
+            await conn.commit()
+        saved.update(moved)
