@@ -19,6 +19,18 @@ logger = logging.getLogger(__name__)
 DELETE_BATCH = 5000
 
 
+async def relay_position(router: ShardRouter, shard: int) -> int:
+    """The last change id of ``shard`` the relay has published (0 before its first publish)."""
+    async with router.global_pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT last_change_id FROM `{router.global_schema}`.relay_positions WHERE shard_id = %s",
+            (shard,),
+        )
+        row = await cur.fetchone()
+        await conn.commit()
+    return int(row[0]) if row else 0
+
+
 async def trim_changes(router: ShardRouter, shard: int, retention_s: float) -> int:
     """Delete the shard's changes older than ``retention_s``; returns the new mark."""
     changes = router.table(shard, "changes")
@@ -42,6 +54,8 @@ async def trim_changes(router: ShardRouter, shard: int, retention_s: float) -> i
                 through = int(through or 0)
             else:
                 through = int(young[0]) - 1
+            # Never trim what the change relay has not published yet.
+            through = min(through, await relay_position(router, shard))
             await cur.execute(
                 f"UPDATE {mark} SET trimmed_through = %s, trimmed_at = UTC_TIMESTAMP(6)"
                 " WHERE id = 1 AND trimmed_through < %s",
