@@ -18,11 +18,10 @@ import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 import aiomysql
 
+from libs.component import Component
 from libs.config import DatabaseSettings
 from libs.db import connect, create_pool, shard_schema
 from libs.ids import shard_of
@@ -118,7 +117,7 @@ async def load_shard_map(conn: aiomysql.Connection, global_schema: str) -> Shard
     )
 
 
-class ShardRouter:
+class ShardRouter(Component):
     """Routes a shard (or any id) to a connection pool on the cluster that holds it.
 
     One pool per cluster, shared by all of its shards; queries name their schema explicitly
@@ -155,15 +154,6 @@ class ShardRouter:
             pool.close()
         for pool in pools:
             await pool.wait_closed()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     @property
     def shard_map(self) -> ShardMap:

@@ -29,14 +29,14 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import aiomysql
 import orjson
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Gauge
 
+from libs.component import Component
 from libs.config import DatabaseSettings
 from libs.db import connect
 from libs.kafka import CHANGES
@@ -82,7 +82,7 @@ def change_message(shard: int, row: Sequence[Any]) -> tuple[bytes, bytes]:
     return str(account_id).encode(), orjson.dumps(value)
 
 
-class ChangeRelay:
+class ChangeRelay(Component):
     """Publishes ``changes`` rows of every shard in the shard map to ``topic``.
 
     :param router: the open shard router (shards are read on their primaries).
@@ -128,15 +128,6 @@ class ChangeRelay:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

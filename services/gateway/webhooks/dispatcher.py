@@ -31,14 +31,14 @@ import random
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import Counter, Gauge, Histogram
 
+from libs.component import Component
 from libs.db import connect
 from libs.shards import ShardRouter
 from libs.webhooks import sign_headers
@@ -150,7 +150,7 @@ class _Recorder:
                 return
 
 
-class WebhookDispatcher:
+class WebhookDispatcher(Component):
     """Consumes flightlog.changes and delivers signed webhooks; see the module docstring.
 
     :param router: the open shard router (the global schema holds endpoints and deliveries).
@@ -219,15 +219,6 @@ class WebhookDispatcher:
         if self._http is not None:
             await self._http.close()
             self._http = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
