@@ -20,6 +20,7 @@ from libs.config import KafkaSettings
 __all__ = [
     "CHANGES",
     "DLQ",
+    "IMAP_ACCOUNTS",
     "INFLIGHT",
     "PERSIST_RETRY",
     "POSTFLIGHT",
@@ -41,8 +42,11 @@ TRANSFORM_STATE: Final = "flightlog.transform-state"
 # Postflight records persist could not write because their shard was down or slow; persist
 # retries them from here so the other shards never wait for one.
 PERSIST_RETRY: Final = "flightlog.persist-retry"
+# One compacted record per IMAP account (key: account id); ingest instances split it between them.
+IMAP_ACCOUNTS: Final = "flightlog.imap-accounts"
 
 _WEEK_MS: Final = 7 * 24 * 3600 * 1000
+_COMPACTED: Final = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000", "segment.ms": "3600000"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +64,8 @@ TOPICS: Final = (
     TopicSpec(CHANGES, 6, {"retention.ms": str(_WEEK_MS), "min.insync.replicas": "1"}),
     TopicSpec(DLQ, 1, {"retention.ms": str(4 * _WEEK_MS)}),
     TopicSpec(PERSIST_RETRY, 6, {"retention.ms": str(4 * _WEEK_MS)}),
-    TopicSpec(
-        TRANSFORM_STATE,
-        6,
-        {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000", "segment.ms": "3600000"},
-    ),
+    TopicSpec(TRANSFORM_STATE, 6, dict(_COMPACTED)),
+    TopicSpec(IMAP_ACCOUNTS, 12, dict(_COMPACTED)),
 )
 
 

@@ -11,12 +11,12 @@ from typing import Final
 
 from aiohttp import web
 
-from libs.accounts import Account, Application
+from libs.accounts import Account, AccountDirectory, Application
 from libs.ids import InvalidId, parse_public_id, shard_of
 from services.gateway.errors import NotFound
 from services.gateway.state import STATE
 
-__all__ = ["authenticated", "owned_account", "path_id"]
+__all__ = ["application_of", "authenticated", "owned_account", "path_id"]
 
 MAX_KEY_LENGTH: Final = 200
 
@@ -26,23 +26,29 @@ AppHandler = Callable[[web.Request, Application], Awaitable[web.StreamResponse]]
 _CHALLENGE: Final = {"WWW-Authenticate": 'Bearer realm="flightlog"'}
 
 
+async def application_of(request: web.Request, directory: AccountDirectory) -> Application:
+    """The application whose key is in ``Authorization: Bearer <api key>``; raises a 401 with the
+    Bearer challenge (every API of the gateway, webhooks and IMAP accounts too, goes through here)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise web.HTTPUnauthorized(
+            headers=_CHALLENGE, text="send the application's API key as Authorization: Bearer <key>"
+        )
+    app = None
+    if len(key) <= MAX_KEY_LENGTH and key.isascii():
+        app = await directory.application_for_key(key)
+    if app is None:
+        raise web.HTTPUnauthorized(headers=_CHALLENGE, text="the API key is unknown or revoked")
+    return app
+
+
 def authenticated(handler: AppHandler) -> Handler:
     """Resolve ``Authorization: Bearer <api key>`` to the caller's application, or answer 401."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        header = request.headers.get("Authorization", "")
-        scheme, _, key = header.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise web.HTTPUnauthorized(
-                headers=_CHALLENGE, text="send the application's API key as Authorization: Bearer <key>"
-            )
-        app = None
-        if len(key) <= MAX_KEY_LENGTH and key.isascii():
-            app = await request.app[STATE].accounts.application_for_key(key)
-        if app is None:
-            raise web.HTTPUnauthorized(headers=_CHALLENGE, text="the API key is unknown or revoked")
-        return await handler(request, app)
+        return await handler(request, await application_of(request, request.app[STATE].accounts))
 
     return wrapped
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from libs.config import ServiceSettings
 
 __all__ = ["GatewaySettings"]
@@ -12,6 +14,10 @@ class GatewaySettings(ServiceSettings):
 
     ``gateway_token_secret`` keys the MAC of cursors and page tokens: every gateway replica needs
     the same value, and changing it invalidates every cursor handed out (clients get a 400).
+
+    PATCH and DELETE of a message are lifecycle events through the pipeline (the transform owns
+    message versions): the answer waits up to ``gateway_write_wait_s`` for the new version to be
+    stored (200), then answers 202 (accepted, still on its way).
     """
 
     gateway_token_secret: str = "flightlog-dev-token-secret"
@@ -23,3 +29,6 @@ class GatewaySettings(ServiceSettings):
     # The delta log keeps at least this long; older change rows are trimmed (0 keeps them forever).
     gateway_changes_retention_s: float = 7 * 24 * 3600.0
     gateway_trim_interval_s: float = 600.0
+    gateway_write_wait_s: float = Field(default=5.0, ge=0, le=30)
+    gateway_write_poll_interval_s: float = Field(default=0.05, gt=0, le=1)
+    gateway_produce_timeout_s: float = Field(default=10.0, gt=0)  # Kafka's acks=all for one event

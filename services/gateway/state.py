@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
 
 from libs.accounts import AccountDirectory
 from libs.shards import ShardRouter
 from services.gateway.settings import GatewaySettings
+from services.ingest.imap.store import SyncStore
 
 __all__ = ["STATE", "GatewayState"]
 
@@ -23,6 +25,8 @@ class GatewayState:
     admin_key: str = ""
     router: ShardRouter | None = None
     directory: AccountDirectory | None = None
+    producer: AIOKafkaProducer | None = None  # lifecycle events (PATCH, DELETE) and IMAP accounts
+    imap_store: SyncStore | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -34,6 +38,16 @@ class GatewayState:
     def accounts(self) -> AccountDirectory:
         assert self.directory is not None, "routes are gated until the router is open"
         return self.directory
+
+    @property
+    def kafka(self) -> AIOKafkaProducer:
+        assert self.producer is not None, "routes are gated until the producer is open"
+        return self.producer
+
+    @property
+    def imap(self) -> SyncStore:
+        assert self.imap_store is not None, "routes are gated until the router is open"
+        return self.imap_store
 
     @property
     def token_key(self) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ from libs.shards import ShardMap, ShardRouter
 # interferes; two checkouts sharing one stack can set different values.
 E2E_PORT_OFFSET = int(os.environ.get("FLIGHTLOG_E2E_PORT_OFFSET", "200"))
 E2E_INSTANCE = os.environ.get("FLIGHTLOG_E2E_INSTANCE", "-e2e")
+# An instance id of its own: the transform's transactional id derives from it, and two runs with
+# the same one would fence each other's transform.
+E2E_ENV = {"FLIGHTLOG_INSTANCE_ID": f"{socket.gethostname()}{E2E_INSTANCE}"}
+# The webhook tests run dispatchers with settings of their own, and only one dispatcher delivers
+# at a time: the pipeline's gateway serves the webhook API without one (see test_gateway_wiring).
+GATEWAY_ENV = {"FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY": "false"}
 
 
 @dataclass
@@ -33,7 +40,13 @@ class Pipeline:
 @pytest.fixture(scope="session")
 def pipeline(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[Pipeline]:
     services = {
-        name: LocalService(name, port + E2E_PORT_OFFSET, stack.settings.state_dir, instance=E2E_INSTANCE)
+        name: LocalService(
+            name,
+            port + E2E_PORT_OFFSET,
+            stack.settings.state_dir,
+            env={**E2E_ENV, **(GATEWAY_ENV if name == "gateway" else {})},
+            instance=E2E_INSTANCE,
+        )
         for name, port in SERVICE_PORTS.items()
     }
     for svc in services.values():

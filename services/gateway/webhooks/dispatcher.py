@@ -200,6 +200,11 @@ class WebhookDispatcher(Component):
             asyncio.create_task(self._lead(), name="webhooks-leader"),
         ]
 
+    @property
+    def running(self) -> bool:
+        """Started, with its intake and delivery loops alive (a host's readiness check)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Finish the intake batch in hand, abandon requests in flight (they stay pending and are
         sent again, with the same webhook-id), close."""

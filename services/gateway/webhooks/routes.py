@@ -30,14 +30,23 @@ from libs.accounts import AccountDirectory, Application
 from libs.http import problem_response
 from libs.ids import parse_public_id
 from libs.shards import ShardRouter
+from services.gateway.auth import application_of
 from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.store import EVENT_TYPES, Endpoint, WebhookStore
 from services.gateway.webhooks.targets import MAX_URL_LENGTH, TargetRefused, check_target
 
-__all__ = ["WEBHOOK_API", "WebhookApi", "add_webhook_routes"]
+__all__ = [
+    "DELIVERY_STATES",
+    "MAX_ACCOUNT_FILTER",
+    "MAX_PAGE",
+    "WEBHOOK_API",
+    "WebhookApi",
+    "add_webhook_routes",
+]
 
 MAX_ACCOUNT_FILTER: Final = 1000
 MAX_PAGE: Final = 500
+DELIVERY_STATES: Final = ("pending", "delivered", "failed", "cancelled")
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -50,9 +59,11 @@ class WebhookApi:
     store: WebhookStore | None = None
     directory: AccountDirectory | None = None
 
-    def bind(self, router: ShardRouter) -> None:
+    def bind(self, router: ShardRouter, directory: AccountDirectory | None = None) -> None:
+        """Open the routes; ``directory`` is the host's own (the gateway's cache of keys and
+        accounts), so a revoked key stops working here exactly when it does everywhere else."""
         self.store = WebhookStore(router, self.settings.webhooks_secret_key)
-        self.directory = AccountDirectory(router)
+        self.directory = directory or AccountDirectory(router)
 
 
 WEBHOOK_API: Final = web.AppKey("webhook_api", WebhookApi)
@@ -61,7 +72,7 @@ EventType = Annotated[str, StringConstraints(pattern="^(" + "|".join(EVENT_TYPES
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "true" is not a boolean, "5" not a number
 
     @field_validator("account_ids", check_fields=False)
     @classmethod
@@ -94,6 +105,13 @@ class ReplayRange(BaseModel):
     since: datetime
     until: datetime
 
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        if not isinstance(value, str):  # not a number of seconds either
+            raise ValueError("must be an RFC 3339 date-time string")
+        return value
+
 
 class _Problem(Exception):
     def __init__(self, status: int, title: str, detail: str) -> None:
@@ -109,10 +127,12 @@ def _authed(handler: AppHandler) -> Callable[[web.Request], Awaitable[web.Stream
         api = request.app[WEBHOOK_API]
         if api.store is None or api.directory is None:
             return problem_response(503, "Service starting", "webhooks are not ready yet", retry_after_s=1)
-        key = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        app = await api.directory.application_for_key(key) if key else None
-        if app is None:
-            return problem_response(401, "Unauthorized", "a valid application API key is required")
+        try:
+            app = await application_of(request, api.directory)
+        except web.HTTPUnauthorized as exc:
+            response = problem_response(401, "Unauthorized", exc.text or "a valid API key is required")
+            response.headers["WWW-Authenticate"] = exc.headers["WWW-Authenticate"]
+            return response
         try:
             return await handler(request, api, api.store, app)
         except _Problem as p:
@@ -162,6 +182,10 @@ async def _endpoint(request: web.Request, store: WebhookStore, app: Application)
     if endpoint is None:
         raise _Problem(404, "Not found", f"no webhook {endpoint_id}")
     return endpoint
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 20
 
 
 def _path_id(request: web.Request, name: str) -> int:
@@ -248,15 +272,15 @@ async def deliveries(
     endpoint = await _endpoint(request, store, app)
     q = request.query
     state = q.get("state")
-    if state is not None and state not in ("pending", "delivered", "failed", "cancelled"):
+    if state is not None and state not in DELIVERY_STATES:
         raise _Problem(400, "Bad request", "state is pending, delivered, failed or cancelled")
-    try:
-        limit = int(q.get("limit", "100"))
-        before = int(q["before"]) if "before" in q else None
-    except ValueError:
-        raise _Problem(400, "Bad request", "limit and before are integers") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise _Problem(400, "Bad request", f"limit is 1..{MAX_PAGE}")
+    limit_text, before_text = q.get("limit", "100"), q.get("before")
+    if not _digits(limit_text) or not 1 <= int(limit_text) <= MAX_PAGE:
+        raise _Problem(400, "Bad request", f"limit is an integer in 1..{MAX_PAGE}")
+    if before_text is not None and (not _digits(before_text) or not 0 < int(before_text) < 2**63):
+        raise _Problem(400, "Bad request", "before is the id of a delivery (next_before of a page)")
+    limit = int(limit_text)
+    before = None if before_text is None else int(before_text)
     rows = await store.deliveries(endpoint.id, state=state, before_id=before, limit=limit)
     next_before = str(rows[-1].id) if len(rows) == limit else None
     return web.json_response({"data": [d.public() for d in rows], "next_before": next_before})

@@ -1,4 +1,6 @@
-"""The IMAP account API: POST /v1/accounts (provider imap) and GET /v1/accounts/{id}/sync.
+"""The IMAP account API: POST /v1/accounts (provider imap), GET /v1/accounts/{id}/sync and
+PATCH /v1/accounts/{id}/credentials (new username and/or password; restarts a sync stopped by an
+authentication failure).
 
 The handlers are plain functions (tested directly); :func:`add_imap_account_routes` mounts them
 on an aiohttp app that already authenticates API keys (the gateway) and gives them the caller's
@@ -17,12 +19,20 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from libs.accounts import AccountDirectory, create_account
 from libs.http import problem_response
-from libs.shards import ShardRouter
+from libs.ids import InvalidId, parse_public_id
+from libs.shards import ShardRouter, UnknownShard
 from services.ingest.imap.distribution import publish_account
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.store import SyncStore
 
-__all__ = ["ImapAccountIn", "add_imap_account_routes", "create_imap_account", "imap_account_view"]
+__all__ = [
+    "ImapAccountIn",
+    "ImapCredentialsIn",
+    "add_imap_account_routes",
+    "create_imap_account",
+    "imap_account_view",
+    "update_imap_credentials",
+]
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
@@ -37,7 +47,7 @@ def _is_loopback(host: str) -> bool:
 
 
 class ImapAccountIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     provider: Literal["imap"] = "imap"
     email: Annotated[str, StringConstraints(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
@@ -46,7 +56,7 @@ class ImapAccountIn(BaseModel):
     tls_mode: Literal["implicit", "starttls", "none"] = "implicit"
     username: Annotated[str, StringConstraints(min_length=1, max_length=320)]
     password: Annotated[str, StringConstraints(min_length=1, max_length=1000)] = Field(repr=False)
-    shard: int | None = None
+    shard: Annotated[int, Field(ge=0, le=65535)] | None = None
 
     @model_validator(mode="after")
     def _plaintext_only_on_loopback(self) -> Self:
@@ -55,6 +65,15 @@ class ImapAccountIn(BaseModel):
         if self.tls_mode == "starttls":
             raise ValueError("tls_mode 'starttls' is not supported yet; use 'implicit'")
         return self
+
+
+class ImapCredentialsIn(BaseModel):
+    """New credentials; a username left out keeps the current one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    username: Annotated[str, StringConstraints(min_length=1, max_length=320)] | None = None
+    password: Annotated[str, StringConstraints(min_length=1, max_length=1000)] = Field(repr=False)
 
 
 async def create_imap_account(
@@ -108,29 +127,65 @@ def add_imap_account_routes(
     """``application_of`` authenticates the request (raising the gateway's 401) and returns the
     caller's application id."""
 
+    def invalid(title: str, exc: ValidationError) -> web.Response:
+        return problem_response(422, title, "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors(include_input=False)
+        ))  # fmt: skip
+
+    async def owned_imap_account(request: web.Request) -> int | web.Response:
+        """The path's account id, or the 404 that a foreign and a missing account get alike."""
+        app_id = await application_of(request)
+        text = request.match_info["account_id"]
+        try:
+            account_id = parse_public_id(text)
+        except InvalidId:
+            return problem_response(404, "Not found", f"account {text[:40]} not found")
+        if await get_directory().owned_account(app_id, account_id) is None:
+            return problem_response(404, "Not found", f"account {account_id} not found")
+        return account_id
+
     async def post_account(request: web.Request) -> web.StreamResponse:
         app_id = await application_of(request)
         try:
             body = ImapAccountIn.model_validate_json(await request.read())
         except ValidationError as exc:
-            return problem_response(422, "Invalid account", "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False)
-            ))  # fmt: skip
-        created = await create_imap_account(get_router(), get_store(), get_producer(), settings, app_id, body)
+            return invalid("Invalid account", exc)
+        try:
+            created = await create_imap_account(
+                get_router(), get_store(), get_producer(), settings, app_id, body
+            )
+        except UnknownShard as exc:
+            return problem_response(422, "Unknown shard", str(exc))
         return web.json_response(created, status=201)
 
     async def get_sync(request: web.Request) -> web.StreamResponse:
-        app_id = await application_of(request)
-        try:
-            account_id = int(request.match_info["account_id"])
-        except ValueError:
-            return problem_response(404, "Not found", "no such account")
-        if await get_directory().owned_account(app_id, account_id) is None:
-            return problem_response(404, "Not found", "no such account")
+        account_id = await owned_imap_account(request)
+        if isinstance(account_id, web.Response):
+            return account_id
         view = await imap_account_view(get_store(), account_id)
         if view is None:
-            return problem_response(404, "Not found", "not an IMAP account")
+            return problem_response(404, "Not found", f"account {account_id} is not an IMAP account")
+        return web.json_response({"id": str(account_id), **view})
+
+    async def patch_credentials(request: web.Request) -> web.StreamResponse:
+        account_id = await owned_imap_account(request)
+        if isinstance(account_id, web.Response):
+            return account_id
+        store = get_store()
+        current = await store.account_public(account_id)
+        if current is None:
+            return problem_response(404, "Not found", f"account {account_id} is not an IMAP account")
+        try:
+            body = ImapCredentialsIn.model_validate_json(await request.read())
+        except ValidationError as exc:
+            return invalid("Invalid credentials", exc)
+        await update_imap_credentials(
+            store, get_producer(), settings, account_id, body.username or current["username"], body.password
+        )
+        view = await imap_account_view(store, account_id)
+        assert view is not None
         return web.json_response({"id": str(account_id), **view})
 
     app.router.add_post("/v1/accounts", post_account)
-    app.router.add_get("/v1/accounts/{account_id}/sync", get_sync)
+    app.router.add_get("/v1/accounts/{account_id}/sync", get_sync, allow_head=False)
+    app.router.add_patch("/v1/accounts/{account_id}/credentials", patch_credentials)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from libs.kafka import IMAP_ACCOUNTS
+
 __all__ = ["ImapSettings"]
 
 
@@ -12,8 +14,8 @@ class ImapSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
 
     imap_sync_enabled: bool = True
-    imap_accounts_topic: str = "flightlog.imap-accounts"
-    imap_accounts_partitions: int = Field(default=12, gt=0)
+    imap_accounts_topic: str = IMAP_ACCOUNTS  # `flightlog topics create` makes it
+    imap_accounts_partitions: int = Field(default=12, gt=0)  # only for a topic of another name
     imap_consumer_group: str = "flightlog-ingest-imap"
     imap_batch_size: int = Field(default=250, gt=0)  # messages per UID FETCH of bodies
     imap_poll_interval_s: float = Field(default=30.0, gt=0)  # folders other than INBOX
