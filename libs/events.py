@@ -8,6 +8,7 @@ refuse a record it does not understand (it goes to the DLQ, never dropped).
 
 from __future__ import annotations
 
+import binascii
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
@@ -141,7 +142,9 @@ class MessageContent(_Model):
     body_text: str | None = None
     body_html: str | None = None
     error_code: Annotated[str, StringConstraints(max_length=64)] | None = None
-    raw_mime: str | None = None  # base64 of an RFC 5322 message (IMAP sync); parsed by transform
+    # base64 of an RFC 5322 message (IMAP sync, or posted); transform parses it into the fields
+    # below and drops it (libs.mime.expand_raw_mime), so it never reaches state or postflight.
+    raw_mime: str | None = None
     # Filled from raw_mime by libs.mime.content_fields (all optional, added after schema v1).
     thread_key: Annotated[str, StringConstraints(max_length=64)] | None = None
     size_bytes: Annotated[int, Field(ge=0)] | None = None
@@ -155,6 +158,17 @@ class MessageContent(_Model):
     def _bounded(cls, value: str | None) -> str | None:
         if value is not None and len(value.encode()) > MAX_BODY_BYTES:
             raise ValueError(f"is larger than the limit of {MAX_BODY_BYTES} bytes")
+        return value
+
+    @field_validator("raw_mime")
+    @classmethod
+    def _base64(cls, value: str | None) -> str | None:
+        # Refused at ingest with a clear error: bytes that are not base64 hold no message at all.
+        if value is not None:
+            try:
+                binascii.a2b_base64(value, strict_mode=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("must be standard base64 (RFC 4648, padded, no line breaks)") from None
         return value
 
 

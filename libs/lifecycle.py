@@ -14,6 +14,14 @@
 Order independence: a status event's content fields are kept by rank (a field set by a later
 lifecycle stage wins over one set by an earlier stage, whatever the arrival order), and a late
 event only fills gaps. So any arrival order of one valid lifecycle ends in the same state.
+
+Raw MIME: an event whose content carries ``raw_mime`` (IMAP sync, or posted) is expanded first by
+:func:`libs.mime.expand_raw_mime` (pure and deterministic, so replays give the same state): the
+headers, bodies, thread key, size, attachment metadata and parse warnings become content fields
+and the raw bytes are dropped, so they never reach the state, its changelog or postflight.
+Broken MIME still makes a message, with ``parse_warnings``; an event whose ``raw_mime`` cannot
+be expanded at all is rejected (the DLQ) with the reason. Messages larger than
+:data:`libs.mime.MAX_RAW_BYTES` are parsed up to that cut and warned ``truncated``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Final
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from libs.events import (
+    AttachmentInfo,
     Direction,
     Event,
     EventType,
@@ -35,6 +44,7 @@ from libs.events import (
     PostflightRecord,
     Status,
 )
+from libs.mime import MAX_RAW_BYTES, expand_raw_mime, html_to_text
 
 __all__ = [
     "MAX_SEEN_EVENT_IDS",
@@ -68,9 +78,13 @@ _RANKS: Final[dict[Status, int]] = {
 _STATUS_OF: Final[dict[EventType, Status]] = {t: s for t in EventType if (s := t.status) is not None}
 _INBOUND: Final = frozenset({Status.RECEIVING, Status.RECEIVED})
 
-_CONTENT_FIELDS: Final = ("channel", "sender", "to", "cc", "subject", "body_text", "body_html", "error_code")
-# What a redaction or a deletion erases, and what may not come back afterwards.
-_ERASABLE: Final = frozenset({"subject", "body_text", "body_html"})
+_CONTENT_FIELDS: Final = (
+    "channel", "sender", "to", "cc", "subject", "body_text", "body_html", "error_code",
+    "thread_key", "size_bytes", "attachments", "parse_warnings",
+)  # fmt: skip
+# What a redaction or a deletion erases, and what may not come back afterwards. Attachment
+# filenames say as much as a subject; the thread key, size and parse warnings say nothing.
+_ERASABLE: Final = frozenset({"subject", "body_text", "body_html", "attachments"})
 
 
 class MessageState(BaseModel):
@@ -92,6 +106,11 @@ class MessageState(BaseModel):
     body_text: str | None = None
     body_html: str | None = None
     error_code: str | None = None
+    # From raw MIME (libs.mime); absent from states written before they existed.
+    thread_key: str | None = None
+    size_bytes: int | None = None
+    attachments: list[AttachmentInfo] | None = None
+    parse_warnings: list[str] | None = None
     # rank of the event that set each content field (see the module docstring)
     content_ranks: dict[str, int] = Field(default_factory=dict)
     unread: bool | None = None
@@ -125,9 +144,16 @@ class Outcome:
     reason: str | None = None
 
 
-def make_snippet(body_text: str | None) -> str | None:
+# An HTML-only message's snippet is read from this much of its HTML at most.
+_SNIPPET_HTML_CHARS: Final = 64 * 1024
+
+
+def make_snippet(body_text: str | None, body_html: str | None = None) -> str | None:
+    """The text's first characters, whitespace collapsed; from the HTML when there is no text."""
     if body_text is None:
-        return None
+        if body_html is None:
+            return None
+        return " ".join(html_to_text(body_html[:_SNIPPET_HTML_CHARS]).split())[:SNIPPET_CHARS] or None
     return " ".join(body_text.split())[:SNIPPET_CHARS]
 
 
@@ -141,7 +167,7 @@ def to_doc(state: MessageState) -> MessageDoc:
         to=state.to or [],
         cc=state.cc or [],
         subject=state.subject,
-        snippet=make_snippet(state.body_text),
+        snippet=make_snippet(state.body_text, state.body_html),
         body_text=state.body_text,
         body_html=state.body_html,
         error_code=state.error_code,
@@ -153,6 +179,10 @@ def to_doc(state: MessageState) -> MessageDoc:
         final_at=state.final_at,
         redacted=state.redacted,
         source=state.source,
+        thread_key=state.thread_key,
+        size_bytes=state.size_bytes,
+        attachments=state.attachments or [],
+        parse_warnings=state.parse_warnings or [],
     )
 
 
@@ -160,7 +190,7 @@ def to_doc(state: MessageState) -> MessageDoc:
 _DOC_FIELDS: Final = (
     "status", "direction", "channel", "sender", "to", "cc", "subject", "body_text", "body_html",
     "error_code", "unread", "starred", "folder", "labels", "occurred_at", "final_at", "redacted",
-    "source", "deleted",
+    "source", "deleted", "thread_key", "size_bytes", "attachments", "parse_warnings",
 )  # fmt: skip
 
 
@@ -274,6 +304,12 @@ def apply(state: MessageState | None, event: Event, *, now: datetime | None = No
             occurred_at=event.occurred_at, source=event.source,
         )  # fmt: skip
     old = state or _copy(new)
+    if event.content is not None and event.content.raw_mime is not None:
+        try:
+            content = expand_raw_mime(event.content, max_bytes=MAX_RAW_BYTES)
+        except Exception as exc:  # libs.mime never raises on bad MIME; this is the last line of defence
+            return _reject(state, f"raw_mime cannot be turned into a message: {exc!r}"[:500])
+        event = event.model_copy(update={"content": content})
 
     if event.type in _STATUS_OF or event.type is EventType.SYNCED:
         return _apply_status(state, old, new, event, now)

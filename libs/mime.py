@@ -35,6 +35,7 @@ __all__ = [
     "content_fields",
     "decode_header_value",
     "expand_raw_mime",
+    "html_to_text",
     "message_id_of",
     "parse_message",
     "thread_key",
@@ -171,7 +172,8 @@ def _decode_part(part: Message, parsed: ParsedMessage) -> str | None:
         return payload.decode("latin-1")
 
 
-def _html_to_text(body: str) -> str:
+def html_to_text(body: str) -> str:
+    """Readable text of an HTML body (tags, scripts and styles out, entities decoded)."""
     return html.unescape(_TAGS.sub(" ", body))
 
 
@@ -195,7 +197,10 @@ def _walk(msg: Message, parsed: ParsedMessage) -> None:
             filename = None
             _warn(parsed, "bad_filename")
         if filename is not None:
-            filename = decode_header_value(filename, parsed.parse_warnings)[:255]
+            filename_warnings: list[str] = []
+            filename = decode_header_value(filename, filename_warnings)[:255]
+            for w in filename_warnings:
+                _warn(parsed, w)
         is_attachment = (
             disposition == "attachment" or filename is not None or ctype not in ("text/plain", "text/html")
         )
@@ -215,7 +220,7 @@ def _walk(msg: Message, parsed: ParsedMessage) -> None:
             parsed.attachments.append(
                 Attachment(
                     filename=filename,
-                    content_type=ctype,
+                    content_type=ctype[:255],
                     size_bytes=size,
                     content_id=cid.strip().strip("<>")[:255] if isinstance(cid, str) else None,
                     inline=disposition == "inline",
@@ -273,7 +278,7 @@ def parse_message(
     text = (
         parsed.body_text
         if parsed.body_text is not None
-        else (_html_to_text(parsed.body_html) if parsed.body_html is not None else None)
+        else (html_to_text(parsed.body_html) if parsed.body_html is not None else None)
     )
     parsed.snippet = _snippet(text)
     return parsed

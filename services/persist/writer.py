@@ -49,6 +49,7 @@ _CONTENT_COLUMNS: Final = (
     "status", "direction", "channel", "sender", "to_addrs", "cc_addrs", "subject", "snippet",
     "body", "body_encoding", "error_code", "unread", "starred", "folder", "labels", "source",
     "occurred_at", "final_at", "redacted", "deleted",
+    "thread_key", "size_bytes", "attachments", "parse_warnings",
 )  # fmt: skip
 _INSERT_COLUMNS: Final = ("account_id", "message_key", *_CONTENT_COLUMNS, "version")
 _ROW_PLACEHOLDER: Final = "(" + ", ".join(["%s"] * len(_INSERT_COLUMNS)) + ")"
@@ -100,21 +101,28 @@ def upsert_statement(table: str, rows: int) -> str:
     )
 
 
+def _json_or_null(items: list[Any]) -> str | None:
+    """A JSON array, or NULL for an empty one (the gateway reads both as [])."""
+    return orjson.dumps(items).decode() if items else None
+
+
 def row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
     m: MessageDoc = record.message
     if record.deleted:  # privacy: a deleted message keeps only its tombstone
         body, encoding, raw_len = None, BODY_RAW, 0
-        subject = snippet = None
+        subject = snippet = attachments = None
     else:
         body, encoding = encode_body(m.body_text, m.body_html)
         raw_len = len(orjson.dumps({"text": m.body_text, "html": m.body_html})) if body is not None else 0
         subject, snippet = m.subject, m.snippet
+        attachments = _json_or_null([a.model_dump(mode="json") for a in m.attachments])
     values = (
         record.account_id, record.message_key.encode(),
         m.status, m.direction, m.channel, m.sender,
         orjson.dumps(m.to).decode(), orjson.dumps(m.cc).decode(), subject, snippet,
         body, encoding, m.error_code, m.unread, m.starred, m.folder, orjson.dumps(m.labels).decode(),
         m.source, _utc_naive(m.occurred_at), _utc_naive(m.final_at), m.redacted, record.deleted,
+        m.thread_key, m.size_bytes, attachments, _json_or_null(m.parse_warnings),
         record.version,
     )  # fmt: skip
     return values, raw_len, len(body) if body is not None else 0

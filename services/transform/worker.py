@@ -10,6 +10,10 @@ rebalances (whose listener aiokafka awaits) out of the middle of a transaction, 
 fetched across a rebalance is dropped: aiokafka restarts the new assignment at the committed
 offsets, so it is read again.
 
+Size: an event whose message would not fit one Kafka record (state or postflight larger than
+:data:`MAX_RECORD_BYTES`, e.g. bodies parsed from raw MIME that grew in UTF-8) goes to the DLQ
+and leaves the state as it was: the producer would refuse the record on every retry.
+
 Errors: a Kafka error before the commit aborts the transaction, rewinds the batch's partitions
 and restores the touched states, then the batch is retried after a back-off. A
 :class:`aiokafka.errors.ProducerFenced` (another instance took over our transactional id), a
@@ -38,11 +42,14 @@ from libs.kafka import make_consumer, make_producer
 from libs.lifecycle import MessageState, OutcomeKind, apply
 from services.transform.settings import TransformSettings
 
-__all__ = ["STAGE", "TransformStopped", "TransformWorker"]
+__all__ = ["MAX_RECORD_BYTES", "STAGE", "TransformStopped", "TransformWorker"]
 
 logger = logging.getLogger(__name__)
 
 STAGE: Final = "transform"
+# Below the producer's max_request_size and the broker's message.max.bytes (both 1 MiB by
+# default), with room for key, headers and what a flags-only event can add to a state unchecked.
+MAX_RECORD_BYTES: Final = 1_000_000
 
 EVENTS = Counter("flightlog_transform_events_total", "Inflight events committed, by outcome", ["outcome"])
 POSTFLIGHT_RECORDS = Counter("flightlog_transform_postflight_records_total", "Postflight records committed")
@@ -60,6 +67,7 @@ class TransformStopped(RuntimeError):
 
 
 _Snapshot = dict[tuple[int, bytes], MessageState | None]
+_Encoded = dict[bytes, bytes]  # a dirty state's changelog value, when _handle already encoded it
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -227,16 +235,17 @@ class TransformWorker:
             for tp, records in batch.items():
                 states = self._states[tp.partition]
                 dirty: set[bytes] = set()
+                encoded: _Encoded = {}
                 for record in records:
-                    outcome = await self._handle(tp, record, states, snapshot, dirty, sends)
+                    outcome = await self._handle(tp, record, states, snapshot, dirty, encoded, sends)
                     counts[outcome] = counts.get(outcome, 0) + 1
                 for key in dirty:
+                    value = encoded.get(key) or states[key].model_dump_json().encode()
                     sends.append(
                         await self._producer.send(
-                            self.state_topic, value=states[key].model_dump_json().encode(), key=key,
-                            partition=tp.partition,
+                            self.state_topic, value=value, key=key, partition=tp.partition
                         )
-                    )  # fmt: skip
+                    )
             await asyncio.gather(*sends)
             offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
             await self._producer.send_offsets_to_transaction(offsets, self.group_id)
@@ -275,6 +284,7 @@ class TransformWorker:
         states: dict[bytes, MessageState],
         snapshot: _Snapshot,
         dirty: set[bytes],
+        encoded: _Encoded,
         sends: list[Awaitable[Any]],
     ) -> str:
         source = (tp.topic, tp.partition, record.offset)
@@ -295,14 +305,29 @@ class TransformWorker:
             return "error"
         if outcome.kind is OutcomeKind.REJECTED:
             sends.append(await self._dead_letter(record, outcome.reason or "rejected", source))
-        if outcome.changed and outcome.state is not None:
+        postflight = encode(outcome.record) if outcome.record is not None else None
+        changed = outcome.changed and outcome.state is not None
+        # Only content makes a state grow by much; encoding it here is reused for the changelog.
+        state_value = (
+            outcome.state.model_dump_json().encode()
+            if changed and outcome.state is not None and event.content is not None
+            else None
+        )
+        largest = max(len(postflight or b""), len(state_value or b""))
+        if largest > MAX_RECORD_BYTES:
+            reason = f"message too large: {largest} bytes encoded, over the limit of {MAX_RECORD_BYTES}"
+            sends.append(await self._dead_letter(record, reason, source))
+            return "too_large"
+        if changed and outcome.state is not None:
             snapshot.setdefault((tp.partition, key), previous)
             states[key] = outcome.state
             dirty.add(key)
-        if outcome.record is not None:
-            sends.append(
-                await self._producer.send(self.postflight_topic, value=encode(outcome.record), key=key)
-            )
+            if state_value is None:
+                encoded.pop(key, None)
+            else:
+                encoded[key] = state_value
+        if postflight is not None:
+            sends.append(await self._producer.send(self.postflight_topic, value=postflight, key=key))
         return outcome.kind.value
 
     async def _dead_letter(
