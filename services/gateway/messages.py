@@ -4,13 +4,21 @@ Range queries walk ``ix_messages_account_time (account_id, occurred_at, id)`` ne
 keyset position carried by an opaque page token, so every page is a range scan of one index,
 however deep. Filters are applied to the rows of that range.
 
-PATCH and DELETE write a new version and a ``changes`` row in one transaction, guarded by the
-version they read (``UPDATE ... WHERE version = %s``): a concurrent write by persist makes the
-guard fail and the request is retried on the fresh row, never applied over it.
+PATCH and DELETE never write the row: the transform owns message versions, so a change made
+beside it would take a version number the transform hands out again, and persist's version guard
+would then drop the transform's real update. They put a lifecycle event (``message.updated`` with
+the flags, ``message.deleted``) on flightlog.inflight like ingest does (same keying, acks=all) and
+wait up to ``gateway_write_wait_s`` for the row's version to pass the one they read: 200 with the
+message as stored, or 202 when it has not landed yet (it still will, in order with the message's
+other events).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final
@@ -18,13 +26,14 @@ from typing import Annotated, Any, Final
 import aiomysql
 import orjson
 from aiohttp import web
+from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from libs.accounts import Application
 from libs.cursor import CursorError, PageToken, decode_page_token, encode_page_token, query_fingerprint
-from libs.db import insert_guarded
-from libs.events import Direction, Status
+from libs.events import Direction, Event, EventType, MessageFlags, Status, encode, message_key_bytes
 from libs.ids import shard_of
+from libs.kafka import INFLIGHT
 from libs.shards import ShardRouter
 from services.gateway.auth import authenticated, owned_account, path_id
 from services.gateway.constants import (
@@ -33,12 +42,11 @@ from services.gateway.constants import (
     MAX_CHANNEL_LENGTH,
     MAX_FOLDER_LENGTH,
     MAX_PAGE_SIZE,
-    PATCH_ATTEMPTS,
 )
 from services.gateway.errors import ApiError, NotFound
 from services.gateway.params import Query
 from services.gateway.state import STATE, GatewayState
-from services.persist.writer import decode_body, lock_changes
+from services.persist.writer import decode_body
 
 __all__ = [
     "LIST_COLUMNS",
@@ -58,7 +66,6 @@ LIST_COLUMNS: Final = (
     "id", "account_id", "message_key", "version", "status", "direction", "channel", "sender",
     "to_addrs", "cc_addrs", "subject", "snippet", "error_code", "unread", "starred", "folder",
     "labels", "source", "occurred_at", "final_at", "redacted", "deleted", "created_at", "updated_at",
-    "thread_key", "size_bytes", "attachments", "parse_warnings",
 )  # fmt: skip
 DETAIL_COLUMNS: Final = (*LIST_COLUMNS, "body", "body_encoding")
 FILTERS: Final = ("status", "direction", "channel", "from", "to", "folder", "unread", "before", "after")
@@ -76,26 +83,6 @@ def _json_list(value: Any) -> list[str]:
         return []
     parsed = orjson.loads(value)
     return [str(v) for v in parsed] if isinstance(parsed, list) else []
-
-
-def _attachments(value: Any) -> list[dict[str, Any]]:
-    """Attachment metadata as stored by persist (libs.events.AttachmentInfo), every key present."""
-    if value is None:
-        return []
-    parsed = orjson.loads(value)
-    if not isinstance(parsed, list):
-        return []
-    return [
-        {
-            "filename": a.get("filename"),
-            "content_type": a.get("content_type") or "application/octet-stream",
-            "size_bytes": int(a.get("size_bytes") or 0),
-            "content_id": a.get("content_id"),
-            "inline": bool(a.get("inline")),
-        }
-        for a in parsed
-        if isinstance(a, dict)
-    ]
 
 
 def message_json(row: dict[str, Any], *, with_body: bool = False) -> dict[str, Any]:
@@ -124,10 +111,6 @@ def message_json(row: dict[str, Any], *, with_body: bool = False) -> dict[str, A
         "redacted": bool(row["redacted"]),
         "created_at": _time(row["created_at"]),
         "updated_at": _time(row["updated_at"]),
-        "thread_key": row["thread_key"],
-        "size_bytes": None if row["size_bytes"] is None else int(row["size_bytes"]),
-        "attachments": _attachments(row["attachments"]),
-        "parse_warnings": _json_list(row["parse_warnings"]),
     }
     if with_body:
         text, html = decode_body(row["body"], int(row["body_encoding"]))
@@ -348,51 +331,76 @@ def _validation_error(exc: ValidationError) -> ApiError:
     return ApiError(422, "Invalid request body", "the body does not match the schema", errors=errors)
 
 
-async def _write_version(
-    router: ShardRouter,
-    message_id: int,
-    read_version: int,
-    account_id: int,
-    assignments: list[tuple[str, Any]],
-    change_type: str,
-) -> bool:
-    """Set the columns and version + 1 if the row is still at ``read_version``; write the change row."""
+async def _primary_row(
+    router: ShardRouter, message_id: int, columns: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """The row as the primary has it now, deleted or not (a replica may lag behind a write)."""
     shard = shard_of(message_id)
     pool = await router.pool(shard)
-    sets = ", ".join(f"{column} = %s" for column, _ in assignments)
-    async with pool.acquire() as conn:
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(
-                    f"UPDATE {router.table(shard, 'messages')} SET {sets}, version = version + 1"
-                    " WHERE id = %s AND version = %s AND deleted = 0",
-                    [*(v for _, v in assignments), message_id, read_version],
-                )
-                if cur.rowcount != 1:
-                    await conn.rollback()
-                    return False
-                await lock_changes(cur, router, shard)
-                await insert_guarded(
-                    cur,
-                    shard,
-                    f"INSERT INTO {router.table(shard, 'changes')}"
-                    " (account_id, object_type, object_id, change_type, version)"
-                    " VALUES (%s, 'message', %s, %s, %s)",
-                    (account_id, message_id, change_type, read_version + 1),
-                )
-            await conn.commit()
-        except BaseException:
-            await conn.rollback()
-            raise
-    return True
+    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+        await cur.execute(
+            f"SELECT {', '.join(columns)} FROM {router.table(shard, 'messages')} WHERE id = %s", (message_id,)
+        )
+        row = await cur.fetchone()
+        await conn.commit()
+    return None if row is None else dict(row)
 
 
-def _conflict(message_id: int) -> ApiError:
-    return ApiError(
-        409,
-        "Conflict",
-        f"message {message_id} kept changing while it was written; try again",
-        retry_after_s=1,
+async def _submit(
+    state: GatewayState, row: dict[str, Any], kind: EventType, flags: MessageFlags | None
+) -> None:
+    """Put one lifecycle event of the row's message on flightlog.inflight; return once Kafka has it."""
+    now = datetime.now(UTC)
+    account_id = int(row["account_id"])
+    message_key = bytes(row["message_key"]).decode()
+    event = Event(
+        event_id=f"api-{uuid.uuid4().hex}", account_id=account_id, message_key=message_key, type=kind,
+        occurred_at=now, source="api", flags=flags, received_at=now,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(state.settings.gateway_produce_timeout_s):
+            await state.kafka.send_and_wait(
+                INFLIGHT, encode(event), key=message_key_bytes(account_id, message_key)
+            )
+    except (KafkaError, TimeoutError) as exc:
+        raise ApiError(
+            503,
+            "Service unavailable",
+            f"Kafka did not acknowledge the change ({type(exc).__name__}); it may or may not be applied,"
+            " and sending it again is safe",
+            retry_after_s=1,
+        ) from None
+
+
+async def _landed(
+    state: GatewayState,
+    message_id: int,
+    read_version: int,
+    done: Callable[[dict[str, Any]], bool],
+    columns: tuple[str, ...],
+) -> dict[str, Any] | None:
+    """Poll the primary until the row is past ``read_version`` and ``done(row)``; None at the deadline."""
+    settings = state.settings
+    deadline = time.monotonic() + settings.gateway_write_wait_s
+    while True:
+        row = await _primary_row(state.shards, message_id, columns)
+        if row is not None and int(row["version"]) > read_version and done(row):
+            return row
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(min(settings.gateway_write_poll_interval_s, max(deadline - time.monotonic(), 0)))
+
+
+def _accepted(message_id: int, what: str) -> web.Response:
+    return web.json_response(
+        {
+            "id": str(message_id),
+            "status": "accepted",
+            "detail": f"the {what} is on its way through the pipeline and has not been stored yet;"
+            " GET the message or follow the delta feed to see it land",
+        },
+        status=202,
+        dumps=_dumps,
     )
 
 
@@ -400,7 +408,7 @@ def _conflict(message_id: int) -> ApiError:
 async def patch_message(request: web.Request, app: Application) -> web.StreamResponse:
     message_id = path_id(request, "message_id", "message")
     state = request.app[STATE]
-    await _owned_message(request, app, with_body=False)  # 404 before looking at the body
+    row = await _owned_message(request, app, with_body=True)  # 404 before looking at the body
     try:
         patch = MessagePatch.model_validate(await _json_body(request))
     except ValidationError as exc:
@@ -412,51 +420,43 @@ async def patch_message(request: web.Request, app: Application) -> web.StreamRes
             "Invalid request body",
             "set at least one of unread, starred, folder, labels (null is not a value)",
         )
-    for _ in range(PATCH_ATTEMPTS):
-        row = await _owned_message(request, app, with_body=True)
-        current = message_json(row, with_body=True)
-        changed = [(k, v) for k, v in wanted.items() if current[k] != v]
-        if not changed:
-            return web.json_response(current, dumps=_dumps)
-        assignments = [
-            (k, orjson.dumps(v).decode() if k == "labels" else int(v) if isinstance(v, bool) else v)
-            for k, v in changed
-        ]
-        if await _write_version(
-            state.shards, message_id, int(row["version"]), int(row["account_id"]), assignments, "updated"
-        ):
-            return web.json_response(
-                message_json(await _owned_message(request, app, with_body=True), with_body=True), dumps=_dumps
-            )
-    raise _conflict(message_id)
+    # Sent even when the row already shows the values: an event still in the pipeline may be
+    # about to change them, and this one must come after it.
+    await _submit(state, row, EventType.UPDATED, MessageFlags(**wanted))
+    current = message_json(row, with_body=True)
+    if all(current[k] == v for k, v in wanted.items()):
+        return web.json_response(current, dumps=_dumps)
 
+    def shows_patch(fresh: dict[str, Any]) -> bool:
+        doc = message_json(fresh)
+        return bool(fresh["deleted"]) or all(doc[k] == v for k, v in wanted.items())
 
-# Deleting erases everything a message says and who it was between; what remains is the tombstone.
-_ERASED: Final = [
-    ("deleted", 1),
-    ("sender", None),
-    ("to_addrs", None),
-    ("cc_addrs", None),
-    ("subject", None),
-    ("snippet", None),
-    ("body", None),
-    ("body_encoding", 0),
-    ("labels", None),
-    ("error_code", None),
-]
+    fresh = await _landed(state, message_id, int(row["version"]), shows_patch, DETAIL_COLUMNS)
+    if fresh is None:
+        return _accepted(message_id, "change")
+    if fresh["deleted"]:
+        raise NotFound("message", str(message_id))
+    return web.json_response(message_json(fresh, with_body=True), dumps=_dumps)
 
 
 @authenticated
 async def delete_message(request: web.Request, app: Application) -> web.StreamResponse:
     message_id = path_id(request, "message_id", "message")
     state = request.app[STATE]
-    for _ in range(PATCH_ATTEMPTS):
-        row = await _owned_message(request, app, with_body=False)
-        if await _write_version(
-            state.shards, message_id, int(row["version"]), int(row["account_id"]), _ERASED, "deleted"
-        ):
-            return web.Response(status=204)
-    raise _conflict(message_id)
+    row = await _owned_message(request, app, with_body=False)
+    await _submit(state, row, EventType.DELETED, None)
+    fresh = await _landed(state, message_id, int(row["version"]), lambda r: bool(r["deleted"]), LIST_COLUMNS)
+    if fresh is None:
+        return _accepted(message_id, "deletion")
+    return web.json_response(
+        {
+            "id": str(message_id),
+            "account_id": str(fresh["account_id"]),
+            "version": int(fresh["version"]),
+            "deleted": True,
+        },
+        dumps=_dumps,
+    )
 
 
 def add_message_routes(app: web.Application) -> None:

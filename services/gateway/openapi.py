@@ -28,6 +28,11 @@ from services.gateway.constants import (
     MAX_SSE_HEARTBEAT_S,
     MIN_SSE_HEARTBEAT_S,
 )
+from services.gateway.webhooks.routes import DELIVERY_STATES, MAX_ACCOUNT_FILTER
+from services.gateway.webhooks.routes import MAX_PAGE as MAX_DELIVERY_PAGE
+from services.gateway.webhooks.settings import WebhookSettings
+from services.gateway.webhooks.store import EVENT_TYPES as WEBHOOK_EVENT_TYPES
+from services.gateway.webhooks.targets import MAX_URL_LENGTH
 
 __all__ = ["SPEC", "add_doc_routes"]
 
@@ -100,25 +105,6 @@ SCHEMAS: Final[dict[str, Json]] = {
             "redacted": {"type": "boolean"},
             "created_at": TIME,
             "updated_at": TIME,
-            "thread_key": _nullable(
-                {"type": "string", "description": "equal for the messages of one conversation (email)"}
-            ),
-            "size_bytes": _nullable({"type": "integer", "minimum": 0, "description": "raw message size"}),
-            "attachments": {"type": "array", "items": _ref("Attachment")},
-            "parse_warnings": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "what could not be read cleanly from the raw message, e.g. truncated",
-            },
-        }
-    ),
-    "Attachment": _obj(
-        {
-            "filename": _nullable({"type": "string"}),
-            "content_type": {"type": "string"},
-            "size_bytes": {"type": "integer", "minimum": 0, "description": "decoded size"},
-            "content_id": _nullable({"type": "string"}),
-            "inline": {"type": "boolean"},
         }
     ),
     "MessagePage": _obj(
@@ -346,20 +332,35 @@ PATHS: Final[dict[str, Json]] = {
             "operationId": "patchMessage",
             "tags": ["messages"],
             "summary": "Change read state, star, folder or labels",
-            "description": "Writes a new version and an `updated` change (none when nothing changes).",
+            "description": (
+                "The change goes through the pipeline as a `message.updated` lifecycle event, in order"
+                " with the message's other events; the answer waits up to gateway_write_wait_s (5 s)"
+                " for it to be stored: 200 with the message as stored (also at once when it already"
+                " shows the values), else 202 (accepted, not visible yet). Stored changes write a new"
+                " version and an `updated` change."
+            ),
             "parameters": [MESSAGE],
             "requestBody": _body("MessagePatch"),
             "responses": {
                 **_ok("MessageDetail", "the message after the change"),
-                **_errors(404, 409, 413, 415, 422),
+                **_ok("MessageAccepted", "accepted; not stored yet", 202),
+                **_errors(404, 413, 415, 422),
             },
         },
         "delete": {
             "operationId": "deleteMessage",
             "tags": ["messages"],
             "summary": "Erase a message's content and leave a tombstone change",
+            "description": (
+                "A `message.deleted` lifecycle event through the pipeline; the answer waits up to"
+                " gateway_write_wait_s (5 s) for the tombstone: 200, else 202 (accepted, not stored yet)."
+            ),
             "parameters": [MESSAGE],
-            "responses": {"204": {"description": "erased"}, **_errors(404, 409)},
+            "responses": {
+                **_ok("MessageDeleted", "erased; the tombstone's version"),
+                **_ok("MessageAccepted", "accepted; not stored yet", 202),
+                **_errors(404),
+            },
         },
     },
     "/v1/accounts/{account_id}/delta": {
@@ -496,6 +497,346 @@ PATHS: Final[dict[str, Json]] = {
         }
     },
 }
+
+# -- webhooks (services.gateway.webhooks.routes) and IMAP accounts (services.ingest.imap.api) ------
+
+REPLAY_CAP_DOC: Final = WebhookSettings.model_fields["webhooks_replay_max_deliveries"].default
+_WEBHOOK_EVENT: Final[Json] = {"type": "string", "enum": list(WEBHOOK_EVENT_TYPES)}
+_WEBHOOK_URL: Final[Json] = {
+    "type": "string",
+    "minLength": 8,
+    "maxLength": MAX_URL_LENGTH,
+    "description": "http(s), no credentials or fragment; private and loopback addresses are refused",
+}
+_EVENT_TYPES: Final[Json] = {
+    "type": "array",
+    "items": _WEBHOOK_EVENT,
+    "minItems": 1,
+    "maxItems": len(WEBHOOK_EVENT_TYPES),
+}
+_ACCOUNT_FILTER: Final[Json] = {
+    "type": "array",
+    "items": ID,
+    "minItems": 1,
+    "maxItems": MAX_ACCOUNT_FILTER,
+    "description": "only these accounts of the application (null or left out: all of them)",
+}
+_WEBHOOK_PROPS: Final[dict[str, Json]] = {
+    "id": ID,
+    "url": {"type": "string"},
+    "description": {"type": "string"},
+    "event_types": {"type": "array", "items": _WEBHOOK_EVENT},
+    "account_ids": _nullable({"type": "array", "items": ID}),
+    "enabled": {"type": "boolean"},
+    "disabled_reason": _nullable({"type": "string"}),
+    "disabled_at": _nullable(TIME),
+    "previous_secret_expires_at": _nullable(
+        {**TIME, "description": "until then the secret before the last rotation signs too"}
+    ),
+    "created_at": TIME,
+    "updated_at": TIME,
+}
+_DELIVERY_PROPS: Final[dict[str, Json]] = {
+    "id": ID,
+    "endpoint_id": ID,
+    "account_id": ID,
+    "change_id": ID,
+    "webhook_id": {"type": "string", "description": "the same on every attempt and replay of one event"},
+    "event_type": _WEBHOOK_EVENT,
+    "state": {"type": "string", "enum": list(DELIVERY_STATES)},
+    "attempts": {"type": "integer", "minimum": 0},
+    "next_attempt_at": _nullable(TIME),
+    "last_status": _nullable({"type": "integer"}),
+    "last_error": _nullable({"type": "string"}),
+    "replay_of": _nullable(ID),
+    "created_at": TIME,
+    "event_at": TIME,
+    "finished_at": _nullable(TIME),
+}
+_IMAP_TEXT_TIME: Final[Json] = _nullable({"type": "string", "description": "UTC, ISO 8601"})
+_IMAP_PROPS: Final[dict[str, Json]] = {
+    "id": ID,
+    "host": {"type": "string"},
+    "port": {"type": "integer"},
+    "tls_mode": {"type": "string", "enum": ["implicit", "starttls", "none"]},
+    "username": {"type": "string"},
+    "state": {"type": "string", "description": "pending, running, auth_failed, error ..."},
+    "last_error": _nullable({"type": "string"}),
+    "last_sync_at": _IMAP_TEXT_TIME,
+    "credentials_version": {"type": "integer", "minimum": 1},
+    "folders": {"type": "array", "items": _ref("ImapFolder")},
+}
+
+SCHEMAS.update(
+    {
+        "MessageAccepted": _obj(
+            {
+                "id": ID,
+                "status": {"type": "string", "enum": ["accepted"]},
+                "detail": {"type": "string"},
+            }
+        ),
+        "MessageDeleted": _obj(
+            {
+                "id": ID,
+                "account_id": ID,
+                "version": {"type": "integer", "minimum": 1},
+                "deleted": {"type": "boolean", "enum": [True]},
+            }
+        ),
+        "NewWebhook": _obj(
+            {
+                "url": _WEBHOOK_URL,
+                "description": {"type": "string", "maxLength": 500},
+                "event_types": {**_EVENT_TYPES, "description": "left out: every type"},
+                "account_ids": _nullable(_ACCOUNT_FILTER),
+            },
+            required=["url"],
+        ),
+        "WebhookPatch": _obj(
+            {
+                "url": _WEBHOOK_URL,
+                "description": {"type": "string", "maxLength": 500},
+                "event_types": _EVENT_TYPES,
+                "account_ids": _nullable(_ACCOUNT_FILTER),
+                "enabled": {"type": "boolean", "description": "true re-enables a disabled endpoint"},
+            },
+            required=[],
+        ),
+        "Webhook": _obj(_WEBHOOK_PROPS),
+        "WebhookWithSecret": _obj(
+            {
+                **_WEBHOOK_PROPS,
+                "secret": {"type": "string", "description": "whsec_...: shown once, never again"},
+            }
+        ),
+        "WebhookList": _obj({"data": {"type": "array", "items": _ref("Webhook")}}),
+        "Delivery": _obj(_DELIVERY_PROPS),
+        "DeliveryPage": _obj(
+            {
+                "data": {"type": "array", "items": _ref("Delivery")},
+                "next_before": _nullable({**ID, "description": "pass as before for the next page"}),
+            }
+        ),
+        "DeliveryAttempt": _obj(
+            {
+                "attempt": {"type": "integer", "minimum": 1},
+                "started_at": TIME,
+                "latency_ms": {"type": "integer", "minimum": 0},
+                "status_code": _nullable({"type": "integer"}),
+                "error": _nullable({"type": "string"}),
+                "response_excerpt": _nullable({"type": "string"}),
+            }
+        ),
+        "DeliveryDetail": _obj(
+            {**_DELIVERY_PROPS, "attempts": {"type": "array", "items": _ref("DeliveryAttempt")}}
+        ),
+        "ReplayRange": _obj({"since": TIME, "until": {**TIME, "description": "after since"}}),
+        "Replayed": _obj({"replayed": {"type": "integer", "minimum": 0}}),
+        "NewImapAccount": _obj(
+            {
+                "provider": {"type": "string", "enum": ["imap"], "default": "imap"},
+                "email": {
+                    "type": "string",
+                    "minLength": 3,
+                    "maxLength": 320,
+                    "pattern": "^[^@\\s]+@[^@\\s]+$",
+                },
+                "host": {"type": "string", "minLength": 1, "maxLength": 255},
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535, "default": 993},
+                "tls_mode": {
+                    "type": "string",
+                    "enum": ["implicit", "none"],
+                    "default": "implicit",
+                    "description": "none only for a loopback host",
+                },
+                "username": {"type": "string", "minLength": 1, "maxLength": 320},
+                "password": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 1000,
+                    "description": "encrypted at rest, never returned",
+                },
+                "shard": _nullable({"type": "integer", "minimum": 0, "maximum": 65535}),
+            },
+            required=["email", "host", "username", "password"],
+        ),
+        "ImapCredentials": _obj(
+            {
+                "username": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 320,
+                    "description": "left out: the current one",
+                },
+                "password": {"type": "string", "minLength": 1, "maxLength": 1000},
+            },
+            required=["password"],
+        ),
+        "ImapFolder": _obj(
+            {
+                "id": ID,
+                "name": {"type": "string"},
+                "role": _nullable({"type": "string"}),
+                "state": {"type": "string"},
+                "message_count": {"type": "integer", "minimum": 0},
+                "last_sync_at": _IMAP_TEXT_TIME,
+                "last_error": _nullable({"type": "string"}),
+                "uidvalidity": _nullable({"type": "integer"}),
+                "highestmodseq": _nullable({"type": "integer"}),
+            }
+        ),
+        "ImapAccount": _obj(
+            {
+                **_IMAP_PROPS,
+                "email": {"type": "string"},
+                "provider": {"type": "string", "enum": ["imap"]},
+            }
+        ),
+        "ImapSync": _obj(_IMAP_PROPS),
+    }
+)
+
+WEBHOOK: Final = _path("id", "one of the application's webhooks")
+DELIVERY: Final = _path("delivery_id", "a delivery of that webhook")
+
+PATHS["/v1/accounts"]["post"] = {
+    "operationId": "createImapAccount",
+    "tags": ["accounts"],
+    "summary": "Connect an IMAP mailbox: an account that ingest keeps in sync",
+    "description": (
+        "The password is encrypted at rest and never returned. The account is announced on"
+        " flightlog.imap-accounts; one ingest instance picks it up and syncs it (GET .../sync)."
+    ),
+    "requestBody": _body("NewImapAccount"),
+    "responses": {**_ok("ImapAccount", "the account and its sync state", 201), **_errors(413, 422)},
+}
+PATHS.update(
+    {
+        "/v1/accounts/{account_id}/sync": {
+            "get": {
+                "operationId": "getImapSync",
+                "tags": ["accounts"],
+                "summary": "An IMAP account's sync state, per folder",
+                "parameters": [ACCOUNT],
+                "responses": {**_ok("ImapSync", "the sync state"), **_errors(404)},
+            }
+        },
+        "/v1/accounts/{account_id}/credentials": {
+            "patch": {
+                "operationId": "updateImapCredentials",
+                "tags": ["accounts"],
+                "summary": "New IMAP credentials; restarts a sync stopped by an authentication failure",
+                "parameters": [ACCOUNT],
+                "requestBody": _body("ImapCredentials"),
+                "responses": {**_ok("ImapSync", "the sync state"), **_errors(404, 413, 422)},
+            }
+        },
+        "/v1/webhooks": {
+            "get": {
+                "operationId": "listWebhooks",
+                "tags": ["webhooks"],
+                "summary": "The application's webhook endpoints",
+                "responses": {**_ok("WebhookList", "the endpoints"), **_errors()},
+            },
+            "post": {
+                "operationId": "createWebhook",
+                "tags": ["webhooks"],
+                "summary": "Subscribe an endpoint; the answer shows its signing secret once",
+                "description": (
+                    "Deliveries are signed the Standard Webhooks way (webhook-id, webhook-timestamp,"
+                    " webhook-signature), retried with backoff, in change order per account."
+                ),
+                "requestBody": _body("NewWebhook"),
+                "responses": {
+                    **_ok("WebhookWithSecret", "the endpoint and its secret", 201),
+                    **_errors(409, 413, 422),
+                },
+            },
+        },
+        "/v1/webhooks/{id}": {
+            "get": {
+                "operationId": "getWebhook",
+                "tags": ["webhooks"],
+                "summary": "One endpoint (with why it was disabled, if it was)",
+                "parameters": [WEBHOOK],
+                "responses": {**_ok("Webhook", "the endpoint"), **_errors(404)},
+            },
+            "patch": {
+                "operationId": "patchWebhook",
+                "tags": ["webhooks"],
+                "summary": "Change url, description, event_types, account_ids or enabled",
+                "parameters": [WEBHOOK],
+                "requestBody": _body("WebhookPatch"),
+                "responses": {**_ok("Webhook", "the endpoint"), **_errors(404, 413, 422)},
+            },
+            "delete": {
+                "operationId": "deleteWebhook",
+                "tags": ["webhooks"],
+                "summary": "Delete an endpoint; its pending deliveries are cancelled",
+                "parameters": [WEBHOOK],
+                "responses": {"204": {"description": "deleted"}, **_errors(404)},
+            },
+        },
+        "/v1/webhooks/{id}/rotate-secret": {
+            "post": {
+                "operationId": "rotateWebhookSecret",
+                "tags": ["webhooks"],
+                "summary": "A new signing secret, shown once; the old one keeps signing for a grace period",
+                "parameters": [WEBHOOK],
+                "responses": {**_ok("WebhookWithSecret", "the endpoint and its new secret"), **_errors(404)},
+            }
+        },
+        "/v1/webhooks/{id}/deliveries": {
+            "get": {
+                "operationId": "listWebhookDeliveries",
+                "tags": ["webhooks"],
+                "summary": "The delivery log, newest first",
+                "parameters": [
+                    WEBHOOK,
+                    _q("state", {"type": "string", "enum": list(DELIVERY_STATES)}, "only this state"),
+                    _q("before", ID, "next_before of the previous page"),
+                    _q(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": MAX_DELIVERY_PAGE, "default": 100},
+                        "page size",
+                    ),
+                ],
+                "responses": {**_ok("DeliveryPage", "a page of deliveries"), **_errors(404)},
+            }
+        },
+        "/v1/webhooks/{id}/deliveries/{delivery_id}": {
+            "get": {
+                "operationId": "getWebhookDelivery",
+                "tags": ["webhooks"],
+                "summary": "One delivery with all its attempts",
+                "parameters": [WEBHOOK, DELIVERY],
+                "responses": {**_ok("DeliveryDetail", "the delivery"), **_errors(404)},
+            }
+        },
+        "/v1/webhooks/{id}/deliveries/{delivery_id}/replay": {
+            "post": {
+                "operationId": "replayWebhookDelivery",
+                "tags": ["webhooks"],
+                "summary": "Send a delivery again (same webhook-id), after the lane's pending ones",
+                "parameters": [WEBHOOK, DELIVERY],
+                "responses": {**_ok("Replayed", "queued", 202), **_errors(404)},
+            }
+        },
+        "/v1/webhooks/{id}/replay": {
+            "post": {
+                "operationId": "replayWebhookRange",
+                "tags": ["webhooks"],
+                "summary": "Send again every delivery of a time range (by event time)",
+                "description": f"At most {REPLAY_CAP_DOC} deliveries (webhooks_replay_max_deliveries).",
+                "parameters": [WEBHOOK],
+                "requestBody": _body("ReplayRange"),
+                "responses": {**_ok("Replayed", "queued", 202), **_errors(404, 413, 422)},
+            }
+        },
+    }
+)
+
 
 SPEC: Final[Json] = {
     "openapi": "3.1.0",

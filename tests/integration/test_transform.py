@@ -8,6 +8,7 @@ apart by their source-topic header.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
 import socket
@@ -37,6 +38,7 @@ from libs.events import (
 )
 from libs.kafka import DLQ, TopicSpec, create_topics, make_consumer, make_producer
 from libs.lifecycle import MessageState, apply
+from libs.mime import MAX_RAW_BYTES
 from services.transform.worker import TransformWorker
 
 pytestmark = pytest.mark.integration
@@ -278,6 +280,33 @@ async def test_lifecycle_dedupe_order_updates_and_dlq(env: Env) -> None:
         assert record.partition == inflight_partition[record.key]
     last = {r.key: MessageState.model_validate_json(r.value) for r in changelog}
     assert last[message_key_bytes(ACCOUNT, "out-1")].version == 4
+
+
+async def test_raw_mime_is_expanded_and_a_message_too_large_to_record_goes_to_the_dlq(env: Env) -> None:
+    head = b"Subject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\r\nFrom: a@x.io\r\nMessage-ID: <t@x>\r\n"
+    small = head + b"Content-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n"
+    # Control characters are escaped six-fold in JSON: a legal raw message whose state cannot be
+    # one Kafka record. The producer would refuse it on every retry; it must go to the DLQ.
+    huge = head + b"Content-Type: text/plain\r\n\r\n" + b"\x01" * (MAX_RAW_BYTES - len(head) - 40)
+    synced = [
+        ev(EventType.SYNCED, key, 0, content={"raw_mime": base64.b64encode(raw).decode()}, source="imap")
+        for key, raw in (("huge", huge), ("small", small))
+    ]
+    await produce(env, [*synced])
+    async with running(env.worker()) as worker:
+        await eventually(lambda: _count(env, 1), 60, "the small message's record")
+        await eventually(lambda: _dlq_count(env, 1), 30, "the huge message's dead letter")
+        assert worker.state_of(ACCOUNT, "huge") is None
+    (record,) = await postflight(env)
+    assert record.message_key == "small" and record.message.subject == "grüße"
+    assert record.message.sender == "a@x.io" and record.message.thread_key is not None
+    assert record.message.size_bytes == len(small)
+    (letter,) = await dead_letters(env)
+    assert "message too large" in letter.reason and letter.value is not None
+    assert letter.value == encode(synced[0])
+    changelog = await read_all(env.kafka, env.state, PARTITIONS)
+    assert [r.key for r in changelog] == [message_key_bytes(ACCOUNT, "small")]
+    assert b"raw_mime" not in changelog[0].value
 
 
 async def _count(env: Env, n: int) -> bool:
