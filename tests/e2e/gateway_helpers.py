@@ -1,7 +1,9 @@
 """Fixtures and builders for the gateway's end-to-end tests.
 
-The gateway runs as its own process on a port of its own (8290), so these tests depend on
-MariaDB only, not on the pipeline's timing: rows are written with persist's own writer.
+The gateway runs as its own process on a port of its own (8290 with the default port offset), so
+these tests depend on MariaDB only, not on the pipeline's timing: rows are written with persist's
+own writer. PATCH and DELETE, which go through the pipeline, are tested against the pipeline's
+gateway; here they wait only briefly before answering 202.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from cli.stack import Stack
 from libs.events import MessageDoc, PostflightRecord
 from libs.shards import ShardMap, ShardRouter
 from services.persist.writer import write_shard
+from tests.e2e.conftest import E2E_INSTANCE, E2E_PORT_OFFSET, GATEWAY_ENV
 
-GATEWAY_PORT: Final = 8290
+GATEWAY_PORT: Final = 8080 + E2E_PORT_OFFSET + 10
 T0: Final = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
 
@@ -40,8 +43,12 @@ def gateway(stack: Stack, shard_map: ShardMap) -> Iterator[str]:
         "gateway",
         GATEWAY_PORT,
         stack.settings.state_dir,
-        env={"FLIGHTLOG_GATEWAY_DELTA_POLL_INTERVAL_S": "0.05"},
-        instance="-e2e-gw",
+        env={
+            **GATEWAY_ENV,
+            "FLIGHTLOG_GATEWAY_DELTA_POLL_INTERVAL_S": "0.05",
+            "FLIGHTLOG_GATEWAY_WRITE_WAIT_S": "0.2",
+        },
+        instance=f"{E2E_INSTANCE}-gw",
     )
     svc.start(wait_s=60)
     _STARTED.append(svc)

@@ -14,6 +14,8 @@ from services.gateway.messages import MessageQuery, list_statement
 from services.gateway.openapi import SPEC
 from services.gateway.service import add_routes
 from tests.e2e import checks
+from tests.e2e.client import event, post_events
+from tests.e2e.conftest import Pipeline
 from tests.e2e.gateway_helpers import T0, bearer, gateway, http, message_ids, record, seed, varied
 
 __all__ = ["gateway", "http"]
@@ -248,24 +250,48 @@ async def test_range_queries_are_index_range_scans(router: ShardRouter, tenant_f
         assert "filesort" not in (plan[0]["Extra"] or ""), plan
 
 
-async def test_get_patch_delete(
-    gateway: str, http: aiohttp.ClientSession, tenant_factory: Any, router: ShardRouter
+async def pipeline_message(
+    pipeline: Pipeline,
+    http: aiohttp.ClientSession,
+    router: ShardRouter,
+    api_key: str,
+    account_id: int,
+    key: str,
+) -> int:
+    """An inbound message through ingest, transform and persist; its id once it is stored."""
+    events = [
+        event(account_id, key, "receiving", step=0, direction="inbound",
+              content={"from": "sender@example.test", "subject": f"subject {key}",
+                       "body_text": f"body of {key} " * 30}),
+        event(account_id, key, "received", step=1, direction="inbound", flags={"folder": "inbox"}),
+    ]  # fmt: skip
+    status, body = await post_events(http, pipeline.url("ingest"), api_key, events)
+    assert status == 202, body
+
+    async def stored() -> bool:
+        return key in await message_ids(router, account_id)
+
+    await checks.wait_for(stored, 60, f"message {key} to be stored")
+    return (await message_ids(router, account_id))[key]
+
+
+async def test_get_patch_delete_through_the_pipeline(
+    pipeline: Pipeline, http: aiohttp.ClientSession, tenant_factory: Any, router: ShardRouter
 ) -> None:
     tenant = await tenant_factory([7])
     account = tenant.accounts[0]
-    await seed(router, [record(account.id, "p1", folder="inbox", labels=["a"])])
-    message_id = (await message_ids(router, account.id))["p1"]
-    url = f"{gateway}/v1/messages/{message_id}"
+    message_id = await pipeline_message(pipeline, http, router, tenant.api_key, account.id, "p1")
+    url = f"{pipeline.url('gateway')}/v1/messages/{message_id}"
     key = bearer(tenant.api_key)
 
     status, msg, _ = await get(http, url, tenant.api_key)
     assert status == 200 and msg["id"] == str(message_id) and msg["body_text"].startswith("body of p1")
-    assert msg["version"] == 1 and msg["unread"] is True
+    assert msg["version"] == 1 and msg["unread"] is True and msg["folder"] == "inbox"
 
     async with http.patch(
         url, json={"unread": False, "labels": ["b", "c"], "folder": "done"}, headers=key
     ) as resp:
-        assert resp.status == 200
+        assert resp.status == 200, await resp.text()
         patched = await resp.json()
     assert patched["version"] == 2 and patched["unread"] is False and patched["labels"] == ["b", "c"]
     assert patched["folder"] == "done" and patched["body_text"] == msg["body_text"]
@@ -274,15 +300,13 @@ async def test_get_patch_delete(
         (message_id, "updated", 2),
     ]
 
-    async with http.patch(url, json={"unread": False}, headers=key) as resp:  # nothing changes: no version
+    async with http.patch(url, json={"unread": False}, headers=key) as resp:  # already so: at once
         assert resp.status == 200 and (await resp.json())["version"] == 2
-    assert len(await checks.changes(router, account.id)) == 2
-
-    # persist's later version wins over nothing: the gateway re-reads and guards on it.
-    await seed(router, [record(account.id, "p1", 5, subject="newer", unread=True)])
     async with http.patch(url, json={"starred": True}, headers=key) as resp:
         body = await resp.json()
-        assert resp.status == 200 and body["version"] == 6 and body["subject"] == "newer" and body["starred"]
+        assert resp.status == 200 and body["version"] == 3 and body["starred"] and body["folder"] == "done"
+    # the no-op went through the transform too, and changed nothing
+    assert [c[2] for c in await checks.changes(router, account.id)] == [1, 2, 3]
 
     for payload, code in (
         ({}, 422), ({"unread": None}, 422), ({"unread": "no"}, 422), ({"color": "red"}, 422),
@@ -300,15 +324,65 @@ async def test_get_patch_delete(
         assert resp.status == 413 and resp.content_type == PROBLEM
 
     async with http.delete(url, headers=key) as resp:
-        assert resp.status == 204
+        assert resp.status == 200
+        assert await resp.json() == {
+            "id": str(message_id), "account_id": str(account.id), "version": 4, "deleted": True
+        }  # fmt: skip
     row = (await checks.messages(router, account.id))["p1"]
     assert (
         row["deleted"] == 1 and row["subject"] is None and row["snippet"] is None and row["body_is_null"] == 1
     )
-    assert (await checks.changes(router, account.id))[-1] == (message_id, "deleted", 7)
+    assert (await checks.changes(router, account.id))[-1] == (message_id, "deleted", 4)
     for method in ("GET", "PATCH", "DELETE"):
         async with http.request(method, url, json={"unread": True}, headers=key) as resp:
             assert resp.status == 404 and resp.content_type == PROBLEM, method
+
+
+async def test_a_pipeline_update_after_a_patch_is_not_lost(
+    pipeline: Pipeline, http: aiohttp.ClientSession, tenant_factory: Any, router: ShardRouter
+) -> None:
+    """The transform owns versions: a PATCH is one of its versions, so the next real update (an
+    IMAP flag change, a provider's event) gets the next one and persist's guard keeps it."""
+    tenant = await tenant_factory([7])
+    account = tenant.accounts[0]
+    message_id = await pipeline_message(pipeline, http, router, tenant.api_key, account.id, "later")
+    url = f"{pipeline.url('gateway')}/v1/messages/{message_id}"
+    async with http.patch(url, json={"unread": False}, headers=bearer(tenant.api_key)) as resp:
+        assert resp.status == 200 and (await resp.json())["version"] == 2
+
+    update = event(account.id, "later", "updated", step=5, flags={"starred": True, "folder": "archive"})
+    status, body = await post_events(http, pipeline.url("ingest"), tenant.api_key, [update])
+    assert status == 202, body
+
+    async def landed() -> bool:
+        return int((await checks.messages(router, account.id))["later"]["version"]) >= 3
+
+    await checks.wait_for(landed, 30, "the update after the PATCH")
+    status, msg, _ = await get(http, url, tenant.api_key)
+    assert status == 200 and msg["version"] == 3
+    assert msg["unread"] is False and msg["starred"] is True and msg["folder"] == "archive"
+    assert [c[1:] for c in await checks.changes(router, account.id)] == [
+        ("created", 1), ("updated", 2), ("updated", 3)
+    ]  # fmt: skip
+
+
+async def test_patch_and_delete_answer_202_until_the_pipeline_stores_them(
+    gateway: str, http: aiohttp.ClientSession, tenant_factory: Any, router: ShardRouter
+) -> None:
+    """A row the transform never made (written straight by persist's writer) never gets a new
+    version from it: this gateway waits 0.2 s, then says accepted."""
+    tenant = await tenant_factory([7])
+    account = tenant.accounts[0]
+    await seed(router, [record(account.id, "direct", folder="inbox")])
+    message_id = (await message_ids(router, account.id))["direct"]
+    url = f"{gateway}/v1/messages/{message_id}"
+    for method, payload in (("PATCH", {"folder": "done"}), ("DELETE", None)):
+        async with http.request(method, url, json=payload, headers=bearer(tenant.api_key)) as resp:
+            assert resp.status == 202 and resp.content_type == "application/json", method
+            body = await resp.json()
+        assert body["id"] == str(message_id) and body["status"] == "accepted", body
+    row = (await checks.messages(router, account.id))["direct"]
+    assert row["version"] == 1 and row["folder"] == "inbox" and row["deleted"] == 0
 
 
 async def test_errors_and_limits_are_problem_documents(
