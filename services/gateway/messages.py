@@ -66,6 +66,7 @@ LIST_COLUMNS: Final = (
     "id", "account_id", "message_key", "version", "status", "direction", "channel", "sender",
     "to_addrs", "cc_addrs", "subject", "snippet", "error_code", "unread", "starred", "folder",
     "labels", "source", "occurred_at", "final_at", "redacted", "deleted", "created_at", "updated_at",
+    "thread_key", "size_bytes", "attachments", "parse_warnings",
 )  # fmt: skip
 DETAIL_COLUMNS: Final = (*LIST_COLUMNS, "body", "body_encoding")
 FILTERS: Final = ("status", "direction", "channel", "from", "to", "folder", "unread", "before", "after")
@@ -83,6 +84,26 @@ def _json_list(value: Any) -> list[str]:
         return []
     parsed = orjson.loads(value)
     return [str(v) for v in parsed] if isinstance(parsed, list) else []
+
+
+def _attachments(value: Any) -> list[dict[str, Any]]:
+    """Attachment metadata as stored by persist (libs.events.AttachmentInfo), every key present."""
+    if value is None:
+        return []
+    parsed = orjson.loads(value)
+    if not isinstance(parsed, list):
+        return []
+    return [
+        {
+            "filename": a.get("filename"),
+            "content_type": a.get("content_type") or "application/octet-stream",
+            "size_bytes": int(a.get("size_bytes") or 0),
+            "content_id": a.get("content_id"),
+            "inline": bool(a.get("inline")),
+        }
+        for a in parsed
+        if isinstance(a, dict)
+    ]
 
 
 def message_json(row: dict[str, Any], *, with_body: bool = False) -> dict[str, Any]:
@@ -111,6 +132,10 @@ def message_json(row: dict[str, Any], *, with_body: bool = False) -> dict[str, A
         "redacted": bool(row["redacted"]),
         "created_at": _time(row["created_at"]),
         "updated_at": _time(row["updated_at"]),
+        "thread_key": row["thread_key"],
+        "size_bytes": None if row["size_bytes"] is None else int(row["size_bytes"]),
+        "attachments": _attachments(row["attachments"]),
+        "parse_warnings": _json_list(row["parse_warnings"]),
     }
     if with_body:
         text, html = decode_body(row["body"], int(row["body_encoding"]))

@@ -105,6 +105,25 @@ SCHEMAS: Final[dict[str, Json]] = {
             "redacted": {"type": "boolean"},
             "created_at": TIME,
             "updated_at": TIME,
+            "thread_key": _nullable(
+                {"type": "string", "description": "equal for the messages of one conversation (email)"}
+            ),
+            "size_bytes": _nullable({"type": "integer", "minimum": 0, "description": "raw message size"}),
+            "attachments": {"type": "array", "items": _ref("Attachment")},
+            "parse_warnings": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "what could not be read cleanly from the raw message, e.g. truncated",
+            },
+        }
+    ),
+    "Attachment": _obj(
+        {
+            "filename": _nullable({"type": "string"}),
+            "content_type": {"type": "string"},
+            "size_bytes": {"type": "integer", "minimum": 0, "description": "decoded size"},
+            "content_id": _nullable({"type": "string"}),
+            "inline": {"type": "boolean"},
         }
     ),
     "MessagePage": _obj(
