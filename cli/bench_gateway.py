@@ -160,7 +160,14 @@ async def _main(args: argparse.Namespace) -> None:
     svc = None
     url = args.gateway
     if url is None:
-        svc = LocalService("gateway", 8291, StackSettings().state_dir, instance="-bench")
+        # range queries only: no webhook dispatcher competing for the core (or for the lock)
+        svc = LocalService(
+            "gateway",
+            8291,
+            StackSettings().state_dir,
+            env={"FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY": "false"},
+            instance="-bench",
+        )
         svc.start(wait_s=60)
         url = svc.address
     try:

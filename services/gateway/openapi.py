@@ -863,7 +863,8 @@ SPEC: Final[Json] = {
         "title": "flightlog gateway",
         "version": "1.0.0",
         "description": (
-            "Messages, their change feed and API keys of an application's accounts.\n\n"
+            "Messages, their change feed, webhooks, IMAP accounts and API keys of an application's"
+            " accounts.\n\n"
             "Authenticate with `Authorization: Bearer <API key>`. Ids are decimal strings."
             " Errors are application/problem+json. Limits: request body"
             f" {MAX_BODY_BYTES} bytes, query string {MAX_QUERY_STRING_LENGTH} characters, pages"
