@@ -8,7 +8,11 @@ and topics; a part that cannot start fails the test session, it never skips.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
+from types import FrameType
 
 import pytest
 
@@ -18,6 +22,18 @@ from libs.db import connect
 from libs.db.migrate import migrate_global, migrate_shard
 from libs.kafka import create_topics
 from libs.shards import ShardMap, ShardRouter, register_clusters
+
+
+def _dump_tasks(signum: int, frame: FrameType | None) -> None:
+    """``kill -USR1 <pytest pid>``: print where every asyncio task of a hung test waits."""
+    loop = asyncio._get_running_loop()
+    for task in asyncio.all_tasks(loop) if loop is not None else ():
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
+
+
+signal.signal(signal.SIGUSR1, _dump_tasks)
+faulthandler.register(signal.SIGUSR2)  # and ``kill -USR2``: every thread's stack
 
 
 @pytest.fixture(scope="session")

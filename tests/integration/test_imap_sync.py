@@ -35,7 +35,7 @@ from services.ingest.imap.api import (
     imap_account_view,
     update_imap_credentials,
 )
-from services.ingest.imap.client import Imap4
+from services.ingest.imap.client import Imap4, ImapConnection
 from services.ingest.imap.distribution import AccountDistributor, accounts_topic_spec
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.store import SyncStore
@@ -325,19 +325,19 @@ async def test_sync_cycle(
                     for e in got.of("message.updated")
                 )
 
-            await wait_for(live_starred, 15, "flag update")
+            await wait_for(live_starred, 45, "flag update")
             assert len(got.of("message.updated")) >= N_MESSAGES  # every INBOX message got the flag
             n_del = len(got.of("message.deleted"))
             await client.uid("store", "1:10", "+FLAGS.SILENT (\\Deleted)")
             await client.expunge()
-            await wait_for(lambda: len(got.of("message.deleted")) >= n_del + 10, 15, "10 delete events")
+            await wait_for(lambda: len(got.of("message.deleted")) >= n_del + 10, 45, "10 delete events")
 
         # folder rename: the messages keep their keys and get the new folder; nothing synced again
         n_synced = len(got.of("message.synced"))
         doveadm(server, "mailbox", "rename", "-u", f"{user}@{DOMAIN}", "Projects", "Clients")
         await wait_for(
             lambda: sum(e["flags"].get("folder") == "Clients" for e in got.of("message.updated")) >= 5,
-            20, "rename updates",
+            60, "rename updates",
         )  # fmt: skip
         folders = await store.folders_public(account_id)
         assert "Clients" in {f["name"] for f in folders} and "Projects" not in {f["name"] for f in folders}
@@ -360,7 +360,7 @@ async def test_sync_cycle(
             fs = await store.folders_public(account_id)
             return bool(next(f for f in fs if f["name"] == "Clients")["uidvalidity"] == old + 1000)
 
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # polled folder; slow when the machine is busy
         while not await reset_seen():
             assert time.monotonic() < deadline, "UIDVALIDITY reset not picked up"
             await asyncio.sleep(0.2)
@@ -371,6 +371,31 @@ async def test_sync_cycle(
     assert view is not None and "password" not in view and view["state"] in ("running", "error")
     inbox_view = next(f for f in view["folders"] if f["name"] == "INBOX")
     assert inbox_view["state"] == "synced" and inbox_view["message_count"] == N_MESSAGES + 5 - 10
+
+
+async def test_server_hangup_fails_pending_commands_at_once(server: Dovecot) -> None:
+    """A server that drops the session (Dovecot does after a UIDVALIDITY change) must fail the
+    pending IDLE now, not after the command timeout: the sync reconnects at once."""
+    user = f"u{uuid.uuid4().hex[:10]}"
+    server.add_user(f"{user}@{DOMAIN}")
+    fill_maildir(server, user, 1)
+    conn = ImapConnection("127.0.0.1", server.port, "none", timeout_s=120)
+    await conn.connect(f"{user}@{DOMAIN}", IMAP_TEST_PASSWORD)
+    try:
+        await conn.select("INBOX")
+        idle = await conn.imap.idle_start(timeout=120)
+        doveadm(server, "kick", f"{user}@{DOMAIN}")
+        started = time.monotonic()
+        pushed = [await asyncio.wait_for(conn.imap.wait_server_push(timeout=120), 10)]
+        while pushed[-1] != aioimaplib.STOP_WAIT_SERVER_PUSH:  # the server's BYE comes first
+            pushed.append(await asyncio.wait_for(conn.imap.wait_server_push(timeout=120), 10))
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(idle, 10)
+        with pytest.raises(ConnectionResetError):
+            await conn.imap.noop()
+        assert time.monotonic() - started < 10
+    finally:
+        await conn.close()
 
 
 async def test_wrong_password_then_fixed(

@@ -210,8 +210,28 @@ _FETCH_ITEM: Final = re.compile(rb"[0-9]+ FETCH \(")
 
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     """aioimaplib's protocol with its response loop made iterative (the original recurses once per
-    line and overflows the stack on a large FETCH or a QRESYNC SELECT, about 1,000 lines) and a
-    linear FETCH completeness check."""
+    line and overflows the stack on a large FETCH or a QRESYNC SELECT, about 1,000 lines), a
+    linear FETCH completeness check, and commands that fail as soon as the connection is lost."""
+
+    lost: OSError | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # aioimaplib leaves pending commands (IDLE included) waiting for their timeout when the
+        # server hangs up, as Dovecot does after a UIDVALIDITY change ("IMAP session state is
+        # inconsistent, please relogin"): fail them now so the sync reconnects at once.
+        self.lost = ConnectionResetError(f"the IMAP server closed the connection ({exc or 'EOF'})")
+        for cmd in (self.pending_sync_command, *self.pending_async_commands.values()):
+            if cmd is not None and not cmd._event.is_set():
+                cmd._exception = self.lost
+                cmd.close(b"connection lost", "NO")
+        self.idle_queue.put_nowait(aioimaplib.STOP_WAIT_SERVER_PUSH)
+        self._idle_event.set()
+        super().connection_lost(exc)
+
+    def send(self, line: str, scrub: str | None = None) -> None:
+        if self.lost is not None:
+            raise self.lost
+        super().send(line, scrub=scrub)
 
     def _handle_responses(self, data: bytes, line_handler: Any, current_cmd: Any = None) -> None:
         while True:
