@@ -44,7 +44,7 @@ from libs.events import (
     PostflightRecord,
     Status,
 )
-from libs.mime import MAX_RAW_BYTES, expand_raw_mime, html_to_text
+from libs.mime import MAX_RAW_BYTES, collapse_whitespace, expand_raw_mime, html_to_text
 
 __all__ = [
     "MAX_SEEN_EVENT_IDS",
@@ -153,8 +153,8 @@ def make_snippet(body_text: str | None, body_html: str | None = None) -> str | N
     if body_text is None:
         if body_html is None:
             return None
-        return " ".join(html_to_text(body_html[:_SNIPPET_HTML_CHARS]).split())[:SNIPPET_CHARS] or None
-    return " ".join(body_text.split())[:SNIPPET_CHARS]
+        return collapse_whitespace(html_to_text(body_html[:_SNIPPET_HTML_CHARS]), SNIPPET_CHARS) or None
+    return collapse_whitespace(body_text, SNIPPET_CHARS)
 
 
 def to_doc(state: MessageState) -> MessageDoc:

@@ -32,6 +32,7 @@ __all__ = [
     "SNIPPET_CHARS",
     "Attachment",
     "ParsedMessage",
+    "collapse_whitespace",
     "content_fields",
     "decode_header_value",
     "expand_raw_mime",
@@ -284,10 +285,22 @@ def parse_message(
     return parsed
 
 
+def collapse_whitespace(text: str, max_chars: int) -> str:
+    """``" ".join(text.split())[:max_chars]``, reading only as much of a long text as it needs."""
+    window = 4 * max_chars + 64
+    while True:
+        head = text[:window]
+        # The collapsed head is a prefix of the collapsed text (its last word may be cut short).
+        collapsed = " ".join(head.split())
+        if len(collapsed) > max_chars or len(head) == len(text):
+            return collapsed[:max_chars]
+        window *= 4
+
+
 def _snippet(text: str | None) -> str | None:
     if text is None:
         return None
-    return " ".join(text.split())[:SNIPPET_CHARS] or None
+    return collapse_whitespace(text, SNIPPET_CHARS) or None
 
 
 def content_fields(parsed: ParsedMessage, *, max_body_bytes: int = 512 * 1024) -> dict[str, Any]:

@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from libs.events import MessageContent
-from libs.mime import content_fields, expand_raw_mime, message_id_of, parse_message, thread_key
+from libs.mime import (
+    collapse_whitespace,
+    content_fields,
+    expand_raw_mime,
+    message_id_of,
+    parse_message,
+    thread_key,
+)
 
 MULTIPART = (
     b"From: =?utf-8?q?J=C3=BCrgen?= <j@example.de>\r\n"
@@ -120,3 +127,9 @@ def test_expand_raw_mime_fills_the_content() -> None:
     with pytest.raises(ValidationError, match="base64"):
         MessageContent(raw_mime="!!!")
     assert expand_raw_mime(MessageContent.model_construct(raw_mime="!!!")).parse_warnings == ["bad_base64"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab \t\n\u00a0\u3000é"), max_size=3000), st.integers(0, 300))
+def test_collapse_whitespace_reads_a_prefix_only_but_equals_the_whole(text: str, n: int) -> None:
+    assert collapse_whitespace(text, n) == " ".join(text.split())[:n]
