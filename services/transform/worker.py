@@ -42,7 +42,7 @@ from libs.kafka import make_consumer, make_producer
 from libs.lifecycle import MessageState, OutcomeKind, apply
 from services.transform.settings import TransformSettings
 
-__all__ = ["MAX_RECORD_BYTES", "STAGE", "TransformStopped", "TransformWorker"]
+__all__ = ["MAX_RECORD_BYTES", "STAGE", "PartitionStates", "TransformStopped", "TransformWorker"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,50 @@ class TransformStopped(RuntimeError):
 
 
 _Snapshot = dict[tuple[int, bytes], MessageState | None]
+
+
+class PartitionStates:
+    """One partition's message states, keyed by message key.
+
+    States restored from the changelog stay encoded until an event first needs them: a restore
+    then costs one dict insert per record instead of a pydantic decode, which keeps the
+    rebalance listener (and so the consumer group) from stalling on a large changelog. Most
+    restored states (final messages) are never read again before the next rebalance.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: dict[bytes, MessageState | bytes] = {}
+
+    def get(self, key: bytes) -> MessageState | None:
+        value = self._items.get(key)
+        if isinstance(value, bytes):
+            value = self._items[key] = MessageState.model_validate_json(value)
+        return value
+
+    def __getitem__(self, key: bytes) -> MessageState:
+        state = self.get(key)
+        if state is None:
+            raise KeyError(key)
+        return state
+
+    def __setitem__(self, key: bytes, state: MessageState) -> None:
+        self._items[key] = state
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put_encoded(self, key: bytes, value: bytes) -> None:
+        self._items[key] = value
+
+    def pop(self, key: bytes) -> None:
+        self._items.pop(key, None)
+
+
 _Encoded = dict[bytes, bytes]  # a dirty state's changelog value, when _handle already encoded it
 
 
@@ -119,7 +163,7 @@ class TransformWorker:
             kafka, group_id=group_id, session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=min(3000, session_timeout_ms // 3),
         )  # fmt: skip
-        self._states: dict[int, dict[bytes, MessageState]] = {}
+        self._states: dict[int, PartitionStates] = {}
         self._lock = asyncio.Lock()
         self._generation = 0
         self._restoring = False
@@ -155,7 +199,7 @@ class TransformWorker:
         key = message_key_bytes(account_id, message_key)
         for states in self._states.values():
             if key in states:
-                return states[key]
+                return states.get(key)
         return None
 
     async def start(self) -> None:
@@ -281,7 +325,7 @@ class TransformWorker:
         self,
         tp: TopicPartition,
         record: ConsumerRecord[bytes, bytes],
-        states: dict[bytes, MessageState],
+        states: PartitionStates,
         snapshot: _Snapshot,
         dirty: set[bytes],
         encoded: _Encoded,
@@ -296,8 +340,8 @@ class TransformWorker:
             sends.append(await self._dead_letter(record, f"undecodable event: {exc}", source))
             return "undecodable"
         key = message_key_bytes(event.account_id, event.message_key)
-        previous = states.get(key)
         try:
+            previous = states.get(key)  # decoding a restored state may fail here, not in the restore
             outcome = apply(previous, event)
         except Exception as exc:
             logger.exception("lifecycle failed on %s", source)
@@ -347,7 +391,7 @@ class TransformWorker:
             if states is None:
                 continue
             if previous is None:
-                states.pop(key, None)
+                states.pop(key)
             else:
                 states[key] = previous
         for tp, records in batch.items():
@@ -384,9 +428,9 @@ class TransformWorker:
             finally:
                 self._restoring = False
 
-    async def _restore(self, partitions: list[int]) -> dict[int, dict[bytes, MessageState]]:
+    async def _restore(self, partitions: list[int]) -> dict[int, PartitionStates]:
         started = time.perf_counter()
-        restored: dict[int, dict[bytes, MessageState]] = {p: {} for p in partitions}
+        restored = {p: PartitionStates() for p in partitions}
         if not partitions:
             return restored
         tps = [TopicPartition(self.state_topic, p) for p in partitions]
@@ -404,9 +448,9 @@ class TransformWorker:
                         if record.key is None:
                             continue
                         if record.value is None:
-                            states.pop(record.key, None)
+                            states.pop(record.key)
                         else:
-                            states[record.key] = MessageState.model_validate_json(record.value)
+                            states.put_encoded(record.key, record.value)
                 for tp in list(pending):
                     if await consumer.position(tp) >= ends[tp]:
                         pending.discard(tp)
