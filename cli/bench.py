@@ -25,6 +25,8 @@ import aiohttp
 import orjson
 from aiokafka import TopicPartition
 
+from cli.bench_profile import ServiceProfile, profile_services
+from cli.services import LocalServices
 from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings, KafkaSettings
 from libs.db import connect, shard_schema
@@ -55,6 +57,7 @@ class BenchReport:
     started_at: str
     machine: dict[str, Any]
     figures: list[Figure] = field(default_factory=list)
+    profiles: list[str] = field(default_factory=list)
 
     def add(self, figure: Figure, progress: Callable[[str], None]) -> None:
         self.figures.append(figure)
@@ -76,6 +79,7 @@ class BenchReport:
                 "started_at": self.started_at,
                 "machine": self.machine,
                 "figures": [asdict(f) for f in self.figures],
+                "profiles": self.profiles,
             },
             indent=2,
         )
@@ -306,29 +310,96 @@ async def pipeline_throughput(
     return messages * 5 / posted, messages * 5 / done
 
 
+@dataclass(frozen=True, slots=True)
+class RampStep:
+    offered: int  # events/s
+    accepted: float  # events/s ingest answered 202 for, over the step
+    backlog_s: float  # posted but not yet queryable at the step's end, in seconds of this rate
+    sustained: bool
+
+
+async def _offer(
+    http: aiohttp.ClientSession,
+    url: str,
+    tenant: Tenant,
+    prefix: str,
+    rate_events_s: int,
+    seconds: float,
+    sent_at: dict[str, float] | None = None,
+) -> tuple[int, list[asyncio.Task[None]]]:
+    """Post lifecycles on a 100 ms clock at ``rate_events_s`` (5 events a message) for ``seconds``
+    without waiting for the answers; returns (messages posted, the POST tasks)."""
+    tick_s = 0.1
+    per_tick = max(1, round(rate_events_s * tick_s / 5))
+    tasks: list[asyncio.Task[None]] = []
+    n = 0
+    start = time.monotonic()
+    for tick in range(round(seconds / tick_s)):
+        await asyncio.sleep(max(0.0, start + tick * tick_s - time.monotonic()))
+        t = datetime.now(UTC)
+        events = []
+        for _ in range(per_tick):
+            key = f"{prefix}{n}"
+            events += lifecycle(tenant.accounts[n % len(tenant.accounts)], key, t)
+            if sent_at is not None:
+                sent_at[key] = time.time()
+            n += 1
+        tasks.append(asyncio.create_task(_post(http, url, tenant.api_key, events)))
+    return n, tasks
+
+
+async def pipeline_ramp(
+    db: DatabaseSettings,
+    url: str,
+    tenant: Tenant,
+    progress: Callable[[str], None],
+    *,
+    start: int = 2_000,
+    step: int = 2_000,
+    top: int = 30_000,
+    step_s: float = 10.0,
+    max_backlog_s: float = 2.0,
+) -> list[RampStep]:
+    """Raise the offered rate step by step until the pipeline falls behind.
+
+    A step is sustained when ingest accepted >= 95% of the offered events within the step and
+    what was posted but is not yet queryable at its end is under ``max_backlog_s`` of that rate:
+    above the pipeline's capacity that backlog grows with every second, below it it stays at
+    about one latency's worth. The ramp stops at the first step that is not sustained and waits
+    for the backlog to drain, so the next stage starts on a quiet pipeline.
+    """
+    steps: list[RampStep] = []
+    async with ShardRouter(db) as router, aiohttp.ClientSession() as http:
+        for rate in range(start, top + 1, step):
+            prefix = f"ramp{uuid.uuid4().hex[:6]}-"
+            began = time.monotonic()
+            n, tasks = await _offer(http, url, tenant, prefix, rate, step_s)
+            # answers that come after the step's end count against its accepted rate
+            await asyncio.wait(tasks, timeout=max(0.0, began + step_s - time.monotonic()) + 0.5)
+            accepted = sum(t.done() and t.exception() is None for t in tasks) / len(tasks) * n * 5 / step_s
+            landed = await _landed(router, tenant.accounts, prefix)
+            backlog_s = (n - landed) / (rate / 5)
+            ok = accepted >= 0.95 * rate and backlog_s <= max_backlog_s
+            steps.append(RampStep(rate, accepted, backlog_s, ok))
+            progress(
+                f"  ramp {rate:,} events/s: accepted {accepted:,.0f}/s, backlog {backlog_s:.2f} s"
+                f" -> {'sustained' if ok else 'falling behind'}"
+            )
+            await asyncio.gather(*tasks)
+            if not ok:
+                await _wait_landed(router, tenant.accounts, prefix, n)
+                break
+    return steps
+
+
 async def pipeline_latency(
     db: DatabaseSettings, url: str, tenant: Tenant, rate_events_s: int, seconds: float
 ) -> list[float]:
-    """Post at a fixed rate; latency of each message = its row's insert time - its POST's start."""
+    """Post at a fixed rate; latency of each message = its row's last write - its POST's start."""
     prefix = f"lat{uuid.uuid4().hex[:6]}-"
-    tick_s = 0.1
-    per_tick = max(1, int(rate_events_s * tick_s / 5))  # messages per tick, 5 events each
     sent_at: dict[str, float] = {}
-    n = 0
     async with ShardRouter(db) as router, aiohttp.ClientSession() as http:
-        tasks = []
-        start = time.monotonic()
-        ticks = int(seconds / tick_s)
-        for tick in range(ticks):
-            await asyncio.sleep(max(0.0, start + tick * tick_s - time.monotonic()))
-            t = datetime.now(UTC)
-            events = []
-            for _ in range(per_tick):
-                key = f"{prefix}{n}"
-                events += lifecycle(tenant.accounts[n % len(tenant.accounts)], key, t)
-                sent_at[key] = time.time()
-                n += 1
-            tasks.append(asyncio.create_task(_post(http, url, tenant.api_key, events)))
+        n, tasks = await _offer(http, url, tenant, prefix, rate_events_s, seconds, sent_at)
         await asyncio.gather(*tasks)
         await _wait_landed(router, tenant.accounts, prefix, n)
         latencies = []
@@ -359,6 +430,7 @@ async def run_bench(
     extra: list[Callable[[BenchReport], Awaitable[None]]] | None = None,
     ingest_url: str = "http://127.0.0.1:8081",
     gateway_url: str = "http://127.0.0.1:8080",
+    profile_dir: Path | None = None,
 ) -> BenchReport:
     db, kafka = DatabaseSettings(), KafkaSettings()
     report = BenchReport(started_at=datetime.now(UTC).isoformat(timespec="seconds"), machine=machine_facts())
@@ -383,19 +455,47 @@ async def run_bench(
 
     progress("pipeline")
     tenant = await make_tenant(db)
-    accepted, sustained = await pipeline_throughput(db, ingest_url, tenant, 4_000 if quick else 20_000)
+    overload = asyncio.create_task(pipeline_throughput(db, ingest_url, tenant, 4_000 if quick else 20_000))
+    profiles: list[ServiceProfile] = []
+    if profile_dir is not None:
+        await asyncio.sleep(1.0)  # past the first requests, into the steady overload
+        services = LocalServices().services
+        pids = {n: pid for n in ("ingest", "transform", "persist") if (pid := services[n].proc.pid())}
+        profiles = await profile_services(pids, 3.0 if quick else 8.0, profile_dir)
+    accepted, drained = await overload
     report.add(
         Figure("ingest accepted (POST /v1/events, 500 events/request)", accepted, "events/s"), progress
     )
     # Each message is 5 events and one row: the row rate is what MariaDB sees.
     report.add(
         Figure(
-            "end-to-end ingest to queryable, sustained",
-            sustained,
+            "end-to-end drain rate under overload (everything posted at once)",
+            drained,
             "events/s",
             limit=f"{upsert:,.0f} rows/s upsert",
-            ratio=(sustained / 5) / upsert,
-            note=f"{sustained / 5:,.0f} rows/s; ratio is rows/s over raw upsert rows/s",
+            ratio=(drained / 5) / upsert,
+            note=f"{drained / 5:,.0f} rows/s; ratio is rows/s over raw upsert rows/s",
+        ),
+        progress,
+    )
+    for prof in profiles:
+        report.profiles.append(prof.line())
+        progress(f"  profile {prof.line()}")
+    steps = await pipeline_ramp(
+        db, ingest_url, tenant, progress, step=2_000, top=10_000 if quick else 30_000,
+        step_s=4.0 if quick else 10.0,
+    )  # fmt: skip
+    held = [s for s in steps if s.sustained]
+    best = max((s.offered for s in held), default=0)
+    report.add(
+        Figure(
+            "end-to-end ingest to queryable, highest sustained rate (ramp)",
+            best,
+            "events/s",
+            limit=f"{upsert:,.0f} rows/s upsert",
+            ratio=(best / 5) / upsert,
+            note=f"{best / 5:,.0f} rows/s; steps of 2,000 events/s; "
+            + ", ".join(f"{s.offered // 1000}k: {s.backlog_s:.1f} s backlog" for s in steps),
         ),
         progress,
     )
@@ -411,29 +511,33 @@ async def run_bench(
         progress,
     )
     progress("gateway")
-    from cli.bench_gateway import bench_range_queries
+    from cli.bench_gateway import bench_gateway
 
-    through, direct = await bench_range_queries(gateway_url, db, duration_s=5.0 if quick else 10.0)
-    report.add(
-        Figure(
-            "raw range query, same SQL straight to MariaDB (16 concurrent, 50 rows)",
-            direct.per_s,
-            "req/s",
-            note=f"p50 {direct.p50_ms:.1f} ms, p99 {direct.p99_ms:.1f} ms",
-        ),
-        progress,
-    )
-    report.add(
-        Figure(
-            "range queries through the gateway (16 concurrent, 50 rows)",
-            through.per_s,
-            "req/s",
-            limit=f"{direct.per_s:,.0f} req/s direct",
-            ratio=through.per_s / direct.per_s,
-            note=f"p50 {through.p50_ms:.1f} ms, p99 {through.p99_ms:.1f} ms",
-        ),
-        progress,
-    )
+    gw = await bench_gateway(gateway_url, db, duration_s=5.0 if quick else 10.0)
+    for what, through, direct in (
+        ("range query (16 concurrent, 50 rows)", gw.range_gateway, gw.range_direct),
+        ("get by id (16 concurrent)", gw.get_gateway, gw.get_direct),
+    ):
+        report.add(
+            Figure(
+                f"raw {what}, same SQL straight to MariaDB",
+                direct.per_s,
+                "req/s",
+                note=f"p50 {direct.p50_ms:.1f} ms, p99 {direct.p99_ms:.1f} ms",
+            ),
+            progress,
+        )
+        report.add(
+            Figure(
+                f"{what} through the gateway",
+                through.per_s,
+                "req/s",
+                limit=f"{direct.per_s:,.0f} req/s direct",
+                ratio=through.per_s / direct.per_s,
+                note=f"p50 {through.p50_ms:.1f} ms, p99 {through.p99_ms:.1f} ms",
+            ),
+            progress,
+        )
     for stage in extra or []:
         await stage(report)
     return report
@@ -441,6 +545,14 @@ async def run_bench(
 
 def write_benchmarks_md(report: BenchReport, command: str, path: Path) -> None:
     m = report.machine
+    profile = ""
+    if report.profiles:
+        profile = (
+            "\n\n## Where the time goes\n\n"
+            "py-spy on each pipeline service during the overload stage (share of one core running "
+            "Python code, then the functions with the most self time):\n\n"
+            + "\n".join(f"- {line}" for line in report.profiles)
+        )
     path.write_text(
         "# Benchmarks\n\n"
         f"Produced by `{command}` on {report.started_at}: {m['cores']} cores, {m['memory_gib']} GiB, "
@@ -448,7 +560,5 @@ def write_benchmarks_md(report: BenchReport, command: str, path: Path) -> None:
         "Kafka, both MariaDB servers, every service and the load generator share the machine.\n\n"
         + report.table()
         + "\n\nRatios compare rows/s with rows/s: one message is five lifecycle events and one row. "
-        "Not measured by this command yet: event-to-webhook delivery and IMAP initial sync / new-mail "
-        "latency (their tests report figures; see the issues' closing notes). Figures move by tens of "
-        "percent between runs on this shared 2-core machine.\n"
+        "Figures move by tens of percent between runs on this shared 2-core machine." + profile + "\n"
     )

@@ -1,10 +1,11 @@
-"""Range queries through the gateway beside the same SQL straight against MariaDB.
+"""Range queries and get-by-id through the gateway beside the same SQL straight against MariaDB.
 
 ``python -m cli.bench_gateway`` seeds an account with ``messages`` rows (persist's own writer),
 starts a gateway process (or uses ``--gateway``), then runs ``concurrency`` workers for
-``duration_s`` each way: GET /v1/accounts/{id}/messages?limit=50&before=<random time>, and the
-statement the gateway runs for it (:func:`services.gateway.messages.list_statement`) over aiomysql.
-Reusable from the project's bench command through :func:`bench_range_queries`.
+``duration_s`` each way: GET /v1/accounts/{id}/messages?limit=50&before=<random time> beside the
+statement the gateway runs for it (:func:`services.gateway.messages.list_statement`) over aiomysql,
+then GET /v1/messages/{random id} beside its SELECT by primary key. Reusable from the project's
+bench command through :func:`bench_gateway`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
+import aiomysql
 
 from cli.services import LocalService
 from libs.accounts import create_account, create_application
@@ -28,10 +31,10 @@ from libs.db import create_pool
 from libs.events import Direction, MessageDoc, PostflightRecord, Status
 from libs.ids import shard_of
 from libs.shards import ShardRouter
-from services.gateway.messages import MessageQuery, list_statement
+from services.gateway.messages import DETAIL_COLUMNS, MessageQuery, list_statement
 from services.persist.writer import write_shard
 
-__all__ = ["RangeResult", "bench_range_queries"]
+__all__ = ["GatewayBench", "RangeResult", "bench_gateway"]
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -105,7 +108,26 @@ async def _drive(
     return RangeResult(label, len(ms), elapsed, statistics.median(ms), p99)
 
 
-async def bench_range_queries(
+@dataclass(frozen=True, slots=True)
+class GatewayBench:
+    range_gateway: RangeResult
+    range_direct: RangeResult
+    get_gateway: RangeResult
+    get_direct: RangeResult
+
+
+async def _message_ids(pool: aiomysql.Pool, router: ShardRouter, account_id: int) -> list[int]:
+    shard = shard_of(account_id)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT id FROM {router.table(shard, 'messages')} WHERE account_id = %s", (account_id,)
+        )
+        ids = [int(r[0]) for r in await cur.fetchall()]
+        await conn.commit()
+    return ids
+
+
+async def bench_gateway(
     gateway_url: str,
     settings: DatabaseSettings,
     *,
@@ -113,46 +135,61 @@ async def bench_range_queries(
     concurrency: int = 16,
     duration_s: float = 10.0,
     page: int = 50,
-) -> tuple[RangeResult, RangeResult]:
-    """(through the gateway, direct SQL) at the same concurrency against one seeded account."""
+) -> GatewayBench:
+    """Range queries and get-by-id, each through the gateway and as the same SQL straight to
+    MariaDB, at the same concurrency against one seeded account."""
     async with ShardRouter(settings) as router:
         account_id, key = await _seed(router, messages)
-        url = f"{gateway_url}/v1/accounts/{account_id}/messages"
-        headers = {"Authorization": f"Bearer {key}"}
-        connector = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(connector=connector) as http:
-
-            async def via_gateway() -> None:
-                before = _random_before(messages).isoformat()
-                params = {"limit": str(page), "before": before}
-                async with http.get(url, params=params, headers=headers) as resp:
-                    if resp.status != 200:
-                        raise RuntimeError(f"gateway answered {resp.status}: {await resp.text()}")
-                    await resp.read()
-
-            await _drive("warm-up", via_gateway, concurrency, 1.0)
-            through = await _drive("gateway", via_gateway, concurrency, duration_s)
-
         cluster = router.shard_map.cluster_of(shard_of(account_id))
         pool = await create_pool(
             settings.model_copy(update={"db_pool_max_size": concurrency}), *cluster.primary
         )
         try:
+            ids = await _message_ids(pool, router, account_id)
+            headers = {"Authorization": f"Bearer {key}"}
+            connector = aiohttp.TCPConnector(limit=concurrency)
+            async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
 
-            async def direct() -> None:
-                before = _random_before(messages).astimezone(UTC).replace(tzinfo=None)
-                sql, args = list_statement(router, MessageQuery(account_id, limit=page, before=before))
+                async def gateway_get(url: str, params: dict[str, str] | None = None) -> None:
+                    async with http.get(url, params=params) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"gateway answered {resp.status}: {await resp.text()}")
+                        await resp.read()
+
+                async def range_via_gateway() -> None:
+                    params = {"limit": str(page), "before": _random_before(messages).isoformat()}
+                    await gateway_get(f"{gateway_url}/v1/accounts/{account_id}/messages", params)
+
+                async def get_via_gateway() -> None:
+                    await gateway_get(f"{gateway_url}/v1/messages/{random.choice(ids)}")
+
+                await _drive("warm-up", range_via_gateway, concurrency, 1.0)
+                range_gateway = await _drive("gateway", range_via_gateway, concurrency, duration_s)
+                get_gateway = await _drive("gateway", get_via_gateway, concurrency, duration_s)
+
+            async def sql(statement: str, args: Any) -> None:
                 async with pool.acquire() as conn, conn.cursor() as cur:
-                    await cur.execute(sql, args)
+                    await cur.execute(statement, args)
                     await cur.fetchall()
                     await conn.commit()
 
-            await _drive("warm-up", direct, concurrency, 1.0)
-            raw = await _drive("mariadb", direct, concurrency, duration_s)
+            async def range_direct() -> None:
+                before = _random_before(messages).astimezone(UTC).replace(tzinfo=None)
+                await sql(*list_statement(router, MessageQuery(account_id, limit=page, before=before)))
+
+            table = router.table(shard_of(account_id), "messages")
+            get_sql = f"SELECT {', '.join(DETAIL_COLUMNS)} FROM {table} WHERE id = %s AND deleted = 0"
+
+            async def get_direct() -> None:
+                await sql(get_sql, (random.choice(ids),))
+
+            await _drive("warm-up", range_direct, concurrency, 1.0)
+            range_raw = await _drive("mariadb", range_direct, concurrency, duration_s)
+            get_raw = await _drive("mariadb", get_direct, concurrency, duration_s)
         finally:
             pool.close()
             await pool.wait_closed()
-    return through, raw
+    return GatewayBench(range_gateway, range_raw, get_gateway, get_raw)
 
 
 async def _main(args: argparse.Namespace) -> None:
@@ -171,16 +208,20 @@ async def _main(args: argparse.Namespace) -> None:
         svc.start(wait_s=60)
         url = svc.address
     try:
-        through, raw = await bench_range_queries(
+        result = await bench_gateway(
             url, settings, messages=args.messages, concurrency=args.concurrency, duration_s=args.duration_s
         )
     finally:
         if svc is not None:
             svc.proc.stop(timeout_s=20)
     print(f"range queries, limit 50, {args.messages} messages, concurrency {args.concurrency}")
-    print(through.line())
-    print(raw.line())
-    print(f"gateway / raw: {through.per_s / raw.per_s:.0%}")
+    print(result.range_gateway.line())
+    print(result.range_direct.line())
+    print(f"gateway / raw: {result.range_gateway.per_s / result.range_direct.per_s:.0%}")
+    print("get by id")
+    print(result.get_gateway.line())
+    print(result.get_direct.line())
+    print(f"gateway / raw: {result.get_gateway.per_s / result.get_direct.per_s:.0%}")
 
 
 def main() -> None:

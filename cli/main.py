@@ -231,6 +231,9 @@ def bench(
     json_path: Annotated[str, typer.Option("--json", help="Where to write the JSON report.")] = (
         "bench-results/latest.json"
     ),
+    profile: Annotated[
+        bool, typer.Option(help="Sample the pipeline services with py-spy during the overload stage.")
+    ] = True,
 ) -> None:
     """Measure every stage beside the raw limits of this machine, in one run (starts what it needs)."""
     from pathlib import Path
@@ -239,9 +242,17 @@ def bench(
     from libs.config import REPO_ROOT
 
     dev()
-    report = asyncio.run(run_bench(lambda line: typer.echo(line, err=True), quick=quick))
-    typer.echo("\n" + report.table())
     out = Path(json_path)
+    report = asyncio.run(
+        run_bench(
+            lambda line: typer.echo(line, err=True),
+            quick=quick,
+            profile_dir=out.parent / "profiles" if profile else None,
+        )
+    )
+    typer.echo("\n" + report.table())
+    for line in report.profiles:
+        typer.echo(f"profile: {line}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.to_json())
     typer.echo(f"\nJSON: {out}")
