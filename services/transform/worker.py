@@ -5,10 +5,12 @@ partition N for inflight partition N), the postflight records, the DLQ records a
 offsets, so either all of a batch's effects become visible (read_committed) or none do.
 
 The states of the assigned partitions live in memory and are rebuilt from the changelog when a
-partition is assigned. A lock held from the end of ``getmany`` until the transaction ends keeps
-rebalances (whose listener aiokafka awaits) out of the middle of a transaction, and a batch
-fetched across a rebalance is dropped: aiokafka restarts the new assignment at the committed
-offsets, so it is read again.
+partition is assigned, in the background while the partition is paused (the rebalance listener
+returns at once, so the member keeps its place in the group however long the changelog is).
+A lock held from the end of ``getmany`` until the transaction ends keeps rebalances (whose
+listener aiokafka awaits) out of the middle of a transaction, and a batch fetched across a
+rebalance is dropped: aiokafka restarts the new assignment at the committed offsets, so it is
+read again.
 
 Size: an event whose message would not fit one Kafka record (state or postflight larger than
 :data:`MAX_RECORD_BYTES`, e.g. bodies parsed from raw MIME that grew in UTF-8) goes to the DLQ
@@ -24,6 +26,7 @@ the error itself: the worker ends, and its successor rebuilds from what Kafka co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable
@@ -167,6 +170,7 @@ class TransformWorker:
         self._lock = asyncio.Lock()
         self._generation = 0
         self._restoring = False
+        self._restore_task: asyncio.Task[None] | None = None
         self._started = False
         self._stopped = False
         self._fatal: BaseException | None = None
@@ -218,6 +222,7 @@ class TransformWorker:
         if self._stopped or not self._started:
             return
         self._stopped = True
+        await self._cancel_restore()
         try:
             await self._consumer.stop()
         finally:
@@ -406,27 +411,57 @@ class TransformWorker:
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:  # waits for the transaction in progress
             self._generation += 1
+            await self._cancel_restore()
             for tp in revoked:
                 self._states.pop(tp.partition, None)
             logger.info("revoked %s", sorted(tp.partition for tp in revoked))
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Pause the new partitions and rebuild their states in the background.
+
+        aiokafka sends no heartbeats while this listener runs, so a restore inside it that
+        outlasts the session timeout would get the member thrown out of the group, and the
+        next assignment would restore again, for ever. The partitions stay paused (getmany
+        returns nothing of them) until their states are in memory.
+        """
         async with self._lock:
             self._generation += 1
+            await self._cancel_restore()
+            tps = {tp for tp in assigned if tp.topic == self.inflight_topic}
+            if not tps:
+                return
+            self._consumer.pause(*tps)
             self._restoring = True
-            try:
-                partitions = sorted(tp.partition for tp in assigned if tp.topic == self.inflight_topic)
-                restored = await self._restore(partitions)
-                self._states.update(restored)
-            except BaseException as exc:
-                # aiokafka logs and swallows a listener's exception; processing without the
-                # state would be wrong, so the worker stops on its next batch.
-                logger.exception("restoring states of partitions %s failed", sorted(assigned))
-                self._fatal = TransformStopped(f"restoring states failed: {exc!r}")
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            finally:
-                self._restoring = False
+            self._restore_task = asyncio.create_task(
+                self._restore_then_resume(tps, self._generation), name="transform-restore"
+            )
+
+    async def _cancel_restore(self) -> None:
+        task, self._restore_task = self._restore_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._restoring = False
+
+    async def _restore_then_resume(self, tps: set[TopicPartition], generation: int) -> None:
+        try:
+            restored = await self._restore(sorted(tp.partition for tp in tps))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # Processing without the state would be wrong: the worker stops on its next batch.
+            logger.exception("restoring states of partitions %s failed", sorted(tps))
+            self._fatal = TransformStopped(f"restoring states failed: {exc!r}")
+            return
+        async with self._lock:
+            if generation != self._generation:
+                return  # reassigned meanwhile; that assignment restores for itself
+            self._states.update(restored)
+            assigned = self._consumer.assignment()
+            self._consumer.resume(*(tp for tp in tps if tp in assigned))
+            self._restoring = False
+            self._restore_task = None
 
     async def _restore(self, partitions: list[int]) -> dict[int, PartitionStates]:
         started = time.perf_counter()
