@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from cli.dlq import dlq_app
-from cli.services import LocalServices
+from cli.services import DEV_ENV, LocalServices
 from cli.stack import Stack, StackError
 from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings, KafkaSettings, StackSettings
@@ -187,9 +187,11 @@ def accounts_create(
 
 @services_app.command("up")
 def services_up() -> None:
-    """Start ingest, transform, persist and gateway in the background (logs in the state folder)."""
+    """Start ingest, transform, persist and gateway in the background (logs in the state folder).
+
+    A development stack: webhook targets on loopback and private addresses are allowed."""
     try:
-        LocalServices().up()
+        LocalServices(env=DEV_ENV).up()
     except StackError as exc:
         _fail(str(exc))
     services_status()

@@ -13,9 +13,12 @@ from cli.procs import ManagedProcess, ProcessError, wait_until
 from cli.stack import StackError
 from libs.config import REPO_ROOT, StackSettings
 
-__all__ = ["SERVICE_PORTS", "LocalService", "LocalServices"]
+__all__ = ["DEV_ENV", "SERVICE_PORTS", "LocalService", "LocalServices"]
 
 SERVICE_PORTS: Final = {"ingest": 8081, "transform": 8082, "persist": 8083, "gateway": 8080}
+# `flightlog services up` / `flightlog dev` start a local development stack: webhooks may go to
+# receivers on this machine (the bench's own receiver on 127.0.0.1 among them).
+DEV_ENV: Final = {"FLIGHTLOG_WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true"}
 
 
 def _ready(url: str) -> bool:
