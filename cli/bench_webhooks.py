@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,13 +24,20 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from cli.bench import Tenant, _offer, make_tenant
+from cli.bench import BenchReport, Figure, Tenant, _offer, make_tenant
 from cli.bench_stats import LatencySummary, summarize
 from libs.config import DatabaseSettings
 from libs.shards import ShardRouter
 from libs.webhooks import WebhookVerificationError, verify
 
-__all__ = ["WebhookBench", "WebhookReceiver", "bench_webhooks", "created_message_id", "match_latencies"]
+__all__ = [
+    "WebhookBench",
+    "WebhookReceiver",
+    "bench_webhooks",
+    "created_message_id",
+    "match_latencies",
+    "webhook_stage",
+]
 
 
 def created_message_id(body: bytes) -> int | None:
@@ -172,15 +179,23 @@ async def bench_webhooks(
     sent_at: dict[str, float] = {}
     try:
         async with aiohttp.ClientSession() as http:
-            endpoint = await _gateway(
-                http, "POST", f"{gateway_url}/v1/webhooks", tenant.api_key,
-                {
-                    "url": receiver.url,
-                    "description": "flightlog bench",
-                    "event_types": ["message.created"],
-                    "account_ids": [str(a) for a in tenant.accounts],
-                },
-            )  # fmt: skip
+            try:
+                endpoint = await _gateway(
+                    http, "POST", f"{gateway_url}/v1/webhooks", tenant.api_key,
+                    {
+                        "url": receiver.url,
+                        "description": "flightlog bench",
+                        "event_types": ["message.created"],
+                        "account_ids": [str(a) for a in tenant.accounts],
+                    },
+                )  # fmt: skip
+            except RuntimeError as exc:
+                if "private or loopback" in str(exc):
+                    raise RuntimeError(
+                        f"{exc}\nthe gateway refuses loopback targets: start it with"
+                        " FLIGHTLOG_WEBHOOKS_ALLOW_PRIVATE_TARGETS=true (as `flightlog dev` does)"
+                    ) from None
+                raise
             receiver.secret = endpoint["secret"]
             try:
                 posted, tasks = await _offer(
@@ -208,3 +223,38 @@ async def bench_webhooks(
         receiver.repeats,
         summarize(latencies),
     )
+
+
+async def webhook_stage(
+    report: BenchReport,
+    progress: Callable[[str], None],
+    db: DatabaseSettings,
+    ingest_url: str,
+    gateway_url: str,
+    *,
+    quick: bool,
+) -> WebhookBench:
+    """Run :func:`bench_webhooks` and add its figures (beside the DESIGN.md target) to ``report``."""
+    rate = 200
+    result = await bench_webhooks(
+        db, ingest_url, gateway_url, rate_events_s=rate, duration_s=8.0 if quick else 20.0
+    )
+    lat = result.latency
+    note = (
+        f"{result.delivered:,} of {result.posted:,} messages delivered, "
+        f"{result.signature_failures} signature failures, {result.repeats} repeats; "
+        f"POST start to receiver; max {lat.max_ms:,.0f} ms"
+    )
+    report.add(
+        Figure(f"event to webhook delivered p50 at {rate} events/s", lat.p50_ms, "ms", note=note), progress
+    )
+    report.add(
+        Figure(
+            f"event to webhook delivered p99 at {rate} events/s",
+            lat.p99_ms,
+            "ms",
+            note="target p99 <= 500 ms (DESIGN.md)",
+        ),
+        progress,
+    )
+    return result
