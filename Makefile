@@ -36,7 +36,10 @@ dev: install
 down: install
 	$(FLIGHTLOG) down
 
+# The services `make dev` started would hold the change relay's and the webhook dispatcher's
+# leader locks that the tests' own processes must win, so they are stopped first.
 test: stack
+	$(FLIGHTLOG) services down
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install
