@@ -117,7 +117,9 @@ async def _new_mail(
     try:
         start = time.monotonic()
         for j in range(samples):
-            await asyncio.sleep(max(0.0, start + j * gap_s - time.monotonic()))
+            # every APPEND, the first included, comes gap_s after the last one: 20 s apart is
+            # 20 s of an idle connection each time
+            await asyncio.sleep(max(0.0, start + (j + 1) * gap_s - time.monotonic()))
             tag = f"{prefix}{j}"
             appended_at[tag] = time.time()
             if (await client.append(live_message(tag, user), mailbox="INBOX")).result != "OK":
