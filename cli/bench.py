@@ -34,6 +34,7 @@ from libs.db.migrate import migrate_shard
 from libs.events import Direction, MessageDoc, PostflightRecord, Status
 from libs.kafka import TopicSpec, create_topics, make_consumer, make_producer
 from libs.shards import ShardRouter
+from services.ingest.constants import MAX_EVENTS_PER_REQUEST
 from services.persist import writer as writer_sql
 from services.persist.writer import write_shard
 
@@ -270,10 +271,16 @@ async def _landed(router: ShardRouter, accounts: list[int], prefix: str) -> int:
     return sum(await asyncio.gather(*(one(a) for a in accounts)))
 
 
-async def _wait_landed(router: ShardRouter, accounts: list[int], prefix: str, count: int) -> None:
-    while True:
-        if await _landed(router, accounts, prefix) >= count:
-            return
+async def _wait_landed(
+    router: ShardRouter, accounts: list[int], prefix: str, count: int, timeout_s: float = 300.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (landed := await _landed(router, accounts, prefix)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {landed} of {count} messages {prefix}* queryable after {timeout_s:.0f} s: "
+                "see .state/logs/transform.log and persist.log"
+            )
         await asyncio.sleep(0.25)
 
 
@@ -344,7 +351,9 @@ async def _offer(
             if sent_at is not None:
                 sent_at[key] = time.time()
             n += 1
-        tasks.append(asyncio.create_task(_post(http, url, tenant.api_key, events)))
+        for first in range(0, len(events), MAX_EVENTS_PER_REQUEST):
+            chunk = events[first : first + MAX_EVENTS_PER_REQUEST]
+            tasks.append(asyncio.create_task(_post(http, url, tenant.api_key, chunk)))
     return n, tasks
 
 
