@@ -58,8 +58,8 @@ class DispatcherProcess:
 @pytest.fixture
 def dispatcher_process(stack: Stack) -> Iterator[DispatcherProcess]:
     d = DispatcherProcess(stack)
-    d.start()
     try:
+        d.start()  # inside the try: a start that times out must not leave the process behind
         yield d
     finally:
         d.proc.stop(timeout_s=20)
