@@ -18,8 +18,16 @@ pytestmark = pytest.mark.e2e
 async def test_service_health_metrics_and_sigterm(
     name: str, stack: Stack, shard_map: object, topics: None
 ) -> None:
-    # A port of its own, so a `make dev` instance on the default port does not interfere.
-    svc = LocalService(name, SERVICE_PORTS[name] + 100, stack.settings.state_dir, instance="-runner-test")
+    # A port of its own, so a `make dev` instance on the default port does not interfere; for
+    # ingest, IMAP sync runs on an accounts topic and group of its own: joining the shared group
+    # would move the pipeline's accounts here mid-session and make the drain wait on rebalances.
+    env = {
+        "FLIGHTLOG_IMAP_ACCOUNTS_TOPIC": "flightlog.test-imap-accounts-runner",
+        "FLIGHTLOG_IMAP_CONSUMER_GROUP": "flightlog-ingest-imap-runner-test",
+    }
+    svc = LocalService(
+        name, SERVICE_PORTS[name] + 100, stack.settings.state_dir, env=env, instance="-runner-test"
+    )
     await asyncio.to_thread(svc.start)
     try:
         async with aiohttp.ClientSession(svc.address) as http:
