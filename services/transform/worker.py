@@ -76,9 +76,9 @@ class PartitionStates:
     """One partition's message states, keyed by message key.
 
     States restored from the changelog stay encoded until an event first needs them: a restore
-    then costs one dict insert per record instead of a pydantic decode, which keeps the
-    rebalance listener (and so the consumer group) from stalling on a large changelog. Most
-    restored states (final messages) are never read again before the next rebalance.
+    then costs one dict insert per record instead of a pydantic decode (222,875 states took
+    12-16 s decoded). Most restored states (final messages) are never read again before the
+    next rebalance.
     """
 
     __slots__ = ("_items",)
