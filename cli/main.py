@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from cli.dlq import dlq_app
-from cli.services import DEV_ENV, LocalServices
+from cli.services import LocalServices, dev_env
 from cli.stack import Stack, StackError
 from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings, KafkaSettings, StackSettings
@@ -191,7 +191,7 @@ def services_up() -> None:
 
     A development stack: webhook targets on loopback and private addresses are allowed."""
     try:
-        LocalServices(env=DEV_ENV).up()
+        LocalServices(env=dev_env()).up()
     except StackError as exc:
         _fail(str(exc))
     services_status()

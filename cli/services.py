@@ -10,15 +10,22 @@ from urllib.error import URLError
 from urllib.request import urlopen
 
 from cli.procs import ManagedProcess, ProcessError, wait_until
-from cli.stack import StackError
+from cli.stack import Dovecot, StackError
 from libs.config import REPO_ROOT, StackSettings
 
-__all__ = ["DEV_ENV", "SERVICE_PORTS", "LocalService", "LocalServices"]
+__all__ = ["SERVICE_PORTS", "LocalService", "LocalServices", "dev_env"]
 
 SERVICE_PORTS: Final = {"ingest": 8081, "transform": 8082, "persist": 8083, "gateway": 8080}
-# `flightlog services up` / `flightlog dev` start a local development stack: webhooks may go to
-# receivers on this machine (the bench's own receiver on 127.0.0.1 among them).
-DEV_ENV: Final = {"FLIGHTLOG_WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true"}
+
+
+def dev_env(settings: StackSettings | None = None) -> dict[str, str]:
+    """What `flightlog services up` / `flightlog dev` set for a local development stack: webhooks
+    may go to receivers on this machine (the bench's own receiver on 127.0.0.1 among them), and
+    IMAP accounts with TLS against the local Dovecot trust its self-signed certificate."""
+    return {
+        "FLIGHTLOG_WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
+        "FLIGHTLOG_IMAP_TLS_CA_FILE": str(Dovecot(settings or StackSettings()).tls_cert),
+    }
 
 
 def _ready(url: str) -> bool:

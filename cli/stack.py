@@ -10,7 +10,9 @@ whose pid files ``up`` wrote.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
+import imaplib
 import logging
 import os
 import shutil
@@ -37,6 +39,7 @@ PLAIN_IMAP_CAPABILITY = (
 DB_USER = "flightlog"
 DB_PASSWORD = "flightlog"
 IMAP_TEST_PASSWORD = "flightlog"
+IMAPS_PORT_OFFSET = 850  # Dovecot's implicit-TLS port: 1143 -> 1993
 
 
 class StackError(RuntimeError):
@@ -350,6 +353,47 @@ class MariaDB(Part):
         return Status(self.name, self.address, self.proc.running(), port_answers(HOST, self.port))
 
 
+def write_self_signed_cert(cert: Path, key: Path, host: str, days: int = 3650) -> None:
+    """A self-signed certificate for ``host`` (an IP address), for the local Dovecot's TLS; the
+    IMAP sync trusts it through ``FLIGHTLOG_IMAP_TLS_CA_FILE``."""
+    import ipaddress
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(private, hashes.SHA256())
+    )
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key.chmod(0o600)
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
 class Dovecot(Part):
     """Dovecot IMAP on loopback with a passwd-file of test users (maildirs in the state folder)."""
 
@@ -369,9 +413,15 @@ class Dovecot(Part):
         self.name = name
         self.port = settings.imap_port if port is None else port
         self.capability = capability
+        # The server with Dovecot's own capabilities also speaks TLS: STARTTLS on ``port`` and
+        # implicit TLS on ``imaps_port``, with a self-signed certificate for 127.0.0.1.
+        self.tls = capability is None
+        self.imaps_port = self.port + IMAPS_PORT_OFFSET if self.tls else None
         self.dir = settings.state_dir / name
         self.conf = self.dir / "dovecot.conf"
         self.users = self.dir / "users"
+        self.tls_cert = self.dir / "tls" / "cert.pem"
+        self.tls_key = self.dir / "tls" / "key.pem"
         self.proc = ManagedProcess(
             "dovecot", self.dir / "run" / "master.pid", self.dir / "dovecot.out", "dovecot"
         )
@@ -380,13 +430,34 @@ class Dovecot(Part):
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
-    def add_user(self, username: str, password: str = IMAP_TEST_PASSWORD) -> None:
-        """Add or replace a user in the passwd-file; Dovecot re-reads it when it changes."""
+    def add_user(self, username: str, password: str = IMAP_TEST_PASSWORD, *, wait: bool = True) -> None:
+        """Add or replace a user in the passwd-file.
+
+        The file is rewritten under an exclusive lock and swapped in atomically, so concurrent
+        callers (test workers, the bench) neither lose each other's users nor let Dovecot read a
+        half-written file. Dovecot stats the file at most once a second, so with ``wait`` (and a
+        running server) this returns only once the new credentials log in.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
-        lines = self.users.read_text().splitlines() if self.users.exists() else []
-        lines = [line for line in lines if not line.startswith(f"{username}:")]
-        lines.append(f"{username}:{{PLAIN}}{password}::::::")
-        self.users.write_text("\n".join(lines) + "\n")
+        with open(self.dir / "users.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lines = self.users.read_text().splitlines() if self.users.exists() else []
+            lines = [line for line in lines if not line.startswith(f"{username}:")]
+            lines.append(f"{username}:{{PLAIN}}{password}::::::")
+            tmp = self.users.with_suffix(".tmp")
+            tmp.write_text("\n".join(lines) + "\n")
+            tmp.replace(self.users)
+        if wait and self.proc.running():
+            wait_until(lambda: self._logs_in(username, password), 10, f"Dovecot to accept {username}")
+
+    def _logs_in(self, username: str, password: str) -> bool:
+        try:
+            with imaplib.IMAP4(HOST, self.port, timeout=5) as imap:
+                imap.login(username, password)
+                imap.logout()
+        except imaplib.IMAP4.error:
+            return False
+        return True
 
     def _write_config(self) -> None:
         d = self.dir
@@ -395,7 +466,14 @@ class Dovecot(Part):
         shutil.chown(d / "mail", "mail", "mail")
         if not self.users.exists():
             for i in range(1, 4):
-                self.add_user(f"user{i}@flightlog.test")
+                self.add_user(f"user{i}@flightlog.test", wait=False)
+        if self.tls and not self.tls_cert.exists():
+            write_self_signed_cert(self.tls_cert, self.tls_key, HOST)
+        tls = (
+            f"ssl = yes\nssl_cert = <{self.tls_cert}\nssl_key = <{self.tls_key}\n"
+            if self.tls
+            else "ssl = no\n"
+        )
         self.conf.write_text(
             f"""# Generated by `flightlog stack up`; edits are overwritten.
 protocols = imap
@@ -404,8 +482,7 @@ base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 info_log_path = {d}/dovecot.log
-ssl = no
-disable_plaintext_auth = no
+{tls}disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_location = maildir:{d}/mail/%d/%n/Maildir
 mail_uid = mail
@@ -452,7 +529,8 @@ service imap-login {{
     port = {self.port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = {HOST}
+    port = {self.imaps_port or 0}
   }}
   service_count = 0
   process_min_avail = 1

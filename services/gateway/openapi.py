@@ -665,9 +665,10 @@ SCHEMAS.update(
                 "port": {"type": "integer", "minimum": 1, "maximum": 65535, "default": 993},
                 "tls_mode": {
                     "type": "string",
-                    "enum": ["implicit", "none"],
+                    "enum": ["implicit", "starttls", "none"],
                     "default": "implicit",
-                    "description": "none only for a loopback host",
+                    "description": "implicit TLS (IMAPS), STARTTLS before login (no plaintext "
+                    "fallback), or none, only for a loopback host",
                 },
                 "username": {"type": "string", "minLength": 1, "maxLength": 320},
                 "password": {

@@ -33,7 +33,7 @@ from services.ingest.imap.api import (
     imap_account_view,
     update_imap_credentials,
 )
-from services.ingest.imap.client import Imap4, ImapConnection
+from services.ingest.imap.client import Imap4, ImapConnection, ImapError
 from services.ingest.imap.distribution import AccountDistributor, accounts_topic_spec
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.store import SyncStore
@@ -149,11 +149,12 @@ def store(router: ShardRouter) -> SyncStore:
 
 async def new_account(
     router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer, settings: ImapSettings,
-    server: Dovecot, user: str, password: str = IMAP_TEST_PASSWORD,
+    server: Dovecot, user: str, password: str = IMAP_TEST_PASSWORD, tls_mode: str = "none",
 ) -> int:  # fmt: skip
     app, _ = await create_application(router, f"imap-{uuid.uuid4().hex[:6]}")
+    port = server.imaps_port if tls_mode == "implicit" else server.port
     body = ImapAccountIn(
-        email=f"{user}@{DOMAIN}", host="127.0.0.1", port=server.port, tls_mode="none",
+        email=f"{user}@{DOMAIN}", host="127.0.0.1", port=port, tls_mode=tls_mode,
         username=f"{user}@{DOMAIN}", password=password,
     )  # fmt: skip
     created = await create_imap_account(router, store, producer, settings, app.id, body)
@@ -320,6 +321,58 @@ async def test_server_hangup_fails_pending_commands_at_once(server: Dovecot) -> 
         assert time.monotonic() - started < 10
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("tls_mode", ["starttls", "implicit"])
+async def test_tls_modes_verify_the_server_certificate(stack: Stack, tls_mode: str) -> None:
+    server = stack.dovecot
+    assert server.imaps_port is not None
+    port = server.port if tls_mode == "starttls" else server.imaps_port
+    user = f"tls{uuid.uuid4().hex[:10]}"
+    server.add_user(f"{user}@{DOMAIN}")
+    fill_maildir(server, user, 2)
+    conn = ImapConnection("127.0.0.1", port, tls_mode, timeout_s=30, ca_file=str(server.tls_cert))
+    await conn.connect(f"{user}@{DOMAIN}", IMAP_TEST_PASSWORD)
+    try:
+        assert conn.imap.protocol.transport.get_extra_info("ssl_object") is not None
+        assert (await conn.select("INBOX")).exists >= 2
+        assert conn.condstore  # capabilities were asked again after the upgrade
+    finally:
+        await conn.close()
+    # without the stack's certificate the self-signed server is refused, never used in clear
+    untrusted = ImapConnection("127.0.0.1", port, tls_mode, timeout_s=30)
+    with pytest.raises(ImapError, match="CERTIFICATE_VERIFY_FAILED"):
+        await untrusted.connect(f"{user}@{DOMAIN}", IMAP_TEST_PASSWORD)
+
+
+@pytest.mark.parametrize("tls_mode", ["starttls", "implicit"])
+async def test_sync_over_tls(
+    stack: Stack, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
+    imap_settings: ImapSettings, tap: InflightTap, tls_mode: str,
+) -> None:  # fmt: skip
+    """An account with TLS syncs its mailbox and gets new mail through IDLE over the upgraded
+    connection; the CA file comes from the settings, as in a deployment with a private CA."""
+    server = stack.dovecot
+    user = f"tls{uuid.uuid4().hex[:10]}"
+    server.add_user(f"{user}@{DOMAIN}")
+    fill_maildir(server, user, 20)
+    settings = imap_settings.model_copy(update={"imap_tls_ca_file": str(server.tls_cert)})
+    account_id = await new_account(router, store, producer, settings, server, user, tls_mode=tls_mode)
+    got = tap.watch(account_id)
+    sync = AccountSync(account_id, store, producer, settings)
+    async with running(sync):
+        await asyncio.wait_for(sync.synced_once.wait(), 60)
+        assert len(got.of("message.synced")) == 20
+        async with imap_client(server, user) as client:
+            live = f"From: x@example.org\r\nSubject: over TLS\r\nMessage-ID: <tls-{user}>\r\n\r\nhi\r\n"
+            assert (await client.append(live.encode(), mailbox="INBOX")).result == "OK"
+        await wait_for(lambda: len(got.of("message.synced")) == 21, 20, "new mail over TLS")
+
+
+async def test_starttls_refused_when_the_server_does_not_offer_it(stack: Stack) -> None:
+    conn = ImapConnection("127.0.0.1", stack.dovecot_plain.port, "starttls", timeout_s=30)
+    with pytest.raises(ImapError, match="does not offer STARTTLS"):
+        await conn.connect(f"user1@{DOMAIN}", IMAP_TEST_PASSWORD)
 
 
 async def test_wrong_password_then_fixed(

@@ -62,8 +62,6 @@ class ImapAccountIn(BaseModel):
     def _plaintext_only_on_loopback(self) -> Self:
         if self.tls_mode == "none" and not _is_loopback(self.host):
             raise ValueError("tls_mode 'none' is allowed only for a loopback host")
-        if self.tls_mode == "starttls":
-            raise ValueError("tls_mode 'starttls' is not supported yet; use 'implicit'")
         return self
 
 

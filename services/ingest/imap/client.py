@@ -279,11 +279,17 @@ class Imap4(aioimaplib.IMAP4):  # type: ignore[misc]
 class ImapConnection:
     """One logged-in IMAP connection.
 
-    :param tls_mode: ``implicit`` (IMAPS), ``starttls`` or ``none`` (loopback only, checked by the API).
+    :param tls_mode: ``implicit`` (IMAPS), ``starttls`` (RFC 9051 6.2.1: upgrade before login;
+        a server that does not offer it is an error, never a silent plaintext login) or ``none``
+        (loopback only, checked by the API).
+    :param ca_file: PEM certificates to trust besides the system's (a self-signed server).
     """
 
-    def __init__(self, host: str, port: int, tls_mode: str, timeout_s: float) -> None:
+    def __init__(
+        self, host: str, port: int, tls_mode: str, timeout_s: float, ca_file: str | None = None
+    ) -> None:
         self.host, self.port, self.tls_mode, self.timeout_s = host, port, tls_mode, timeout_s
+        self.ca_file = ca_file
         self.client: aioimaplib.IMAP4 | None = None
         self.condstore = False
         self.qresync = False
@@ -295,16 +301,38 @@ class ImapConnection:
             raise ImapError("not connected")
         return self.client
 
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()  # the system's CAs, hostname checked
+        if self.ca_file:
+            context.load_verify_locations(cafile=self.ca_file)
+        return context
+
+    async def _starttls(self, client: aioimaplib.IMAP4) -> None:
+        protocol = client.protocol
+        await protocol.capability()
+        if "STARTTLS" not in {c.upper() for c in protocol.capabilities}:
+            raise ImapError(f"{self.host}:{self.port} does not offer STARTTLS")
+        command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
+        self.check(await protocol.execute(command), "STARTTLS")
+        loop = asyncio.get_running_loop()
+        protocol.transport = await asyncio.wait_for(
+            loop.start_tls(protocol.transport, protocol, self._tls_context(), server_hostname=self.host),
+            self.timeout_s,
+        )
+        protocol.capabilities = set()  # what the server said before TLS is not to be trusted
+
     async def connect(self, username: str, password: str, *, use_condstore: bool = True) -> None:
         try:
-            tls = ssl.create_default_context() if self.tls_mode == "implicit" else None
+            tls = self._tls_context() if self.tls_mode == "implicit" else None
             self.client = Imap4(self.host, self.port, timeout=self.timeout_s, ssl_context=tls)
             await asyncio.wait_for(self.client.wait_hello_from_server(), self.timeout_s)
             if self.tls_mode == "starttls":
-                raise ImapError("STARTTLS is not supported by aioimaplib 2.0; use implicit TLS")
+                await self._starttls(self.client)
             response = await self.client.login(username, password)
-        except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
+        except (OSError, TimeoutError, ImapError, aioimaplib.AioImapException) as exc:
             await self.close()
+            if isinstance(exc, ImapError):
+                raise
             raise ImapError(f"cannot connect to {self.host}:{self.port}: {exc!r}") from exc
         if response.result != "OK":
             text = b" ".join(bytes(x) for x in response.lines).decode("utf-8", "replace")

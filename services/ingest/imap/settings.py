@@ -24,3 +24,6 @@ class ImapSettings(BaseSettings):
     imap_backoff_base_s: float = Field(default=1.0, gt=0)
     imap_backoff_max_s: float = Field(default=300.0, gt=0)
     imap_use_condstore: bool = True  # False forces the UID-list fallback even if offered
+    # PEM certificates trusted besides the system's, for servers with a private CA or a
+    # self-signed certificate (the local stack's Dovecot); certificates are always verified.
+    imap_tls_ca_file: str | None = None

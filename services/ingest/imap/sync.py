@@ -162,7 +162,11 @@ class AccountSync:
 
     async def _session(self, account: AccountRow, on_connected: Callable[[], None]) -> None:
         conn = ImapConnection(
-            account.host, account.port, account.tls_mode, self.settings.imap_command_timeout_s
+            account.host,
+            account.port,
+            account.tls_mode,
+            self.settings.imap_command_timeout_s,
+            ca_file=self.settings.imap_tls_ca_file,
         )
         self.conn = conn
         await conn.connect(account.username, account.password, use_condstore=self.settings.imap_use_condstore)
