@@ -362,6 +362,8 @@ async def test_sync_over_tls(
     sync = AccountSync(account_id, store, producer, settings)
     async with running(sync):
         await asyncio.wait_for(sync.synced_once.wait(), 60)
+        # produced (acks=all) by now, but the tap reads inflight on its own schedule
+        await wait_for(lambda: len(got.of("message.synced")) >= 20, 20, "20 synced events")
         assert len(got.of("message.synced")) == 20
         async with imap_client(server, user) as client:
             live = f"From: x@example.org\r\nSubject: over TLS\r\nMessage-ID: <tls-{user}>\r\n\r\nhi\r\n"
