@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.header
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ from libs.events import MessageContent
 from libs.mime import (
     collapse_whitespace,
     content_fields,
+    decode_header_value,
     expand_raw_mime,
     message_id_of,
     parse_message,
@@ -133,3 +136,11 @@ def test_expand_raw_mime_fills_the_content() -> None:
 @given(st.text(alphabet=st.sampled_from("ab \t\n\u00a0\u3000é"), max_size=3000), st.integers(0, 300))
 def test_collapse_whitespace_reads_a_prefix_only_but_equals_the_whole(text: str, n: int) -> None:
     assert collapse_whitespace(text, n) == " ".join(text.split())[:n]
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=80))
+def test_plain_ascii_header_shortcut_matches_the_full_decode(text: str) -> None:
+    """An ASCII header without an encoded word skips email.header; the result must not change."""
+    full = " ".join(str(email.header.make_header(email.header.decode_header(text))).split())
+    if "=?" not in text:
+        assert decode_header_value(text) == full
