@@ -555,6 +555,10 @@ async def run_bench(
     from cli.bench_imap import imap_stage
 
     await imap_stage(report, progress, db, gateway_url, quick=quick)
+    progress("idle imap accounts")
+    from cli.bench_idle import idle_stage
+
+    await idle_stage(report, progress, db, gateway_url, quick=quick)
     for stage in extra or []:
         await stage(report)
     return report
@@ -579,6 +583,7 @@ def write_benchmarks_md(report: BenchReport, command: str, path: Path) -> None:
         + "\n\nRatios compare rows/s with rows/s: one message is five lifecycle events and one row. "
         "Webhook latency runs from each POST /v1/events's start to the bench's own receiver on "
         "127.0.0.1 (signatures verified); the IMAP stages sync a generated Dovecot mailbox through "
-        "the running ingest service, timed to the rows in the account's shard table. "
+        "the running ingest service, timed to the rows in the account's shard table and to the "
+        "new mail's webhooks; idle accounts are measured on the ingest process (CPU time and RSS). "
         "Figures move by tens of percent between runs on this shared 2-core machine." + profile + "\n"
     )

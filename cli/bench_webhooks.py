@@ -35,6 +35,7 @@ __all__ = [
     "WebhookReceiver",
     "bench_webhooks",
     "created_message_id",
+    "gateway_request",
     "match_latencies",
     "webhook_stage",
 ]
@@ -135,9 +136,10 @@ class WebhookBench:
     latency: LatencySummary
 
 
-async def _gateway(
+async def gateway_request(
     http: aiohttp.ClientSession, method: str, url: str, key: str, body: dict[str, Any] | None = None
 ) -> Any:
+    """One authenticated gateway call; its JSON answer (None for 204), or RuntimeError."""
     async with http.request(method, url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
         if resp.status >= 300:
             raise RuntimeError(f"{method} {url}: gateway answered {resp.status}: {await resp.text()}")
@@ -180,7 +182,7 @@ async def bench_webhooks(
     try:
         async with aiohttp.ClientSession() as http:
             try:
-                endpoint = await _gateway(
+                endpoint = await gateway_request(
                     http, "POST", f"{gateway_url}/v1/webhooks", tenant.api_key,
                     {
                         "url": receiver.url,
@@ -204,7 +206,9 @@ async def bench_webhooks(
                 await asyncio.gather(*tasks)
                 await receiver.wait_for(posted, drain_timeout_s)
             finally:
-                await _gateway(http, "DELETE", f"{gateway_url}/v1/webhooks/{endpoint['id']}", tenant.api_key)
+                await gateway_request(
+                    http, "DELETE", f"{gateway_url}/v1/webhooks/{endpoint['id']}", tenant.api_key
+                )
     finally:
         await receiver.stop()
     async with ShardRouter(db) as router:

@@ -431,24 +431,32 @@ class Dovecot(Part):
         return f"{HOST}:{self.port}"
 
     def add_user(self, username: str, password: str = IMAP_TEST_PASSWORD, *, wait: bool = True) -> None:
-        """Add or replace a user in the passwd-file.
+        """Add or replace a user in the passwd-file (see :meth:`add_users`)."""
+        self.add_users([username], password, wait=wait)
+
+    def add_users(
+        self, usernames: list[str], password: str = IMAP_TEST_PASSWORD, *, wait: bool = True
+    ) -> None:
+        """Add or replace users in the passwd-file.
 
         The file is rewritten under an exclusive lock and swapped in atomically, so concurrent
         callers (test workers, the bench) neither lose each other's users nor let Dovecot read a
         half-written file. Dovecot stats the file at most once a second, so with ``wait`` (and a
-        running server) this returns only once the new credentials log in.
+        running server) this returns only once the last user's credentials log in.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
+        names = set(usernames)
         with open(self.dir / "users.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             lines = self.users.read_text().splitlines() if self.users.exists() else []
-            lines = [line for line in lines if not line.startswith(f"{username}:")]
-            lines.append(f"{username}:{{PLAIN}}{password}::::::")
+            lines = [line for line in lines if line.split(":", 1)[0] not in names]
+            lines += [f"{name}:{{PLAIN}}{password}::::::" for name in usernames]
             tmp = self.users.with_suffix(".tmp")
             tmp.write_text("\n".join(lines) + "\n")
             tmp.replace(self.users)
-        if wait and self.proc.running():
-            wait_until(lambda: self._logs_in(username, password), 10, f"Dovecot to accept {username}")
+        if wait and usernames and self.proc.running():
+            last = usernames[-1]
+            wait_until(lambda: self._logs_in(last, password), 10, f"Dovecot to accept {last}")
 
     def _logs_in(self, username: str, password: str) -> bool:
         try:

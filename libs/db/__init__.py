@@ -11,6 +11,7 @@ back an id that does not carry the shard it was written to.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "connect",
     "create_pool",
     "insert_guarded",
+    "leader_lock_name",
     "shard_schema",
 ]
 
@@ -100,3 +102,14 @@ async def insert_guarded(
     check_shard(first, shard)
     check_shard(first + rows - 1, shard)
     return first
+
+
+def leader_lock_name(role: str, global_schema: str) -> str:
+    """The ``GET_LOCK`` name that elects one ``role`` leader (the change relay, the webhook
+    dispatcher) per deployment. MariaDB's named locks are server-wide, so the name carries the
+    deployment's global schema: two deployments sharing a server do not block each other. Names
+    are at most 64 characters (MariaDB's limit); a long schema name is hashed."""
+    name = f"flightlog.{role}:{global_schema}"
+    if len(name) > 64:
+        name = f"flightlog.{role}:{hashlib.sha256(global_schema.encode()).hexdigest()[:24]}"
+    return name

@@ -579,7 +579,7 @@ _IMAP_PROPS: Final[dict[str, Json]] = {
     "port": {"type": "integer"},
     "tls_mode": {"type": "string", "enum": ["implicit", "starttls", "none"]},
     "username": {"type": "string"},
-    "state": {"type": "string", "description": "pending, running, auth_failed, error ..."},
+    "state": {"type": "string", "description": "pending, running, auth_failed, error or disconnected"},
     "last_error": _nullable({"type": "string"}),
     "last_sync_at": _IMAP_TEXT_TIME,
     "credentials_version": {"type": "integer", "minimum": 1},
@@ -750,7 +750,15 @@ PATHS.update(
                 "parameters": [ACCOUNT],
                 "requestBody": _body("ImapCredentials"),
                 "responses": {**_ok("ImapSync", "the sync state"), **_errors(404, 413, 422)},
-            }
+            },
+            "delete": {
+                "operationId": "disconnectImapAccount",
+                "tags": ["accounts"],
+                "summary": "Stop syncing and forget the password (state disconnected); synced messages stay",
+                "description": "New credentials (PATCH) connect the account again.",
+                "parameters": [ACCOUNT],
+                "responses": {**_ok("ImapSync", "the sync state"), **_errors(404)},
+            },
         },
         "/v1/webhooks": {
             "get": {

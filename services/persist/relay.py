@@ -29,7 +29,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any
 
 import aiomysql
 import orjson
@@ -38,15 +38,14 @@ from prometheus_client import Counter, Gauge
 
 from libs.component import Component
 from libs.config import DatabaseSettings
-from libs.db import connect
+from libs.db import connect, leader_lock_name
 from libs.kafka import CHANGES
 from libs.shards import ShardRouter
 
-__all__ = ["RELAY_LOCK", "ChangeRelay", "RelaySettings", "change_message"]
+__all__ = ["ChangeRelay", "RelaySettings", "change_message"]
 
 logger = logging.getLogger(__name__)
 
-RELAY_LOCK: Final = "flightlog.change-relay"
 
 _published = Counter("flightlog_relay_changes_published_total", "Changes published to flightlog.changes")
 _position = Gauge("flightlog_relay_position", "Last published change id per shard", ["shard"])
@@ -138,7 +137,7 @@ class ChangeRelay(Component):
         while not self._stopping.is_set():
             try:
                 async with connect(s, s.global_db_host, s.global_db_port) as conn:
-                    if await self._take_lock(conn):
+                    if await self._take_lock(conn, leader_lock_name("change-relay", s.global_db_name)):
                         await self._lead(conn)
                     else:
                         await self._sleep(self._settings.relay_standby_poll_s)
@@ -152,9 +151,9 @@ class ChangeRelay(Component):
                 _active.set(0)
 
     @staticmethod
-    async def _take_lock(conn: aiomysql.Connection) -> bool:
+    async def _take_lock(conn: aiomysql.Connection, name: str) -> bool:
         async with conn.cursor() as cur:
-            await cur.execute("SELECT GET_LOCK(%s, 0)", (RELAY_LOCK,))
+            await cur.execute("SELECT GET_LOCK(%s, 0)", (name,))
             (got,) = await cur.fetchone()
         return bool(got == 1)
 

@@ -128,8 +128,11 @@ async def test_webhooks_are_served_and_delivered_by_the_gateway(
         await rx.stop()
 
 
-async def imap_record(settings: KafkaSettings, account_id: str, version: int, timeout_s: float) -> bool:
-    """Whether flightlog.imap-accounts carries ``version`` of the account (read from the start)."""
+async def imap_record(
+    settings: KafkaSettings, account_id: str, version: int | None, timeout_s: float
+) -> bool:
+    """Whether flightlog.imap-accounts carries ``version`` of the account, or with None its
+    tombstone (read from the start)."""
     consumer = make_consumer(settings, group_id=None)
     async with consumer:
         partitions = next(spec.partitions for spec in TOPICS if spec.name == IMAP_ACCOUNTS)
@@ -141,9 +144,14 @@ async def imap_record(settings: KafkaSettings, account_id: str, version: int, ti
             batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
             for records in batch.values():
                 for r in records:
-                    if r.key == account_id.encode() and r.value is not None:
-                        if orjson.loads(r.value)["credentials_version"] == version:
-                            return True
+                    if r.key != account_id.encode():
+                        continue
+                    if (
+                        r.value is None
+                        if version is None
+                        else orjson.loads(r.value)["credentials_version"] == version
+                    ):
+                        return True
     return False
 
 
@@ -196,7 +204,9 @@ async def test_imap_accounts_are_created_and_their_credentials_changed(
 
     # another application's key: exactly the answer of an account that does not exist
     missing = str(int(account_id) + 1_000_000)
-    for method, path, payload in (("GET", "sync", None), ("PATCH", "credentials", {"password": "p"})):
+    for method, path, payload in (
+        ("GET", "sync", None), ("PATCH", "credentials", {"password": "p"}), ("DELETE", "credentials", None),
+    ):  # fmt: skip
         status, reference, _ = await call(http, method, f"{base}/{missing}/{path}", other.api_key, payload)
         assert status == 404
         status, body, ctype = await call(http, method, f"{base}/{account_id}/{path}", other.api_key, payload)
@@ -207,3 +217,10 @@ async def test_imap_accounts_are_created_and_their_credentials_changed(
     status, body, _ = await call(http, "PATCH", f"{base}/{events_account}/credentials", tenant.api_key,
                                  {"password": "p"})  # fmt: skip
     assert status == 404 and "not an IMAP account" in body["detail"]
+
+    # disconnect: the sync stops (a tombstone on the accounts topic) and the password is forgotten
+    status, body, _ = await call(http, "DELETE", creds, tenant.api_key)
+    assert status == 200 and body["state"] == "disconnected" and body["credentials_version"] == 4, body
+    assert await imap_record(kafka_settings, account_id, None, 10)
+    status, body, _ = await call(http, "PATCH", creds, tenant.api_key, {"password": "back"})
+    assert status == 200 and body["state"] == "pending" and body["credentials_version"] == 5

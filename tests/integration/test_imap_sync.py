@@ -30,6 +30,7 @@ from libs.shards import ShardRouter
 from services.ingest.imap.api import (
     ImapAccountIn,
     create_imap_account,
+    disconnect_imap_account,
     imap_account_view,
     update_imap_credentials,
 )
@@ -397,6 +398,34 @@ async def test_wrong_password_then_fixed(
             store, producer, imap_settings, account_id, f"{user}@{DOMAIN}", IMAP_TEST_PASSWORD
         )
         await wait_for(lambda: len(got.of("message.synced")) == 3, 30, "sync after new credentials")
+
+
+async def test_disconnect_stops_the_sync_until_new_credentials(
+    server: Dovecot, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
+    imap_settings: ImapSettings, tap: InflightTap,
+) -> None:  # fmt: skip
+    user = f"u{uuid.uuid4().hex[:10]}"
+    server.add_user(f"{user}@{DOMAIN}")
+    fill_maildir(server, user, 3)
+    account_id = await new_account(router, store, producer, imap_settings, server, user)
+    got = tap.watch(account_id)
+    async with AccountDistributor(KafkaSettings(), imap_settings, store, producer, "a") as dist:
+        await wait_for(lambda: len(got.of("message.synced")) == 3, 30, "initial sync")
+        await disconnect_imap_account(store, producer, imap_settings, account_id)
+        await wait_for(lambda: account_id not in dist.workers, 30, "the worker to stop")
+        view = await imap_account_view(store, account_id)
+        assert view is not None and view["state"] == "disconnected"
+        row = await store.account(account_id)
+        assert row is not None and row.password == ""  # the password is forgotten
+        async with imap_client(server, user) as client:  # mail while disconnected waits
+            live = f"From: x@example.org\r\nSubject: later\r\nMessage-ID: <later-{user}>\r\n\r\nhi\r\n"
+            assert (await client.append(live.encode(), mailbox="INBOX")).result == "OK"
+        await asyncio.sleep(3.0)
+        assert len(got.of("message.synced")) == 3
+        await update_imap_credentials(
+            store, producer, imap_settings, account_id, f"{user}@{DOMAIN}", IMAP_TEST_PASSWORD
+        )
+        await wait_for(lambda: len(got.of("message.synced")) == 4, 30, "sync after reconnecting")
 
 
 async def test_accounts_move_between_instances(

@@ -39,18 +39,17 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import Counter, Gauge, Histogram
 
 from libs.component import Component
-from libs.db import connect
+from libs.db import connect, leader_lock_name
 from libs.shards import ShardRouter
 from libs.webhooks import sign_headers
 from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.store import Delivery, Endpoint, NewDelivery, WebhookStore, utcnow
 from services.gateway.webhooks.targets import TargetRefused, check_target
 
-__all__ = ["DISPATCHER_LOCK", "WebhookDispatcher", "build_payload", "retry_delay_s"]
+__all__ = ["WebhookDispatcher", "build_payload", "retry_delay_s"]
 
 logger = logging.getLogger(__name__)
 
-DISPATCHER_LOCK: Final = "flightlog.webhook-dispatcher"
 USER_AGENT: Final = "flightlog-webhooks/1"
 _INSERT_CHUNK: Final = 500
 _PRUNE_INTERVAL_S: Final = 600.0
@@ -308,7 +307,8 @@ class WebhookDispatcher(Component):
             try:
                 async with connect(s, s.global_db_host, s.global_db_port) as conn:
                     async with conn.cursor() as cur:
-                        await cur.execute("SELECT GET_LOCK(%s, 0)", (DISPATCHER_LOCK,))
+                        lock = leader_lock_name("webhook-dispatcher", s.global_db_name)
+                        await cur.execute("SELECT GET_LOCK(%s, 0)", (lock,))
                         (got,) = await cur.fetchone()
                     if got != 1:
                         await self._sleep(s.webhooks_rescan_interval_s)

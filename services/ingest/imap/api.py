@@ -30,6 +30,7 @@ __all__ = [
     "ImapCredentialsIn",
     "add_imap_account_routes",
     "create_imap_account",
+    "disconnect_imap_account",
     "imap_account_view",
     "update_imap_credentials",
 ]
@@ -103,6 +104,15 @@ async def update_imap_credentials(
     version = await store.update_credentials(account_id, username, password)
     await publish_account(producer, settings, account_id, version)
     return version
+
+
+async def disconnect_imap_account(
+    store: SyncStore, producer: AIOKafkaProducer, settings: ImapSettings, account_id: int
+) -> None:
+    """Stop syncing and forget the password; the messages already synced stay. The tombstone on
+    the accounts topic stops the worker wherever it runs, and keeps it stopped after restarts."""
+    await store.disconnect(account_id)
+    await publish_account(producer, settings, account_id, None)
 
 
 async def imap_account_view(store: SyncStore, account_id: int) -> dict[str, Any] | None:
@@ -184,6 +194,19 @@ def add_imap_account_routes(
         assert view is not None
         return web.json_response({"id": str(account_id), **view})
 
+    async def delete_credentials(request: web.Request) -> web.StreamResponse:
+        account_id = await owned_imap_account(request)
+        if isinstance(account_id, web.Response):
+            return account_id
+        store = get_store()
+        if await store.account_public(account_id) is None:
+            return problem_response(404, "Not found", f"account {account_id} is not an IMAP account")
+        await disconnect_imap_account(store, get_producer(), settings, account_id)
+        view = await imap_account_view(store, account_id)
+        assert view is not None
+        return web.json_response({"id": str(account_id), **view})
+
     app.router.add_post("/v1/accounts", post_account)
     app.router.add_get("/v1/accounts/{account_id}/sync", get_sync, allow_head=False)
     app.router.add_patch("/v1/accounts/{account_id}/credentials", patch_credentials)
+    app.router.add_delete("/v1/accounts/{account_id}/credentials", delete_credentials)

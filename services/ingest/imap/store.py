@@ -89,6 +89,15 @@ class SyncStore:
         )
         return int(rows[0][0])
 
+    async def disconnect(self, account_id: int) -> None:
+        """Forget the password and mark the account ``disconnected`` (its sync is stopped through
+        the accounts topic); new credentials connect it again."""
+        await self._global(
+            f"UPDATE `{self._g}`.imap_accounts SET password_enc = '', state = 'disconnected',"
+            " last_error = NULL, credentials_version = credentials_version + 1 WHERE account_id = %s",
+            (account_id,),
+        )
+
     async def account(self, account_id: int) -> AccountRow | None:
         rows, _ = await self._global(
             f"SELECT account_id, application_id, host, port, tls_mode, username, password_enc,"
@@ -99,7 +108,9 @@ class SyncStore:
             return None
         r = rows[0]
         return AccountRow(
-            int(r[0]), int(r[1]), r[2], int(r[3]), r[4], r[5], self._box.decrypt(r[6]), int(r[7]), r[8]
+            int(r[0]), int(r[1]), r[2], int(r[3]), r[4], r[5],
+            self._box.decrypt(r[6]) if r[6] else "",  # empty once disconnected
+            int(r[7]), r[8],
         )
 
     async def account_public(self, account_id: int) -> dict[str, Any] | None:
@@ -120,7 +131,9 @@ class SyncStore:
     async def set_account_state(self, account_id: int, state: str, error: str | None = None) -> None:
         await self._global(
             f"UPDATE `{self._g}`.imap_accounts SET state = %s, last_error = %s,"
-            " last_sync_at = IF(%s = 'running', CURRENT_TIMESTAMP(6), last_sync_at) WHERE account_id = %s",
+            " last_sync_at = IF(%s = 'running', CURRENT_TIMESTAMP(6), last_sync_at)"
+            # a worker that has not yet seen the tombstone must not revive a disconnected account
+            " WHERE account_id = %s AND state <> 'disconnected'",
             (state, error[:1000] if error else None, state, account_id),
         )
 

@@ -132,6 +132,9 @@ class AccountSync:
                     if account is None:
                         logger.warning("imap account %d is gone; not syncing", self.account_id)
                         return
+                    if account.state == "disconnected":
+                        logger.info("imap account %d is disconnected; not syncing", self.account_id)
+                        return
                     self.account = account
                     await self._session(account, on_connected=lambda: None)
                 except AuthFailed as exc:
