@@ -108,9 +108,15 @@ class SyncStore:
             return None
         r = rows[0]
         return AccountRow(
-            int(r[0]), int(r[1]), r[2], int(r[3]), r[4], r[5],
+            int(r[0]),
+            int(r[1]),
+            r[2],
+            int(r[3]),
+            r[4],
+            r[5],
             self._box.decrypt(r[6]) if r[6] else "",  # empty once disconnected
-            int(r[7]), r[8],
+            int(r[7]),
+            r[8],
         )
 
     async def account_public(self, account_id: int) -> dict[str, Any] | None:
