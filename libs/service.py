@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -27,7 +28,14 @@ from libs.config import ServiceSettings
 from libs.http import problem_response
 from libs.logs import configure_logging
 
-__all__ = ["HEALTH_PATHS", "ServiceContext", "ServiceDefinition", "run_service", "serve"]
+__all__ = [
+    "HEALTH_PATHS",
+    "ServiceContext",
+    "ServiceDefinition",
+    "raise_open_files_limit",
+    "run_service",
+    "serve",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -152,4 +160,16 @@ def run_service(defn: ServiceDefinition) -> None:
     """Entry point for ``python -m services.<name>``."""
     settings = ServiceSettings()
     configure_logging(settings.log_format, settings.log_level)
+    raise_open_files_limit()
     uvloop.run(serve(defn, settings))
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard one and return it: ingest holds one IMAP
+    connection per synced account, and many systems start processes at a soft limit of 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
