@@ -16,6 +16,7 @@ from typing import Any
 
 import aioimaplib
 import orjson
+import prometheus_client
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -187,6 +188,14 @@ async def running(sync: AccountSync) -> AsyncIterator[asyncio.Task[None]]:
 N_MESSAGES = int(os.environ.get("FLIGHTLOG_TEST_IMAP_MESSAGES", "2000"))
 
 
+def polled_unchanged() -> float:
+    """Folders the periodic poll found unchanged by STATUS, in this process (every sync here)."""
+    value = prometheus_client.REGISTRY.get_sample_value(
+        "flightlog_imap_polled_folders_total", {"outcome": "unchanged"}
+    )
+    return value or 0.0
+
+
 async def test_sync_cycle(
     server: Dovecot, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
     imap_settings: ImapSettings, tap: InflightTap,
@@ -199,6 +208,7 @@ async def test_sync_cycle(
     got = tap.watch(account_id)
     expected = N_MESSAGES + 5
 
+    skipped_before = polled_unchanged()
     # initial sync, interrupted once: it resumes where it stopped and duplicates nothing
     started = time.monotonic()
     async with running(AccountSync(account_id, store, producer, imap_settings)):
@@ -293,6 +303,21 @@ async def test_sync_cycle(
         await asyncio.sleep(1.5)
         assert len(got.of("message.synced")) == n_synced
         assert len(got.of("message.deleted")) == n_del
+
+        # a polled folder: a flag change and new mail move its STATUS, so the poll syncs it
+        n_updated = len(got.of("message.updated"))
+        async with imap_client(server, user) as client:
+            await client.select("Clients")
+            await client.uid("store", "1:*", "+FLAGS.SILENT (\\Flagged)")
+            live = f"From: x@example.org\r\nSubject: filed\r\nMessage-ID: <filed-{user}>\r\n\r\nhi\r\n"
+            assert (await client.append(live.encode(), mailbox="Clients")).result == "OK"
+        await wait_for(lambda: len(got.of("message.synced")) == n_synced + 1, 60, "new mail in Clients")
+        await wait_for(
+            lambda: sum(bool(e["flags"].get("starred")) for e in got.of("message.updated")[n_updated:]) >= 5,
+            60, "flag updates in Clients",
+        )  # fmt: skip
+    # with CONDSTORE the 1 s polls skipped unchanged folders after one STATUS each
+    assert (polled_unchanged() > skipped_before) == (server.capability is None)
     view = await imap_account_view(store, account_id)
     assert view is not None and "password" not in view and view["state"] in ("running", "error")
     inbox_view = next(f for f in view["folders"] if f["name"] == "INBOX")

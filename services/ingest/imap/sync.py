@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 SOURCE: Final = "imap"
 INBOX: Final = "INBOX"
 _STATUS_UIDVALIDITY: Final = re.compile(rb"UIDVALIDITY (\d+)")
+_STATUS_ITEM: Final = re.compile(rb"(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d+)", re.IGNORECASE)
 _TRANSIENT: Final = (ImapError, OSError, TimeoutError, KafkaError, aiomysql.Error, ShardError)
 
 EVENTS: Final = prometheus_client.Counter(
@@ -60,6 +61,9 @@ EVENTS: Final = prometheus_client.Counter(
 )
 IDLE_WAKEUPS: Final = prometheus_client.Counter(
     "flightlog_imap_idle_wakeups", "IDLE pushes that led to a sync"
+)
+POLLED_FOLDERS: Final = prometheus_client.Counter(
+    "flightlog_imap_polled_folders", "Folders looked at by the periodic poll, by outcome", ["outcome"]
 )
 ACCOUNTS_RUNNING: Final = prometheus_client.Gauge("flightlog_imap_accounts_running", "Accounts synced here")
 
@@ -186,6 +190,42 @@ class AccountSync:
         for folder in sorted(folders, key=lambda f: f.name.upper() == INBOX):
             await self.sync_folder(conn, folder)
 
+    async def poll(self, conn: ImapConnection) -> None:
+        """The periodic pass: the folder list, then a full sync of only the folders whose STATUS
+        moved since their last sync. With CONDSTORE, HIGHESTMODSEQ moves on new mail, flag changes
+        and expunges alike, so an unchanged folder costs one STATUS instead of a SELECT, a fetch
+        and a write of its sync state. Without CONDSTORE only a full pass sees flag changes, so
+        every folder is synced as before."""
+        folders = await self._sync_folder_list(conn)
+        reselect_inbox = False
+        # INBOX last, so it stays selected for IDLE
+        for folder in sorted(folders, key=lambda f: f.name.upper() == INBOX):
+            is_inbox = folder.name.upper() == INBOX
+            # after another folder's SELECT, INBOX is synced (and so selected) again for IDLE
+            if not (is_inbox and reselect_inbox) and await self._unchanged(conn, folder):
+                POLLED_FOLDERS.labels("unchanged").inc()
+                continue
+            POLLED_FOLDERS.labels("synced").inc()
+            reselect_inbox |= not is_inbox
+            await self.sync_folder(conn, folder)
+
+    async def _unchanged(self, conn: ImapConnection, folder: FolderRow) -> bool:
+        if not conn.condstore or folder.state != "synced" or folder.highestmodseq is None:
+            return False
+        response = await conn.imap.status(quote_mailbox(folder.name), "(UIDVALIDITY UIDNEXT HIGHESTMODSEQ)")
+        if response.result != "OK":
+            return False  # the full sync reports what is wrong with the folder
+        status: dict[str, int] = {}
+        for line in response.lines:
+            # the items follow the last "(": a folder's name may contain anything
+            for key, value in _STATUS_ITEM.findall(bytes(line).rpartition(b"(")[2]):
+                status[key.decode().upper()] = int(value)
+        return (status.get("UIDVALIDITY"), status.get("UIDNEXT"), status.get("HIGHESTMODSEQ")) == (
+            folder.uidvalidity,
+            folder.uidnext,
+            folder.highestmodseq,
+        )
+
     async def _idle_loop(self, conn: ImapConnection) -> None:
         imap = conn.imap
         inbox = next((f for f in await self.store.folders(self.account_id) if f.name.upper() == INBOX), None)
@@ -194,7 +234,7 @@ class AccountSync:
         while True:
             if inbox is None or "IDLE" not in {c.upper() for c in imap.protocol.capabilities}:
                 await asyncio.sleep(max(0.0, next_poll - loop.time()))
-                await self.sync_all(conn)
+                await self.poll(conn)
                 next_poll = loop.time() + self.settings.imap_poll_interval_s
                 continue
             queue = imap.protocol.idle_queue
@@ -223,7 +263,7 @@ class AccountSync:
                 IDLE_WAKEUPS.inc()
                 await self.sync_folder(conn, inbox)
             if loop.time() >= next_poll:
-                await self.sync_all(conn)
+                await self.poll(conn)
                 inbox = next(
                     (f for f in await self.store.folders(self.account_id) if f.name.upper() == INBOX), None
                 )
