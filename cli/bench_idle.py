@@ -184,8 +184,9 @@ async def idle_stage(
             result.rss_per_account_bytes / 1024,
             "KiB",
             note=f"ingest RSS {result.rss_before_bytes / 2**20:,.0f} -> "
-            f"{result.rss_after_bytes / 2**20:,.0f} MiB; all {n:,} connected and synced in "
-            f"{result.connect_s:.1f} s; target <= 1 MB each",
+            f"{result.rss_after_bytes / 2**20:,.0f} MiB (growth / accounts; the whole RSS / accounts, "
+            f"an upper bound: {result.rss_after_bytes / n / 1024:,.0f} KiB); all {n:,} connected and "
+            f"synced in {result.connect_s:.1f} s; target <= 1 MB each",
         ),
         progress,
     )
