@@ -403,6 +403,43 @@ async def test_starttls_refused_when_the_server_does_not_offer_it(stack: Stack) 
         await conn.connect(f"user1@{DOMAIN}", IMAP_TEST_PASSWORD)
 
 
+async def test_a_duplicate_copy_keeps_the_message_until_its_last_copy_is_expunged(
+    stack: Stack, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
+    imap_settings: ImapSettings, tap: InflightTap,
+) -> None:  # fmt: skip
+    """Pushes into a synced folder take the QRESYNC path, which reads only the reported UIDs'
+    entries: an expunged copy must still find the other UID holding its message key."""
+    server = stack.dovecot
+    user = f"u{uuid.uuid4().hex[:10]}"
+    server.add_user(f"{user}@{DOMAIN}")
+    fill_maildir(server, user, 2)
+    account_id = await new_account(router, store, producer, imap_settings, server, user)
+    got = tap.watch(account_id)
+    sync = AccountSync(account_id, store, producer, imap_settings)
+    dup = f"From: x@example.org\r\nSubject: twice\r\nMessage-ID: <dup-{user}@example.org>\r\n\r\nhi\r\n"
+    async with running(sync), imap_client(server, user) as client:
+        await asyncio.wait_for(sync.synced_once.wait(), 60)
+        for _ in range(2):
+            assert (await client.append(dup.encode(), mailbox="INBOX")).result == "OK"
+        await wait_for(lambda: len(got.of("message.synced")) == 4, 30, "both copies synced")
+        key = got.of("message.synced")[-1]["message_key"]
+        assert got.of("message.synced")[-2]["message_key"] == key  # one message, two UIDs
+        await client.select("INBOX")
+        found = await client.uid_search(f'HEADER Message-ID "<dup-{user}@example.org>"', charset=None)
+        first, second = sorted(int(x) for x in bytes(found.lines[0]).split() if x.isdigit())
+        await client.uid("store", str(first), "+FLAGS.SILENT (\\Deleted)")
+        await client.expunge()
+        await asyncio.sleep(3.0)  # pushed and synced by now; the other copy keeps the message
+        assert [e for e in got.of("message.deleted") if e["message_key"] == key] == []
+        await client.uid("store", str(second), "+FLAGS.SILENT (\\Deleted)")
+        await client.expunge()
+        await wait_for(lambda: len(got.of("message.deleted")) == 1, 30, "the last copy's delete")
+        assert got.of("message.deleted")[0]["message_key"] == key
+    view = await imap_account_view(store, account_id)
+    assert view is not None
+    assert next(f for f in view["folders"] if f["name"] == "INBOX")["message_count"] == 2
+
+
 async def test_wrong_password_then_fixed(
     server: Dovecot, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
     imap_settings: ImapSettings, tap: InflightTap,

@@ -377,9 +377,11 @@ class ImapConnection:
         self.check(response, "UID FETCH")
         return parse_fetch(response.lines)
 
-    async def uid_list(self) -> set[int]:
-        """Every UID of the selected folder (UID SEARCH ALL: one line, unlike FETCH (UID))."""
-        response = await asyncio.wait_for(self.imap.uid_search("ALL", charset=None), self.timeout_s * 2)
+    async def uid_list(self, first: int = 1) -> set[int]:
+        """The selected folder's UIDs from ``first`` on (UID SEARCH: one line, unlike FETCH (UID)).
+        ``first:*`` also matches the highest UID when it is below ``first``: callers filter."""
+        criteria = "ALL" if first <= 1 else f"UID {first}:*"
+        response = await asyncio.wait_for(self.imap.uid_search(criteria, charset=None), self.timeout_s * 2)
         self.check(response, "UID SEARCH")
         uids: set[int] = set()
         # aioimaplib strips "SEARCH" from the untagged lines; the last line is the tagged status

@@ -3,6 +3,7 @@ each folder in the account's shard (``imap_uids``)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,17 +191,55 @@ class SyncStore:
         await self._global(f"UPDATE `{self._g}`.imap_folders SET deleted = 1 WHERE id = %s", (folder_id,))
 
     async def uids(self, account_id: int, folder_id: int) -> dict[int, UidEntry]:
+        """The folder's whole UID map."""
+        return await self._uid_entries(account_id, folder_id, "", ())
+
+    async def uids_in(self, account_id: int, folder_id: int, uids: Collection[int]) -> dict[int, UidEntry]:
+        """The entries of ``uids`` that the folder's map holds."""
+        return await self._uid_entries(account_id, folder_id, "uid", sorted(uids))
+
+    async def uids_with_keys(
+        self, account_id: int, folder_id: int, keys: Collection[str]
+    ) -> dict[int, UidEntry]:
+        """Every entry of the folder holding one of ``keys`` (a duplicate copy has two UIDs)."""
+        return await self._uid_entries(account_id, folder_id, "message_key", sorted(k.encode() for k in keys))
+
+    async def max_uid(self, account_id: int, folder_id: int) -> int:
         shard = shard_of(account_id)
         pool = await self._router.pool(shard)
         async with pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"SELECT uid, message_key, flags FROM {self._router.table(shard, 'imap_uids')}"
+                f"SELECT COALESCE(MAX(uid), 0) FROM {self._router.table(shard, 'imap_uids')}"
                 " WHERE account_id = %s AND folder_id = %s",
                 (account_id, folder_id),
             )
-            rows = await cur.fetchall()
+            (top,) = await cur.fetchone()
             await conn.commit()
-        return {int(r[0]): UidEntry(int(r[0]), bytes(r[1]).decode(), r[2]) for r in rows}
+        return int(top)
+
+    async def _uid_entries(
+        self, account_id: int, folder_id: int, column: str, values: Sequence[Any]
+    ) -> dict[int, UidEntry]:
+        """The folder's entries, all of them (no ``column``) or those whose ``column`` is one of
+        ``values`` (1,000 a query)."""
+        shard = shard_of(account_id)
+        pool = await self._router.pool(shard)
+        sql = (
+            f"SELECT uid, message_key, flags FROM {self._router.table(shard, 'imap_uids')}"
+            " WHERE account_id = %s AND folder_id = %s"
+        )
+        chunks: list[Sequence[Any]] = (
+            [()] if not column else [values[i : i + 1000] for i in range(0, len(values), 1000)]
+        )
+        out: dict[int, UidEntry] = {}
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            for chunk in chunks:
+                where = f" AND {column} IN ({','.join(['%s'] * len(chunk))})" if column else ""
+                await cur.execute(sql + where, (account_id, folder_id, *chunk))
+                for r in await cur.fetchall():
+                    out[int(r[0])] = UidEntry(int(r[0]), bytes(r[1]).decode(), r[2])
+            await conn.commit()
+        return out
 
     async def put_uids(self, account_id: int, folder_id: int, entries: list[UidEntry]) -> None:
         if not entries:

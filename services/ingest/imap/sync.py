@@ -318,8 +318,19 @@ class AccountSync:
                           for e in known.values()])  # fmt: skip
 
     async def sync_folder(self, conn: ImapConnection, folder: FolderRow) -> None:
-        known = await self.store.uids(self.account_id, folder.id)
+        # With QRESYNC the SELECT itself reports what changed since the last sync, so only those
+        # UIDs' entries are read: a push into a big folder does not load its whole UID map.
+        incremental = (
+            conn.qresync and folder.state == "synced" and folder.highestmodseq is not None
+            and folder.uidvalidity is not None
+        )  # fmt: skip
+        known = None if incremental else await self.store.uids(self.account_id, folder.id)
         info = await conn.select(folder.name, uidvalidity=folder.uidvalidity, modseq=folder.highestmodseq)
+        if known is None:
+            if info.uidvalidity == folder.uidvalidity and info.vanished is not None:
+                await self._sync_reported_changes(conn, folder, info)
+                return
+            known = await self.store.uids(self.account_id, folder.id)
         if folder.uidvalidity is not None and info.uidvalidity != folder.uidvalidity:
             logger.info("imap account %d: UIDVALIDITY of %r changed; resyncing", self.account_id, folder.name)
             known = await self._uidvalidity_reset(conn, folder, info, known)
@@ -332,11 +343,35 @@ class AccountSync:
             start = max_known + 1 if folder.state == "synced" else 1
             server_uids = {u for u in await conn.uid_list() if u >= start} if info.exists else set()
         new = sorted((u for u in server_uids if u not in known), reverse=True)
+        folder.message_count = len(known)
         await self._fetch_new(conn, folder, new, known)
+        await self._mark_synced(folder, info, conn)
+
+    async def _sync_reported_changes(self, conn: ImapConnection, folder: FolderRow, info: SelectInfo) -> None:
+        """The QRESYNC path of :meth:`sync_folder`: flag changes and expunges as the SELECT
+        reported them, then the UIDs above the highest known one."""
+        known = await self.store.uids_in(
+            self.account_id, folder.id, {i.uid for i in info.changed} | set(info.vanished or ())
+        )
+        vanished = [u for u in info.vanished or () if u in known]
+        if vanished:  # every holder of a vanished key: a duplicate copy keeps the message alive
+            known.update(
+                await self.store.uids_with_keys(
+                    self.account_id, folder.id, {known[u].message_key for u in vanished}
+                )
+            )
+        max_known = await self.store.max_uid(self.account_id, folder.id)
+        await self._apply_changes(conn, folder, info, known)
+        folder.message_count = max(0, folder.message_count - len(vanished))
+        listed = await conn.uid_list(first=max_known + 1) if info.exists else set()
+        new = sorted((u for u in listed if u > max_known), reverse=True)
+        await self._fetch_new(conn, folder, new, known)
+        await self._mark_synced(folder, info, conn)
+
+    async def _mark_synced(self, folder: FolderRow, info: SelectInfo, conn: ImapConnection) -> None:
         folder.highestmodseq = info.highestmodseq if conn.condstore else None
         folder.uidnext = info.uidnext
         folder.state = "synced"
-        folder.message_count = len(known)
         await self.store.update_folder(folder, synced=True)
 
     async def _apply_changes(
@@ -432,7 +467,7 @@ class AccountSync:
             await _uncancelled(self._emit_and_record(folder, events, entries))
             for e in entries:
                 known[e.uid] = e
-            folder.message_count = len(known)
+            folder.message_count += len(entries)
 
     def _flags(self, folder: FolderRow, flags: Iterable[str]) -> MessageFlags:
         lowered = {f.lower() for f in flags}
