@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from types import FrameType
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,14 @@ def _dump_tasks(signum: int, frame: FrameType | None) -> None:
     """``kill -USR1 <pytest pid>``: print where every asyncio task of a hung test waits."""
     loop = asyncio._get_running_loop()
     for task in asyncio.all_tasks(loop) if loop is not None else ():
-        task.print_stack(limit=12, file=sys.stderr)
+        print(f"{task!r:.200}", file=sys.stderr)
+        awaited: Any = task.get_coro()
+        while awaited is not None:  # the whole await chain, not only the task's own frame
+            where = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if where is not None:
+                code = where.f_code
+                print(f"    {code.co_filename}:{where.f_lineno} {code.co_name}", file=sys.stderr)
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
     sys.stderr.flush()
 
 

@@ -204,18 +204,19 @@ class SyncStore:
         """Every entry of the folder holding one of ``keys`` (a duplicate copy has two UIDs)."""
         return await self._uid_entries(account_id, folder_id, "message_key", sorted(k.encode() for k in keys))
 
-    async def max_uid(self, account_id: int, folder_id: int) -> int:
+    async def uid_stats(self, account_id: int, folder_id: int) -> tuple[int, int]:
+        """(how many UIDs the folder's map holds, the highest of them or 0): one index range."""
         shard = shard_of(account_id)
         pool = await self._router.pool(shard)
         async with pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"SELECT COALESCE(MAX(uid), 0) FROM {self._router.table(shard, 'imap_uids')}"
+                f"SELECT COUNT(*), COALESCE(MAX(uid), 0) FROM {self._router.table(shard, 'imap_uids')}"
                 " WHERE account_id = %s AND folder_id = %s",
                 (account_id, folder_id),
             )
-            (top,) = await cur.fetchone()
+            count, top = await cur.fetchone()
             await conn.commit()
-        return int(top)
+        return int(count), int(top)
 
     async def _uid_entries(
         self, account_id: int, folder_id: int, column: str, values: Sequence[Any]

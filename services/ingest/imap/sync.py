@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import random
@@ -66,6 +67,19 @@ POLLED_FOLDERS: Final = prometheus_client.Counter(
     "flightlog_imap_polled_folders", "Folders looked at by the periodic poll, by outcome", ["outcome"]
 )
 ACCOUNTS_RUNNING: Final = prometheus_client.Gauge("flightlog_imap_accounts_running", "Accounts synced here")
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _raise_if_cancelling() -> None:
+    """Python 3.11's ``asyncio.wait_for`` returns the result instead of raising when the awaited
+    future completes in the same loop turn as a cancel: the cancel is lost, and a loop that only
+    waits would run for ever. Loops call this after each wait."""
+    if _cancelling():
+        raise asyncio.CancelledError()
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, rand: Callable[[], float] = random.random) -> float:
@@ -147,6 +161,10 @@ class AccountSync:
                     await self.store.set_account_state(self.account_id, "auth_failed", str(exc))
                     return
                 except _TRANSIENT as exc:
+                    if _cancelling():
+                        # e.g. a wait_for in a cleanup that timed out after the cancel: not a
+                        # connection error to retry, or the task would never end
+                        raise asyncio.CancelledError() from exc
                     self.state = "error"
                     delay = backoff_s(
                         attempt, self.settings.imap_backoff_base_s, self.settings.imap_backoff_max_s
@@ -232,6 +250,7 @@ class AccountSync:
         loop = asyncio.get_running_loop()
         next_poll = loop.time() + self.settings.imap_poll_interval_s
         while True:
+            _raise_if_cancelling()
             if inbox is None or "IDLE" not in {c.upper() for c in imap.protocol.capabilities}:
                 await asyncio.sleep(max(0.0, next_poll - loop.time()))
                 await self.poll(conn)
@@ -251,6 +270,7 @@ class AccountSync:
                         lines = await imap.wait_server_push(timeout=remaining)
                     except TimeoutError:
                         break
+                    _raise_if_cancelling()
                     if lines == aioimaplib.STOP_WAIT_SERVER_PUSH:  # the renew timer fired: re-issue IDLE
                         break
                     if any(not bytes(x).startswith(b"OK") for x in lines):
@@ -258,7 +278,11 @@ class AccountSync:
                         break
             finally:
                 imap.idle_done()
-                await asyncio.wait_for(idle, self.settings.imap_command_timeout_s)
+                if _cancelling():  # leaving: the connection is closed next, do not wait long
+                    with contextlib.suppress(TimeoutError, aioimaplib.AioImapException, OSError):
+                        await asyncio.wait_for(idle, 2.0)
+                else:
+                    await asyncio.wait_for(idle, self.settings.imap_command_timeout_s)
             if pushed:
                 IDLE_WAKEUPS.inc()
                 await self.sync_folder(conn, inbox)
@@ -360,9 +384,10 @@ class AccountSync:
                     self.account_id, folder.id, {known[u].message_key for u in vanished}
                 )
             )
-        max_known = await self.store.max_uid(self.account_id, folder.id)
         await self._apply_changes(conn, folder, info, known)
-        folder.message_count = max(0, folder.message_count - len(vanished))
+        # counted from the map, not kept as a running sum: a sync interrupted between writing
+        # the map and the folder's row must not leave the count off for good
+        folder.message_count, max_known = await self.store.uid_stats(self.account_id, folder.id)
         listed = await conn.uid_list(first=max_known + 1) if info.exists else set()
         new = sorted((u for u in listed if u > max_known), reverse=True)
         await self._fetch_new(conn, folder, new, known)
