@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cli.stack import Dovecot
 
-__all__ = ["DOMAIN", "fill_maildir", "make_message"]
+__all__ = ["DOMAIN", "fill_maildir", "live_message", "make_message"]
 
 DOMAIN = "flightlog.test"
 CHARSETS = ("utf-8", "iso-8859-1", "koi8-r", "shift_jis", "iso-2022-jp", "gb2312")
@@ -90,3 +90,12 @@ def fill_maildir(server: Dovecot, user: str, n: int, folder: str = "") -> None:
         for name in dirs + files:
             shutil.chown(Path(root) / name, "mail", "mail")
     shutil.chown(server.dir / "mail" / DOMAIN / user, "mail", "mail")
+
+
+def live_message(tag: str, user: str) -> bytes:
+    """A small new message whose Subject is ``tag`` (how its row is found again)."""
+    return (
+        f"From: live@example.org\r\nTo: {user}@{DOMAIN}\r\nSubject: {tag}\r\n"
+        f"Message-ID: <{tag}@example.org>\r\nMIME-Version: 1.0\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\n\r\nnew mail {tag}\r\n"
+    ).encode()

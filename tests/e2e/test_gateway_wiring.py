@@ -9,7 +9,6 @@ in-process, or is persist's if a pipeline is up.
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 
@@ -27,20 +26,12 @@ from libs.shards import ShardMap, ShardRouter
 from tests.e2e.conftest import E2E_INSTANCE, E2E_PORT_OFFSET
 from tests.e2e.gateway_helpers import bearer
 from tests.e2e.webhook_harness import FAST, fast_settings, relay
-from tests.e2e.webhook_helpers import Receiver, wait_until, write_change
+from tests.e2e.webhook_helpers import Receiver, metric_line, wait_until, write_change
 
 pytestmark = pytest.mark.e2e
 
 PORT: Final = 8080 + E2E_PORT_OFFSET + 20
 PROBLEM: Final = "application/problem+json"
-
-
-def _metric(port: int, line: bytes) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            return line in resp.read()
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +67,7 @@ async def test_webhooks_are_served_and_delivered_by_the_gateway(
     async with http.get(f"{wired_gateway}/readyz") as resp:
         assert resp.status == 200
     await wait_until(
-        lambda: _metric(PORT, b"flightlog_webhook_dispatcher_active 1.0"), 30, "the dispatcher to lead"
+        lambda: metric_line(PORT, b"flightlog_webhook_dispatcher_active 1.0"), 30, "the dispatcher to lead"
     )
     tenant = await tenant_factory(router.shard_map.shards[:2])
     other = await tenant_factory(router.shard_map.shards[:1])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,20 +18,12 @@ from libs.config import REPO_ROOT
 from libs.shards import ShardRouter
 from tests.e2e.conftest import E2E_PORT_OFFSET, Pipeline
 from tests.e2e.webhook_harness import FAST, api_server, fast_settings
-from tests.e2e.webhook_helpers import Receiver, change_ids, first_seen, write_change
+from tests.e2e.webhook_helpers import Receiver, change_ids, first_seen, metric_line, write_change
 from tests.e2e.webhook_helpers import wait_until as wait_async
 
 pytestmark = pytest.mark.e2e
 
 DISPATCHER_PORT = 8084 + E2E_PORT_OFFSET
-
-
-def _metric(port: int, line: bytes) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            return line in resp.read()
-    except OSError:
-        return False
 
 
 class DispatcherProcess:
@@ -49,7 +40,7 @@ class DispatcherProcess:
     def start(self) -> None:
         self.proc.start([sys.executable, "-m", "services.gateway.webhooks"], env=self.env, cwd=REPO_ROOT)
         wait_until(
-            lambda: _metric(DISPATCHER_PORT, b"flightlog_webhook_dispatcher_active 1.0"),
+            lambda: metric_line(DISPATCHER_PORT, b"flightlog_webhook_dispatcher_active 1.0"),
             60,
             f"the dispatcher to deliver:\n{self.proc.log_tail(20)}",
         )
@@ -69,7 +60,7 @@ async def test_kill_dispatcher_and_relay_mid_stream(
     pipeline: Pipeline, router: ShardRouter, tenant_factory: Any, dispatcher_process: DispatcherProcess
 ) -> None:
     persist_port = pipeline.services["persist"].port
-    assert await asyncio.to_thread(_metric, persist_port, b"flightlog_relay_active 1.0"), (
+    assert await asyncio.to_thread(metric_line, persist_port, b"flightlog_relay_active 1.0"), (
         "persist's relay is idle"
     )
     tenant = await tenant_factory(router.shard_map.shards[:4])

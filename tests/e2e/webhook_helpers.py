@@ -1,9 +1,11 @@
-"""Helpers for the relay and webhook tests: change writers, a real HTTP receiver, a topic reader."""
+"""Helpers for the relay and webhook tests: change writers, a real HTTP receiver, a topic reader,
+a service's metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -178,3 +180,12 @@ async def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def metric_line(port: int, line: bytes) -> bool:
+    """Whether the service on ``port`` exposes ``line`` on /metrics (False while it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            return line in resp.read()
+    except OSError:
+        return False

@@ -20,7 +20,7 @@ import prometheus_client
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from cli.mailbox_gen import DOMAIN, fill_maildir
+from cli.mailbox_gen import DOMAIN, fill_maildir, live_message
 from cli.stack import IMAP_TEST_PASSWORD, Dovecot, Stack
 from libs.accounts import create_application
 from libs.config import KafkaSettings
@@ -163,6 +163,14 @@ async def new_account(
     return int(created["id"])
 
 
+def new_mailbox(server: Dovecot, messages: int, prefix: str = "u") -> str:
+    """A fresh Dovecot user (its local part) with ``messages`` generated messages in INBOX."""
+    user = f"{prefix}{uuid.uuid4().hex[:10]}"
+    server.add_user(f"{user}@{DOMAIN}")
+    fill_maildir(server, user, messages)
+    return user
+
+
 @contextlib.asynccontextmanager
 async def imap_client(server: Dovecot, user: str) -> AsyncIterator[aioimaplib.IMAP4]:
     client = Imap4("127.0.0.1", server.port, timeout=30)
@@ -200,9 +208,7 @@ async def test_sync_cycle(
     server: Dovecot, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
     imap_settings: ImapSettings, tap: InflightTap,
 ) -> None:  # fmt: skip
-    user = f"u{uuid.uuid4().hex[:10]}"
-    server.add_user(f"{user}@{DOMAIN}")
-    fill_maildir(server, user, N_MESSAGES)
+    user = new_mailbox(server, N_MESSAGES)
     fill_maildir(server, user, 5, folder="Projects")
     account_id = await new_account(router, store, producer, imap_settings, server, user)
     got = tap.watch(account_id)
@@ -238,11 +244,9 @@ async def test_sync_cycle(
         async with imap_client(server, user) as client:
             for j in range(5):
                 n_before = len(got.of("message.synced"))
-                live = (
-                    f"From: x@example.org\r\nSubject: live {j}\r\nMessage-ID: <live-{j}-{user}>\r\n\r\nhi\r\n"
-                )
                 t0 = time.monotonic()
-                assert (await client.append(live.encode(), mailbox="INBOX")).result == "OK"
+                live = live_message(f"live-{j}-{user}", user)
+                assert (await client.append(live, mailbox="INBOX")).result == "OK"
                 await wait_for(lambda: len(got.of("message.synced")) > n_before, 10, "new mail")  # noqa: B023
                 latencies.append(got.seen_at[-1] - t0)
                 await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
@@ -310,8 +314,8 @@ async def test_sync_cycle(
         async with imap_client(server, user) as client:
             await client.select("Clients")
             await client.uid("store", "1:*", "+FLAGS.SILENT (\\Flagged)")
-            live = f"From: x@example.org\r\nSubject: filed\r\nMessage-ID: <filed-{user}>\r\n\r\nhi\r\n"
-            assert (await client.append(live.encode(), mailbox="Clients")).result == "OK"
+            filed = live_message(f"filed-{user}", user)
+            assert (await client.append(filed, mailbox="Clients")).result == "OK"
         await wait_for(lambda: len(got.of("message.synced")) == n_synced + 1, 60, "new mail in Clients")
         await wait_for(
             lambda: sum(bool(e["flags"].get("starred")) for e in got.of("message.updated")[n_updated:]) >= 5,
@@ -328,9 +332,7 @@ async def test_sync_cycle(
 async def test_server_hangup_fails_pending_commands_at_once(server: Dovecot) -> None:
     """A server that drops the session (Dovecot does after a UIDVALIDITY change) must fail the
     pending IDLE now, not after the command timeout: the sync reconnects at once."""
-    user = f"u{uuid.uuid4().hex[:10]}"
-    server.add_user(f"{user}@{DOMAIN}")
-    fill_maildir(server, user, 1)
+    user = new_mailbox(server, 1)
     conn = ImapConnection("127.0.0.1", server.port, "none", timeout_s=120)
     await conn.connect(f"{user}@{DOMAIN}", IMAP_TEST_PASSWORD)
     try:
@@ -355,9 +357,7 @@ async def test_tls_modes_verify_the_server_certificate(stack: Stack, tls_mode: s
     server = stack.dovecot
     assert server.imaps_port is not None
     port = server.port if tls_mode == "starttls" else server.imaps_port
-    user = f"tls{uuid.uuid4().hex[:10]}"
-    server.add_user(f"{user}@{DOMAIN}")
-    fill_maildir(server, user, 2)
+    user = new_mailbox(server, 2, "tls")
     conn = ImapConnection("127.0.0.1", port, tls_mode, timeout_s=30, ca_file=str(server.tls_cert))
     await conn.connect(f"{user}@{DOMAIN}", IMAP_TEST_PASSWORD)
     try:
@@ -380,9 +380,7 @@ async def test_sync_over_tls(
     """An account with TLS syncs its mailbox and gets new mail through IDLE over the upgraded
     connection; the CA file comes from the settings, as in a deployment with a private CA."""
     server = stack.dovecot
-    user = f"tls{uuid.uuid4().hex[:10]}"
-    server.add_user(f"{user}@{DOMAIN}")
-    fill_maildir(server, user, 20)
+    user = new_mailbox(server, 20, "tls")
     settings = imap_settings.model_copy(update={"imap_tls_ca_file": str(server.tls_cert)})
     account_id = await new_account(router, store, producer, settings, server, user, tls_mode=tls_mode)
     got = tap.watch(account_id)
@@ -393,8 +391,7 @@ async def test_sync_over_tls(
         await wait_for(lambda: len(got.of("message.synced")) >= 20, 20, "20 synced events")
         assert len(got.of("message.synced")) == 20
         async with imap_client(server, user) as client:
-            live = f"From: x@example.org\r\nSubject: over TLS\r\nMessage-ID: <tls-{user}>\r\n\r\nhi\r\n"
-            assert (await client.append(live.encode(), mailbox="INBOX")).result == "OK"
+            assert (await client.append(live_message(f"tls-{user}", user), mailbox="INBOX")).result == "OK"
         await wait_for(lambda: len(got.of("message.synced")) == 21, 20, "new mail over TLS")
 
 
@@ -411,17 +408,15 @@ async def test_a_duplicate_copy_keeps_the_message_until_its_last_copy_is_expunge
     """Pushes into a synced folder take the QRESYNC path, which reads only the reported UIDs'
     entries: an expunged copy must still find the other UID holding its message key."""
     server = stack.dovecot
-    user = f"u{uuid.uuid4().hex[:10]}"
-    server.add_user(f"{user}@{DOMAIN}")
-    fill_maildir(server, user, 2)
+    user = new_mailbox(server, 2)
     account_id = await new_account(router, store, producer, imap_settings, server, user)
     got = tap.watch(account_id)
     sync = AccountSync(account_id, store, producer, imap_settings)
-    dup = f"From: x@example.org\r\nSubject: twice\r\nMessage-ID: <dup-{user}@example.org>\r\n\r\nhi\r\n"
+    dup = live_message(f"dup-{user}", user)  # Message-ID <dup-{user}@example.org>
     async with running(sync), imap_client(server, user) as client:
         await asyncio.wait_for(sync.synced_once.wait(), 60)
         for _ in range(2):
-            assert (await client.append(dup.encode(), mailbox="INBOX")).result == "OK"
+            assert (await client.append(dup, mailbox="INBOX")).result == "OK"
         await wait_for(lambda: len(got.of("message.synced")) == 4, 30, "both copies synced")
         key = got.of("message.synced")[-1]["message_key"]
         assert got.of("message.synced")[-2]["message_key"] == key  # one message, two UIDs
@@ -452,9 +447,7 @@ async def test_wrong_password_then_fixed(
     server: Dovecot, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
     imap_settings: ImapSettings, tap: InflightTap,
 ) -> None:  # fmt: skip
-    user = f"u{uuid.uuid4().hex[:10]}"
-    server.add_user(f"{user}@{DOMAIN}")
-    fill_maildir(server, user, 3)
+    user = new_mailbox(server, 3)
     account_id = await new_account(router, store, producer, imap_settings, server, user, password="wrong")
     got = tap.watch(account_id)
     async with AccountDistributor(KafkaSettings(), imap_settings, store, producer, "a") as dist:
@@ -474,9 +467,7 @@ async def test_disconnect_stops_the_sync_until_new_credentials(
     server: Dovecot, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
     imap_settings: ImapSettings, tap: InflightTap,
 ) -> None:  # fmt: skip
-    user = f"u{uuid.uuid4().hex[:10]}"
-    server.add_user(f"{user}@{DOMAIN}")
-    fill_maildir(server, user, 3)
+    user = new_mailbox(server, 3)
     account_id = await new_account(router, store, producer, imap_settings, server, user)
     got = tap.watch(account_id)
     async with AccountDistributor(KafkaSettings(), imap_settings, store, producer, "a") as dist:
@@ -488,8 +479,7 @@ async def test_disconnect_stops_the_sync_until_new_credentials(
         row = await store.account(account_id)
         assert row is not None and row.password == ""  # the password is forgotten
         async with imap_client(server, user) as client:  # mail while disconnected waits
-            live = f"From: x@example.org\r\nSubject: later\r\nMessage-ID: <later-{user}>\r\n\r\nhi\r\n"
-            assert (await client.append(live.encode(), mailbox="INBOX")).result == "OK"
+            assert (await client.append(live_message(f"later-{user}", user), mailbox="INBOX")).result == "OK"
         await asyncio.sleep(3.0)
         assert len(got.of("message.synced")) == 3
         await update_imap_credentials(
@@ -518,10 +508,8 @@ async def test_accounts_move_between_instances(
     async def add_mail(round_: int) -> None:
         for u in users:
             async with imap_client(server, u) as client:
-                raw = (
-                    f"From: x@example.org\r\nSubject: r{round_}\r\nMessage-ID: <r{round_}-{u}>\r\n\r\nhi\r\n"
-                )
-                assert (await client.append(raw.encode(), mailbox="INBOX")).result == "OK"
+                raw = live_message(f"r{round_}-{u}", u)
+                assert (await client.append(raw, mailbox="INBOX")).result == "OK"
 
     a = AccountDistributor(kafka, imap_settings, store, producer, "a")
     b = AccountDistributor(kafka, imap_settings, store, producer, "b")
