@@ -4,6 +4,24 @@ Both topics are keyed by :func:`message_key_bytes` (account id and message key),
 of one message lands on one partition, in order. Values are JSON (orjson); ids are decimal strings
 in JSON because a 64-bit id does not fit a JavaScript number. ``schema_version`` lets a consumer
 refuse a record it does not understand (it goes to the DLQ, never dropped).
+
+Limits that come from the shard schema (``libs/db/migrations/shard``) are checked here, so ingest
+refuses with a 422 naming the field what persist could never write:
+
+- ``message_key`` is ``VARBINARY(255)``: at most 255 *bytes* of UTF-8, not characters
+  (:data:`MAX_KEY_BYTES`).
+- Text columns are ``VARCHAR(n)`` in utf8mb4 (the servers' character set), whose ``n`` counts
+  characters (code points) as Python's ``len`` does, so ``max_length`` is the column's ``n``.
+  JSON columns (recipients, labels, attachments, warnings) have no length of their own.
+- Timestamps are ``DATETIME(6)`` in UTC: MariaDB stores 1000-01-01 00:00:00 to
+  9999-12-31 23:59:59.999999. A time is storable when, converted to UTC, it lies in
+  [:data:`STORABLE_MIN`, :data:`STORABLE_MAX`): the column's own minimum, and one day short of its
+  maximum so that a stored time can still be shown in any UTC offset (up to 24 hours) without
+  leaving year 9999, where Python's ``datetime`` ends. A time that cannot even be converted to UTC
+  (``9999-12-31T23:00:00-05:00``) is refused with the same message.
+
+:class:`MessageDoc` and :class:`PostflightRecord` carry the same limits, so a record written to
+``flightlog.postflight`` before they existed fails to decode in persist and goes to the DLQ.
 """
 
 from __future__ import annotations
@@ -15,6 +33,7 @@ from typing import Annotated, Any, Final, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -29,7 +48,10 @@ __all__ = [
     "INBOUND_STATUSES",
     "MAX_ATTACHMENTS",
     "MAX_BODY_BYTES",
+    "MAX_KEY_BYTES",
     "OUTBOUND_STATUSES",
+    "STORABLE_MAX",
+    "STORABLE_MIN",
     "AttachmentInfo",
     "Direction",
     "Event",
@@ -39,14 +61,19 @@ __all__ = [
     "MessageFlags",
     "PostflightRecord",
     "Status",
+    "StorableTime",
     "decode_event",
     "decode_postflight",
     "encode",
     "message_key_bytes",
+    "storable_utc",
 ]
 
 SCHEMA_VERSION: Final = 1
-MAX_KEY_LENGTH: Final = 255
+MAX_KEY_LENGTH: Final = 255  # characters, and at most MAX_KEY_BYTES bytes of UTF-8
+MAX_KEY_BYTES: Final = 255  # messages.message_key and imap_uids.message_key are VARBINARY(255)
+STORABLE_MIN: Final = datetime(1000, 1, 1, tzinfo=UTC)  # inclusive; DATETIME's minimum
+STORABLE_MAX: Final = datetime(9999, 12, 31, tzinfo=UTC)  # exclusive; see the module docstring
 MAX_BODY_BYTES: Final = 512 * 1024  # per body part; a larger message is rejected at ingest
 MAX_RECIPIENTS: Final = 100
 MAX_LABELS: Final = 50
@@ -56,11 +83,48 @@ def _id_to_str(value: int) -> str:
     return str(value)
 
 
+def _key_bytes(value: str) -> str:
+    size = len(value.encode())
+    if size > MAX_KEY_BYTES:
+        raise ValueError(f"is {size} bytes in UTF-8; the limit is {MAX_KEY_BYTES} bytes")
+    return value
+
+
+def storable_utc(value: datetime) -> datetime:
+    """``value`` in UTC, or ValueError when a DATETIME column cannot hold it (module docstring)."""
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not STORABLE_MIN <= utc < STORABLE_MAX:
+        raise ValueError(
+            f"{value.isoformat()} is outside the storable range: in UTC it must be at or after "
+            f"{STORABLE_MIN.isoformat()} and before {STORABLE_MAX.isoformat()}"
+        )
+    return utc
+
+
+def _storable(value: datetime) -> datetime:
+    storable_utc(value)
+    return value  # the offset as given; persist converts
+
+
 PublicId = Annotated[int, Field(gt=0, lt=2**64), PlainSerializer(_id_to_str, return_type=str)]
-ShortText = Annotated[str, StringConstraints(max_length=998)]  # RFC 5322's line limit
-Address = Annotated[str, StringConstraints(min_length=1, max_length=320)]
+StorableTime = Annotated[AwareDatetime, AfterValidator(_storable)]
+MessageKey = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_KEY_LENGTH), AfterValidator(_key_bytes)
+]
+# Column widths of the messages table (VARCHAR(n) in utf8mb4 counts characters, as len() does).
+ShortText = Annotated[str, StringConstraints(max_length=998)]  # RFC 5322's line limit; subject
+Address = Annotated[str, StringConstraints(min_length=1, max_length=320)]  # sender
 Label = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 Folder = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+Channel = Annotated[str, StringConstraints(max_length=32)]
+ErrorCode = Annotated[str, StringConstraints(max_length=64)]
+Source = Annotated[str, StringConstraints(max_length=64)]
+ThreadKey = Annotated[str, StringConstraints(max_length=64)]
+Snippet = Annotated[str, StringConstraints(max_length=255)]
+Size = Annotated[int, Field(ge=0, lt=2**64)]  # BIGINT UNSIGNED, and the most orjson encodes
 
 
 class Direction(StrEnum):
@@ -122,7 +186,7 @@ class AttachmentInfo(_Model):
 
     filename: Annotated[str, StringConstraints(max_length=255)] | None = None
     content_type: Annotated[str, StringConstraints(max_length=255)] = "application/octet-stream"
-    size_bytes: Annotated[int, Field(ge=0)] = 0
+    size_bytes: Size = 0
     content_id: Annotated[str, StringConstraints(max_length=255)] | None = None
     inline: bool = False
 
@@ -134,20 +198,20 @@ MAX_PARSE_WARNINGS: Final = 20
 class MessageContent(_Model):
     """What a message says. Every field is optional: events carry what they know."""
 
-    channel: Annotated[str, StringConstraints(min_length=1, max_length=32)] | None = None
+    channel: Annotated[Channel, StringConstraints(min_length=1)] | None = None
     sender: Address | None = Field(default=None, alias="from")
     to: Annotated[list[Address], Field(max_length=MAX_RECIPIENTS)] | None = None
     cc: Annotated[list[Address], Field(max_length=MAX_RECIPIENTS)] | None = None
     subject: ShortText | None = None
     body_text: str | None = None
     body_html: str | None = None
-    error_code: Annotated[str, StringConstraints(max_length=64)] | None = None
+    error_code: ErrorCode | None = None
     # base64 of an RFC 5322 message (IMAP sync, or posted); transform parses it into the fields
     # below and drops it (libs.mime.expand_raw_mime), so it never reaches state or postflight.
     raw_mime: str | None = None
     # Filled from raw_mime by libs.mime.content_fields (all optional, added after schema v1).
-    thread_key: Annotated[str, StringConstraints(max_length=64)] | None = None
-    size_bytes: Annotated[int, Field(ge=0)] | None = None
+    thread_key: ThreadKey | None = None
+    size_bytes: Size | None = None
     attachments: Annotated[list[AttachmentInfo], Field(max_length=MAX_ATTACHMENTS)] | None = None
     parse_warnings: Annotated[list[str], Field(max_length=MAX_PARSE_WARNINGS)] | None = None
 
@@ -187,14 +251,14 @@ class Event(_Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     account_id: PublicId
-    message_key: Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_LENGTH)]
+    message_key: MessageKey
     type: EventType
-    occurred_at: AwareDatetime
-    source: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "api"
+    occurred_at: StorableTime
+    source: Annotated[Source, StringConstraints(min_length=1)] = "api"
     direction: Direction | None = None
     content: MessageContent | None = None
     flags: MessageFlags | None = None
-    received_at: AwareDatetime | None = None  # stamped by ingest
+    received_at: StorableTime | None = None  # stamped by ingest
 
     @field_validator("account_id", mode="before")
     @classmethod
@@ -211,25 +275,25 @@ class MessageDoc(_Model):
 
     status: Status | None = None
     direction: Direction | None = None
-    channel: str | None = None
-    sender: str | None = None
+    channel: Channel | None = None
+    sender: Annotated[str, StringConstraints(max_length=320)] | None = None
     to: list[str] = []
     cc: list[str] = []
-    subject: str | None = None
-    snippet: str | None = None
+    subject: ShortText | None = None
+    snippet: Snippet | None = None
     body_text: str | None = None
     body_html: str | None = None
-    error_code: str | None = None
+    error_code: ErrorCode | None = None
     unread: bool = True
     starred: bool = False
-    folder: str | None = None
+    folder: Annotated[str, StringConstraints(max_length=255)] | None = None
     labels: list[str] = []
-    occurred_at: AwareDatetime
-    final_at: AwareDatetime | None = None
+    occurred_at: StorableTime
+    final_at: StorableTime | None = None
     redacted: bool = False
-    source: str = "api"
-    thread_key: str | None = None
-    size_bytes: int | None = None
+    source: Source = "api"
+    thread_key: ThreadKey | None = None
+    size_bytes: Size | None = None
     attachments: list[AttachmentInfo] = []
     parse_warnings: list[str] = []
 
@@ -243,8 +307,8 @@ class PostflightRecord(_Model):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     account_id: PublicId
-    message_key: str
-    version: Annotated[int, Field(ge=1)]
+    message_key: Annotated[str, AfterValidator(_key_bytes)]
+    version: Annotated[int, Field(ge=1, lt=2**64)]  # BIGINT UNSIGNED
     deleted: bool = False
     message: MessageDoc
     emitted_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -12,7 +12,7 @@ from libs.kafka import PERSIST_RETRY, POSTFLIGHT, make_consumer, make_producer
 from libs.service import ServiceContext, ServiceDefinition
 from libs.shards import ShardRouter
 from services.persist.relay import ChangeRelay, RelaySettings
-from services.persist.worker import PersistWorker
+from services.persist.worker import PersistSettings, PersistWorker
 
 GROUP_ID = "flightlog-persist"
 RETRY_GROUP_ID = "flightlog-persist-retry"
@@ -21,6 +21,7 @@ RETRY_GROUP_ID = "flightlog-persist-retry"
 async def main(ctx: ServiceContext) -> None:
     s = ctx.settings
     relay_settings = RelaySettings()
+    persist_settings = PersistSettings()  # before any connection: a bad value fails at start
     async with AsyncExitStack() as stack:
         router = await stack.enter_async_context(ShardRouter(s))
         producer = await stack.enter_async_context(make_producer(s))
@@ -32,7 +33,8 @@ async def main(ctx: ServiceContext) -> None:
         )
         retry = await stack.enter_async_context(make_consumer(s, PERSIST_RETRY, group_id=RETRY_GROUP_ID))
         ctx.set_ready()
-        await PersistWorker(router, producer, consumer, retry).run(ctx.stopping)
+        worker = PersistWorker(router, producer, consumer, retry, settings=persist_settings)
+        await worker.run(ctx.stopping)
 
 
 DEFINITION = ServiceDefinition(name="persist", default_port=8083, main=main)

@@ -9,8 +9,33 @@ version-guarded, so a parked record that lands after a newer one changes nothing
 matter and parking is safe. A circuit breaker per shard parks records at once while the shard is
 known to be failing, so the main loop does not pay a timeout per batch.
 
-Offsets are committed only after the database commit (or the park) of every record they cover:
-at-least-once, made exact by the version guard.
+Offsets are committed only after the database commit (or the park, or the dead letter) of every
+record they cover: at-least-once, made exact by the version guard.
+
+Poison records (see :func:`services.persist.writer.classify`). A record that can never be
+written must neither be retried for ever nor hold its shard's batch with it:
+
+- A record that does not decode, or whose shard is not in the map, goes to ``flightlog.dlq`` at once.
+- A ``PERMANENT`` failure of a shard batch is isolated: a row that cannot be built names its
+  record, which is dead-lettered and the rest written again at once; a data error of the
+  database is bisected (halves written separately) down to the single record at fault. Every
+  good record is written, only the bad one is dead-lettered, with the stage, the reason and the
+  original bytes.
+- ``UNAVAILABLE`` (the shard cannot take writes): the shard's records are parked as before and
+  its breaker opens. Such parks are *not charged* to the records, so an outage of any length
+  dead-letters nothing: the records wait for their shard.
+- ``TRANSIENT`` (the shard answered with an error that may pass, e.g. a lock wait timeout or a
+  deadlock, or one we do not know): parked. The retry loop isolates such a failure by
+  bisection too, and a failure is charged to a record only when it failed on its own. A record
+  charged ``persist_max_attempts`` times (default 10) goes to the DLQ with its last error instead
+  of being parked again: the safety net for a poison we failed to recognise. Charges travel in
+  the ``flightlog-failures`` header; ``flightlog-attempt`` still counts every park and drives the
+  backoff (0.5 s doubling, capped at ``persist_max_backoff_s``). Records parked before the
+  charge header existed start at zero charges.
+
+Lock waits are bounded by ``persist_lock_wait_timeout_s`` (below ``persist_write_timeout_s``), so
+a row locked elsewhere fails with the server's error 1205 (charged, isolated) rather than with
+our timeout (which looks like an unreachable shard and opens the breaker).
 """
 
 from __future__ import annotations
@@ -21,27 +46,57 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from prometheus_client import Counter, Histogram
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.dlq import dead_letter
 from libs.events import PostflightRecord, decode_postflight
 from libs.ids import ShardBitsMismatch, shard_of
 from libs.kafka import PERSIST_RETRY
 from libs.shards import ShardRouter, UnknownShard
-from services.persist.writer import write_shard
+from services.persist.writer import Failure, UnstorableRecord, classify, write_shard
 
-__all__ = ["PersistWorker"]
+__all__ = ["PersistSettings", "PersistWorker"]
 
 logger = logging.getLogger(__name__)
 
-H_ATTEMPT: Final = "flightlog-attempt"
+H_ATTEMPT: Final = "flightlog-attempt"  # parks so far: drives the backoff
+H_FAILURES: Final = "flightlog-failures"  # failures charged to the record (persist_max_attempts)
 H_NOT_BEFORE: Final = "flightlog-not-before"
 
 RECORDS = Counter("flightlog_persist_records_total", "Postflight records handled", ["outcome"])
+ISOLATIONS = Counter(
+    "flightlog_persist_isolations_total", "Shard batches split to find the record that fails", ["failure"]
+)
+
+
+class PersistSettings(BaseSettings):
+    """persist's own settings (``FLIGHTLOG_PERSIST_*``); see the module docstring for the policy."""
+
+    model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
+
+    persist_max_records: int = Field(default=2000, gt=0)  # records per consumed batch
+    persist_write_timeout_s: float = Field(default=10.0, gt=0)  # one shard transaction
+    # Whole seconds (InnoDB's unit), below the write timeout so a lock wait is the server's error.
+    persist_lock_wait_timeout_s: int = Field(default=5, ge=1)
+    persist_max_backoff_s: float = Field(default=30.0, gt=0)  # between retries of a parked record
+    # Charged failures (the record failed alone, its shard answering) before the DLQ; parks
+    # because the shard is unavailable are never charged.
+    persist_max_attempts: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _lock_wait_below_write_timeout(self) -> Self:
+        if self.persist_lock_wait_timeout_s >= self.persist_write_timeout_s:
+            raise ValueError(
+                "FLIGHTLOG_PERSIST_LOCK_WAIT_TIMEOUT_S must be below FLIGHTLOG_PERSIST_WRITE_TIMEOUT_S"
+            )
+        return self
+
+
 CHANGES = Counter("flightlog_persist_changes_total", "Rows written to shard change logs")
 BATCH_SECONDS = Histogram("flightlog_persist_batch_seconds", "Time to write one consumed batch")
 BODY_BYTES = Counter(
@@ -71,13 +126,29 @@ class _Item:
     record: PostflightRecord
     source: ConsumerRecord[bytes, bytes]
     attempt: int = 0
+    failures: int = 0
+
+
+@dataclass(slots=True)
+class _Verdicts:
+    """What became of the records of one write that were not written."""
+
+    parked: list[tuple[_Item, bool, str]] = field(default_factory=list)  # (item, charged, error)
+    dead: list[tuple[_Item, str]] = field(default_factory=list)  # (item, reason)
+
+    def park(self, items: Sequence[_Item], *, charged: bool, error: str) -> None:
+        self.parked += [(item, charged, error) for item in items]
+
+    def extend(self, other: _Verdicts) -> None:
+        self.parked += other.parked
+        self.dead += other.dead
 
 
 class PersistWorker:
     """Consumes ``postflight_topic`` (and ``retry_topic``) and writes into the shards.
 
-    ``write_timeout_s`` bounds one shard's transaction; ``max_backoff_s`` caps the delay between
-    retries of a parked record (it is retried forever: its shard will come back).
+    ``settings`` bounds batches, transactions, lock waits and backoff and sets how many charged
+    failures a record is given (see the module docstring).
     """
 
     def __init__(
@@ -88,18 +159,19 @@ class PersistWorker:
         retry_consumer: AIOKafkaConsumer,
         *,
         retry_topic: str = PERSIST_RETRY,
-        max_records: int = 2000,
-        write_timeout_s: float = 10.0,
-        max_backoff_s: float = 30.0,
+        settings: PersistSettings | None = None,
     ) -> None:
+        s = settings or PersistSettings()
         self.router = router
         self.producer = producer
         self.consumer = consumer
         self.retry_consumer = retry_consumer
         self.retry_topic = retry_topic
-        self.max_records = max_records
-        self.write_timeout_s = write_timeout_s
-        self.max_backoff_s = max_backoff_s
+        self.max_records = s.persist_max_records
+        self.write_timeout_s = s.persist_write_timeout_s
+        self.lock_wait_timeout_s = s.persist_lock_wait_timeout_s
+        self.max_backoff_s = s.persist_max_backoff_s
+        self.max_attempts = s.persist_max_attempts
         self.breaker = Breaker()
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -114,7 +186,7 @@ class PersistWorker:
                 continue
             with BATCH_SECONDS.time():
                 items = await self._decode(records, stage="persist")
-                await self._write(items)
+                await self._write(items, stage="persist")
             await self.consumer.commit()
 
     async def _retry_loop(self, stopping: asyncio.Event) -> None:
@@ -133,7 +205,7 @@ class PersistWorker:
                 except TimeoutError:
                     pass
             items = await self._decode(records, stage="persist-retry")
-            await self._write(items, from_retry=True)
+            await self._write(items, stage="persist-retry", from_retry=True)
             await self.retry_consumer.commit()
 
     @staticmethod
@@ -167,69 +239,156 @@ class PersistWorker:
                 )
                 RECORDS.labels("dead_letter").inc()
                 continue
-            items.append(_Item(record, r, int(_header_float(r, H_ATTEMPT))))
+            attempt, failures = int(_header_float(r, H_ATTEMPT)), int(_header_float(r, H_FAILURES))
+            items.append(_Item(record, r, attempt, failures))
         if dead:
             await asyncio.gather(*dead)
         return items
 
-    async def _write(self, items: Sequence[_Item], *, from_retry: bool = False) -> None:
+    async def _write(self, items: Sequence[_Item], *, stage: str, from_retry: bool = False) -> None:
         by_shard: dict[int, list[_Item]] = defaultdict(list)
         for item in items:
             by_shard[shard_of(item.record.account_id)].append(item)
-        shards = list(by_shard)
-        outcomes = await asyncio.gather(
-            *(self._write_one(shard, by_shard[shard], probe=from_retry) for shard in shards)
-        )
-        parked = [
-            item for shard, ok in zip(shards, outcomes, strict=True) if not ok for item in by_shard[shard]
-        ]
-        if parked:
-            await self._park(parked)
-
-    async def _write_one(self, shard: int, items: list[_Item], *, probe: bool) -> bool:
-        if not probe and not self.breaker.allows(shard):
-            return False
-        try:
-            result = await asyncio.wait_for(
-                write_shard(self.router, shard, [i.record for i in items]), self.write_timeout_s
+        verdicts = _Verdicts()
+        for outcome in await asyncio.gather(
+            *(
+                self._write_one(shard, shard_items, from_retry=from_retry)
+                for shard, shard_items in by_shard.items()
             )
-        except ShardBitsMismatch as exc:
+        ):
+            verdicts.extend(outcome)
+        await self._settle(verdicts, stage=stage)
+
+    async def _write_one(self, shard: int, items: list[_Item], *, from_retry: bool) -> _Verdicts:
+        """Write one shard's items, isolating the records that fail (see the module docstring).
+
+        Parts are written one after another, first half first; an unavailable shard parks what
+        is left at once (uncharged), without trying the other parts.
+        """
+        verdicts = _Verdicts()
+        if not from_retry and not self.breaker.allows(shard):  # the retry loop is the probe
+            verdicts.park(items, charged=False, error=f"shard {shard}'s breaker is open")
+            return verdicts
+        pending = [items]
+        while pending:
+            part = pending.pop()
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    result = await write_shard(
+                        self.router,
+                        shard,
+                        [i.record for i in part],
+                        lock_wait_timeout_s=self.lock_wait_timeout_s,
+                    )
+            except Exception as exc:
+                failure = classify(exc)
+                error = _describe(exc)
+                if failure is Failure.UNAVAILABLE:
+                    self._log_unavailable(shard, exc, sum(len(p) for p in (part, *pending)))
+                    self.breaker.failed(shard)
+                    for left in (part, *pending):
+                        verdicts.park(left, charged=False, error=error)
+                    return verdicts
+                culprit = exc.record if isinstance(exc, UnstorableRecord) else None
+                bad = [i for i in part if i.record is culprit]
+                if bad:  # the row builder named its record: no bisection needed
+                    verdicts.dead += [(i, f"unwritable record: {error}") for i in bad]
+                    rest = [i for i in part if i.record is not culprit]
+                    if rest:
+                        pending.append(rest)
+                    continue
+                if len(part) == 1:
+                    if failure is Failure.PERMANENT:
+                        verdicts.dead.append((part[0], f"unwritable record: {error}"))
+                    else:
+                        verdicts.park(part, charged=True, error=error)
+                    continue
+                if failure is Failure.PERMANENT or from_retry:
+                    ISOLATIONS.labels(failure.value).inc()
+                    logger.info(
+                        "shard %d: %s failure in a part of %d records (%s); bisecting",
+                        shard,
+                        failure.value,
+                        len(part),
+                        error,
+                    )
+                    middle = len(part) // 2
+                    pending += [part[middle:], part[:middle]]
+                    continue
+                # A transient failure on the hot path: park the part uncharged; the retry loop,
+                # off the hot path, isolates it if it happens again.
+                logger.warning("shard %d: %s; parking %d records", shard, error, len(part))
+                verdicts.park(part, charged=False, error=error)
+            else:
+                self.breaker.succeeded(shard)
+                RECORDS.labels("written").inc(len(part))
+                CHANGES.inc(result.changed)
+                BODY_BYTES.labels("raw").inc(result.body_bytes_raw)
+                BODY_BYTES.labels("stored").inc(result.body_bytes_stored)
+        return verdicts
+
+    @staticmethod
+    def _log_unavailable(shard: int, exc: Exception, records: int) -> None:
+        if isinstance(exc, ShardBitsMismatch):
             # A counter without the shard's bits: refuse to write, keep the records for a retry
             # once an operator repairs it (`flightlog db migrate` re-asserts the counters).
-            logger.error("shard %d refused a write: %s", shard, exc)
-        except Exception as exc:
-            logger.warning(
-                "shard %d write failed (%s: %s); parking %d records",
-                shard,
-                type(exc).__name__,
-                exc,
-                len(items),
-            )
+            logger.error("shard %d refused a write: %s; parking %d records", shard, exc, records)
         else:
-            self.breaker.succeeded(shard)
-            RECORDS.labels("written").inc(len(items))
-            CHANGES.inc(result.changed)
-            BODY_BYTES.labels("raw").inc(result.body_bytes_raw)
-            BODY_BYTES.labels("stored").inc(result.body_bytes_stored)
-            return True
-        self.breaker.failed(shard)
-        return False
+            logger.warning("shard %d unavailable (%s); parking %d records", shard, _describe(exc), records)
 
-    async def _park(self, items: Sequence[_Item]) -> None:
-        futures = []
-        for item in items:
-            attempt = item.attempt + 1
-            not_before = time.time() + min(0.5 * 2 ** (attempt - 1), self.max_backoff_s)
+    async def _settle(self, verdicts: _Verdicts, *, stage: str) -> None:
+        """Park or dead-letter what was not written; returns once Kafka acknowledged all of it."""
+        futures: list[asyncio.Future[Any]] = []
+        parked = 0
+        dead = list(verdicts.dead)
+        for item, charged, error in verdicts.parked:
+            failures = item.failures + int(charged)
+            if failures >= self.max_attempts:
+                dead.append((item, f"gave up after {failures} failed attempts; the last: {error}"))
+                continue
+            futures.append(await self._park(item, failures))
+            parked += 1
+        for item, reason in dead:
+            logger.warning(
+                "dead-lettering %s[%d]@%d: %s",
+                item.source.topic,
+                item.source.partition,
+                item.source.offset,
+                reason[:300],
+            )
             futures.append(
-                await self.producer.send(
-                    self.retry_topic,
+                await dead_letter(
+                    self.producer,
+                    stage=stage,
+                    reason=reason,
                     key=item.source.key,
                     value=item.source.value,
-                    headers=[(H_ATTEMPT, str(attempt).encode()), (H_NOT_BEFORE, repr(not_before).encode())],
+                    source=(item.source.topic, item.source.partition, item.source.offset),
                 )
             )
-        await asyncio.gather(*futures)
-        RECORDS.labels("parked").inc(len(items))
+        if futures:
+            await asyncio.gather(*futures)
+        RECORDS.labels("parked").inc(parked)
+        RECORDS.labels("dead_letter").inc(len(dead))
+
+    async def _park(self, item: _Item, failures: int) -> asyncio.Future[Any]:
+        attempt = item.attempt + 1
+        not_before = time.time() + min(0.5 * 2 ** (attempt - 1), self.max_backoff_s)
+        future: asyncio.Future[Any] = await self.producer.send(
+            self.retry_topic,
+            key=item.source.key,
+            value=item.source.value,
+            headers=[
+                (H_ATTEMPT, str(attempt).encode()),
+                (H_FAILURES, str(failures).encode()),
+                (H_NOT_BEFORE, repr(not_before).encode()),
+            ],
+        )
+        return future
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _header_float(record: ConsumerRecord[bytes, bytes], name: str) -> float:

@@ -13,6 +13,24 @@ One transaction per shard batch:
 
 Replays and reordering therefore change nothing: an equal or lower version is a no-op and
 writes no change.
+
+A write fails in one of three ways (:func:`classify`), and the worker treats each differently:
+
+- ``PERMANENT``: this data can never be written, however often it is tried. :class:`UnstorableRecord`
+  (a row could not be built: a time outside DATETIME, a key over its bytes, anything raised while
+  converting one record), MariaDB's data errors (too long, out of range, incorrect value or
+  string, NULL in a NOT NULL column, a failed CHECK such as JSON validity, a packet over
+  ``max_allowed_packet``) and JSON encoding errors. The worker isolates the record and dead-letters it.
+- ``UNAVAILABLE``: the shard cannot take writes now, whatever the records: lost or refused
+  connections, a server shutting down or read-only (a failover), too many connections, a write
+  that timed out, a shard missing from the map or refused by the bug #199 guard.
+- ``TRANSIENT``: the shard answered with an error that may pass (lock wait timeout, deadlock) or
+  with one we do not know; retried, and charged to the record when it fails on its own.
+
+Exceptions::
+
+    WriteError              root of this module's errors
+    └── UnstorableRecord    one record cannot be turned into a row (permanent); carries the record
 """
 
 from __future__ import annotations
@@ -21,20 +39,26 @@ import contextlib
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Final
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Final
 
 import aiomysql
 import orjson
+import pymysql
 
 from libs.db import insert_guarded
-from libs.events import MessageDoc, PostflightRecord
-from libs.ids import check_shard
-from libs.shards import ShardRouter
+from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_utc
+from libs.ids import ShardBitsMismatch, check_shard
+from libs.shards import ShardRouter, UnknownShard
 
 __all__ = [
     "COMPRESS_MIN_BYTES",
+    "Failure",
     "ShardWriteResult",
+    "UnstorableRecord",
+    "WriteError",
+    "classify",
     "decode_body",
     "encode_body",
     "latest_per_message",
@@ -57,6 +81,77 @@ _GUARDED_UPDATE: Final = ", ".join(
     [f"{c} = IF(VALUES(version) > version, VALUES({c}), {c})" for c in _CONTENT_COLUMNS]
     + ["version = GREATEST(version, VALUES(version))"]  # last: the IFs above see the old version
 )
+
+
+# MariaDB error numbers (pymysql.constants.ER, plus MariaDB's own) that say the data is at fault.
+# pymysql maps some of these to OperationalError, not DataError, so the number decides.
+PERMANENT_DB_ERRORS: Final = frozenset({
+    1048,  # BAD_NULL_ERROR: NULL in a NOT NULL column
+    1153,  # NET_PACKET_TOO_LARGE: over max_allowed_packet (a smaller part may pass)
+    1264,  # WARN_DATA_OUT_OF_RANGE
+    1265,  # WARN_DATA_TRUNCATED
+    1292,  # TRUNCATED_WRONG_VALUE: incorrect datetime value
+    1300,  # INVALID_CHARACTER_STRING
+    1301,  # WARN_ALLOWED_PACKET_OVERFLOWED
+    1366,  # TRUNCATED_WRONG_VALUE_FOR_FIELD: incorrect string value
+    1367,  # ILLEGAL_VALUE_FOR_TYPE
+    1406,  # DATA_TOO_LONG
+    1441,  # DATETIME_FUNCTION_OVERFLOW
+    1690,  # DATA_OUT_OF_RANGE (BIGINT UNSIGNED)
+    3140,  # MySQL: INVALID_JSON_TEXT
+    4025,  # MariaDB: CONSTRAINT_FAILED (the JSON columns' json_valid check)
+})  # fmt: skip
+# Numbers that say the server cannot take writes now, whatever is written.
+UNAVAILABLE_DB_ERRORS: Final = frozenset({
+    1040,  # CON_COUNT_ERROR: too many connections
+    1053,  # SERVER_SHUTDOWN
+    1290,  # OPTION_PREVENTS_STATEMENT: --read-only, e.g. during a failover
+    1836,  # READ_ONLY_MODE
+    1927,  # CONNECTION_KILLED
+    2002, 2003, 2006, 2013, 2055,  # client: cannot connect, server gone, connection lost
+})  # fmt: skip
+
+
+class Failure(StrEnum):
+    PERMANENT = "permanent"  # never writable: isolate and dead-letter
+    UNAVAILABLE = "unavailable"  # the shard cannot take writes now: park, not the record's fault
+    TRANSIENT = "transient"  # the shard answered with an error that may pass: park and count
+
+
+class WriteError(Exception):
+    retriable: ClassVar[bool] = True
+
+
+class UnstorableRecord(WriteError):
+    """``record`` cannot be turned into a row; ``reason`` says which field and why."""
+
+    retriable = False
+
+    def __init__(self, record: PostflightRecord, reason: str) -> None:
+        super().__init__(reason)
+        self.record = record
+        self.reason = reason
+
+
+def db_errno(exc: BaseException) -> int | None:
+    """The MariaDB (or client) error number of a pymysql error, if it has one."""
+    if isinstance(exc, pymysql.err.MySQLError) and exc.args and isinstance(exc.args[0], int):
+        return exc.args[0]
+    return None
+
+
+def classify(exc: BaseException) -> Failure:
+    """Which kind of failure ``exc`` is; see the module docstring."""
+    if isinstance(exc, UnstorableRecord | orjson.JSONEncodeError | pymysql.err.DataError):
+        return Failure.PERMANENT
+    errno = db_errno(exc)
+    if errno in PERMANENT_DB_ERRORS:
+        return Failure.PERMANENT
+    if errno in UNAVAILABLE_DB_ERRORS or isinstance(exc, pymysql.err.InterfaceError):
+        return Failure.UNAVAILABLE
+    if isinstance(exc, TimeoutError | OSError | UnknownShard | ShardBitsMismatch):
+        return Failure.UNAVAILABLE
+    return Failure.TRANSIENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +182,25 @@ def decode_body(data: bytes | None, encoding: int) -> tuple[str | None, str | No
     return parsed.get("text"), parsed.get("html")
 
 
-def _utc_naive(value: datetime | None) -> datetime | None:
-    """DATETIME columns hold UTC without a zone."""
-    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+def _utc_naive(name: str, value: datetime | None) -> datetime | None:
+    """DATETIME columns hold UTC without a zone; a time they cannot hold is a ValueError.
+
+    Checked again here although the models check it: a record may predate the check, and
+    9999-12-31T23:00:00-05:00 is in year 10000 once in UTC, where ``astimezone`` overflows.
+    """
+    if value is None:
+        return None
+    try:
+        return storable_utc(value).replace(tzinfo=None)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _key(record: PostflightRecord) -> bytes:
+    key = record.message_key.encode()
+    if len(key) > MAX_KEY_BYTES:
+        raise ValueError(f"message_key is {len(key)} bytes in UTF-8; the column holds {MAX_KEY_BYTES}")
+    return key
 
 
 def upsert_statement(table: str, rows: int) -> str:
@@ -107,6 +218,18 @@ def _json_or_null(items: list[Any]) -> str | None:
 
 
 def row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
+    """The values of one record's row, raw body bytes and stored body bytes.
+
+    Raises :class:`UnstorableRecord` for a record that no retry could write (whatever went wrong
+    while converting it: this is pure code over the record's own data).
+    """
+    try:
+        return _row(record)
+    except Exception as exc:
+        raise UnstorableRecord(record, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
     m: MessageDoc = record.message
     if record.deleted:  # privacy: a deleted message keeps only its tombstone
         body, encoding, raw_len = None, BODY_RAW, 0
@@ -117,11 +240,12 @@ def row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
         subject, snippet = m.subject, m.snippet
         attachments = _json_or_null([a.model_dump(mode="json") for a in m.attachments])
     values = (
-        record.account_id, record.message_key.encode(),
+        record.account_id, _key(record),
         m.status, m.direction, m.channel, m.sender,
         orjson.dumps(m.to).decode(), orjson.dumps(m.cc).decode(), subject, snippet,
         body, encoding, m.error_code, m.unread, m.starred, m.folder, orjson.dumps(m.labels).decode(),
-        m.source, _utc_naive(m.occurred_at), _utc_naive(m.final_at), m.redacted, record.deleted,
+        m.source, _utc_naive("occurred_at", m.occurred_at), _utc_naive("final_at", m.final_at),
+        m.redacted, record.deleted,
         m.thread_key, m.size_bytes, attachments, _json_or_null(m.parse_warnings),
         record.version,
     )  # fmt: skip
@@ -160,17 +284,28 @@ async def lock_changes(cur: aiomysql.Cursor, router: ShardRouter, shard: int) ->
 
 
 async def write_shard(
-    router: ShardRouter, shard: int, records: Sequence[PostflightRecord]
+    router: ShardRouter,
+    shard: int,
+    records: Sequence[PostflightRecord],
+    *,
+    lock_wait_timeout_s: int | None = None,
 ) -> ShardWriteResult:
-    """Write one shard's records in one transaction; see the module docstring."""
+    """Write one shard's records in one transaction; see the module docstring.
+
+    ``lock_wait_timeout_s`` (whole seconds, as InnoDB takes it) makes a row lock held elsewhere
+    an error of the server (1205, ``TRANSIENT``) instead of a wait that the caller's own timeout
+    would cut short (``UNAVAILABLE``); None leaves the session's setting.
+    """
     records = latest_per_message(records)
     table = router.table(shard, "messages")
-    rows = [row(r) for r in records]
+    rows = [row(r) for r in records]  # before a connection is taken: UnstorableRecord costs no I/O
     keys = [(r.account_id, r.message_key.encode()) for r in records]
     pool = await router.pool(shard)
     async with pool.acquire() as conn:
         try:
             async with conn.cursor() as cur:
+                if lock_wait_timeout_s is not None:
+                    await cur.execute("SET SESSION innodb_lock_wait_timeout = %s", (lock_wait_timeout_s,))
                 before = await _versions(cur, table, keys, lock=True)
                 await cur.execute(
                     upsert_statement(table, len(rows)), [v for values, _, _ in rows for v in values]
