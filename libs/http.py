@@ -1,15 +1,102 @@
-"""HTTP helpers shared by the services: RFC 9457 problem documents."""
+"""HTTP helpers shared by the services: RFC 9457 problem documents, JSON bodies, and one middleware.
+
+Every service answers errors the same way: a handler (or a helper it calls) raises
+:class:`Problem`, and :func:`problem_middleware` turns it, aiohttp's own HTTP errors, a database
+or dependency that cannot be reached, and anything unexpected into ``application/problem+json``.
+
+Exceptions::
+
+    Problem               an answer other than success: status, title, detail (and extra members)
+    └── (services subclass it, e.g. the gateway's ApiError)
+
+What counts as "unavailable" (503 with ``Retry-After``, see :func:`is_unavailable`): a MariaDB
+server that refuses, drops or kills the connection, is shutting down, has too many connections, or
+times out a lock; a closed connection; an exception whose class says ``retriable = True`` (our
+libs' and aiokafka's convention, e.g. :class:`libs.shards.ShardReadOnly`). A syntax error, an
+unknown column or any other bug stays a 500, so it is seen and fixed rather than retried.
+
+JSON bodies are read with :func:`read_json`: malformed JSON and nesting deeper than
+:data:`MAX_JSON_DEPTH` answer 400, a body over the endpoint's limit 413. orjson refuses nesting
+past 1,024 levels by itself, but aiohttp's ``request.json()`` (stdlib json) raises RecursionError
+well before that, and orjson cannot dump (dead-letter, echo) more than 254 levels, so the limit
+here is much lower than either and checked once, at the door.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import orjson
+import pymysql
 from aiohttp import web
+from pymysql.constants import CR, ER
 
-__all__ = ["PROBLEM_CONTENT_TYPE", "problem_response"]
+__all__ = [
+    "DEFAULT_RETRY_AFTER_S",
+    "MAX_JSON_DEPTH",
+    "PROBLEM_CONTENT_TYPE",
+    "Problem",
+    "is_unavailable",
+    "json_too_deep",
+    "parse_json",
+    "problem_middleware",
+    "problem_response",
+    "read_json",
+    "unavailable_response",
+]
 
-PROBLEM_CONTENT_TYPE = "application/problem+json"
+logger = logging.getLogger(__name__)
+
+PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
+# Far above any document our APIs take (the deepest, an event, is 3 levels), far below what
+# breaks a recursive consumer (stdlib json ~1,000, orjson.dumps 255, pydantic-core 200).
+MAX_JSON_DEPTH: Final = 32
+DEFAULT_RETRY_AFTER_S: Final = 1
+
+# MariaDB/MySQL errors that say "the server is not there (right now)", not "your query is wrong".
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        CR.CR_CONNECTION_ERROR,  # 2002 socket refused
+        CR.CR_CONN_HOST_ERROR,  # 2003 TCP refused or connect timeout
+        CR.CR_SERVER_GONE_ERROR,  # 2006
+        CR.CR_SERVER_LOST,  # 2013 (also a read on a socket the server closed)
+        CR.CR_SERVER_LOST_EXTENDED,  # 2055
+        ER.CON_COUNT_ERROR,  # 1040 too many connections
+        ER.SERVER_SHUTDOWN,  # 1053
+        ER.LOCK_WAIT_TIMEOUT,  # 1205
+        ER.LOCK_DEADLOCK,  # 1213
+        ER.OPTION_PREVENTS_STATEMENT,  # 1290 --read-only during a failover
+        1836,  # ER_READ_ONLY_MODE
+        1927,  # ER_CONNECTION_KILLED (KILL CONNECTION, server shutdown)
+        4031,  # ER_CLIENT_INTERACTION_TIMEOUT
+    }
+)
+_MAX_CAUSE_CHAIN: Final = 8  # how far `raise ... from exc` is followed before giving up
+
+
+class Problem(Exception):
+    """An answer other than success: status, a short title and a detail for the developer.
+
+    ``extra`` becomes further members of the problem document (e.g. ``errors``); ``retry_after_s``
+    sets the ``Retry-After`` header.
+    """
+
+    def __init__(
+        self, status: int, title: str, detail: str, *, retry_after_s: int | None = None, **extra: Any
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+        self.extra = extra
+
+    def response(self) -> web.Response:
+        return problem_response(
+            self.status, self.title, self.detail, retry_after_s=self.retry_after_s, **self.extra
+        )
 
 
 def problem_response(
@@ -26,3 +113,161 @@ def problem_response(
     return web.Response(
         status=status, body=orjson.dumps(body), content_type=PROBLEM_CONTENT_TYPE, headers=headers
     )
+
+
+def _unavailable_one(exc: BaseException) -> bool:
+    if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InternalError):
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        return code in _UNAVAILABLE_CODES
+    if isinstance(exc, pymysql.err.InterfaceError):
+        return True  # aiomysql: the connection is closed or was never opened
+    if isinstance(exc, ConnectionError):
+        return True
+    return getattr(type(exc), "retriable", False) is True
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) means a dependency cannot answer right now."""
+    seen: BaseException | None = exc
+    for _ in range(_MAX_CAUSE_CHAIN):
+        if seen is None:
+            return False
+        if _unavailable_one(seen):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+# Every byte but the ones that shape a document: brackets, and quotes to tell strings apart.
+_NOT_SKELETON: Final = bytes(b for b in range(256) if b not in b'[]{}"')
+# Only the nesting counts, not the kind of container: objects become arrays.
+_OBJECTS_AS_ARRAYS: Final = bytes.maketrans(b"{}", b"[]")
+
+
+def json_too_deep(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON document ``raw`` (already known to be valid) nests arrays and objects more
+    than ``max_depth`` levels deep.
+
+    Linear in ``len(raw)`` (at most ``max_depth`` passes over the brackets) and done by bytes
+    methods in C. Measured: 0.14 ms for a 130 kB ingest batch that orjson parses in 0.33 ms (a
+    walk of the parsed document in Python took 1.6 ms); 91 ms for the worst 1 MiB document
+    (containers 31 deep side by side), which orjson parses in 58 ms.
+    """
+    if b"\\" in raw:
+        # Valid JSON has backslashes only inside strings, each starting an escape; with escaped
+        # backslashes and quotes gone, every quote left opens or closes a string.
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # `""` is an empty string or the seam between two strings: either way nothing outside a
+    # string lies between the two quotes, so dropping them keeps the structure.
+    skeleton = raw.translate(_OBJECTS_AS_ARRAYS, _NOT_SKELETON).replace(b'""', b"")
+    if b'"' in skeleton:  # strings that contain brackets: keep what is outside them
+        skeleton = b"".join(skeleton.split(b'"')[::2])
+    # Each pass removes the innermost (empty) containers and only them (replace does not look
+    # again at the pairs its removals bring together), so a document is gone after exactly as
+    # many passes as it is deep.
+    for _ in range(max_depth):
+        if not skeleton:
+            return False
+        skeleton = skeleton.replace(b"[]", b"")
+    return bool(skeleton)
+
+
+def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The document in ``raw``, or a 400 :class:`Problem` that says what is wrong with it."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):
+            raise _too_deep(max_depth) from None
+        raise Problem(400, "Malformed JSON", f"the request body is not valid JSON: {exc}") from None
+    if json_too_deep(raw, max_depth):
+        raise _too_deep(max_depth)
+    return doc
+
+
+def _too_deep(max_depth: int) -> Problem:
+    return Problem(
+        400,
+        "JSON nested too deeply",
+        f"the request body nests arrays and objects more than {max_depth} levels deep",
+        max_json_depth=max_depth,
+    )
+
+
+def _too_large(max_bytes: int) -> Problem:
+    return Problem(
+        413,
+        "Content Too Large",
+        f"the request body is limited to {max_bytes} bytes",
+        max_body_bytes=max_bytes,
+    )
+
+
+_PARSED: Final = "flightlog.json_body"  # where read_json keeps the document for a second caller
+
+
+async def read_json(request: web.Request, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The request's JSON body, parsed once per request; raises :class:`Problem` (400 malformed or
+    too deep, 413 over ``max_bytes``). The content type is the caller's to check."""
+    if _PARSED in request:
+        return request[_PARSED]
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # aiohttp's client_max_size, for a chunked body
+        raise _too_large(max_bytes) from None
+    if len(raw) > max_bytes:
+        raise _too_large(max_bytes)
+    doc = parse_json(raw, max_depth=max_depth)
+    request[_PARSED] = doc
+    return doc
+
+
+def unavailable_response(exc: BaseException) -> web.Response:
+    """503 with ``Retry-After`` for an exception :func:`is_unavailable` accepts.
+
+    A driver's message names hosts and ports, so only our own retriable errors show theirs.
+    """
+    if getattr(type(exc), "retriable", False) is True and type(exc).__module__.startswith("libs."):
+        detail = f"{exc}; retry later"
+    else:
+        detail = (
+            "a database or dependency this request needs cannot be reached"
+            f" ({type(exc).__name__}); retry later"
+        )
+    return problem_response(503, "Service unavailable", detail, retry_after_s=DEFAULT_RETRY_AFTER_S)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_TITLES: Final = {404: "Not found", 405: "Method not allowed", 413: "Content Too Large"}
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error of every route as a problem document; see the module docstring."""
+    try:
+        return await handler(request)
+    except Problem as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        title = _TITLES.get(exc.status, exc.reason)
+        detail = {
+            404: f"no such path: {request.path[:200]}",
+            405: f"{request.method} is not allowed on {request.path[:200]}",
+        }.get(exc.status, exc.text or exc.reason)
+        response = problem_response(exc.status, title, detail)
+        for name in ("Allow", "WWW-Authenticate", "Retry-After"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except Exception as exc:
+        if is_unavailable(exc):
+            # Expected while a server restarts or fails over: one line, no traceback.
+            logger.warning("%s %s: unavailable: %r", request.method, request.path[:200], exc)
+            return unavailable_response(exc)
+        logger.exception("%s %s failed", request.method, request.path[:200])
+        return problem_response(500, "Internal error", "the request failed unexpectedly; it has been logged")

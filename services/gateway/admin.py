@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
-import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from libs.accounts import application_exists, create_account, create_api_key, create_application
+from libs.http import read_json
 from libs.shards import UnknownShard
 from services.gateway.applications import account_json, key_json
 from services.gateway.auth import path_id
+from services.gateway.constants import MAX_BODY_BYTES
 from services.gateway.errors import ApiError, NotFound
 from services.gateway.params import Query
 from services.gateway.state import STATE, GatewayState
@@ -61,11 +62,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 async def _body(request: web.Request, model: type[M]) -> M:
-    raw = await request.read()
-    try:
-        data: Any = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "Malformed JSON", "the request body is not valid JSON") from None
+    data = await read_json(request, max_bytes=MAX_BODY_BYTES)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

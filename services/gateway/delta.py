@@ -25,6 +25,7 @@ from aiohttp import web
 
 from libs.accounts import Account, Application
 from libs.cursor import CursorError, DeltaCursor, decode_delta_cursor, encode_delta_cursor
+from libs.http import is_unavailable
 from libs.ids import shard_of
 from libs.shards import ShardRouter
 from services.gateway.auth import authenticated, owned_account
@@ -241,6 +242,14 @@ async def stream_delta(request: web.Request, app: Application) -> web.StreamResp
                 page = await _read(state, account, page.position, MAX_DELTA_PAGE_SIZE, True)
             except ApiError as exc:
                 await response.write(_sse("error", None, {"status": exc.status, "detail": exc.detail}))
+                break
+            except Exception as exc:
+                # The headers are sent, so the problem middleware cannot answer 503 any more: say
+                # it in the stream and end it; the client reconnects with its last event id.
+                if not is_unavailable(exc):
+                    raise
+                detail = "the account's shard cannot be reached; reconnect with Last-Event-ID"
+                await response.write(_sse("error", None, {"status": 503, "detail": detail}))
                 break
         await response.write_eof()
     return response

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from libs.accounts import Application
 from libs.cursor import CursorError, PageToken, decode_page_token, encode_page_token, query_fingerprint
 from libs.events import Direction, Event, EventType, MessageFlags, Status, encode, message_key_bytes
+from libs.http import read_json
 from libs.ids import shard_of
 from libs.kafka import INFLIGHT
 from libs.shards import ShardRouter
@@ -39,6 +40,7 @@ from services.gateway.auth import authenticated, owned_account, path_id
 from services.gateway.constants import (
     DEFAULT_PAGE_SIZE,
     MAX_ADDRESS_LENGTH,
+    MAX_BODY_BYTES,
     MAX_CHANNEL_LENGTH,
     MAX_FOLDER_LENGTH,
     MAX_PAGE_SIZE,
@@ -342,11 +344,7 @@ class MessagePatch(BaseModel):
 async def _json_body(request: web.Request) -> Any:
     if request.content_type != "application/json":
         raise ApiError(415, "Unsupported media type", "send the body as application/json")
-    raw = await request.read()
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "Malformed JSON", "the request body is not valid JSON") from None
+    return await read_json(request, max_bytes=MAX_BODY_BYTES)
 
 
 def _validation_error(exc: ValidationError) -> ApiError:

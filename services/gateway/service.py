@@ -18,7 +18,7 @@ from aiohttp import web
 
 from libs.accounts import AccountDirectory
 from libs.crypto import SecretBox
-from libs.http import problem_response
+from libs.http import problem_response, read_json
 from libs.kafka import make_producer
 from libs.service import ServiceContext, ServiceDefinition
 from libs.shards import ShardRouter
@@ -53,13 +53,24 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
     return await handler(request)
 
 
+@web.middleware
+async def json_body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Check every JSON body at the door (400 malformed or too deep, 413 too large), so a route
+    that parses its body its own way (the IMAP account API validates the bytes with pydantic) or
+    a route added later cannot take one the others refuse; the routes' own ``read_json`` then
+    reuses the parsed document."""
+    if request.body_exists and request.content_type == "application/json":
+        await read_json(request, max_bytes=MAX_BODY_BYTES)
+    return await handler(request)
+
+
 async def _application_id(request: web.Request) -> int:
     return (await application_of(request, request.app[STATE].accounts)).id
 
 
 def add_routes(app: web.Application) -> None:
     state = app[STATE] = GatewayState()
-    app.middlewares.extend([problem_middleware, limits_middleware])
+    app.middlewares.extend([problem_middleware, limits_middleware, json_body_middleware])
     add_doc_routes(app)
     add_admin_routes(app)
     add_application_routes(app)

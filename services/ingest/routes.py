@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import aiomysql
 import orjson
 import prometheus_client
 from aiohttp import web
@@ -31,10 +30,9 @@ from libs import events as event_limits
 from libs.accounts import AccountDirectory, Application
 from libs.dlq import dead_letter
 from libs.events import Event, encode, message_key_bytes
-from libs.http import problem_response
+from libs.http import Problem, is_unavailable, problem_middleware, problem_response, read_json
 from libs.kafka import INFLIGHT
 from libs.ratelimit import KeyedTokenBuckets
-from libs.shards import ShardError
 from services.ingest.constants import CONTENT_TYPE, MAX_BODY_BYTES, MAX_EVENTS_PER_REQUEST, STAGE
 from services.ingest.settings import IngestSettings
 from services.ingest.validation import ItemError, item_errors, normalise_item
@@ -58,11 +56,17 @@ REQUEST_SECONDS: Final = prometheus_client.Histogram(
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
-_DB_ERRORS: Final = (aiomysql.Error, OSError, ShardError)
-
 
 class _Unavailable(Exception):
     """A dependency (MariaDB or Kafka) failed: answer 503, accept nothing."""
+
+
+def _unavailable_or_bug(exc: Exception) -> Exception:
+    """What to raise for an error of the account directory: a database that cannot be reached is
+    a 503 (see :func:`libs.http.is_unavailable`); anything else is a bug and stays one (500)."""
+    if is_unavailable(exc):
+        return _Unavailable(f"the account directory is unavailable ({type(exc).__name__})")
+    return exc
 
 
 @dataclass(slots=True)
@@ -125,8 +129,8 @@ async def _authenticate(state: IngestState, request: web.Request) -> Application
     assert state.directory is not None, "routes are gated until the directory is open"
     try:
         return await state.directory.application_for_key(key.strip())
-    except _DB_ERRORS as exc:
-        raise _Unavailable(f"the account directory is unavailable: {exc}") from exc
+    except Exception as exc:
+        raise _unavailable_or_bug(exc) from exc
 
 
 async def _foreign_accounts(state: IngestState, app: Application, account_ids: set[int]) -> set[int]:
@@ -135,8 +139,8 @@ async def _foreign_accounts(state: IngestState, app: Application, account_ids: s
     directory = state.directory
     try:
         found = await asyncio.gather(*(directory.owned_account(app.id, a) for a in account_ids))
-    except _DB_ERRORS as exc:
-        raise _Unavailable(f"the account directory is unavailable: {exc}") from exc
+    except Exception as exc:
+        raise _unavailable_or_bug(exc) from exc
     return {a for a, acc in zip(account_ids, found, strict=True) if acc is None}
 
 
@@ -207,17 +211,10 @@ async def _accept(state: IngestState, request: web.Request) -> web.Response:
         return _bad_request(
             415, "Unsupported Media Type", f"the body must be {CONTENT_TYPE}, not {request.content_type!r}"
         )
-    too_large = f"the body is limited to {MAX_BODY_BYTES} bytes"
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        return _bad_request(413, "Content Too Large", too_large, max_body_bytes=MAX_BODY_BYTES)
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return _bad_request(413, "Content Too Large", too_large, max_body_bytes=MAX_BODY_BYTES)
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return _bad_request(400, "Malformed JSON", f"the body is not JSON: {exc}")
+        doc = await read_json(request, max_bytes=MAX_BODY_BYTES)
+    except Problem as exc:  # 400 malformed or too deeply nested, 413 too large
+        return exc.response()
     if not isinstance(doc, dict) or not isinstance(doc.get("events"), list) or set(doc) != {"events"}:
         return _bad_request(422, "Invalid batch", 'the body must be {"events": [...]} and nothing else')
     items: list[Any] = doc["events"]
@@ -306,6 +303,9 @@ async def _post_events(request: web.Request) -> web.Response:
 
 def add_ingest_routes(app: web.Application, settings: IngestSettings) -> None:
     app[STATE] = IngestState.from_settings(settings)
+    # Anything the routes do not answer themselves (a bug: 500, a database gone: 503) becomes a
+    # problem document like every other error.
+    app.middlewares.append(problem_middleware)
     app.router.add_post("/v1/events", _post_events)
     app.router.add_get("/v1/events/limits", _limits)
 

@@ -1,0 +1,97 @@
+"""libs.http: which errors answer 503 (a database that cannot be reached) and which stay 500s."""
+
+from __future__ import annotations
+
+import pymysql
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from aiokafka.errors import KafkaConnectionError
+
+from libs.http import is_unavailable, problem_middleware
+from libs.shards import ShardReadOnly, UnknownShard
+
+
+class Wrapped(Exception):
+    pass
+
+
+def _raised_from(cause: BaseException) -> Wrapped:
+    try:
+        raise Wrapped("wrapped") from cause
+    except Wrapped as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pymysql.err.OperationalError(2003, "Can't connect to MySQL server on '127.0.0.1'"),
+        pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"),
+        pymysql.err.OperationalError(2006, "MySQL server has gone away"),
+        pymysql.err.OperationalError(1040, "Too many connections"),
+        pymysql.err.OperationalError(1053, "Server shutdown in progress"),
+        pymysql.err.OperationalError(1927, "Connection was killed"),
+        pymysql.err.OperationalError(1205, "Lock wait timeout exceeded"),
+        pymysql.err.InterfaceError(0, "Not connected"),
+        ConnectionRefusedError(111, "Connection refused"),
+        ShardReadOnly("shard 3 is read-only while it moves"),
+        KafkaConnectionError(),
+        _raised_from(pymysql.err.OperationalError(2013, "Lost connection")),
+    ],
+)
+def test_unavailable(exc: BaseException) -> None:
+    assert is_unavailable(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pymysql.err.OperationalError(1054, "Unknown column 'x' in 'field list'"),
+        pymysql.err.ProgrammingError(1064, "You have an error in your SQL syntax"),
+        pymysql.err.IntegrityError(1062, "Duplicate entry"),
+        pymysql.err.DataError(1406, "Data too long"),
+        UnknownShard("shard 99 is not in the shard map"),
+        KeyError("id"),
+        AssertionError(),
+        FileNotFoundError(2, "No such file"),
+    ],
+)
+def test_a_bug_is_not_unavailable(exc: BaseException) -> None:
+    assert not is_unavailable(exc)
+
+
+async def _client(exc: Exception) -> TestClient[web.Request, web.Application]:
+    async def handler(_: web.Request) -> web.Response:
+        raise exc
+
+    app = web.Application(middlewares=[problem_middleware])
+    app.router.add_get("/", handler)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+async def test_middleware_answers_503_with_retry_after_and_no_address() -> None:
+    client = await _client(pymysql.err.OperationalError(2003, "Can't connect to MySQL server on '10.1.2.3'"))
+    try:
+        resp = await client.get("/")
+        doc = await resp.json(content_type=None)
+        assert (resp.status, resp.content_type, resp.headers["Retry-After"]) == (
+            503,
+            "application/problem+json",
+            "1",
+        )
+        assert doc["status"] == 503 and "10.1.2.3" not in doc["detail"]
+    finally:
+        await client.close()
+
+
+async def test_middleware_keeps_a_bug_a_500() -> None:
+    client = await _client(pymysql.err.OperationalError(1054, "Unknown column 'x'"))
+    try:
+        resp = await client.get("/")
+        assert (resp.status, resp.content_type) == (500, "application/problem+json")
+        assert "Retry-After" not in resp.headers
+    finally:
+        await client.close()
