@@ -32,6 +32,7 @@ from services.gateway.webhooks.routes import DELIVERY_STATES, MAX_ACCOUNT_FILTER
 from services.gateway.webhooks.routes import MAX_PAGE as MAX_DELIVERY_PAGE
 from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.store import EVENT_TYPES as WEBHOOK_EVENT_TYPES
+from services.gateway.webhooks.store import ORDERINGS as WEBHOOK_ORDERINGS
 from services.gateway.webhooks.targets import MAX_URL_LENGTH
 
 __all__ = ["SPEC", "add_doc_routes"]
@@ -540,12 +541,20 @@ _ACCOUNT_FILTER: Final[Json] = {
     "maxItems": MAX_ACCOUNT_FILTER,
     "description": "only these accounts of the application (null or left out: all of them)",
 }
+_WEBHOOK_ORDERING: Final[Json] = {
+    "type": "string",
+    "enum": list(WEBHOOK_ORDERINGS),
+    "description": "skip_refused (default): an event the receiver refuses with a 4xx (not 408, 429)"
+    " a few times in a row is marked failed, replayable, and the account's later events go on;"
+    " strict: it holds them back until the retry window ends, then the endpoint is disabled",
+}
 _WEBHOOK_PROPS: Final[dict[str, Json]] = {
     "id": ID,
     "url": {"type": "string"},
     "description": {"type": "string"},
     "event_types": {"type": "array", "items": _WEBHOOK_EVENT},
     "account_ids": _nullable({"type": "array", "items": ID}),
+    "ordering": _WEBHOOK_ORDERING,
     "enabled": {"type": "boolean"},
     "disabled_reason": _nullable({"type": "string"}),
     "disabled_at": _nullable(TIME),
@@ -609,6 +618,7 @@ SCHEMAS.update(
                 "description": {"type": "string", "maxLength": 500},
                 "event_types": {**_EVENT_TYPES, "description": "left out: every type"},
                 "account_ids": _nullable(_ACCOUNT_FILTER),
+                "ordering": _WEBHOOK_ORDERING,
             },
             required=["url"],
         ),
@@ -619,6 +629,7 @@ SCHEMAS.update(
                 "event_types": _EVENT_TYPES,
                 "account_ids": _nullable(_ACCOUNT_FILTER),
                 "enabled": {"type": "boolean", "description": "true re-enables a disabled endpoint"},
+                "ordering": _WEBHOOK_ORDERING,
             },
             required=[],
         ),

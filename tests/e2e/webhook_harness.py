@@ -25,6 +25,7 @@ FAST = {
     "webhooks_retry_base_s": 0.2,
     "webhooks_retry_max_delay_s": 1.0,
     "webhooks_rescan_interval_s": 0.5,
+    "webhooks_refused_retry_base_s": 0.2,
 }
 
 

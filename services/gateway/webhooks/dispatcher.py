@@ -6,16 +6,43 @@ Two halves, joined by the ``webhook_deliveries`` table:
   matching endpoint (``INSERT IGNORE``: re-consuming a change after a crash adds nothing) and
   only then commits the Kafka offsets, so nothing consumed is ever lost;
 * delivery runs one *lane* per (endpoint, account): a task that sends the lane's first pending
-  delivery in change order, and the next only once that one succeeded, so order per endpoint and account holds
-  across retries and restarts. Lanes are independent tasks, so a slow or dead endpoint only
-  holds back its own lanes; a per-endpoint semaphore caps its concurrent requests.
+  delivery in change order, and the next only once that one is finished (delivered, or failed as
+  below), so order per endpoint and account holds across retries and restarts. Lanes are
+  independent tasks, so a slow or dead endpoint only holds back its own lanes; a per-endpoint
+  semaphore caps its concurrent requests.
 
-A failed attempt is retried with exponential backoff and jitter (:func:`retry_delay_s`) until
-``webhooks_retry_window_s`` after the event (28 h by default); then the delivery fails, the
-endpoint is disabled with the reason stored and visible in the API, and a warning is logged and
-counted (``flightlog_webhook_endpoints_disabled_total``). Every attempt of one event carries the
-same ``webhook-id``. A disabled endpoint's deliveries keep being recorded and go out, in order,
-once it is enabled again (PATCH ``enabled: true``), unless they are older than the log retention.
+Every answer is classified (:func:`classify`) and the next step decided (:func:`decide`), both
+pure functions:
+
+* transient (no answer: connection refused, timeout; 5xx, 3xx; 408 and 429, honouring a
+  ``Retry-After``): retried with exponential backoff and jitter (:func:`retry_delay_s`) until
+  ``webhooks_retry_window_s`` after the event (28 h by default). Then the delivery fails, the
+  endpoint is disabled with the reason stored and visible in the API, and a warning is logged and
+  counted (``flightlog_webhook_endpoints_disabled_total``): a receiver that does not answer for
+  that long is gone, and stopping is kinder than retrying every event for ever.
+* refused (any other 4xx): the receiver answered and said no to *this event* (its parser rejects
+  the payload, say). How the lane treats it is the endpoint's ``ordering``:
+
+  - ``skip_refused`` (the default): retried ``webhooks_refused_max_attempts`` times in a row
+    (3) with a short backoff (``webhooks_refused_retry_base_s``, 2 s then 4 s), in case the
+    refusal was a receiver's deploy in progress; then the delivery is marked ``failed`` with the
+    last status and the reason, the lane goes on to the account's next event, and the failed one
+    can be replayed from the delivery log. A refusal does not count towards disabling the
+    endpoint: the receiver is up and taking the account's other events, and disabling it would
+    stop every account for one bad payload. (A receiver that refuses *everything*, a wrong
+    secret answering 401 say, fails every event this way; they stay replayable by time range.)
+  - ``strict``: refused events are retried like transient failures, so one refused event holds
+    back every later event of its account for the whole retry window and then disables the
+    endpoint for all accounts. For receivers that cannot process an event without its
+    predecessors and would rather stop than see a gap.
+* gone (410): Standard Webhooks reads it as "this endpoint no longer exists". After the same
+  bounded refusals in a row (so one misrouted answer does not do it), the endpoint is disabled
+  with the reason, in both orderings; the delivery stays pending at the head of its lane, so
+  nothing is skipped when the endpoint is enabled again.
+
+Every attempt of one event carries the same ``webhook-id``. A disabled endpoint's deliveries keep
+being recorded and go out, in order, once it is enabled again (PATCH ``enabled: true``), unless
+they are older than the log retention.
 
 Only one dispatcher delivers at a time (MySQL named lock ``flightlog.webhook-dispatcher`` on a
 dedicated connection); every replica's intake records deliveries, and the active one picks up
@@ -26,11 +53,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any, Final
 
 import aiohttp
@@ -43,10 +73,26 @@ from libs.db import connect, leader_lock_name
 from libs.shards import ShardRouter
 from libs.webhooks import sign_headers
 from services.gateway.webhooks.settings import WebhookSettings
-from services.gateway.webhooks.store import Delivery, Endpoint, NewDelivery, WebhookStore, utcnow
+from services.gateway.webhooks.store import (
+    SKIP_REFUSED,
+    Delivery,
+    Endpoint,
+    NewDelivery,
+    WebhookStore,
+    utcnow,
+)
 from services.gateway.webhooks.targets import TargetRefused, check_target
 
-__all__ = ["WebhookDispatcher", "build_payload", "retry_delay_s"]
+__all__ = [
+    "Decision",
+    "Outcome",
+    "WebhookDispatcher",
+    "build_payload",
+    "classify",
+    "decide",
+    "parse_retry_after_s",
+    "retry_delay_s",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +103,10 @@ _LANE_BATCH: Final = 50  # pending deliveries a lane reads at once
 
 _attempts = Counter("flightlog_webhook_attempts_total", "Webhook delivery attempts", ["outcome"])
 _disabled = Counter("flightlog_webhook_endpoints_disabled_total", "Endpoints disabled after failing")
+_refused = Counter(
+    "flightlog_webhook_deliveries_refused_total",
+    "Deliveries marked failed after permanent refusals, their lane moving on (ordering skip_refused)",
+)
 _active = Gauge("flightlog_webhook_dispatcher_active", "1 while this process delivers (holds the lock)")
 _latency = Histogram(
     "flightlog_webhook_event_to_delivery_seconds",
@@ -71,6 +121,100 @@ def retry_delay_s(attempt: int, base_s: float, max_s: float, rng: random.Random 
     delay = min(base_s * 2.0 ** min(attempt - 1, 40), max_s)
     jitter = rng.random() if rng is not None else random.random()
     return float(delay * (0.75 + 0.5 * jitter))
+
+
+class Outcome(enum.Enum):
+    """What one attempt's answer says about the delivery; see the module docstring."""
+
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"  # retried until the retry window ends
+    REFUSED = "refused"  # this event, permanently: bounded retries under skip_refused
+    GONE = "gone"  # the endpoint itself: disabled after bounded retries
+
+
+def classify(status: int | None) -> Outcome:
+    """The outcome of an attempt answered with HTTP ``status`` (None: no answer at all)."""
+    if status is None:
+        return Outcome.TRANSIENT
+    if 200 <= status < 300:
+        return Outcome.DELIVERED
+    if status == 410:
+        return Outcome.GONE
+    if 400 <= status < 500 and status not in (408, 429):
+        return Outcome.REFUSED
+    # 5xx, 408 (the receiver timed out reading), 429 (slow down), and the 1xx/3xx a webhook
+    # receiver should never send (redirects are not followed): none says the event is bad.
+    return Outcome.TRANSIENT
+
+
+def parse_retry_after_s(value: str | None, now: datetime) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delay-seconds or an HTTP date, RFC 9110
+    10.2.3), never negative; None when absent or unreadable. ``now`` is aware UTC."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT by definition
+        when = when.replace(tzinfo=UTC)
+    return max((when - now).total_seconds(), 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What becomes of a delivery after an attempt.
+
+    :param state: ``delivered``, ``pending`` (tried again in ``retry_in_s``) or ``failed``.
+    :param refusals: the delivery's permanent refusals in a row, this attempt included.
+    :param disable: the endpoint is to be disabled (the retry window ran out, or it is gone).
+    """
+
+    state: str
+    retry_in_s: float | None = None
+    refusals: int = 0
+    disable: bool = False
+
+
+def decide(
+    outcome: Outcome,
+    *,
+    ordering: str,
+    attempts: int,
+    refusals: int,
+    age_s: float,
+    settings: WebhookSettings,
+    retry_after_s: float | None = None,
+    rng: random.Random | None = None,
+) -> Decision:
+    """The next step for a delivery whose attempt number ``attempts`` (1 = the first) ended in
+    ``outcome``; ``refusals`` are its refusals in a row before this attempt and ``age_s`` the
+    time since its event. See the module docstring for the policy."""
+    s = settings
+    if outcome is Outcome.DELIVERED:
+        return Decision("delivered", refusals=0)
+    if outcome is Outcome.GONE or (outcome is Outcome.REFUSED and ordering == SKIP_REFUSED):
+        refused = refusals + 1
+        if refused < s.webhooks_refused_max_attempts:
+            delay_s = retry_delay_s(
+                refused, s.webhooks_refused_retry_base_s, s.webhooks_retry_max_delay_s, rng
+            )
+            return Decision("pending", delay_s, refused)
+        if outcome is Outcome.GONE:
+            # stays at the head of its lane for when the endpoint is enabled again
+            delay_s = retry_delay_s(1, s.webhooks_retry_base_s, s.webhooks_retry_max_delay_s, rng)
+            return Decision("pending", delay_s, refused, disable=True)
+        return Decision("failed", refusals=refused)
+    refused = refusals + 1 if outcome is Outcome.REFUSED else 0  # strict: a refusal is retried
+    if age_s > s.webhooks_retry_window_s:
+        return Decision("failed", refusals=refused, disable=True)
+    delay_s = retry_delay_s(attempts, s.webhooks_retry_base_s, s.webhooks_retry_max_delay_s, rng)
+    if retry_after_s is not None:  # not sooner than asked, and not beyond our own longest delay
+        delay_s = max(delay_s, min(retry_after_s, s.webhooks_retry_max_delay_s))
+    return Decision("pending", delay_s, refused)
 
 
 def build_payload(change: dict[str, Any]) -> tuple[str, bytes]:
@@ -403,6 +547,7 @@ class WebhookDispatcher(Component):
             status: int | None = None
             error: str | None = None
             excerpt: bytes | None = None
+            retry_after: str | None = None
             try:
                 await check_target(endpoint.url, allow_private=s.webhooks_allow_private_targets)
                 headers = sign_headers(
@@ -420,6 +565,7 @@ class WebhookDispatcher(Component):
                     timeout=aiohttp.ClientTimeout(total=s.webhooks_request_timeout_s),
                 ) as resp:
                     status = resp.status
+                    retry_after = resp.headers.get("Retry-After")
                     excerpt = await resp.content.read(s.webhooks_response_excerpt_bytes)
             except TargetRefused as exc:
                 error = f"target refused: {exc}"
@@ -428,41 +574,60 @@ class WebhookDispatcher(Component):
             except aiohttp.ClientError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             latency_ms = int((time.monotonic() - t0) * 1000)
-        ok = status is not None and 200 <= status < 300
-        if status is not None and not ok and error is None:
-            error = f"HTTP {status}"
-        state, next_at = "delivered", None
-        if not ok:
-            if utcnow() - delivery.event_at > timedelta(seconds=s.webhooks_retry_window_s):
-                state = "failed"
-            else:
-                state = "pending"
-                next_at = utcnow() + timedelta(
-                    seconds=retry_delay_s(
-                        delivery.attempts + 1, s.webhooks_retry_base_s, s.webhooks_retry_max_delay_s
-                    )
-                )
-        if ok:
+        outcome = classify(status)
+        if outcome is Outcome.DELIVERED:
             assert status is not None
             _attempts.labels("ok").inc()
             _latency.observe(max((utcnow() - delivery.event_at).total_seconds(), 0.0))
             return self._recorder.record((delivery, started_at, latency_ms, status, excerpt))
+        if status is not None and error is None:
+            error = f"HTTP {status}"
+        decision = decide(
+            outcome,
+            ordering=endpoint.ordering,
+            attempts=delivery.attempts + 1,
+            refusals=delivery.refusals,
+            age_s=(utcnow() - delivery.event_at).total_seconds(),
+            settings=s,
+            retry_after_s=parse_retry_after_s(retry_after, datetime.now(UTC)),
+        )
+        logged_error = error
+        if decision.state == "failed" and not decision.disable:
+            logged_error = (
+                f"{error}: refused {decision.refusals} times in a row; skipped so the account's later"
+                " events go on (ordering skip_refused), replay it once the receiver accepts it"
+            )
+        next_at = None if decision.retry_in_s is None else utcnow() + timedelta(seconds=decision.retry_in_s)
         await self.store.record_attempt(
             delivery,
             started_at=started_at,
             latency_ms=latency_ms,
             status_code=status,
-            error=error,
+            error=logged_error,
             excerpt=excerpt,
-            state=state,
+            state=decision.state,
             next_attempt_at=next_at,
+            refusals=decision.refusals,
         )
-        _attempts.labels(state).inc()
-        if state == "failed":
-            reason = (
-                f"deliveries failed for {s.webhooks_retry_window_s / 3600:.0f} h; event {delivery.webhook_id}"
-                f" gave up after {delivery.attempts + 1} attempts, last error: {error}"
+        _attempts.labels(decision.state).inc()
+        if decision.state == "failed" and not decision.disable:
+            _refused.inc()
+            logger.warning(
+                "webhook delivery refused, the lane moves on",
+                extra={"endpoint_id": endpoint.id, "delivery_id": delivery.id, "status": status},
             )
+        if decision.disable:
+            if outcome is Outcome.GONE:
+                reason = (
+                    f"the receiver answered 410 Gone {decision.refusals} times in a row (event"
+                    f" {delivery.webhook_id}); its deliveries wait until the endpoint is enabled again"
+                )
+            else:
+                reason = (
+                    f"deliveries failed for {s.webhooks_retry_window_s / 3600:.0f} h; event"
+                    f" {delivery.webhook_id} gave up after {delivery.attempts + 1} attempts,"
+                    f" last error: {error}"
+                )
             await self.store.disable_endpoint(endpoint.id, reason)
             _disabled.inc()
             logger.warning("webhook endpoint disabled", extra={"endpoint_id": endpoint.id, "reason": reason})

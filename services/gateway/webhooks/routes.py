@@ -5,7 +5,8 @@ POST     /v1/webhooks                                        create; the answer 
 GET      /v1/webhooks                                        list the application's endpoints
 GET      /v1/webhooks/{id}                                   one endpoint (with disabled_reason)
 PATCH    /v1/webhooks/{id}                                   url, description, event_types, account_ids,
-                                                             enabled (true re-enables a disabled one)
+                                                             ordering, enabled (true re-enables a
+                                                             disabled one)
 DELETE   /v1/webhooks/{id}                                   delete; pending deliveries are cancelled
 POST     /v1/webhooks/{id}/rotate-secret                     new secret (shown once); the old one signs
                                                              too for ``webhooks_secret_grace_s``
@@ -21,17 +22,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from libs.accounts import AccountDirectory, Application
-from libs.http import problem_response, read_json
+from libs.http import problem_response
 from libs.ids import parse_public_id
 from libs.shards import ShardRouter
 from services.gateway.auth import application_of
-from services.gateway.constants import MAX_BODY_BYTES
 from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.store import EVENT_TYPES, Endpoint, WebhookStore
 from services.gateway.webhooks.targets import MAX_URL_LENGTH, TargetRefused, check_target
@@ -69,6 +69,8 @@ class WebhookApi:
 
 WEBHOOK_API: Final = web.AppKey("webhook_api", WebhookApi)
 
+# skip_refused or strict: how a lane treats an event its receiver refuses (see the dispatcher)
+Ordering = Literal["skip_refused", "strict"]
 EventType = Annotated[str, StringConstraints(pattern="^(" + "|".join(EVENT_TYPES).replace(".", r"\.") + ")$")]
 
 
@@ -91,6 +93,7 @@ class NewEndpoint(_Body):
         default_factory=lambda: list(EVENT_TYPES)
     )
     account_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_ACCOUNT_FILTER)] | None = None
+    ordering: Ordering = "skip_refused"
 
 
 class EndpointPatch(_Body):
@@ -99,6 +102,7 @@ class EndpointPatch(_Body):
     event_types: Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES))] | None = None
     account_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_ACCOUNT_FILTER)] | None = None
     enabled: bool | None = None
+    ordering: Ordering | None = None
 
 
 class ReplayRange(BaseModel):
@@ -143,9 +147,10 @@ def _authed(handler: AppHandler) -> Callable[[web.Request], Awaitable[web.Stream
 
 
 async def _json(request: web.Request) -> Any:
-    # libs.http's Problem (400 malformed or too deep, 413 too large) is answered by the
-    # gateway's problem middleware.
-    return await read_json(request, max_bytes=MAX_BODY_BYTES)
+    try:
+        return await request.json()
+    except ValueError:
+        raise _Problem(400, "Bad request", "the body is not valid JSON") from None
 
 
 def _validate(model: type[M], data: Any) -> M:
@@ -208,7 +213,7 @@ async def create(
     if await store.count_endpoints(app.id) >= api.settings.webhooks_max_endpoints_per_application:
         raise _Problem(409, "Too many webhooks", "this application has the maximum number of webhooks")
     endpoint = await store.create_endpoint(
-        app.id, body.url, body.description, sorted(set(body.event_types)), accounts
+        app.id, body.url, body.description, sorted(set(body.event_types)), accounts, body.ordering
     )
     return web.json_response({**endpoint.public(), "secret": endpoint.secret}, status=201)
 
@@ -240,6 +245,8 @@ async def patch(request: web.Request, api: WebhookApi, store: WebhookStore, app:
         changes["account_ids"] = await _check_accounts(api, app, body.account_ids)
     if body.enabled is not None:
         changes["enabled"] = body.enabled
+    if body.ordering is not None:
+        changes["ordering"] = body.ordering
     await store.update_endpoint(endpoint, changes)
     fresh = await store.endpoint(app.id, endpoint.id)
     assert fresh is not None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
+
 from libs.config import ServiceSettings
 
 __all__ = ["WebhookSettings"]
@@ -21,6 +25,11 @@ class WebhookSettings(ServiceSettings):
     webhooks_retry_base_s: float = 5.0  # first retry delay; doubled per attempt, with jitter
     webhooks_retry_max_delay_s: float = 4 * 3600.0
     webhooks_retry_window_s: float = 28 * 3600.0  # then the delivery fails and the endpoint is disabled
+    # A delivery refused permanently (4xx but 408 and 429) by an endpoint with ordering
+    # skip_refused is tried this many times in a row, then marked failed and its lane goes on;
+    # the same count of 410 Gone in a row disables the endpoint.
+    webhooks_refused_max_attempts: Annotated[int, Field(ge=1)] = 3
+    webhooks_refused_retry_base_s: float = 2.0  # delay after the first refusal, doubled per refusal
     webhooks_max_in_flight_per_endpoint: int = 16  # concurrent requests to one endpoint (across accounts)
     webhooks_rescan_interval_s: float = 2.0  # how often pending work written elsewhere is picked up
     webhooks_consumer_group: str = "flightlog-webhooks"

@@ -20,6 +20,7 @@ from libs.webhooks import generate_secret
 
 __all__ = [
     "EVENT_TYPES",
+    "ORDERINGS",
     "Attempt",
     "Delivery",
     "Endpoint",
@@ -29,14 +30,18 @@ __all__ = [
 ]
 
 EVENT_TYPES: Final = ("message.created", "message.updated", "message.deleted")
+# How a lane treats an event its receiver refuses permanently; see the dispatcher's docstring.
+SKIP_REFUSED: Final = "skip_refused"
+STRICT: Final = "strict"
+ORDERINGS: Final = (SKIP_REFUSED, STRICT)
 
 _ENDPOINT_COLUMNS: Final = (
     "id, application_id, url, description, event_types, account_ids, secret_enc, previous_secret_enc,"
-    " previous_secret_expires_at, enabled, disabled_reason, disabled_at, created_at, updated_at"
+    " previous_secret_expires_at, enabled, disabled_reason, disabled_at, created_at, updated_at, ordering"
 )
 _DELIVERY_COLUMNS: Final = (
     "id, endpoint_id, account_id, change_id, webhook_id, event_type, payload, state, attempts,"
-    " next_attempt_at, last_status, last_error, replay_of, created_at, event_at, finished_at"
+    " next_attempt_at, last_status, last_error, replay_of, created_at, event_at, finished_at, refusals"
 )
 
 
@@ -61,6 +66,7 @@ class Endpoint:
     disabled_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    ordering: str = SKIP_REFUSED
 
     def signing_secrets(self, now: datetime) -> list[str]:
         """The current secret, plus the previous one while its grace period lasts."""
@@ -83,6 +89,7 @@ class Endpoint:
             "description": self.description,
             "event_types": list(self.event_types),
             "account_ids": None if self.account_ids is None else sorted(str(a) for a in self.account_ids),
+            "ordering": self.ordering,
             "enabled": self.enabled,
             "disabled_reason": self.disabled_reason,
             "disabled_at": _iso(self.disabled_at),
@@ -122,6 +129,7 @@ class Delivery:
     created_at: datetime
     event_at: datetime
     finished_at: datetime | None
+    refusals: int = 0  # permanent refusals in a row (4xx but 408 and 429)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -209,6 +217,7 @@ class WebhookStore:
             disabled_at=row[11],
             created_at=row[12],
             updated_at=row[13],
+            ordering=row[14],
         )
 
     async def _write(self, sql: str, args: Sequence[Any], *, bump: bool = True) -> int:
@@ -254,12 +263,13 @@ class WebhookStore:
         description: str,
         event_types: Sequence[str],
         account_ids: Iterable[int] | None,
+        ordering: str = SKIP_REFUSED,
     ) -> Endpoint:
         secret = generate_secret()
         endpoint_id = await self._write(
             f"INSERT INTO {self._t('webhook_endpoints')}"
-            " (application_id, url, description, event_types, account_ids, secret_enc, created_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            " (application_id, url, description, event_types, account_ids, secret_enc, created_at, ordering)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 application_id,
                 url,
@@ -268,6 +278,7 @@ class WebhookStore:
                 None if account_ids is None else orjson.dumps(sorted(account_ids)).decode(),
                 self._fernet.encrypt(secret.encode()),
                 utcnow(),  # compared with change times, which the relay gives in UTC
+                ordering,
             ),
         )
         endpoint = await self.endpoint(application_id, endpoint_id)
@@ -292,7 +303,8 @@ class WebhookStore:
         return [self._endpoint(r) for r in rows]
 
     async def update_endpoint(self, endpoint: Endpoint, changes: dict[str, Any]) -> None:
-        """``changes`` maps column -> value for url, description, event_types, account_ids, enabled."""
+        """``changes`` maps column -> value for url, description, event_types, account_ids, enabled,
+        ordering."""
         sets, args = [], []
         for column, value in changes.items():
             if column in ("event_types", "account_ids"):
@@ -369,7 +381,7 @@ class WebhookStore:
         return Delivery(
             int(row[0]), int(row[1]), int(row[2]), int(row[3]), row[4], row[5], bytes(row[6]), row[7],
             int(row[8]), row[9], row[10], row[11], None if row[12] is None else int(row[12]),
-            row[13], row[14], row[15],
+            row[13], row[14], row[15], int(row[16]),
         )  # fmt: skip
 
     async def pending_lanes(self) -> list[tuple[int, int]]:
@@ -402,7 +414,10 @@ class WebhookStore:
         excerpt: bytes | None,
         state: str,
         next_attempt_at: datetime | None,
+        refusals: int = 0,
     ) -> None:
+        """Log one failed attempt and move the delivery to ``state`` (pending: retried at
+        ``next_attempt_at``); ``refusals`` is its new count of permanent refusals in a row."""
         attempt = delivery.attempts + 1
         async with self._router.global_pool.acquire() as conn, conn.cursor() as cur:
             try:
@@ -415,10 +430,10 @@ class WebhookStore:
                 )  # fmt: skip
                 await cur.execute(
                     f"UPDATE {self._t('webhook_deliveries')} SET attempts = %s, state = %s, last_status = %s,"
-                    " last_error = %s, next_attempt_at = COALESCE(%s, next_attempt_at), finished_at = %s"
-                    " WHERE id = %s AND state = 'pending'",
+                    " last_error = %s, next_attempt_at = COALESCE(%s, next_attempt_at), finished_at = %s,"
+                    " refusals = %s WHERE id = %s AND state = 'pending'",
                     (attempt, state, status_code, None if error is None else error[:1000], next_attempt_at,
-                     None if state == "pending" else utcnow(), delivery.id),
+                     None if state == "pending" else utcnow(), refusals, delivery.id),
                 )  # fmt: skip
                 await conn.commit()
             except BaseException:
@@ -488,19 +503,23 @@ class WebhookStore:
         return [self._delivery(r) for r in rows]
 
     async def replay(self, endpoint_id: int, delivery_ids: Sequence[int]) -> int:
-        """Queue copies of deliveries (same webhook-id and payload) at the end of their lanes."""
+        """Queue copies of deliveries (same webhook-id and payload) in their lanes, in change order
+        among the lane's pending ones. Any state replays: a delivery that failed, after its
+        receiver refused it, is sent again as a new delivery with a fresh count of attempts."""
         if not delivery_ids:
             return 0
         placeholders = ", ".join(["%s"] * len(delivery_ids))
+        now = utcnow()  # naive UTC like every other time here, not the server's CURRENT_TIMESTAMP
         async with self._router.global_pool.acquire() as conn, conn.cursor() as cur:
             try:
                 await cur.execute(
                     f"INSERT INTO {self._t('webhook_deliveries')} (endpoint_id, account_id, change_id,"
-                    " dedupe, webhook_id, event_type, payload, replay_of, event_at)"
+                    " dedupe, webhook_id, event_type, payload, replay_of, event_at, created_at,"
+                    " next_attempt_at)"
                     " SELECT endpoint_id, account_id, change_id, NULL, webhook_id, event_type, payload,"
-                    f" COALESCE(replay_of, id), event_at FROM {self._t('webhook_deliveries')}"
+                    f" COALESCE(replay_of, id), event_at, %s, %s FROM {self._t('webhook_deliveries')}"
                     f" WHERE endpoint_id = %s AND id IN ({placeholders}) ORDER BY id",
-                    [endpoint_id, *delivery_ids],
+                    [now, now, endpoint_id, *delivery_ids],
                 )
                 count = int(cur.rowcount)
                 await conn.commit()
