@@ -28,10 +28,11 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from libs.accounts import AccountDirectory, Application
-from libs.http import problem_response
+from libs.http import problem_response, read_json
 from libs.ids import parse_public_id
 from libs.shards import ShardRouter
 from services.gateway.auth import application_of
+from services.gateway.constants import MAX_BODY_BYTES
 from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.store import EVENT_TYPES, Endpoint, WebhookStore
 from services.gateway.webhooks.targets import MAX_URL_LENGTH, TargetRefused, check_target
@@ -147,10 +148,9 @@ def _authed(handler: AppHandler) -> Callable[[web.Request], Awaitable[web.Stream
 
 
 async def _json(request: web.Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError:
-        raise _Problem(400, "Bad request", "the body is not valid JSON") from None
+    # libs.http's Problem (400 malformed or too deep, 413 too large) is answered by the
+    # gateway's problem middleware.
+    return await read_json(request, max_bytes=MAX_BODY_BYTES)
 
 
 def _validate(model: type[M], data: Any) -> M:
