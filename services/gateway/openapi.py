@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from libs.events import Direction, Status
+from libs.http import MAX_JSON_DEPTH
 from services.gateway.constants import (
     DEFAULT_DELTA_PAGE_SIZE,
     DEFAULT_PAGE_SIZE,
@@ -219,7 +220,8 @@ SCHEMAS["NewApiKey"] = _obj(
 )
 
 _PROBLEMS: Final = {
-    400: "Invalid parameter, page token or cursor",
+    400: "Invalid parameter, page token or cursor, or a request body that is not JSON or nests"
+    f" deeper than {MAX_JSON_DEPTH} levels",
     401: "Missing, unknown or revoked API key",
     404: "No such object, or it belongs to another application (the same answer)",
     409: "Conflict",
