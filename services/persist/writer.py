@@ -22,8 +22,10 @@ A write fails in one of three ways (:func:`classify`), and the worker treats eac
   string, NULL in a NOT NULL column, a failed CHECK such as JSON validity, a packet over
   ``max_allowed_packet``) and JSON encoding errors. The worker isolates the record and dead-letters it.
 - ``UNAVAILABLE``: the shard cannot take writes now, whatever the records: lost or refused
-  connections, a server shutting down or read-only (a failover), too many connections, a write
-  that timed out, a shard missing from the map or refused by the bug #199 guard.
+  connections, a server shutting down or read-only (a failover), too many connections, access
+  denied, a schema that does not match the statement (a shard not yet migrated: pymysql's
+  ProgrammingError), a write that timed out, a shard missing from the map or refused by the
+  bug #199 guard. None of these is one record's fault, so none may dead-letter one.
 - ``TRANSIENT``: the shard answered with an error that may pass (lock wait timeout, deadlock) or
   with one we do not know; retried, and charged to the record when it fails on its own.
 
@@ -104,12 +106,22 @@ PERMANENT_DB_ERRORS: Final = frozenset({
 # Numbers that say the server cannot take writes now, whatever is written.
 UNAVAILABLE_DB_ERRORS: Final = frozenset({
     1040,  # CON_COUNT_ERROR: too many connections
+    1044, 1045, 1142,  # access denied (database, user, table)
     1053,  # SERVER_SHUTDOWN
     1290,  # OPTION_PREVENTS_STATEMENT: --read-only, e.g. during a failover
     1836,  # READ_ONLY_MODE
     1927,  # CONNECTION_KILLED
     2002, 2003, 2006, 2013, 2055,  # client: cannot connect, server gone, connection lost
 })  # fmt: skip
+_UNAVAILABLE_TYPES: Final = (
+    pymysql.err.InterfaceError,  # the connection is closed
+    pymysql.err.ProgrammingError,  # the schema does not match: no such table or column
+    pymysql.err.NotSupportedError,
+    TimeoutError,
+    OSError,
+    UnknownShard,
+    ShardBitsMismatch,
+)
 
 
 class Failure(StrEnum):
@@ -147,9 +159,7 @@ def classify(exc: BaseException) -> Failure:
     errno = db_errno(exc)
     if errno in PERMANENT_DB_ERRORS:
         return Failure.PERMANENT
-    if errno in UNAVAILABLE_DB_ERRORS or isinstance(exc, pymysql.err.InterfaceError):
-        return Failure.UNAVAILABLE
-    if isinstance(exc, TimeoutError | OSError | UnknownShard | ShardBitsMismatch):
+    if errno in UNAVAILABLE_DB_ERRORS or isinstance(exc, _UNAVAILABLE_TYPES):
         return Failure.UNAVAILABLE
     return Failure.TRANSIENT
 

@@ -64,6 +64,8 @@ def test_permanent(exc: Exception) -> None:
         _db(1040),  # too many connections
         _db(1290),  # read-only during a failover
         pymysql.err.InterfaceError(0, ""),  # a closed connection
+        pymysql.err.ProgrammingError(1146, "no such table"),  # a shard not migrated yet
+        _db(1045),  # access denied
         TimeoutError(),
         ConnectionRefusedError(),
         UnknownShard("shard 9 is not in the map"),
@@ -77,12 +79,12 @@ def test_unavailable(exc: Exception) -> None:
 
 @pytest.mark.parametrize(
     "exc",
-    [_db(1205), _db(1213), _db(1105), pymysql.err.ProgrammingError(1146, "no such table"), RuntimeError("?")],
+    [_db(1205), _db(1213), _db(1105), pymysql.err.InternalError(1815, "internal"), RuntimeError("?")],
     ids=repr,
 )
 def test_transient(exc: Exception) -> None:
-    # Not the data's fault and not a sign the shard is gone: a schema or code error must not
-    # dead-letter every record at once, so it is retried (and charged, in the end).
+    # Not known to be the data's fault, nor a sign the shard is gone: retried, and charged to a
+    # record that keeps failing on its own.
     assert classify(exc) is Failure.TRANSIENT
 
 
