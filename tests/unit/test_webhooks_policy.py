@@ -83,7 +83,7 @@ def test_skip_refused_fails_after_the_bounded_attempts_without_disabling() -> No
     assert second.state == "pending" and second.refusals == 2
     assert second.retry_in_s is not None and 3.0 <= second.retry_in_s <= 5.0
     third = _decide(Outcome.REFUSED, SKIP_REFUSED, refusals=2)
-    assert third == Decision("failed", None, 3, disable=False)
+    assert third == Decision("failed", None, 3, disable=False) and third.skipped
     # even past the retry window: the receiver answered, so the endpoint stays enabled
     late = _decide(Outcome.REFUSED, SKIP_REFUSED, refusals=2, age_s=30 * HOUR_S)
     assert late.state == "failed" and not late.disable
@@ -102,7 +102,7 @@ def test_strict_retries_a_refusal_until_the_window_then_disables() -> None:
         got = _decide(Outcome.REFUSED, STRICT, refusals=refusals)
         assert got.state == "pending" and not got.disable and got.refusals == refusals + 1
     end = _decide(Outcome.REFUSED, STRICT, refusals=40, age_s=S.webhooks_retry_window_s + 1)
-    assert end.state == "failed" and end.disable
+    assert end.state == "failed" and end.disable and not end.skipped
 
 
 @pytest.mark.parametrize("ordering", [SKIP_REFUSED, STRICT])

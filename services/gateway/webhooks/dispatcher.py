@@ -178,6 +178,11 @@ class Decision:
     refusals: int = 0
     disable: bool = False
 
+    @property
+    def skipped(self) -> bool:
+        """Failed on its own, the endpoint staying enabled: its lane goes on without it."""
+        return self.state == "failed" and not self.disable
+
 
 def decide(
     outcome: Outcome,
@@ -592,7 +597,7 @@ class WebhookDispatcher(Component):
             retry_after_s=parse_retry_after_s(retry_after, datetime.now(UTC)),
         )
         logged_error = error
-        if decision.state == "failed" and not decision.disable:
+        if decision.skipped:
             logged_error = (
                 f"{error}: refused {decision.refusals} times in a row; skipped so the account's later"
                 " events go on (ordering skip_refused), replay it once the receiver accepts it"
@@ -610,7 +615,7 @@ class WebhookDispatcher(Component):
             refusals=decision.refusals,
         )
         _attempts.labels(decision.state).inc()
-        if decision.state == "failed" and not decision.disable:
+        if decision.skipped:
             _refused.inc()
             logger.warning(
                 "webhook delivery refused, the lane moves on",
