@@ -203,7 +203,8 @@ def _too_large(max_bytes: int) -> Problem:
     )
 
 
-_PARSED: Final = "flightlog.json_body"  # where read_json keeps the document for a second caller
+# Where read_json keeps the document for a second caller (a typed key: aiohttp warns on a str key).
+_PARSED: Final = web.RequestKey("flightlog_json_body", object)
 
 
 async def read_json(request: web.Request, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
