@@ -19,6 +19,7 @@ import orjson
 import prometheus_client
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.utils import floatToGoString
 
 from cli.mailbox_gen import DOMAIN, fill_maildir, live_message
 from cli.stack import IMAP_TEST_PASSWORD, Dovecot, Stack
@@ -534,3 +535,40 @@ async def test_accounts_move_between_instances(
     for account_id, c in per.items():
         keys = [e["message_key"] for e in c.of("message.synced")]
         assert len(keys) == len(set(keys)) == 22, f"account {account_id}: duplicated or missed"
+
+
+async def test_body_fetches_are_bounded_in_bytes(
+    stack: Stack, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
+    imap_settings: ImapSettings, tap: InflightTap,
+) -> None:  # fmt: skip
+    """20 messages of 150 KiB with a 1 MiB budget: the sync reads RFC822.SIZE first and fetches
+    the bodies 6 at a time, so no UID FETCH response exceeds 1 MiB (one of 20 would be 3 MiB)."""
+    server = stack.dovecot
+    user = new_mailbox(server, 0, "big")
+    line = b"x" * 76 + b"\r\n"
+    async with imap_client(server, user) as client:
+        for i in range(20):
+            head = live_message(f"big-{i}-{user}", user).split(b"\r\n\r\n", 1)[0]
+            raw = head + b"\r\n\r\n" + line * (150 * 1024 // len(line))
+            assert (await client.append(raw, mailbox="INBOX")).result == "OK"
+    budget = 1024 * 1024
+    settings = imap_settings.model_copy(update={"imap_fetch_batch_bytes": budget})
+    account_id = await new_account(router, store, producer, settings, server, user)
+    got = tap.watch(account_id)
+
+    def fetches(le: float | None = None) -> float:
+        registry = prometheus_client.REGISTRY
+        if le is None:
+            return registry.get_sample_value("flightlog_imap_fetch_bytes_count") or 0.0
+        labels = {"le": floatToGoString(le)}  # as exposed: "1.048576e+06"
+        return registry.get_sample_value("flightlog_imap_fetch_bytes_bucket", labels) or 0.0
+
+    count_before, within_before = fetches(), fetches(float(budget))
+    sync = AccountSync(account_id, store, producer, settings)
+    async with running(sync):
+        await asyncio.wait_for(sync.synced_once.wait(), 60)
+        await wait_for(lambda: len(got.of("message.synced")) >= 20, 30, "20 synced events")
+    assert len({e["message_key"] for e in got.of("message.synced")}) == 20
+    count = fetches() - count_before
+    assert count >= 4, f"{count} body fetches for 3 MiB of mail with a 1 MiB budget"
+    assert fetches(float(budget)) - within_before == count, "a body fetch went past its byte budget"

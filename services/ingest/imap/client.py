@@ -1,10 +1,15 @@
 """A thin typed layer over aioimaplib: connect and log in, LIST, SELECT with CONDSTORE/QRESYNC,
-and parsing of FETCH, LIST, VANISHED and SELECT responses.
+and parsing of FETCH, LIST, SEARCH, VANISHED and SELECT responses.
+
+What the server sends is bounded: a literal larger than the most we ever ask for, or a response
+larger than its command's cap, drops the connection (:class:`ResponseTooLarge`) instead of being
+buffered; numbers are read with bounded digits; UID sets stay ranges (:class:`UidSet`).
 
 Exceptions::
 
     ImapError (retriable: back off and reconnect)
-     └── AuthFailed (not retriable: wait for new credentials)
+     ├── AuthFailed (not retriable: wait for new credentials)
+     └── ResponseTooLarge (the server sent more than a cap allows; the connection is dropped)
 """
 
 from __future__ import annotations
@@ -17,20 +22,32 @@ from typing import Any, Final
 
 import aioimaplib
 
+from libs.aio import wait_for
+from libs.mime import MAX_RAW_BYTES
+from services.ingest.imap.uids import MAX_UID, UidSet, UidSetTooLarge
+
 __all__ = [
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "AuthFailed",
     "FetchItem",
     "Imap4",
     "ImapConnection",
     "ImapError",
     "ListedFolder",
+    "ResponseTooLarge",
     "SelectInfo",
     "parse_fetch",
     "parse_list",
+    "parse_search",
     "parse_select",
-    "parse_uid_set",
     "quote_mailbox",
 ]
+
+# What one response may make us buffer unless its command says otherwise (a FLAGS fetch of a
+# 500,000-message folder is about 40 MiB; a body fetch has a cap of its own, see uid_fetch).
+DEFAULT_MAX_RESPONSE_BYTES: Final = 64 * 1024 * 1024
+# Every literal we ask for is a body or header cut at MAX_RAW_BYTES (``<0.N>`` partials).
+MAX_LITERAL_BYTES: Final = MAX_RAW_BYTES
 
 
 class ImapError(Exception):
@@ -41,13 +58,19 @@ class AuthFailed(ImapError):
     retriable = False
 
 
+class ResponseTooLarge(ImapError):
+    """The server sent more than we asked for or than a cap allows; the connection was dropped."""
+
+
 _FETCH_START: Final = re.compile(rb"^(\d+) FETCH \(")
 _LITERAL: Final = re.compile(rb"\{(\d+)\}$")
-_UID: Final = re.compile(rb"\bUID (\d+)")
+# Bounded digits: int() of a server's 10,000-digit number is slow, then an error.
+_UID: Final = re.compile(rb"\bUID (\d{1,10})\b")
 _FLAGS: Final = re.compile(rb"\bFLAGS \(([^)]*)\)")
-_SIZE: Final = re.compile(rb"\bRFC822\.SIZE (\d+)")
+_SIZE: Final = re.compile(rb"\bRFC822\.SIZE (\d{1,19})\b")
 _DATE: Final = re.compile(rb'\bINTERNALDATE "([^"]+)"')
-_MODSEQ: Final = re.compile(rb"\bMODSEQ \((\d+)\)")
+_MODSEQ: Final = re.compile(rb"\bMODSEQ \((\d{1,19})\)")
+_NUMBER: Final = re.compile(rb"\d+")
 _LIST: Final = re.compile(rb'^(?:LIST )?\(([^)]*)\) (?:"(?:[^"\\]|\\.)*"|NIL) (.*)$')
 _SPECIAL: Final = {
     "\\sent": "sent", "\\drafts": "drafts", "\\trash": "trash", "\\junk": "junk",
@@ -78,27 +101,15 @@ class SelectInfo:
     uidnext: int | None = None
     exists: int = 0
     highestmodseq: int | None = None
-    vanished: list[int] = field(default_factory=list)
+    # QRESYNC's expunges since the last sync; None when the server's set had more than
+    # MAX_UID_RANGES ranges (the sync then compares UID lists instead)
+    vanished: UidSet | None = field(default_factory=UidSet)
     changed: list[FetchItem] = field(default_factory=list)
 
 
 def quote_mailbox(name: str) -> str:
     # Folder names are sent as UTF-8 (ENABLE UTF8=ACCEPT is not assumed; Dovecot accepts them).
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def parse_uid_set(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        if ":" in part:
-            a, b = part.split(":", 1)
-            lo, hi = sorted((int(a), int(b)))
-            out.extend(range(lo, hi + 1))
-        else:
-            out.append(int(part))
-    return out
 
 
 def parse_fetch(lines: list[Any]) -> list[FetchItem]:
@@ -111,7 +122,7 @@ def parse_fetch(lines: list[Any]) -> list[FetchItem]:
 
     def close() -> None:
         uid = _UID.search(meta)
-        if uid is None:
+        if uid is None or not 0 < int(uid[1]) <= MAX_UID:
             return
         flags = _FLAGS.search(meta)
         size = _SIZE.search(meta)
@@ -164,14 +175,31 @@ def parse_list(lines: list[Any]) -> list[ListedFolder]:
     return out
 
 
-_CODE: Final = re.compile(rb"\[(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d+)\]")
-_EXISTS: Final = re.compile(rb"^(\d+) EXISTS")
+_CODE: Final = re.compile(rb"\[(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d{1,19})\]")
+_EXISTS: Final = re.compile(rb"^(\d{1,10}) EXISTS")
 _VANISHED: Final = re.compile(rb"^VANISHED (?:\(EARLIER\) )?([\d:,]+)")
+
+
+def parse_search(lines: list[Any], max_uids: int) -> set[int]:
+    """The UIDs of a UID SEARCH response as aioimaplib hands it over ("SEARCH" stripped, the
+    tagged status last). More than ``max_uids`` UIDs, or a number that is no UID, is an error:
+    a set of ints costs about 30 times the bytes of their digits."""
+    uids: set[int] = set()
+    for line in lines[:-1]:
+        for match in _NUMBER.finditer(bytes(line)):
+            token = match[0]
+            if len(token) > 10 or not 0 < (uid := int(token)) <= MAX_UID:
+                raise ImapError(f"UID SEARCH returned {token[:20].decode()}, which is no UID")
+            uids.add(uid)
+            if len(uids) > max_uids:
+                raise ImapError(f"UID SEARCH returned more than {max_uids} UIDs")
+    return uids
 
 
 def parse_select(lines: list[Any]) -> SelectInfo:
     info = SelectInfo()
     fetches: list[Any] = []
+    vanished: list[UidSet] = []
     for line in lines:
         data = bytes(line)
         for code, value in _CODE.findall(data):
@@ -184,9 +212,16 @@ def parse_select(lines: list[Any]) -> SelectInfo:
         if m := _EXISTS.match(data):
             info.exists = int(m[1])
         elif m := _VANISHED.match(data):
-            info.vanished.extend(parse_uid_set(m[1].decode()))
+            try:
+                vanished.append(UidSet.parse(m[1]))
+            except UidSetTooLarge:
+                info.vanished = None
+            except ValueError as exc:
+                raise ImapError(f"malformed VANISHED response: {exc}") from exc
         elif _FETCH_START.match(data):
             fetches.append(data)
+    if info.vanished is not None:
+        info.vanished = UidSet.merge(vanished)
     info.changed = parse_fetch(fetches)
     return info
 
@@ -211,26 +246,86 @@ _FETCH_ITEM: Final = re.compile(rb"[0-9]+ FETCH \(")
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     """aioimaplib's protocol with its response loop made iterative (the original recurses once per
     line and overflows the stack on a large FETCH or a QRESYNC SELECT, about 1,000 lines), a
-    linear FETCH completeness check, and commands that fail as soon as the connection is lost."""
+    linear FETCH completeness check, commands that fail as soon as the connection is lost, and
+    bounded buffering.
 
-    lost: OSError | None = None
+    aioimaplib keeps a response's lines and literals in memory until its tagged status
+    (``Command._resp_lines``, ``Command._resp_literal_data``, sized by the server's ``{N}``) and
+    an unfinished line in ``incomplete_line``, all without limit: a hostile server could send
+    ``{4294967295}`` or a line without end. So a literal announced above ``max_literal_bytes`` is
+    refused before any of it is read, and more than ``max_response_bytes`` received since our
+    last command was sent drops the connection; both fail the pending commands with
+    :class:`ResponseTooLarge`.
+    """
+
+    lost: Exception | None = None
+    max_literal_bytes: int = MAX_LITERAL_BYTES
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    received_bytes: int = 0  # since our last command was sent
+    incomplete_line: bytes  # set by aioimaplib's __init__
+    current_command: Any
+    pending_sync_command: Any
+
+    def data_received(self, d: bytes) -> None:
+        # aioimaplib's own also formats every chunk for a debug log, whatever the log level
+        if self.lost is not None:
+            return  # being dropped: nothing more is buffered
+        self.received_bytes += len(d)
+        try:
+            if self.received_bytes > self.max_response_bytes:
+                raise ResponseTooLarge(
+                    f"the IMAP server sent more than {self.max_response_bytes} bytes in one response"
+                )
+            self._handle_responses(self.incomplete_line + d, self._handle_line, self.current_command)
+            self.incomplete_line = b""
+            self.current_command = None
+        except aioimaplib.IncompleteRead as incomplete:
+            self.current_command = incomplete.cmd
+            self.incomplete_line = incomplete.data
+        except ResponseTooLarge as exc:
+            self._fail(exc)
+            self.incomplete_line, self.current_command = b"", None
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _check_literal(self, digits: bytes) -> None:
+        if len(digits) > 12 or int(digits) > self.max_literal_bytes:
+            raise ResponseTooLarge(
+                f"the IMAP server announced a literal of {digits[:20].decode()} bytes;"
+                f" at most {self.max_literal_bytes} are accepted"
+            )
+
+    def _fail(self, exc: Exception) -> None:
+        if self.lost is not None:
+            return
+        self.lost = exc
+        for cmd in (self.pending_sync_command, *self.pending_async_commands.values()):
+            if cmd is not None and not cmd._event.is_set():
+                cmd._exception = exc
+                cmd.close(b"connection lost", "NO")
+        # or the next command would wait on them (aioimaplib removes them only on their answer)
+        self.pending_sync_command = None
+        self.pending_async_commands.clear()
+        self.idle_queue.put_nowait(aioimaplib.STOP_WAIT_SERVER_PUSH)
+        self._idle_event.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # aioimaplib leaves pending commands (IDLE included) waiting for their timeout when the
         # server hangs up, as Dovecot does after a UIDVALIDITY change ("IMAP session state is
         # inconsistent, please relogin"): fail them now so the sync reconnects at once.
-        self.lost = ConnectionResetError(f"the IMAP server closed the connection ({exc or 'EOF'})")
-        for cmd in (self.pending_sync_command, *self.pending_async_commands.values()):
-            if cmd is not None and not cmd._event.is_set():
-                cmd._exception = self.lost
-                cmd.close(b"connection lost", "NO")
-        self.idle_queue.put_nowait(aioimaplib.STOP_WAIT_SERVER_PUSH)
-        self._idle_event.set()
+        self._fail(ConnectionResetError(f"the IMAP server closed the connection ({exc or 'EOF'})"))
         super().connection_lost(exc)
+
+    async def execute(self, command: Any, scrub: str | None = None) -> Any:
+        # before aioimaplib registers the command as pending, where no answer would ever end it
+        if self.lost is not None:
+            raise self.lost
+        return await super().execute(command, scrub=scrub)
 
     def send(self, line: str, scrub: str | None = None) -> None:
         if self.lost is not None:
             raise self.lost
+        self.received_bytes = 0
         super().send(line, scrub=scrub)
 
     def _handle_responses(self, data: bytes, line_handler: Any, current_cmd: Any = None) -> None:
@@ -251,6 +346,7 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
             cmd = line_handler(line, current_cmd)
             begin_literal = aioimaplib.literal_data_re.match(line)
             if begin_literal:
+                self._check_literal(begin_literal.group("size"))
                 if cmd is None:
                     cmd = aioimaplib.Command("NIL", "unused")
                 cmd.begin_literal_data(int(begin_literal.group("size")))
@@ -283,13 +379,17 @@ class ImapConnection:
         a server that does not offer it is an error, never a silent plaintext login) or ``none``
         (loopback only, checked by the API).
     :param ca_file: PEM certificates to trust besides the system's (a self-signed server).
+    :param max_response_bytes: the most one response may make us buffer, unless its command
+        sets a cap of its own (:meth:`uid_fetch`); past it the connection is dropped.
     """
 
     def __init__(
-        self, host: str, port: int, tls_mode: str, timeout_s: float, ca_file: str | None = None
-    ) -> None:
+        self, host: str, port: int, tls_mode: str, timeout_s: float, ca_file: str | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:  # fmt: skip
         self.host, self.port, self.tls_mode, self.timeout_s = host, port, tls_mode, timeout_s
         self.ca_file = ca_file
+        self.max_response_bytes = max_response_bytes
         self.client: aioimaplib.IMAP4 | None = None
         self.condstore = False
         self.qresync = False
@@ -315,7 +415,7 @@ class ImapConnection:
         command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
         self.check(await protocol.execute(command), "STARTTLS")
         loop = asyncio.get_running_loop()
-        protocol.transport = await asyncio.wait_for(
+        protocol.transport = await wait_for(
             loop.start_tls(protocol.transport, protocol, self._tls_context(), server_hostname=self.host),
             self.timeout_s,
         )
@@ -325,7 +425,8 @@ class ImapConnection:
         try:
             tls = self._tls_context() if self.tls_mode == "implicit" else None
             self.client = Imap4(self.host, self.port, timeout=self.timeout_s, ssl_context=tls)
-            await asyncio.wait_for(self.client.wait_hello_from_server(), self.timeout_s)
+            self.client.protocol.max_response_bytes = self.max_response_bytes
+            await wait_for(self.client.wait_hello_from_server(), self.timeout_s)
             if self.tls_mode == "starttls":
                 await self._starttls(self.client)
             response = await self.client.login(username, password)
@@ -370,24 +471,34 @@ class ImapConnection:
         self.selected = name
         return parse_select(response.lines)
 
-    async def uid_fetch(self, uid_set: str, parts: str) -> list[FetchItem]:
-        response = await asyncio.wait_for(
-            self.imap.protocol.fetch(uid_set, parts, by_uid=True, timeout=self.timeout_s), self.timeout_s * 2
-        )
+    async def uid_fetch(
+        self, uid_set: str, parts: str, *, max_response_bytes: int | None = None
+    ) -> list[FetchItem]:
+        """``UID FETCH``; ``max_response_bytes`` caps this response (a body fetch is planned in
+        bytes, so more than planned is a server to stop reading from)."""
+        protocol = self.imap.protocol
+        protocol.max_response_bytes = max_response_bytes or self.max_response_bytes
+        try:
+            response = await wait_for(
+                protocol.fetch(uid_set, parts, by_uid=True, timeout=self.timeout_s), self.timeout_s * 2
+            )
+        finally:
+            protocol.max_response_bytes = self.max_response_bytes
         self.check(response, "UID FETCH")
         return parse_fetch(response.lines)
 
-    async def uid_list(self, first: int = 1) -> set[int]:
+    @property
+    def last_response_bytes(self) -> int:
+        """Bytes received since the last command was sent (its response, once it is done)."""
+        return int(self.imap.protocol.received_bytes)
+
+    async def uid_list(self, first: int = 1, *, max_uids: int = 1_000_000) -> set[int]:
         """The selected folder's UIDs from ``first`` on (UID SEARCH: one line, unlike FETCH (UID)).
         ``first:*`` also matches the highest UID when it is below ``first``: callers filter."""
         criteria = "ALL" if first <= 1 else f"UID {first}:*"
-        response = await asyncio.wait_for(self.imap.uid_search(criteria, charset=None), self.timeout_s * 2)
+        response = await wait_for(self.imap.uid_search(criteria, charset=None), self.timeout_s * 2)
         self.check(response, "UID SEARCH")
-        uids: set[int] = set()
-        # aioimaplib strips "SEARCH" from the untagged lines; the last line is the tagged status
-        for line in response.lines[:-1]:
-            uids.update(int(x) for x in bytes(line).split() if x.isdigit())
-        return uids
+        return parse_search(response.lines, max_uids)
 
     async def close(self) -> None:
         client, self.client = self.client, None
@@ -396,9 +507,9 @@ class ImapConnection:
         try:
             if client.has_pending_idle():
                 client.idle_done()
-            await asyncio.wait_for(client.logout(), 2.0)
-        except (OSError, TimeoutError, aioimaplib.AioImapException, AttributeError):
-            pass
+            await wait_for(client.logout(), 2.0)
+        except (OSError, TimeoutError, ImapError, aioimaplib.AioImapException, AttributeError):
+            pass  # a dropped connection (ResponseTooLarge) fails the LOGOUT too
         transport = getattr(client.protocol, "transport", None)
         if transport is not None:
             transport.close()

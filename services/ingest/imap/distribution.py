@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from libs.aio import raise_if_cancelling
 from libs.config import KafkaSettings
 from libs.kafka import TopicSpec, create_topics, make_consumer
 from services.ingest.imap.settings import ImapSettings
@@ -131,6 +132,7 @@ class AccountDistributor(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _consume(self) -> None:
         while True:
             batches = await self._consumer.getmany(timeout_ms=1000)
+            raise_if_cancelling()  # a loop that only waits: a lost cancel would keep stop() waiting
             for tp, records in batches.items():
                 for record in records:
                     await self._apply(tp.partition, record.key, record.value)

@@ -6,6 +6,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.kafka import IMAP_ACCOUNTS
+from libs.mime import MAX_RAW_BYTES
+from services.ingest.imap.client import DEFAULT_MAX_RESPONSE_BYTES
 
 __all__ = ["ImapSettings"]
 
@@ -17,7 +19,16 @@ class ImapSettings(BaseSettings):
     imap_accounts_topic: str = IMAP_ACCOUNTS  # `flightlog topics create` makes it
     imap_accounts_partitions: int = Field(default=12, gt=0)  # only for a topic of another name
     imap_consumer_group: str = "flightlog-ingest-imap"
-    imap_batch_size: int = Field(default=250, gt=0)  # messages per UID FETCH of bodies
+    # A UID FETCH of bodies holds at most imap_batch_size messages and imap_fetch_batch_bytes of
+    # them as planned from RFC822.SIZE (each counted up to libs.mime.MAX_RAW_BYTES, the most
+    # fetched of one message); a server that sends more than planned plus one message is cut off.
+    imap_batch_size: int = Field(default=250, gt=0)
+    imap_fetch_batch_bytes: int = Field(default=4 * 1024 * 1024, ge=MAX_RAW_BYTES)
+    # Any other response (a FLAGS fetch of a whole folder, a SEARCH, a QRESYNC SELECT) may hold
+    # this much before the connection is dropped (a FLAGS fetch of 500,000 messages: ~40 MiB).
+    imap_max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1024 * 1024)
+    # UIDs one UID SEARCH may return (a Python set of ints costs ~30 times their digits)
+    imap_max_folder_uids: int = Field(default=1_000_000, gt=0)
     imap_poll_interval_s: float = Field(default=30.0, gt=0)  # folders other than INBOX
     imap_idle_renew_s: float = Field(default=25 * 60.0, gt=0)  # RFC 9051: servers may drop at 30 min
     imap_command_timeout_s: float = Field(default=60.0, gt=0)

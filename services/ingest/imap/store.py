@@ -192,17 +192,34 @@ class SyncStore:
 
     async def uids(self, account_id: int, folder_id: int) -> dict[int, UidEntry]:
         """The folder's whole UID map."""
-        return await self._uid_entries(account_id, folder_id, "", ())
+        return await self._uid_entries(account_id, folder_id, [("", ())])
 
     async def uids_in(self, account_id: int, folder_id: int, uids: Collection[int]) -> dict[int, UidEntry]:
         """The entries of ``uids`` that the folder's map holds."""
-        return await self._uid_entries(account_id, folder_id, "uid", sorted(uids))
+        return await self._uid_entries(account_id, folder_id, _in_chunks("uid", sorted(uids)))
+
+    async def uids_in_ranges(
+        self, account_id: int, folder_id: int, ranges: Sequence[tuple[int, int]]
+    ) -> dict[int, UidEntry]:
+        """The entries whose UID lies in one of the inclusive ``ranges``: a server's UID set read
+        without expanding it (``1:4294967295`` is one primary-key range scan, which returns only
+        what the folder holds)."""
+        chunks = [
+            (
+                " AND (" + " OR ".join(["uid BETWEEN %s AND %s"] * len(part)) + ")",
+                [v for r in part for v in r],
+            )
+            for part in (ranges[i : i + _CHUNK] for i in range(0, len(ranges), _CHUNK))
+        ]
+        return await self._uid_entries(account_id, folder_id, chunks)
 
     async def uids_with_keys(
         self, account_id: int, folder_id: int, keys: Collection[str]
     ) -> dict[int, UidEntry]:
         """Every entry of the folder holding one of ``keys`` (a duplicate copy has two UIDs)."""
-        return await self._uid_entries(account_id, folder_id, "message_key", sorted(k.encode() for k in keys))
+        return await self._uid_entries(
+            account_id, folder_id, _in_chunks("message_key", sorted(k.encode() for k in keys))
+        )
 
     async def uid_stats(self, account_id: int, folder_id: int) -> tuple[int, int]:
         """(how many UIDs the folder's map holds, the highest of them or 0): one index range."""
@@ -219,24 +236,20 @@ class SyncStore:
         return int(count), int(top)
 
     async def _uid_entries(
-        self, account_id: int, folder_id: int, column: str, values: Sequence[Any]
+        self, account_id: int, folder_id: int, chunks: Sequence[tuple[str, Sequence[Any]]]
     ) -> dict[int, UidEntry]:
-        """The folder's entries, all of them (no ``column``) or those whose ``column`` is one of
-        ``values`` (1,000 a query)."""
+        """The folder's entries matching any of ``chunks``, each a condition and its arguments
+        (one query each)."""
         shard = shard_of(account_id)
         pool = await self._router.pool(shard)
         sql = (
             f"SELECT uid, message_key, flags FROM {self._router.table(shard, 'imap_uids')}"
             " WHERE account_id = %s AND folder_id = %s"
         )
-        chunks: list[Sequence[Any]] = (
-            [()] if not column else [values[i : i + 1000] for i in range(0, len(values), 1000)]
-        )
         out: dict[int, UidEntry] = {}
         async with pool.acquire() as conn, conn.cursor() as cur:
-            for chunk in chunks:
-                where = f" AND {column} IN ({','.join(['%s'] * len(chunk))})" if column else ""
-                await cur.execute(sql + where, (account_id, folder_id, *chunk))
+            for where, args in chunks:
+                await cur.execute(sql + where, (account_id, folder_id, *args))
                 for r in await cur.fetchall():
                     out[int(r[0])] = UidEntry(int(r[0]), bytes(r[1]).decode(), r[2])
             await conn.commit()
@@ -276,6 +289,16 @@ class SyncStore:
                         (account_id, folder_id, *chunk),
                     )
             await conn.commit()
+
+
+_CHUNK = 1000  # values or ranges per query
+
+
+def _in_chunks(column: str, values: Sequence[Any]) -> list[tuple[str, Sequence[Any]]]:
+    return [
+        (f" AND {column} IN ({','.join(['%s'] * len(part))})", part)
+        for part in (values[i : i + _CHUNK] for i in range(0, len(values), _CHUNK))
+    ]
 
 
 def _int(value: Any) -> int | None:

@@ -1,4 +1,5 @@
-"""The sync of one IMAP account: folder list, initial sync newest first in batches (resumable),
+"""The sync of one IMAP account: folder list, initial sync newest first in batches (resumable;
+each bounded in messages and in bytes, planned from RFC822.SIZE),
 incremental sync (QRESYNC, else CONDSTORE, else a UID-list comparison), UIDVALIDITY resets,
 and IDLE on INBOX with polling of the other folders.
 
@@ -22,7 +23,7 @@ import hashlib
 import logging
 import random
 import re
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -32,6 +33,7 @@ import prometheus_client
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from libs.aio import cancelling, raise_if_cancelling, wait_for
 from libs.events import Direction, Event, EventType, MessageContent, MessageFlags, encode, message_key_bytes
 from libs.kafka import INFLIGHT
 from libs.mime import MAX_RAW_BYTES, message_id_of
@@ -46,6 +48,7 @@ from services.ingest.imap.client import (
 )
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.store import AccountRow, FolderRow, SyncStore, UidEntry
+from services.ingest.imap.uids import UidSet, format_uid_set, plan_fetch_batches
 
 __all__ = ["AccountSync", "backoff_s", "message_key"]
 
@@ -53,8 +56,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE: Final = "imap"
 INBOX: Final = "INBOX"
-_STATUS_UIDVALIDITY: Final = re.compile(rb"UIDVALIDITY (\d+)")
-_STATUS_ITEM: Final = re.compile(rb"(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d+)", re.IGNORECASE)
+_STATUS_UIDVALIDITY: Final = re.compile(rb"UIDVALIDITY (\d{1,19})\b")
+_STATUS_ITEM: Final = re.compile(rb"(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d{1,19})\b", re.IGNORECASE)
 _TRANSIENT: Final = (ImapError, OSError, TimeoutError, KafkaError, aiomysql.Error, ShardError)
 
 EVENTS: Final = prometheus_client.Counter(
@@ -67,19 +70,13 @@ POLLED_FOLDERS: Final = prometheus_client.Counter(
     "flightlog_imap_polled_folders", "Folders looked at by the periodic poll, by outcome", ["outcome"]
 )
 ACCOUNTS_RUNNING: Final = prometheus_client.Gauge("flightlog_imap_accounts_running", "Accounts synced here")
+FETCH_BYTES: Final = prometheus_client.Histogram(
+    "flightlog_imap_fetch_bytes", "Bytes received per UID FETCH of message bodies or headers",
+    buckets=[2**k * 1024 for k in range(6, 15)],  # 64 KiB to 16 MiB
+)  # fmt: skip
 
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def _raise_if_cancelling() -> None:
-    """Python 3.11's ``asyncio.wait_for`` returns the result instead of raising when the awaited
-    future completes in the same loop turn as a cancel: the cancel is lost, and a loop that only
-    waits would run for ever. Loops call this after each wait."""
-    if _cancelling():
-        raise asyncio.CancelledError()
+_SIZE_FETCH_UIDS: Final = 5_000  # UIDs per RFC822.SIZE fetch: a ~300 KiB answer, a short command
+_ITEM_OVERHEAD_BYTES: Final = 4096  # a FETCH item's bytes beside its literal (UID, flags, date)
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, rand: Callable[[], float] = random.random) -> float:
@@ -161,7 +158,7 @@ class AccountSync:
                     await self.store.set_account_state(self.account_id, "auth_failed", str(exc))
                     return
                 except _TRANSIENT as exc:
-                    if _cancelling():
+                    if cancelling():
                         # e.g. a wait_for in a cleanup that timed out after the cancel: not a
                         # connection error to retry, or the task would never end
                         raise asyncio.CancelledError() from exc
@@ -192,6 +189,7 @@ class AccountSync:
             account.tls_mode,
             self.settings.imap_command_timeout_s,
             ca_file=self.settings.imap_tls_ca_file,
+            max_response_bytes=self.settings.imap_max_response_bytes,
         )
         self.conn = conn
         await conn.connect(account.username, account.password, use_condstore=self.settings.imap_use_condstore)
@@ -206,6 +204,7 @@ class AccountSync:
         folders = await self._sync_folder_list(conn)
         # INBOX last, so it stays selected for IDLE
         for folder in sorted(folders, key=lambda f: f.name.upper() == INBOX):
+            raise_if_cancelling()
             await self.sync_folder(conn, folder)
 
     async def poll(self, conn: ImapConnection) -> None:
@@ -218,6 +217,7 @@ class AccountSync:
         reselect_inbox = False
         # INBOX last, so it stays selected for IDLE
         for folder in sorted(folders, key=lambda f: f.name.upper() == INBOX):
+            raise_if_cancelling()
             is_inbox = folder.name.upper() == INBOX
             # after another folder's SELECT, INBOX is synced (and so selected) again for IDLE
             if not (is_inbox and reselect_inbox) and await self._unchanged(conn, folder):
@@ -250,7 +250,7 @@ class AccountSync:
         loop = asyncio.get_running_loop()
         next_poll = loop.time() + self.settings.imap_poll_interval_s
         while True:
-            _raise_if_cancelling()
+            raise_if_cancelling()
             if inbox is None or "IDLE" not in {c.upper() for c in imap.protocol.capabilities}:
                 await asyncio.sleep(max(0.0, next_poll - loop.time()))
                 await self.poll(conn)
@@ -270,7 +270,7 @@ class AccountSync:
                         lines = await imap.wait_server_push(timeout=remaining)
                     except TimeoutError:
                         break
-                    _raise_if_cancelling()
+                    raise_if_cancelling()  # aioimaplib waits with asyncio.wait_for
                     if lines == aioimaplib.STOP_WAIT_SERVER_PUSH:  # the renew timer fired: re-issue IDLE
                         break
                     if any(not bytes(x).startswith(b"OK") for x in lines):
@@ -278,11 +278,11 @@ class AccountSync:
                         break
             finally:
                 imap.idle_done()
-                if _cancelling():  # leaving: the connection is closed next, do not wait long
-                    with contextlib.suppress(TimeoutError, aioimaplib.AioImapException, OSError):
-                        await asyncio.wait_for(idle, 2.0)
+                if cancelling():  # leaving: the connection is closed next, do not wait long
+                    with contextlib.suppress(TimeoutError, aioimaplib.AioImapException, OSError, ImapError):
+                        await wait_for(idle, 2.0)
                 else:
-                    await asyncio.wait_for(idle, self.settings.imap_command_timeout_s)
+                    await wait_for(idle, self.settings.imap_command_timeout_s)
             if pushed:
                 IDLE_WAKEUPS.inc()
                 await self.sync_folder(conn, inbox)
@@ -352,7 +352,7 @@ class AccountSync:
         info = await conn.select(folder.name, uidvalidity=folder.uidvalidity, modseq=folder.highestmodseq)
         if known is None:
             if info.uidvalidity == folder.uidvalidity and info.vanished is not None:
-                await self._sync_reported_changes(conn, folder, info)
+                await self._sync_reported_changes(conn, folder, info, info.vanished)
                 return
             known = await self.store.uids(self.account_id, folder.id)
         if folder.uidvalidity is not None and info.uidvalidity != folder.uidvalidity:
@@ -365,19 +365,24 @@ class AccountSync:
         max_known = max(known) if known else 0
         if server_uids is None:
             start = max_known + 1 if folder.state == "synced" else 1
-            server_uids = {u for u in await conn.uid_list() if u >= start} if info.exists else set()
+            listed = (
+                await conn.uid_list(max_uids=self.settings.imap_max_folder_uids) if info.exists else set()
+            )
+            server_uids = {u for u in listed if u >= start}
         new = sorted((u for u in server_uids if u not in known), reverse=True)
         folder.message_count = len(known)
         await self._fetch_new(conn, folder, new, known)
         await self._mark_synced(folder, info, conn)
 
-    async def _sync_reported_changes(self, conn: ImapConnection, folder: FolderRow, info: SelectInfo) -> None:
-        """The QRESYNC path of :meth:`sync_folder`: flag changes and expunges as the SELECT
-        reported them, then the UIDs above the highest known one."""
-        known = await self.store.uids_in(
-            self.account_id, folder.id, {i.uid for i in info.changed} | set(info.vanished or ())
-        )
-        vanished = [u for u in info.vanished or () if u in known]
+    async def _sync_reported_changes(
+        self, conn: ImapConnection, folder: FolderRow, info: SelectInfo, reported: UidSet
+    ) -> None:
+        """The QRESYNC path of :meth:`sync_folder`: flag changes and expunges (``reported``) as
+        the SELECT reported them, then the UIDs above the highest known one."""
+        known = await self.store.uids_in(self.account_id, folder.id, {i.uid for i in info.changed})
+        # the server's set is read as ranges in SQL: ``1:4294967295`` costs what we hold
+        known.update(await self.store.uids_in_ranges(self.account_id, folder.id, reported.ranges))
+        vanished = reported.select(known)
         if vanished:  # every holder of a vanished key: a duplicate copy keeps the message alive
             known.update(
                 await self.store.uids_with_keys(
@@ -388,7 +393,11 @@ class AccountSync:
         # counted from the map, not kept as a running sum: a sync interrupted between writing
         # the map and the folder's row must not leave the count off for good
         folder.message_count, max_known = await self.store.uid_stats(self.account_id, folder.id)
-        listed = await conn.uid_list(first=max_known + 1) if info.exists else set()
+        listed = (
+            await conn.uid_list(first=max_known + 1, max_uids=self.settings.imap_max_folder_uids)
+            if info.exists
+            else set()
+        )
         new = sorted((u for u in listed if u > max_known), reverse=True)
         await self._fetch_new(conn, folder, new, known)
         await self._mark_synced(folder, info, conn)
@@ -405,12 +414,13 @@ class AccountSync:
         """Flag changes and expunges of known messages; returns every UID on the server when it had
         to list them (the fallback), None when it did not."""
         server_uids: set[int] | None = None
+        max_uids = self.settings.imap_max_folder_uids
         if conn.qresync and folder.highestmodseq is not None and info.vanished is not None:
             changed = info.changed
-            vanished = [u for u in info.vanished if u in known]
+            vanished = info.vanished.select(known)  # linear in what we hold, whatever the set
         elif conn.condstore and folder.highestmodseq is not None:
             changed = await conn.uid_fetch("1:*", f"(UID FLAGS) (CHANGEDSINCE {folder.highestmodseq})")
-            listed = await conn.uid_list() if info.exists else set()
+            listed = await conn.uid_list(max_uids=max_uids) if info.exists else set()
             vanished = [u for u in known if u not in listed]
             server_uids = listed
         else:
@@ -451,18 +461,22 @@ class AccountSync:
         fetched again, and only keys no longer present are deleted."""
         folder.uidvalidity = info.uidvalidity
         by_key = {e.message_key: e for e in known.values()}
-        items = await conn.uid_fetch("1:*", "(UID FLAGS BODY.PEEK[HEADER])") if info.exists else []
+        uids = sorted(await conn.uid_list(max_uids=self.settings.imap_max_folder_uids)) if info.exists else []
+        # cut where a body fetch cuts, so a header above MAX_RAW_BYTES gives the same key
+        parts = f"(UID FLAGS BODY.PEEK[HEADER]<0.{MAX_RAW_BYTES}>)"
         kept: dict[int, UidEntry] = {}
         events: list[Event] = []
-        for item in items:
-            key = message_key(folder.id, item.body or b"")
-            old = by_key.get(key)
-            if old is None:
-                continue
-            flags = _flag_text(item.flags)
-            kept[item.uid] = UidEntry(item.uid, key, flags)
-            if flags != old.flags:
-                events.append(self._updated(folder, item.uid, key, item.flags, f"reset:{flags}"))
+        async with contextlib.aclosing(self._planned_fetches(conn, uids, parts)) as batches:
+            async for items in batches:
+                for item in items:
+                    key = message_key(folder.id, item.body or b"")
+                    old = by_key.get(key)
+                    if old is None:
+                        continue
+                    flags = _flag_text(item.flags)
+                    kept[item.uid] = UidEntry(item.uid, key, flags)
+                    if flags != old.flags:
+                        events.append(self._updated(folder, item.uid, key, item.flags, f"reset:{flags}"))
         still = {e.message_key for e in kept.values()}
         events.extend(self._deleted(folder, e) for e in by_key.values() if e.message_key not in still)
         await self._emit(events)
@@ -476,23 +490,68 @@ class AccountSync:
         self, conn: ImapConnection, folder: FolderRow, uids: list[int], known: dict[int, UidEntry]
     ) -> None:
         parts = f"(UID FLAGS RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{MAX_RAW_BYTES}>)"
-        size = self.settings.imap_batch_size
-        for i in range(0, len(uids), size):
-            batch = uids[i : i + size]
-            items = await conn.uid_fetch(",".join(map(str, batch)), parts)
-            events: list[Event] = []
-            entries: list[UidEntry] = []
-            for item in items:
-                if item.uid in known:
-                    continue
-                raw = item.body or b""
-                key = message_key(folder.id, raw)
-                events.append(self._synced(folder, item, key, raw))
-                entries.append(UidEntry(item.uid, key, _flag_text(item.flags)))
-            await _uncancelled(self._emit_and_record(folder, events, entries))
-            for e in entries:
-                known[e.uid] = e
-            folder.message_count += len(entries)
+        async with contextlib.aclosing(self._planned_fetches(conn, uids, parts)) as batches:
+            async for items in batches:
+                await self._record_new(folder, items, known)
+
+    async def _record_new(
+        self, folder: FolderRow, items: list[FetchItem], known: dict[int, UidEntry]
+    ) -> None:
+        """One planned batch of new mail: its events, then (once Kafka acknowledged them) its UIDs."""
+        events: list[Event] = []
+        entries: list[UidEntry] = []
+        for item in items:
+            if item.uid in known:
+                continue
+            raw = item.body or b""
+            key = message_key(folder.id, raw)
+            events.append(self._synced(folder, item, key, raw))
+            entries.append(UidEntry(item.uid, key, _flag_text(item.flags)))
+        await _uncancelled(self._emit_and_record(folder, events, entries))
+        for e in entries:
+            known[e.uid] = e
+        folder.message_count += len(entries)
+
+    async def _planned_fetches(
+        self, conn: ImapConnection, uids: list[int], parts: str
+    ) -> AsyncGenerator[list[FetchItem]]:
+        """``parts`` of ``uids``, in their order, one batch at a time: at most
+        ``imap_batch_size`` messages and ``imap_fetch_batch_bytes`` as planned from RFC822.SIZE.
+        A server sending more than planned plus one message is cut off (ResponseTooLarge); items
+        it sends for UIDs not asked for, or twice, are dropped."""
+        s = self.settings
+        for i in range(0, len(uids), _SIZE_FETCH_UIDS):
+            raise_if_cancelling()
+            chunk = uids[i : i + _SIZE_FETCH_UIDS]
+            if len(chunk) <= s.imap_batch_size and len(chunk) * MAX_RAW_BYTES <= s.imap_fetch_batch_bytes:
+                batches = [chunk]  # within budget whatever the sizes (new mail): no round trip for them
+            else:
+                sized = await conn.uid_fetch(format_uid_set(chunk), "(UID RFC822.SIZE)")
+                sizes = {item.uid: item.size for item in sized}
+                batches = plan_fetch_batches(
+                    [(u, sizes[u]) for u in chunk if u in sizes],  # the others were expunged meanwhile
+                    max_bytes=s.imap_fetch_batch_bytes,
+                    max_messages=s.imap_batch_size,
+                    per_message_cap_bytes=MAX_RAW_BYTES,
+                )
+            for batch in batches:
+                raise_if_cancelling()
+                items = await conn.uid_fetch(
+                    format_uid_set(batch),
+                    parts,
+                    # one message of slack: RFC822.SIZE is the server's word, and some count it loosely
+                    max_response_bytes=s.imap_fetch_batch_bytes
+                    + MAX_RAW_BYTES
+                    + len(batch) * _ITEM_OVERHEAD_BYTES,
+                )
+                FETCH_BYTES.observe(conn.last_response_bytes)
+                wanted = set(batch)
+                fresh = []
+                for item in items:
+                    if item.uid in wanted:
+                        wanted.discard(item.uid)
+                        fresh.append(item)
+                yield fresh
 
     def _flags(self, folder: FolderRow, flags: Iterable[str]) -> MessageFlags:
         lowered = {f.lower() for f in flags}
