@@ -59,6 +59,7 @@ __all__ = [
     "MessageContent",
     "MessageDoc",
     "MessageFlags",
+    "MessagePatch",
     "PostflightRecord",
     "Status",
     "StorableTime",
@@ -298,11 +299,33 @@ class MessageDoc(_Model):
     parse_warnings: list[str] = []
 
 
+class MessagePatch(_Model):
+    """A change to a stored message that transform holds no final state of: only what is given."""
+
+    flags: MessageFlags | None = None
+    redacted: bool = False  # erase the content, keep the message
+    deleted: bool = False  # erase the content and tombstone the message
+
+
 class PostflightRecord(_Model):
     """A final message, or a later change to one (a ``flightlog.postflight`` record).
 
-    ``version`` grows by one with every record of the message; persist writes a record only over
-    a lower version, so replays and reordering change nothing.
+    ``version`` grows with every record of the message (transform uses the inflight offset of the
+    event that caused it, plus one, so versions keep growing after transform forgot a message);
+    persist writes status and flags only over a lower version, so replays and reordering change
+    nothing.
+
+    Content (sender, recipients, subject, bodies, attachments, ...) has a version of its own,
+    because transform drops a final message's content from its state (persist has it):
+    ``content_version`` is the version at which the content fields this record carries were set.
+    persist writes content only over a lower content version and never blanks a stored field with
+    a null, unless the record erases (``message.redacted`` or ``deleted``). 0: the record carries
+    no content (a flags change). None, in records older than the field: the same as ``version``.
+
+    ``patch`` is set on a change (update, redaction, deletion) to a message transform holds no
+    final state of: forgotten after its grace period, or not final yet. persist applies the
+    patch to the stored row when there is one and ignores it otherwise; ``message`` is then
+    transform's partial view and is not written.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -312,6 +335,8 @@ class PostflightRecord(_Model):
     deleted: bool = False
     message: MessageDoc
     emitted_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    content_version: Annotated[int, Field(ge=0, lt=2**64)] | None = None
+    patch: MessagePatch | None = None
 
     @field_validator("account_id", mode="before")
     @classmethod
