@@ -36,6 +36,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Gauge
 
+from libs.aio import wait_for
 from libs.component import Component
 from libs.config import DatabaseSettings
 from libs.db import connect, leader_lock_name
@@ -130,7 +131,7 @@ class ChangeRelay(Component):
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await wait_for(self._stopping.wait(), seconds)
 
     async def _run(self) -> None:
         s = self._settings

@@ -68,6 +68,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import Counter, Gauge, Histogram
 
+from libs.aio import wait_for
 from libs.component import Component
 from libs.db import connect, leader_lock_name
 from libs.shards import ShardRouter
@@ -375,7 +376,7 @@ class WebhookDispatcher(Component):
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), max(seconds, 0))
+            await wait_for(self._stopping.wait(), max(seconds, 0))
 
     # -- endpoints cache -------------------------------------------------------------------
 
