@@ -56,9 +56,12 @@ class ServiceSettings(KafkaSettings, DatabaseSettings):
     log_level: str = "INFO"
     drain_timeout_s: float = 25.0  # below the Kubernetes grace period of 30 s
     admin_api_key: str = "flightlog-dev-admin-key"
-    # Stable per replica (a StatefulSet ordinal or host name): transform's transactional id is
-    # derived from it, so a restarted instance fences its dead predecessor.
-    instance_id: str = Field(default_factory=socket.gethostname)
+    # Stable per replica and unique among replicas: transform's transactional id is derived from
+    # it, and Kafka fences a dead or hung predecessor only for a successor with the same id. The
+    # host name is stable for a local process; containers get theirs changed on every restart, so
+    # the deployments set it (a StatefulSet pod's name, a fixed name in docker-compose.yml).
+    # Empty would give every replica one shared id, each fencing the others in turn.
+    instance_id: str = Field(default_factory=socket.gethostname, min_length=1)
 
 
 Settings = ServiceSettings

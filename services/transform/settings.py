@@ -25,4 +25,15 @@ class TransformSettings(ServiceSettings):
 
     @property
     def transactional_id(self) -> str:
-        return f"flightlog-transform-{self.instance_id}"
+        """``<group>-<instance id>``: the same for every start of one instance, unique per instance.
+
+        Kafka fences a zombie producer only when its successor initialises the *same*
+        transactional id: the epoch bump aborts the zombie's open transaction and refuses its
+        next one. An id that changed on restart (a Deployment pod's host name) left a hung
+        predecessor free to commit a batch whose partitions had moved on, so the instance id
+        must be stable: ``transform-N`` of the Kubernetes StatefulSet, a fixed name in
+        docker-compose.yml, the host name of a local process. The group prefix keeps two
+        pipelines sharing one Kafka cluster (tests beside ``make dev``) from fencing each other;
+        with the default group the id is ``flightlog-transform-<instance id>`` as before.
+        """
+        return f"{self.transform_group_id}-{self.instance_id}"

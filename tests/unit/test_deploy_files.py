@@ -27,6 +27,9 @@ import dockerfile
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import ValidationError
+
+from services.transform.settings import TransformSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -43,6 +46,10 @@ K8S_VERSION = "1.30"
 SERVICE_PORTS = {"gateway": 8080, "ingest": 8081, "transform": 8082, "persist": 8083}
 ADMIN_SERVICES = {"gateway", "ingest"}  # services with admin paths (FLIGHTLOG_ADMIN_API_KEY)
 K8S_EXPOSED_SERVICES = {"gateway", "ingest"}  # get a Kubernetes Service
+# Run as a StatefulSet: transform's Kafka transactional id derives from the instance id, and Kafka
+# fences a zombie only when its successor reuses that id, so the id must survive a restart.
+K8S_STATEFUL_SERVICES = {"transform"}
+K8S_WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 
 # host port -> container port of the infrastructure in docker-compose.yml
 INFRA_PORTS = {"kafka": (9092, 9092), "mysql-1": (3307, 3306), "mysql-2": (3308, 3306)}
@@ -59,6 +66,7 @@ FLIGHTLOG_ENV = {
     "FLIGHTLOG_LOG_FORMAT",
     "FLIGHTLOG_DRAIN_TIMEOUT_S",
     "FLIGHTLOG_ADMIN_API_KEY",
+    "FLIGHTLOG_INSTANCE_ID",
 }
 SECRET_ENV = {"FLIGHTLOG_DB_PASSWORD", "FLIGHTLOG_ADMIN_API_KEY"}
 DRAIN_TIMEOUT_S = 25
@@ -138,6 +146,16 @@ def _k8s(kind: str) -> dict[str, dict[str, Any]]:
 
 def _k8s_validate(doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _workloads() -> dict[str, dict[str, Any]]:
+    """The four services' Deployments and StatefulSets by name."""
+    workloads: dict[str, dict[str, Any]] = {}
+    for kind in K8S_WORKLOAD_KINDS:
+        found = _k8s(kind)
+        assert not workloads.keys() & found.keys(), f"{sorted(workloads.keys() & found.keys())} twice"
+        workloads |= found
+    return workloads
 
 
 def _command_text(command: Any) -> str:
@@ -288,6 +306,10 @@ def test_k8s_manifest_is_valid(path: Path) -> None:
 
 
 def test_k8s_validation_rejects_invalid_manifests() -> None:
+    statefulset = yaml.safe_load(yaml.safe_dump(_k8s("StatefulSet")["transform"]))
+    statefulset["spec"]["strategy"] = statefulset["spec"].pop("updateStrategy")  # a Deployment's field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _k8s_validate(statefulset)
     deployment = _k8s("Deployment")["gateway"]
     unknown_field = yaml.safe_load(yaml.safe_dump(deployment))
     unknown_field["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
@@ -316,7 +338,7 @@ def test_kustomization_lists_every_manifest() -> None:
 def test_k8s_resources_live_in_the_flightlog_namespace() -> None:
     docs = _k8s_docs()
     kinds = {d["kind"] for _, d in docs}
-    assert {"Namespace", "ConfigMap", "Secret", "Deployment", "Service", "Job"} <= kinds
+    assert {"Namespace", "ConfigMap", "Secret", "Deployment", "StatefulSet", "Service", "Job"} <= kinds
     for path, doc in docs:
         if doc["kind"] == "Namespace":
             assert doc["metadata"]["name"] == "flightlog"
@@ -325,8 +347,9 @@ def test_k8s_resources_live_in_the_flightlog_namespace() -> None:
 
 
 def test_k8s_deployments_follow_the_contract() -> None:
-    deployments = _k8s("Deployment")
+    deployments = _workloads()
     assert set(deployments) == set(SERVICE_PORTS)
+    assert set(_k8s("StatefulSet")) == K8S_STATEFUL_SERVICES
     configmaps = _k8s("ConfigMap")
     secrets = _k8s("Secret")
     config = configmaps["flightlog-config"]["data"]
@@ -369,14 +392,63 @@ def test_k8s_deployments_follow_the_contract() -> None:
 
 def test_k8s_services_expose_gateway_and_ingest() -> None:
     services = _k8s("Service")
-    deployments = _k8s("Deployment")
-    assert set(services) == K8S_EXPOSED_SERVICES
+    deployments = _workloads()
+    headless = {name for name, svc in services.items() if svc["spec"].get("clusterIP") == "None"}
+    assert set(services) - headless == K8S_EXPOSED_SERVICES
+    assert headless == K8S_STATEFUL_SERVICES  # governing Services only, no load balancing
     for name, svc in services.items():
         pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert svc["spec"]["selector"].items() <= pod_labels.items(), name
         [port] = svc["spec"]["ports"]
         assert port["port"] == SERVICE_PORTS[name], name
         assert port["targetPort"] in ("http", SERVICE_PORTS[name]), name
+
+
+def test_k8s_transform_is_a_statefulset_with_a_stable_instance_id() -> None:
+    """transform-N keeps its name, hence its transactional id, across restarts (fencing)."""
+    [transform] = _k8s("StatefulSet").values()
+    assert transform["metadata"]["name"] == "transform"
+    assert "transform" not in _k8s("Deployment")
+    spec = transform["spec"]
+    governing = _k8s("Service")[spec["serviceName"]]
+    assert governing["spec"]["clusterIP"] == "None"
+    assert governing["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    # No surge: the old transform-N is gone before the new one takes its transactional id.
+    assert spec.get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    assert "volumeClaimTemplates" not in spec  # its state lives in Kafka (the changelog)
+
+    [container] = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    instance = env["FLIGHTLOG_INSTANCE_ID"]
+    assert "value" not in instance
+    assert instance["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # and nothing overrides it from the shared ConfigMap
+    assert "FLIGHTLOG_INSTANCE_ID" not in _k8s("ConfigMap")["flightlog-config"]["data"]
+
+
+def test_k8s_stateless_services_keep_the_host_name_as_instance_id() -> None:
+    for name, dep in _k8s("Deployment").items():
+        for container in dep["spec"]["template"]["spec"]["containers"]:
+            assert "FLIGHTLOG_INSTANCE_ID" not in {e["name"] for e in container.get("env", [])}, name
+
+
+def test_transactional_id_follows_the_instance_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLIGHTLOG_TRANSFORM_GROUP_ID", raising=False)
+    monkeypatch.setenv("FLIGHTLOG_INSTANCE_ID", "transform-1")
+    assert TransformSettings().transactional_id == "flightlog-transform-transform-1"
+    monkeypatch.setenv("FLIGHTLOG_TRANSFORM_GROUP_ID", "other-pipeline")
+    assert TransformSettings().transactional_id == "other-pipeline-transform-1"
+    monkeypatch.setenv("FLIGHTLOG_INSTANCE_ID", "")
+    with pytest.raises(ValidationError):
+        TransformSettings()
+
+
+def test_compose_transform_has_a_fixed_instance_id() -> None:
+    services = _compose()["services"]
+    assert _env_map(services["transform"]["environment"])["FLIGHTLOG_INSTANCE_ID"] == "transform-0"
+    # nowhere shared: two services with one id would fence each other
+    shared = _env_map(_compose()["x-flightlog-env"])
+    assert "FLIGHTLOG_INSTANCE_ID" not in shared
 
 
 def test_k8s_init_job_runs_the_init_commands() -> None:
@@ -426,7 +498,7 @@ def test_contract_variables_are_all_configured() -> None:
 
     k8s_env = set(_k8s("ConfigMap")["flightlog-config"]["data"])
     k8s_env |= set(_k8s("Secret")["flightlog-secrets"]["stringData"])
-    for dep in _k8s("Deployment").values():
+    for dep in _workloads().values():
         for container in dep["spec"]["template"]["spec"]["containers"]:
             k8s_env |= {e["name"] for e in container.get("env", [])}
     assert k8s_env == FLIGHTLOG_ENV
