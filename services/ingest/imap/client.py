@@ -251,7 +251,7 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
 
     aioimaplib keeps a response's lines and literals in memory until its tagged status
     (``Command._resp_lines``, ``Command._resp_literal_data``, sized by the server's ``{N}``) and
-    an unfinished line in ``incomplete_line``, all without limit: a hostile server could send
+    an unfinished line, all without limit: a hostile server could send
     ``{4294967295}`` or a line without end. So a literal announced above ``max_literal_bytes`` is
     refused before any of it is read, and more than ``max_response_bytes`` received since our
     last command was sent drops the connection; both fail the pending commands with
@@ -262,31 +262,47 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     max_literal_bytes: int = MAX_LITERAL_BYTES
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     received_bytes: int = 0  # since our last command was sent
-    incomplete_line: bytes  # set by aioimaplib's __init__
     current_command: Any
     pending_sync_command: Any
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # an unfinished line in the chunks it came in (aioimaplib's ``incomplete_line`` is
+        # joined with every new chunk: quadratic in a long line, such as a SEARCH result)
+        self._partial: list[bytes] = []
+
     def data_received(self, d: bytes) -> None:
-        # aioimaplib's own also formats every chunk for a debug log, whatever the log level
+        # not aioimaplib's: that one also formats every chunk for a debug log, at any log level
         if self.lost is not None:
             return  # being dropped: nothing more is buffered
         self.received_bytes += len(d)
-        try:
-            if self.received_bytes > self.max_response_bytes:
-                raise ResponseTooLarge(
+        if self.received_bytes > self.max_response_bytes:
+            self._drop(
+                ResponseTooLarge(
                     f"the IMAP server sent more than {self.max_response_bytes} bytes in one response"
                 )
-            self._handle_responses(self.incomplete_line + d, self._handle_line, self.current_command)
-            self.incomplete_line = b""
+            )
+            return
+        if self._partial and b"\r\n" not in d and not (d[:1] == b"\n" and self._partial[-1][-1:] == b"\r"):
+            self._partial.append(d)  # the same line goes on
+            return
+        data = b"".join((*self._partial, d)) if self._partial else d
+        self._partial = []
+        try:
+            self._handle_responses(data, self._handle_line, self.current_command)
             self.current_command = None
         except aioimaplib.IncompleteRead as incomplete:
             self.current_command = incomplete.cmd
-            self.incomplete_line = incomplete.data
+            if incomplete.data:
+                self._partial.append(incomplete.data)
         except ResponseTooLarge as exc:
-            self._fail(exc)
-            self.incomplete_line, self.current_command = b"", None
-            if self.transport is not None:
-                self.transport.abort()
+            self._drop(exc)
+
+    def _drop(self, exc: ResponseTooLarge) -> None:
+        self._fail(exc)
+        self._partial, self.current_command = [], None
+        if self.transport is not None:
+            self.transport.abort()
 
     def _check_literal(self, digits: bytes) -> None:
         if len(digits) > 12 or int(digits) > self.max_literal_bytes:
