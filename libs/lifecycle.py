@@ -15,6 +15,24 @@ Order independence: a status event's content fields are kept by rank (a field se
 lifecycle stage wins over one set by an earlier stage, whatever the arrival order), and a late
 event only fills gaps. So any arrival order of one valid lifecycle ends in the same state.
 
+Versions: a record's version is the inflight offset of the event that caused it, plus one (given
+as ``position``; without it, as in unit tests, the state's version plus one). Offsets of one
+message only grow (all its events are on one partition), so versions keep growing after transform
+forgot a message, and replays give the same versions.
+
+Bounded state: once a message is final, its state keeps only what the lifecycle needs. The
+content (sender, recipients, subject, bodies, attachments, parse warnings) goes out in the
+record and is dropped from the state (:data:`DROPPED_WHEN_FINAL`); ``content_ranks`` stays, so a
+late event still only fills what was never set. A later record carries only the content its
+event changed, with ``content_version`` (0 when none), and persist keeps the rest.
+
+Patches: an update, redaction or deletion of a message that is not final here (transform forgot
+it after its grace period, or it is not final yet) goes out as a *patch* record (flags and
+erasure only) that persist applies to the stored row if there is one; the state keeps the change
+too, for the final record when the message becomes final. Content an update carries for such a
+message reaches only that final record: a forgotten message's content changes only by redaction
+or deletion.
+
 Raw MIME: an event whose content carries ``raw_mime`` (IMAP sync, or posted) is expanded first by
 :func:`libs.mime.expand_raw_mime` (pure and deterministic, so replays give the same state): the
 headers, bodies, thread key, size, attachment metadata and parse warnings become content fields
@@ -27,7 +45,7 @@ be expanded at all is rejected (the DLQ) with the reason. Messages larger than
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Final
 
@@ -41,12 +59,14 @@ from libs.events import (
     MessageContent,
     MessageDoc,
     MessageFlags,
+    MessagePatch,
     PostflightRecord,
     Status,
 )
 from libs.mime import MAX_RAW_BYTES, collapse_whitespace, expand_raw_mime, html_to_text
 
 __all__ = [
+    "DROPPED_WHEN_FINAL",
     "MAX_SEEN_EVENT_IDS",
     "SNIPPET_CHARS",
     "MessageState",
@@ -85,6 +105,11 @@ _CONTENT_FIELDS: Final = (
 # What a redaction or a deletion erases, and what may not come back afterwards. Attachment
 # filenames say as much as a subject; the thread key, size and parse warnings say nothing.
 _ERASABLE: Final = frozenset({"subject", "body_text", "body_html", "attachments"})
+# What a final message's state drops once its record is out (persist has it): everything that can
+# be large. The small fields stay: channel, error_code, thread_key, size_bytes.
+DROPPED_WHEN_FINAL: Final = frozenset(
+    {"sender", "to", "cc", "subject", "body_text", "body_html", "attachments", "parse_warnings"}
+)
 
 
 class MessageState(BaseModel):
@@ -198,17 +223,61 @@ def _doc_view(state: MessageState) -> tuple[object, ...]:
     return tuple(getattr(state, name) for name in _DOC_FIELDS)
 
 
-def _record(state: MessageState, now: datetime | None) -> PostflightRecord:
-    doc = to_doc(state)
-    if now is None:
-        return PostflightRecord(
-            account_id=state.account_id, message_key=state.message_key, version=state.version,
-            deleted=state.deleted, message=doc,
-        )  # fmt: skip
+def _record(
+    state: MessageState,
+    now: datetime | None,
+    *,
+    content_version: int | None = None,
+    patch: MessagePatch | None = None,
+) -> PostflightRecord:
     return PostflightRecord(
         account_id=state.account_id, message_key=state.message_key, version=state.version,
-        deleted=state.deleted, message=doc, emitted_at=now,
+        deleted=state.deleted, message=to_doc(state), content_version=content_version, patch=patch,
+        emitted_at=datetime.now(UTC) if now is None else now,
     )  # fmt: skip
+
+
+def _next_version(state: MessageState, position: int | None) -> int:
+    return state.version + 1 if position is None else max(state.version + 1, position + 1)
+
+
+def _drop_content(state: MessageState) -> None:
+    for name in DROPPED_WHEN_FINAL:
+        setattr(state, name, None)
+
+
+def _content_changed(old: MessageState, new: MessageState) -> bool:
+    return (
+        new.redacted != old.redacted
+        or new.deleted != old.deleted
+        or any(getattr(new, name) != getattr(old, name) for name in _CONTENT_FIELDS)
+    )
+
+
+def _emit_final(new: MessageState, now: datetime | None, position: int | None, reason: str) -> Outcome:
+    """The first record of a message that just became final: its whole content."""
+    new.version = _next_version(new, position)
+    record = _record(new, now)
+    _drop_content(new)
+    return Outcome(OutcomeKind.EMITTED, new, True, record, reason)
+
+
+def _emit_update(
+    old: MessageState, new: MessageState, now: datetime | None, position: int | None, reason: str
+) -> Outcome:
+    """A later record of a final message: the content only when this event changed it."""
+    new.version = _next_version(new, position)
+    content_version = new.version if _content_changed(old, new) else 0
+    record = _record(new, now, content_version=content_version)
+    _drop_content(new)
+    return Outcome(OutcomeKind.EMITTED, new, True, record, reason)
+
+
+def _emit_patch(
+    new: MessageState, now: datetime | None, position: int | None, patch: MessagePatch, reason: str
+) -> Outcome:
+    new.version = _next_version(new, position)
+    return Outcome(OutcomeKind.EMITTED, new, True, _record(new, now, content_version=0, patch=patch), reason)
 
 
 def _merge_content(state: MessageState, content: MessageContent | None, rank: int) -> None:
@@ -279,19 +348,33 @@ def _implied_direction(event: Event) -> Direction | str:
 
 
 def _after_change(
-    old: MessageState, new: MessageState, now: datetime | None, why_unchanged: str, *, emit_reason: str
+    old: MessageState,
+    new: MessageState,
+    now: datetime | None,
+    position: int | None,
+    why_unchanged: str,
+    *,
+    emit_reason: str,
+    patch: MessagePatch | None = None,
 ) -> Outcome:
-    """A final message emits an update when its document really changed; otherwise nothing."""
+    """A final message emits an update when its document really changed; a message that is not
+    final here emits ``patch`` (if any) for persist to apply to a stored row."""
     if new.final and _doc_view(new) != _doc_view(old):
-        new.version += 1
-        return Outcome(OutcomeKind.EMITTED, new, True, _record(new, now), emit_reason)
+        return _emit_update(old, new, now, position, emit_reason)
     if new.final:
         return Outcome(OutcomeKind.IGNORED, new, True, reason=why_unchanged)
+    if patch is not None:
+        return _emit_patch(new, now, position, patch, f"{emit_reason} (patch: not final here)")
     return Outcome(OutcomeKind.APPLIED, new, True, reason=emit_reason)
 
 
-def apply(state: MessageState | None, event: Event, *, now: datetime | None = None) -> Outcome:
-    """Fold ``event`` into ``state`` (None for a message not seen yet). Never mutates ``state``."""
+def apply(
+    state: MessageState | None, event: Event, *, now: datetime | None = None, position: int | None = None
+) -> Outcome:
+    """Fold ``event`` into ``state`` (None for a message not seen yet). Never mutates ``state``.
+
+    :param position: the event's inflight offset; a record it causes has version ``position + 1``.
+    """
     if state is not None:
         if (state.account_id, state.message_key) != (event.account_id, event.message_key):
             raise ValueError("event belongs to another message than the state")
@@ -312,7 +395,7 @@ def apply(state: MessageState | None, event: Event, *, now: datetime | None = No
         event = event.model_copy(update={"content": content})
 
     if event.type in _STATUS_OF or event.type is EventType.SYNCED:
-        return _apply_status(state, old, new, event, now)
+        return _apply_status(state, old, new, event, now, position)
     if event.direction is not None and new.direction is not None and event.direction is not new.direction:
         return _reject(state, f"{event.type.value} says {event.direction.value} but the message is "
                               f"{new.direction.value}")  # fmt: skip
@@ -328,20 +411,25 @@ def apply(state: MessageState | None, event: Event, *, now: datetime | None = No
     if event.type is EventType.UPDATED:
         _merge_flags(new, event.flags, override=True)
         _merge_content(new, event.content, _UPDATE_RANK)
-        return _after_change(old, new, now, "update changed nothing", emit_reason="updated")
+        patch = MessagePatch(flags=event.flags) if event.flags is not None else None
+        return _after_change(
+            old, new, now, position, "update changed nothing", emit_reason="updated", patch=patch
+        )
     if event.type is EventType.REDACTED:
         if new.redacted:
             return Outcome(OutcomeKind.IGNORED, new, True, reason="message is already redacted")
         _erase(new)
         new.redacted = True
-        return _after_change(old, new, now, "redaction changed nothing", emit_reason="redacted")
+        return _after_change(
+            old, new, now, position, "redaction changed nothing", emit_reason="redacted",
+            patch=MessagePatch(redacted=True),
+        )  # fmt: skip
     # message.deleted
     _erase(new)
     new.deleted = True
     if not new.final:
-        return Outcome(OutcomeKind.APPLIED, new, True, reason="deleted before it was final")
-    new.version += 1
-    return Outcome(OutcomeKind.EMITTED, new, True, _record(new, now), "deleted")
+        return _emit_patch(new, now, position, MessagePatch(deleted=True), "deleted (patch: not final here)")
+    return _emit_update(old, new, now, position, "deleted")
 
 
 def _reject(state: MessageState | None, reason: str) -> Outcome:
@@ -349,7 +437,12 @@ def _reject(state: MessageState | None, reason: str) -> Outcome:
 
 
 def _apply_status(
-    state: MessageState | None, old: MessageState, new: MessageState, event: Event, now: datetime | None
+    state: MessageState | None,
+    old: MessageState,
+    new: MessageState,
+    event: Event,
+    now: datetime | None,
+    position: int | None,
 ) -> Outcome:
     implied = _implied_direction(event)
     if not isinstance(implied, Direction):
@@ -381,7 +474,7 @@ def _apply_status(
         why = f"duplicate final status {status.value}" if rank == _FINAL_RANK else (
             f"late {status.value}: message is already {new.status.value if new.status else 'final'}"
         )  # fmt: skip
-        return _after_change(old, new, now, why, emit_reason=f"{why}, filled content")
+        return _after_change(old, new, now, position, why, emit_reason=f"{why}, filled content")
 
     _remember(new, event)
     new.direction = implied
@@ -399,5 +492,4 @@ def _apply_status(
         return Outcome(OutcomeKind.APPLIED, new, True, reason=f"now {status.value}")
     new.final = True
     new.final_at = event.occurred_at
-    new.version += 1
-    return Outcome(OutcomeKind.EMITTED, new, True, _record(new, now), f"final: {status.value}")
+    return _emit_final(new, now, position, f"final: {status.value}")

@@ -8,8 +8,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from libs.events import Direction, Event, EventType, PostflightRecord, Status, decode_event, encode
-from libs.lifecycle import MAX_SEEN_EVENT_IDS, MessageState, Outcome, OutcomeKind, apply, make_snippet
+from libs.events import (
+    Direction,
+    Event,
+    EventType,
+    MessageFlags,
+    MessagePatch,
+    PostflightRecord,
+    Status,
+    decode_event,
+    encode,
+)
+from libs.lifecycle import (
+    DROPPED_WHEN_FINAL,
+    MAX_SEEN_EVENT_IDS,
+    MessageState,
+    Outcome,
+    OutcomeKind,
+    apply,
+    make_snippet,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ACCOUNT = 7 << 48 | 1
@@ -183,17 +201,22 @@ def test_updates_before_final_show_in_the_final_record() -> None:
         ev(EventType.REDACTED),
         ev(EventType.RECEIVED, content={"body_text": "again"}),  # may not bring content back
     ])  # fmt: skip
-    assert [o.kind for o in outcomes[:3]] == [OutcomeKind.APPLIED] * 3
-    (record,) = records(outcomes)
+    # The update and the redaction go out as patches, for a stored row transform may have forgotten.
+    assert [o.kind for o in outcomes[:3]] == [OutcomeKind.APPLIED, OutcomeKind.EMITTED, OutcomeKind.EMITTED]
+    flags_patch, redaction, record = records(outcomes)
+    assert flags_patch.patch == MessagePatch(flags=MessageFlags(unread=False, starred=True))
+    assert redaction.patch == MessagePatch(redacted=True) and redaction.content_version == 0
+    assert record.patch is None and record.content_version is None
     doc = record.message
-    assert record.version == 1
+    assert [r.version for r in (flags_patch, redaction, record)] == [1, 2, 3]
     assert doc.unread is False and doc.starred is True and doc.redacted is True
     assert doc.body_text is None and doc.subject is None
 
 
 def test_deleted_before_final_then_final_is_rejected() -> None:
     _, outcomes = run([ev(EventType.ACCEPTED), ev(EventType.DELETED), ev(EventType.DELIVERED)])
-    assert outcomes[1].kind is OutcomeKind.APPLIED and outcomes[1].record is None
+    deletion = outcomes[1].record
+    assert deletion is not None and deletion.patch == MessagePatch(deleted=True) and deletion.deleted
     assert outcomes[2].kind is OutcomeKind.REJECTED
 
 
@@ -265,9 +288,62 @@ def test_any_order_and_duplication_gives_one_final_record_and_same_state(
     versions = [r.version for r in recs]
     assert versions == list(range(1, len(recs) + 1))
     assert state.version == len(recs)
-    # persist ends with the same document whatever the order.
-    final_doc = records(expected_outcomes)[-1].message
-    assert recs[-1].message == final_doc
+    # persist ends with the same row whatever the order of the events, and of the records.
+    final_row = stored(records(expected_outcomes))
+    assert stored(recs) == final_row
+    assert stored(reversed(recs)) == final_row
+
+
+_STATUS_COLUMNS = ("status", "direction", "unread", "starred", "folder", "labels", "source", "occurred_at",
+                   "final_at")  # fmt: skip
+_CONTENT_COLUMNS = ("channel", "sender", "to", "cc", "subject", "snippet", "body_text", "body_html",
+                    "error_code", "attachments", "thread_key", "size_bytes", "parse_warnings")  # fmt: skip
+_ERASED = ("subject", "snippet", "body_text", "body_html", "attachments")
+
+
+def stored(recs: Iterable[PostflightRecord]) -> dict[str, Any]:
+    """The row persist keeps from ``recs`` in this order of arrival: the contract of
+    libs.events.PostflightRecord (status and flags by version; a content field takes the value of
+    the record with the highest content version that carries one, and only an erasure blanks it;
+    erasure is for ever; patches change a stored row only)."""
+    row: dict[str, Any] = {}
+    for r in recs:
+        doc = r.message.model_dump()
+        empty = {k: None for k in doc if doc[k] in ([], None)}
+        if r.patch is not None:
+            if not row:
+                continue
+            flags = r.patch.flags.model_dump(exclude_none=True) if r.patch.flags else {}
+            if r.version > row["version"]:
+                row.update(flags)
+            if r.patch.redacted or r.patch.deleted:
+                row.update(dict.fromkeys(_ERASED), redacted=row["redacted"] or r.patch.redacted,
+                           deleted=row["deleted"] or r.patch.deleted)  # fmt: skip
+                row["content_version"] = max(row["content_version"], r.version)
+            row["version"] = max(row["version"], r.version)
+            continue
+        if not row:
+            row = dict.fromkeys((*_STATUS_COLUMNS, *_CONTENT_COLUMNS)) | {
+                "version": 0, "content_version": 0, "redacted": False, "deleted": False}  # fmt: skip
+        if r.version > row["version"]:
+            row.update({k: doc[k] for k in _STATUS_COLUMNS})
+        content_version = r.version if r.content_version is None else r.content_version
+        erase = r.deleted or r.message.redacted
+        for k in _CONTENT_COLUMNS:
+            if content_version > row["content_version"]:  # newer: its values win, its nulls keep
+                if (erase and k in _ERASED) or k not in empty:
+                    row[k] = None if k in empty else doc[k]
+            elif (
+                row[k] is None
+                and k not in empty
+                and not (k in _ERASED and (row["redacted"] or row["deleted"]))
+            ):
+                row[k] = doc[k]  # older: it only fills what no newer record carried
+        row["redacted"] = row["redacted"] or r.message.redacted
+        row["deleted"] = row["deleted"] or r.deleted
+        row["version"] = max(row["version"], r.version)
+        row["content_version"] = max(row["content_version"], content_version)
+    return {k: v for k, v in row.items() if k not in ("version", "content_version")}
 
 
 @settings(max_examples=200, deadline=None)
@@ -290,6 +366,8 @@ def test_versions_strictly_increase_and_rejections_carry_reasons(
     versions = [r.version for r in records(outcomes)]
     assert versions == sorted(set(versions)) and versions[:1] == [1]
     assert state is not None and state.version == len(versions)
+    # Its content stays only until the message is final and its record out.
+    assert all(getattr(state, name) is None for name in DROPPED_WHEN_FINAL)
     for outcome in outcomes:
         if outcome.kind in (OutcomeKind.REJECTED, OutcomeKind.IGNORED):
             assert outcome.reason

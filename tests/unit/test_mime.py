@@ -15,6 +15,7 @@ from libs.mime import (
     content_fields,
     decode_header_value,
     expand_raw_mime,
+    html_to_text,
     message_id_of,
     parse_message,
     thread_key,
@@ -144,3 +145,47 @@ def test_plain_ascii_header_shortcut_matches_the_full_decode(text: str) -> None:
     full = " ".join(str(email.header.make_header(email.header.decode_header(text))).split())
     if "=?" not in text:
         assert decode_header_value(text) == full
+
+
+@pytest.mark.parametrize(
+    ("html", "text"),
+    [
+        ("<p>Hello <b>world</b> &amp; more</p>", " Hello  world  & more "),
+        ("a < b and c > d", "a < b and c > d"),
+        ("x<script type='t'>if (a<b) { '</p>' }</script>y", "x y"),
+        ("x<STYLE>p { }</style >y<Script>z</SCRIPT>w", "x y w"),
+        ("x<!-- <p>hidden</p> -->y", "x y"),
+        ("x<!DOCTYPE html>y<?xml version='1.0'?>z", "x y z"),
+        ("kept <b unclosed", "kept "),
+        ("kept<script>never closed", "kept "),
+        ("kept<!-- never closed", "kept "),
+        ("&lt;script&gt; is text", "<script> is text"),
+    ],
+)
+def test_html_to_text(html: str, text: str) -> None:
+    assert html_to_text(html) == text
+
+
+# Each took the old regex (<(script|style)\b.*?</\1\s*>|<[^>]+>) quadratic time or a DOM parser
+# a tree as deep as the input: seconds to minutes at this size. The scan is linear on all of them.
+HOSTILE_HTML = {
+    "script": "<script " * 60_000,
+    "style": "<style" * 60_000,
+    "nested": "<div>" * 100_000,
+    "unclosed_comments": "<!--" * 100_000,
+    "closers": "<script>" + "</" * 200_000,
+    "lt": "<" * 400_000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_HTML))
+def test_html_to_text_on_hostile_input(name: str) -> None:
+    text = html_to_text(HOSTILE_HTML[name])
+    assert "<div" not in text and "<script" not in text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="<>/!-?abcdiprstyl ", max_size=200))
+def test_html_to_text_keeps_no_tag_and_never_raises(html: str) -> None:
+    text = html_to_text(html)  # no entities in the alphabet: a tag in the text was left in it
+    assert "<script>" not in text.lower() and "<p>" not in text
