@@ -321,7 +321,9 @@ class PersistWorker:
                 verdicts.park(part, charged=False, error=error)
             else:
                 self.breaker.succeeded(shard)
-                RECORDS.labels("written").inc(len(part))
+                # A patch of a message with no row is handled, not written: nothing to patch.
+                RECORDS.labels("written").inc(len(part) - result.patches_without_row)
+                RECORDS.labels("patch_without_row").inc(result.patches_without_row)
                 CHANGES.inc(result.changed)
                 BODY_BYTES.labels("raw").inc(result.body_bytes_raw)
                 BODY_BYTES.labels("stored").inc(result.body_bytes_stored)

@@ -1,18 +1,34 @@
 """Version-guarded writes of postflight records into one shard, with the change log row.
 
-One transaction per shard batch:
+A row has two versions (libs.events.PostflightRecord): ``version`` for status, flags and
+times, and ``content_version`` for what the message says, because transform drops a final
+message's content from its state and later records carry flags without content
+(``content_version`` 0). One transaction per shard batch:
 
 1. lock the rows the batch touches and read their versions (``SELECT ... FOR UPDATE``);
-2. ``INSERT ... ON DUPLICATE KEY UPDATE`` where every column takes the new value only when the
-   record's version is higher than the stored one (``version`` is assigned last, so the
-   conditions compare with the old value);
-3. read back ids and versions: a row whose version is now the record's, and was lower or
-   missing before, really changed; each such row gets one ``changes`` row;
-4. check the shard bits of every id (the bug #199 guard), lock the shard's change order
+2. full records: ``INSERT ... ON DUPLICATE KEY UPDATE`` (:func:`upsert_statement`) where
+   - status, flags and times take the record's value only over a lower ``version``;
+   - content columns take it only over a lower ``content_version``, and then only where the
+     record's value is not NULL (a record never blanks a stored field), so content that arrives
+     after a content-less record of a higher version still lands;
+   - ``redacted`` and ``deleted`` are sticky, and an erased row's erasable columns (subject,
+     snippet, body, attachments) stay NULL whatever arrives later and whatever the versions: an
+     erasure is for ever;
+   - both versions are assigned last (GREATEST), so the conditions above compare with the old
+     values (MariaDB assigns left to right, later expressions seeing earlier assignments);
+3. patch records (``record.patch``, a change to a message transform no longer holds): applied to
+   the stored row one by one (:func:`patch_assignments`), after the upsert so a patch finds the
+   row its own batch created; a patch without a row changes nothing;
+4. read the rows back: a row whose version or content version went up, or that was newly
+   erased, really changed and gets exactly one ``changes`` row (compared with step 1, so never
+   two for one message in one transaction);
+5. check the shard bits of every id (the bug #199 guard), lock the shard's change order
    (:func:`lock_changes`), insert the change rows and commit.
 
 Replays and reordering therefore change nothing: an equal or lower version is a no-op and
-writes no change.
+writes no change. Several records of one message in one batch are written as separate rows of
+the one statement, content in the order it was set (:func:`latest_per_message`), so a batch
+lands as the same records would one by one.
 
 A write fails in one of three ways (:func:`classify`), and the worker treats each differently:
 
@@ -56,14 +72,22 @@ from libs.shards import ShardRouter, UnknownShard
 
 __all__ = [
     "COMPRESS_MIN_BYTES",
+    "ERASABLE_COLUMNS",
     "Failure",
+    "RowState",
     "ShardWriteResult",
     "UnstorableRecord",
     "WriteError",
+    "change_kind",
     "classify",
+    "content_version",
     "decode_body",
     "encode_body",
+    "erases",
     "latest_per_message",
+    "patch_assignments",
+    "row",
+    "upsert_statement",
     "write_shard",
 ]
 
@@ -71,17 +95,48 @@ COMPRESS_MIN_BYTES: Final = 256
 BODY_RAW: Final = 0
 BODY_ZLIB: Final = 1
 
-_CONTENT_COLUMNS: Final = (
-    "status", "direction", "channel", "sender", "to_addrs", "cc_addrs", "subject", "snippet",
-    "body", "body_encoding", "error_code", "unread", "starred", "folder", "labels", "source",
-    "occurred_at", "final_at", "redacted", "deleted",
-    "thread_key", "size_bytes", "attachments", "parse_warnings",
+# Guarded by ``version``: where the message is and what its owner did with it.
+_FLAG_COLUMNS: Final = (
+    "status", "direction", "unread", "starred", "folder", "labels", "source", "occurred_at", "final_at",
 )  # fmt: skip
-_INSERT_COLUMNS: Final = ("account_id", "message_key", *_CONTENT_COLUMNS, "version")
+# Guarded by ``content_version``, and never blanked by a NULL (see the module docstring).
+_CONTENT_COLUMNS: Final = (
+    "channel", "sender", "to_addrs", "cc_addrs", "subject", "snippet", "body", "body_encoding",
+    "error_code", "attachments", "thread_key", "size_bytes", "parse_warnings",
+)  # fmt: skip
+# What a redaction or a deletion erases (libs.lifecycle's erasable fields, as columns).
+ERASABLE_COLUMNS: Final = ("subject", "snippet", "body", "body_encoding", "attachments")
+_INSERT_COLUMNS: Final = (
+    "account_id", "message_key", *_FLAG_COLUMNS, *_CONTENT_COLUMNS, "redacted", "deleted",
+    "content_version", "version",
+)  # fmt: skip
 _ROW_PLACEHOLDER: Final = "(" + ", ".join(["%s"] * len(_INSERT_COLUMNS)) + ")"
+_NEWER: Final = "VALUES(version) > version"
+_NEWER_CONTENT: Final = "VALUES(content_version) > content_version"
+# Evaluated before redacted and deleted are assigned, so it sees the stored row and the record.
+_ERASED: Final = "(redacted OR deleted OR VALUES(redacted) OR VALUES(deleted))"
+
+
+def _content_update(column: str) -> str:
+    if column == "body_encoding":
+        # Follows the body it describes: the record's only when the record's body is taken.
+        return (
+            f"body_encoding = IF({_ERASED}, {BODY_RAW}, IF({_NEWER_CONTENT} AND VALUES(body) IS NOT NULL,"
+            " VALUES(body_encoding), body_encoding))"
+        )
+    kept = f"IF({_NEWER_CONTENT}, COALESCE(VALUES({column}), {column}), {column})"
+    if column in ERASABLE_COLUMNS:
+        return f"{column} = IF({_ERASED}, NULL, {kept})"
+    return f"{column} = {kept}"
+
+
 _GUARDED_UPDATE: Final = ", ".join(
-    [f"{c} = IF(VALUES(version) > version, VALUES({c}), {c})" for c in _CONTENT_COLUMNS]
-    + ["version = GREATEST(version, VALUES(version))"]  # last: the IFs above see the old version
+    [f"{c} = IF({_NEWER}, VALUES({c}), {c})" for c in _FLAG_COLUMNS]
+    + [_content_update(c) for c in _CONTENT_COLUMNS]
+    + ["redacted = redacted OR VALUES(redacted)", "deleted = deleted OR VALUES(deleted)"]
+    # last: every condition above compares with the stored versions
+    + ["content_version = GREATEST(content_version, VALUES(content_version))"]
+    + ["version = GREATEST(version, VALUES(version))"]
 )
 
 
@@ -171,6 +226,7 @@ class ShardWriteResult:
     changed: int
     body_bytes_raw: int
     body_bytes_stored: int
+    patches_without_row: int = 0  # patches of messages with no row: nothing to change, not an error
 
 
 def encode_body(text: str | None, html: str | None) -> tuple[bytes | None, int]:
@@ -227,8 +283,19 @@ def _json_or_null(items: list[Any]) -> str | None:
     return orjson.dumps(items).decode() if items else None
 
 
+def content_version(record: PostflightRecord) -> int:
+    """The version the record's content was set at; records older than the field: their version."""
+    return record.version if record.content_version is None else record.content_version
+
+
+def erases(record: PostflightRecord) -> bool:
+    """Whether the record erases the message's content (a full record; for patches see
+    :func:`patch_assignments`)."""
+    return record.deleted or record.message.redacted
+
+
 def row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
-    """The values of one record's row, raw body bytes and stored body bytes.
+    """The values of one full record's row, raw body bytes and stored body bytes.
 
     Raises :class:`UnstorableRecord` for a record that no retry could write (whatever went wrong
     while converting it: this is pure code over the record's own data).
@@ -241,48 +308,188 @@ def row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
 
 def _row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
     m: MessageDoc = record.message
-    if record.deleted:  # privacy: a deleted message keeps only its tombstone
-        body, encoding, raw_len = None, BODY_RAW, 0
-        subject = snippet = attachments = None
-    else:
-        body, encoding = encode_body(m.body_text, m.body_html)
-        raw_len = len(orjson.dumps({"text": m.body_text, "html": m.body_html})) if body is not None else 0
-        subject, snippet = m.subject, m.snippet
-        attachments = _json_or_null([a.model_dump(mode="json") for a in m.attachments])
+    version = content_version(record)
+    # NULL where the record has nothing to say: the upsert keeps the stored value there.
+    body: bytes | None = None
+    subject: str | None = None
+    snippet: str | None = None
+    attachments: str | None = None
+    encoding, raw_len = BODY_RAW, 0
+    channel: str | None = None
+    sender: str | None = None
+    to: str | None = None
+    cc: str | None = None
+    error_code: str | None = None
+    thread_key: str | None = None
+    size_bytes: int | None = None
+    warnings: str | None = None
+    if version > 0:  # 0: a record without content (a flags change); its doc's content is not content
+        channel, sender, error_code, thread_key, size_bytes = (
+            m.channel, m.sender, m.error_code, m.thread_key, m.size_bytes,
+        )  # fmt: skip
+        # An empty list is NULL too: transform's doc cannot tell "no recipients" from "not known"
+        to, cc, warnings = _json_or_null(m.to), _json_or_null(m.cc), _json_or_null(m.parse_warnings)
+        if not erases(record):  # privacy: an erased message keeps none of these
+            body, encoding = encode_body(m.body_text, m.body_html)
+            if body is not None:
+                raw_len = len(orjson.dumps({"text": m.body_text, "html": m.body_html}))
+            subject, snippet = m.subject, m.snippet
+            attachments = _json_or_null([a.model_dump(mode="json") for a in m.attachments])
     values = (
         record.account_id, _key(record),
-        m.status, m.direction, m.channel, m.sender,
-        orjson.dumps(m.to).decode(), orjson.dumps(m.cc).decode(), subject, snippet,
-        body, encoding, m.error_code, m.unread, m.starred, m.folder, orjson.dumps(m.labels).decode(),
-        m.source, _utc_naive("occurred_at", m.occurred_at), _utc_naive("final_at", m.final_at),
-        m.redacted, record.deleted,
-        m.thread_key, m.size_bytes, attachments, _json_or_null(m.parse_warnings),
-        record.version,
+        m.status, m.direction, m.unread, m.starred, m.folder, orjson.dumps(m.labels).decode(), m.source,
+        _utc_naive("occurred_at", m.occurred_at), _utc_naive("final_at", m.final_at),
+        channel, sender, to, cc, subject, snippet, body, encoding, error_code, attachments,
+        thread_key, size_bytes, warnings,
+        m.redacted, record.deleted, version, record.version,
     )  # fmt: skip
     return values, raw_len, len(body) if body is not None else 0
 
 
 def latest_per_message(records: Iterable[PostflightRecord]) -> list[PostflightRecord]:
-    """Keep the highest version of each message: lower ones would be no-ops anyway."""
-    best: dict[tuple[int, str], PostflightRecord] = {}
+    """The full records of each message that can still change its row, in the order to write them.
+
+    Status and flags need only the highest version. Content needs more: a record of a higher
+    version may carry none (content version 0) or only part of it, so every content version in
+    the batch is kept (one record each, the highest version: records of one content version
+    carry the same content), and so is an erasure no kept record makes. A message's records are
+    ordered by content version, so the one statement applies them as if they had arrived one by
+    one in the order their content was set. Replays (equal versions) keep the first.
+    """
+    grouped: dict[tuple[int, str], list[PostflightRecord]] = {}
     for r in records:
-        key = (r.account_id, r.message_key)
-        if key not in best or r.version > best[key].version:
-            best[key] = r
-    return list(best.values())
+        grouped.setdefault((r.account_id, r.message_key), []).append(r)
+    out: list[PostflightRecord] = []
+    for group in grouped.values():
+        top = max(group, key=lambda r: r.version)  # max keeps the first of equals
+        keep = {id(top): top}
+        by_content: dict[int, PostflightRecord] = {}
+        for r in group:
+            cv = content_version(r)
+            if cv > 0 and (cv not in by_content or r.version > by_content[cv].version):
+                by_content[cv] = r
+        keep.update((id(r), r) for r in by_content.values())
+        for erasure in ("deleted", "redacted"):
+            if not any(_erases_as(r, erasure) for r in keep.values()):
+                erasing = [r for r in group if _erases_as(r, erasure)]
+                if erasing:
+                    last = max(erasing, key=lambda r: r.version)
+                    keep[id(last)] = last
+        out += sorted(keep.values(), key=lambda r: (content_version(r), r.version))
+    return out
 
 
-async def _versions(
+def _erases_as(record: PostflightRecord, erasure: str) -> bool:
+    return record.deleted if erasure == "deleted" else record.message.redacted
+
+
+@dataclass(frozen=True, slots=True)
+class RowState:
+    """What the writer compares of a stored row: its id, versions and erasure."""
+
+    id: int
+    version: int
+    content_version: int
+    redacted: bool
+    deleted: bool
+
+
+def change_kind(before: RowState | None, after: RowState) -> str | None:
+    """The change a write made to one row (``before`` None: it did not exist), or None."""
+    if before is not None and (
+        after.version <= before.version
+        and after.content_version <= before.content_version
+        and after.redacted == before.redacted
+        and after.deleted == before.deleted
+    ):
+        return None
+    if after.deleted:
+        return "deleted"  # also a row created deleted: it leaves just its tombstone
+    return "created" if before is None else "updated"
+
+
+def patch_assignments(state: RowState, record: PostflightRecord) -> dict[str, Any]:
+    """The columns a patch record sets on its stored row (empty: the patch changes nothing).
+
+    Flags are set only over a lower version; an erasure is applied whenever the row is not yet
+    erased that way, whatever the versions, because an erasure must never be lost. A patch that
+    applies raises the row's version (to the record's, if higher), as a full record does, so a
+    reader waiting for the version to move (the gateway's PATCH) sees it land even when the
+    flags were already as asked.
+    """
+    patch = record.patch
+    if patch is None:
+        raise ValueError("not a patch record")
+    out: dict[str, Any] = {}
+    flags = patch.flags
+    if flags is not None and state.version < record.version:
+        for name in ("unread", "starred", "folder"):
+            value = getattr(flags, name)
+            if value is not None:
+                out[name] = value
+        if flags.labels is not None:
+            out["labels"] = orjson.dumps(flags.labels).decode()
+    redact = patch.redacted and not state.redacted
+    # record.deleted too: whichever field transform sets, a deletion must not be lost
+    delete = (patch.deleted or record.deleted) and not state.deleted
+    if redact:
+        out["redacted"] = True
+    if delete:
+        out["deleted"] = True
+    if redact or delete:
+        out.update(dict.fromkeys(ERASABLE_COLUMNS))
+        out["body_encoding"] = BODY_RAW
+        out["content_version"] = max(state.content_version, record.version)
+    if out:
+        out["version"] = max(state.version, record.version)
+    return out
+
+
+_STATE_COLUMNS: Final = "id, version, content_version, redacted, deleted"
+
+
+def _state(values: Sequence[Any]) -> RowState:
+    id_, version, cv, redacted, deleted = values
+    return RowState(int(id_), int(version), int(cv), bool(redacted), bool(deleted))
+
+
+async def _states(
     cur: aiomysql.Cursor, table: str, keys: Sequence[tuple[int, bytes]], *, lock: bool
-) -> dict[tuple[int, bytes], tuple[int, int]]:
+) -> dict[tuple[int, bytes], RowState]:
     where = ", ".join(["(%s, %s)"] * len(keys))
     args = [v for key in keys for v in key]
     await cur.execute(
-        f"SELECT account_id, message_key, id, version FROM {table}"
+        f"SELECT account_id, message_key, {_STATE_COLUMNS} FROM {table}"
         f" WHERE (account_id, message_key) IN ({where}){' FOR UPDATE' if lock else ''}",
         args,
     )
-    return {(int(a), bytes(k)): (int(i), int(v)) for a, k, i, v in await cur.fetchall()}
+    return {(int(a), bytes(k)): _state(rest) for a, k, *rest in await cur.fetchall()}
+
+
+async def _apply_patch(cur: aiomysql.Cursor, table: str, record: PostflightRecord, key: bytes) -> bool:
+    """Apply one patch record to its row; False when there is no row."""
+    await cur.execute(
+        f"SELECT {_STATE_COLUMNS} FROM {table} WHERE account_id = %s AND message_key = %s FOR UPDATE",
+        (record.account_id, key),
+    )
+    found = await cur.fetchone()
+    if found is None:
+        return False
+    state = _state(found)
+    assignments = patch_assignments(state, record)
+    if assignments:
+        await cur.execute(
+            f"UPDATE {table} SET {', '.join(f'{c} = %s' for c in assignments)} WHERE id = %s",
+            [*assignments.values(), state.id],
+        )
+    return True
+
+
+def _patch_key(record: PostflightRecord) -> bytes:
+    try:
+        return _key(record)
+    except Exception as exc:
+        raise UnstorableRecord(record, f"{type(exc).__name__}: {exc}") from exc
 
 
 async def lock_changes(cur: aiomysql.Cursor, router: ShardRouter, shard: int) -> None:
@@ -306,29 +513,44 @@ async def write_shard(
     an error of the server (1205, ``TRANSIENT``) instead of a wait that the caller's own timeout
     would cut short (``UNAVAILABLE``); None leaves the session's setting.
     """
-    records = latest_per_message(records)
+    full = latest_per_message(r for r in records if r.patch is None)
+    # In version order, so of two patches in one batch the later one is applied last.
+    patches = sorted((r for r in records if r.patch is not None), key=lambda r: r.version)
     table = router.table(shard, "messages")
-    rows = [row(r) for r in records]  # before a connection is taken: UnstorableRecord costs no I/O
-    keys = [(r.account_id, r.message_key.encode()) for r in records]
+    # Before a connection is taken: UnstorableRecord costs no I/O.
+    rows = [row(r) for r in full]
+    patch_keys = [_patch_key(r) for r in patches]
+    keys = list(
+        dict.fromkeys(
+            [(r.account_id, values[1]) for r, (values, _, _) in zip(full, rows, strict=True)]
+            + [(r.account_id, key) for r, key in zip(patches, patch_keys, strict=True)]
+        )
+    )
+    without_row = 0
+    changes: list[tuple[int, str, int, str, int]] = []
     pool = await router.pool(shard)
     async with pool.acquire() as conn:
         try:
             async with conn.cursor() as cur:
                 if lock_wait_timeout_s is not None:
                     await cur.execute("SET SESSION innodb_lock_wait_timeout = %s", (lock_wait_timeout_s,))
-                before = await _versions(cur, table, keys, lock=True)
-                await cur.execute(
-                    upsert_statement(table, len(rows)), [v for values, _, _ in rows for v in values]
-                )
-                after = await _versions(cur, table, keys, lock=False)
-                changes = []
-                for record, key in zip(records, keys, strict=True):
-                    id_, version = after[key]
-                    check_shard(id_, shard)
-                    old = before.get(key)
-                    if version == record.version and (old is None or old[1] < record.version):
-                        kind = "deleted" if record.deleted else ("created" if old is None else "updated")
-                        changes.append((record.account_id, "message", id_, kind, record.version))
+                before = await _states(cur, table, keys, lock=True) if keys else {}
+                if rows:
+                    await cur.execute(
+                        upsert_statement(table, len(rows)), [v for values, _, _ in rows for v in values]
+                    )
+                for record, key in zip(patches, patch_keys, strict=True):
+                    if not await _apply_patch(cur, table, record, key):
+                        without_row += 1
+                after = await _states(cur, table, keys, lock=False) if keys else {}
+                for message in keys:
+                    state = after.get(message)
+                    if state is None:  # only a patch's, without a row
+                        continue
+                    check_shard(state.id, shard)
+                    kind = change_kind(before.get(message), state)
+                    if kind is not None:
+                        changes.append((message[0], "message", state.id, kind, state.version))
                 if changes:
                     await lock_changes(cur, router, shard)
                     await insert_guarded(
@@ -346,5 +568,10 @@ async def write_shard(
                 await conn.rollback()
             raise
     return ShardWriteResult(
-        shard, len(records), len(changes), sum(r[1] for r in rows), sum(r[2] for r in rows)
+        shard,
+        len(rows) + len(patches),
+        len(changes),
+        sum(r[1] for r in rows),
+        sum(r[2] for r in rows),
+        without_row,
     )
