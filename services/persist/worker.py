@@ -5,7 +5,8 @@ batch is split by shard and the shards are written concurrently, each with a tim
 of a shard that failed are *parked* on ``flightlog.persist-retry`` (acknowledged by Kafka) before
 the batch's offsets are committed. The retry loop writes parked records when their backoff is
 due and parks them again, with a longer backoff, while their shard is still failing. Writes are
-version-guarded, so a parked record that lands after a newer one changes nothing: order does not
+version-guarded, so a parked record that lands after a newer one changes nothing it should not
+(only its content, if the newer record carried none: see services.persist.writer): order does not
 matter and parking is safe. A circuit breaker per shard parks records at once while the shard is
 known to be failing, so the main loop does not pay a timeout per batch.
 

@@ -24,7 +24,9 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from libs.config import KafkaSettings
+from libs.config import DatabaseSettings, KafkaSettings
+from libs.db import connect
+from libs.db.migrate import load_migrations
 from libs.events import MessageDoc, MessageFlags, MessagePatch, PostflightRecord, encode, message_key_bytes
 from libs.kafka import TopicSpec, create_topics, make_consumer, make_producer
 from libs.shards import ShardRouter
@@ -400,3 +402,32 @@ async def test_the_worker_reads_content_versions_and_patches_from_postflight(
     assert row is not None and row["starred"] == 1 and row["folder"] == "Archive"
     assert await stored(env, missing) is None
     assert patches_without_row() == without_row + 1
+
+
+async def test_the_migration_gives_existing_rows_their_version_as_content_version(
+    env: Env, db_settings: DatabaseSettings
+) -> None:
+    schema = f"flightlog_test_cv_{uuid.uuid4().hex[:8]}"
+    [added] = [m for m in load_migrations("shard") if m.name == "content_version"]
+    server = env.router.shard_map.cluster_of(env.shard).primary
+    async with connect(db_settings, *server) as conn, conn.cursor() as cur:
+        try:
+            await cur.execute(f"CREATE DATABASE `{schema}`")
+            await cur.execute(f"USE `{schema}`")
+            for migration in load_migrations("shard"):
+                if migration.version < added.version:
+                    for statement in migration.statements:
+                        await cur.execute(statement)
+            await cur.execute(
+                "INSERT INTO messages (account_id, message_key, version, subject) VALUES (1, 'a', 7, 's')"
+            )
+            for statement in added.statements:
+                await cur.execute(statement)
+            await cur.execute("INSERT INTO messages (account_id, message_key, version) VALUES (1, 'b', 9)")
+            await cur.execute(
+                "SELECT message_key, version, content_version FROM messages ORDER BY message_key"
+            )
+            assert [(bytes(k), v, cv) for k, v, cv in await cur.fetchall()] == [(b"a", 7, 7), (b"b", 9, 0)]
+        finally:
+            await cur.execute(f"DROP DATABASE IF EXISTS `{schema}`")
+            await conn.commit()
