@@ -1,4 +1,6 @@
 from libs.service import run_service
 from services.ingest.service import DEFINITION
 
-run_service(DEFINITION)
+# Guarded: a spawned worker process (transform's parse pool) imports this module too.
+if __name__ == "__main__":
+    run_service(DEFINITION)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from libs.config import ServiceSettings
 from libs.kafka import INFLIGHT, POSTFLIGHT, TRANSFORM_STATE
 
@@ -22,6 +24,19 @@ class TransformSettings(ServiceSettings):
     transform_session_timeout_ms: int = 10_000
     transform_transaction_timeout_ms: int = 60_000
     transform_error_backoff_s: float = 1.0
+    # Raw MIME is parsed in worker processes, each message within a time limit (a message over it
+    # is kept with the warning parse_timeout), each worker within an address-space limit.
+    transform_parse_workers: int = Field(default=1, ge=1)
+    transform_parse_timeout_s: float = Field(default=2.0, gt=0)
+    # Below the consumer's max.poll.interval (300 s): the rest of a batch is read again after it.
+    transform_parse_batch_budget_s: float = Field(default=20.0, gt=0)
+    transform_parse_memory_limit_bytes: int = Field(default=1 << 30, ge=64 << 20)
+    # How long a final message's state is kept (duplicates and late events within it are told
+    # apart from new ones), and a message's that is not final and untouched (an outbound message
+    # waiting for its delivery report); then the state is tombstoned (services.transform.worker).
+    transform_final_state_ttl_s: float = Field(default=3600.0, ge=0)
+    transform_pending_state_ttl_s: float = Field(default=7 * 86400.0, ge=0)
+    transform_state_sweep_interval_s: float = Field(default=5.0, gt=0)
 
     @property
     def transactional_id(self) -> str:

@@ -16,6 +16,19 @@ Size: an event whose message would not fit one Kafka record (state or postflight
 :data:`MAX_RECORD_BYTES`, e.g. bodies parsed from raw MIME that grew in UTF-8) goes to the DLQ
 and leaves the state as it was: the producer would refuse the record on every retry.
 
+Hostile content: raw MIME is parsed in a process pool (:class:`ParsePool`) before the batch's
+transaction begins, each message within a time limit; a batch whose parsing outlasts
+``parse_batch_budget_s`` is cut at the first message not parsed yet, and the rest is read again.
+So no message can hold the event loop (heartbeats, the transaction timeout) or its partition.
+
+Bounded state: a final message's state holds no content (:mod:`libs.lifecycle`), and a sweep
+every ``state_sweep_interval_s`` tombstones in the changelog, in a transaction of its own, the
+states final for longer than ``final_state_ttl_s`` and those not final and untouched for longer
+than ``pending_state_ttl_s``. Memory and the live part of the changelog are so bounded by the
+rate of messages times those periods, not by every message ever seen. A later event of a
+forgotten message is handled as :mod:`libs.lifecycle` says (versions from inflight offsets keep
+growing, updates go out as patches persist applies to the stored row).
+
 Errors: a Kafka error before the commit aborts the transaction, rewinds the batch's partitions
 and restores the touched states, then the batch is retried after a back-off. A
 :class:`aiokafka.errors.ProducerFenced` (another instance took over our transactional id), a
@@ -36,13 +49,14 @@ from typing import Any, Final, Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, ProducerFenced
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from libs.config import KafkaSettings
 from libs.dlq import dead_letter
-from libs.events import decode_event, encode, message_key_bytes
+from libs.events import Event, decode_event, encode, message_key_bytes
 from libs.kafka import make_consumer, make_producer
 from libs.lifecycle import MessageState, OutcomeKind, apply
+from services.transform.parsing import ParsePool
 from services.transform.settings import TransformSettings
 
 __all__ = ["MAX_RECORD_BYTES", "STAGE", "PartitionStates", "TransformStopped", "TransformWorker"]
@@ -53,6 +67,9 @@ STAGE: Final = "transform"
 # Below the producer's max_request_size and the broker's message.max.bytes (both 1 MiB by
 # default), with room for key, headers and what a flags-only event can add to a state unchecked.
 MAX_RECORD_BYTES: Final = 1_000_000
+# A changelog record's header: "1" for a final message's state (it expires after the final TTL).
+H_FINAL: Final = "flightlog-final"
+MAX_EXPIRED_PER_SWEEP: Final = 20_000  # tombstones in one sweep's transaction
 
 EVENTS = Counter("flightlog_transform_events_total", "Inflight events committed, by outcome", ["outcome"])
 POSTFLIGHT_RECORDS = Counter("flightlog_transform_postflight_records_total", "Postflight records committed")
@@ -63,6 +80,10 @@ BATCH_SECONDS = Histogram(
 )
 ABORTED = Counter("flightlog_transform_aborted_transactions_total", "Transactions aborted and retried")
 RESTORE_SECONDS = Histogram("flightlog_transform_restore_seconds", "Rebuilding states from the changelog")
+EXPIRED_STATES = Counter(
+    "flightlog_transform_expired_states_total", "States tombstoned by the sweep", ["kind"]
+)
+LIVE_STATES = Gauge("flightlog_transform_states", "Message states in memory, by kind", ["kind"])
 
 
 class TransformStopped(RuntimeError):
@@ -79,12 +100,17 @@ class PartitionStates:
     then costs one dict insert per record instead of a pydantic decode (222,875 states took
     12-16 s decoded). Most restored states (final messages) are never read again before the
     next rebalance.
+
+    Each key is also in ``_final`` or ``_pending`` with the wall-clock time it was last written,
+    oldest first (a write moves it to the end), so :meth:`expired` reads only what has expired.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_final", "_items", "_pending")
 
     def __init__(self) -> None:
         self._items: dict[bytes, MessageState | bytes] = {}
+        self._final: dict[bytes, float] = {}
+        self._pending: dict[bytes, float] = {}
 
     def get(self, key: bytes) -> MessageState | None:
         value = self._items.get(key)
@@ -99,22 +125,47 @@ class PartitionStates:
         return state
 
     def __setitem__(self, key: bytes, state: MessageState) -> None:
-        self._items[key] = state
+        self.put(key, state, final=state.final, at=time.time())
+
+    def put(self, key: bytes, value: MessageState | bytes, *, final: bool, at: float) -> None:
+        self._items[key] = value
+        self._final.pop(key, None)
+        self._pending.pop(key, None)
+        (self._final if final else self._pending)[key] = at
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._items
 
+    def is_final(self, key: bytes) -> bool:
+        return key in self._final
+
     def __len__(self) -> int:
         return len(self._items)
 
-    def put_encoded(self, key: bytes, value: bytes) -> None:
-        self._items[key] = value
-
     def pop(self, key: bytes) -> None:
         self._items.pop(key, None)
+        self._final.pop(key, None)
+        self._pending.pop(key, None)
+
+    def counts(self) -> tuple[int, int]:
+        """(final, pending) states held."""
+        return len(self._final), len(self._pending)
+
+    def expired(self, *, final_before: float, pending_before: float, limit: int) -> list[bytes]:
+        """Keys of final states last written before ``final_before`` and of other states before
+        ``pending_before``, oldest first, at most ``limit``."""
+        keys: list[bytes] = []
+        for written, before in ((self._final, final_before), (self._pending, pending_before)):
+            for key, at in written.items():
+                if at >= before or len(keys) >= limit:
+                    break
+                keys.append(key)
+        return keys
 
 
 _Encoded = dict[bytes, bytes]  # a dirty state's changelog value, when _handle already encoded it
+_Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+_Decoded = dict[tuple[TopicPartition, int], Event | str]  # by (partition, offset): event or why not
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -149,6 +200,13 @@ class TransformWorker:
         session_timeout_ms: int = 10_000,
         transaction_timeout_ms: int = 60_000,
         error_backoff_s: float = 1.0,
+        parse_workers: int = 1,
+        parse_timeout_s: float = 2.0,
+        parse_batch_budget_s: float = 20.0,
+        parse_memory_limit_bytes: int = 1 << 30,
+        final_state_ttl_s: float = 3600.0,
+        pending_state_ttl_s: float = 7 * 86400.0,
+        state_sweep_interval_s: float = 5.0,
     ) -> None:
         self.kafka = kafka
         self.transactional_id = transactional_id
@@ -159,6 +217,14 @@ class TransformWorker:
         self.max_batch_records = max_batch_records
         self.poll_timeout_ms = poll_timeout_ms
         self.error_backoff_s = error_backoff_s
+        self.parse_batch_budget_s = parse_batch_budget_s
+        self.final_state_ttl_s = final_state_ttl_s
+        self.pending_state_ttl_s = pending_state_ttl_s
+        self.state_sweep_interval_s = state_sweep_interval_s
+        self._parser = ParsePool(
+            workers=parse_workers, timeout_s=parse_timeout_s, memory_limit_bytes=parse_memory_limit_bytes
+        )
+        self._next_sweep = time.monotonic() + state_sweep_interval_s
         self._producer: AIOKafkaProducer = make_producer(
             kafka, transactional_id=transactional_id, transaction_timeout_ms=transaction_timeout_ms
         )
@@ -189,6 +255,13 @@ class TransformWorker:
             session_timeout_ms=s.transform_session_timeout_ms,
             transaction_timeout_ms=s.transform_transaction_timeout_ms,
             error_backoff_s=s.transform_error_backoff_s,
+            parse_workers=s.transform_parse_workers,
+            parse_timeout_s=s.transform_parse_timeout_s,
+            parse_batch_budget_s=s.transform_parse_batch_budget_s,
+            parse_memory_limit_bytes=s.transform_parse_memory_limit_bytes,
+            final_state_ttl_s=s.transform_final_state_ttl_s,
+            pending_state_ttl_s=s.transform_pending_state_ttl_s,
+            state_sweep_interval_s=s.transform_state_sweep_interval_s,
         )
 
     @property
@@ -211,9 +284,11 @@ class TransformWorker:
         # predecessor left open, so the changelog is stable before we restore from it.
         await self._producer.start()
         try:
+            self._parser.start()
             self._consumer.subscribe([self.inflight_topic], listener=_Listener(self))
             await self._consumer.start()
         except BaseException:
+            self._parser.stop()
             await self._producer.stop()
             raise
         self._started = True
@@ -226,6 +301,7 @@ class TransformWorker:
         try:
             await self._consumer.stop()
         finally:
+            self._parser.stop()
             await self._producer.stop()
 
     async def __aenter__(self) -> Self:
@@ -242,6 +318,8 @@ class TransformWorker:
         while not stopping.is_set():
             try:
                 await self.process_once()
+                if time.monotonic() >= self._next_sweep:
+                    await self.sweep()
             except ProducerFenced:
                 logger.error("transactional id %s was taken over: stopping", self.transactional_id)
                 raise
@@ -259,6 +337,7 @@ class TransformWorker:
         )
         if not batch:
             return 0
+        decoded = await self._decode(batch)
         async with self._lock:
             if generation != self._generation or self._fatal is not None:
                 return 0  # fetched across a rebalance: read again from the committed offsets
@@ -266,16 +345,107 @@ class TransformWorker:
             if not batch:
                 return 0
             started = time.perf_counter()
-            counts = await self._transact(batch)
+            counts = await self._transact(batch, decoded)
             BATCH_SECONDS.observe(time.perf_counter() - started)
         for outcome, n in counts.items():
             EVENTS.labels(outcome).inc(n)
         POSTFLIGHT_RECORDS.inc(counts.get(OutcomeKind.EMITTED.value, 0))
         return sum(len(recs) for recs in batch.values())
 
-    async def _transact(
-        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-    ) -> dict[str, int]:
+    async def _decode(self, batch: _Batch) -> _Decoded:
+        """Each record's event, its raw MIME parsed in the pool, or why it cannot be decoded.
+
+        Parsing outlasting the batch's budget cuts ``batch`` (in place) at the first record not
+        parsed yet in each partition, and seeks back there: those records are read again.
+        """
+        decoded: _Decoded = {}
+        parses: dict[asyncio.Task[Event], tuple[TopicPartition, int]] = {}
+        for tp, records in batch.items():
+            for i, record in enumerate(records):
+                try:
+                    if record.value is None:
+                        raise ValueError("record has no value")
+                    event = decode_event(record.value)
+                except Exception as exc:  # any bad bytes or schema: the DLQ, never a stuck partition
+                    decoded[(tp, record.offset)] = f"undecodable event: {exc}"
+                    continue
+                decoded[(tp, record.offset)] = event
+                if event.content is not None and event.content.raw_mime is not None:
+                    parses[asyncio.ensure_future(self._expand(event))] = (tp, i)
+        if not parses:
+            return decoded
+        done, pending = await asyncio.wait(parses, timeout=self.parse_batch_budget_s)
+        for task in done:
+            tp, i = parses[task]
+            decoded[(tp, batch[tp][i].offset)] = task.result()
+        cut: dict[TopicPartition, int] = {}
+        for task in pending:
+            task.cancel()
+            tp, i = parses[task]
+            cut[tp] = min(i, cut.get(tp, i))
+        if pending:
+            await asyncio.wait(pending)
+        for tp, i in cut.items():
+            logger.warning("parsing outlasted %.0f s: %s is read again from offset %d",
+                           self.parse_batch_budget_s, tp, batch[tp][i].offset)  # fmt: skip
+            self._consumer.seek(tp, batch[tp][i].offset)
+            batch[tp] = batch[tp][:i]
+        return decoded
+
+    async def _expand(self, event: Event) -> Event:
+        assert event.content is not None
+        return event.model_copy(update={"content": await self._parser.expand(event.content)})
+
+    async def sweep(self) -> int:
+        """Tombstone the expired states (see the module docstring); returns how many."""
+        self._next_sweep = time.monotonic() + self.state_sweep_interval_s
+        now = time.time()
+        async with self._lock:
+            if self._fatal is not None:
+                raise self._fatal
+            expired: dict[int, list[bytes]] = {}
+            room = MAX_EXPIRED_PER_SWEEP
+            for partition, states in self._states.items():
+                keys = states.expired(
+                    final_before=now - self.final_state_ttl_s,
+                    pending_before=now - self.pending_state_ttl_s,
+                    limit=room,
+                )
+                if keys:
+                    expired[partition] = keys
+                    room -= len(keys)
+            if expired:
+                await self._tombstone(expired)
+            final = pending = 0
+            for states in self._states.values():
+                f, p = states.counts()
+                final, pending = final + f, pending + p
+            LIVE_STATES.labels("final").set(final)
+            LIVE_STATES.labels("pending").set(pending)
+        return sum(len(keys) for keys in expired.values())
+
+    async def _tombstone(self, expired: dict[int, list[bytes]]) -> None:
+        await self._producer.begin_transaction()
+        try:
+            sends = [
+                await self._producer.send(self.state_topic, value=None, key=key, partition=partition)
+                for partition, keys in expired.items()
+                for key in keys
+            ]
+            await asyncio.gather(*sends)
+        except BaseException as exc:
+            if not isinstance(exc, ProducerFenced):
+                await self._abort()
+            raise
+        await self._commit()
+        for partition, keys in expired.items():
+            states = self._states[partition]
+            for key in keys:
+                kind = "final" if states.is_final(key) else "pending"
+                states.pop(key)
+                EXPIRED_STATES.labels(kind).inc()
+
+    async def _transact(self, batch: _Batch, decoded: _Decoded) -> dict[str, int]:
         snapshot: _Snapshot = {}
         counts: dict[str, int] = {}
         await self._producer.begin_transaction()
@@ -286,13 +456,19 @@ class TransformWorker:
                 dirty: set[bytes] = set()
                 encoded: _Encoded = {}
                 for record in records:
-                    outcome = await self._handle(tp, record, states, snapshot, dirty, encoded, sends)
+                    event = decoded[(tp, record.offset)]
+                    outcome = await self._handle(tp, record, event, states, snapshot, dirty, encoded, sends)
                     counts[outcome] = counts.get(outcome, 0) + 1
                 for key in dirty:
-                    value = encoded.get(key) or states[key].model_dump_json().encode()
+                    state = states[key]
+                    value = encoded.get(key) or state.model_dump_json().encode()
                     sends.append(
                         await self._producer.send(
-                            self.state_topic, value=value, key=key, partition=tp.partition
+                            self.state_topic,
+                            value=value,
+                            key=key,
+                            partition=tp.partition,
+                            headers=[(H_FINAL, b"1" if state.final else b"0")],
                         )
                     )
             await asyncio.gather(*sends)
@@ -330,6 +506,7 @@ class TransformWorker:
         self,
         tp: TopicPartition,
         record: ConsumerRecord[bytes, bytes],
+        event: Event | str,
         states: PartitionStates,
         snapshot: _Snapshot,
         dirty: set[bytes],
@@ -337,17 +514,13 @@ class TransformWorker:
         sends: list[Awaitable[Any]],
     ) -> str:
         source = (tp.topic, tp.partition, record.offset)
-        try:
-            if record.value is None:
-                raise ValueError("record has no value")
-            event = decode_event(record.value)
-        except Exception as exc:  # any bad bytes or schema: the DLQ, never a stuck partition
-            sends.append(await self._dead_letter(record, f"undecodable event: {exc}", source))
+        if isinstance(event, str):
+            sends.append(await self._dead_letter(record, event, source))
             return "undecodable"
         key = message_key_bytes(event.account_id, event.message_key)
         try:
             previous = states.get(key)  # decoding a restored state may fail here, not in the restore
-            outcome = apply(previous, event)
+            outcome = apply(previous, event, position=record.offset)
         except Exception as exc:
             logger.exception("lifecycle failed on %s", source)
             sends.append(await self._dead_letter(record, f"transform error: {exc!r}", source))
@@ -485,7 +658,8 @@ class TransformWorker:
                         if record.value is None:
                             states.pop(record.key)
                         else:
-                            states.put_encoded(record.key, record.value)
+                            final = (H_FINAL, b"1") in (record.headers or ())
+                            states.put(record.key, record.value, final=final, at=record.timestamp / 1000)
                 for tp in list(pending):
                     if await consumer.position(tp) >= ends[tp]:
                         pending.discard(tp)

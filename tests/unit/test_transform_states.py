@@ -24,7 +24,7 @@ def _state() -> MessageState:
 def test_restored_state_decodes_on_first_read_only() -> None:
     state = _state()
     states = PartitionStates()
-    states.put_encoded(b"k", state.model_dump_json().encode())
+    states.put(b"k", state.model_dump_json().encode(), final=False, at=0.0)
     assert b"k" in states and len(states) == 1
     first = states.get(b"k")
     assert first == state
@@ -37,14 +37,37 @@ def test_missing_and_removed_keys() -> None:
     assert states.get(b"nope") is None
     with pytest.raises(KeyError):
         states[b"nope"]
-    states.put_encoded(b"k", b"{}")
+    states.put(b"k", b"{}", final=True, at=0.0)
     states.pop(b"k")
     states.pop(b"k")  # idempotent, as a tombstone for an unknown key is
-    assert b"k" not in states
+    assert b"k" not in states and states.counts() == (0, 0)
+
+
+def test_expired_keys_oldest_first_by_kind_and_a_write_renews() -> None:
+    states = PartitionStates()
+    for i in range(5):
+        states.put(b"f%d" % i, b"{}", final=True, at=float(i))
+        states.put(b"p%d" % i, b"{}", final=False, at=float(i))
+    assert states.counts() == (5, 5)
+    assert states.expired(final_before=2.0, pending_before=1.0, limit=100) == [b"f0", b"f1", b"p0"]
+    assert states.expired(final_before=10.0, pending_before=0.0, limit=3) == [b"f0", b"f1", b"f2"]
+    states.put(b"f0", b"{}", final=True, at=10.0)  # written again: the youngest now
+    assert states.expired(final_before=2.0, pending_before=0.0, limit=100) == [b"f1"]
+    states.put(b"f1", b"{}", final=False, at=11.0)  # a kind change moves it to the other clock
+    assert states.expired(final_before=3.0, pending_before=12.0, limit=100) == [
+        b"f2",
+        b"p0",
+        b"p1",
+        b"p2",
+        b"p3",
+        b"p4",
+        b"f1",
+    ]
+    assert states.is_final(b"f2") and not states.is_final(b"f1")
 
 
 def test_a_corrupt_restored_state_fails_where_it_is_read() -> None:
     states = PartitionStates()
-    states.put_encoded(b"k", b"not json")
+    states.put(b"k", b"not json", final=False, at=0.0)
     with pytest.raises(ValueError):
         states.get(b"k")
