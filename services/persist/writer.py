@@ -28,9 +28,9 @@ message's content from its state and later records carry flags without content
 Replays change nothing: a record is a no-op (and writes no change) unless its version, its
 content version or its erasure is news to the row. Reordering lands the same row, with one limit
 that one content version per row implies: content of a lower content version arriving after a
-higher one is skipped whole, also the fields the higher one left NULL. Several records of one message in one batch are written as separate rows of
-the one statement, content in the order it was set (:func:`latest_per_message`), so a batch
-lands as the same records would one by one.
+higher one is skipped whole, also the fields the higher one left NULL. Several records of one
+message in one batch are written as separate rows of the one statement, content in the order it
+was set (:func:`latest_per_message`), so a batch lands as its records would one by one.
 
 A write fails in one of three ways (:func:`classify`), and the worker treats each differently:
 
