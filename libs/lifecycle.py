@@ -247,11 +247,9 @@ def _drop_content(state: MessageState) -> None:
 
 
 def _content_changed(old: MessageState, new: MessageState) -> bool:
-    return (
-        new.redacted != old.redacted
-        or new.deleted != old.deleted
-        or any(getattr(new, name) != getattr(old, name) for name in _CONTENT_FIELDS)
-    )
+    # An erasure is no content: persist erases by the sticky redacted and deleted flags, so a
+    # redaction does not outrank content still on its way (a parked first record).
+    return any(getattr(new, name) != getattr(old, name) for name in _CONTENT_FIELDS)
 
 
 def _emit_final(new: MessageState, now: datetime | None, position: int | None, reason: str) -> Outcome:

@@ -26,9 +26,11 @@ message's content from its state and later records carry flags without content
    (:func:`lock_changes`), insert the change rows and commit.
 
 Replays change nothing: a record is a no-op (and writes no change) unless its version, its
-content version or its erasure is news to the row. Reordering lands the same row, with one limit
-that one content version per row implies: content of a lower content version arriving after a
-higher one is skipped whole, also the fields the higher one left NULL. Several records of one
+content version or its erasure is news to the row. Reordering lands the same row: content of a
+lower content version arriving after a higher one only fills the fields still empty (every field
+ends with the value of the highest content version that carried one). Such a fill writes no
+change row of its own; the records are rare (a late content fill, parked, overtaken by a later
+one). Several records of one
 message in one batch are written as separate rows of the one statement, content in the order it
 was set (:func:`latest_per_message`), so a batch lands as its records would one by one.
 
@@ -121,12 +123,14 @@ _ERASED: Final = "(redacted OR deleted OR VALUES(redacted) OR VALUES(deleted))"
 
 def _content_update(column: str) -> str:
     if column == "body_encoding":
-        # Follows the body it describes: the record's only when the record's body is taken.
+        # Follows the body it describes: the record's only when the record's body is taken (so it
+        # is assigned before the body, and sees the stored one).
         return (
-            f"body_encoding = IF({_ERASED}, {BODY_RAW}, IF({_NEWER_CONTENT} AND VALUES(body) IS NOT NULL,"
-            " VALUES(body_encoding), body_encoding))"
+            f"body_encoding = IF({_ERASED}, {BODY_RAW}, IF(VALUES(body) IS NOT NULL AND ({_NEWER_CONTENT}"
+            " OR body IS NULL), VALUES(body_encoding), body_encoding))"
         )
-    kept = f"IF({_NEWER_CONTENT}, COALESCE(VALUES({column}), {column}), {column})"
+    # Newer content wins where it has a value; older content only fills what is still empty.
+    kept = f"IF({_NEWER_CONTENT}, COALESCE(VALUES({column}), {column}), COALESCE({column}, VALUES({column})))"
     if column in ERASABLE_COLUMNS:
         return f"{column} = IF({_ERASED}, NULL, {kept})"
     return f"{column} = {kept}"
@@ -134,7 +138,8 @@ def _content_update(column: str) -> str:
 
 _GUARDED_UPDATE: Final = ", ".join(
     [f"{c} = IF({_NEWER}, VALUES({c}), {c})" for c in _FLAG_COLUMNS]
-    + [_content_update(c) for c in _CONTENT_COLUMNS]
+    + [_content_update("body_encoding")]
+    + [_content_update(c) for c in _CONTENT_COLUMNS if c != "body_encoding"]
     + ["redacted = redacted OR VALUES(redacted)", "deleted = deleted OR VALUES(deleted)"]
     # last: every condition above compares with the stored versions
     + ["content_version = GREATEST(content_version, VALUES(content_version))"]
