@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import resource
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -45,10 +46,20 @@ class ParsePool:
 
     :param timeout_s: the most one message may take; over it the message gets ``parse_timeout``.
     :param memory_limit_bytes: each worker's address space (``RLIMIT_AS``).
+    :param parse: what a worker runs on ``(raw_mime, size_bytes)``: a module-level function, since
+        the spawned worker imports it by name.
     """
 
-    def __init__(self, *, workers: int, timeout_s: float, memory_limit_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        workers: int,
+        timeout_s: float,
+        memory_limit_bytes: int,
+        parse: Callable[[str, int | None], dict[str, Any]] = _parse,
+    ) -> None:
         self.workers = workers
+        self.parse = parse
         self.timeout_s = timeout_s
         self.memory_limit_bytes = memory_limit_bytes
         self._pool: ProcessPool | None = None
@@ -84,7 +95,7 @@ class ParsePool:
         if self._pool is None:
             raise RuntimeError("ParsePool.expand before start()")
         future = self._pool.schedule(
-            _parse, args=(content.raw_mime, content.size_bytes), timeout=self.timeout_s
+            self.parse, args=(content.raw_mime, content.size_bytes), timeout=self.timeout_s
         )
         try:
             fields = await asyncio.wrap_future(future)

@@ -483,3 +483,32 @@ async def test_kill_9_mid_run_produces_no_duplicates(env: Env, tmp_path: Path) -
     finally:
         await asyncio.to_thread(service.proc.stop, 40)
     _assert_exactly_once(await postflight(env), expected)
+
+
+async def test_expired_states_are_tombstoned_and_a_forgotten_message_gets_patches(env: Env) -> None:
+    # The sweep runs when called below (its interval is long), forgetting any final state at once.
+    options = {"final_state_ttl_s": 0.0, "state_sweep_interval_s": 3600.0}
+    await produce(env, [ev(EventType.RECEIVED, "old", 0, content={"subject": "kept by persist"}),
+                        ev(EventType.ACCEPTED, "pending", 0)])  # fmt: skip
+    async with running(env.worker(**options)) as worker:
+        await eventually(lambda: _count(env, 1), 60, "the final record")
+        assert await worker.sweep() == 1  # the final one; the pending one waits for its own TTL
+        assert worker.state_of(ACCOUNT, "old") is None and worker.state_of(ACCOUNT, "pending") is not None
+        (final,) = await postflight(env)
+
+        await produce(env, [ev(EventType.UPDATED, "old", 1, flags={"unread": True}),
+                            ev(EventType.DELETED, "old", 2)])  # fmt: skip
+        await eventually(lambda: _count(env, 3), 60, "two patches")
+    _, flags, deletion = await postflight(env)
+    assert flags.patch == MessagePatch(flags=MessageFlags(unread=True)) and flags.version > final.version
+    assert deletion.patch == MessagePatch(deleted=True) and deletion.version > flags.version
+    assert await dead_letters(env) == []
+
+    # The changelog holds the tombstone: a new instance restores only what is live.
+    changelog = await read_all(env.kafka, env.state, PARTITIONS)
+    old_key = message_key_bytes(ACCOUNT, "old")
+    assert [r.value is None for r in changelog if r.key == old_key][:2] == [False, True]
+    async with running(env.worker(**options)) as restored:
+        assert restored.state_of(ACCOUNT, "pending") is not None
+        forgotten_again = restored.state_of(ACCOUNT, "old")  # the patches' pending state, not final
+        assert forgotten_again is not None and not forgotten_again.final and forgotten_again.deleted
