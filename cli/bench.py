@@ -559,6 +559,10 @@ async def run_bench(
     from cli.bench_idle import idle_stage
 
     await idle_stage(report, progress, db, gateway_url, quick=quick)
+    progress("transform memory")
+    from cli.bench_transform_memory import transform_memory_stage
+
+    await transform_memory_stage(report, progress, kafka, quick=quick)
     for stage in extra or []:
         await stage(report)
     return report

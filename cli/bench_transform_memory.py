@@ -51,6 +51,7 @@ __all__ = [
     "TransformMemoryRun",
     "TransformUnderTest",
     "bench_transform_memory",
+    "events_of",
     "growth_per_thousand",
     "inbound_events",
     "parse_restore_line",
@@ -230,6 +231,8 @@ class TransformUnderTest:
     ) -> None:
         self.kafka = kafka
         self.body_bytes = body_bytes
+        self.final_state_ttl_s = final_state_ttl_s
+        self.sweep_interval_s = sweep_interval_s
         self.partitions = partitions
         suffix = uuid.uuid4().hex[:8]
         self.instance = f"{name}-{suffix}"
@@ -255,6 +258,7 @@ class TransformUnderTest:
         self.messages = 0  # produced so far
         self.events = 0
         self.peak_rss_bytes = 0  # sampled while waiting for batches
+        self.peak_live_in_memory = 0  # the states gauge, sampled likewise
         self.fold = ChangelogFold()
         self._tail: AIOKafkaConsumer | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -322,14 +326,9 @@ class TransformUnderTest:
             resp.raise_for_status()
             return await resp.text()
 
-    async def outcomes(self) -> dict[str, float]:
-        """Events committed since the process started, by outcome."""
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(await self.metrics()):
-            for sample in family.samples:
-                if sample.name == "flightlog_transform_events_total":
-                    out[sample.labels["outcome"]] = out.get(sample.labels["outcome"], 0.0) + sample.value
-        return out
+    async def live_in_memory(self) -> int:
+        """States the process holds, as of its last sweep (its ``flightlog_transform_states``)."""
+        return round(sample_total(await self.metrics(), "flightlog_transform_states"))
 
     async def feed(self, count: int, *, timeout_s: float | None = None) -> float:
         """Produce ``count`` more messages and wait until transform committed all their events.
@@ -347,8 +346,7 @@ class TransformUnderTest:
                 sends.append(await producer.send(self.inflight, encode(event), key=key))
             await asyncio.gather(*sends)
         deadline = started + (timeout_s if timeout_s is not None else max(120.0, count / 50))
-        while (done := sum((outcomes := await self.outcomes()).values())) < self.events:
-            self.peak_rss_bytes = max(self.peak_rss_bytes, self.memory().rss_bytes)
+        while (done := sum((outcomes := await self._poll()).values())) < self.events:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"transform committed {done:,.0f} of {self.events:,} events in "
@@ -358,8 +356,21 @@ class TransformUnderTest:
         bad = {k: v for k, v in outcomes.items() if k not in _GOOD_OUTCOMES and v}
         if bad:
             raise RuntimeError(f"transform did not take every event: {bad}; see {self.log_file}")
-        self.peak_rss_bytes = max(self.peak_rss_bytes, self.memory().rss_bytes)
         return time.monotonic() - started
+
+    async def _poll(self) -> dict[str, float]:
+        """Events committed since the process started, by outcome; samples the peaks on the way."""
+        text = await self.metrics()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, self.memory().rss_bytes)
+        self.peak_live_in_memory = max(
+            self.peak_live_in_memory, round(sample_total(text, "flightlog_transform_states"))
+        )
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "flightlog_transform_events_total":
+                    out[sample.labels["outcome"]] = out.get(sample.labels["outcome"], 0.0) + sample.value
+        return out
 
     async def read_changelog(self) -> ChangelogFold:
         """Fold the changelog up to its last stable offset (read_committed, as a restore reads)."""
@@ -418,6 +429,9 @@ class TransformMemoryRun:
     end: Memory  # after every message
     peak_rss_bytes: int  # highest VmRSS sampled while transform worked
     run_s: float  # the messages after the warm-up, first send to last commit
+    final_state_ttl_s: float
+    sweep_interval_s: float
+    peak_live_in_memory: int  # the process's states gauge, highest sampled
     live_at_end: int  # states live in the changelog right after the last commit
     live_after_sweep: int
     sweep_wait_s: float
@@ -467,9 +481,15 @@ async def bench_transform_memory(
         restore = await t.restart()
         progress(f"  restart: {restore.states:,} states restored in {restore.seconds:.2f} s")
         return TransformMemoryRun(
-            messages, warmup, body_bytes, ready, warm, end, t.peak_rss_bytes, run_s,
-            live_at_end, live_after, sweep_wait_s, records, restore,
+            messages, warmup, body_bytes, ready, warm, end, t.peak_rss_bytes, run_s, final_state_ttl_s,
+            sweep_interval_s, t.peak_live_in_memory, live_at_end, live_after, sweep_wait_s, records,
+            restore,
         )  # fmt: skip
+
+
+def _compaction_settings() -> str:
+    config = next(s.config for s in TOPICS if s.name == TRANSFORM_STATE)
+    return ", ".join(f"{k} {v}" for k, v in config.items() if k != "cleanup.policy")
 
 
 def _mib(n: float) -> str:
@@ -492,7 +512,8 @@ async def transform_memory_stage(
     warmup = max(1, messages // 10)
     sample = next(inbound_events(1, 1, body_bytes, prefix="tmem-size-"))
     size = len(encode(sample))
-    produce, _ = await raw_kafka(kafka, max(500, messages // 10), size)
+    # enough records that the rate is not mostly the producer's start-up
+    produce, _ = await raw_kafka(kafka, max(2_000, messages // 5), size)
     report.add(Figure(f"raw Kafka produce (aiokafka, acks=all, {size:,} B)", produce, "msgs/s"), progress)
     run = await bench_transform_memory(
         kafka, state_dir or StackSettings().state_dir, messages=messages, warmup=warmup,
@@ -513,6 +534,15 @@ async def transform_memory_stage(
     )
     report.add(
         Figure(
+            f"transform RSS after {run.messages:,} messages of ~{body_bytes / 1000:,.0f} KB",
+            run.end.rss_bytes / 2**20,
+            "MiB",
+            note=f"{run.ready.rss_bytes / 2**20:,.1f} MiB before the first message",
+        ),
+        progress,
+    )
+    report.add(
+        Figure(
             f"transform RSS growth per 1,000 messages (~{body_bytes / 1000:,.0f} KB each)",
             run.growth_per_thousand_bytes / 1024,
             "KiB",
@@ -525,11 +555,12 @@ async def transform_memory_stage(
     )
     report.add(
         Figure(
-            "transform live states after the run",
+            "transform live states after the run (changelog, as a restore reads it)",
             run.live_at_end,
             "states",
-            note=f"{run.live_after_sweep:,} after the sweep ({run.sweep_wait_s:.1f} s later; final-state "
-            f"TTL 1 s, sweep every 0.5 s); in the changelog, as a restore reads it",
+            note=f"{run.live_after_sweep:,} after the sweep, {run.sweep_wait_s:.1f} s later; at most "
+            f"{run.peak_live_in_memory:,} in memory during the run (flightlog_transform_states); "
+            f"final-state TTL {run.final_state_ttl_s:g} s, sweep every {run.sweep_interval_s:g} s",
         ),
         progress,
     )
@@ -539,7 +570,7 @@ async def transform_memory_stage(
             run.restore.seconds,
             "s",
             note=f"{run.restore.states:,} states restored from {run.changelog_records:,} changelog "
-            f"records (not yet compacted: min.compaction.lag.ms 60 s, segment.ms 1 h); ready "
+            f"records (not compacted yet: {_compaction_settings()}); ready "
             f"{run.restore.ready_s:.1f} s after start, RSS {_mib(run.restore.rss_bytes)}",
         ),
         progress,
