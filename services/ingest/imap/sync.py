@@ -34,7 +34,16 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from libs.aio import cancelling, raise_if_cancelling, wait_for
-from libs.events import Direction, Event, EventType, MessageContent, MessageFlags, encode, message_key_bytes
+from libs.events import (
+    Direction,
+    Event,
+    EventType,
+    MessageContent,
+    MessageFlags,
+    encode,
+    message_key_bytes,
+    storable_utc,
+)
 from libs.kafka import INFLIGHT
 from libs.mime import MAX_RAW_BYTES, message_id_of
 from libs.shards import ShardError
@@ -50,7 +59,7 @@ from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.store import AccountRow, FolderRow, SyncStore, UidEntry
 from services.ingest.imap.uids import UidSet, format_uid_set, plan_fetch_batches
 
-__all__ = ["AccountSync", "backoff_s", "message_key"]
+__all__ = ["AccountSync", "backoff_s", "internaldate", "message_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +110,14 @@ def _flag_text(flags: Iterable[str]) -> str:
     return " ".join(sorted(f for f in flags if f.lower() != "\\recent"))
 
 
-def _internaldate(value: str | None) -> datetime:
+def internaldate(value: str | None) -> datetime:
+    """The server's INTERNALDATE, or now when it is missing, malformed or not storable (a hostile
+    server's year 0999 would otherwise fail the event, and the folder's sync with it, for ever)."""
     if value:
         try:
-            return datetime.strptime(value.strip(), "%d-%b-%Y %H:%M:%S %z")
+            when = datetime.strptime(value.strip(), "%d-%b-%Y %H:%M:%S %z")
+            storable_utc(when)
+            return when
         except ValueError:
             pass
     return datetime.now(UTC)
@@ -565,7 +578,7 @@ class AccountSync:
             account_id=self.account_id,
             message_key=key,
             type=EventType.SYNCED,
-            occurred_at=_internaldate(item.internaldate),
+            occurred_at=internaldate(item.internaldate),
             source=SOURCE,
             direction=Direction.OUTBOUND if folder.role in ("sent", "drafts") else Direction.INBOUND,
             content=MessageContent(
