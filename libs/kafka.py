@@ -46,7 +46,14 @@ PERSIST_RETRY: Final = "flightlog.persist-retry"
 IMAP_ACCOUNTS: Final = "flightlog.imap-accounts"
 
 _WEEK_MS: Final = 7 * 24 * 3600 * 1000
-_COMPACTED: Final = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000", "segment.ms": "3600000"}
+# Tombstones stay an hour after compaction (the default is a day): transform's restore reads each
+# one, and every expired message state leaves one. A restore takes seconds, far below the hour.
+_COMPACTED: Final = {
+    "cleanup.policy": "compact",
+    "min.compaction.lag.ms": "60000",
+    "segment.ms": "3600000",
+    "delete.retention.ms": "3600000",
+}
 
 
 @dataclass(frozen=True, slots=True)
