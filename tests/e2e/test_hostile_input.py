@@ -177,6 +177,7 @@ class Api:
 
     def __init__(self, http: aiohttp.ClientSession, pipeline: Pipeline, api_key: str) -> None:
         self.http = http
+        self.pipeline = pipeline
         self.ingest = pipeline.url("ingest")
         self.gateway = pipeline.url("gateway")
         self.auth = {"Authorization": f"Bearer {api_key}"}
@@ -288,8 +289,14 @@ async def assert_ordinary_queryable(
     left = await wait_until(missing, sent_at + QUERYABLE_WITHIN_S)
     if left is not None:
         poison = "stored" if poison_key in seen else "not stored"
+        # The consumer groups are shared with every pipeline on the stack: a rebalance shows here.
+        logs = "\n".join(
+            f"--- {name}:\n{api.pipeline.services[name].proc.log_tail(8)}"
+            for name in ("transform", "persist")
+        )
         pytest.fail(
-            f"{left} not queryable {QUERYABLE_WITHIN_S:.0f} s after they were sent (the poison: {poison})"
+            f"{left} not queryable {QUERYABLE_WITHIN_S:.0f} s after they were sent (the poison: {poison})\n"
+            + logs
         )
 
 
@@ -324,14 +331,15 @@ async def assert_settled(
 
 
 async def assert_dead_lettered_at_ingest(dlq: DeadLetters, event_id: str, field_name: str) -> None:
-    """ingest writes a refused item to the DLQ before it answers 422: it is there already."""
+    """ingest writes a refused item to the DLQ before it answers 422, so it is there by now (the
+    wait is only for this consumer's fetches)."""
     needle = event_id.encode()
 
-    async def absent() -> str | None:
+    async def not_found() -> str | None:
         found = [d for d in await dlq.read() if d.value is not None and needle in d.value]
         return None if found else "the refused item"
 
-    assert await wait_until(absent, time.monotonic() + 10) is None, "the refused item is not in the DLQ"
+    assert await wait_until(not_found, time.monotonic() + 10) is None, "the refused item is not in the DLQ"
     (letter,) = [d for d in dlq.seen if d.value is not None and needle in d.value]
     assert letter.stage == "ingest" and field_name in letter.reason, letter
 
