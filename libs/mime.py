@@ -202,6 +202,8 @@ def html_to_text(body: str) -> str:
             pos = end if close < 0 else close + 3
             out.append(" ")
             continue
+        if lt == end - 1:
+            break  # a tag cut short at its "<" (a snippet's cut), not text
         name = _TAG_NAME.match(body, lt + 1)
         if name is None and not body.startswith(("<!", "<?"), lt):
             out.append("<")  # "a < b": text

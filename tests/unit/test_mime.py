@@ -157,6 +157,7 @@ def test_plain_ascii_header_shortcut_matches_the_full_decode(text: str) -> None:
         ("x<!-- <p>hidden</p> -->y", "x y"),
         ("x<!DOCTYPE html>y<?xml version='1.0'?>z", "x y z"),
         ("kept <b unclosed", "kept "),
+        ("kept <div><", "kept  "),
         ("kept<script>never closed", "kept "),
         ("kept<!-- never closed", "kept "),
         ("&lt;script&gt; is text", "<script> is text"),
