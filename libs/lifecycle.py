@@ -283,7 +283,9 @@ def _merge_content(state: MessageState, content: MessageContent | None, rank: in
         return
     for name in _CONTENT_FIELDS:
         value = getattr(content, name)
-        if value is None:
+        if value is None or value == []:
+            # An empty list says nothing, as persist stores it (a NULL that keeps what is stored):
+            # taking it would let the order of arrival decide between it and a late fill.
             continue
         if name in _ERASABLE and (state.redacted or state.deleted):
             continue
