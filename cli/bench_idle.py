@@ -162,7 +162,7 @@ async def idle_stage(
     *,
     quick: bool,
 ) -> IdleBench:
-    """Run :func:`bench_idle_accounts` and add its figures (beside the DESIGN.md target)."""
+    """Run :func:`bench_idle_accounts` and add its figures (beside the target in docs/architecture.md)."""
     result = await bench_idle_accounts(
         db, gateway_url, accounts=100 if quick else 1_000, window_s=15.0 if quick else 60.0
     )
@@ -174,7 +174,7 @@ async def idle_stage(
             "% of a core",
             note=f"ingest used {result.core_share:.2%} of a core over {result.window_s:.0f} s "
             f"({result.baseline_core_share:.2%} before the accounts); {result.connections:,} IMAP "
-            "connections held; target <= 0.1 % each at 1,000 accounts (DESIGN.md)",
+            "connections held; target <= 0.02 % each at 1,000 accounts (docs/architecture.md)",
         ),
         progress,
     )

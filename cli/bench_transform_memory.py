@@ -1,6 +1,6 @@
 """Transform memory over many large messages: ``flightlog bench``'s transform-memory stage.
 
-DESIGN.md's target is that transform's RSS and restore time do not grow with the number of
+The target (docs/architecture.md) is that transform's RSS and restore time do not grow with the number of
 messages ever processed. This stage runs a real transform process (``python -m
 services.transform``) on topics of its own, with a short final-state TTL and sweep interval, and
 feeds it inbound messages with bodies of ``body_bytes`` (one ``message.received`` with the

@@ -1,7 +1,8 @@
 """Typed settings read from ``FLIGHTLOG_*`` environment variables.
 
 Every service builds one settings object at start-up; a malformed value fails loudly there, not
-on first use. Defaults are the local stack's addresses (see DESIGN.md, "Real parts").
+on first use. Defaults are the local stack's addresses (docs/architecture.md); every variable
+is listed in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ class _Base(BaseSettings):
 
 
 class KafkaSettings(_Base):
+    """How every producer, consumer and admin client reaches Kafka.
+
+    ``kafka_bootstrap_servers`` is a comma-separated ``host:port`` list; ``kafka_request_timeout_ms``
+    bounds each request of any client; ``kafka_linger_ms`` and ``kafka_max_batch_bytes`` are the
+    producers' ``linger_ms`` and ``max_batch_size``.
+    """
+
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_request_timeout_ms: int = 30_000
     kafka_linger_ms: int = 5

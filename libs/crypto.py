@@ -33,6 +33,12 @@ class UndecryptableSecret(CryptoError):
 
 
 class SecretsSettings(BaseSettings):
+    """``secrets_key``: comma-separated Fernet keys that encrypt IMAP passwords at rest.
+
+    The first key encrypts, every key decrypts, so a key is rotated by putting the new one first.
+    The default is for development only.
+    """
+
     model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
 
     secrets_key: str = DEV_SECRETS_KEY

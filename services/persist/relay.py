@@ -54,6 +54,13 @@ _active = Gauge("flightlog_relay_active", "1 while this process holds the relay 
 
 
 class RelaySettings(DatabaseSettings):
+    """The change relay inside persist.
+
+    ``relay_enabled`` false runs persist without the relay (one relay publishes at a time, whatever
+    the number of persist replicas that run one); ``relay_batch_size`` is the most change rows read from a
+    shard at once; ``relay_error_backoff_s`` is the pause after a failed read or publish.
+    """
+
     relay_enabled: bool = True
     relay_batch_size: int = 1000
     relay_idle_poll_ms: int = 50  # how often an idle shard is read again

@@ -4,8 +4,8 @@ Each case sends one poison to an account of its own (posted to ingest, or APPEND
 account's Dovecot mailbox for the pipeline's IMAP sync to pick up), then ordinary messages on the
 same account whose keys hash to the poison's Kafka partition, so in transform and persist they
 queue right behind it. Every ordinary message must be queryable through the gateway within 10 s
-of being sent (DESIGN.md's target, waited for as a deadline, not timed as a speed), and the poison
-must end one of three ways: stored (its parse warnings read through the gateway), dead-lettered
+of being sent (docs/architecture.md's target, waited for as a deadline, not timed as a speed), and
+the poison must end one of three ways: stored (its parse warnings read through the gateway), dead-lettered
 with its reason (``flightlog.dlq`` read from where it ended when the test began), or refused at
 ingest with a 4xx problem document naming the problem (and, for a refused item, dead-lettered by
 ingest with the field named).
@@ -58,7 +58,7 @@ from tests.e2e.hostile import (
 pytestmark = pytest.mark.e2e
 
 ORDINARY: Final = 3  # ordinary messages behind each poison
-QUERYABLE_WITHIN_S: Final = 10.0  # DESIGN.md: "ordinary messages behind it queryable within 10 s"
+QUERYABLE_WITHIN_S: Final = 10.0  # docs/architecture.md: "ordinary messages behind it queryable within 10 s"
 # The target bounds the messages behind a poison, not the poison's own verdict: a parse that runs
 # out of its time budget, or a write charged its attempts before the DLQ, may take longer.
 SETTLED_WITHIN_S: Final = 30.0

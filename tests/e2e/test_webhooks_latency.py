@@ -1,6 +1,7 @@
 """Event-to-delivery latency at a steady rate: from the change row's commit (its ``created_at``,
 the payload's ``timestamp``) to the receiver reading the request. Prints p50/p99; the target in
-DESIGN.md is p99 <= 500 ms; the assertion is only a sanity bound (benchmarks are not timed tests)."""
+docs/architecture.md is p99 <= 200 ms; the assertion is only a sanity bound (benchmarks are not timed
+tests)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""transform's memory and restored state stay bounded over many large messages (DESIGN.md target).
+"""transform's memory and restored state stay bounded over many large messages.
+
+A target in docs/architecture.md.
 
 A real transform process (``python -m services.transform``, topics of its own) with a 1 s
 final-state TTL takes 20,000 inbound messages of 50 KB bodies. Kept, they would be about 1 GB

@@ -12,6 +12,16 @@ __all__ = ["WebhookSettings"]
 
 
 class WebhookSettings(ServiceSettings):
+    """The webhook API's limits and the dispatcher's delivery policy (read by the gateway).
+
+    ``webhooks_request_timeout_s`` bounds one delivery attempt; ``webhooks_retry_max_delay_s`` caps
+    the backoff between attempts; ``webhooks_consumer_group`` is the dispatcher's group on
+    flightlog.changes; ``webhooks_max_endpoints_per_application`` and
+    ``webhooks_replay_max_deliveries`` cap the API (endpoints per application, deliveries one replay
+    may queue); ``webhooks_response_excerpt_bytes`` is how much of a receiver's answer the delivery
+    log keeps.
+    """
+
     # false: the gateway serves the API only, the dispatcher runs as
     # `python -m services.gateway.webhooks` (either way, one instance delivers at a time)
     webhooks_dispatcher_in_gateway: bool = True

@@ -13,6 +13,15 @@ __all__ = ["ImapSettings"]
 
 
 class ImapSettings(BaseSettings):
+    """IMAP sync in ingest.
+
+    ``imap_sync_enabled`` false leaves the accounts to other ingest instances (this one serves
+    ``POST /v1/events`` only); ``imap_consumer_group`` is the group that splits
+    flightlog.imap-accounts between instances; ``imap_command_timeout_s`` bounds one IMAP command;
+    a failed connection is retried after ``imap_backoff_base_s``, doubled up to
+    ``imap_backoff_max_s``.
+    """
+
     model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
 
     imap_sync_enabled: bool = True
