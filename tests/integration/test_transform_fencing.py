@@ -106,7 +106,7 @@ async def _wait(check: Callable[[], Awaitable[bool]], what: str) -> None:
     deadline = time.monotonic() + WAIT_S
     while not await check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
+            raise AssertionError(f"gave up waiting for {what}: {check}")
         await asyncio.sleep(0.2)
 
 
@@ -193,13 +193,20 @@ async def _committed_once(env: Env) -> set[tuple[str, int]]:
     return set(seen)
 
 
-def _postflight_is(env: Env, expected: set[tuple[str, int]]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        seen = await _committed_once(env)
-        assert seen <= expected, f"records no single worker writes: {sorted(seen - expected)[:5]}"
-        return seen == expected
+class _PostflightIs:
+    """The condition that ``env``'s postflight holds ``expected``; says what is missing if not."""
 
-    return check
+    def __init__(self, env: Env, expected: set[tuple[str, int]]) -> None:
+        self.env, self.expected, self.missing = env, expected, expected
+
+    async def __call__(self) -> bool:
+        seen = await _committed_once(self.env)
+        assert seen <= self.expected, f"records no single worker writes: {sorted(seen - self.expected)[:5]}"
+        self.missing = self.expected - seen
+        return not self.missing
+
+    def __str__(self) -> str:
+        return f"{len(self.missing)} missing records, e.g. {sorted(self.missing)[:10]}"
 
 
 async def _take_over(env: Env, second_id: str) -> Fenced | Committed:
@@ -236,7 +243,7 @@ async def _take_over(env: Env, second_id: str) -> Fenced | Committed:
                 assert before <= expected
 
                 await _wait(_running(b, task), "B to own every partition, states restored")
-                await _wait(_postflight_is(env, expected), "B to write every remaining record")
+                await _wait(_PostflightIs(env, expected), "B to write every remaining record")
             finally:
                 stopping.set()
                 with contextlib.suppress(asyncio.CancelledError):
