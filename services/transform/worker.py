@@ -9,8 +9,8 @@ partition is assigned, in the background while the partition is paused (the reba
 returns at once, so the member keeps its place in the group however long the changelog is).
 A lock held from the end of ``getmany`` until the transaction ends keeps rebalances (whose
 listener aiokafka awaits) out of the middle of a transaction, and a batch fetched across a
-rebalance is dropped: aiokafka restarts the new assignment at the committed offsets, so it is
-read again.
+rebalance is dropped and its partitions that are still assigned are sought back to its first
+record (aiokafka does not reset a partition kept across a rebalance), so it is read again.
 
 Size: an event whose message would not fit one Kafka record (state or postflight larger than
 :data:`MAX_RECORD_BYTES`, e.g. bodies parsed from raw MIME that grew in UTF-8) goes to the DLQ
@@ -84,6 +84,14 @@ EXPIRED_STATES = Counter(
     "flightlog_transform_expired_states_total", "States tombstoned by the sweep", ["kind"]
 )
 LIVE_STATES = Gauge("flightlog_transform_states", "Message states in memory, by kind", ["kind"])
+
+
+def _retrieve_failures(sends: list[Awaitable[Any]]) -> None:
+    """Mark the sends of an aborted transaction as seen: they fail with it (ProducerFenced, a
+    broken connection), and asyncio would log each unread failure as a bug."""
+    for send in sends:
+        if isinstance(send, asyncio.Future):
+            send.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 class TransformStopped(RuntimeError):
@@ -340,8 +348,11 @@ class TransformWorker:
         decoded = await self._decode(batch)
         async with self._lock:
             if generation != self._generation or self._fatal is not None:
-                return 0  # fetched across a rebalance: read again from the committed offsets
-            batch = {tp: recs for tp, recs in batch.items() if recs and tp.partition in self._states}
+                self._read_again(batch)  # fetched across a rebalance
+                return 0
+            held = {tp: recs for tp, recs in batch.items() if recs and tp.partition in self._states}
+            self._read_again({tp: recs for tp, recs in batch.items() if tp not in held})  # restoring
+            batch = held
             if not batch:
                 return 0
             started = time.perf_counter()
@@ -351,6 +362,15 @@ class TransformWorker:
             EVENTS.labels(outcome).inc(n)
         POSTFLIGHT_RECORDS.inc(counts.get(OutcomeKind.EMITTED.value, 0))
         return sum(len(recs) for recs in batch.values())
+
+    def _read_again(self, batch: _Batch) -> None:
+        """Seek each still assigned partition back to the first record of ``batch`` left unprocessed:
+        the consumer's position is past them, and a partition kept across a rebalance (or paused
+        while its state is restored) is not reset to its committed offset."""
+        assigned = self._consumer.assignment()
+        for tp, records in batch.items():
+            if records and tp in assigned:
+                self._consumer.seek(tp, records[0].offset)
 
     async def _decode(self, batch: _Batch) -> _Decoded:
         """Each record's event, its raw MIME parsed in the pool, or why it cannot be decoded.
@@ -448,9 +468,9 @@ class TransformWorker:
     async def _transact(self, batch: _Batch, decoded: _Decoded) -> dict[str, int]:
         snapshot: _Snapshot = {}
         counts: dict[str, int] = {}
+        sends: list[Awaitable[Any]] = []
         await self._producer.begin_transaction()
         try:
-            sends: list[Awaitable[Any]] = []
             for tp, records in batch.items():
                 states = self._states[tp.partition]
                 dirty: set[bytes] = set()
@@ -475,6 +495,7 @@ class TransformWorker:
             offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
             await self._producer.send_offsets_to_transaction(offsets, self.group_id)
         except BaseException as exc:
+            _retrieve_failures(sends)
             self._rewind(batch, snapshot)
             if not isinstance(exc, ProducerFenced):
                 await self._abort()
