@@ -340,15 +340,17 @@ def _set_up(*, services: bool) -> None:
         services_up()
 
 
-def _stages_help() -> str:
+BENCH_DOC = "Measure every stage beside the raw limits of this machine, in one run (starts what it needs)."
+
+
+def _bench_help() -> str:
+    """The command's line, then its stages: a paragraph of its own keeps one line per stage."""
     width = max(len(s.name) for s in STAGES)
-    return (
-        "Comma-separated stages to run, in run order whatever the order given (default: all): "
-        + "; ".join(f"{s.name.ljust(width)}: {s.summary}" for s in STAGES)
-    )
+    stages = "\n".join(f"{s.name.ljust(width)}  {s.summary}" for s in STAGES)
+    return f"{BENCH_DOC}\n\nStages, in the order they run (--stages takes their names):\n{stages}"
 
 
-@app.command("bench")
+@app.command("bench", help=_bench_help())
 def bench(
     quick: Annotated[bool, typer.Option(help="Shorter runs (a smoke test of the benchmark).")] = False,
     write_md: Annotated[
@@ -360,9 +362,11 @@ def bench(
     profile: Annotated[
         bool, typer.Option(help="Sample the pipeline services with py-spy during the overload stage.")
     ] = True,
-    stages: Annotated[str | None, typer.Option(help=_stages_help())] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated stages to run, e.g. transform-memory,gateway (default: all)."),
+    ] = None,
 ) -> None:
-    """Measure every stage beside the raw limits of this machine, in one run (starts what it needs)."""
     try:
         chosen = select_stages(stages.split(",")) if stages is not None else list(STAGES)
     except ValueError as exc:
@@ -407,7 +411,7 @@ def command_lines(typer_app: typer.Typer = app, prefix: str = "") -> list[tuple[
         if info.typer_instance is not None and info.name is not None:
             lines += command_lines(info.typer_instance, f"{prefix}{info.name} ")
     for command in typer_app.registered_commands:
-        doc = (command.callback.__doc__ or "").strip() if command.callback else ""
+        doc = (command.help or (command.callback.__doc__ if command.callback else None) or "").strip()
         name = command.name or (command.callback.__name__ if command.callback else "")
         lines.append((f"{prefix}{name}", doc.splitlines()[0] if doc else ""))
     return sorted(lines)
