@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shlex
 import shutil
 import sys
 from collections.abc import Sequence
@@ -287,11 +286,12 @@ def _flightlog_command() -> str:
 
 def next_steps(flightlog: str = "flightlog", now: datetime | None = None) -> list[str]:
     """What a new user types after ``flightlog dev``: an application and its API key, an account,
-    an event. Placeholders in capitals are what the command before prints."""
+    an event. The shell variables ($APP, $KEY, $ACCOUNT, as in the README) hold what the command
+    before printed."""
     ingest = f"http://127.0.0.1:{SERVICE_PORTS['ingest']}"
     gateway = f"http://127.0.0.1:{SERVICE_PORTS['gateway']}"
     event = {
-        "account_id": "ACCOUNT_ID",
+        "account_id": "ACCOUNT",
         "message_key": "hello-1",
         "type": "message.delivered",
         "occurred_at": (now or datetime.now(UTC)).isoformat(timespec="seconds"),
@@ -304,17 +304,18 @@ def next_steps(flightlog: str = "flightlog", now: datetime | None = None) -> lis
             "channel": "email",
         },
     }
-    body = orjson.dumps({"events": [event]}).decode()
+    # single-quoted JSON, closed around $ACCOUNT so the shell fills in the id
+    body = orjson.dumps({"events": [event]}).decode().replace('"ACCOUNT"', "\"'$ACCOUNT'\"")
     return [
         "Next:",
         f"  {flightlog} apps create my-app",
-        "      # prints the application's id (APP_ID) and its API key (API_KEY), shown once",
-        f"  {flightlog} accounts create --application APP_ID --email me@example.com",
-        "      # prints the account's id (ACCOUNT_ID)",
-        f"  curl -H 'Authorization: Bearer API_KEY' -H 'Content-Type: application/json'"
-        f" -d {shlex.quote(body)} {ingest}/v1/events",
+        "      # prints the application's id and its API key, once: APP=<id> KEY=<key>",
+        f"  {flightlog} accounts create --application $APP --email me@example.com",
+        "      # prints the account's id: ACCOUNT=<id>",
+        f"  curl -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' -d '{body}'"
+        f" {ingest}/v1/events",
         "      # 202 once Kafka has it; read it back with",
-        f"      # curl -H 'Authorization: Bearer API_KEY' {gateway}/v1/accounts/ACCOUNT_ID/messages",
+        f'      # curl -H "Authorization: Bearer $KEY" {gateway}/v1/accounts/$ACCOUNT/messages',
     ]
 
 

@@ -108,21 +108,28 @@ def test_nested_steps_print_instead_of_a_second_spinner() -> None:
     assert [line.split(" (")[0] for line in out.getvalue().splitlines()] == ["✓ inner", "✓ outer"]
 
 
+def _as_the_shell_runs_it(line: str, **variables: str) -> list[str]:
+    for name, value in variables.items():
+        line = line.replace(f"${name}", value)
+    return shlex.split(line)
+
+
 def test_dev_ends_with_the_next_three_commands() -> None:
     lines = next_steps(".venv/bin/flightlog", now=datetime(2026, 5, 1, 12, tzinfo=UTC))
     commands = [line.strip() for line in lines if line.startswith("  ") and not line.strip().startswith("#")]
+    assert len(commands) == 3
     assert commands[0] == ".venv/bin/flightlog apps create my-app"
-    assert commands[1] == ".venv/bin/flightlog accounts create --application APP_ID --email me@example.com"
-    curl = shlex.split(commands[2])
-    assert len(commands) == 3 and curl[0] == "curl" and curl[-1] == "http://127.0.0.1:8081/v1/events"
-    assert "Authorization: Bearer API_KEY" in curl
+    assert commands[1] == ".venv/bin/flightlog accounts create --application $APP --email me@example.com"
+    curl = _as_the_shell_runs_it(commands[2], KEY="k3y", ACCOUNT="844424930131969")
+    assert curl[0] == "curl" and curl[-1] == "http://127.0.0.1:8081/v1/events"
+    assert "Authorization: Bearer k3y" in curl
 
 
 def test_the_event_in_the_curl_line_is_one_ingest_takes_and_transform_stores() -> None:
-    curl = shlex.split(next(line for line in next_steps() if "curl" in line and " -d " in line))
-    body = orjson.loads(curl[curl.index("-d") + 1])
-    (item,) = body["events"]
-    event = normalise_item({**item, "account_id": str(3 << 48 | 1)})
-    outcome = apply(None, event)
+    line = next(line for line in next_steps() if "curl" in line and " -d " in line)
+    curl = _as_the_shell_runs_it(line.strip(), KEY="k3y", ACCOUNT=str(3 << 48 | 1))
+    (item,) = orjson.loads(curl[curl.index("-d") + 1])["events"]
+    assert item["account_id"] == str(3 << 48 | 1)
+    outcome = apply(None, normalise_item(item))
     assert outcome.kind is not OutcomeKind.REJECTED
     assert outcome.record is not None and outcome.record.message.subject == "hello"
