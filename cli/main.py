@@ -1,27 +1,32 @@
 """``flightlog``: the operator's command line.
 
-flightlog stack up|down|status     the local Kafka, MariaDB clusters and Dovecot
-flightlog db migrate               global schema, shard map and shard schemas
-flightlog topics create|list       Kafka topics with their partitions and configs
-flightlog shards list              the shard map
-flightlog services up|down|status  the four services as local processes
-flightlog dev                      all of the above, in order: what `make dev` runs
+Its top-level help lists every command with the first line of its docstring (see
+:func:`command_lines`), so a command's docstring opens with one sentence that stands alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
 
+from cli.bench.report import write_benchmarks_md
+from cli.bench.runner import STAGES, run_bench, select_stages
 from cli.dlq import dlq_app
-from cli.services import LocalServices, dev_env
+from cli.progress import Step, Steps, quiet
+from cli.services import SERVICE_PORTS, LocalServices, dev_env
 from cli.stack import Stack, StackError
 from libs.accounts import create_account, create_application
-from libs.config import DatabaseSettings, KafkaSettings, StackSettings
+from libs.config import REPO_ROOT, DatabaseSettings, KafkaSettings, StackSettings
 from libs.db import connect
 from libs.db.migrate import migrate_global, migrate_shard
 from libs.kafka import TOPICS, create_topics
@@ -32,7 +37,12 @@ __all__ = ["app", "main"]
 
 logger = logging.getLogger(__name__)
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+DESCRIPTION = (
+    "The operator's command line: the local stack, schemas, topics, services, tenants and the bench."
+)
+
+# its help is set below, once every command is registered
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 stack_app = typer.Typer(help="The local stack (no Docker engine needed).", no_args_is_help=True)
 db_app = typer.Typer(help="Schemas and migrations.", no_args_is_help=True)
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
@@ -50,9 +60,37 @@ app.add_typer(apps_app, name="apps")
 app.add_typer(accounts_app, name="accounts")
 
 
+def package_version() -> str:
+    try:
+        return version("flightlog")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"flightlog {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
+
+
+# One console for every command's steps, so a step nested in another (dev runs the others) only
+# prints a line instead of starting a second spinner.
+STEPS = Steps()
 
 
 @stack_app.command("up")
@@ -60,7 +98,7 @@ def stack_up() -> None:
     """Start Kafka, the MariaDB clusters and Dovecot (harmless when they already run)."""
     stack = Stack()
     try:
-        stack.up()
+        stack.up(STEPS)
     except StackError as exc:
         _fail(str(exc))
     stack_status()
@@ -91,20 +129,37 @@ def _parse_cluster(text: str) -> tuple[str, str, int]:
         raise typer.BadParameter(f"{text!r}: expected NAME=HOST:PORT") from None
 
 
-async def _migrate(clusters: list[tuple[str, str, int]], shard_count: int) -> None:
+def migration_summary(where: str, applied: Sequence[Sequence[int]], *, shards: bool = True) -> str:
+    """One line for the migrations of a cluster's shards (or, ``shards=False``, of one schema):
+    ``applied`` holds the versions each schema applied."""
+    versions = sorted({v for one in applied for v in one})
+    head = f"{where}: {len(applied)} shard{'' if len(applied) == 1 else 's'}, " if shards else f"{where}: "
+    if not versions:
+        return head + "up to date"
+    listed = ", ".join(f"{v:04d}" for v in versions)
+    text = f"{head}{len(versions)} migration{'' if len(versions) == 1 else 's'} applied ({listed})"
+    changed = sum(1 for one in applied if one)
+    if shards and changed != len(applied):
+        text += f" to {changed} of them"
+    return text
+
+
+async def _migrate(clusters: list[tuple[str, str, int]], shard_count: int, step: Step = quiet) -> None:
     settings = DatabaseSettings()
-    async with connect(settings, settings.global_db_host, settings.global_db_port) as conn:
-        await migrate_global(conn, settings.global_db_name)
+    where = f"global schema {settings.global_db_name} ({settings.global_db_host}:{settings.global_db_port})"
+    with step(f"{where}: migrating") as line:
+        async with connect(settings, settings.global_db_host, settings.global_db_port) as conn:
+            line.text = migration_summary(
+                where, [await migrate_global(conn, settings.global_db_name)], shards=False
+            )
     shard_map = await register_clusters(settings, clusters, shard_count)
     for cluster in shard_map.clusters.values():
-        shards = [s for s, c in shard_map.shard_cluster.items() if c == cluster.cluster_id]
-        async with connect(settings, *cluster.primary) as conn:
-            for shard in sorted(shards):
-                await migrate_shard(conn, shard)
-        typer.echo(
-            f"cluster {cluster.name} ({cluster.primary_host}:{cluster.primary_port}): "
-            f"{len(shards)} shards migrated"
-        )
+        shards = sorted(s for s, c in shard_map.shard_cluster.items() if c == cluster.cluster_id)
+        where = f"cluster {cluster.name} ({cluster.primary_host}:{cluster.primary_port})"
+        with step(f"{where}: migrating {len(shards)} shards") as line:
+            async with connect(settings, *cluster.primary) as conn:
+                applied = [await migrate_shard(conn, shard) for shard in shards]
+            line.text = migration_summary(where, applied)
     typer.echo(f"shard map version {shard_map.version}: {len(shard_map.shard_cluster)} shards")
 
 
@@ -118,14 +173,20 @@ def db_migrate(
 ) -> None:
     """Apply the global and shard migrations; register clusters and spread new shards over them."""
     clusters = [_parse_cluster(c) for c in cluster] if cluster else Stack().clusters()
-    asyncio.run(_migrate(clusters, shards))
+    asyncio.run(_migrate(clusters, shards, STEPS))
 
 
 @topics_app.command("create")
 def topics_create() -> None:
     """Create the flightlog topics that do not exist yet."""
-    created = asyncio.run(create_topics(KafkaSettings()))
-    typer.echo(f"created: {', '.join(created) if created else 'all topics already existed'}")
+    settings = KafkaSettings()
+    with STEPS(f"Kafka topics on {settings.kafka_bootstrap_servers}") as line:
+        created = asyncio.run(create_topics(settings))
+        line.text = (
+            f"topics created: {', '.join(created)}"
+            if created
+            else f"topics: all {len(TOPICS)} already existed"
+        )
 
 
 @topics_app.command("list")
@@ -191,7 +252,7 @@ def services_up() -> None:
 
     A development stack: webhook targets on loopback and private addresses are allowed."""
     try:
-        LocalServices(env=dev_env()).up()
+        LocalServices(env=dev_env()).up(STEPS)
     except StackError as exc:
         _fail(str(exc))
     services_status()
@@ -206,25 +267,91 @@ def services_down() -> None:
 
 @services_app.command("status")
 def services_status() -> None:
+    """Each service with its address and whether it is ready."""
     for name, address, state in LocalServices().status():
         typer.echo(f"{name:<12} {address:<24} {state}")
+
+
+def _flightlog_command() -> str:
+    """How the user runs this command: ``flightlog`` when it is on the PATH, else the virtualenv's
+    script that ``make dev`` installs (the Makefile calls it by path)."""
+    if shutil.which("flightlog"):
+        return "flightlog"
+    script = REPO_ROOT / ".venv" / "bin" / "flightlog"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def next_steps(flightlog: str = "flightlog", now: datetime | None = None) -> list[str]:
+    """What a new user types after ``flightlog dev``: an application and its API key, an account,
+    an event. The shell variables ($APP, $KEY, $ACCOUNT, as in the README) hold what the command
+    before printed."""
+    ingest = f"http://127.0.0.1:{SERVICE_PORTS['ingest']}"
+    gateway = f"http://127.0.0.1:{SERVICE_PORTS['gateway']}"
+    event = {
+        "account_id": "ACCOUNT",
+        "message_key": "hello-1",
+        "type": "message.delivered",
+        "occurred_at": (now or datetime.now(UTC)).isoformat(timespec="seconds"),
+        "direction": "outbound",
+        "content": {
+            "from": "me@example.com",
+            "to": ["you@example.com"],
+            "subject": "hello",
+            "body_text": "hello from flightlog",
+            "channel": "email",
+        },
+    }
+    # single-quoted JSON, closed around $ACCOUNT so the shell fills in the id
+    body = orjson.dumps({"events": [event]}).decode().replace('"ACCOUNT"', "\"'$ACCOUNT'\"")
+    return [
+        "Next:",
+        f"  {flightlog} apps create my-app",
+        "      # prints the application's id and its API key, once: APP=<id> KEY=<key>",
+        f"  {flightlog} accounts create --application $APP --email me@example.com",
+        "      # prints the account's id: ACCOUNT=<id>",
+        f"  curl -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' -d '{body}'"
+        f" {ingest}/v1/events",
+        "      # 202 once Kafka has it; read it back with",
+        f'      # curl -H "Authorization: Bearer $KEY" {gateway}/v1/accounts/$ACCOUNT/messages',
+    ]
 
 
 @app.command("dev")
 def dev() -> None:
     """Bring up the stack, apply schemas, create topics and start every service."""
-    stack_up()
-    db_migrate(cluster=None, shards=StackSettings().shard_count)
-    topics_create()
-    services_up()
+    _set_up(services=True)
     typer.secho(
-        "\nflightlog is running. Gateway: http://127.0.0.1:8080  Ingest: http://127.0.0.1:8081",
+        f"\nflightlog is running. Gateway: http://127.0.0.1:{SERVICE_PORTS['gateway']}"
+        f"  Ingest: http://127.0.0.1:{SERVICE_PORTS['ingest']}",
         fg=typer.colors.GREEN,
     )
+    for line in next_steps(_flightlog_command()):
+        typer.echo(line)
     typer.echo("Stop everything with: make down")
 
 
-@app.command("bench")
+def _set_up(*, services: bool) -> None:
+    stack_up()
+    db_migrate(cluster=None, shards=StackSettings().shard_count)
+    topics_create()
+    if services:
+        services_up()
+
+
+BENCH_DOC = "Measure every stage beside the raw limits of this machine, in one run (starts what it needs)."
+
+
+def _bench_help() -> str:
+    """The command's line, then its stages: a paragraph of its own keeps one line per stage."""
+    width = max(len(s.name) for s in STAGES)
+    stages = "\n".join(f"{s.name.ljust(width)}  {s.summary}" for s in STAGES)
+    return f"{BENCH_DOC}\n\nStages, in the order they run (--stages takes their names):\n{stages}"
+
+
+@app.command("bench", help=_bench_help())
 def bench(
     quick: Annotated[bool, typer.Option(help="Shorter runs (a smoke test of the benchmark).")] = False,
     write_md: Annotated[
@@ -236,18 +363,25 @@ def bench(
     profile: Annotated[
         bool, typer.Option(help="Sample the pipeline services with py-spy during the overload stage.")
     ] = True,
+    stages: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated stages to run, e.g. transform-memory,gateway (default: all)."),
+    ] = None,
 ) -> None:
-    """Measure every stage beside the raw limits of this machine, in one run (starts what it needs)."""
-    from pathlib import Path
-
-    from cli.bench import run_bench, write_benchmarks_md
-    from libs.config import REPO_ROOT
-
-    dev()
+    try:
+        chosen = select_stages(stages.split(",")) if stages is not None else list(STAGES)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--stages") from None
+    if write_md and len(chosen) != len(STAGES):
+        # BENCHMARKS.md is one run of every stage; a part of one would drop the others' figures
+        raise typer.BadParameter("rewrites the whole file: run every stage with it", param_hint="--write-md")
+    # the stages that measure the running services need them; the others start what they measure
+    _set_up(services=any(s.needs == "services" for s in chosen))
     out = Path(json_path)
     report = asyncio.run(
         run_bench(
             lambda line: typer.echo(line, err=True),
+            stages=chosen,
             quick=quick,
             profile_dir=out.parent / "profiles" if profile else None,
         )
@@ -271,8 +405,35 @@ def down() -> None:
     stack_down()
 
 
+def command_lines(typer_app: typer.Typer = app, prefix: str = "") -> list[tuple[str, str]]:
+    """Every command under ``typer_app`` as (its words, the first line of its docstring)."""
+    lines: list[tuple[str, str]] = []
+    for info in typer_app.registered_groups:
+        if info.typer_instance is not None and info.name is not None:
+            lines += command_lines(info.typer_instance, f"{prefix}{info.name} ")
+    for command in typer_app.registered_commands:
+        doc = (command.help or (command.callback.__doc__ if command.callback else None) or "").strip()
+        name = command.name or (command.callback.__name__ if command.callback else "")
+        lines.append((f"{prefix}{name}", doc.splitlines()[0] if doc else ""))
+    return sorted(lines)
+
+
+def _top_level_help() -> str:
+    lines = command_lines()
+    width = max(len(words) for words, _ in lines)
+    # typer joins the lines of the first paragraph only: the list is a paragraph of its own
+    return "\n\n".join([DESCRIPTION, "\n".join(f"{w.ljust(width)}  {doc}" for w, doc in lines)])
+
+
+app.info.help = _top_level_help()
+
+
 def main() -> None:
     configure_logging("console", "INFO")
+    # The migrations and topics are summarised by the steps above: one line per cluster instead
+    # of one per shard and migration. Warnings still show.
+    for name in ("libs.db.migrate", "libs.kafka"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         app()
     except StackError as exc:

@@ -10,6 +10,7 @@ from urllib.error import URLError
 from urllib.request import urlopen
 
 from cli.procs import ManagedProcess, ProcessError, wait_until
+from cli.progress import Step, quiet
 from cli.stack import Dovecot, StackError
 from libs.config import REPO_ROOT, StackSettings
 
@@ -80,11 +81,13 @@ class LocalServices:
         state_dir = (settings or StackSettings()).state_dir
         self.services = {n: LocalService(n, p, state_dir, env) for n, p in SERVICE_PORTS.items()}
 
-    def up(self) -> None:
+    def up(self, step: Step = quiet) -> None:
+        # all four start at once; then each is awaited in turn, and shown as it becomes ready
         for svc in self.services.values():
             svc.start(wait_s=0)
         for svc in self.services.values():
-            svc.wait_ready()
+            with step(f"{svc.name} ready on {svc.address}"):
+                svc.wait_ready()
 
     def down(self) -> list[str]:
         return [name for name, svc in reversed(self.services.items()) if svc.proc.stop(timeout_s=40)]

@@ -13,7 +13,6 @@ import base64
 import fcntl
 import hashlib
 import imaplib
-import logging
 import os
 import shutil
 import subprocess
@@ -22,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli.procs import ManagedProcess, ProcessError, port_answers, wait_until
+from cli.progress import Step, quiet
 from libs.config import REPO_ROOT, StackSettings
 
 __all__ = ["Dovecot", "Kafka", "MariaDB", "Part", "Stack", "StackError"]
-
-logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 # Dovecot 2.3's capabilities after login, less CONDSTORE and QRESYNC.
@@ -55,7 +53,7 @@ def _run(argv: list[str], what: str, **kwargs: object) -> subprocess.CompletedPr
     return result  # type: ignore[no-any-return]
 
 
-def ensure_debian_packages(binaries: dict[str, str]) -> None:
+def ensure_debian_packages(binaries: dict[str, str], step: Step = quiet) -> None:
     """Install the Debian packages whose binaries are missing (``binary -> package``)."""
     missing = sorted({pkg for binary, pkg in binaries.items() if shutil.which(binary) is None})
     if not missing:
@@ -65,10 +63,15 @@ def ensure_debian_packages(binaries: dict[str, str]) -> None:
             f"missing Debian packages {missing}: install them (apt-get install {' '.join(missing)}) "
             "or run `flightlog stack up` as root so it can"
         )
-    logger.info("installing %s with apt-get", missing)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    _run(["apt-get", "update", "-qq"], "apt-get update", env=env)
-    _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], "apt-get install", env=env)
+    with step("apt-get update"):
+        _run(["apt-get", "update", "-qq"], "apt-get update", env=env)
+    with step(f"apt-get install {' '.join(missing)}"):
+        _run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+            "apt-get install",
+            env=env,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,7 @@ class Part:
     name: str
     proc: ManagedProcess
 
-    def up(self) -> None:
+    def up(self, step: Step = quiet) -> None:
         raise NotImplementedError
 
     def down(self) -> bool:
@@ -108,7 +111,7 @@ class Kafka(Part):
     def address(self) -> str:
         return f"{HOST}:{self.settings.kafka_port}"
 
-    def classpath(self) -> str:
+    def classpath(self, step: Step = quiet) -> str:
         """Resolve the broker's jars with Maven once per version of the pom."""
         cp_file = self.dir / "classpath.txt"
         stamp = self.dir / "classpath.pom-sha256"
@@ -118,19 +121,19 @@ class Kafka(Part):
                 if shutil.which(tool) is None:
                     raise StackError(f"{tool} is not installed: Kafka needs Java 17 and Maven")
             self.dir.mkdir(parents=True, exist_ok=True)
-            logger.info("resolving Kafka jars with Maven (first run only)")
-            _run(
-                [
-                    "mvn",
-                    "-q",
-                    "-B",
-                    "-f",
-                    str(self.pom),
-                    "dependency:build-classpath",
-                    f"-Dmdep.outputFile={cp_file}",
-                ],
-                "mvn dependency:build-classpath",
-            )
+            with step("resolving Kafka's jars with Maven (first run only)"):
+                _run(
+                    [
+                        "mvn",
+                        "-q",
+                        "-B",
+                        "-f",
+                        str(self.pom),
+                        "dependency:build-classpath",
+                        f"-Dmdep.outputFile={cp_file}",
+                    ],
+                    "mvn dependency:build-classpath",
+                )
             stamp.write_text(digest)
         return cp_file.read_text().strip()
 
@@ -200,7 +203,7 @@ class Kafka(Part):
             *args,
         ]
 
-    def up(self) -> None:
+    def up(self, step: Step = quiet) -> None:
         if self.proc.running():
             return
         if port_answers(HOST, self.settings.kafka_port):
@@ -208,20 +211,29 @@ class Kafka(Part):
                 f"port {self.settings.kafka_port} is taken by a process this stack did not start"
             )
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.classpath(step)  # Maven's step first, so the steps below find the jars resolved
         props = self._write_config()
         if not (self.dir / "data" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            _run(
-                self._java(
-                    "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), "--standalone"
-                ),
-                "kafka storage format",
-            )
-        self.proc.start(self._java("kafka.Kafka", str(props), heap_mb=self.settings.kafka_heap_mb))
-        try:
-            wait_until(self._answers, 90, f"Kafka on {self.address}")
-        except ProcessError as exc:
-            raise StackError(f"{exc}\n{self.proc.log_tail()}") from None
+            with step("kafka: formatting its storage"):
+                _run(
+                    self._java(
+                        "kafka.tools.StorageTool",
+                        "format",
+                        "-t",
+                        cluster_id,
+                        "-c",
+                        str(props),
+                        "--standalone",
+                    ),
+                    "kafka storage format",
+                )
+        with step(f"starting kafka on {self.address}"):
+            self.proc.start(self._java("kafka.Kafka", str(props), heap_mb=self.settings.kafka_heap_mb))
+            try:
+                wait_until(self._answers, 90, f"Kafka on {self.address}")
+            except ProcessError as exc:
+                raise StackError(f"{exc}\n{self.proc.log_tail()}") from None
         self.proc.detach()
 
     def _answers(self) -> bool:
@@ -279,36 +291,45 @@ class MariaDB(Part):
         except FileNotFoundError:
             return ""
 
-    def up(self) -> None:
+    def up(self, step: Step = quiet) -> None:
         ensure_debian_packages(
             {
                 "mariadbd": "mariadb-server",
                 "mariadb-install-db": "mariadb-server",
                 "mariadb": "mariadb-client",
                 "mariadb-admin": "mariadb-client",
-            }
+            },
+            step,
         )
         if not self.proc.running():
-            self._start()
+            self._start(step)
         self._grant()
 
-    def _start(self) -> None:
+    def _start(self, step: Step) -> None:
         if port_answers(HOST, self.port):
             raise StackError(f"port {self.port} is taken by a process this stack did not start")
         data = self.dir / "data"
         if not (data / "mysql").is_dir():
             data.mkdir(parents=True, exist_ok=True)
-            _run(
-                [
-                    "mariadb-install-db",
-                    "--no-defaults",
-                    f"--datadir={data}",
-                    "--user=root",
-                    "--auth-root-authentication-method=socket",
-                    "--skip-test-db",
-                ],
-                f"{self.name}: mariadb-install-db",
-            )
+            with step(f"{self.name}: creating its data directory"):
+                self._install_db(data)
+        with step(f"starting {self.name} on {self.address}"):
+            self._run_server(data)
+
+    def _install_db(self, data: Path) -> None:
+        _run(
+            [
+                "mariadb-install-db",
+                "--no-defaults",
+                f"--datadir={data}",
+                "--user=root",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+            ],
+            f"{self.name}: mariadb-install-db",
+        )
+
+    def _run_server(self, data: Path) -> None:
         self.proc.start(
             [
                 "mariadbd",
@@ -553,26 +574,27 @@ protocol imap {{
             + (f"imap_capability = {self.capability}\n" if self.capability else "")
         )
 
-    def up(self) -> None:
-        ensure_debian_packages({"dovecot": "dovecot-imapd", "doveadm": "dovecot-core"})
+    def up(self, step: Step = quiet) -> None:
+        ensure_debian_packages({"dovecot": "dovecot-imapd", "doveadm": "dovecot-core"}, step)
         if self.proc.running():
             return
         if port_answers(HOST, self.port):
             raise StackError(f"port {self.port} is taken by a process this stack did not start")
-        self._write_config()
-        # dovecot daemonizes itself and writes run/master.pid, which is our pid file. Its output
-        # goes to a file: a daemon holding our pipes open would block us forever.
-        with open(self.proc.log_file, "ab") as log:
-            result = subprocess.run(
-                ["dovecot", "-c", str(self.conf)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
-        if result.returncode != 0:
-            raise StackError(f"dovecot failed to start:\n{self.proc.log_tail()}")
-        wait_until(lambda: port_answers(HOST, self.port), 30, f"Dovecot on {self.address}")
+        with step(f"starting {self.name} on {self.address}"):
+            self._write_config()  # a first run writes a TLS certificate
+            # dovecot daemonizes itself and writes run/master.pid, which is our pid file. Its output
+            # goes to a file: a daemon holding our pipes open would block us forever.
+            with open(self.proc.log_file, "ab") as log:
+                result = subprocess.run(
+                    ["dovecot", "-c", str(self.conf)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    check=False,
+                )
+            if result.returncode != 0:
+                raise StackError(f"dovecot failed to start:\n{self.proc.log_tail()}")
+            wait_until(lambda: port_answers(HOST, self.port), 30, f"Dovecot on {self.address}")
 
     def down(self) -> bool:
         return self.proc.stop(timeout_s=30)
@@ -601,10 +623,10 @@ class Stack:
     def parts(self) -> list[Part]:
         return [*self.mariadb, self.kafka, self.dovecot, self.dovecot_plain]
 
-    def up(self) -> None:
+    def up(self, step: Step = quiet) -> None:
+        """Start the parts that are not running; ``step`` shows each one that takes a while."""
         for part in self.parts:
-            logger.info("starting %s", part.name)
-            part.up()
+            part.up(step)
 
     def down(self) -> list[str]:
         return [part.name for part in reversed(self.parts) if part.down()]

@@ -17,7 +17,7 @@ from typing import Final
 
 import pytest
 
-from cli.bench_transform_memory import TransformUnderTest
+from cli.bench.transform_memory import TransformUnderTest
 from cli.stack import Stack
 from libs.config import KafkaSettings
 

@@ -1,4 +1,4 @@
-from cli.bench_profile import parse_collapsed
+from cli.bench.profile import parse_collapsed
 
 
 def test_self_time_goes_to_the_innermost_frame_without_line_numbers() -> None:

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cli.bench_stats import nearest_rank, summarize
-from cli.bench_transform_memory import (
+from cli.bench.drive import created_message_id
+from cli.bench.stats import nearest_rank, summarize
+from cli.bench.transform_memory import (
     ChangelogFold,
     events_of,
     growth_per_thousand,
@@ -18,7 +19,7 @@ from cli.bench_transform_memory import (
     proc_status_bytes,
     sample_total,
 )
-from cli.bench_webhooks import created_message_id, match_latencies
+from cli.bench.webhooks import match_latencies
 from libs.events import EventType
 
 
@@ -84,7 +85,7 @@ def test_match_latencies_only_counts_posted_messages() -> None:
     assert match_latencies(sent_at, key_of_id, {}) == []
 
 
-# --- transform-memory stage (cli.bench_transform_memory) -------------------------------------
+# --- transform-memory stage (cli.bench.transform_memory) -------------------------------------
 
 _STATUS = "Name:\tpython\nVmPeak:\t  900000 kB\nVmHWM:\t  113664 kB\nVmRSS:\t   98304 kB\nThreads:\t4\n"
 

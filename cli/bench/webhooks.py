@@ -13,44 +13,19 @@ on for the services ``flightlog dev`` starts).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import aiohttp
-import orjson
-from aiohttp import web
 
-from cli.bench import BenchReport, Figure, Tenant, _offer, make_tenant
-from cli.bench_stats import LatencySummary, summarize
+from cli.bench.drive import Tenant, WebhookReceiver, gateway_request, make_tenant, offer
+from cli.bench.report import Figure, Stage, StageContext
+from cli.bench.stats import LatencySummary, summarize
 from libs.config import DatabaseSettings
 from libs.shards import ShardRouter
-from libs.webhooks import WebhookVerificationError, verify
 
-__all__ = [
-    "WebhookBench",
-    "WebhookReceiver",
-    "bench_webhooks",
-    "created_message_id",
-    "gateway_request",
-    "match_latencies",
-    "webhook_stage",
-]
-
-
-def created_message_id(body: bytes) -> int | None:
-    """The message row id of a ``message.created`` delivery; None for any other body."""
-    try:
-        payload = orjson.loads(body)
-        data = payload["data"]
-        if payload["type"] != "message.created" or data["object"] != "message":
-            return None
-        return int(data["id"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None
+__all__ = ["STAGE", "WebhookBench", "bench_webhooks", "match_latencies"]
 
 
 def match_latencies(
@@ -65,66 +40,6 @@ def match_latencies(
     return out
 
 
-@dataclass(slots=True)
-class WebhookReceiver:
-    """An aiohttp server on 127.0.0.1 that verifies and timestamps webhook deliveries."""
-
-    secret: str | None = None  # set once the subscription has answered
-    delivered_at: dict[int, float] = field(default_factory=dict)  # message id -> first arrival
-    requests: int = 0
-    signature_failures: int = 0
-    repeats: int = 0  # a message delivered more than once (retries after a slow answer)
-    port: int = 0
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set on each new delivery
-    _runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        now = time.time()
-        self.requests += 1
-        if self.secret is None:
-            return web.Response(status=503)
-        try:
-            verify(self.secret, request.headers, body)
-        except WebhookVerificationError:
-            self.signature_failures += 1
-            return web.Response(status=400)
-        message_id = created_message_id(body)
-        if message_id is not None:
-            if message_id in self.delivered_at:
-                self.repeats += 1
-            else:
-                self.delivered_at[message_id] = now
-                self.arrived.set()
-        return web.Response(status=204)
-
-    async def wait_for(self, count: int, timeout_s: float) -> None:
-        """Until ``count`` messages have arrived or ``timeout_s`` has passed."""
-        deadline = time.monotonic() + timeout_s
-        while len(self.delivered_at) < count and (left := deadline - time.monotonic()) > 0:
-            self.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), left)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-
 @dataclass(frozen=True, slots=True)
 class WebhookBench:
     rate_events_s: int
@@ -134,16 +49,6 @@ class WebhookBench:
     signature_failures: int
     repeats: int
     latency: LatencySummary
-
-
-async def gateway_request(
-    http: aiohttp.ClientSession, method: str, url: str, key: str, body: dict[str, Any] | None = None
-) -> Any:
-    """One authenticated gateway call; its JSON answer (None for 204), or RuntimeError."""
-    async with http.request(method, url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
-        if resp.status >= 300:
-            raise RuntimeError(f"{method} {url}: gateway answered {resp.status}: {await resp.text()}")
-        return None if resp.status == 204 else await resp.json()
 
 
 async def _key_of_id(router: ShardRouter, accounts: list[int], prefix: str) -> dict[int, str]:
@@ -200,7 +105,7 @@ async def bench_webhooks(
                 raise
             receiver.secret = endpoint["secret"]
             try:
-                posted, tasks = await _offer(
+                posted, tasks = await offer(
                     http, ingest_url, tenant, prefix, rate_events_s, duration_s, sent_at
                 )
                 await asyncio.gather(*tasks)
@@ -229,19 +134,12 @@ async def bench_webhooks(
     )
 
 
-async def webhook_stage(
-    report: BenchReport,
-    progress: Callable[[str], None],
-    db: DatabaseSettings,
-    ingest_url: str,
-    gateway_url: str,
-    *,
-    quick: bool,
-) -> WebhookBench:
-    """Run :func:`bench_webhooks`; add its figures to ``report`` beside the docs/architecture.md target."""
+async def webhook_stage(ctx: StageContext) -> None:
+    """Run :func:`bench_webhooks` and add its figures (beside the target in docs/architecture.md)."""
+    report, progress = ctx.report, ctx.progress
     rate = 200
     result = await bench_webhooks(
-        db, ingest_url, gateway_url, rate_events_s=rate, duration_s=8.0 if quick else 20.0
+        ctx.db, ctx.ingest_url, ctx.gateway_url, rate_events_s=rate, duration_s=8.0 if ctx.quick else 20.0
     )
     lat = result.latency
     note = (
@@ -261,4 +159,12 @@ async def webhook_stage(
         ),
         progress,
     )
-    return result
+
+
+STAGE = Stage(
+    "webhooks",
+    "webhooks",
+    "event to webhook delivered, to a receiver in the bench that verifies every signature",
+    "services",
+    webhook_stage,
+)

@@ -13,7 +13,7 @@ read it (keys whose last record is not a tombstone are the states a restart woul
 restarts the process and reads the restore's own log line (states, seconds). Beside it, the raw
 Kafka produce rate at the same record size, measured in the same run.
 
-Runnable alone: ``python -m cli.bench_transform_memory [--messages N] [--body-kb K]``.
+Runnable alone: ``python -m cli.bench.transform_memory [--messages N] [--body-kb K]``.
 :class:`TransformUnderTest` is also what ``tests/integration/test_transform_memory.py`` drives.
 """
 
@@ -38,13 +38,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.bench import BenchReport, Figure, machine_facts, raw_kafka
+from cli.bench.drive import raw_kafka
+from cli.bench.report import BenchReport, Figure, Section, Stage, StageContext, machine_facts
 from cli.services import LocalService
 from libs.config import KafkaSettings, StackSettings
 from libs.events import Event, EventType, encode, message_key_bytes
 from libs.kafka import TOPICS, TRANSFORM_STATE, TopicSpec, create_topics, make_consumer, make_producer
 
 __all__ = [
+    "STAGE",
     "ChangelogFold",
     "Memory",
     "Restore",
@@ -57,11 +59,14 @@ __all__ = [
     "parse_restore_line",
     "proc_status_bytes",
     "sample_total",
+    "section_method",
+    "section_reading",
     "transform_memory_stage",
 ]
 
 ACCOUNT: Final = 5 << 48 | 77
 PENDING_EVERY: Final = 10  # every tenth message has a pending state (receiving) before it is final
+PARTITIONS: Final = 3  # of each of the stage's own topics
 # what the worker counts per event (flightlog_transform_events_total's outcome label); anything
 # but these two is a dead letter or an error
 _GOOD_OUTCOMES: Final = frozenset({"emitted", "applied"})
@@ -226,7 +231,7 @@ class TransformUnderTest:
         body_bytes: int,
         final_state_ttl_s: float,
         sweep_interval_s: float,
-        partitions: int = 3,
+        partitions: int = PARTITIONS,
         name: str = "tmem",
     ) -> None:
         self.kafka = kafka
@@ -496,6 +501,36 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def section_method(run: TransformMemoryRun) -> str:
+    """How the run measured, for BENCHMARKS.md's "Transform memory" section."""
+    return (
+        f"One transform process (`python -m services.transform`, {PARTITIONS} partitions, topics of "
+        f"its own) with `FLIGHTLOG_TRANSFORM_FINAL_STATE_TTL_S={run.final_state_ttl_s:g}` and "
+        f"`FLIGHTLOG_TRANSFORM_STATE_SWEEP_INTERVAL_S={run.sweep_interval_s:g}`, fed {run.messages:,} "
+        f"messages with ~{run.body_bytes / 1000:,.0f} KB bodies: {PENDING_EVERY - 1} in "
+        f"{PENDING_EVERY} are one `message.received` with the body, the others `message.receiving` "
+        "with the body and then `message.received`. RSS is the process's `VmRSS`; growth is from "
+        f"the end of a warm-up ({run.warmup:,} messages) to the end of the run; live states are the "
+        "changelog's keys whose last record is not a tombstone, which is what a restart restores. "
+        "Other sizes: `python -m cli.bench.transform_memory --messages N --body-kb K`."
+    )
+
+
+def section_reading(run: TransformMemoryRun) -> str:
+    """What the run's figures show, for the same section."""
+    after = run.messages - run.warmup
+    return (
+        f"RSS grew {_mib(run.growth_bytes)} over the {after:,} messages after the warm-up; kept, "
+        f"their bodies alone would be {_mib(after * run.body_bytes)}. The restart restored "
+        f"{run.restore.states:,} states from {run.changelog_records:,} changelog records: a restore "
+        "reads every record the broker has not cleaned yet, as nothing before the active segment "
+        "is compacted until the segment rolls and `min.compaction.lag.ms` has passed, and "
+        f"tombstones stay for `delete.retention.ms` after compaction ({_compaction_settings()}). "
+        "So restore time is bounded by that window of changelog traffic, about two records a "
+        "message, not by every message ever processed."
+    )
+
+
 async def transform_memory_stage(
     report: BenchReport,
     progress: Callable[[str], None],
@@ -507,18 +542,25 @@ async def transform_memory_stage(
     state_dir: Path | None = None,
 ) -> TransformMemoryRun:
     """Run :func:`bench_transform_memory` and add its figures beside the raw Kafka produce rate
-    at the same record size."""
+    at the same record size, in a section of their own: read without the method, the figures of
+    one short run say little about growth."""
     messages = messages or (4_000 if quick else 20_000)
     warmup = max(1, messages // 10)
+    section = Section("Transform memory", method="")
+    report.sections.append(section)
     sample = next(inbound_events(1, 1, body_bytes, prefix="tmem-size-"))
     size = len(encode(sample))
     # enough records that the rate is not mostly the producer's start-up
     produce, _ = await raw_kafka(kafka, max(2_000, messages // 5), size)
-    report.add(Figure(f"raw Kafka produce (aiokafka, acks=all, {size:,} B)", produce, "msgs/s"), progress)
+    report.add(
+        Figure(f"raw Kafka produce (aiokafka, acks=all, {size:,} B)", produce, "msgs/s"), progress, section
+    )
     run = await bench_transform_memory(
         kafka, state_dir or StackSettings().state_dir, messages=messages, warmup=warmup,
         body_bytes=body_bytes, progress=progress,
     )  # fmt: skip
+    section.method = section_method(run)
+    section.reading = section_reading(run)
     after = run.messages - run.warmup
     report.add(
         Figure(
@@ -531,6 +573,7 @@ async def transform_memory_stage(
             "message.received, the others message.receiving then message.received",
         ),
         progress,
+        section,
     )
     report.add(
         Figure(
@@ -540,6 +583,7 @@ async def transform_memory_stage(
             note=f"{run.ready.rss_bytes / 2**20:,.1f} MiB before the first message",
         ),
         progress,
+        section,
     )
     report.add(
         Figure(
@@ -552,6 +596,7 @@ async def transform_memory_stage(
             f"kept, the messages would be {_mib(after * body_bytes)}",
         ),
         progress,
+        section,
     )
     report.add(
         Figure(
@@ -563,6 +608,7 @@ async def transform_memory_stage(
             f"final-state TTL {run.final_state_ttl_s:g} s, sweep every {run.sweep_interval_s:g} s",
         ),
         progress,
+        section,
     )
     report.add(
         Figure(
@@ -574,8 +620,22 @@ async def transform_memory_stage(
             f"{run.restore.ready_s:.1f} s after start, RSS {_mib(run.restore.rss_bytes)}",
         ),
         progress,
+        section,
     )
     return run
+
+
+async def _stage(ctx: StageContext) -> None:
+    await transform_memory_stage(ctx.report, ctx.progress, ctx.kafka, quick=ctx.quick)
+
+
+STAGE = Stage(
+    "transform-memory",
+    "transform memory",
+    "RSS, live states and restore time of one transform process over many large messages",
+    "stack",
+    _stage,
+)
 
 
 async def _main(messages: int, body_bytes: int) -> None:

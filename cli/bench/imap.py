@@ -11,7 +11,7 @@ with the connection idle in between); each one's latency is from the start of it
 row's insert time in the shard table (``created_at``, the server's clock on this same machine),
 and to its ``message.created`` webhook reaching a receiver in the bench process (subscribed
 through the gateway once the initial sync is done; signatures verified, see
-:mod:`cli.bench_webhooks`), beside the targets in docs/architecture.md.
+:mod:`cli.bench.webhooks`), beside the targets in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from cli.bench import BenchReport, Figure
-from cli.bench_stats import LatencySummary, summarize
-from cli.bench_webhooks import WebhookReceiver, gateway_request
+from cli.bench.drive import (
+    WebhookReceiver,
+    create_imap_account_via_gateway,
+    disconnect_via_gateway,
+    gateway_request,
+)
+from cli.bench.report import Figure, Stage, StageContext
+from cli.bench.stats import LatencySummary, summarize
 from cli.mailbox_gen import DOMAIN, fill_maildir, live_message
 from cli.stack import IMAP_TEST_PASSWORD, Dovecot, Stack
 from libs.accounts import create_application
@@ -34,13 +38,7 @@ from libs.config import DatabaseSettings
 from libs.shards import ShardRouter
 from services.ingest.imap.client import Imap4
 
-__all__ = [
-    "ImapBench",
-    "bench_imap",
-    "create_imap_account_via_gateway",
-    "disconnect_via_gateway",
-    "imap_stage",
-]
+__all__ = ["STAGE", "ImapBench", "bench_imap"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,30 +83,6 @@ async def _landed_at(router: ShardRouter, account_id: int, prefix: str) -> dict[
         rows = {str(subject): (int(id_), float(at)) for subject, id_, at in await cur.fetchall()}
         await conn.commit()
     return rows
-
-
-async def create_imap_account_via_gateway(
-    http: aiohttp.ClientSession, gateway_url: str, api_key: str, user: str, server: Dovecot
-) -> int:
-    """POST /v1/accounts for a Dovecot user of the local stack (plaintext on loopback)."""
-    body = {
-        "provider": "imap",
-        "email": f"{user}@{DOMAIN}",
-        "host": "127.0.0.1",
-        "port": server.port,
-        "tls_mode": "none",
-        "username": f"{user}@{DOMAIN}",
-        "password": IMAP_TEST_PASSWORD,
-    }
-    created = await gateway_request(http, "POST", f"{gateway_url}/v1/accounts", api_key, body)
-    return int(created["id"])
-
-
-async def disconnect_via_gateway(
-    http: aiohttp.ClientSession, gateway_url: str, api_key: str, account_id: int
-) -> None:
-    """DELETE /v1/accounts/{id}/credentials: the bench's accounts stop syncing when it is done."""
-    await gateway_request(http, "DELETE", f"{gateway_url}/v1/accounts/{account_id}/credentials", api_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,18 +204,12 @@ async def _new_mail_stage(
         await receiver.stop()
 
 
-async def imap_stage(
-    report: BenchReport,
-    progress: Callable[[str], None],
-    db: DatabaseSettings,
-    gateway_url: str,
-    *,
-    quick: bool,
-) -> ImapBench:
-    """Run :func:`bench_imap`; add its figures to ``report`` beside the docs/architecture.md targets."""
-    messages = 1_000 if quick else 10_000
-    gaps = ((1.0, 5), (20.0, 2)) if quick else ((1.0, 20), (20.0, 5))
-    result = await bench_imap(db, gateway_url, messages=messages, new_mail=gaps)
+async def imap_stage(ctx: StageContext) -> None:
+    """Run :func:`bench_imap` and add its figures (beside the targets in docs/architecture.md)."""
+    report, progress = ctx.report, ctx.progress
+    messages = 1_000 if ctx.quick else 10_000
+    gaps = ((1.0, 5), (20.0, 2)) if ctx.quick else ((1.0, 20), (20.0, 5))
+    result = await bench_imap(ctx.db, ctx.gateway_url, messages=messages, new_mail=gaps)
     if result.initial_sync_s is None:
         report.add(
             Figure(
@@ -252,7 +220,7 @@ async def imap_stage(
             ),
             progress,
         )
-        return result
+        return
     report.add(
         Figure(
             f"IMAP initial sync of {messages:,} messages to queryable",
@@ -302,4 +270,12 @@ async def imap_stage(
                 ),
                 progress,
             )
-    return result
+
+
+STAGE = Stage(
+    "imap",
+    "imap",
+    "IMAP initial sync to queryable; new mail to queryable and to its webhook",
+    "services",
+    imap_stage,
+)

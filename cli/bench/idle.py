@@ -16,14 +16,13 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from cli.bench import BenchReport, Figure
-from cli.bench_imap import create_imap_account_via_gateway, disconnect_via_gateway
+from cli.bench.drive import create_imap_account_via_gateway, disconnect_via_gateway
+from cli.bench.report import Figure, Stage, StageContext
 from cli.mailbox_gen import DOMAIN, fill_maildir
 from cli.services import LocalServices
 from cli.stack import Dovecot, Stack
@@ -31,7 +30,7 @@ from libs.accounts import create_application
 from libs.config import DatabaseSettings
 from libs.shards import ShardRouter
 
-__all__ = ["IdleBench", "bench_idle_accounts", "idle_stage"]
+__all__ = ["STAGE", "IdleBench", "bench_idle_accounts"]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -154,17 +153,11 @@ async def bench_idle_accounts(
     return IdleBench(accounts, connections, window_s, baseline, share, rss_before, rss_after, connect_s)
 
 
-async def idle_stage(
-    report: BenchReport,
-    progress: Callable[[str], None],
-    db: DatabaseSettings,
-    gateway_url: str,
-    *,
-    quick: bool,
-) -> IdleBench:
+async def idle_stage(ctx: StageContext) -> None:
     """Run :func:`bench_idle_accounts` and add its figures (beside the target in docs/architecture.md)."""
+    report, progress = ctx.report, ctx.progress
     result = await bench_idle_accounts(
-        db, gateway_url, accounts=100 if quick else 1_000, window_s=15.0 if quick else 60.0
+        ctx.db, ctx.gateway_url, accounts=100 if ctx.quick else 1_000, window_s=15.0 if ctx.quick else 60.0
     )
     n = result.accounts
     report.add(
@@ -190,4 +183,12 @@ async def idle_stage(
         ),
         progress,
     )
-    return result
+
+
+STAGE = Stage(
+    "idle",
+    "idle imap accounts",
+    "CPU and memory of the ingest process per IMAP account idling in IDLE",
+    "services",
+    idle_stage,
+)

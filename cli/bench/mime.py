@@ -1,6 +1,6 @@
 """Transform throughput on synced events with raw MIME, beside the same messages without it.
 
-Not part of ``flightlog bench`` yet: ``python -m cli.bench_mime [--events N] [--no-kafka]``.
+Not part of ``flightlog bench`` yet: ``python -m cli.bench.mime [--events N] [--no-kafka]``.
 
 Three kinds of ``message.synced`` event carry the same generated mailbox (a seeded mix of 5-50 KB
 messages: plain text, multipart/alternative, and multipart/mixed with a PDF or PNG attachment,

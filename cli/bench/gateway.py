@@ -1,11 +1,11 @@
 """Range queries and get-by-id through the gateway beside the same SQL straight against MariaDB.
 
-``python -m cli.bench_gateway`` seeds an account with ``messages`` rows (persist's own writer),
+``python -m cli.bench.gateway`` seeds an account with ``messages`` rows (persist's own writer),
 starts a gateway process (or uses ``--gateway``), then runs ``concurrency`` workers for
 ``duration_s`` each way: GET /v1/accounts/{id}/messages?limit=50&before=<random time> beside the
 statement the gateway runs for it (:func:`services.gateway.messages.list_statement`) over aiomysql,
-then GET /v1/messages/{random id} beside its SELECT by primary key. Reusable from the project's
-bench command through :func:`bench_gateway`.
+then GET /v1/messages/{random id} beside its SELECT by primary key. ``flightlog bench``'s gateway
+stage runs :func:`bench_gateway` against the gateway ``flightlog dev`` started.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import aiomysql
 
+from cli.bench.report import Figure, Stage, StageContext
 from cli.services import LocalService
 from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings, StackSettings
@@ -34,7 +35,7 @@ from libs.shards import ShardRouter
 from services.gateway.messages import DETAIL_COLUMNS, MessageQuery, list_statement
 from services.persist.writer import write_shard
 
-__all__ = ["GatewayBench", "RangeResult", "bench_gateway"]
+__all__ = ["STAGE", "GatewayBench", "RangeResult", "bench_gateway"]
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -190,6 +191,43 @@ async def bench_gateway(
             pool.close()
             await pool.wait_closed()
     return GatewayBench(range_gateway, range_raw, get_gateway, get_raw)
+
+
+async def gateway_stage(ctx: StageContext) -> None:
+    gw = await bench_gateway(ctx.gateway_url, ctx.db, duration_s=5.0 if ctx.quick else 10.0)
+    for what, through, direct in (
+        ("range query (16 concurrent, 50 rows)", gw.range_gateway, gw.range_direct),
+        ("get by id (16 concurrent)", gw.get_gateway, gw.get_direct),
+    ):
+        ctx.report.add(
+            Figure(
+                f"raw {what}, same SQL straight to MariaDB",
+                direct.per_s,
+                "req/s",
+                note=f"p50 {direct.p50_ms:.1f} ms, p99 {direct.p99_ms:.1f} ms",
+            ),
+            ctx.progress,
+        )
+        ctx.report.add(
+            Figure(
+                f"{what} through the gateway",
+                through.per_s,
+                "req/s",
+                limit=f"{direct.per_s:,.0f} req/s direct",
+                ratio=through.per_s / direct.per_s,
+                note=f"p50 {through.p50_ms:.1f} ms, p99 {through.p99_ms:.1f} ms",
+            ),
+            ctx.progress,
+        )
+
+
+STAGE = Stage(
+    "gateway",
+    "gateway",
+    "range queries and get by id through the gateway beside the same SQL straight to MariaDB",
+    "services",
+    gateway_stage,
+)
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -1,0 +1,14 @@
+"""``flightlog bench`` in layers, each importing only the ones below it.
+
+- :mod:`cli.bench.report`, :mod:`cli.bench.stats`, :mod:`cli.bench.profile`: the report model
+  (figures, stage sections, BENCHMARKS.md), percentiles, py-spy. They import no other bench module.
+- :mod:`cli.bench.drive`: what more than one stage drives the platform with.
+- the stages, one module each (:mod:`~cli.bench.raw`, :mod:`~cli.bench.pipeline`,
+  :mod:`~cli.bench.gateway`, :mod:`~cli.bench.webhooks`, :mod:`~cli.bench.imap`,
+  :mod:`~cli.bench.idle`, :mod:`~cli.bench.transform_memory`), each exporting its ``STAGE``; no
+  stage imports another. :mod:`cli.bench.mime` is a standalone benchmark, not a stage.
+- :mod:`cli.bench.runner`: the stages' order and ``run_bench``.
+
+This file imports nothing, so importing one layer never loads the others;
+``tests/unit/test_cli_imports.py`` holds the layers to this.
+"""

@@ -1,0 +1,121 @@
+"""The raw limits of this machine, measured in the same run as the stages they are compared with.
+
+MariaDB: one multi-row ``INSERT ... ON DUPLICATE KEY UPDATE`` per transaction into a scratch
+shard's messages table, beside persist's own writer over the same rows. Kafka: aiokafka produce
+(acks=all) and consume at the size of one of the pipeline's lifecycle events. The pipeline stage
+reports its rates as a ratio of the upsert figure (:data:`cli.bench.report.RAW_UPSERT`).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import orjson
+
+from cli.bench.drive import lifecycle, raw_kafka
+from cli.bench.report import RAW_UPSERT, Figure, Stage, StageContext
+from libs.config import DatabaseSettings
+from libs.db import connect, shard_schema
+from libs.db.migrate import migrate_shard
+from libs.events import Direction, MessageDoc, PostflightRecord, Status
+from libs.shards import ShardRouter
+from services.persist import writer as writer_sql
+from services.persist.writer import write_shard
+
+__all__ = ["STAGE", "raw_mariadb_upserts"]
+
+SCRATCH_SHARD = 9999  # a schema outside the shard map, dropped afterwards
+
+
+def _sample_record(account_id: int, n: int) -> PostflightRecord:
+    now = datetime.now(UTC)
+    return PostflightRecord(
+        account_id=account_id,
+        message_key=f"bench-{n}",
+        version=1,
+        message=MessageDoc(
+            status=Status.DELIVERED,
+            direction=Direction.OUTBOUND,
+            channel="email",
+            sender="sender@example.test",
+            to=["rcpt@example.test"],
+            subject=f"subject {n}",
+            snippet="a short body",
+            body_text="a short body " * 20,
+            occurred_at=now,
+            final_at=now,
+        ),
+    )
+
+
+async def raw_mariadb_upserts(db: DatabaseSettings, seconds: float, batch: int = 500) -> tuple[float, float]:
+    """Rows/s into a scratch shard's messages table: (plain batched upsert, persist's writer).
+
+    The plain figure is the raw limit: one multi-row ``INSERT ... ON DUPLICATE KEY UPDATE`` per
+    transaction with the rows already encoded. The writer figure adds what persist does on top
+    (version reads, the change rows, encoding), so the gap between the two is persist's own cost.
+    """
+    async with ShardRouter(db) as router:
+        cluster = next(iter(router.shard_map.clusters.values()))
+        async with connect(db, *cluster.primary) as conn:
+            await migrate_shard(conn, SCRATCH_SHARD)
+        # Route the scratch shard (outside the map) to the first cluster for this run only.
+        router.shard_map.shard_cluster[SCRATCH_SHARD] = cluster.cluster_id
+        account = 1 + (SCRATCH_SHARD << 48)
+        try:
+            sql = writer_sql.upsert_statement(router.table(SCRATCH_SHARD, "messages"), batch)
+            rows = [writer_sql.row(_sample_record(account, n))[0] for n in range(batch * 40)]
+            pool = await router.pool(SCRATCH_SHARD)
+            done, i = 0, 0
+            start = time.monotonic()
+            async with pool.acquire() as conn, conn.cursor() as cur:
+                while time.monotonic() - start < seconds:
+                    chunk = rows[i : i + batch]
+                    i = (i + batch) % len(rows)
+                    await cur.execute(sql, [v for r in chunk for v in r])
+                    await conn.commit()
+                    done += batch
+            plain = done / (time.monotonic() - start)
+
+            n, done = 10**6, 0
+            start = time.monotonic()
+            while time.monotonic() - start < seconds:
+                records = [_sample_record(account, n + k) for k in range(batch)]
+                n += batch
+                await write_shard(router, SCRATCH_SHARD, records)
+                done += batch
+            return plain, done / (time.monotonic() - start)
+        finally:
+            del router.shard_map.shard_cluster[SCRATCH_SHARD]
+            async with connect(db, *cluster.primary) as conn, conn.cursor() as cur:
+                await cur.execute(f"DROP DATABASE IF EXISTS `{shard_schema(SCRATCH_SHARD)}`")
+
+
+async def raw_stage(ctx: StageContext) -> None:
+    report, progress = ctx.report, ctx.progress
+    upsert, writer = await raw_mariadb_upserts(ctx.db, 5.0 if ctx.quick else 15.0)
+    report.add(Figure(RAW_UPSERT, upsert, "rows/s"), progress)
+    report.add(
+        Figure(
+            "persist writer alone (version guard + change rows)",
+            writer,
+            "rows/s",
+            limit=f"{upsert:,.0f} rows/s upsert",
+            ratio=writer / upsert,
+        ),
+        progress,
+    )
+    size = len(orjson.dumps(lifecycle(1 << 48 | 1, "bench-0000001", datetime.now(UTC))[0]))
+    produce, consume = await raw_kafka(ctx.kafka, 50_000 if ctx.quick else 200_000, size)
+    report.add(Figure(f"raw Kafka produce (aiokafka, acks=all, {size} B)", produce, "msgs/s"), progress)
+    report.add(Figure(f"raw Kafka consume (aiokafka, {size} B)", consume, "msgs/s"), progress)
+
+
+STAGE = Stage(
+    "raw",
+    "raw limits",
+    "MariaDB batched upserts and persist's writer; Kafka produce and consume",
+    "stack",
+    raw_stage,
+)

@@ -1,0 +1,195 @@
+"""The bench report: figures, the sections stages write for themselves, and BENCHMARKS.md.
+
+The bottom of :mod:`cli.bench`. A stage is a :class:`Stage` whose ``run`` adds figures to the
+:class:`BenchReport` in its :class:`StageContext`; the runner orders the stages and renders the
+report. Nothing here imports a stage or the runner, so every stage can depend on this module and
+on nothing else of the bench above :mod:`cli.bench.drive`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from libs.config import DatabaseSettings, KafkaSettings
+
+__all__ = [
+    "RAW_UPSERT",
+    "BenchReport",
+    "Figure",
+    "Section",
+    "Stage",
+    "StageContext",
+    "machine_facts",
+    "write_benchmarks_md",
+]
+
+# The raw stage's MariaDB figure: the limit the pipeline stage's figures are a ratio of, when
+# both ran.
+RAW_UPSERT = "raw MariaDB batched upsert (500 rows/txn)"
+
+
+@dataclass
+class Figure:
+    stage: str  # the figure's label (the JSON's key since the first report)
+    value: float
+    unit: str
+    limit: str | None = None
+    ratio: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Section:
+    """A stage's own part of BENCHMARKS.md after the main table: how it measured, its figures,
+    and what they show.
+
+    Its figures are in the report's figures too (the JSON and the terminal list everything), but
+    the markdown shows them only here, beside the method needed to read them.
+    """
+
+    title: str
+    method: str
+    figures: list[Figure] = field(default_factory=list)
+    reading: str = ""
+
+
+@dataclass
+class BenchReport:
+    started_at: str
+    machine: dict[str, Any]
+    figures: list[Figure] = field(default_factory=list)
+    profiles: list[str] = field(default_factory=list)
+    sections: list[Section] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)  # the stages that ran, in order
+
+    def add(self, figure: Figure, progress: Callable[[str], None], section: Section | None = None) -> None:
+        self.figures.append(figure)
+        if section is not None:
+            section.figures.append(figure)
+        progress(f"  {figure.stage}: {_fmt(figure.value)} {figure.unit}")
+
+    def by_stage(self, stage: str) -> Figure | None:
+        return next((f for f in self.figures if f.stage == stage), None)
+
+    def table(self, figures: list[Figure] | None = None) -> str:
+        rows = ["| stage | figure | raw limit (same run) | ratio | note |", "| --- | --- | --- | --- | --- |"]
+        for f in self.figures if figures is None else figures:
+            ratio = f"{f.ratio:.0%}" if f.ratio is not None else ""
+            rows.append(f"| {f.stage} | {_fmt(f.value)} {f.unit} | {f.limit or ''} | {ratio} | {f.note} |")
+        return "\n".join(rows)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "started_at": self.started_at,
+                "machine": self.machine,
+                "stages": self.stages,
+                "figures": [asdict(f) for f in self.figures],
+                "profiles": self.profiles,
+                "sections": [
+                    {
+                        "title": s.title,
+                        "method": s.method,
+                        "figures": [f.stage for f in s.figures],
+                        "reading": s.reading,
+                    }
+                    for s in self.sections
+                ],
+            },
+            indent=2,
+        )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
+
+
+def machine_facts() -> dict[str, Any]:
+    mem_kb = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    import aiokafka
+    import aiomysql
+
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 1024**2, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "aiokafka": aiokafka.__version__,
+        "aiomysql": aiomysql.__version__,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class StageContext:
+    """What every stage gets: the report to add to, where to say what it is doing, the stack."""
+
+    report: BenchReport
+    progress: Callable[[str], None]
+    db: DatabaseSettings
+    kafka: KafkaSettings
+    quick: bool = False
+    ingest_url: str = "http://127.0.0.1:8081"
+    gateway_url: str = "http://127.0.0.1:8080"
+    profile_dir: Path | None = None  # where py-spy's profiles go; None: no profiling
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One stage of ``flightlog bench``.
+
+    :param name: what ``--stages`` takes.
+    :param title: the progress heading while it runs.
+    :param summary: its line in ``flightlog bench --help``.
+    :param needs: ``stack`` when the servers are enough (the stage starts what else it measures),
+        ``services`` when it drives the four services ``flightlog dev`` starts.
+    """
+
+    name: str
+    title: str
+    summary: str
+    needs: Literal["stack", "services"]
+    run: Callable[[StageContext], Awaitable[None]]
+
+
+def write_benchmarks_md(report: BenchReport, command: str, path: Path) -> None:
+    m = report.machine
+    in_sections = {id(f) for s in report.sections for f in s.figures}
+    profile = ""
+    if report.profiles:
+        profile = (
+            "\n\n## Where the time goes\n\n"
+            "py-spy on each pipeline service during the overload stage (share of one core running "
+            "Python code, then the functions with the most self time):\n\n"
+            + "\n".join(f"- {line}" for line in report.profiles)
+        )
+    sections = "".join(
+        f"\n\n## {s.title}\n\n{s.method}\n\n{report.table(s.figures)}"
+        + (f"\n\n{s.reading}" if s.reading else "")
+        for s in report.sections
+    )
+    path.write_text(
+        "# Benchmarks\n\n"
+        f"Produced by `{command}` on {report.started_at}: {m['cores']} cores, {m['memory_gib']} GiB, "
+        f"Python {m['python']}, aiokafka {m['aiokafka']}, aiomysql {m['aiomysql']}, kernel {m['kernel']}. "
+        "Kafka, both MariaDB servers, every service and the load generator share the machine.\n\n"
+        + report.table([f for f in report.figures if id(f) not in in_sections])
+        + "\n\nRatios compare rows/s with rows/s: one message is five lifecycle events and one row. "
+        "Webhook latency runs from each POST /v1/events's start to the bench's own receiver on "
+        "127.0.0.1 (signatures verified); the IMAP stages sync a generated Dovecot mailbox through "
+        "the running ingest service, timed to the rows in the account's shard table and to the "
+        "new mail's webhooks; idle accounts are measured on the ingest process (CPU time and RSS). "
+        "Figures move by tens of percent between runs on this shared 2-core machine."
+        + profile
+        + sections
+        + "\n"
+    )
