@@ -27,6 +27,7 @@ from libs.accounts import Account, Application
 from libs.cursor import CursorError, DeltaCursor, decode_delta_cursor, encode_delta_cursor
 from libs.http import is_unavailable
 from libs.ids import shard_of
+from libs.messages import LIST_COLUMNS
 from libs.shards import ShardRouter
 from services.gateway.auth import authenticated, owned_account
 from services.gateway.constants import (
@@ -37,7 +38,7 @@ from services.gateway.constants import (
     MIN_SSE_HEARTBEAT_S,
 )
 from services.gateway.errors import ApiError
-from services.gateway.messages import LIST_COLUMNS, message_json
+from services.gateway.messages import message_json
 from services.gateway.params import Query
 from services.gateway.state import STATE, GatewayState
 

@@ -35,6 +35,7 @@ from libs.events import Direction, Event, EventType, MessageFlags, Status, encod
 from libs.http import read_json
 from libs.ids import shard_of
 from libs.kafka import INFLIGHT
+from libs.messages import DETAIL_COLUMNS, LIST_COLUMNS, decode_body
 from libs.shards import ShardRouter
 from services.gateway.auth import authenticated, owned_account, path_id
 from services.gateway.constants import (
@@ -48,10 +49,8 @@ from services.gateway.constants import (
 from services.gateway.errors import ApiError, NotFound
 from services.gateway.params import Query
 from services.gateway.state import STATE, GatewayState
-from services.persist.writer import decode_body
 
 __all__ = [
-    "LIST_COLUMNS",
     "MessageQuery",
     "add_message_routes",
     "fetch_messages",
@@ -64,13 +63,6 @@ MIN_TIME: Final = datetime(1000, 1, 1)
 MAX_TIME: Final = datetime(9999, 12, 31, 23, 59, 59, 999999)
 MAX_LABELS: Final = 50
 
-LIST_COLUMNS: Final = (
-    "id", "account_id", "message_key", "version", "status", "direction", "channel", "sender",
-    "to_addrs", "cc_addrs", "subject", "snippet", "error_code", "unread", "starred", "folder",
-    "labels", "source", "occurred_at", "final_at", "redacted", "deleted", "created_at", "updated_at",
-    "thread_key", "size_bytes", "attachments", "parse_warnings",
-)  # fmt: skip
-DETAIL_COLUMNS: Final = (*LIST_COLUMNS, "body", "body_encoding")
 FILTERS: Final = ("status", "direction", "channel", "from", "to", "folder", "unread", "before", "after")
 
 

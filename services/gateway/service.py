@@ -19,6 +19,7 @@ from aiohttp import web
 from libs.accounts import AccountDirectory
 from libs.crypto import SecretBox
 from libs.http import problem_response, read_json
+from libs.imap_accounts import SyncStore
 from libs.kafka import make_producer
 from libs.service import ServiceContext, ServiceDefinition
 from libs.shards import ShardRouter
@@ -37,7 +38,6 @@ from services.gateway.webhooks import WEBHOOK_API, WebhookApi, WebhookDispatcher
 from services.gateway.webhooks.service import consumer_factory
 from services.ingest.imap.api import add_imap_account_routes
 from services.ingest.imap.settings import ImapSettings
-from services.ingest.imap.store import SyncStore
 
 __all__ = ["DEFINITION", "add_routes", "main"]
 

@@ -10,9 +10,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
 from libs.accounts import AccountDirectory
+from libs.imap_accounts import SyncStore
 from libs.shards import ShardRouter
 from services.gateway.settings import GatewaySettings
-from services.ingest.imap.store import SyncStore
 
 __all__ = ["STATE", "GatewayState"]
 

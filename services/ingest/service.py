@@ -16,13 +16,13 @@ from aiohttp import web
 from libs.accounts import AccountDirectory
 from libs.config import ServiceSettings
 from libs.crypto import SecretBox
+from libs.imap_accounts import SyncStore
 from libs.kafka import make_producer
 from libs.service import ServiceContext, ServiceDefinition
 from libs.shards import ShardRouter
 from services.ingest.constants import MAX_BODY_BYTES
 from services.ingest.imap.distribution import AccountDistributor
 from services.ingest.imap.settings import ImapSettings
-from services.ingest.imap.store import SyncStore
 from services.ingest.routes import STATE, IngestState, add_ingest_routes, drain
 from services.ingest.settings import IngestSettings
 

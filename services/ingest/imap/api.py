@@ -20,10 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from libs.accounts import AccountDirectory, create_account
 from libs.http import problem_response
 from libs.ids import InvalidId, parse_public_id
+from libs.imap_accounts import SyncStore, publish_account
 from libs.shards import ShardRouter, UnknownShard
-from services.ingest.imap.distribution import publish_account
 from services.ingest.imap.settings import ImapSettings
-from services.ingest.imap.store import SyncStore
 
 __all__ = [
     "ImapAccountIn",

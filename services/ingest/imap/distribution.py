@@ -21,12 +21,12 @@ from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from libs.aio import raise_if_cancelling
 from libs.config import KafkaSettings
+from libs.imap_accounts import SyncStore
 from libs.kafka import TopicSpec, create_topics, make_consumer
 from services.ingest.imap.settings import ImapSettings
-from services.ingest.imap.store import SyncStore
 from services.ingest.imap.sync import AccountSync
 
-__all__ = ["AccountDistributor", "accounts_topic_spec", "publish_account"]
+__all__ = ["AccountDistributor", "accounts_topic_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +37,6 @@ def accounts_topic_spec(settings: ImapSettings) -> TopicSpec:
         settings.imap_accounts_partitions,
         {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000", "segment.ms": "3600000"},
     )
-
-
-async def publish_account(
-    producer: AIOKafkaProducer, settings: ImapSettings, account_id: int, credentials_version: int | None
-) -> None:
-    """Announce an account (or, with None, its removal) to whichever instance owns it."""
-    value = (
-        None
-        if credentials_version is None
-        else orjson.dumps({"account_id": str(account_id), "credentials_version": credentials_version})
-    )
-    await producer.send_and_wait(settings.imap_accounts_topic, value, key=str(account_id).encode())
 
 
 class _Worker:

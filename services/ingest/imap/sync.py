@@ -44,6 +44,7 @@ from libs.events import (
     message_key_bytes,
     storable_utc,
 )
+from libs.imap_accounts import AccountRow, FolderRow, SyncStore, UidEntry
 from libs.kafka import INFLIGHT
 from libs.mime import MAX_RAW_BYTES, message_id_of
 from libs.shards import ShardError
@@ -56,7 +57,6 @@ from services.ingest.imap.client import (
     quote_mailbox,
 )
 from services.ingest.imap.settings import ImapSettings
-from services.ingest.imap.store import AccountRow, FolderRow, SyncStore, UidEntry
 from services.ingest.imap.uids import UidSet, format_uid_set, plan_fetch_batches
 
 __all__ = ["AccountSync", "backoff_s", "internaldate", "message_key"]
