@@ -30,7 +30,7 @@ from libs.imap_accounts import SyncStore
 from libs.kafka import INFLIGHT, create_topics, make_consumer, make_producer
 from libs.mime import parse_message
 from libs.shards import ShardRouter
-from services.ingest.imap.api import (
+from services.gateway.imap_accounts import (
     ImapAccountIn,
     create_imap_account,
     disconnect_imap_account,

@@ -20,6 +20,7 @@ import orjson
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from libs.aio import raise_if_cancelling
+from libs.component import Component
 from libs.config import KafkaSettings
 from libs.imap_accounts import SyncStore
 from libs.kafka import TopicSpec, create_topics, make_consumer
@@ -47,8 +48,9 @@ class _Worker:
         self.task = asyncio.create_task(sync.run(), name=f"imap-sync-{sync.account_id}")
 
 
-class AccountDistributor(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Runs the syncs of the accounts in this instance's partitions; ``start()``/``stop()``.
+class AccountDistributor(Component, ConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs the syncs of the accounts in this instance's partitions; ``start()``, idempotent
+    ``stop()``, ``async with``.
 
     :param instance: a name for logs (the ingest instance id).
     """
@@ -92,13 +94,6 @@ class AccountDistributor(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()  # leaves the group: the others take our partitions at once
-
-    async def __aenter__(self) -> AccountDistributor:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         parts = {tp.partition for tp in revoked}
