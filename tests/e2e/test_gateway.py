@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import pytest
@@ -23,6 +23,7 @@ __all__ = ["gateway", "http"]
 pytestmark = pytest.mark.e2e
 
 PROBLEM = "application/problem+json"
+ABOVE_ANY_OFFSET: Final = 2**62  # a version no inflight offset reaches
 
 
 async def get(http: aiohttp.ClientSession, url: str, key: str, **params: str) -> tuple[int, Any, str]:
@@ -286,27 +287,31 @@ async def test_get_patch_delete_through_the_pipeline(
 
     status, msg, _ = await get(http, url, tenant.api_key)
     assert status == 200 and msg["id"] == str(message_id) and msg["body_text"].startswith("body of p1")
-    assert msg["version"] == 1 and msg["unread"] is True and msg["folder"] == "inbox"
+    assert msg["unread"] is True and msg["folder"] == "inbox"
+    created = msg["version"]
 
     async with http.patch(
         url, json={"unread": False, "labels": ["b", "c"], "folder": "done"}, headers=key
     ) as resp:
         assert resp.status == 200, await resp.text()
         patched = await resp.json()
-    assert patched["version"] == 2 and patched["unread"] is False and patched["labels"] == ["b", "c"]
+    assert patched["version"] > created and patched["unread"] is False and patched["labels"] == ["b", "c"]
     assert patched["folder"] == "done" and patched["body_text"] == msg["body_text"]
     assert await checks.changes(router, account.id) == [
-        (message_id, "created", 1),
-        (message_id, "updated", 2),
+        (message_id, "created", created),
+        (message_id, "updated", patched["version"]),
     ]
 
     async with http.patch(url, json={"unread": False}, headers=key) as resp:  # already so: at once
-        assert resp.status == 200 and (await resp.json())["version"] == 2
+        assert resp.status == 200 and (await resp.json())["version"] == patched["version"]
     async with http.patch(url, json={"starred": True}, headers=key) as resp:
         body = await resp.json()
-        assert resp.status == 200 and body["version"] == 3 and body["starred"] and body["folder"] == "done"
+        assert resp.status == 200 and body["version"] > patched["version"], body
+        assert body["starred"] and body["folder"] == "done" and body["body_text"] == msg["body_text"]
     # the no-op went through the transform too, and changed nothing
-    assert [c[2] for c in await checks.changes(router, account.id)] == [1, 2, 3]
+    assert [c[2] for c in await checks.changes(router, account.id)] == [
+        created, patched["version"], body["version"]
+    ]  # fmt: skip
 
     for payload, code in (
         ({}, 422), ({"unread": None}, 422), ({"unread": "no"}, 422), ({"color": "red"}, 422),
@@ -325,14 +330,17 @@ async def test_get_patch_delete_through_the_pipeline(
 
     async with http.delete(url, headers=key) as resp:
         assert resp.status == 200
-        assert await resp.json() == {
-            "id": str(message_id), "account_id": str(account.id), "version": 4, "deleted": True
-        }  # fmt: skip
+        deleted = await resp.json()
+    assert deleted == {
+        "id": str(message_id), "account_id": str(account.id), "version": deleted["version"], "deleted": True
+    }  # fmt: skip
+    assert deleted["version"] > body["version"]
     row = (await checks.messages(router, account.id))["p1"]
     assert (
         row["deleted"] == 1 and row["subject"] is None and row["snippet"] is None and row["body_is_null"] == 1
     )
-    assert (await checks.changes(router, account.id))[-1] == (message_id, "deleted", 4)
+    assert row["version"] == deleted["version"]
+    assert (await checks.changes(router, account.id))[-1] == (message_id, "deleted", deleted["version"])
     for method in ("GET", "PATCH", "DELETE"):
         async with http.request(method, url, json={"unread": True}, headers=key) as resp:
             assert resp.status == 404 and resp.content_type == PROBLEM, method
@@ -341,39 +349,46 @@ async def test_get_patch_delete_through_the_pipeline(
 async def test_a_pipeline_update_after_a_patch_is_not_lost(
     pipeline: Pipeline, http: aiohttp.ClientSession, tenant_factory: Any, router: ShardRouter
 ) -> None:
-    """The transform owns versions: a PATCH is one of its versions, so the next real update (an
-    IMAP flag change, a provider's event) gets the next one and persist's guard keeps it."""
+    """A PATCH is an inflight event like any other, so the next real update (an IMAP flag change,
+    a provider's event) comes after it on the message's partition, gets a higher version, and
+    persist's guard keeps it."""
     tenant = await tenant_factory([7])
     account = tenant.accounts[0]
     message_id = await pipeline_message(pipeline, http, router, tenant.api_key, account.id, "later")
     url = f"{pipeline.url('gateway')}/v1/messages/{message_id}"
+    created = (await checks.messages(router, account.id))["later"]["version"]
     async with http.patch(url, json={"unread": False}, headers=bearer(tenant.api_key)) as resp:
-        assert resp.status == 200 and (await resp.json())["version"] == 2
+        assert resp.status == 200
+        patched = int((await resp.json())["version"])
+    assert patched > created
 
     update = event(account.id, "later", "updated", step=5, flags={"starred": True, "folder": "archive"})
     status, body = await post_events(http, pipeline.url("ingest"), tenant.api_key, [update])
     assert status == 202, body
 
     async def landed() -> bool:
-        return int((await checks.messages(router, account.id))["later"]["version"]) >= 3
+        return int((await checks.messages(router, account.id))["later"]["version"]) > patched
 
     await checks.wait_for(landed, 30, "the update after the PATCH")
     status, msg, _ = await get(http, url, tenant.api_key)
-    assert status == 200 and msg["version"] == 3
+    assert status == 200 and msg["version"] > patched
     assert msg["unread"] is False and msg["starred"] is True and msg["folder"] == "archive"
     assert [c[1:] for c in await checks.changes(router, account.id)] == [
-        ("created", 1), ("updated", 2), ("updated", 3)
+        ("created", created), ("updated", patched), ("updated", msg["version"])
     ]  # fmt: skip
 
 
 async def test_patch_and_delete_answer_202_until_the_pipeline_stores_them(
-    gateway: str, http: aiohttp.ClientSession, tenant_factory: Any, router: ShardRouter
+    pipeline: Pipeline, gateway: str, http: aiohttp.ClientSession, tenant_factory: Any, router: ShardRouter
 ) -> None:
-    """A row the transform never made (written straight by persist's writer) never gets a new
-    version from it: this gateway waits 0.2 s, then says accepted."""
+    """A change whose new version is not stored within the wait is answered 202. This one never
+    raises the version: the row was written straight by persist's writer at a version above any
+    the transform gives (an inflight offset plus one), so the transform's patch of its flags loses
+    to persist's version guard, and its deletion erases the row, as an erasure always does, at the
+    row's own version. This gateway waits 0.2 s, then says accepted."""
     tenant = await tenant_factory([7])
     account = tenant.accounts[0]
-    await seed(router, [record(account.id, "direct", folder="inbox")])
+    await seed(router, [record(account.id, "direct", ABOVE_ANY_OFFSET, folder="inbox")])
     message_id = (await message_ids(router, account.id))["direct"]
     url = f"{gateway}/v1/messages/{message_id}"
     for method, payload in (("PATCH", {"folder": "done"}), ("DELETE", None)):
@@ -381,8 +396,43 @@ async def test_patch_and_delete_answer_202_until_the_pipeline_stores_them(
             assert resp.status == 202 and resp.content_type == "application/json", method
             body = await resp.json()
         assert body["id"] == str(message_id) and body["status"] == "accepted", body
+
+    async def erased() -> bool:
+        return bool((await checks.messages(router, account.id))["direct"]["deleted"])
+
+    # The deletion comes after the PATCH on the message's partition: once it is stored, so is
+    # whatever the PATCH did.
+    await checks.wait_for(erased, 30, "the deletion to be stored")
     row = (await checks.messages(router, account.id))["direct"]
-    assert row["version"] == 1 and row["folder"] == "inbox" and row["deleted"] == 0
+    assert row["version"] == ABOVE_ANY_OFFSET and row["folder"] == "inbox", row
+    assert row["subject"] is None and row["body_is_null"] == 1, row
+
+
+async def test_a_patch_reaches_a_row_the_transform_does_not_hold(
+    pipeline: Pipeline, http: aiohttp.ClientSession, tenant_factory: Any, router: ShardRouter
+) -> None:
+    """A row written straight by persist's writer (as one the transform forgot after its grace
+    period): a PATCH goes out as a patch record that persist applies to it, raising its version
+    and keeping its content."""
+    tenant = await tenant_factory([7])
+    account = tenant.accounts[0]
+    await seed(router, [record(account.id, "forgotten", folder="inbox")])
+    message_id = (await message_ids(router, account.id))["forgotten"]
+    url = f"{pipeline.url('gateway')}/v1/messages/{message_id}"
+    status, msg, _ = await get(http, url, tenant.api_key)
+    assert status == 200 and msg["folder"] == "inbox" and msg["body_text"].startswith("body of forgotten")
+    async with http.patch(url, json={"folder": "done"}, headers=bearer(tenant.api_key)) as resp:
+        assert resp.status == 200, await resp.text()
+        patched = await resp.json()
+    assert patched["folder"] == "done" and patched["version"] > msg["version"]
+    changed = ("folder", "version", "updated_at")
+    assert {k: v for k, v in patched.items() if k not in changed} == {
+        k: v for k, v in msg.items() if k not in changed
+    }
+    assert await checks.changes(router, account.id) == [
+        (message_id, "created", msg["version"]),
+        (message_id, "updated", patched["version"]),
+    ]
 
 
 async def test_errors_and_limits_are_problem_documents(
