@@ -33,7 +33,7 @@ import uvloop
 from aiohttp import web
 
 from libs.config import ServiceSettings
-from libs.http import problem_middleware, problem_response
+from libs.http import Problem, problem_middleware
 from libs.logs import configure_logging
 
 __all__ = [
@@ -112,7 +112,7 @@ def _ready_gate(ctx: ServiceContext) -> Callable[..., Awaitable[web.StreamRespon
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if request.path not in HEALTH_PATHS and not ctx.ready:
-            return problem_response(503, "Service starting", f"{ctx.name} is not ready yet", retry_after_s=1)
+            raise Problem(503, "Service starting", f"{ctx.name} is not ready yet", retry_after_s=1)
         return await handler(request)
 
     return gate
