@@ -7,7 +7,11 @@ or dependency that cannot be reached, and anything unexpected into ``application
 Exceptions::
 
     Problem               an answer other than success: status, title, detail (and extra members)
+    ├── Unauthorized      401 with the ``WWW-Authenticate: Bearer`` challenge
     └── (services subclass it, e.g. the gateway's ApiError)
+
+Every API key arrives the same way (:func:`bearer_token`), and every body that fails its pydantic
+model is answered the same way (:func:`invalid_body`: 422 with one ``errors`` entry per field).
 
 What counts as "unavailable" (503 with ``Retry-After``, see :func:`is_unavailable`): a MariaDB
 server that refuses, drops or kills the connection, is shutting down, has too many connections, or
@@ -31,13 +35,18 @@ from typing import Any, Final
 import orjson
 import pymysql
 from aiohttp import web
+from pydantic import ValidationError
 from pymysql.constants import CR, ER
 
 __all__ = [
     "DEFAULT_RETRY_AFTER_S",
     "MAX_JSON_DEPTH",
+    "MAX_VALIDATION_ERRORS",
     "PROBLEM_CONTENT_TYPE",
     "Problem",
+    "Unauthorized",
+    "bearer_token",
+    "invalid_body",
     "is_unavailable",
     "json_too_deep",
     "parse_json",
@@ -45,6 +54,7 @@ __all__ = [
     "problem_response",
     "read_json",
     "unavailable_response",
+    "validation_errors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +84,9 @@ _UNAVAILABLE_CODES: Final = frozenset(
     }
 )
 _MAX_CAUSE_CHAIN: Final = 8  # how far `raise ... from exc` is followed before giving up
+# Enough to fix a body in one round, few enough that a hostile body cannot make the answer huge.
+MAX_VALIDATION_ERRORS: Final = 20
+_CHALLENGE: Final = 'Bearer realm="flightlog"'
 
 
 class Problem(Exception):
@@ -97,6 +110,45 @@ class Problem(Exception):
         return problem_response(
             self.status, self.title, self.detail, retry_after_s=self.retry_after_s, **self.extra
         )
+
+
+class Unauthorized(Problem):
+    """401 with the Bearer challenge (RFC 6750), so a client knows how to authenticate."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(401, "Unauthorized", detail)
+
+    def response(self) -> web.Response:
+        response = super().response()
+        response.headers["WWW-Authenticate"] = _CHALLENGE
+        return response
+
+
+def bearer_token(request: web.Request) -> str:
+    """The token of ``Authorization: Bearer <token>`` (the scheme in any case); raises
+    :class:`Unauthorized` when the header is missing, of another scheme or empty."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("send the API key as Authorization: Bearer <key>")
+    return token
+
+
+def validation_errors(exc: ValidationError, *, whole: str = "(body)") -> list[dict[str, str]]:
+    """One ``{"field", "message"}`` per error (at most :data:`MAX_VALIDATION_ERRORS`), the field a
+    dotted path into the document, ``whole`` for the document itself. The input is left out: it
+    may be a password."""
+    return [
+        {"field": ".".join(map(str, e["loc"])) or whole, "message": e["msg"]}
+        for e in exc.errors(include_url=False, include_input=False)[:MAX_VALIDATION_ERRORS]
+    ]
+
+
+def invalid_body(exc: ValidationError, title: str = "Invalid request body") -> Problem:
+    """422 for a body its model refused: the errors in ``errors`` and, joined, in ``detail``."""
+    errors = validation_errors(exc)
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return Problem(422, title, detail, errors=errors)
 
 
 def problem_response(

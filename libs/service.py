@@ -6,6 +6,14 @@ handles SIGTERM and SIGINT the same way everywhere: set ``ctx.stopping`` so the 
 taking input and finishes or hands back its batch, wait up to ``drain_timeout_s`` for ``main`` to
 return, then cancel it. A second signal cancels at once.
 
+The HTTP app is built the same way for every service (:func:`build_app`): the problem middleware
+outermost, so every error of every route is a problem document; the readiness gate; the health
+routes; then the service's ``setup_app``, which adds its routes and the cleanup contexts that
+open their resources (each resource a typed ``web.AppKey``). aiohttp enters those contexts in
+order before the port opens and leaves them in reverse after the last request, so a handler
+never sees a resource that is not open. ``main`` runs once the port is open: the workers that
+are not requests (consumers, dispatchers, trimmers) live there.
+
 A service's own routes answer 503 until it calls ``ctx.set_ready()``.
 """
 
@@ -25,13 +33,15 @@ import uvloop
 from aiohttp import web
 
 from libs.config import ServiceSettings
-from libs.http import problem_response
+from libs.http import Problem, problem_middleware
 from libs.logs import configure_logging
 
 __all__ = [
     "HEALTH_PATHS",
+    "STOPPING",
     "ServiceContext",
     "ServiceDefinition",
+    "build_app",
     "raise_open_files_limit",
     "run_service",
     "serve",
@@ -40,6 +50,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HEALTH_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+# Set on SIGTERM: long-lived responses (long polls, event streams) end when they see it.
+STOPPING: Final = web.AppKey("stopping", asyncio.Event)
 
 
 @dataclass(slots=True)
@@ -62,16 +74,17 @@ class ServiceContext:
 
 @dataclass(frozen=True, slots=True)
 class ServiceDefinition:
-    """A service: its name, default port, optional HTTP routes and its ``main`` coroutine.
+    """A service: its name, default port, its HTTP app's setup and its ``main`` coroutine.
 
-    ``main`` opens its resources, calls ``ctx.set_ready()``, works until ``ctx.stopping`` is set
-    and then drains and closes before returning.
+    ``setup_app`` adds the service's routes, middlewares and cleanup contexts (its resources) to
+    the app the runner built. ``main`` opens the service's workers, calls ``ctx.set_ready()``,
+    works until ``ctx.stopping`` is set and then drains and closes before returning.
     """
 
     name: str
     default_port: int
     main: Callable[[ServiceContext], Coroutine[Any, Any, None]]
-    add_routes: Callable[[web.Application], None] | None = None
+    setup_app: Callable[[web.Application], None] | None = None
     client_max_size: int = 1024**2
 
 
@@ -99,28 +112,38 @@ def _ready_gate(ctx: ServiceContext) -> Callable[..., Awaitable[web.StreamRespon
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if request.path not in HEALTH_PATHS and not ctx.ready:
-            return problem_response(503, "Service starting", f"{ctx.name} is not ready yet", retry_after_s=1)
+            raise Problem(503, "Service starting", f"{ctx.name} is not ready yet", retry_after_s=1)
         return await handler(request)
 
     return gate
 
 
-async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
+def build_app(defn: ServiceDefinition, settings: ServiceSettings) -> ServiceContext:
+    """The service's HTTP app, as the runner serves it (in-process tests serve it the same way)."""
     app = web.Application(client_max_size=defn.client_max_size)
     ctx = ServiceContext(defn.name, settings, app)
-    app.middlewares.append(_ready_gate(ctx))
+    app[STOPPING] = ctx.stopping
+    app.middlewares.extend([problem_middleware, _ready_gate(ctx)])
     app.add_routes(_health_routes(ctx))
-    if defn.add_routes is not None:
-        defn.add_routes(app)
+    if defn.setup_app is not None:
+        defn.setup_app(app)
+    return ctx
+
+
+async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
+    ctx = build_app(defn, settings)
+    app = ctx.app
 
     loop = asyncio.get_running_loop()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    # The app's cleanup contexts open its resources here, before the port opens.
+    setup_task = asyncio.ensure_future(runner.setup())
     main_task: asyncio.Task[None] | None = None
 
     def on_signal(signum: int) -> None:
         if ctx.stopping.is_set():
             logger.warning("second %s: cancelling without draining", signal.Signals(signum).name)
-            if main_task is not None:
-                main_task.cancel()
+            (main_task or setup_task).cancel()
             return
         logger.info(
             "%s received: draining (up to %.0f s)", signal.Signals(signum).name, settings.drain_timeout_s
@@ -130,13 +153,18 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
-    await runner.setup()
-    port = settings.http_port or defn.default_port
-    site = web.TCPSite(runner, settings.http_host, port, reuse_address=True)
-    await site.start()
-    logger.info("%s listening on http://%s:%d", defn.name, settings.http_host, port)
     try:
+        try:
+            await setup_task
+        except asyncio.CancelledError:
+            if not setup_task.cancelled():
+                raise  # cancelled from outside, not by a second signal
+            logger.warning("%s stopped while opening its resources", defn.name)
+            return
+        port = settings.http_port or defn.default_port
+        site = web.TCPSite(runner, settings.http_host, port, reuse_address=True)
+        await site.start()
+        logger.info("%s listening on http://%s:%d", defn.name, settings.http_host, port)
         main_task = asyncio.create_task(defn.main(ctx), name=f"{defn.name}-main")
         stop_wait = asyncio.create_task(ctx.stopping.wait())
         done, _ = await asyncio.wait({main_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

@@ -31,8 +31,9 @@ from libs.config import DatabaseSettings, StackSettings
 from libs.db import create_pool
 from libs.events import Direction, MessageDoc, PostflightRecord, Status
 from libs.ids import shard_of
+from libs.messages import DETAIL_COLUMNS
 from libs.shards import ShardRouter
-from services.gateway.messages import DETAIL_COLUMNS, MessageQuery, list_statement
+from services.gateway.messages import MessageQuery, list_statement
 from services.persist.writer import write_shard
 
 __all__ = ["STAGE", "GatewayBench", "RangeResult", "bench_gateway"]

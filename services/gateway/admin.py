@@ -19,16 +19,17 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from libs.accounts import application_exists, create_account, create_api_key, create_application
-from libs.http import read_json
+from libs.http import Unauthorized, bearer_token, invalid_body, read_json
+from libs.resources import ROUTER
 from libs.shards import UnknownShard
 from services.gateway.applications import account_json, key_json
 from services.gateway.auth import path_id
 from services.gateway.constants import MAX_BODY_BYTES
 from services.gateway.errors import ApiError, NotFound
 from services.gateway.params import Query
-from services.gateway.state import STATE, GatewayState
+from services.gateway.resources import SETTINGS
 
-__all__ = ["STATE", "GatewayState", "add_admin_routes"]
+__all__ = ["add_admin_routes"]
 
 
 class NewApplication(BaseModel):
@@ -49,9 +50,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _admin_only(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
-        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not supplied or not hmac.compare_digest(supplied.encode(), request.app[STATE].admin_key.encode()):
-            raise ApiError(401, "Unauthorized", "admin paths need the operator's admin API key")
+        supplied = bearer_token(request)
+        if not hmac.compare_digest(supplied.encode(), request.app[SETTINGS].admin_api_key.encode()):
+            raise Unauthorized("admin paths need the operator's admin API key")
         Query(request, ())
         return await handler(request)
 
@@ -66,23 +67,20 @@ async def _body(request: web.Request, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        errors = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()[:20]]
-        raise ApiError(
-            422, "Invalid request body", "the body does not match the schema", errors=errors
-        ) from None
+        raise invalid_body(exc) from None
 
 
 @_admin_only
 async def post_application(request: web.Request) -> web.StreamResponse:
     body = await _body(request, NewApplication)
-    app, key = await create_application(request.app[STATE].shards, body.name)
+    app, key = await create_application(request.app[ROUTER], body.name)
     return web.json_response({"id": str(app.id), "name": app.name, "api_key": key}, status=201)
 
 
 @_admin_only
 async def post_application_key(request: web.Request) -> web.StreamResponse:
     application_id = path_id(request, "application_id", "application")
-    router = request.app[STATE].shards
+    router = request.app[ROUTER]
     if application_id >= 2**63 or not await application_exists(router, application_id):
         raise NotFound("application", str(application_id))
     key, secret = await create_api_key(router, application_id)
@@ -92,7 +90,7 @@ async def post_application_key(request: web.Request) -> web.StreamResponse:
 @_admin_only
 async def post_account(request: web.Request) -> web.StreamResponse:
     body = await _body(request, NewAccount)
-    router = request.app[STATE].shards
+    router = request.app[ROUTER]
     if not await application_exists(router, body.application_id):
         raise ApiError(422, "Unknown application", f"application {body.application_id} does not exist")
     try:

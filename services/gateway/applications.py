@@ -29,11 +29,12 @@ from libs.accounts import (
 )
 from libs.cursor import CursorError, PageToken, decode_page_token, encode_page_token
 from libs.ids import shard_of
+from libs.resources import DIRECTORY, ROUTER
 from services.gateway.auth import authenticated, owned_account, path_id
 from services.gateway.constants import DEFAULT_PAGE_SIZE, MAX_ACCOUNTS_PAGE_SIZE, MAX_ACTIVE_KEYS
 from services.gateway.errors import ApiError, NotFound
 from services.gateway.params import Query
-from services.gateway.state import STATE
+from services.gateway.resources import TOKEN_KEY
 
 __all__ = ["account_json", "add_application_routes", "key_json"]
 
@@ -61,21 +62,21 @@ def key_json(key: ApiKey) -> dict[str, Any]:
 
 @authenticated
 async def get_accounts(request: web.Request, app: Application) -> web.StreamResponse:
-    state = request.app[STATE]
     p = Query(request, {"limit", "page_token"})
+    token_key = request.app[TOKEN_KEY]
     limit = p.integer("limit", DEFAULT_PAGE_SIZE, 1, MAX_ACCOUNTS_PAGE_SIZE)
     token = p.text("page_token", max_length=128)
     after = 0
     if token is not None:
         try:
-            after = decode_page_token(state.token_key, token, 0, app.id).message_id
+            after = decode_page_token(token_key, token, 0, app.id).message_id
         except CursorError as exc:
             raise ApiError(400, "Invalid page_token", str(exc)) from None
-    found = await list_accounts(state.shards, app.id, after_id=after, limit=limit + 1)
+    found = await list_accounts(request.app[ROUTER], app.id, after_id=after, limit=limit + 1)
     page = found[:limit]
     next_token = None
     if len(found) > limit:
-        next_token = encode_page_token(state.token_key, PageToken(0, app.id, 0, page[-1].id))
+        next_token = encode_page_token(token_key, PageToken(0, app.id, 0, page[-1].id))
     return web.json_response({"data": [account_json(a) for a in page], "next_page_token": next_token})
 
 
@@ -88,14 +89,14 @@ async def get_account(request: web.Request, app: Application) -> web.StreamRespo
 @authenticated
 async def get_keys(request: web.Request, app: Application) -> web.StreamResponse:
     Query(request, ())
-    keys = await list_api_keys(request.app[STATE].shards, app.id)
+    keys = await list_api_keys(request.app[ROUTER], app.id)
     return web.json_response({"data": [key_json(k) for k in keys]})
 
 
 @authenticated
 async def post_key(request: web.Request, app: Application) -> web.StreamResponse:
     Query(request, ())
-    router = request.app[STATE].shards
+    router = request.app[ROUTER]
     active = [k for k in await list_api_keys(router, app.id) if k.revoked_at is None]
     if len(active) >= MAX_ACTIVE_KEYS:
         raise ApiError(
@@ -110,9 +111,9 @@ async def post_key(request: web.Request, app: Application) -> web.StreamResponse
 @authenticated
 async def delete_key(request: web.Request, app: Application) -> web.StreamResponse:
     Query(request, ())
-    state = request.app[STATE]
+    router = request.app[ROUTER]
     key_id = path_id(request, "key_id", "API key")
-    keys = await list_api_keys(state.shards, app.id)
+    keys = await list_api_keys(router, app.id)
     target = next((k for k in keys if k.id == key_id), None)
     if target is None:
         raise NotFound("API key", str(key_id))
@@ -120,11 +121,11 @@ async def delete_key(request: web.Request, app: Application) -> web.StreamRespon
         raise ApiError(
             409, "Last active key", "create another key before revoking the application's last one"
         )
-    revoked = await revoke_api_key(state.shards, app.id, key_id)
+    revoked = await revoke_api_key(router, app.id, key_id)
     if revoked is None:
         raise NotFound("API key", str(key_id))
     key, digest = revoked
-    state.accounts.forget_key(digest)
+    request.app[DIRECTORY].forget_key(digest)
     return web.json_response(key_json(key))
 
 

@@ -27,6 +27,9 @@ from libs.accounts import Account, Application
 from libs.cursor import CursorError, DeltaCursor, decode_delta_cursor, encode_delta_cursor
 from libs.http import is_unavailable
 from libs.ids import shard_of
+from libs.messages import LIST_COLUMNS
+from libs.resources import ROUTER
+from libs.service import STOPPING
 from libs.shards import ShardRouter
 from services.gateway.auth import authenticated, owned_account
 from services.gateway.constants import (
@@ -37,9 +40,9 @@ from services.gateway.constants import (
     MIN_SSE_HEARTBEAT_S,
 )
 from services.gateway.errors import ApiError
-from services.gateway.messages import LIST_COLUMNS, message_json
+from services.gateway.messages import message_json
 from services.gateway.params import Query
-from services.gateway.state import STATE, GatewayState
+from services.gateway.resources import SETTINGS, TOKEN_KEY
 
 __all__ = ["CursorExpired", "DeltaPage", "add_delta_routes", "read_delta"]
 
@@ -118,12 +121,12 @@ def _delta_json(key: bytes, account_id: int, change: dict[str, Any]) -> dict[str
     }
 
 
-def _cursor_position(state: GatewayState, account: Account, token: str | None) -> tuple[int, bool]:
+def _cursor_position(request: web.Request, account: Account, token: str | None) -> tuple[int, bool]:
     """(change id to read after, whether the client gave a cursor)."""
     if token is None:
         return 0, False
     try:
-        return decode_delta_cursor(state.token_key, token, account.id).change_id, True
+        return decode_delta_cursor(request.app[TOKEN_KEY], token, account.id).change_id, True
     except CursorError as exc:
         raise ApiError(
             400, "Invalid cursor", f"{exc}; take a cursor from this account's delta or delta/latest_cursor"
@@ -139,9 +142,9 @@ def _gone() -> ApiError:
     )
 
 
-async def _read(state: GatewayState, account: Account, after: int, limit: int, given: bool) -> DeltaPage:
+async def _read(request: web.Request, account: Account, after: int, limit: int, given: bool) -> DeltaPage:
     try:
-        return await read_delta(state.shards, account.id, after, limit, check_expiry=given)
+        return await read_delta(request.app[ROUTER], account.id, after, limit, check_expiry=given)
     except CursorExpired:
         raise _gone() from None
 
@@ -149,19 +152,19 @@ async def _read(state: GatewayState, account: Account, after: int, limit: int, g
 @authenticated
 async def get_delta(request: web.Request, app: Application) -> web.StreamResponse:
     account = await owned_account(request, app)
-    state = request.app[STATE]
+    stopping, settings = request.app[STOPPING], request.app[SETTINGS]
     p = Query(request, {"cursor", "limit", "timeout"})
     limit = p.integer("limit", DEFAULT_DELTA_PAGE_SIZE, 1, MAX_DELTA_PAGE_SIZE)
     timeout_s = p.number("timeout", 0, 0, MAX_LONG_POLL_S)
-    after, given = _cursor_position(state, account, p.text("cursor", max_length=128))
+    after, given = _cursor_position(request, account, p.text("cursor", max_length=128))
     deadline = time.monotonic() + timeout_s
-    page = await _read(state, account, after, limit, given)
-    while not page.changes and time.monotonic() < deadline and not state.stopping.is_set():
+    page = await _read(request, account, after, limit, given)
+    while not page.changes and time.monotonic() < deadline and not stopping.is_set():
         with contextlib.suppress(TimeoutError):
-            wait_s = min(state.settings.gateway_delta_poll_interval_s, deadline - time.monotonic())
-            await asyncio.wait_for(state.stopping.wait(), max(wait_s, 0))
-        page = await _read(state, account, page.position, limit, True)
-    key = state.token_key
+            wait_s = min(settings.gateway_delta_poll_interval_s, deadline - time.monotonic())
+            await asyncio.wait_for(stopping.wait(), max(wait_s, 0))
+        page = await _read(request, account, page.position, limit, True)
+    key = request.app[TOKEN_KEY]
     return web.json_response(
         {
             "deltas": [_delta_json(key, account.id, c) for c in page.changes],
@@ -175,9 +178,8 @@ async def get_delta(request: web.Request, app: Application) -> web.StreamRespons
 @authenticated
 async def get_latest_cursor(request: web.Request, app: Application) -> web.StreamResponse:
     account = await owned_account(request, app)
-    state = request.app[STATE]
     Query(request, ())
-    router = state.shards
+    router = request.app[ROUTER]
     shard = shard_of(account.id)
     pool = await router.pool(shard, write=False)
     changes, mark = router.table(shard, "changes"), router.table(shard, "changes_retention")
@@ -189,7 +191,7 @@ async def get_latest_cursor(request: web.Request, app: Application) -> web.Strea
         (top,) = await cur.fetchone()
         await conn.commit()
     return web.json_response(
-        {"cursor": encode_delta_cursor(state.token_key, DeltaCursor(account.id, int(top)))}
+        {"cursor": encode_delta_cursor(request.app[TOKEN_KEY], DeltaCursor(account.id, int(top)))}
     )
 
 
@@ -206,25 +208,25 @@ async def stream_delta(request: web.Request, app: Application) -> web.StreamResp
     reconnecting client's ``Last-Event-ID`` resumes exactly where it stopped.
     """
     account = await owned_account(request, app)
-    state = request.app[STATE]
+    stopping, settings = request.app[STOPPING], request.app[SETTINGS]
     p = Query(request, {"cursor", "heartbeat"})
     heartbeat_s = p.number(
-        "heartbeat", state.settings.gateway_sse_heartbeat_s, MIN_SSE_HEARTBEAT_S, MAX_SSE_HEARTBEAT_S
+        "heartbeat", settings.gateway_sse_heartbeat_s, MIN_SSE_HEARTBEAT_S, MAX_SSE_HEARTBEAT_S
     )
     token = request.headers.get("Last-Event-ID") or p.text("cursor", max_length=128)
-    after, given = _cursor_position(state, account, token)
-    page = await _read(state, account, after, MAX_DELTA_PAGE_SIZE, given)  # errors before the stream starts
+    after, given = _cursor_position(request, account, token)
+    page = await _read(request, account, after, MAX_DELTA_PAGE_SIZE, given)  # errors before the stream starts
 
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     )
     await response.prepare(request)
-    key = state.token_key
+    key = request.app[TOKEN_KEY]
     await response.write(f"retry: {SSE_RETRY_MS}\n\n".encode())
-    ends_at = time.monotonic() + state.settings.gateway_sse_max_duration_s
+    ends_at = time.monotonic() + settings.gateway_sse_max_duration_s
     last_sent = time.monotonic()
     with contextlib.suppress(ConnectionResetError):
-        while not state.stopping.is_set() and time.monotonic() < ends_at:
+        while not stopping.is_set() and time.monotonic() < ends_at:
             for change in page.changes:
                 doc = _delta_json(key, account.id, change)
                 await response.write(_sse("delta", doc["cursor"], doc))
@@ -235,11 +237,9 @@ async def stream_delta(request: web.Request, app: Application) -> web.StreamResp
                     await response.write(_sse("heartbeat", cursor, {"cursor": cursor}))
                     last_sent = time.monotonic()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        state.stopping.wait(), state.settings.gateway_delta_poll_interval_s
-                    )
+                    await asyncio.wait_for(stopping.wait(), settings.gateway_delta_poll_interval_s)
             try:
-                page = await _read(state, account, page.position, MAX_DELTA_PAGE_SIZE, True)
+                page = await _read(request, account, page.position, MAX_DELTA_PAGE_SIZE, True)
             except ApiError as exc:
                 await response.write(_sse("error", None, {"status": exc.status, "detail": exc.detail}))
                 break

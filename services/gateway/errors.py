@@ -1,27 +1,27 @@
 """Errors as RFC 9457 problem documents, for every path of the gateway.
 
-Handlers raise :class:`ApiError` (a :class:`libs.http.Problem`); :func:`libs.http.problem_middleware`
-turns it, aiohttp's own HTTP errors (unknown path, wrong method, body too large), a database that
-cannot be reached (503 with ``Retry-After``) and anything unexpected (500) into
-``application/problem+json``: the same middleware for every service.
+Handlers raise :class:`ApiError` (a :class:`libs.http.Problem`); the problem middleware that the
+service runner installs for every service (:func:`libs.http.problem_middleware`) turns it,
+aiohttp's own HTTP errors (unknown path, wrong method, body too large), a database that cannot
+be reached (503 with ``Retry-After``) and anything unexpected (500) into
+``application/problem+json``.
+
+Exceptions::
+
+    libs.http.Problem
+    └── ApiError          an answer of the gateway's API
+        └── NotFound      404, the same for what is missing and what belongs to someone else
 """
 
 from __future__ import annotations
 
-from typing import Any
+from libs.http import Problem
 
-from libs.http import Problem, problem_middleware
-
-__all__ = ["ApiError", "NotFound", "problem_middleware"]
+__all__ = ["ApiError", "NotFound"]
 
 
 class ApiError(Problem):
     """An answer other than success: status, a short title and a detail for the developer."""
-
-    def __init__(
-        self, status: int, title: str, detail: str, *, retry_after_s: int | None = None, **extra: Any
-    ) -> None:
-        super().__init__(status, title, detail, retry_after_s=retry_after_s, **extra)
 
 
 class NotFound(ApiError):

@@ -31,10 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from libs.accounts import Application
 from libs.cursor import CursorError, PageToken, decode_page_token, encode_page_token, query_fingerprint
-from libs.events import Direction, Event, EventType, MessageFlags, Status, encode, message_key_bytes
-from libs.http import read_json
+from libs.events import Direction, Event, EventType, MessageFlags, Status
+from libs.http import invalid_body, read_json
 from libs.ids import shard_of
-from libs.kafka import INFLIGHT
+from libs.inflight import publish_inflight
+from libs.messages import DETAIL_COLUMNS, LIST_COLUMNS, decode_body
+from libs.resources import DIRECTORY, PRODUCER, ROUTER
 from libs.shards import ShardRouter
 from services.gateway.auth import authenticated, owned_account, path_id
 from services.gateway.constants import (
@@ -47,11 +49,9 @@ from services.gateway.constants import (
 )
 from services.gateway.errors import ApiError, NotFound
 from services.gateway.params import Query
-from services.gateway.state import STATE, GatewayState
-from services.persist.writer import decode_body
+from services.gateway.resources import SETTINGS, TOKEN_KEY
 
 __all__ = [
-    "LIST_COLUMNS",
     "MessageQuery",
     "add_message_routes",
     "fetch_messages",
@@ -64,13 +64,6 @@ MIN_TIME: Final = datetime(1000, 1, 1)
 MAX_TIME: Final = datetime(9999, 12, 31, 23, 59, 59, 999999)
 MAX_LABELS: Final = 50
 
-LIST_COLUMNS: Final = (
-    "id", "account_id", "message_key", "version", "status", "direction", "channel", "sender",
-    "to_addrs", "cc_addrs", "subject", "snippet", "error_code", "unread", "starred", "folder",
-    "labels", "source", "occurred_at", "final_at", "redacted", "deleted", "created_at", "updated_at",
-    "thread_key", "size_bytes", "attachments", "parse_warnings",
-)  # fmt: skip
-DETAIL_COLUMNS: Final = (*LIST_COLUMNS, "body", "body_encoding")
 FILTERS: Final = ("status", "direction", "channel", "from", "to", "folder", "unread", "before", "after")
 
 
@@ -264,21 +257,21 @@ def parse_message_query(request: web.Request, account_id: int) -> tuple[MessageQ
 @authenticated
 async def list_messages(request: web.Request, app: Application) -> web.StreamResponse:
     account = await owned_account(request, app)
-    state = request.app[STATE]
+    token_key = request.app[TOKEN_KEY]
     q, fingerprint = parse_message_query(request, account.id)
     token = request.query.get("page_token")
     if token is not None:
         try:
-            position = decode_page_token(state.token_key, token, account.id, fingerprint)
+            position = decode_page_token(token_key, token, account.id, fingerprint)
         except CursorError as exc:
             raise ApiError(400, "Invalid page_token", str(exc)) from None
         q = replace(q, position=(_from_micros(position.occurred_at_us), position.message_id))
-    rows, more = await fetch_messages(state.shards, q)
+    rows, more = await fetch_messages(request.app[ROUTER], q)
     next_token = None
     if more and rows:
         last = rows[-1]
         next_token = encode_page_token(
-            state.token_key, PageToken(account.id, fingerprint, _micros(last["occurred_at"]), int(last["id"]))
+            token_key, PageToken(account.id, fingerprint, _micros(last["occurred_at"]), int(last["id"]))
         )
     return web.json_response(
         {"data": [message_json(r) for r in rows], "next_page_token": next_token}, dumps=_dumps
@@ -290,10 +283,10 @@ def _dumps(value: Any) -> str:
 
 
 async def _message_row(
-    state: GatewayState, app: Application, message_id: int, columns: tuple[str, ...]
+    request: web.Request, app: Application, message_id: int, columns: tuple[str, ...]
 ) -> dict[str, Any] | None:
     """The message if it exists, is not deleted and belongs to one of the application's accounts."""
-    router = state.shards
+    router = request.app[ROUTER]
     shard = shard_of(message_id)
     if shard not in router.shard_map.shard_cluster:
         return None
@@ -306,15 +299,14 @@ async def _message_row(
         )
         row = await cur.fetchone()
         await conn.commit()
-    if row is None or await state.accounts.owned_account(app.id, int(row["account_id"])) is None:
+    if row is None or await request.app[DIRECTORY].owned_account(app.id, int(row["account_id"])) is None:
         return None
     return dict(row)
 
 
 async def _owned_message(request: web.Request, app: Application, *, with_body: bool) -> dict[str, Any]:
     message_id = path_id(request, "message_id", "message")
-    state = request.app[STATE]
-    row = await _message_row(state, app, message_id, DETAIL_COLUMNS if with_body else LIST_COLUMNS)
+    row = await _message_row(request, app, message_id, DETAIL_COLUMNS if with_body else LIST_COLUMNS)
     if row is None:
         raise NotFound("message", str(message_id))
     return row
@@ -347,13 +339,6 @@ async def _json_body(request: web.Request) -> Any:
     return await read_json(request, max_bytes=MAX_BODY_BYTES)
 
 
-def _validation_error(exc: ValidationError) -> ApiError:
-    errors = [
-        {"field": ".".join(map(str, e["loc"])) or "(body)", "message": e["msg"]} for e in exc.errors()[:20]
-    ]
-    return ApiError(422, "Invalid request body", "the body does not match the schema", errors=errors)
-
-
 async def _primary_row(
     router: ShardRouter, message_id: int, columns: tuple[str, ...]
 ) -> dict[str, Any] | None:
@@ -370,21 +355,19 @@ async def _primary_row(
 
 
 async def _submit(
-    state: GatewayState, row: dict[str, Any], kind: EventType, flags: MessageFlags | None
+    request: web.Request, row: dict[str, Any], kind: EventType, flags: MessageFlags | None
 ) -> None:
     """Put one lifecycle event of the row's message on flightlog.inflight; return once Kafka has it."""
     now = datetime.now(UTC)
-    account_id = int(row["account_id"])
-    message_key = bytes(row["message_key"]).decode()
     event = Event(
-        event_id=f"api-{uuid.uuid4().hex}", account_id=account_id, message_key=message_key, type=kind,
-        occurred_at=now, source="api", flags=flags, received_at=now,
+        event_id=f"api-{uuid.uuid4().hex}", account_id=int(row["account_id"]),
+        message_key=bytes(row["message_key"]).decode(), type=kind, occurred_at=now, source="api",
+        flags=flags, received_at=now,
     )  # fmt: skip
     try:
-        async with asyncio.timeout(state.settings.gateway_produce_timeout_s):
-            await state.kafka.send_and_wait(
-                INFLIGHT, encode(event), key=message_key_bytes(account_id, message_key)
-            )
+        await publish_inflight(
+            request.app[PRODUCER], [event], timeout_s=request.app[SETTINGS].gateway_produce_timeout_s
+        )
     except (KafkaError, TimeoutError) as exc:
         raise ApiError(
             503,
@@ -396,17 +379,17 @@ async def _submit(
 
 
 async def _landed(
-    state: GatewayState,
+    request: web.Request,
     message_id: int,
     read_version: int,
     done: Callable[[dict[str, Any]], bool],
     columns: tuple[str, ...],
 ) -> dict[str, Any] | None:
     """Poll the primary until the row is past ``read_version`` and ``done(row)``; None at the deadline."""
-    settings = state.settings
+    settings = request.app[SETTINGS]
     deadline = time.monotonic() + settings.gateway_write_wait_s
     while True:
-        row = await _primary_row(state.shards, message_id, columns)
+        row = await _primary_row(request.app[ROUTER], message_id, columns)
         if row is not None and int(row["version"]) > read_version and done(row):
             return row
         if time.monotonic() >= deadline:
@@ -430,12 +413,11 @@ def _accepted(message_id: int, what: str) -> web.Response:
 @authenticated
 async def patch_message(request: web.Request, app: Application) -> web.StreamResponse:
     message_id = path_id(request, "message_id", "message")
-    state = request.app[STATE]
     row = await _owned_message(request, app, with_body=True)  # 404 before looking at the body
     try:
         patch = MessagePatch.model_validate(await _json_body(request))
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise invalid_body(exc) from None
     wanted = patch.model_dump(exclude_unset=True)
     if not wanted or any(v is None for v in wanted.values()):
         raise ApiError(
@@ -445,7 +427,7 @@ async def patch_message(request: web.Request, app: Application) -> web.StreamRes
         )
     # Sent even when the row already shows the values: an event still in the pipeline may be
     # about to change them, and this one must come after it.
-    await _submit(state, row, EventType.UPDATED, MessageFlags(**wanted))
+    await _submit(request, row, EventType.UPDATED, MessageFlags(**wanted))
     current = message_json(row, with_body=True)
     if all(current[k] == v for k, v in wanted.items()):
         return web.json_response(current, dumps=_dumps)
@@ -454,7 +436,7 @@ async def patch_message(request: web.Request, app: Application) -> web.StreamRes
         doc = message_json(fresh)
         return bool(fresh["deleted"]) or all(doc[k] == v for k, v in wanted.items())
 
-    fresh = await _landed(state, message_id, int(row["version"]), shows_patch, DETAIL_COLUMNS)
+    fresh = await _landed(request, message_id, int(row["version"]), shows_patch, DETAIL_COLUMNS)
     if fresh is None:
         return _accepted(message_id, "change")
     if fresh["deleted"]:
@@ -465,10 +447,11 @@ async def patch_message(request: web.Request, app: Application) -> web.StreamRes
 @authenticated
 async def delete_message(request: web.Request, app: Application) -> web.StreamResponse:
     message_id = path_id(request, "message_id", "message")
-    state = request.app[STATE]
     row = await _owned_message(request, app, with_body=False)
-    await _submit(state, row, EventType.DELETED, None)
-    fresh = await _landed(state, message_id, int(row["version"]), lambda r: bool(r["deleted"]), LIST_COLUMNS)
+    await _submit(request, row, EventType.DELETED, None)
+    fresh = await _landed(
+        request, message_id, int(row["version"]), lambda r: bool(r["deleted"]), LIST_COLUMNS
+    )
     if fresh is None:
         return _accepted(message_id, "deletion")
     return web.json_response(

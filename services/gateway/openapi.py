@@ -520,7 +520,7 @@ PATHS: Final[dict[str, Json]] = {
     },
 }
 
-# -- webhooks (services.gateway.webhooks.routes) and IMAP accounts (services.ingest.imap.api) ------
+# -- webhooks (services.gateway.webhooks.routes) and IMAP accounts (services.gateway.imap_accounts) -
 
 REPLAY_CAP_DOC: Final = WebhookSettings.model_fields["webhooks_replay_max_deliveries"].default
 _WEBHOOK_EVENT: Final[Json] = {"type": "string", "enum": list(WEBHOOK_EVENT_TYPES)}

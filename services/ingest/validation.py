@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from libs.events import Event
+from libs.http import validation_errors
 
 __all__ = ["ItemError", "item_errors", "normalise_item"]
 
@@ -22,10 +23,6 @@ class ItemError:
 
     def as_json(self) -> dict[str, Any]:
         return {"index": self.index, "field": self.field, "message": self.message}
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "(item)"
 
 
 def normalise_item(item: Any, received_at: datetime | None = None) -> Event:
@@ -47,6 +44,6 @@ def normalise_item(item: Any, received_at: datetime | None = None) -> Event:
 
 def item_errors(index: int, exc: ValidationError | ValueError) -> list[ItemError]:
     if isinstance(exc, ValidationError):
-        return [ItemError(index, _path(e["loc"]), e["msg"]) for e in exc.errors(include_url=False)]
+        return [ItemError(index, e["field"], e["message"]) for e in validation_errors(exc, whole="(item)")]
     field = "received_at" if "received_at" in str(exc) else "(item)"
     return [ItemError(index, field, str(exc))]

@@ -36,11 +36,10 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Gauge
 
-from libs.aio import wait_for
 from libs.component import Component
 from libs.config import DatabaseSettings
-from libs.db import connect, leader_lock_name
 from libs.kafka import CHANGES
+from libs.leader import lead_until_stopped, sleep_unless_stopped
 from libs.shards import ShardRouter
 
 __all__ = ["ChangeRelay", "RelaySettings", "change_message"]
@@ -137,38 +136,25 @@ class ChangeRelay(Component):
                 await task
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await wait_for(self._stopping.wait(), seconds)
+        await sleep_unless_stopped(self._stopping, seconds)
 
     async def _run(self) -> None:
         s = self._settings
-        while not self._stopping.is_set():
-            try:
-                async with connect(s, s.global_db_host, s.global_db_port) as conn:
-                    if await self._take_lock(conn, leader_lock_name("change-relay", s.global_db_name)):
-                        await self._lead(conn)
-                    else:
-                        await self._sleep(self._settings.relay_standby_poll_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("change relay failed; retrying")
-                await self._sleep(self._settings.relay_error_backoff_s)
-            finally:
-                self.active = False
-                _active.set(0)
+        await lead_until_stopped(
+            s,
+            "change-relay",
+            self._stopping,
+            self._lead,
+            standby_poll_s=s.relay_standby_poll_s,
+            error_backoff_s=s.relay_error_backoff_s,
+            on_leading=self._set_active,
+        )
 
-    @staticmethod
-    async def _take_lock(conn: aiomysql.Connection, name: str) -> bool:
-        async with conn.cursor() as cur:
-            await cur.execute("SELECT GET_LOCK(%s, 0)", (name,))
-            (got,) = await cur.fetchone()
-        return bool(got == 1)
+    def _set_active(self, active: bool) -> None:
+        self.active = active
+        _active.set(int(active))
 
     async def _lead(self, conn: aiomysql.Connection) -> None:
-        logger.info("change relay active")
-        self.active = True
-        _active.set(1)
         positions = await self._positions(conn)
         self._acked = dict(positions)
         saved = dict(positions)

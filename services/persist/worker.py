@@ -54,6 +54,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from libs.backoff import backoff_s
 from libs.dlq import dead_letter
 from libs.events import PostflightRecord, decode_postflight
 from libs.ids import ShardBitsMismatch, shard_of
@@ -376,7 +377,7 @@ class PersistWorker:
 
     async def _park(self, item: _Item, failures: int) -> asyncio.Future[Any]:
         attempt = item.attempt + 1
-        not_before = time.time() + min(0.5 * 2 ** (attempt - 1), self.max_backoff_s)
+        not_before = time.time() + backoff_s(attempt, 0.5, self.max_backoff_s)
         future: asyncio.Future[Any] = await self.producer.send(
             self.retry_topic,
             key=item.source.key,

@@ -58,7 +58,6 @@ Exceptions::
 from __future__ import annotations
 
 import contextlib
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,11 +71,10 @@ import pymysql
 from libs.db import insert_guarded
 from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_utc
 from libs.ids import ShardBitsMismatch, check_shard
+from libs.messages import BODY_RAW, CONTENT_COLUMNS, ERASABLE_COLUMNS, FLAG_COLUMNS, encode_body
 from libs.shards import ShardRouter, UnknownShard
 
 __all__ = [
-    "COMPRESS_MIN_BYTES",
-    "ERASABLE_COLUMNS",
     "Failure",
     "RowState",
     "ShardWriteResult",
@@ -85,8 +83,6 @@ __all__ = [
     "change_kind",
     "classify",
     "content_version",
-    "decode_body",
-    "encode_body",
     "erases",
     "latest_per_message",
     "patch_assignments",
@@ -95,23 +91,8 @@ __all__ = [
     "write_shard",
 ]
 
-COMPRESS_MIN_BYTES: Final = 256
-BODY_RAW: Final = 0
-BODY_ZLIB: Final = 1
-
-# Guarded by ``version``: where the message is and what its owner did with it.
-_FLAG_COLUMNS: Final = (
-    "status", "direction", "unread", "starred", "folder", "labels", "source", "occurred_at", "final_at",
-)  # fmt: skip
-# Guarded by ``content_version``, and never blanked by a NULL (see the module docstring).
-_CONTENT_COLUMNS: Final = (
-    "channel", "sender", "to_addrs", "cc_addrs", "subject", "snippet", "body", "body_encoding",
-    "error_code", "attachments", "thread_key", "size_bytes", "parse_warnings",
-)  # fmt: skip
-# What a redaction or a deletion erases (libs.lifecycle's erasable fields, as columns).
-ERASABLE_COLUMNS: Final = ("subject", "snippet", "body", "body_encoding", "attachments")
 _INSERT_COLUMNS: Final = (
-    "account_id", "message_key", *_FLAG_COLUMNS, *_CONTENT_COLUMNS, "redacted", "deleted",
+    "account_id", "message_key", *FLAG_COLUMNS, *CONTENT_COLUMNS, "redacted", "deleted",
     "content_version", "version",
 )  # fmt: skip
 _ROW_PLACEHOLDER: Final = "(" + ", ".join(["%s"] * len(_INSERT_COLUMNS)) + ")"
@@ -137,9 +118,9 @@ def _content_update(column: str) -> str:
 
 
 _GUARDED_UPDATE: Final = ", ".join(
-    [f"{c} = IF({_NEWER}, VALUES({c}), {c})" for c in _FLAG_COLUMNS]
+    [f"{c} = IF({_NEWER}, VALUES({c}), {c})" for c in FLAG_COLUMNS]
     + [_content_update("body_encoding")]
-    + [_content_update(c) for c in _CONTENT_COLUMNS if c != "body_encoding"]
+    + [_content_update(c) for c in CONTENT_COLUMNS if c != "body_encoding"]
     + ["redacted = redacted OR VALUES(redacted)", "deleted = deleted OR VALUES(deleted)"]
     # last: every condition above compares with the stored versions
     + ["content_version = GREATEST(content_version, VALUES(content_version))"]
@@ -234,25 +215,6 @@ class ShardWriteResult:
     body_bytes_raw: int
     body_bytes_stored: int
     patches_without_row: int = 0  # patches of messages with no row: nothing to change, not an error
-
-
-def encode_body(text: str | None, html: str | None) -> tuple[bytes | None, int]:
-    """Bodies as JSON, zlib-compressed (level 1) when that is smaller; returns (bytes, encoding)."""
-    if text is None and html is None:
-        return None, BODY_RAW
-    raw = orjson.dumps({"text": text, "html": html})
-    if len(raw) >= COMPRESS_MIN_BYTES:
-        packed = zlib.compress(raw, 1)
-        if len(packed) < len(raw):
-            return packed, BODY_ZLIB
-    return raw, BODY_RAW
-
-
-def decode_body(data: bytes | None, encoding: int) -> tuple[str | None, str | None]:
-    if data is None:
-        return None, None
-    parsed = orjson.loads(zlib.decompress(data) if encoding == BODY_ZLIB else data)
-    return parsed.get("text"), parsed.get("html")
 
 
 def _utc_naive(name: str, value: datetime | None) -> datetime | None:

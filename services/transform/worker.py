@@ -43,14 +43,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, ProducerFenced
 from prometheus_client import Counter, Gauge, Histogram
 
+from libs.component import Component
 from libs.config import KafkaSettings
 from libs.dlq import dead_letter
 from libs.events import Event, decode_event, encode, message_key_bytes
@@ -187,7 +187,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._worker._on_assigned(assigned)
 
 
-class TransformWorker:
+class TransformWorker(Component):
     """Consumes ``inflight_topic`` in ``group_id``, produces with ``transactional_id``.
 
     Parameters mirror :class:`TransformSettings`; ``TransformWorker.from_settings`` builds one
@@ -311,15 +311,6 @@ class TransformWorker:
         finally:
             self._parser.stop()
             await self._producer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Process batches until ``stopping`` is set; the batch in hand is committed first."""

@@ -12,7 +12,7 @@ from aiohttp import web
 from libs.shards import ShardRouter
 from services.gateway.messages import MessageQuery, list_statement
 from services.gateway.openapi import SPEC
-from services.gateway.service import add_routes
+from services.gateway.service import setup_app
 from tests.e2e import checks
 from tests.e2e.client import event, post_events
 from tests.e2e.conftest import Pipeline
@@ -453,7 +453,7 @@ async def test_errors_and_limits_are_problem_documents(
 
 def test_openapi_describes_every_route() -> None:
     app = web.Application()
-    add_routes(app)
+    setup_app(app)
     served = set()
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource else {}

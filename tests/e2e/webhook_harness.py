@@ -14,9 +14,12 @@ import aiohttp
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 
+from libs.accounts import AccountDirectory
+from libs.http import problem_middleware
 from libs.kafka import CHANGES, make_consumer, make_producer
+from libs.resources import DIRECTORY, ROUTER
 from libs.shards import ShardRouter
-from services.gateway.webhooks import WebhookApi, WebhookDispatcher, WebhookSettings, add_webhook_routes
+from services.gateway.webhooks import WebhookDispatcher, WebhookSettings, add_webhook_routes
 from services.persist.relay import ChangeRelay, RelaySettings
 from tests.e2e.webhook_helpers import bound_port
 
@@ -65,8 +68,11 @@ class Harness:
 
 @asynccontextmanager
 async def api_server(router: ShardRouter, settings: WebhookSettings, api_key: str) -> AsyncIterator[Harness]:
-    app = web.Application()
-    add_webhook_routes(app, WebhookApi(settings)).bind(router)
+    # The API as the gateway mounts it, on the test's open router instead of one of its own.
+    app = web.Application(middlewares=[problem_middleware])
+    app[ROUTER] = router
+    app[DIRECTORY] = AccountDirectory(router)
+    add_webhook_routes(app, settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -26,10 +26,11 @@ from cli.stack import IMAP_TEST_PASSWORD, Dovecot, Stack
 from libs.accounts import create_application
 from libs.config import KafkaSettings
 from libs.crypto import SecretBox
+from libs.imap_accounts import SyncStore
 from libs.kafka import INFLIGHT, create_topics, make_consumer, make_producer
 from libs.mime import parse_message
 from libs.shards import ShardRouter
-from services.ingest.imap.api import (
+from services.gateway.imap_accounts import (
     ImapAccountIn,
     create_imap_account,
     disconnect_imap_account,
@@ -39,7 +40,6 @@ from services.ingest.imap.api import (
 from services.ingest.imap.client import Imap4, ImapConnection, ImapError
 from services.ingest.imap.distribution import AccountDistributor, accounts_topic_spec
 from services.ingest.imap.settings import ImapSettings
-from services.ingest.imap.store import SyncStore
 from services.ingest.imap.sync import AccountSync
 
 pytestmark = pytest.mark.timeout(600)

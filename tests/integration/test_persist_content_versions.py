@@ -29,9 +29,10 @@ from libs.db import connect
 from libs.db.migrate import load_migrations
 from libs.events import MessageDoc, MessageFlags, MessagePatch, PostflightRecord, encode, message_key_bytes
 from libs.kafka import TopicSpec, create_topics, make_consumer, make_producer
+from libs.messages import decode_body
 from libs.shards import ShardRouter
 from services.persist.worker import PersistSettings, PersistWorker
-from services.persist.writer import decode_body, write_shard
+from services.persist.writer import write_shard
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libs.events import MessageDoc, MessageFlags, MessagePatch, PostflightRecord
+from libs.messages import BODY_RAW, ERASABLE_COLUMNS
 from services.persist.writer import (
     _INSERT_COLUMNS,
-    BODY_RAW,
-    ERASABLE_COLUMNS,
     RowState,
     change_kind,
     content_version,

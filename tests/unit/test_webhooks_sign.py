@@ -13,6 +13,7 @@ import standardwebhooks
 from hypothesis import given
 from hypothesis import strategies as st
 
+from libs.backoff import backoff_s
 from libs.webhooks import (
     InvalidSecret,
     WebhookVerificationError,
@@ -22,7 +23,7 @@ from libs.webhooks import (
     sign_headers,
     verify,
 )
-from services.gateway.webhooks.dispatcher import build_payload, retry_delay_s
+from services.gateway.webhooks.dispatcher import build_payload
 from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.targets import TargetRefused, check_url_syntax, is_public_address
 
@@ -115,7 +116,8 @@ def test_retry_schedule_spans_more_than_a_day() -> None:
     s = WebhookSettings()
     rng = random.Random(7)
     delays = [
-        retry_delay_s(n, s.webhooks_retry_base_s, s.webhooks_retry_max_delay_s, rng) for n in range(1, 40)
+        backoff_s(n, s.webhooks_retry_base_s, s.webhooks_retry_max_delay_s, jitter="spread", rand=rng.random)
+        for n in range(1, 40)
     ]
     assert 3.75 <= delays[0] <= 6.25
     assert all(d <= s.webhooks_retry_max_delay_s * 1.25 for d in delays)
@@ -128,7 +130,7 @@ def test_retry_schedule_spans_more_than_a_day() -> None:
         elapsed += d
         attempts += 1
     assert elapsed > 24 * 3600 and attempts >= 15
-    assert len({round(retry_delay_s(3, 5, 3600), 6) for _ in range(20)}) > 1  # jittered
+    assert len({round(backoff_s(3, 5, 3600, jitter="spread"), 6) for _ in range(20)}) > 1  # jittered
 
 
 def test_payload_shape() -> None:

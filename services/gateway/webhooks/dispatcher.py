@@ -15,7 +15,7 @@ Every answer is classified (:func:`classify`) and the next step decided (:func:`
 pure functions:
 
 * transient (no answer: connection refused, timeout; 5xx, 3xx; 408 and 429, honouring a
-  ``Retry-After``): retried with exponential backoff and jitter (:func:`retry_delay_s`) until
+  ``Retry-After``): retried with exponential backoff and jitter (:func:`libs.backoff.backoff_s`, spread) until
   ``webhooks_retry_window_s`` after the event (28 h by default). Then the delivery fails, the
   endpoint is disabled with the reason stored and visible in the API, and a warning is logged and
   counted (``flightlog_webhook_endpoints_disabled_total``): a receiver that does not answer for
@@ -64,13 +64,14 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Final
 
 import aiohttp
+import aiomysql
 import orjson
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import Counter, Gauge, Histogram
 
-from libs.aio import wait_for
+from libs.backoff import backoff_s
 from libs.component import Component
-from libs.db import connect, leader_lock_name
+from libs.leader import lead_until_stopped, sleep_unless_stopped
 from libs.shards import ShardRouter
 from libs.webhooks import sign_headers
 from services.gateway.webhooks.settings import WebhookSettings
@@ -92,7 +93,6 @@ __all__ = [
     "classify",
     "decide",
     "parse_retry_after_s",
-    "retry_delay_s",
 ]
 
 logger = logging.getLogger(__name__)
@@ -114,14 +114,6 @@ _latency = Histogram(
     "From the change's commit to its successful delivery",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600, 86400),
 )
-
-
-def retry_delay_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
-    """Delay before retry number ``attempt`` (1 = the first retry): base * 2^(attempt-1), capped,
-    times a jitter in [0.75, 1.25) so endpoints failing together do not retry together."""
-    delay = min(base_s * 2.0 ** min(attempt - 1, 40), max_s)
-    jitter = rng.random() if rng is not None else random.random()
-    return float(delay * (0.75 + 0.5 * jitter))
 
 
 class Outcome(enum.Enum):
@@ -200,24 +192,29 @@ def decide(
     ``outcome``; ``refusals`` are its refusals in a row before this attempt and ``age_s`` the
     time since its event. See the module docstring for the policy."""
     s = settings
+    rand = rng.random if rng is not None else random.random
+
+    def delay(attempt: int, base_s: float) -> float:
+        # Spread, not full, jitter: endpoints that failed together do not retry together, and a
+        # receiver can still tell roughly when the next try comes.
+        return backoff_s(attempt, base_s, s.webhooks_retry_max_delay_s, jitter="spread", rand=rand)
+
     if outcome is Outcome.DELIVERED:
         return Decision("delivered", refusals=0)
     if outcome is Outcome.GONE or (outcome is Outcome.REFUSED and ordering == SKIP_REFUSED):
         refused = refusals + 1
         if refused < s.webhooks_refused_max_attempts:
-            delay_s = retry_delay_s(
-                refused, s.webhooks_refused_retry_base_s, s.webhooks_retry_max_delay_s, rng
-            )
+            delay_s = delay(refused, s.webhooks_refused_retry_base_s)
             return Decision("pending", delay_s, refused)
         if outcome is Outcome.GONE:
             # stays at the head of its lane for when the endpoint is enabled again
-            delay_s = retry_delay_s(1, s.webhooks_retry_base_s, s.webhooks_retry_max_delay_s, rng)
+            delay_s = delay(1, s.webhooks_retry_base_s)
             return Decision("pending", delay_s, refused, disable=True)
         return Decision("failed", refusals=refused)
     refused = refusals + 1 if outcome is Outcome.REFUSED else 0  # strict: a refusal is retried
     if age_s > s.webhooks_retry_window_s:
         return Decision("failed", refusals=refused, disable=True)
-    delay_s = retry_delay_s(attempts, s.webhooks_retry_base_s, s.webhooks_retry_max_delay_s, rng)
+    delay_s = delay(attempts, s.webhooks_retry_base_s)
     if retry_after_s is not None:  # not sooner than asked, and not beyond our own longest delay
         delay_s = max(delay_s, min(retry_after_s, s.webhooks_retry_max_delay_s))
     return Decision("pending", delay_s, refused)
@@ -346,7 +343,7 @@ class WebhookDispatcher(Component):
         self._recorder.start()
         self._tasks = [
             asyncio.create_task(self._intake(), name="webhooks-intake"),
-            asyncio.create_task(self._lead(), name="webhooks-leader"),
+            asyncio.create_task(self._elect(), name="webhooks-leader"),
         ]
 
     @property
@@ -375,8 +372,7 @@ class WebhookDispatcher(Component):
             self._http = None
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await wait_for(self._stopping.wait(), max(seconds, 0))
+        await sleep_unless_stopped(self._stopping, seconds)
 
     # -- endpoints cache -------------------------------------------------------------------
 
@@ -451,43 +447,43 @@ class WebhookDispatcher(Component):
 
     # -- delivery --------------------------------------------------------------------------
 
-    async def _lead(self) -> None:
+    async def _elect(self) -> None:
         s = self._settings
-        while not self._stopping.is_set():
-            try:
-                async with connect(s, s.global_db_host, s.global_db_port) as conn:
-                    async with conn.cursor() as cur:
-                        lock = leader_lock_name("webhook-dispatcher", s.global_db_name)
-                        await cur.execute("SELECT GET_LOCK(%s, 0)", (lock,))
-                        (got,) = await cur.fetchone()
-                    if got != 1:
-                        await self._sleep(s.webhooks_rescan_interval_s)
-                        continue
-                    logger.info("webhook dispatcher active")
-                    self.leading = True
-                    _active.set(1)
-                    next_prune = time.monotonic()
-                    while not self._stopping.is_set():
-                        await self._refresh_endpoints()
-                        for key in await self.store.pending_lanes():
-                            self._wake(key)
-                        if time.monotonic() >= next_prune:
-                            cutoff = utcnow() - timedelta(seconds=s.webhooks_log_retention_s)
-                            while await self.store.prune(cutoff) and not self._stopping.is_set():
-                                pass
-                            next_prune = time.monotonic() + _PRUNE_INTERVAL_S
-                        await self._sleep(s.webhooks_rescan_interval_s)
-                        async with conn.cursor() as cur:  # still holding the lock?
-                            await cur.execute("SELECT 1")
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("webhook dispatcher lost its lock connection; retrying")
-                await self._sleep(1.0)
-            finally:
-                self.leading = False
-                _active.set(0)
-                await self._cancel_lanes()
+        await lead_until_stopped(
+            s,
+            "webhook-dispatcher",
+            self._stopping,
+            self._deliver,
+            standby_poll_s=s.webhooks_rescan_interval_s,
+            error_backoff_s=1.0,
+            on_leading=self._set_leading,
+        )
+
+    def _set_leading(self, leading: bool) -> None:
+        self.leading = leading
+        _active.set(int(leading))
+
+    async def _deliver(self, conn: aiomysql.Connection) -> None:
+        """While leading: wake the lanes with pending work, prune the log, check the lock."""
+        s = self._settings
+        next_prune = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                await self._refresh_endpoints()
+                for key in await self.store.pending_lanes():
+                    self._wake(key)
+                if time.monotonic() >= next_prune:
+                    cutoff = utcnow() - timedelta(seconds=s.webhooks_log_retention_s)
+                    while await self.store.prune(cutoff) and not self._stopping.is_set():
+                        pass
+                    next_prune = time.monotonic() + _PRUNE_INTERVAL_S
+                await self._sleep(s.webhooks_rescan_interval_s)
+                async with conn.cursor() as cur:  # still holding the lock?
+                    await cur.execute("SELECT 1")
+        finally:
+            # Not leading first, so no lane is woken while the others are being cancelled.
+            self._set_leading(False)
+            await self._cancel_lanes()
 
     async def _cancel_lanes(self) -> None:
         lanes = list(self._lanes.values())

@@ -19,20 +19,20 @@ POST     /v1/webhooks/{id}/replay                            {"since", "until"}:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from libs.accounts import AccountDirectory, Application
-from libs.http import problem_response, read_json
+from libs.accounts import Application
+from libs.http import invalid_body, read_json
 from libs.ids import parse_public_id
-from libs.shards import ShardRouter
+from libs.resources import DIRECTORY, ROUTER
 from services.gateway.auth import application_of
 from services.gateway.constants import MAX_BODY_BYTES
+from services.gateway.errors import ApiError
 from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.store import EVENT_TYPES, Endpoint, WebhookStore
 from services.gateway.webhooks.targets import MAX_URL_LENGTH, TargetRefused, check_target
@@ -41,8 +41,8 @@ __all__ = [
     "DELIVERY_STATES",
     "MAX_ACCOUNT_FILTER",
     "MAX_PAGE",
-    "WEBHOOK_API",
-    "WebhookApi",
+    "WEBHOOK_SETTINGS",
+    "WEBHOOK_STORE",
     "add_webhook_routes",
 ]
 
@@ -53,22 +53,9 @@ DELIVERY_STATES: Final = ("pending", "delivered", "failed", "cancelled")
 M = TypeVar("M", bound=BaseModel)
 
 
-@dataclass(slots=True)
-class WebhookApi:
-    """The routes' state; :meth:`bind` it to the router once the service has opened it."""
+WEBHOOK_SETTINGS: Final = web.AppKey("webhook_settings", WebhookSettings)
+WEBHOOK_STORE: Final = web.AppKey("webhook_store", WebhookStore)
 
-    settings: WebhookSettings = field(default_factory=WebhookSettings)
-    store: WebhookStore | None = None
-    directory: AccountDirectory | None = None
-
-    def bind(self, router: ShardRouter, directory: AccountDirectory | None = None) -> None:
-        """Open the routes; ``directory`` is the host's own (the gateway's cache of keys and
-        accounts), so a revoked key stops working here exactly when it does everywhere else."""
-        self.store = WebhookStore(router, self.settings.webhooks_secret_key)
-        self.directory = directory or AccountDirectory(router)
-
-
-WEBHOOK_API: Final = web.AppKey("webhook_api", WebhookApi)
 
 # skip_refused or strict: how a lane treats an event its receiver refuses (see the dispatcher)
 Ordering = Literal["skip_refused", "strict"]
@@ -119,37 +106,20 @@ class ReplayRange(BaseModel):
         return value
 
 
-class _Problem(Exception):
-    def __init__(self, status: int, title: str, detail: str) -> None:
-        super().__init__(detail)
-        self.response = problem_response(status, title, detail)
-
-
-AppHandler = Callable[[web.Request, WebhookApi, WebhookStore, Application], Awaitable[web.StreamResponse]]
+AppHandler = Callable[
+    [web.Request, WebhookSettings, WebhookStore, Application], Awaitable[web.StreamResponse]
+]
 
 
 def _authed(handler: AppHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        api = request.app[WEBHOOK_API]
-        if api.store is None or api.directory is None:
-            return problem_response(503, "Service starting", "webhooks are not ready yet", retry_after_s=1)
-        try:
-            app = await application_of(request, api.directory)
-        except web.HTTPUnauthorized as exc:
-            response = problem_response(401, "Unauthorized", exc.text or "a valid API key is required")
-            response.headers["WWW-Authenticate"] = exc.headers["WWW-Authenticate"]
-            return response
-        try:
-            return await handler(request, api, api.store, app)
-        except _Problem as p:
-            return p.response
+        app = await application_of(request)
+        return await handler(request, request.app[WEBHOOK_SETTINGS], request.app[WEBHOOK_STORE], app)
 
     return wrapped
 
 
 async def _json(request: web.Request) -> Any:
-    # libs.http's Problem (400 malformed or too deep, 413 too large) is answered by the
-    # gateway's problem middleware.
     return await read_json(request, max_bytes=MAX_BODY_BYTES)
 
 
@@ -157,25 +127,23 @@ def _validate(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise _Problem(422, "Invalid webhook", detail) from None
+        raise invalid_body(exc, "Invalid webhook") from None
 
 
-async def _check_url(api: WebhookApi, url: str) -> None:
+async def _check_url(settings: WebhookSettings, url: str) -> None:
     try:
-        await check_target(url, allow_private=api.settings.webhooks_allow_private_targets)
+        await check_target(url, allow_private=settings.webhooks_allow_private_targets)
     except TargetRefused as exc:
-        raise _Problem(422, "Invalid webhook target", str(exc)) from None
+        raise ApiError(422, "Invalid webhook target", str(exc)) from None
 
 
-async def _check_accounts(api: WebhookApi, app: Application, ids: list[str] | None) -> set[int] | None:
+async def _check_accounts(request: web.Request, app: Application, ids: list[str] | None) -> set[int] | None:
     if ids is None:
         return None
-    assert api.directory is not None
     parsed = {parse_public_id(i) for i in ids}
     for account_id in sorted(parsed):
-        if await api.directory.owned_account(app.id, account_id) is None:
-            raise _Problem(
+        if await request.app[DIRECTORY].owned_account(app.id, account_id) is None:
+            raise ApiError(
                 422, "Invalid webhook", f"account {account_id} is not an account of this application"
             )
     return parsed
@@ -185,7 +153,7 @@ async def _endpoint(request: web.Request, store: WebhookStore, app: Application)
     endpoint_id = _path_id(request, "id")
     endpoint = await store.endpoint(app.id, endpoint_id)
     if endpoint is None:
-        raise _Problem(404, "Not found", f"no webhook {endpoint_id}")
+        raise ApiError(404, "Not found", f"no webhook {endpoint_id}")
     return endpoint
 
 
@@ -197,21 +165,21 @@ def _path_id(request: web.Request, name: str) -> int:
     try:
         value = int(request.match_info[name])
     except ValueError:
-        raise _Problem(404, "Not found", f"{request.match_info[name]!r} is not an id") from None
+        raise ApiError(404, "Not found", f"{request.match_info[name]!r} is not an id") from None
     if not 0 < value < 2**63:
-        raise _Problem(404, "Not found", f"{value} is not an id")
+        raise ApiError(404, "Not found", f"{value} is not an id")
     return value
 
 
 @_authed
 async def create(
-    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+    request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
 ) -> web.Response:
     body = _validate(NewEndpoint, await _json(request))
-    await _check_url(api, body.url)
-    accounts = await _check_accounts(api, app, body.account_ids)
-    if await store.count_endpoints(app.id) >= api.settings.webhooks_max_endpoints_per_application:
-        raise _Problem(409, "Too many webhooks", "this application has the maximum number of webhooks")
+    await _check_url(settings, body.url)
+    accounts = await _check_accounts(request, app, body.account_ids)
+    if await store.count_endpoints(app.id) >= settings.webhooks_max_endpoints_per_application:
+        raise ApiError(409, "Too many webhooks", "this application has the maximum number of webhooks")
     endpoint = await store.create_endpoint(
         app.id, body.url, body.description, sorted(set(body.event_types)), accounts, body.ordering
     )
@@ -219,30 +187,36 @@ async def create(
 
 
 @_authed
-async def list_(request: web.Request, api: WebhookApi, store: WebhookStore, app: Application) -> web.Response:
+async def list_(
+    request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
+) -> web.Response:
     return web.json_response({"data": [e.public() for e in await store.endpoints(app.id)]})
 
 
 @_authed
-async def get(request: web.Request, api: WebhookApi, store: WebhookStore, app: Application) -> web.Response:
+async def get(
+    request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
+) -> web.Response:
     return web.json_response((await _endpoint(request, store, app)).public())
 
 
 @_authed
-async def patch(request: web.Request, api: WebhookApi, store: WebhookStore, app: Application) -> web.Response:
+async def patch(
+    request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
+) -> web.Response:
     endpoint = await _endpoint(request, store, app)
     body = _validate(EndpointPatch, await _json(request))
     changes: dict[str, Any] = {}
     given = body.model_fields_set
     if body.url is not None:
-        await _check_url(api, body.url)
+        await _check_url(settings, body.url)
         changes["url"] = body.url
     if body.description is not None:
         changes["description"] = body.description
     if body.event_types is not None:
         changes["event_types"] = sorted(set(body.event_types))
     if "account_ids" in given:  # null clears the filter
-        changes["account_ids"] = await _check_accounts(api, app, body.account_ids)
+        changes["account_ids"] = await _check_accounts(request, app, body.account_ids)
     if body.enabled is not None:
         changes["enabled"] = body.enabled
     if body.ordering is not None:
@@ -255,7 +229,7 @@ async def patch(request: web.Request, api: WebhookApi, store: WebhookStore, app:
 
 @_authed
 async def delete(
-    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+    request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
 ) -> web.Response:
     await store.delete_endpoint(await _endpoint(request, store, app))
     return web.Response(status=204)
@@ -263,10 +237,10 @@ async def delete(
 
 @_authed
 async def rotate(
-    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+    request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
 ) -> web.Response:
     endpoint = await _endpoint(request, store, app)
-    secret = await store.rotate_secret(endpoint, api.settings.webhooks_secret_grace_s)
+    secret = await store.rotate_secret(endpoint, settings.webhooks_secret_grace_s)
     fresh = await store.endpoint(app.id, endpoint.id)
     assert fresh is not None
     return web.json_response({**fresh.public(), "secret": secret})
@@ -274,18 +248,18 @@ async def rotate(
 
 @_authed
 async def deliveries(
-    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+    request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
 ) -> web.Response:
     endpoint = await _endpoint(request, store, app)
     q = request.query
     state = q.get("state")
     if state is not None and state not in DELIVERY_STATES:
-        raise _Problem(400, "Bad request", "state is pending, delivered, failed or cancelled")
+        raise ApiError(400, "Bad request", "state is pending, delivered, failed or cancelled")
     limit_text, before_text = q.get("limit", "100"), q.get("before")
     if not _digits(limit_text) or not 1 <= int(limit_text) <= MAX_PAGE:
-        raise _Problem(400, "Bad request", f"limit is an integer in 1..{MAX_PAGE}")
+        raise ApiError(400, "Bad request", f"limit is an integer in 1..{MAX_PAGE}")
     if before_text is not None and (not _digits(before_text) or not 0 < int(before_text) < 2**63):
-        raise _Problem(400, "Bad request", "before is the id of a delivery (next_before of a page)")
+        raise ApiError(400, "Bad request", "before is the id of a delivery (next_before of a page)")
     limit = int(limit_text)
     before = None if before_text is None else int(before_text)
     rows = await store.deliveries(endpoint.id, state=state, before_id=before, limit=limit)
@@ -295,30 +269,30 @@ async def deliveries(
 
 @_authed
 async def delivery(
-    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+    request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
 ) -> web.Response:
     endpoint = await _endpoint(request, store, app)
     found = await store.delivery(endpoint.id, _path_id(request, "delivery_id"))
     if found is None:
-        raise _Problem(404, "Not found", "no such delivery for this webhook")
+        raise ApiError(404, "Not found", "no such delivery for this webhook")
     d, attempts = found
     return web.json_response({**d.public(), "attempts": [a.public() for a in attempts]})
 
 
 @_authed
 async def replay_one(
-    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+    request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
 ) -> web.Response:
     endpoint = await _endpoint(request, store, app)
     count = await store.replay(endpoint.id, [_path_id(request, "delivery_id")])
     if count == 0:
-        raise _Problem(404, "Not found", "no such delivery for this webhook")
+        raise ApiError(404, "Not found", "no such delivery for this webhook")
     return web.json_response({"replayed": count}, status=202)
 
 
 @_authed
 async def replay_range(
-    request: web.Request, api: WebhookApi, store: WebhookStore, app: Application
+    request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
 ) -> web.Response:
     endpoint = await _endpoint(request, store, app)
     body = _validate(ReplayRange, await _json(request))
@@ -326,18 +300,25 @@ async def replay_range(
         t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t for t in (body.since, body.until)
     )
     if until <= since:
-        raise _Problem(422, "Invalid replay", "until must be after since")
-    cap = api.settings.webhooks_replay_max_deliveries
+        raise ApiError(422, "Invalid replay", "until must be after since")
+    cap = settings.webhooks_replay_max_deliveries
     ids = await store.deliveries_between(endpoint.id, since, until, cap + 1)
     if len(ids) > cap:
-        raise _Problem(422, "Replay too large", f"more than {cap} deliveries in the range; narrow it")
+        raise ApiError(422, "Replay too large", f"more than {cap} deliveries in the range; narrow it")
     return web.json_response({"replayed": await store.replay(endpoint.id, ids)}, status=202)
 
 
-def add_webhook_routes(app: web.Application, api: WebhookApi | None = None) -> WebhookApi:
-    """Add the /v1/webhooks routes; returns their state, to :meth:`WebhookApi.bind` later."""
-    state = api or WebhookApi()
-    app[WEBHOOK_API] = state
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    app[WEBHOOK_STORE] = WebhookStore(app[ROUTER], app[WEBHOOK_SETTINGS].webhooks_secret_key)
+    yield
+
+
+def add_webhook_routes(app: web.Application, settings: WebhookSettings) -> None:
+    """Add the /v1/webhooks routes and their store (a cleanup context after the host's router:
+    they use the host's :data:`ROUTER` and its :data:`DIRECTORY`, so a key revoked anywhere in
+    the host is refused here at once)."""
+    app[WEBHOOK_SETTINGS] = settings
+    app.cleanup_ctx.append(_store)
     base = "/v1/webhooks"
     app.add_routes(
         [
@@ -353,4 +334,3 @@ def add_webhook_routes(app: web.Application, api: WebhookApi | None = None) -> W
             web.post(base + "/{id}/replay", replay_range),
         ]
     )
-    return state

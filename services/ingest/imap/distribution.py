@@ -20,13 +20,14 @@ import orjson
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from libs.aio import raise_if_cancelling
+from libs.component import Component
 from libs.config import KafkaSettings
+from libs.imap_accounts import SyncStore
 from libs.kafka import TopicSpec, create_topics, make_consumer
 from services.ingest.imap.settings import ImapSettings
-from services.ingest.imap.store import SyncStore
 from services.ingest.imap.sync import AccountSync
 
-__all__ = ["AccountDistributor", "accounts_topic_spec", "publish_account"]
+__all__ = ["AccountDistributor", "accounts_topic_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +40,6 @@ def accounts_topic_spec(settings: ImapSettings) -> TopicSpec:
     )
 
 
-async def publish_account(
-    producer: AIOKafkaProducer, settings: ImapSettings, account_id: int, credentials_version: int | None
-) -> None:
-    """Announce an account (or, with None, its removal) to whichever instance owns it."""
-    value = (
-        None
-        if credentials_version is None
-        else orjson.dumps({"account_id": str(account_id), "credentials_version": credentials_version})
-    )
-    await producer.send_and_wait(settings.imap_accounts_topic, value, key=str(account_id).encode())
-
-
 class _Worker:
     def __init__(self, sync: AccountSync, version: int, partition: int) -> None:
         self.sync = sync
@@ -59,8 +48,9 @@ class _Worker:
         self.task = asyncio.create_task(sync.run(), name=f"imap-sync-{sync.account_id}")
 
 
-class AccountDistributor(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Runs the syncs of the accounts in this instance's partitions; ``start()``/``stop()``.
+class AccountDistributor(Component, ConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs the syncs of the accounts in this instance's partitions; ``start()``, idempotent
+    ``stop()``, ``async with``.
 
     :param instance: a name for logs (the ingest instance id).
     """
@@ -104,13 +94,6 @@ class AccountDistributor(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()  # leaves the group: the others take our partitions at once
-
-    async def __aenter__(self) -> AccountDistributor:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         parts = {tp.partition for tp in revoked}

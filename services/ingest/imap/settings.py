@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from libs.kafka import IMAP_ACCOUNTS
+from libs.imap_accounts import ImapAccountsSettings
 from libs.mime import MAX_RAW_BYTES
 from services.ingest.imap.client import DEFAULT_MAX_RESPONSE_BYTES
 
 __all__ = ["ImapSettings"]
 
 
-class ImapSettings(BaseSettings):
-    """IMAP sync in ingest.
+class ImapSettings(ImapAccountsSettings):
+    """IMAP sync in ingest, beside the accounts topic it shares with the gateway.
 
     ``imap_sync_enabled`` false leaves the accounts to other ingest instances (this one serves
     ``POST /v1/events`` only); ``imap_consumer_group`` is the group that splits
@@ -22,10 +21,7 @@ class ImapSettings(BaseSettings):
     ``imap_backoff_max_s``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
-
     imap_sync_enabled: bool = True
-    imap_accounts_topic: str = IMAP_ACCOUNTS  # `flightlog topics create` makes it
     imap_accounts_partitions: int = Field(default=12, gt=0)  # only for a topic of another name
     imap_consumer_group: str = "flightlog-ingest-imap"
     # A UID FETCH of bodies holds at most imap_batch_size messages and imap_fetch_batch_bytes of

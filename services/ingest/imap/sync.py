@@ -21,7 +21,6 @@ import base64
 import contextlib
 import hashlib
 import logging
-import random
 import re
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
 from datetime import UTC, datetime
@@ -34,17 +33,17 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from libs.aio import cancelling, raise_if_cancelling, wait_for
+from libs.backoff import backoff_s
 from libs.events import (
     Direction,
     Event,
     EventType,
     MessageContent,
     MessageFlags,
-    encode,
-    message_key_bytes,
     storable_utc,
 )
-from libs.kafka import INFLIGHT
+from libs.imap_accounts import AccountRow, FolderRow, SyncStore, UidEntry
+from libs.inflight import publish_inflight
 from libs.mime import MAX_RAW_BYTES, message_id_of
 from libs.shards import ShardError
 from services.ingest.imap.client import (
@@ -56,10 +55,9 @@ from services.ingest.imap.client import (
     quote_mailbox,
 )
 from services.ingest.imap.settings import ImapSettings
-from services.ingest.imap.store import AccountRow, FolderRow, SyncStore, UidEntry
 from services.ingest.imap.uids import UidSet, format_uid_set, plan_fetch_batches
 
-__all__ = ["AccountSync", "backoff_s", "internaldate", "message_key"]
+__all__ = ["AccountSync", "internaldate", "message_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +84,6 @@ FETCH_BYTES: Final = prometheus_client.Histogram(
 
 _SIZE_FETCH_UIDS: Final = 5_000  # UIDs per RFC822.SIZE fetch: a ~300 KiB answer, a short command
 _ITEM_OVERHEAD_BYTES: Final = 4096  # a FETCH item's bytes beside its literal (UID, flags, date)
-
-
-def backoff_s(attempt: int, base_s: float, max_s: float, rand: Callable[[], float] = random.random) -> float:
-    """Exponential backoff with full jitter (AWS architecture blog): uniform in [0, min(max, base*2^n)]."""
-    ceiling: float = min(max_s, base_s * 2.0 ** min(attempt, 30))
-    return rand() * ceiling
 
 
 def _identity(header: bytes) -> str:
@@ -176,8 +168,12 @@ class AccountSync:
                         # connection error to retry, or the task would never end
                         raise asyncio.CancelledError() from exc
                     self.state = "error"
+                    # Full jitter: a provider's outage fails its accounts together.
                     delay = backoff_s(
-                        attempt, self.settings.imap_backoff_base_s, self.settings.imap_backoff_max_s
+                        attempt + 1,
+                        self.settings.imap_backoff_base_s,
+                        self.settings.imap_backoff_max_s,
+                        jitter="full",
                     )
                     logger.warning("imap account %d: %r; retrying in %.1f s", self.account_id, exc, delay)
                     attempt += 1
@@ -618,16 +614,9 @@ class AccountSync:
         if not events:
             return
         now = datetime.now(UTC)
-        futures: list[Any] = []
+        await publish_inflight(self.producer, [e.model_copy(update={"received_at": now}) for e in events])
         for event in events:
-            stamped = event.model_copy(update={"received_at": now})
-            futures.append(
-                await self.producer.send(
-                    INFLIGHT, encode(stamped), key=message_key_bytes(event.account_id, event.message_key)
-                )
-            )
             EVENTS.labels(event.type.value).inc()
-        await asyncio.gather(*futures)
 
 
 async def _uncancelled(coro: Coroutine[Any, Any, None]) -> None:

@@ -1,5 +1,14 @@
-"""Where IMAP sync keeps its state: accounts and folders in the global schema, the UID map of
-each folder in the account's shard (``imap_uids``)."""
+"""IMAP accounts: where their sync state is kept, and how a change of one is announced.
+
+Two services share this: the gateway creates accounts and changes their credentials (and shows
+their sync state), ingest syncs them. Neither may import the other, so the store and the
+announcement live here.
+
+State: accounts and folders in the global schema (``imap_accounts``, ``imap_folders``), the UID
+map of each folder in the account's shard (``imap_uids``). Announcements: the compacted topic
+``flightlog.imap-accounts`` (key: the account id; value: its credentials version; a tombstone
+stops its sync), which ingest's instances divide between them as a consumer group.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +16,47 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+from aiokafka import AIOKafkaProducer
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from libs.crypto import SecretBox
 from libs.ids import shard_of
+from libs.kafka import IMAP_ACCOUNTS
 from libs.shards import ShardRouter
 
-__all__ = ["AccountRow", "FolderRow", "SyncStore", "UidEntry"]
+__all__ = [
+    "AccountRow",
+    "FolderRow",
+    "ImapAccountsSettings",
+    "SyncStore",
+    "UidEntry",
+    "publish_account",
+]
+
+
+class ImapAccountsSettings(BaseSettings):
+    """Where IMAP account announcements go (``FLIGHTLOG_IMAP_ACCOUNTS_TOPIC``); ingest's sync
+    settings extend this, so the gateway and ingest read the same variable."""
+
+    model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
+
+    imap_accounts_topic: str = IMAP_ACCOUNTS  # `flightlog topics create` makes it
+
+
+async def publish_account(
+    producer: AIOKafkaProducer,
+    settings: ImapAccountsSettings,
+    account_id: int,
+    credentials_version: int | None,
+) -> None:
+    """Announce an account (or, with None, its removal) to whichever ingest instance owns it."""
+    value = (
+        None
+        if credentials_version is None
+        else orjson.dumps({"account_id": str(account_id), "credentials_version": credentials_version})
+    )
+    await producer.send_and_wait(settings.imap_accounts_topic, value, key=str(account_id).encode())
 
 
 @dataclass(slots=True)

@@ -1,0 +1,213 @@
+"""The IMAP account API: POST /v1/accounts (provider imap), GET /v1/accounts/{id}/sync,
+PATCH /v1/accounts/{id}/credentials (new username and/or password; restarts a sync stopped by an
+authentication failure) and DELETE /v1/accounts/{id}/credentials (stop syncing, forget the
+password).
+
+The operations are plain functions (tested directly); ingest's sync workers pick their effects
+up from the accounts topic (:func:`libs.imap_accounts.publish_account`). The password is
+encrypted before it is stored and is never returned.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Final, Literal, Self, TypeVar
+
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from libs.accounts import Application, create_account
+from libs.crypto import SecretBox
+from libs.http import invalid_body
+from libs.imap_accounts import ImapAccountsSettings, SyncStore, publish_account
+from libs.resources import PRODUCER, ROUTER
+from libs.shards import ShardRouter, UnknownShard
+from services.gateway.auth import authenticated, owned_account
+from services.gateway.errors import ApiError, NotFound
+
+__all__ = [
+    "IMAP_SETTINGS",
+    "IMAP_STORE",
+    "ImapAccountIn",
+    "ImapCredentialsIn",
+    "add_imap_account_routes",
+    "create_imap_account",
+    "disconnect_imap_account",
+    "imap_account_view",
+    "update_imap_credentials",
+]
+
+IMAP_SETTINGS: Final = web.AppKey("imap_accounts_settings", ImapAccountsSettings)
+IMAP_STORE: Final = web.AppKey("imap_store", SyncStore)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ImapAccountIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    provider: Literal["imap"] = "imap"
+    email: Annotated[str, StringConstraints(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
+    host: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    port: Annotated[int, Field(gt=0, lt=65536)] = 993
+    tls_mode: Literal["implicit", "starttls", "none"] = "implicit"
+    username: Annotated[str, StringConstraints(min_length=1, max_length=320)]
+    password: Annotated[str, StringConstraints(min_length=1, max_length=1000)] = Field(repr=False)
+    shard: Annotated[int, Field(ge=0, le=65535)] | None = None
+
+    @model_validator(mode="after")
+    def _plaintext_only_on_loopback(self) -> Self:
+        if self.tls_mode == "none" and not _is_loopback(self.host):
+            raise ValueError("tls_mode 'none' is allowed only for a loopback host")
+        return self
+
+
+class ImapCredentialsIn(BaseModel):
+    """New credentials; a username left out keeps the current one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    username: Annotated[str, StringConstraints(min_length=1, max_length=320)] | None = None
+    password: Annotated[str, StringConstraints(min_length=1, max_length=1000)] = Field(repr=False)
+
+
+async def create_imap_account(
+    router: ShardRouter,
+    store: SyncStore,
+    producer: AIOKafkaProducer,
+    settings: ImapAccountsSettings,
+    application_id: int,
+    body: ImapAccountIn,
+) -> dict[str, Any]:
+    account = await create_account(router, application_id, body.email, provider="imap", shard=body.shard)
+    await store.insert_account(
+        account.id, application_id, body.host, body.port, body.tls_mode, body.username, body.password
+    )
+    await publish_account(producer, settings, account.id, 1)
+    view = await imap_account_view(store, account.id)
+    return {"id": str(account.id), "email": account.email, "provider": "imap", **(view or {})}
+
+
+async def update_imap_credentials(
+    store: SyncStore,
+    producer: AIOKafkaProducer,
+    settings: ImapAccountsSettings,
+    account_id: int,
+    username: str,
+    password: str,
+) -> int:
+    """New credentials restart a sync stopped by an authentication failure."""
+    version = await store.update_credentials(account_id, username, password)
+    await publish_account(producer, settings, account_id, version)
+    return version
+
+
+async def disconnect_imap_account(
+    store: SyncStore, producer: AIOKafkaProducer, settings: ImapAccountsSettings, account_id: int
+) -> None:
+    """Stop syncing and forget the password; the messages already synced stay. The tombstone on
+    the accounts topic stops the worker wherever it runs, and keeps it stopped after restarts."""
+    await store.disconnect(account_id)
+    await publish_account(producer, settings, account_id, None)
+
+
+async def imap_account_view(store: SyncStore, account_id: int) -> dict[str, Any] | None:
+    account = await store.account_public(account_id)
+    if account is None:
+        return None
+    return {**account, "folders": await store.folders_public(account_id)}
+
+
+async def _imap_account(request: web.Request, app: Application) -> tuple[int, dict[str, Any]]:
+    """The path's IMAP account and its public view, or the 404 a foreign or missing account
+    gets alike."""
+    account_id = (await owned_account(request, app)).id
+    current = await request.app[IMAP_STORE].account_public(account_id)
+    if current is None:
+        raise ApiError(404, "Not found", f"account {account_id} is not an IMAP account")
+    return account_id, current
+
+
+def _body(model: type[ModelT], raw: bytes, title: str) -> ModelT:
+    # Validated from the bytes in pydantic's strict JSON mode ("993" is not a port).
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise invalid_body(exc, title) from None
+
+
+@authenticated
+async def post_account(request: web.Request, app: Application) -> web.StreamResponse:
+    body = _body(ImapAccountIn, await request.read(), "Invalid account")
+    try:
+        created = await create_imap_account(
+            request.app[ROUTER], request.app[IMAP_STORE], request.app[PRODUCER],
+            request.app[IMAP_SETTINGS], app.id, body,
+        )  # fmt: skip
+    except UnknownShard as exc:
+        raise ApiError(422, "Unknown shard", str(exc)) from None
+    return web.json_response(created, status=201)
+
+
+@authenticated
+async def get_sync(request: web.Request, app: Application) -> web.StreamResponse:
+    account_id = (await owned_account(request, app)).id
+    view = await imap_account_view(request.app[IMAP_STORE], account_id)
+    if view is None:
+        raise ApiError(404, "Not found", f"account {account_id} is not an IMAP account")
+    return web.json_response({"id": str(account_id), **view})
+
+
+@authenticated
+async def patch_credentials(request: web.Request, app: Application) -> web.StreamResponse:
+    account_id, current = await _imap_account(request, app)
+    store = request.app[IMAP_STORE]
+    body = _body(ImapCredentialsIn, await request.read(), "Invalid credentials")
+    await update_imap_credentials(
+        store, request.app[PRODUCER], request.app[IMAP_SETTINGS], account_id,
+        body.username or current["username"], body.password,
+    )  # fmt: skip
+    return await _view(store, account_id)
+
+
+@authenticated
+async def delete_credentials(request: web.Request, app: Application) -> web.StreamResponse:
+    account_id, _ = await _imap_account(request, app)
+    store = request.app[IMAP_STORE]
+    await disconnect_imap_account(store, request.app[PRODUCER], request.app[IMAP_SETTINGS], account_id)
+    return await _view(store, account_id)
+
+
+async def _view(store: SyncStore, account_id: int) -> web.Response:
+    view = await imap_account_view(store, account_id)
+    if view is None:  # the account was erased meanwhile
+        raise NotFound("account", str(account_id))
+    return web.json_response({"id": str(account_id), **view})
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    app[IMAP_STORE] = SyncStore(app[ROUTER], SecretBox.from_settings())
+    yield
+
+
+def add_imap_account_routes(app: web.Application, settings: ImapAccountsSettings) -> None:
+    """Add the routes and their store (a cleanup context after the gateway's router)."""
+    app[IMAP_SETTINGS] = settings
+    app.cleanup_ctx.append(_store)
+    app.router.add_post("/v1/accounts", post_account)
+    app.router.add_get("/v1/accounts/{account_id}/sync", get_sync, allow_head=False)
+    app.router.add_patch("/v1/accounts/{account_id}/credentials", patch_credentials)
+    app.router.add_delete("/v1/accounts/{account_id}/credentials", delete_credentials)
