@@ -9,18 +9,19 @@ FLIGHTLOG := $(VENV)/bin/flightlog
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install stack dev down test test-unit lint format mypy all clean bench
+.PHONY: help install stack dev down test test-unit lint format mypy check constraints all clean bench
 
 help:
 	@echo "make dev      bring up Kafka, MariaDB, Dovecot, schemas, topics and the four services"
 	@echo "make test     the same set-up, then every test against the real servers"
 	@echo "make down     stop the services and the stack"
-	@echo "make lint | format | mypy | all"
+	@echo "make check    lint, types and the configuration document (what CI runs first)"
+	@echo "make lint | format | mypy | constraints | all"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -56,7 +57,21 @@ format: install
 mypy: install
 	$(VENV)/bin/mypy libs services cli tests
 
-all: lint mypy test
+# What CI runs before the tests: lint, types and the generated configuration document.
+check: lint mypy
+	$(PY) -m cli.config_docs --check
+
+# Pin what the tests pass with: a fresh venv from pyproject.toml alone, frozen.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q --upgrade pip
+	.venv-constraints/bin/python -m pip install -q -e '.[dev]'
+	{ sed -n '1,2p' constraints.txt; .venv-constraints/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-constraints
+
+all: check test
 
 clean: down
 	rm -rf .state

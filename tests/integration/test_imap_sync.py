@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aioimaplib
 import orjson
@@ -152,10 +152,12 @@ def store(router: ShardRouter) -> SyncStore:
 
 async def new_account(
     router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer, settings: ImapSettings,
-    server: Dovecot, user: str, password: str = IMAP_TEST_PASSWORD, tls_mode: str = "none",
+    server: Dovecot, user: str, password: str = IMAP_TEST_PASSWORD,
+    tls_mode: Literal["implicit", "starttls", "none"] = "none",
 ) -> int:  # fmt: skip
     app, _ = await create_application(router, f"imap-{uuid.uuid4().hex[:6]}")
     port = server.imaps_port if tls_mode == "implicit" else server.port
+    assert port is not None, "this Dovecot serves no implicit TLS"
     body = ImapAccountIn(
         email=f"{user}@{DOMAIN}", host="127.0.0.1", port=port, tls_mode=tls_mode,
         username=f"{user}@{DOMAIN}", password=password,
@@ -376,7 +378,7 @@ async def test_tls_modes_verify_the_server_certificate(stack: Stack, tls_mode: s
 @pytest.mark.parametrize("tls_mode", ["starttls", "implicit"])
 async def test_sync_over_tls(
     stack: Stack, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
-    imap_settings: ImapSettings, tap: InflightTap, tls_mode: str,
+    imap_settings: ImapSettings, tap: InflightTap, tls_mode: Literal["starttls", "implicit"],
 ) -> None:  # fmt: skip
     """An account with TLS syncs its mailbox and gets new mail through IDLE over the upgraded
     connection; the CA file comes from the settings, as in a deployment with a private CA."""
@@ -560,7 +562,7 @@ async def test_body_fetches_are_bounded_in_bytes(
         registry = prometheus_client.REGISTRY
         if le is None:
             return registry.get_sample_value("flightlog_imap_fetch_bytes_count") or 0.0
-        labels = {"le": floatToGoString(le)}  # as exposed: "1.048576e+06"
+        labels = {"le": floatToGoString(le)}  # type: ignore[no-untyped-call]  # as exposed: "1.048576e+06"
         return registry.get_sample_value("flightlog_imap_fetch_bytes_bucket", labels) or 0.0
 
     count_before, within_before = fetches(), fetches(float(budget))

@@ -539,7 +539,7 @@ def test_dockerfile_builds_the_project_image() -> None:
     assert {"libs", "services", "cli", "pyproject.toml", "README.md"} <= copied
 
     runs = " ".join(i.value[0] for i in instructions if i.cmd == "RUN")
-    assert re.search(r"pip install (--\S+ )*\.(\s|$)", runs), runs
+    assert re.search(r"pip install -c constraints\.txt (--\S+ )*\.(\s|$)", runs), runs  # the pinned versions
 
     users = [i.value[0] for i in final if i.cmd == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
@@ -562,5 +562,13 @@ def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
     assert {".venv", ".state", ".git", "tests"} <= entries
     assert any("__pycache__" in e for e in entries)
     # the files the image needs must not be ignored
-    needed = {"libs", "services", "cli", "pyproject.toml", "README.md", "deploy/Dockerfile"}
+    needed = {
+        "libs",
+        "services",
+        "cli",
+        "pyproject.toml",
+        "README.md",
+        "constraints.txt",
+        "deploy/Dockerfile",
+    }
     assert not entries & needed
