@@ -13,23 +13,28 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Final, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from libs.accounts import application_exists, create_account, create_api_key, create_application
 from libs.http import Unauthorized, bearer_token, invalid_body, read_json
+from libs.openapi import Answer, ApiRoutes, Operation
 from libs.resources import ROUTER
 from libs.shards import UnknownShard
+from services.gateway import schemas
 from services.gateway.applications import account_json, key_json
 from services.gateway.auth import path_id
 from services.gateway.constants import MAX_BODY_BYTES
 from services.gateway.errors import ApiError, NotFound
+from services.gateway.openapi import ADMIN, id_param
 from services.gateway.params import Query
 from services.gateway.resources import SETTINGS
 
-__all__ = ["add_admin_routes"]
+__all__ = ["API", "NewAccount", "NewApplication", "add_admin_routes"]
+
+API: Final = ApiRoutes()
 
 
 class NewApplication(BaseModel):
@@ -70,6 +75,17 @@ async def _body(request: web.Request, model: type[M]) -> M:
         raise invalid_body(exc) from None
 
 
+@API.post(
+    "/v1/admin/applications",
+    Operation(
+        "createApplication",
+        "admin",
+        "A new application and its first API key",
+        (Answer(201, "the application", schemas.Application),),
+        body=NewApplication,
+        security=ADMIN,
+    ),
+)
 @_admin_only
 async def post_application(request: web.Request) -> web.StreamResponse:
     body = await _body(request, NewApplication)
@@ -77,6 +93,18 @@ async def post_application(request: web.Request) -> web.StreamResponse:
     return web.json_response({"id": str(app.id), "name": app.name, "api_key": key}, status=201)
 
 
+@API.post(
+    "/v1/admin/applications/{application_id}/api-keys",
+    Operation(
+        "createApplicationKey",
+        "admin",
+        "Another API key for an application",
+        (Answer(201, "the key", schemas.NewApiKey),),
+        params=(id_param("application_id", "an application"),),
+        problems=(404,),
+        security=ADMIN,
+    ),
+)
 @_admin_only
 async def post_application_key(request: web.Request) -> web.StreamResponse:
     application_id = path_id(request, "application_id", "application")
@@ -87,6 +115,17 @@ async def post_application_key(request: web.Request) -> web.StreamResponse:
     return web.json_response({**key_json(key), "api_key": secret}, status=201)
 
 
+@API.post(
+    "/v1/admin/accounts",
+    Operation(
+        "createAccount",
+        "admin",
+        "An account of an application, on a shard (the least loaded when not named)",
+        (Answer(201, "the account", schemas.Account),),
+        body=NewAccount,
+        security=ADMIN,
+    ),
+)
 @_admin_only
 async def post_account(request: web.Request) -> web.StreamResponse:
     body = await _body(request, NewAccount)
@@ -103,10 +142,4 @@ async def post_account(request: web.Request) -> web.StreamResponse:
 
 
 def add_admin_routes(app: web.Application) -> None:
-    app.add_routes(
-        [
-            web.post("/v1/admin/applications", post_application),
-            web.post("/v1/admin/applications/{application_id}/api-keys", post_application_key),
-            web.post("/v1/admin/accounts", post_account),
-        ]
-    )
+    API.register(app)

@@ -14,7 +14,7 @@ A revoked key is refused at once by the gateway that revoked it and within
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -29,14 +29,19 @@ from libs.accounts import (
 )
 from libs.cursor import CursorError, PageToken, decode_page_token, encode_page_token
 from libs.ids import shard_of
+from libs.openapi import Answer, ApiRoutes, Operation
 from libs.resources import DIRECTORY, ROUTER
+from services.gateway import schemas
 from services.gateway.auth import authenticated, owned_account, path_id
 from services.gateway.constants import DEFAULT_PAGE_SIZE, MAX_ACCOUNTS_PAGE_SIZE, MAX_ACTIVE_KEYS
 from services.gateway.errors import ApiError, NotFound
+from services.gateway.openapi import ACCOUNT, TOKEN, id_param, query
 from services.gateway.params import Query
 from services.gateway.resources import TOKEN_KEY
 
-__all__ = ["account_json", "add_application_routes", "key_json"]
+__all__ = ["API", "account_json", "add_application_routes", "key_json"]
+
+API: Final = ApiRoutes()
 
 
 def account_json(account: Account) -> dict[str, Any]:
@@ -60,6 +65,28 @@ def key_json(key: ApiKey) -> dict[str, Any]:
     }
 
 
+@API.get(
+    "/v1/accounts",
+    Operation(
+        "listAccounts",
+        "accounts",
+        "The application's accounts, in id order",
+        (Answer(200, "a page of accounts", schemas.AccountPage),),
+        params=(
+            query(
+                "limit",
+                {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_ACCOUNTS_PAGE_SIZE,
+                    "default": DEFAULT_PAGE_SIZE,
+                },
+                "page size",
+            ),
+            query("page_token", TOKEN, "next_page_token of the previous page"),
+        ),
+    ),
+)
 @authenticated
 async def get_accounts(request: web.Request, app: Application) -> web.StreamResponse:
     p = Query(request, {"limit", "page_token"})
@@ -80,12 +107,32 @@ async def get_accounts(request: web.Request, app: Application) -> web.StreamResp
     return web.json_response({"data": [account_json(a) for a in page], "next_page_token": next_token})
 
 
+@API.get(
+    "/v1/accounts/{account_id}",
+    Operation(
+        "getAccount",
+        "accounts",
+        "One account",
+        (Answer(200, "the account", schemas.Account),),
+        params=(ACCOUNT,),
+        problems=(404,),
+    ),
+)
 @authenticated
 async def get_account(request: web.Request, app: Application) -> web.StreamResponse:
     Query(request, ())
     return web.json_response(account_json(await owned_account(request, app)))
 
 
+@API.get(
+    "/v1/api-keys",
+    Operation(
+        "listApiKeys",
+        "keys",
+        "The application's API keys (never the keys themselves)",
+        (Answer(200, "the keys", schemas.ApiKeyList),),
+    ),
+)
 @authenticated
 async def get_keys(request: web.Request, app: Application) -> web.StreamResponse:
     Query(request, ())
@@ -93,6 +140,16 @@ async def get_keys(request: web.Request, app: Application) -> web.StreamResponse
     return web.json_response({"data": [key_json(k) for k in keys]})
 
 
+@API.post(
+    "/v1/api-keys",
+    Operation(
+        "createApiKey",
+        "keys",
+        "A new API key, shown once",
+        (Answer(201, "the key", schemas.NewApiKey),),
+        problems=(409,),
+    ),
+)
 @authenticated
 async def post_key(request: web.Request, app: Application) -> web.StreamResponse:
     Query(request, ())
@@ -108,6 +165,17 @@ async def post_key(request: web.Request, app: Application) -> web.StreamResponse
     return web.json_response({**key_json(key), "api_key": secret}, status=201)
 
 
+@API.delete(
+    "/v1/api-keys/{key_id}",
+    Operation(
+        "revokeApiKey",
+        "keys",
+        "Revoke a key (not the application's last active one)",
+        (Answer(200, "the revoked key", schemas.ApiKey),),
+        params=(id_param("key_id", "one of the application's keys"),),
+        problems=(404, 409),
+    ),
+)
 @authenticated
 async def delete_key(request: web.Request, app: Application) -> web.StreamResponse:
     Query(request, ())
@@ -130,12 +198,4 @@ async def delete_key(request: web.Request, app: Application) -> web.StreamRespon
 
 
 def add_application_routes(app: web.Application) -> None:
-    app.add_routes(
-        [
-            web.get("/v1/accounts", get_accounts, allow_head=False),
-            web.get("/v1/accounts/{account_id}", get_account, allow_head=False),
-            web.get("/v1/api-keys", get_keys, allow_head=False),
-            web.post("/v1/api-keys", post_key),
-            web.delete("/v1/api-keys/{key_id}", delete_key),
-        ]
-    )
+    API.register(app)

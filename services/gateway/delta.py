@@ -28,9 +28,11 @@ from libs.cursor import CursorError, DeltaCursor, decode_delta_cursor, encode_de
 from libs.http import is_unavailable
 from libs.ids import shard_of
 from libs.messages import LIST_COLUMNS
+from libs.openapi import Answer, ApiRoutes, Operation, Param
 from libs.resources import ROUTER
 from libs.service import STOPPING
 from libs.shards import ShardRouter
+from services.gateway import schemas
 from services.gateway.auth import authenticated, owned_account
 from services.gateway.constants import (
     DEFAULT_DELTA_PAGE_SIZE,
@@ -41,12 +43,15 @@ from services.gateway.constants import (
 )
 from services.gateway.errors import ApiError
 from services.gateway.messages import message_json
+from services.gateway.openapi import ACCOUNT, TOKEN, query
 from services.gateway.params import Query
 from services.gateway.resources import SETTINGS, TOKEN_KEY
 
-__all__ = ["CursorExpired", "DeltaPage", "add_delta_routes", "read_delta"]
+__all__ = ["API", "CursorExpired", "DeltaPage", "add_delta_routes", "read_delta"]
 
 SSE_RETRY_MS: Final = 2000
+API: Final = ApiRoutes()
+_CURSOR: Final = query("cursor", TOKEN, "from a previous answer; left out: from the oldest retained change")
 
 
 class CursorExpired(Exception):
@@ -149,6 +154,38 @@ async def _read(request: web.Request, account: Account, after: int, limit: int, 
         raise _gone() from None
 
 
+@API.get(
+    "/v1/accounts/{account_id}/delta",
+    Operation(
+        "getDelta",
+        "delta",
+        "The account's changes after a cursor, with the objects as they are now",
+        (Answer(200, "changes and the next cursor", schemas.DeltaPage),),
+        description="With timeout > 0 the request waits (long-poll) until the first change or the"
+        " timeout. The change log is retained for at least 7 days (gateway_changes_retention_s); a"
+        " cursor older than that answers 410: list the messages again and continue from latest_cursor.",
+        params=(
+            ACCOUNT,
+            _CURSOR,
+            query(
+                "limit",
+                {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_DELTA_PAGE_SIZE,
+                    "default": DEFAULT_DELTA_PAGE_SIZE,
+                },
+                "changes per answer",
+            ),
+            query(
+                "timeout",
+                {"type": "number", "minimum": 0, "maximum": MAX_LONG_POLL_S, "default": 0},
+                "long-poll seconds",
+            ),
+        ),
+        problems=(404, 410),
+    ),
+)
 @authenticated
 async def get_delta(request: web.Request, app: Application) -> web.StreamResponse:
     account = await owned_account(request, app)
@@ -175,6 +212,17 @@ async def get_delta(request: web.Request, app: Application) -> web.StreamRespons
     )
 
 
+@API.get(
+    "/v1/accounts/{account_id}/delta/latest_cursor",
+    Operation(
+        "getLatestCursor",
+        "delta",
+        "A cursor at the newest change: start following from now",
+        (Answer(200, "the cursor", schemas.Cursor),),
+        params=(ACCOUNT,),
+        problems=(404,),
+    ),
+)
 @authenticated
 async def get_latest_cursor(request: web.Request, app: Application) -> web.StreamResponse:
     account = await owned_account(request, app)
@@ -200,6 +248,33 @@ def _sse(event: str, cursor: str | None, data: dict[str, Any]) -> bytes:
     return head.encode() + orjson.dumps(data) + b"\n\n"
 
 
+@API.get(
+    "/v1/accounts/{account_id}/delta/stream",
+    Operation(
+        "streamDelta",
+        "delta",
+        "Server-Sent Events: changes as they commit",
+        (Answer(200, "an event stream", media_type="text/event-stream", schema={"type": "string"}),),
+        description='Events: `delta` (data: a Delta), `heartbeat` while idle (data: {"cursor"}), `error`.'
+        " Every delta and heartbeat carries a cursor as its id: reconnect with Last-Event-ID.",
+        params=(
+            ACCOUNT,
+            _CURSOR,
+            query(
+                "heartbeat",
+                {
+                    "type": "number",
+                    "minimum": MIN_SSE_HEARTBEAT_S,
+                    "maximum": MAX_SSE_HEARTBEAT_S,
+                    "default": 15,
+                },
+                "seconds between heartbeats",
+            ),
+            Param("Last-Event-ID", TOKEN, "resume after this event (wins over cursor)", where="header"),
+        ),
+        problems=(404, 410),
+    ),
+)
 @authenticated
 async def stream_delta(request: web.Request, app: Application) -> web.StreamResponse:
     """Server-Sent Events: one ``delta`` event per change, ``heartbeat`` events while idle.
@@ -256,10 +331,4 @@ async def stream_delta(request: web.Request, app: Application) -> web.StreamResp
 
 
 def add_delta_routes(app: web.Application) -> None:
-    app.add_routes(
-        [
-            web.get("/v1/accounts/{account_id}/delta", get_delta, allow_head=False),
-            web.get("/v1/accounts/{account_id}/delta/latest_cursor", get_latest_cursor, allow_head=False),
-            web.get("/v1/accounts/{account_id}/delta/stream", stream_delta, allow_head=False),
-        ]
-    )
+    API.register(app)

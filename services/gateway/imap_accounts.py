@@ -22,16 +22,20 @@ from libs.accounts import Application, create_account
 from libs.crypto import SecretBox
 from libs.http import invalid_body
 from libs.imap_accounts import ImapAccountsSettings, SyncStore, publish_account
+from libs.openapi import Answer, ApiRoutes, Operation
 from libs.resources import PRODUCER, ROUTER
 from libs.shards import ShardRouter, UnknownShard
+from services.gateway import schemas
 from services.gateway.auth import authenticated, owned_account
 from services.gateway.errors import ApiError, NotFound
+from services.gateway.openapi import ACCOUNT
 
 __all__ = [
+    "API",
     "IMAP_SETTINGS",
     "IMAP_STORE",
-    "ImapAccountIn",
-    "ImapCredentialsIn",
+    "ImapCredentials",
+    "NewImapAccount",
     "add_imap_account_routes",
     "create_imap_account",
     "disconnect_imap_account",
@@ -41,6 +45,9 @@ __all__ = [
 
 IMAP_SETTINGS: Final = web.AppKey("imap_accounts_settings", ImapAccountsSettings)
 IMAP_STORE: Final = web.AppKey("imap_store", SyncStore)
+
+API: Final = ApiRoutes()
+_SYNC: Final = (Answer(200, "the sync state", schemas.ImapSync),)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -56,16 +63,22 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class ImapAccountIn(BaseModel):
+class NewImapAccount(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     provider: Literal["imap"] = "imap"
     email: Annotated[str, StringConstraints(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
     host: Annotated[str, StringConstraints(min_length=1, max_length=255)]
     port: Annotated[int, Field(gt=0, lt=65536)] = 993
-    tls_mode: Literal["implicit", "starttls", "none"] = "implicit"
+    tls_mode: Literal["implicit", "starttls", "none"] = Field(
+        "implicit",
+        description="implicit TLS (IMAPS), STARTTLS before login (no plaintext fallback), or none,"
+        " only for a loopback host",
+    )
     username: Annotated[str, StringConstraints(min_length=1, max_length=320)]
-    password: Annotated[str, StringConstraints(min_length=1, max_length=1000)] = Field(repr=False)
+    password: Annotated[str, StringConstraints(min_length=1, max_length=1000)] = Field(
+        repr=False, description="encrypted at rest, never returned"
+    )
     shard: Annotated[int, Field(ge=0, le=65535)] | None = None
 
     @model_validator(mode="after")
@@ -75,12 +88,14 @@ class ImapAccountIn(BaseModel):
         return self
 
 
-class ImapCredentialsIn(BaseModel):
+class ImapCredentials(BaseModel):
     """New credentials; a username left out keeps the current one."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    username: Annotated[str, StringConstraints(min_length=1, max_length=320)] | None = None
+    username: Annotated[str, StringConstraints(min_length=1, max_length=320)] | None = Field(
+        None, description="left out: the current one"
+    )
     password: Annotated[str, StringConstraints(min_length=1, max_length=1000)] = Field(repr=False)
 
 
@@ -90,7 +105,7 @@ async def create_imap_account(
     producer: AIOKafkaProducer,
     settings: ImapAccountsSettings,
     application_id: int,
-    body: ImapAccountIn,
+    body: NewImapAccount,
 ) -> dict[str, Any]:
     account = await create_account(router, application_id, body.email, provider="imap", shard=body.shard)
     await store.insert_account(
@@ -149,9 +164,21 @@ def _body(model: type[ModelT], raw: bytes, title: str) -> ModelT:
         raise invalid_body(exc, title) from None
 
 
+@API.post(
+    "/v1/accounts",
+    Operation(
+        "createImapAccount",
+        "accounts",
+        "Connect an IMAP mailbox: an account that ingest keeps in sync",
+        (Answer(201, "the account and its sync state", schemas.ImapAccount),),
+        description="The password is encrypted at rest and never returned. The account is announced"
+        " on flightlog.imap-accounts; one ingest instance picks it up and syncs it (GET .../sync).",
+        body=NewImapAccount,
+    ),
+)
 @authenticated
 async def post_account(request: web.Request, app: Application) -> web.StreamResponse:
-    body = _body(ImapAccountIn, await request.read(), "Invalid account")
+    body = _body(NewImapAccount, await request.read(), "Invalid account")
     try:
         created = await create_imap_account(
             request.app[ROUTER], request.app[IMAP_STORE], request.app[PRODUCER],
@@ -162,6 +189,17 @@ async def post_account(request: web.Request, app: Application) -> web.StreamResp
     return web.json_response(created, status=201)
 
 
+@API.get(
+    "/v1/accounts/{account_id}/sync",
+    Operation(
+        "getImapSync",
+        "accounts",
+        "An IMAP account's sync state, per folder",
+        _SYNC,
+        params=(ACCOUNT,),
+        problems=(404,),
+    ),
+)
 @authenticated
 async def get_sync(request: web.Request, app: Application) -> web.StreamResponse:
     account_id = (await owned_account(request, app)).id
@@ -171,11 +209,23 @@ async def get_sync(request: web.Request, app: Application) -> web.StreamResponse
     return web.json_response({"id": str(account_id), **view})
 
 
+@API.patch(
+    "/v1/accounts/{account_id}/credentials",
+    Operation(
+        "updateImapCredentials",
+        "accounts",
+        "New IMAP credentials; restarts a sync stopped by an authentication failure",
+        _SYNC,
+        params=(ACCOUNT,),
+        body=ImapCredentials,
+        problems=(404,),
+    ),
+)
 @authenticated
 async def patch_credentials(request: web.Request, app: Application) -> web.StreamResponse:
     account_id, current = await _imap_account(request, app)
     store = request.app[IMAP_STORE]
-    body = _body(ImapCredentialsIn, await request.read(), "Invalid credentials")
+    body = _body(ImapCredentials, await request.read(), "Invalid credentials")
     await update_imap_credentials(
         store, request.app[PRODUCER], request.app[IMAP_SETTINGS], account_id,
         body.username or current["username"], body.password,
@@ -183,6 +233,18 @@ async def patch_credentials(request: web.Request, app: Application) -> web.Strea
     return await _view(store, account_id)
 
 
+@API.delete(
+    "/v1/accounts/{account_id}/credentials",
+    Operation(
+        "disconnectImapAccount",
+        "accounts",
+        "Stop syncing and forget the password (state disconnected); synced messages stay",
+        _SYNC,
+        description="New credentials (PATCH) connect the account again.",
+        params=(ACCOUNT,),
+        problems=(404,),
+    ),
+)
 @authenticated
 async def delete_credentials(request: web.Request, app: Application) -> web.StreamResponse:
     account_id, _ = await _imap_account(request, app)
@@ -207,7 +269,4 @@ def add_imap_account_routes(app: web.Application, settings: ImapAccountsSettings
     """Add the routes and their store (a cleanup context after the gateway's router)."""
     app[IMAP_SETTINGS] = settings
     app.cleanup_ctx.append(_store)
-    app.router.add_post("/v1/accounts", post_account)
-    app.router.add_get("/v1/accounts/{account_id}/sync", get_sync, allow_head=False)
-    app.router.add_patch("/v1/accounts/{account_id}/credentials", patch_credentials)
-    app.router.add_delete("/v1/accounts/{account_id}/credentials", delete_credentials)
+    API.register(app)

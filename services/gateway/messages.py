@@ -28,6 +28,7 @@ import orjson
 from aiohttp import web
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 
 from libs.accounts import Application
 from libs.cursor import CursorError, PageToken, decode_page_token, encode_page_token, query_fingerprint
@@ -36,8 +37,10 @@ from libs.http import invalid_body, read_json
 from libs.ids import shard_of
 from libs.inflight import publish_inflight
 from libs.messages import DETAIL_COLUMNS, LIST_COLUMNS, decode_body
+from libs.openapi import Answer, ApiRoutes, Operation
 from libs.resources import DIRECTORY, PRODUCER, ROUTER
 from libs.shards import ShardRouter
+from services.gateway import schemas
 from services.gateway.auth import authenticated, owned_account, path_id
 from services.gateway.constants import (
     DEFAULT_PAGE_SIZE,
@@ -48,10 +51,13 @@ from services.gateway.constants import (
     MAX_PAGE_SIZE,
 )
 from services.gateway.errors import ApiError, NotFound
+from services.gateway.openapi import ACCOUNT, MESSAGE, TOKEN, query
 from services.gateway.params import Query
 from services.gateway.resources import SETTINGS, TOKEN_KEY
 
 __all__ = [
+    "API",
+    "MessagePatch",
     "MessageQuery",
     "add_message_routes",
     "fetch_messages",
@@ -65,6 +71,10 @@ MAX_TIME: Final = datetime(9999, 12, 31, 23, 59, 59, 999999)
 MAX_LABELS: Final = 50
 
 FILTERS: Final = ("status", "direction", "channel", "from", "to", "folder", "unread", "before", "after")
+
+API: Final = ApiRoutes()
+_TIME: Final = {"type": "string", "format": "date-time"}
+_ACCEPTED: Final = Answer(202, "accepted; not stored yet", schemas.MessageAccepted)
 
 
 def _time(value: Any) -> str | None:
@@ -254,6 +264,43 @@ def parse_message_query(request: web.Request, account_id: int) -> tuple[MessageQ
     return q, fingerprint
 
 
+@API.get(
+    "/v1/accounts/{account_id}/messages",
+    Operation(
+        "listMessages",
+        "messages",
+        "An account's messages in a time range, newest first",
+        (Answer(200, "a page of messages", schemas.MessagePage),),
+        description="Served by the index (account_id, occurred_at, id): every page is one range scan."
+        " The page token is bound to the account and to every parameter but limit."
+        " Deleted messages are left out (the delta feed reports their deletion).",
+        params=(
+            ACCOUNT,
+            query("before", _TIME, "only messages whose occurred_at is before this (exclusive)"),
+            query("after", _TIME, "only messages whose occurred_at is at or after this (inclusive)"),
+            query("status", {"type": "string", "enum": [s.value for s in Status]}, "lifecycle status"),
+            query("direction", {"type": "string", "enum": [d.value for d in Direction]}, "direction"),
+            query("channel", {"type": "string", "minLength": 1, "maxLength": MAX_CHANNEL_LENGTH}, "channel"),
+            query(
+                "from", {"type": "string", "minLength": 1, "maxLength": MAX_ADDRESS_LENGTH}, "sender (exact)"
+            ),
+            query(
+                "to",
+                {"type": "string", "minLength": 1, "maxLength": MAX_ADDRESS_LENGTH},
+                "a recipient (exact)",
+            ),
+            query("folder", {"type": "string", "minLength": 1, "maxLength": MAX_FOLDER_LENGTH}, "folder"),
+            query("unread", {"type": "boolean"}, "read state"),
+            query(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE, "default": DEFAULT_PAGE_SIZE},
+                "page size",
+            ),
+            query("page_token", TOKEN, "next_page_token of the previous page of the same query"),
+        ),
+        problems=(404,),
+    ),
+)
 @authenticated
 async def list_messages(request: web.Request, app: Application) -> web.StreamResponse:
     account = await owned_account(request, app)
@@ -312,24 +359,46 @@ async def _owned_message(request: web.Request, app: Application, *, with_body: b
     return row
 
 
+@API.get(
+    "/v1/messages/{message_id}",
+    Operation(
+        "getMessage",
+        "messages",
+        "One message with its body",
+        (Answer(200, "the message", schemas.MessageDetail),),
+        params=(MESSAGE,),
+        problems=(404,),
+    ),
+)
 @authenticated
 async def get_message(request: web.Request, app: Application) -> web.StreamResponse:
     row = await _owned_message(request, app, with_body=True)
     return web.json_response(message_json(row, with_body=True), dumps=_dumps)
 
 
-class MessagePatch(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+def _no_null_defaults(schema: dict[str, Any]) -> None:
+    schema["minProperties"] = 1
+    for prop in schema["properties"].values():
+        prop.pop("default", None)
 
-    unread: bool | None = None
-    starred: bool | None = None
-    folder: Annotated[str, StringConstraints(min_length=1, max_length=MAX_FOLDER_LENGTH)] | None = None
+
+class MessagePatch(BaseModel):
+    """The fields to change: at least one, none null. The handler refuses an empty patch and a
+    null, so the schema shows neither."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_no_null_defaults)
+
+    unread: bool | SkipJsonSchema[None] = None
+    starred: bool | SkipJsonSchema[None] = None
+    folder: (
+        Annotated[str, StringConstraints(min_length=1, max_length=MAX_FOLDER_LENGTH)] | SkipJsonSchema[None]
+    ) = None
     labels: (
         Annotated[
             list[Annotated[str, StringConstraints(min_length=1, max_length=100)]],
             Field(max_length=MAX_LABELS),
         ]
-        | None
+        | SkipJsonSchema[None]
     ) = None
 
 
@@ -410,6 +479,23 @@ def _accepted(message_id: int, what: str) -> web.Response:
     )
 
 
+@API.patch(
+    "/v1/messages/{message_id}",
+    Operation(
+        "patchMessage",
+        "messages",
+        "Change read state, star, folder or labels",
+        (Answer(200, "the message after the change", schemas.MessageDetail), _ACCEPTED),
+        description="The change goes through the pipeline as a `message.updated` lifecycle event, in"
+        " order with the message's other events; the answer waits up to gateway_write_wait_s (5 s)"
+        " for it to be stored: 200 with the message as stored (also at once when it already shows"
+        " the values), else 202 (accepted, not visible yet). Stored changes write a new version and"
+        " an `updated` change.",
+        params=(MESSAGE,),
+        body=MessagePatch,
+        problems=(404, 415),
+    ),
+)
 @authenticated
 async def patch_message(request: web.Request, app: Application) -> web.StreamResponse:
     message_id = path_id(request, "message_id", "message")
@@ -444,6 +530,19 @@ async def patch_message(request: web.Request, app: Application) -> web.StreamRes
     return web.json_response(message_json(fresh, with_body=True), dumps=_dumps)
 
 
+@API.delete(
+    "/v1/messages/{message_id}",
+    Operation(
+        "deleteMessage",
+        "messages",
+        "Erase a message's content and leave a tombstone change",
+        (Answer(200, "erased; the tombstone's version", schemas.MessageDeleted), _ACCEPTED),
+        description="A `message.deleted` lifecycle event through the pipeline; the answer waits up to"
+        " gateway_write_wait_s (5 s) for the tombstone: 200, else 202 (accepted, not stored yet).",
+        params=(MESSAGE,),
+        problems=(404,),
+    ),
+)
 @authenticated
 async def delete_message(request: web.Request, app: Application) -> web.StreamResponse:
     message_id = path_id(request, "message_id", "message")
@@ -466,11 +565,4 @@ async def delete_message(request: web.Request, app: Application) -> web.StreamRe
 
 
 def add_message_routes(app: web.Application) -> None:
-    app.add_routes(
-        [
-            web.get("/v1/accounts/{account_id}/messages", list_messages, allow_head=False),
-            web.get("/v1/messages/{message_id}", get_message, allow_head=False),
-            web.patch("/v1/messages/{message_id}", patch_message),
-            web.delete("/v1/messages/{message_id}", delete_message),
-        ]
-    )
+    API.register(app)

@@ -22,9 +22,11 @@ from aiokafka import AIOKafkaProducer
 
 from libs.accounts import AccountDirectory, create_account, create_application
 from libs.config import ServiceSettings
+from libs.openapi import route_operations
 from libs.resources import DIRECTORY, PRODUCER, ROUTER
 from libs.service import ServiceContext, ServiceDefinition, build_app
 from libs.shards import ShardMap, ShardRouter
+from services.gateway.openapi import DOC_PATHS, RUNNER_PATHS
 from services.gateway.service import DEFINITION as GATEWAY
 from services.ingest.routes import INTAKE
 from services.ingest.service import DEFINITION as INGEST
@@ -99,6 +101,21 @@ async def test_gateway_errors_are_problem_documents(tenant: tuple[str, int]) -> 
             assert (await problem(resp, 404))["detail"] == f"account {tenant[1] + 1} not found"
         async with client.get(f"/v1/accounts/{tenant[1]}/sync", headers=key) as resp:
             assert "not an IMAP account" in (await problem(resp, 404))["detail"]
+
+
+async def test_the_served_document_lists_exactly_the_served_routes() -> None:
+    async with served(GATEWAY) as (client, ctx):
+        async with client.get("/openapi.json") as resp:
+            assert resp.status == 200
+            spec = await resp.json()
+        async with client.get("/docs") as resp:
+            assert resp.status == 200 and resp.content_type == "text/html"
+            page = await resp.text()
+    documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    routes = route_operations(ctx.app, ())
+    assert documented == {r for r in routes if r[1] not in (*DOC_PATHS, *RUNNER_PATHS)}
+    assert {p for _, p in routes} >= {*DOC_PATHS, *RUNNER_PATHS}
+    assert all(path in page for path in spec["paths"])
 
 
 async def test_every_invalid_body_is_answered_alike(tenant: tuple[str, int]) -> None:

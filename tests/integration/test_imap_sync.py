@@ -31,7 +31,7 @@ from libs.kafka import INFLIGHT, create_topics, make_consumer, make_producer
 from libs.mime import parse_message
 from libs.shards import ShardRouter
 from services.gateway.imap_accounts import (
-    ImapAccountIn,
+    NewImapAccount,
     create_imap_account,
     disconnect_imap_account,
     imap_account_view,
@@ -158,7 +158,7 @@ async def new_account(
     app, _ = await create_application(router, f"imap-{uuid.uuid4().hex[:6]}")
     port = server.imaps_port if tls_mode == "implicit" else server.port
     assert port is not None, "this Dovecot serves no implicit TLS"
-    body = ImapAccountIn(
+    body = NewImapAccount(
         email=f"{user}@{DOMAIN}", host="127.0.0.1", port=port, tls_mode=tls_mode,
         username=f"{user}@{DOMAIN}", password=password,
     )  # fmt: skip

@@ -29,28 +29,40 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from libs.accounts import Application
 from libs.http import invalid_body, read_json
 from libs.ids import parse_public_id
+from libs.openapi import Answer, ApiRoutes, Operation, PublicId
 from libs.resources import DIRECTORY, ROUTER
 from services.gateway.auth import application_of
 from services.gateway.constants import MAX_BODY_BYTES
 from services.gateway.errors import ApiError
+from services.gateway.openapi import id_param, query
+from services.gateway.webhooks import schemas
 from services.gateway.webhooks.settings import WebhookSettings
-from services.gateway.webhooks.store import EVENT_TYPES, Endpoint, WebhookStore
+from services.gateway.webhooks.store import DELIVERY_STATES, EVENT_TYPES, Endpoint, WebhookStore
 from services.gateway.webhooks.targets import MAX_URL_LENGTH, TargetRefused, check_target
 
 __all__ = [
+    "API",
     "DELIVERY_STATES",
     "MAX_ACCOUNT_FILTER",
     "MAX_PAGE",
     "WEBHOOK_SETTINGS",
     "WEBHOOK_STORE",
+    "NewWebhook",
+    "ReplayRange",
+    "WebhookPatch",
     "add_webhook_routes",
 ]
 
 MAX_ACCOUNT_FILTER: Final = 1000
 MAX_PAGE: Final = 500
-DELIVERY_STATES: Final = ("pending", "delivered", "failed", "cancelled")
 
 M = TypeVar("M", bound=BaseModel)
+REPLAY_CAP: Final = WebhookSettings.model_fields["webhooks_replay_max_deliveries"].default
+
+API: Final = ApiRoutes()
+BASE: Final = "/v1/webhooks"
+_WEBHOOK: Final = id_param("id", "one of the application's webhooks")
+_DELIVERY: Final = id_param("delivery_id", "a delivery of that webhook")
 
 
 WEBHOOK_SETTINGS: Final = web.AppKey("webhook_settings", WebhookSettings)
@@ -58,7 +70,20 @@ WEBHOOK_STORE: Final = web.AppKey("webhook_store", WebhookStore)
 
 
 # skip_refused or strict: how a lane treats an event its receiver refuses (see the dispatcher)
-Ordering = Literal["skip_refused", "strict"]
+Ordering = Annotated[Literal["skip_refused", "strict"], Field(description=schemas.WEBHOOK_ORDERING_DOC)]
+Url = Annotated[
+    str,
+    StringConstraints(min_length=8, max_length=MAX_URL_LENGTH),
+    Field(description="http(s), no credentials or fragment; private and loopback addresses are refused"),
+]
+AccountFilter = Annotated[
+    list[PublicId],
+    Field(
+        min_length=1,
+        max_length=MAX_ACCOUNT_FILTER,
+        description="only these accounts of the application (null or left out: all of them)",
+    ),
+]
 EventType = Annotated[str, StringConstraints(pattern="^(" + "|".join(EVENT_TYPES).replace(".", r"\.") + ")$")]
 
 
@@ -74,29 +99,29 @@ class _Body(BaseModel):
         return value
 
 
-class NewEndpoint(_Body):
-    url: Annotated[str, StringConstraints(min_length=8, max_length=MAX_URL_LENGTH)]
+class NewWebhook(_Body):
+    url: Url
     description: Annotated[str, StringConstraints(max_length=500)] = ""
     event_types: Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES))] = Field(
-        default_factory=lambda: list(EVENT_TYPES)
+        default_factory=lambda: list(EVENT_TYPES), description="left out: every type"
     )
-    account_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_ACCOUNT_FILTER)] | None = None
+    account_ids: AccountFilter | None = None
     ordering: Ordering = "skip_refused"
 
 
-class EndpointPatch(_Body):
-    url: Annotated[str, StringConstraints(min_length=8, max_length=MAX_URL_LENGTH)] | None = None
+class WebhookPatch(_Body):
+    url: Url | None = None
     description: Annotated[str, StringConstraints(max_length=500)] | None = None
     event_types: Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES))] | None = None
-    account_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_ACCOUNT_FILTER)] | None = None
-    enabled: bool | None = None
+    account_ids: AccountFilter | None = None
+    enabled: bool | None = Field(None, description="true re-enables a disabled endpoint")
     ordering: Ordering | None = None
 
 
 class ReplayRange(BaseModel):
     model_config = ConfigDict(extra="forbid")
     since: datetime
-    until: datetime
+    until: datetime = Field(description="after since")
 
     @field_validator("since", "until", mode="before")
     @classmethod
@@ -171,11 +196,24 @@ def _path_id(request: web.Request, name: str) -> int:
     return value
 
 
+@API.post(
+    BASE,
+    Operation(
+        "createWebhook",
+        "webhooks",
+        "Subscribe an endpoint; the answer shows its signing secret once",
+        (Answer(201, "the endpoint and its secret", schemas.WebhookWithSecret),),
+        description="Deliveries are signed the Standard Webhooks way (webhook-id, webhook-timestamp,"
+        " webhook-signature), retried with backoff, in change order per account.",
+        body=NewWebhook,
+        problems=(409,),
+    ),
+)
 @_authed
 async def create(
     request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
 ) -> web.Response:
-    body = _validate(NewEndpoint, await _json(request))
+    body = _validate(NewWebhook, await _json(request))
     await _check_url(settings, body.url)
     accounts = await _check_accounts(request, app, body.account_ids)
     if await store.count_endpoints(app.id) >= settings.webhooks_max_endpoints_per_application:
@@ -186,6 +224,16 @@ async def create(
     return web.json_response({**endpoint.public(), "secret": endpoint.secret}, status=201)
 
 
+@API.get(
+    BASE,
+    Operation(
+        "listWebhooks",
+        "webhooks",
+        "The application's webhook endpoints",
+        (Answer(200, "the endpoints", schemas.WebhookList),),
+    ),
+    allow_head=True,
+)
 @_authed
 async def list_(
     request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
@@ -193,6 +241,18 @@ async def list_(
     return web.json_response({"data": [e.public() for e in await store.endpoints(app.id)]})
 
 
+@API.get(
+    BASE + "/{id}",
+    Operation(
+        "getWebhook",
+        "webhooks",
+        "One endpoint (with why it was disabled, if it was)",
+        (Answer(200, "the endpoint", schemas.Webhook),),
+        params=(_WEBHOOK,),
+        problems=(404,),
+    ),
+    allow_head=True,
+)
 @_authed
 async def get(
     request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
@@ -200,12 +260,24 @@ async def get(
     return web.json_response((await _endpoint(request, store, app)).public())
 
 
+@API.patch(
+    BASE + "/{id}",
+    Operation(
+        "patchWebhook",
+        "webhooks",
+        "Change url, description, event_types, account_ids or enabled",
+        (Answer(200, "the endpoint", schemas.Webhook),),
+        params=(_WEBHOOK,),
+        body=WebhookPatch,
+        problems=(404,),
+    ),
+)
 @_authed
 async def patch(
     request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
 ) -> web.Response:
     endpoint = await _endpoint(request, store, app)
-    body = _validate(EndpointPatch, await _json(request))
+    body = _validate(WebhookPatch, await _json(request))
     changes: dict[str, Any] = {}
     given = body.model_fields_set
     if body.url is not None:
@@ -227,6 +299,17 @@ async def patch(
     return web.json_response(fresh.public())
 
 
+@API.delete(
+    BASE + "/{id}",
+    Operation(
+        "deleteWebhook",
+        "webhooks",
+        "Delete an endpoint; its pending deliveries are cancelled",
+        (Answer(204, "deleted"),),
+        params=(_WEBHOOK,),
+        problems=(404,),
+    ),
+)
 @_authed
 async def delete(
     request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
@@ -235,6 +318,17 @@ async def delete(
     return web.Response(status=204)
 
 
+@API.post(
+    BASE + "/{id}/rotate-secret",
+    Operation(
+        "rotateWebhookSecret",
+        "webhooks",
+        "A new signing secret, shown once; the old one keeps signing for a grace period",
+        (Answer(200, "the endpoint and its new secret", schemas.WebhookWithSecret),),
+        params=(_WEBHOOK,),
+        problems=(404,),
+    ),
+)
 @_authed
 async def rotate(
     request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
@@ -246,6 +340,25 @@ async def rotate(
     return web.json_response({**fresh.public(), "secret": secret})
 
 
+@API.get(
+    BASE + "/{id}/deliveries",
+    Operation(
+        "listWebhookDeliveries",
+        "webhooks",
+        "The delivery log, newest first",
+        (Answer(200, "a page of deliveries", schemas.DeliveryPage),),
+        params=(
+            _WEBHOOK,
+            query("state", {"type": "string", "enum": list(DELIVERY_STATES)}, "only this state"),
+            query("before", _WEBHOOK.schema, "next_before of the previous page"),
+            query(
+                "limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100}, "page size"
+            ),
+        ),
+        problems=(404,),
+    ),
+    allow_head=True,
+)
 @_authed
 async def deliveries(
     request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
@@ -267,6 +380,18 @@ async def deliveries(
     return web.json_response({"data": [d.public() for d in rows], "next_before": next_before})
 
 
+@API.get(
+    BASE + "/{id}/deliveries/{delivery_id}",
+    Operation(
+        "getWebhookDelivery",
+        "webhooks",
+        "One delivery with all its attempts",
+        (Answer(200, "the delivery", schemas.DeliveryDetail),),
+        params=(_WEBHOOK, _DELIVERY),
+        problems=(404,),
+    ),
+    allow_head=True,
+)
 @_authed
 async def delivery(
     request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
@@ -279,6 +404,17 @@ async def delivery(
     return web.json_response({**d.public(), "attempts": [a.public() for a in attempts]})
 
 
+@API.post(
+    BASE + "/{id}/deliveries/{delivery_id}/replay",
+    Operation(
+        "replayWebhookDelivery",
+        "webhooks",
+        "Send a delivery again (same webhook-id), after the lane's pending ones",
+        (Answer(202, "queued", schemas.Replayed),),
+        params=(_WEBHOOK, _DELIVERY),
+        problems=(404,),
+    ),
+)
 @_authed
 async def replay_one(
     request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
@@ -290,6 +426,19 @@ async def replay_one(
     return web.json_response({"replayed": count}, status=202)
 
 
+@API.post(
+    BASE + "/{id}/replay",
+    Operation(
+        "replayWebhookRange",
+        "webhooks",
+        "Send again every delivery of a time range (by event time)",
+        (Answer(202, "queued", schemas.Replayed),),
+        description=f"At most {REPLAY_CAP} deliveries (webhooks_replay_max_deliveries).",
+        params=(_WEBHOOK,),
+        body=ReplayRange,
+        problems=(404,),
+    ),
+)
 @_authed
 async def replay_range(
     request: web.Request, settings: WebhookSettings, store: WebhookStore, app: Application
@@ -319,18 +468,4 @@ def add_webhook_routes(app: web.Application, settings: WebhookSettings) -> None:
     the host is refused here at once)."""
     app[WEBHOOK_SETTINGS] = settings
     app.cleanup_ctx.append(_store)
-    base = "/v1/webhooks"
-    app.add_routes(
-        [
-            web.post(base, create),
-            web.get(base, list_),
-            web.get(base + "/{id}", get),
-            web.patch(base + "/{id}", patch),
-            web.delete(base + "/{id}", delete),
-            web.post(base + "/{id}/rotate-secret", rotate),
-            web.get(base + "/{id}/deliveries", deliveries),
-            web.get(base + "/{id}/deliveries/{delivery_id}", delivery),
-            web.post(base + "/{id}/deliveries/{delivery_id}/replay", replay_one),
-            web.post(base + "/{id}/replay", replay_range),
-        ]
-    )
+    API.register(app)

@@ -19,6 +19,7 @@ from libs.shards import ShardRouter
 from libs.webhooks import generate_secret
 
 __all__ = [
+    "DELIVERY_STATES",
     "EVENT_TYPES",
     "ORDERINGS",
     "Attempt",
@@ -34,6 +35,7 @@ EVENT_TYPES: Final = ("message.created", "message.updated", "message.deleted")
 SKIP_REFUSED: Final = "skip_refused"
 STRICT: Final = "strict"
 ORDERINGS: Final = (SKIP_REFUSED, STRICT)
+DELIVERY_STATES: Final = ("pending", "delivered", "failed", "cancelled")
 
 _ENDPOINT_COLUMNS: Final = (
     "id, application_id, url, description, event_types, account_ids, secret_enc, previous_secret_enc,"

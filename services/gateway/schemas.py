@@ -1,0 +1,205 @@
+"""The documents the gateway answers with, as pydantic models: the OpenAPI document's response
+schemas are generated from them (:mod:`services.gateway.openapi`).
+
+The handlers build these documents as dicts (a page of messages is built without a model in
+between); the e2e fuzz test checks every answer against the schemas generated here. Request
+bodies are the models the handlers validate with, next to their handlers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from libs.events import Direction, Status
+from libs.openapi import PublicId
+
+__all__ = [
+    "Account",
+    "AccountPage",
+    "ApiKey",
+    "ApiKeyList",
+    "Application",
+    "Attachment",
+    "Cursor",
+    "Delta",
+    "DeltaPage",
+    "Doc",
+    "ImapAccount",
+    "ImapFolder",
+    "ImapSync",
+    "Message",
+    "MessageAccepted",
+    "MessageDeleted",
+    "MessageDetail",
+    "MessagePage",
+    "NewApiKey",
+    "NonNegative",
+    "Token",
+]
+
+Token = Annotated[str, Field(min_length=1, max_length=128)]
+Shard = Annotated[int, Field(ge=0, le=65535)]
+NonNegative = Annotated[int, Field(ge=0)]
+
+
+TlsMode = Literal["implicit", "starttls", "none"]
+
+
+class Doc(BaseModel):
+    """Every member is always present (null when it has no value), and no other."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Attachment(Doc):
+    filename: str | None
+    content_type: str
+    size_bytes: NonNegative = Field(description="decoded size")
+    content_id: str | None
+    inline: bool
+
+
+class Message(Doc):
+    id: PublicId
+    account_id: PublicId
+    message_key: str
+    version: Annotated[int, Field(ge=1)]
+    status: Status | None
+    direction: Direction | None
+    channel: str | None
+    from_: str | None = Field(alias="from")
+    to: list[str]
+    cc: list[str]
+    subject: str | None
+    snippet: str | None
+    error_code: str | None
+    unread: bool
+    starred: bool
+    folder: str | None
+    labels: list[str]
+    source: str | None
+    occurred_at: datetime
+    final_at: datetime | None
+    redacted: bool
+    created_at: datetime
+    updated_at: datetime
+    thread_key: str | None = Field(description="equal for the messages of one conversation (email)")
+    size_bytes: NonNegative | None = Field(description="raw message size")
+    attachments: list[Attachment]
+    parse_warnings: list[str] = Field(
+        description="what could not be read cleanly from the raw message, e.g. truncated"
+    )
+
+
+class MessageDetail(Message):
+    body_text: str | None
+    body_html: str | None
+
+
+class MessagePage(Doc):
+    data: list[Message]
+    next_page_token: Token | None
+
+
+class MessageAccepted(Doc):
+    id: PublicId
+    status: Literal["accepted"]
+    detail: str
+
+
+class MessageDeleted(Doc):
+    id: PublicId
+    account_id: PublicId
+    version: Annotated[int, Field(ge=1)]
+    deleted: Literal[True]
+
+
+class Delta(Doc):
+    cursor: Token = Field(description="resume after this change")
+    object_type: Literal["message"]
+    object_id: PublicId
+    change_type: Literal["created", "updated", "deleted"]
+    version: int
+    changed_at: datetime
+    object: Message | None = Field(description="the object as it is now; null once it is deleted")
+
+
+class DeltaPage(Doc):
+    deltas: list[Delta]
+    next_cursor: Token
+    has_more: bool = Field(description="more changes are ready: ask again at once")
+
+
+class Cursor(Doc):
+    cursor: Token
+
+
+class Account(Doc):
+    id: PublicId
+    application_id: PublicId
+    email: str
+    provider: str
+    shard: Shard
+
+
+class AccountPage(Doc):
+    data: list[Account]
+    next_page_token: Token | None
+
+
+class ApiKey(Doc):
+    id: PublicId
+    prefix: str = Field(description="the key's first characters, to recognise it")
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyList(Doc):
+    data: list[ApiKey]
+
+
+class NewApiKey(ApiKey):
+    api_key: str = Field(description="shown once, never again")
+
+
+class Application(Doc):
+    id: PublicId
+    name: str
+    api_key: str = Field(description="shown once")
+
+
+# IMAP sync times are stored without a zone and shown as such (UTC).
+ImapTime = Annotated[str | None, Field(description="UTC, ISO 8601")]
+
+
+class ImapFolder(Doc):
+    id: PublicId
+    name: str
+    role: str | None
+    state: str
+    message_count: NonNegative
+    last_sync_at: ImapTime
+    last_error: str | None
+    uidvalidity: int | None
+    highestmodseq: int | None
+
+
+class ImapSync(Doc):
+    id: PublicId
+    host: str
+    port: int
+    tls_mode: TlsMode
+    username: str
+    state: str = Field(description="pending, running, auth_failed, error or disconnected")
+    last_error: str | None
+    last_sync_at: ImapTime
+    credentials_version: Annotated[int, Field(ge=1)]
+    folders: list[ImapFolder]
+
+
+class ImapAccount(ImapSync):
+    email: str
+    provider: Literal["imap"]
