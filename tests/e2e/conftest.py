@@ -16,6 +16,7 @@ from cli.services import SERVICE_PORTS, LocalService
 from cli.stack import Stack
 from libs.accounts import Account, Application, create_account, create_application
 from libs.shards import ShardMap, ShardRouter
+from tests.scratch import app_name
 
 # Ports and pid files of their own, so a `make dev` instance on the default ports never
 # interferes; two checkouts sharing one stack can set different values.
@@ -70,7 +71,7 @@ class Tenant:
 @pytest.fixture
 async def tenant_factory(router: ShardRouter) -> AsyncIterator[Any]:
     async def make(shards: list[int]) -> Tenant:
-        application, key = await create_application(router, f"test-{uuid.uuid4().hex[:8]}")
+        application, key = await create_application(router, app_name("tenant"))
         accounts = [
             await create_account(router, application.id, f"{uuid.uuid4().hex[:8]}@example.test", shard=s)
             for s in shards

@@ -22,6 +22,7 @@ from libs.config import KafkaSettings
 from libs.events import Event, decode_event, message_key_bytes
 from libs.kafka import INFLIGHT, make_consumer
 from libs.shards import ShardMap, ShardRouter
+from tests.scratch import app_name
 
 pytestmark = pytest.mark.integration
 
@@ -59,10 +60,10 @@ class Tenant:
 @pytest.fixture
 async def tenant(router: ShardRouter) -> Tenant:
     suffix = uuid.uuid4().hex[:8]
-    app, key = await create_application(router, f"ingest-test-{suffix}")
+    app, key = await create_application(router, app_name("ingest"))
     a = await create_account(router, app.id, f"a-{suffix}@example.com")
     b = await create_account(router, app.id, f"b-{suffix}@example.com")
-    other, _ = await create_application(router, f"ingest-other-{suffix}")
+    other, _ = await create_application(router, app_name("ingest-other"))
     c = await create_account(router, other.id, f"c-{suffix}@example.com")
     return Tenant(key, (a.id, b.id), c.id)
 

@@ -13,6 +13,7 @@ from cli.services import LocalService
 from cli.stack import Stack
 from libs.accounts import create_account, create_application
 from libs.shards import ShardMap, ShardRouter
+from tests.scratch import app_name
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def ingest(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[LocalSer
 @pytest.fixture
 async def tenant(router: ShardRouter) -> tuple[str, int]:
     suffix = uuid.uuid4().hex[:8]
-    app, key = await create_application(router, f"ingest-limits-{suffix}")
+    app, key = await create_application(router, app_name("ingest-limits"))
     account = await create_account(router, app.id, f"limits-{suffix}@example.com")
     return key, account.id
 
