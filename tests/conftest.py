@@ -24,7 +24,7 @@ from libs.db import connect
 from libs.db.migrate import migrate_global, migrate_shard
 from libs.kafka import create_topics
 from libs.shards import ShardMap, ShardRouter, load_shard_map, register_clusters
-from tests.scratch import sweep
+from tests.scratch import Swept, sweep
 
 
 def _dump_tasks(signum: int, frame: FrameType | None) -> None:
@@ -46,8 +46,16 @@ signal.signal(signal.SIGUSR1, _dump_tasks)
 faulthandler.register(signal.SIGUSR2)  # and ``kill -USR2``: every thread's stack
 
 
+_swept: list[Swept] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for swept in _swept:
+        terminalreporter.write_line(str(swept))
+
+
 @pytest.fixture(scope="session")
-async def scratch(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+async def scratch() -> AsyncIterator[None]:
     """Set up before, so torn down after, everything that uses the stack: this run's topics,
     applications and Dovecot users are removed once the services that use them have stopped."""
     yield
@@ -58,10 +66,7 @@ async def scratch(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     except Exception:  # no global schema yet: no application to remove either
         shard_map = None
     stack = Stack(settings)
-    swept = await sweep(KafkaSettings(), db, shard_map, [stack.dovecot, stack.dovecot_plain])
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(str(swept))
+    _swept.append(await sweep(KafkaSettings(), db, shard_map, [stack.dovecot, stack.dovecot_plain]))
 
 
 @pytest.fixture(scope="session")

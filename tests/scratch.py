@@ -28,7 +28,7 @@ from cli.mailbox_gen import DOMAIN
 from cli.stack import Dovecot
 from libs.config import DatabaseSettings, KafkaSettings
 from libs.db import connect, shard_schema
-from libs.kafka import make_consumer
+from libs.kafka import TOPICS, make_consumer
 from libs.shards import ShardMap
 
 __all__ = [
@@ -73,10 +73,11 @@ def dovecot_user(prefix: str) -> str:
 async def commit_end_offsets(kafka: KafkaSettings, group: str, *topics: str) -> None:
     """Start a new consumer group at the topics' ends, as if it had read them so far: a process
     of the tests that reads a shared topic in a group of its own must not work through its
-    history (flightlog.postflight holds every record since the stack was made)."""
+    history (flightlog.postflight holds every record since the stack was made). ``topics`` are
+    among :data:`libs.kafka.TOPICS`."""
+    partitions = {spec.name: spec.partitions for spec in TOPICS}
+    tps = [TopicPartition(t, p) for t in topics for p in range(partitions[t])]
     async with make_consumer(kafka, group_id=group) as consumer:
-        await consumer.topics()  # fetches the metadata partitions_for_topic answers from
-        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
         consumer.assign(tps)
         await consumer.commit(dict(await consumer.end_offsets(tps)))
 
