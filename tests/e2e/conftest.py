@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -63,20 +64,24 @@ def pipeline(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[Pipeli
 
 @dataclass
 class Tenant:
+    """``created_ms`` is a Kafka timestamp before the tenant existed: its records come later."""
+
     application: Application
     api_key: str
     accounts: list[Account]
+    created_ms: int
 
 
 @pytest.fixture
 async def tenant_factory(router: ShardRouter) -> AsyncIterator[Any]:
     async def make(shards: list[int]) -> Tenant:
+        created_ms = int(time.time() * 1000) - 1000  # the broker's clock may be a little behind
         application, key = await create_application(router, app_name("tenant"))
         accounts = [
             await create_account(router, application.id, f"{uuid.uuid4().hex[:8]}@example.test", shard=s)
             for s in shards
         ]
-        return Tenant(application, key, accounts)
+        return Tenant(application, key, accounts, created_ms)
 
     yield make
     await asyncio.sleep(0)
