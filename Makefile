@@ -39,9 +39,15 @@ down: install
 
 # The services `make dev` started would hold the change relay's and the webhook dispatcher's
 # leader locks that the tests' own processes must win, so they are stopped first.
+# Coverage of libs, services and cli, the service processes included, is one line after the
+# tests; the target's exit status is pytest's.
 test: stack
 	$(FLIGHTLOG) services down
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@rm -f .coverage .coverage.*
+	@status=0; $(PY) -m coverage run -m pytest $(PYTEST_ARGS) || status=$$?; \
+	$(PY) -m coverage combine -q >/dev/null 2>&1 && \
+	echo "coverage: $$($(PY) -m coverage report --format=total) % of libs, services, cli"; \
+	exit $$status
 
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

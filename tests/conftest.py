@@ -2,7 +2,8 @@
 
 Integration and end-to-end tests run against the real local stack. ``stack`` brings it up (it
 is idempotent, so `make test` having done it already costs about a second) and applies schemas
-and topics; a part that cannot start fails the test session, it never skips.
+and topics; a part that cannot start fails the test session, it never skips. What the tests
+create there is named after the run (tests/scratch.py) and removed when the session ends.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from libs.config import DatabaseSettings, KafkaSettings, ServiceSettings, StackS
 from libs.db import connect
 from libs.db.migrate import migrate_global, migrate_shard
 from libs.kafka import create_topics
-from libs.shards import ShardMap, ShardRouter, register_clusters
+from libs.shards import ShardMap, ShardRouter, load_shard_map, register_clusters
+from tests.scratch import Swept, sweep
 
 
 def _dump_tasks(signum: int, frame: FrameType | None) -> None:
@@ -44,8 +46,31 @@ signal.signal(signal.SIGUSR1, _dump_tasks)
 faulthandler.register(signal.SIGUSR2)  # and ``kill -USR2``: every thread's stack
 
 
+_swept: list[Swept] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for swept in _swept:
+        terminalreporter.write_line(str(swept))
+
+
 @pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
+async def scratch() -> AsyncIterator[None]:
+    """Set up before, so torn down after, everything that uses the stack: this run's topics,
+    applications and Dovecot users are removed once the services that use them have stopped."""
+    yield
+    settings, db = StackSettings(), DatabaseSettings()
+    try:
+        async with connect(db, db.global_db_host, db.global_db_port) as conn:
+            shard_map: ShardMap | None = await load_shard_map(conn, db.global_db_name)
+    except Exception:  # no global schema yet: no application to remove either
+        shard_map = None
+    stack = Stack(settings)
+    _swept.append(await sweep(KafkaSettings(), db, shard_map, [stack.dovecot, stack.dovecot_plain]))
+
+
+@pytest.fixture(scope="session")
+def stack(scratch: None) -> Iterator[Stack]:
     stack = Stack(StackSettings())
     stack.up()
     yield stack

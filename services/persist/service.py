@@ -14,9 +14,6 @@ from libs.shards import ShardRouter
 from services.persist.relay import ChangeRelay, RelaySettings
 from services.persist.worker import PersistSettings, PersistWorker
 
-GROUP_ID = "flightlog-persist"
-RETRY_GROUP_ID = "flightlog-persist-retry"
-
 
 async def main(ctx: ServiceContext) -> None:
     s = ctx.settings
@@ -28,10 +25,11 @@ async def main(ctx: ServiceContext) -> None:
         if relay_settings.relay_enabled:
             relay_producer = await stack.enter_async_context(make_producer(s))
             await stack.enter_async_context(ChangeRelay(router, relay_producer, relay_settings))
+        group = persist_settings.persist_group_id
         consumer = await stack.enter_async_context(
-            make_consumer(s, POSTFLIGHT, group_id=GROUP_ID, max_partition_fetch_bytes=4 * 1024**2)
+            make_consumer(s, POSTFLIGHT, group_id=group, max_partition_fetch_bytes=4 * 1024**2)
         )
-        retry = await stack.enter_async_context(make_consumer(s, PERSIST_RETRY, group_id=RETRY_GROUP_ID))
+        retry = await stack.enter_async_context(make_consumer(s, PERSIST_RETRY, group_id=f"{group}-retry"))
         ctx.set_ready()
         worker = PersistWorker(router, producer, consumer, retry, settings=persist_settings)
         await worker.run(ctx.stopping)

@@ -81,6 +81,9 @@ class PersistSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
 
+    # flightlog.postflight's group; flightlog.persist-retry is read in "<group>-retry". Overridable
+    # so a second pipeline on one stack (the e2e tests beside `make dev`) keeps its own offsets.
+    persist_group_id: str = "flightlog-persist"
     persist_max_records: int = Field(default=2000, gt=0)  # records per consumed batch
     persist_write_timeout_s: float = Field(default=10.0, gt=0)  # one shard transaction
     # Whole seconds (InnoDB's unit), below the write timeout so a lock wait is the server's error.

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from libs.config import KafkaSettings
 from libs.events import decode_postflight
@@ -49,18 +49,30 @@ async def changes(router: ShardRouter, account_id: int) -> list[tuple[int, str, 
     return [(int(a), b, int(c)) for a, b, c in rows]
 
 
+async def offsets_since(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], since_ms: int
+) -> dict[TopicPartition, int]:
+    """Each partition's first offset written at ``since_ms`` or later (its end if none is): where
+    a test's records begin in a shared topic, which only grows."""
+    found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+    end = await consumer.end_offsets(tps)
+    return {tp: end[tp] if found[tp] is None else found[tp].offset for tp in tps}
+
+
 async def postflight_versions(
-    settings: KafkaSettings, accounts: set[int]
+    settings: KafkaSettings, accounts: set[int], since_ms: int
 ) -> dict[tuple[int, str], list[int]]:
     """The versions of the committed postflight records of each message of ``accounts``, in the
-    order they were written (a message's records share a partition)."""
+    order they were written (a message's records share a partition), written from ``since_ms``
+    on (the accounts' creation)."""
     versions: dict[tuple[int, str], list[int]] = {}
     consumer = make_consumer(settings, group_id=None)
     async with consumer:
         count = next(spec.partitions for spec in TOPICS if spec.name == POSTFLIGHT)
         partitions = [TopicPartition(POSTFLIGHT, p) for p in range(count)]
         consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        for tp, offset in (await offsets_since(consumer, partitions, since_ms)).items():
+            consumer.seek(tp, offset)
         end = await consumer.end_offsets(partitions)
         while any([await consumer.position(tp) < end[tp] for tp in partitions]):
             batch = await consumer.getmany(timeout_ms=1000, max_records=5000)

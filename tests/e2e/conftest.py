@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from cli.services import SERVICE_PORTS, LocalService
 from cli.stack import Stack
 from libs.accounts import Account, Application, create_account, create_application
 from libs.shards import ShardMap, ShardRouter
+from tests.scratch import app_name, group_name, topic_name
 
 # Ports and pid files of their own, so a `make dev` instance on the default ports never
 # interferes; two checkouts sharing one stack can set different values.
@@ -24,6 +26,15 @@ E2E_INSTANCE = os.environ.get("FLIGHTLOG_E2E_INSTANCE", "-e2e")
 # An instance id of its own: the transform's transactional id derives from it, and two runs with
 # the same one would fence each other's transform.
 E2E_ENV = {"FLIGHTLOG_INSTANCE_ID": f"{socket.gethostname()}{E2E_INSTANCE}"}
+# IMAP accounts the e2e tests register go through a topic and group of this run's (the pipeline's
+# ingest and gateway share them), so that `make dev`'s ingest does not sync them, nor this one
+# `make dev`'s accounts. Transform and persist stay in the shared groups on purpose: a group of
+# their own would have them process every record of the shared topics a second time, beside
+# `make dev`'s (two transforms writing one state topic), and start from offset 0 of each.
+PIPELINE_IMAP_ENV = {
+    "FLIGHTLOG_IMAP_ACCOUNTS_TOPIC": topic_name("imap-accounts"),
+    "FLIGHTLOG_IMAP_CONSUMER_GROUP": group_name("imap"),
+}
 # The webhook tests run dispatchers with settings of their own, and only one dispatcher delivers
 # at a time: the pipeline's gateway serves the webhook API without one (see test_gateway_wiring).
 GATEWAY_ENV = {"FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY": "false"}
@@ -44,7 +55,7 @@ def pipeline(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[Pipeli
             name,
             port + E2E_PORT_OFFSET,
             stack.settings.state_dir,
-            env={**E2E_ENV, **(GATEWAY_ENV if name == "gateway" else {})},
+            env={**E2E_ENV, **PIPELINE_IMAP_ENV, **(GATEWAY_ENV if name == "gateway" else {})},
             instance=E2E_INSTANCE,
         )
         for name, port in SERVICE_PORTS.items()
@@ -62,20 +73,24 @@ def pipeline(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[Pipeli
 
 @dataclass
 class Tenant:
+    """``created_ms`` is a Kafka timestamp before the tenant existed: its records come later."""
+
     application: Application
     api_key: str
     accounts: list[Account]
+    created_ms: int
 
 
 @pytest.fixture
 async def tenant_factory(router: ShardRouter) -> AsyncIterator[Any]:
     async def make(shards: list[int]) -> Tenant:
-        application, key = await create_application(router, f"test-{uuid.uuid4().hex[:8]}")
+        created_ms = int(time.time() * 1000) - 1000  # the broker's clock may be a little behind
+        application, key = await create_application(router, app_name("tenant"))
         accounts = [
             await create_account(router, application.id, f"{uuid.uuid4().hex[:8]}@example.test", shard=s)
             for s in shards
         ]
-        return Tenant(application, key, accounts)
+        return Tenant(application, key, accounts, created_ms)
 
     yield make
     await asyncio.sleep(0)

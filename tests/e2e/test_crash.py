@@ -82,7 +82,7 @@ async def test_kill_transform_then_persist_mid_run(
     finished = time.monotonic()
 
     # Transform is exactly-once: one committed postflight record per message, despite the kill.
-    versions = await checks.postflight_versions(kafka_settings, set(accounts))
+    versions = await checks.postflight_versions(kafka_settings, set(accounts), tenant.created_ms)
     assert len(versions) == MESSAGES
     assert {len(v) for v in versions.values()} == {1}, {k: v for k, v in versions.items() if len(v) != 1}
     # Rows: exactly the expected ones, each at its one record's version. Changes: exactly one per

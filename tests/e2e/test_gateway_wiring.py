@@ -23,6 +23,7 @@ from cli.stack import Stack
 from libs.config import KafkaSettings
 from libs.kafka import IMAP_ACCOUNTS, TOPICS, make_consumer
 from libs.shards import ShardMap, ShardRouter
+from tests.e2e.checks import offsets_since
 from tests.e2e.conftest import E2E_INSTANCE, E2E_PORT_OFFSET
 from tests.e2e.gateway_helpers import bearer
 from tests.e2e.webhook_harness import FAST, fast_settings, relay
@@ -120,16 +121,17 @@ async def test_webhooks_are_served_and_delivered_by_the_gateway(
 
 
 async def imap_record(
-    settings: KafkaSettings, account_id: str, version: int | None, timeout_s: float
+    settings: KafkaSettings, account_id: str, version: int | None, timeout_s: float, since_ms: int
 ) -> bool:
     """Whether flightlog.imap-accounts carries ``version`` of the account, or with None its
-    tombstone (read from the start)."""
+    tombstone (read from ``since_ms``, before the account was made)."""
     consumer = make_consumer(settings, group_id=None)
     async with consumer:
         partitions = next(spec.partitions for spec in TOPICS if spec.name == IMAP_ACCOUNTS)
         tps = [TopicPartition(IMAP_ACCOUNTS, p) for p in range(partitions)]
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        for tp, offset in (await offsets_since(consumer, tps, since_ms)).items():
+            consumer.seek(tp, offset)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
@@ -172,7 +174,7 @@ async def test_imap_accounts_are_created_and_their_credentials_changed(
     assert created["provider"] == "imap" and created["credentials_version"] == 1
     assert "password" not in created and "wrong" not in str(created)
     account_id = created["id"]
-    assert await imap_record(kafka_settings, account_id, 1, 10)
+    assert await imap_record(kafka_settings, account_id, 1, 10, tenant.created_ms)
 
     status, sync, _ = await call(http, "GET", f"{base}/{account_id}/sync", tenant.api_key)
     assert status == 200 and sync["id"] == account_id and sync["username"] == "nobody"
@@ -182,7 +184,7 @@ async def test_imap_accounts_are_created_and_their_credentials_changed(
     assert status == 200 and body["credentials_version"] == 2 and body["username"] == "nobody", body
     status, body, _ = await call(http, "PATCH", creds, tenant.api_key, {"username": "u2", "password": "p"})
     assert status == 200 and body["credentials_version"] == 3 and body["username"] == "u2"
-    assert await imap_record(kafka_settings, account_id, 3, 10)
+    assert await imap_record(kafka_settings, account_id, 3, 10, tenant.created_ms)
     bad_credentials: list[dict[str, Any]] = [
         {},
         {"password": ""},
@@ -212,6 +214,6 @@ async def test_imap_accounts_are_created_and_their_credentials_changed(
     # disconnect: the sync stops (a tombstone on the accounts topic) and the password is forgotten
     status, body, _ = await call(http, "DELETE", creds, tenant.api_key)
     assert status == 200 and body["state"] == "disconnected" and body["credentials_version"] == 4, body
-    assert await imap_record(kafka_settings, account_id, None, 10)
+    assert await imap_record(kafka_settings, account_id, None, 10, tenant.created_ms)
     status, body, _ = await call(http, "PATCH", creds, tenant.api_key, {"password": "back"})
     assert status == 200 and body["state"] == "pending" and body["credentials_version"] == 5

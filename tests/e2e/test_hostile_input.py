@@ -54,6 +54,7 @@ from tests.e2e.hostile import (
     oversize_message,
     partition_of,
 )
+from tests.scratch import dovecot_user
 
 pytestmark = pytest.mark.e2e
 
@@ -431,7 +432,7 @@ async def imap_case(
 ) -> None:  # fmt: skip
     assert poison.raw is not None and isinstance(poison.fate, Settled)
     server = stack.dovecot
-    user = f"hostile{uuid.uuid4().hex[:10]}"
+    user = dovecot_user("hostile")
     address = f"{user}@{DOMAIN}"
     server.add_user(address)
     fill_maildir(server, user, 1)  # the message whose arrival says the account is synced

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 
 from cli.stack import Stack
 from libs.config import KafkaSettings
@@ -15,6 +16,7 @@ from libs.ids import shard_of
 from libs.kafka import DLQ, POSTFLIGHT, make_consumer, make_producer
 from libs.shards import ShardRouter
 from tests.e2e import checks
+from tests.e2e.checks import offsets_since
 from tests.e2e.conftest import Pipeline
 
 pytestmark = pytest.mark.e2e
@@ -74,11 +76,16 @@ async def test_version_guard_and_changes(
 
 
 async def test_undecodable_record_goes_to_dlq(pipeline: Pipeline, kafka_settings: KafkaSettings) -> None:
+    since_ms = int(datetime.now(UTC).timestamp() * 1000) - 1000
     marker = f"not json {datetime.now(UTC).timestamp()}".encode()
     async with make_producer(kafka_settings) as producer:
         await (await producer.send(POSTFLIGHT, marker, key=b"bad"))
-    consumer = make_consumer(kafka_settings, DLQ, group_id=None)
+    consumer = make_consumer(kafka_settings, group_id=None)
     async with consumer:
+        tps = [TopicPartition(DLQ, 0)]
+        consumer.assign(tps)
+        for tp, offset in (await offsets_since(consumer, tps, since_ms)).items():
+            consumer.seek(tp, offset)
         deadline = asyncio.get_running_loop().time() + 30
         while asyncio.get_running_loop().time() < deadline:
             batch = await consumer.getmany(timeout_ms=1000)

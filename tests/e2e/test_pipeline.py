@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiokafka import TopicPartition
 
 from libs.config import KafkaSettings
 from libs.kafka import DLQ, make_consumer
@@ -20,12 +21,17 @@ pytestmark = pytest.mark.e2e
 
 
 async def dlq_entries(
-    settings: KafkaSettings, needle: bytes, count: int, timeout_s: float = 30
+    settings: KafkaSettings, needle: bytes, count: int, since_ms: int, timeout_s: float = 30
 ) -> list[dict[str, bytes]]:
-    """Headers of the DLQ records whose value contains ``needle`` (waits for ``count``)."""
+    """Headers of the DLQ records written from ``since_ms`` on whose value contains ``needle``
+    (waits for ``count``)."""
     found: list[dict[str, bytes]] = []
-    consumer = make_consumer(settings, DLQ, group_id=None)
+    consumer = make_consumer(settings, group_id=None)
     async with consumer:
+        tps = [TopicPartition(DLQ, 0)]
+        consumer.assign(tps)
+        for tp, offset in (await checks.offsets_since(consumer, tps, since_ms)).items():
+            consumer.seek(tp, offset)
         deadline = asyncio.get_running_loop().time() + timeout_s
         while len(found) < count and asyncio.get_running_loop().time() < deadline:
             batch = await consumer.getmany(timeout_ms=1000)
@@ -101,7 +107,7 @@ async def test_valid_duplicated_out_of_order_late_and_invalid_events(
     assert rb["impossible"]["status"] == "failed"
     # One record for each final message (duplicates, late and impossible events add none), one
     # more for the late update; each row is at the version of its message's last record.
-    versions = await checks.postflight_versions(kafka_settings, {a, b})
+    versions = await checks.postflight_versions(kafka_settings, {a, b}, tenant.created_ms)
     rows = {(a, key): row for key, row in ra.items()} | {(b, key): row for key, row in rb.items()}
     assert set(versions) == set(rows)
     assert {key: len(v) for key, v in versions.items()} == {
@@ -118,8 +124,10 @@ async def test_valid_duplicated_out_of_order_late_and_invalid_events(
     )
 
     # The impossible transition is in the DLQ with its stage and reason; so are the refused items.
-    transform_dead = await dlq_entries(kafka_settings, impossible[2]["event_id"].encode(), 1)
+    transform_dead = await dlq_entries(
+        kafka_settings, impossible[2]["event_id"].encode(), 1, tenant.created_ms
+    )
     assert transform_dead and transform_dead[0]["flightlog-stage"] == b"transform"
     assert b"delivered" in transform_dead[0]["flightlog-reason"]
-    ingest_dead = await dlq_entries(kafka_settings, refused_key.encode(), 1)
+    ingest_dead = await dlq_entries(kafka_settings, refused_key.encode(), 1, tenant.created_ms)
     assert ingest_dead and ingest_dead[0]["flightlog-stage"] == b"ingest"

@@ -10,24 +10,52 @@ import pytest
 
 from cli.services import SERVICE_PORTS, LocalService
 from cli.stack import Stack
+from libs.config import KafkaSettings
+from libs.kafka import PERSIST_RETRY, POSTFLIGHT, TopicSpec, create_topics
+from tests.e2e.conftest import E2E_ENV, E2E_INSTANCE, E2E_PORT_OFFSET
+from tests.scratch import commit_end_offsets, group_name, topic_name
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("name", sorted(SERVICE_PORTS))
 async def test_service_health_metrics_and_sigterm(
-    name: str, stack: Stack, shard_map: object, topics: None
+    name: str, stack: Stack, shard_map: object, topics: None, kafka_settings: KafkaSettings
 ) -> None:
-    # A port of its own, so a `make dev` instance on the default port does not interfere; for
-    # ingest, IMAP sync runs on an accounts topic and group of its own: joining the shared group
-    # would move the pipeline's accounts here mid-session and make the drain wait on rebalances.
+    # A port, an instance id and consumer groups of its own: with the defaults, transform would
+    # take `make dev`'s transactional id and fence it, and every consumer would join the shared
+    # groups and move their partitions here mid-session. Transform reads and writes topics of its
+    # own; persist's group starts at the shared topics' ends, so it has no history to write again.
+    group = group_name("runner")
+    transform_topics = topic_name("runner-transform")
+    inflight, postflight, state = (f"{transform_topics}.{n}" for n in ("inflight", "postflight", "state"))
+    await create_topics(
+        kafka_settings,
+        (
+            TopicSpec(inflight, 1),
+            TopicSpec(postflight, 1),
+            TopicSpec(state, 1, {"cleanup.policy": "compact"}),
+        ),
+    )
+    await commit_end_offsets(kafka_settings, group, POSTFLIGHT)
+    await commit_end_offsets(kafka_settings, f"{group}-retry", PERSIST_RETRY)
     env = {
-        "FLIGHTLOG_IMAP_ACCOUNTS_TOPIC": "flightlog.test-imap-accounts-runner",
-        "FLIGHTLOG_IMAP_CONSUMER_GROUP": "flightlog-ingest-imap-runner-test",
+        **E2E_ENV,
+        "FLIGHTLOG_INSTANCE_ID": f"{E2E_ENV['FLIGHTLOG_INSTANCE_ID']}-runner",
+        "FLIGHTLOG_IMAP_ACCOUNTS_TOPIC": topic_name("runner-imap-accounts"),
+        "FLIGHTLOG_IMAP_CONSUMER_GROUP": group,
+        "FLIGHTLOG_TRANSFORM_GROUP_ID": group,
+        "FLIGHTLOG_TRANSFORM_INFLIGHT_TOPIC": inflight,
+        "FLIGHTLOG_TRANSFORM_POSTFLIGHT_TOPIC": postflight,
+        "FLIGHTLOG_TRANSFORM_STATE_TOPIC": state,
+        "FLIGHTLOG_PERSIST_GROUP_ID": group,
+        "FLIGHTLOG_RELAY_ENABLED": "false",
+        "FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY": "false",
     }
     svc = LocalService(
-        name, SERVICE_PORTS[name] + 100, stack.settings.state_dir, env=env, instance="-runner-test"
-    )
+        name, SERVICE_PORTS[name] + E2E_PORT_OFFSET - 100, stack.settings.state_dir, env=env,
+        instance=f"{E2E_INSTANCE}-runner",
+    )  # fmt: skip
     await asyncio.to_thread(svc.start)
     try:
         async with aiohttp.ClientSession(svc.address) as http:

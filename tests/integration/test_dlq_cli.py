@@ -17,6 +17,7 @@ from libs.dlq import dead_letter
 from libs.events import decode_event, message_key_bytes
 from libs.kafka import INFLIGHT, TopicSpec, create_topics, make_consumer, make_producer
 from libs.shards import ShardRouter
+from tests.scratch import app_name, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +61,7 @@ async def test_list_shows_entries(topics: None, kafka_settings: KafkaSettings) -
 async def test_replay_puts_the_original_bytes_back_on_the_source_topic(
     topics: None, kafka_settings: KafkaSettings
 ) -> None:
-    source = f"test.dlq-replay.{uuid.uuid4().hex[:8]}"
+    source = topic_name("dlq-replay")
     await create_topics(kafka_settings, (TopicSpec(source, 1),))
     key, value = b"acct:msg\x00\xff", b"\x00\x01 not json \xfe"
     async with make_producer(kafka_settings) as producer:
@@ -89,7 +90,7 @@ async def test_replay_puts_the_original_bytes_back_on_the_source_topic(
 async def test_replay_of_ingest_entries_goes_to_inflight_only_when_valid(
     topics: None, kafka_settings: KafkaSettings, db_settings: DatabaseSettings, router: ShardRouter
 ) -> None:
-    app, _ = await create_application(router, f"dlq-test-{uuid.uuid4().hex[:8]}")
+    app, _ = await create_application(router, app_name("dlq"))
     account = await create_account(router, app.id, "dlq@example.com")
     key = f"replayed-{uuid.uuid4().hex}"
     fixed = {"account_id": str(account.id), "message_key": key, "type": "message.queued",

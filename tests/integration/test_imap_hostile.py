@@ -27,6 +27,7 @@ from libs.shards import ShardRouter
 from services.ingest.imap.client import DEFAULT_MAX_RESPONSE_BYTES, ImapConnection, ResponseTooLarge
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.sync import AccountSync
+from tests.scratch import app_name
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -238,7 +239,7 @@ async def test_vanished_of_the_whole_uid_space_is_clamped_to_the_uids_held(
     store = SyncStore(router, SecretBox.from_settings())
     settings = ImapSettings(imap_poll_interval_s=3600.0, imap_backoff_base_s=0.2, imap_backoff_max_s=1.0)
     async with HostileImap(messages=3) as server:
-        app, _ = await create_application(router, f"hostile-{uuid.uuid4().hex[:6]}")
+        app, _ = await create_application(router, app_name("hostile"))
         account = await create_account(
             router, app.id, f"h{uuid.uuid4().hex[:8]}@example.org", provider="imap"
         )

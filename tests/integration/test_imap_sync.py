@@ -9,7 +9,6 @@ import contextlib
 import os
 import subprocess
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from services.ingest.imap.client import Imap4, ImapConnection, ImapError
 from services.ingest.imap.distribution import AccountDistributor, accounts_topic_spec
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.sync import AccountSync
+from tests.scratch import app_name, dovecot_user, group_name, topic_name
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -132,10 +132,9 @@ async def producer(kafka_settings: KafkaSettings) -> AsyncIterator[AIOKafkaProdu
 
 @pytest.fixture
 async def imap_settings(kafka_settings: KafkaSettings, topics: None) -> ImapSettings:
-    tag = uuid.uuid4().hex[:8]
     settings = ImapSettings(
-        imap_accounts_topic=f"flightlog.test-imap-accounts-{tag}",
-        imap_consumer_group=f"test-imap-{tag}",
+        imap_accounts_topic=topic_name("imap-accounts"),
+        imap_consumer_group=group_name("imap"),
         imap_poll_interval_s=1.0,
         imap_batch_size=250,
         imap_backoff_base_s=0.2,
@@ -155,7 +154,7 @@ async def new_account(
     server: Dovecot, user: str, password: str = IMAP_TEST_PASSWORD,
     tls_mode: Literal["implicit", "starttls", "none"] = "none",
 ) -> int:  # fmt: skip
-    app, _ = await create_application(router, f"imap-{uuid.uuid4().hex[:6]}")
+    app, _ = await create_application(router, app_name("imap"))
     port = server.imaps_port if tls_mode == "implicit" else server.port
     assert port is not None, "this Dovecot serves no implicit TLS"
     body = NewImapAccount(
@@ -168,7 +167,7 @@ async def new_account(
 
 def new_mailbox(server: Dovecot, messages: int, prefix: str = "u") -> str:
     """A fresh Dovecot user (its local part) with ``messages`` generated messages in INBOX."""
-    user = f"{prefix}{uuid.uuid4().hex[:10]}"
+    user = dovecot_user(prefix)
     server.add_user(f"{user}@{DOMAIN}")
     fill_maildir(server, user, messages)
     return user
@@ -496,7 +495,7 @@ async def test_accounts_move_between_instances(
     imap_settings: ImapSettings, tap: InflightTap,
 ) -> None:  # fmt: skip
     server = stack.dovecot
-    users = [f"u{uuid.uuid4().hex[:10]}" for _ in range(8)]
+    users = [dovecot_user("u") for _ in range(8)]
     ids = []
     for u in users:
         server.add_user(f"{u}@{DOMAIN}")

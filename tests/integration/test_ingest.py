@@ -22,6 +22,8 @@ from libs.config import KafkaSettings
 from libs.events import Event, decode_event, message_key_bytes
 from libs.kafka import INFLIGHT, make_consumer
 from libs.shards import ShardMap, ShardRouter
+from tests.e2e.conftest import E2E_ENV, E2E_INSTANCE, E2E_PORT_OFFSET
+from tests.scratch import app_name
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +33,19 @@ BURST = 500
 
 @pytest.fixture(scope="module")
 def ingest(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[LocalService]:
-    # A port of its own: a `make dev` ingest may hold 8081, the runner's e2e test 8181.
+    # A port and instance of its own, without IMAP sync: it would join the shared IMAP group and
+    # take accounts from `make dev`'s ingest.
     svc = LocalService(
         "ingest",
-        8191,
+        8081 + E2E_PORT_OFFSET - 90,
         stack.settings.state_dir,
         env={
+            **E2E_ENV,
+            "FLIGHTLOG_IMAP_SYNC_ENABLED": "false",
             "FLIGHTLOG_INGEST_RATE_PER_ACCOUNT_S": str(RATE_PER_S),
             "FLIGHTLOG_INGEST_BURST_PER_ACCOUNT": str(BURST),
         },
-        instance="-test",
+        instance=f"{E2E_INSTANCE}-ingest-test",
     )
     svc.start()
     try:
@@ -59,10 +64,10 @@ class Tenant:
 @pytest.fixture
 async def tenant(router: ShardRouter) -> Tenant:
     suffix = uuid.uuid4().hex[:8]
-    app, key = await create_application(router, f"ingest-test-{suffix}")
+    app, key = await create_application(router, app_name("ingest"))
     a = await create_account(router, app.id, f"a-{suffix}@example.com")
     b = await create_account(router, app.id, f"b-{suffix}@example.com")
-    other, _ = await create_application(router, f"ingest-other-{suffix}")
+    other, _ = await create_application(router, app_name("ingest-other"))
     c = await create_account(router, other.id, f"c-{suffix}@example.com")
     return Tenant(key, (a.id, b.id), c.id)
 

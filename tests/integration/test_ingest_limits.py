@@ -13,14 +13,23 @@ from cli.services import LocalService
 from cli.stack import Stack
 from libs.accounts import create_account, create_application
 from libs.shards import ShardMap, ShardRouter
+from tests.e2e.conftest import E2E_ENV, E2E_INSTANCE, E2E_PORT_OFFSET
+from tests.scratch import app_name
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def ingest(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[LocalService]:
-    # A port and instance of its own: test_ingest.py's ingest (8191) may be running beside it.
-    svc = LocalService("ingest", 8194, stack.settings.state_dir, instance="-test-limits")
+    # A port and instance of its own (test_ingest.py's ingest may be running beside it), without
+    # IMAP sync: it would join the shared IMAP group and take accounts from `make dev`'s ingest.
+    svc = LocalService(
+        "ingest",
+        8081 + E2E_PORT_OFFSET - 87,
+        stack.settings.state_dir,
+        env={**E2E_ENV, "FLIGHTLOG_IMAP_SYNC_ENABLED": "false"},
+        instance=f"{E2E_INSTANCE}-test-limits",
+    )
     svc.start()
     try:
         yield svc
@@ -31,7 +40,7 @@ def ingest(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[LocalSer
 @pytest.fixture
 async def tenant(router: ShardRouter) -> tuple[str, int]:
     suffix = uuid.uuid4().hex[:8]
-    app, key = await create_application(router, f"ingest-limits-{suffix}")
+    app, key = await create_application(router, app_name("ingest-limits"))
     account = await create_account(router, app.id, f"limits-{suffix}@example.com")
     return key, account.id
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from libs.config import KafkaSettings
 from libs.kafka import TOPICS, TopicSpec, create_topics, make_consumer, make_producer
+from tests.scratch import topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +31,7 @@ async def _consume(settings: KafkaSettings, topic: str, group: str, count: int) 
 
 
 async def test_produce_consume_commit_resume(topics: None, kafka_settings: KafkaSettings) -> None:
-    topic = f"test.roundtrip.{uuid.uuid4().hex[:8]}"
+    topic = topic_name("roundtrip")
     await create_topics(kafka_settings, (TopicSpec(topic, 3),))
     group = f"g-{topic}"
 
@@ -53,7 +52,7 @@ async def test_produce_consume_commit_resume(topics: None, kafka_settings: Kafka
 
 
 async def test_order_is_kept_per_key(topics: None, kafka_settings: KafkaSettings) -> None:
-    topic = f"test.order.{uuid.uuid4().hex[:8]}"
+    topic = topic_name("order")
     await create_topics(kafka_settings, (TopicSpec(topic, 3),))
     async with make_producer(kafka_settings) as producer:
         for i in range(60):
@@ -78,7 +77,7 @@ async def test_flightlog_topics_exist_with_their_configs(topics: None, kafka_set
 
 
 async def test_transactions_hide_aborted_records(topics: None, kafka_settings: KafkaSettings) -> None:
-    topic = f"test.txn.{uuid.uuid4().hex[:8]}"
+    topic = topic_name("txn")
     await create_topics(kafka_settings, (TopicSpec(topic, 1),))
     producer = make_producer(kafka_settings, transactional_id=f"txn-{topic}")
     async with producer:

@@ -33,6 +33,7 @@ from libs.messages import decode_body
 from libs.shards import ShardRouter
 from services.persist.worker import PersistSettings, PersistWorker
 from services.persist.writer import write_shard
+from tests.scratch import group_name, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -344,13 +345,13 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s:
 @contextlib.asynccontextmanager
 async def worker(kafka: KafkaSettings, env: Env) -> AsyncIterator[tuple[str, asyncio.Task[None]]]:
     """A persist worker of this test's own on topics and groups of its own."""
-    suffix = uuid.uuid4().hex[:8]
-    postflight, retry = f"test.persist.{suffix}.postflight", f"test.persist.{suffix}.retry"
+    base, group = topic_name("persist"), group_name("persist")
+    postflight, retry = f"{base}.postflight", f"{base}.retry"
     await create_topics(kafka, (TopicSpec(postflight, 1), TopicSpec(retry, 1)))
     async with (
         make_producer(kafka) as producer,
-        make_consumer(kafka, postflight, group_id=f"test-persist-{suffix}") as consumer,
-        make_consumer(kafka, retry, group_id=f"test-persist-{suffix}-retry") as retry_consumer,
+        make_consumer(kafka, postflight, group_id=group) as consumer,
+        make_consumer(kafka, retry, group_id=f"{group}-retry") as retry_consumer,
     ):
         persist = PersistWorker(
             env.router, producer, consumer, retry_consumer, retry_topic=retry, settings=PersistSettings()

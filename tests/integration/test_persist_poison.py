@@ -29,6 +29,7 @@ from libs.kafka import DLQ, TopicSpec, create_topics, make_consumer, make_produc
 from libs.shards import ShardRouter
 from services.persist.worker import PersistSettings, PersistWorker
 from services.persist.writer import write_shard
+from tests.scratch import group_name, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -49,15 +50,15 @@ class Env:
 
 @pytest.fixture
 async def env(topics: None, kafka_settings: KafkaSettings, router: ShardRouter) -> Env:
-    suffix = uuid.uuid4().hex[:8]
-    postflight, retry = f"test.persist.{suffix}.postflight", f"test.persist.{suffix}.retry"
+    base = topic_name("persist")
+    postflight, retry = f"{base}.postflight", f"{base}.retry"
     await create_topics(kafka_settings, (TopicSpec(postflight, 1), TopicSpec(retry, 1)))
     async with make_consumer(kafka_settings, group_id=None) as consumer:
         tp = TopicPartition(DLQ, 0)
         dlq_start = (await consumer.end_offsets([tp]))[tp]
     shard = router.shard_map.shards[0]
     account = shard << 48 | 1 << 44 | secrets.randbits(40)
-    return Env(kafka_settings, router, postflight, retry, f"test-persist-{suffix}", dlq_start, shard, account)
+    return Env(kafka_settings, router, postflight, retry, group_name("persist"), dlq_start, shard, account)
 
 
 def record(env: Env, key: str, version: int = 1, **doc: Any) -> PostflightRecord:

@@ -43,6 +43,7 @@ from libs.kafka import DLQ, TopicSpec, create_topics, make_consumer, make_produc
 from libs.lifecycle import MessageState, apply
 from libs.mime import MAX_RAW_BYTES
 from services.transform.worker import TransformWorker
+from tests.scratch import group_name, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -95,10 +96,8 @@ async def _end_offsets(kafka: KafkaSettings, topic: str, partitions: int) -> dic
 
 @pytest.fixture
 async def env(topics: None, kafka_settings: KafkaSettings) -> Env:
-    suffix = uuid.uuid4().hex[:8]
-    inflight, postflight, state = (
-        f"test.transform.{suffix}.{n}" for n in ("inflight", "postflight", "state")
-    )
+    base, group = topic_name("transform"), group_name("transform")
+    inflight, postflight, state = (f"{base}.{n}" for n in ("inflight", "postflight", "state"))
     await create_topics(
         kafka_settings,
         (
@@ -109,7 +108,7 @@ async def env(topics: None, kafka_settings: KafkaSettings) -> Env:
     )
     dlq_end = await _end_offsets(kafka_settings, DLQ, 1)
     return Env(
-        kafka_settings, inflight, postflight, state, f"test-transform-{suffix}", f"test-transform-{suffix}",
+        kafka_settings, inflight, postflight, state, group, group,
         dlq_end[TopicPartition(DLQ, 0)],
     )  # fmt: skip
 

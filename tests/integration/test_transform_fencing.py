@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -35,6 +34,7 @@ from libs.events import Event, EventType, PostflightRecord
 from libs.kafka import TopicSpec, create_topics, make_consumer
 from services.transform.worker import TransformStopped, TransformWorker
 from tests.integration.test_transform import PARTITIONS, Env, ev, postflight, produce
+from tests.scratch import group_name, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -45,10 +45,8 @@ WAIT_S = 90.0  # an upper bound for each condition on a busy shared machine, not
 
 @pytest.fixture
 async def env(topics: None, kafka_settings: KafkaSettings) -> Env:
-    suffix = uuid.uuid4().hex[:8]
-    inflight, postflight_topic, state = (
-        f"test.fencing.{suffix}.{n}" for n in ("inflight", "postflight", "state")
-    )
+    base = topic_name("fencing")
+    inflight, postflight_topic, state = (f"{base}.{n}" for n in ("inflight", "postflight", "state"))
     await create_topics(
         kafka_settings,
         (
@@ -59,7 +57,7 @@ async def env(topics: None, kafka_settings: KafkaSettings) -> Env:
             TopicSpec(f"{state}.reference", PARTITIONS, {"cleanup.policy": "compact"}),
         ),
     )
-    group = f"test-fencing-{suffix}"
+    group = group_name("fencing")
     # No dead letters are expected; dlq_start only has to be a valid offset for Env.
     return Env(kafka_settings, inflight, postflight_topic, state, group, f"{group}-transform-0", 0)
 
