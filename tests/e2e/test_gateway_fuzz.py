@@ -1,10 +1,13 @@
 """Property-based fuzzing of the running gateway against its own /openapi.json (schemathesis).
 
-Every operation gets positive and negative cases (bounded, so the run stays well under two
-minutes), authenticated with a real tenant's key (the operator's key on admin paths). Path ids
-are drawn both at random and from the tenant's real accounts and messages, so success answers
-are checked against the schema too. Checks: no 5xx, every status, content type, header and
-body as documented, and negative data refused with a 4xx.
+Every operation gets a bounded number of positive and negative cases, authenticated with a real
+tenant's key (the operator's key on admin paths). Path ids are drawn both at random and from the
+tenant's real accounts and messages, so success answers are checked against the schema too.
+Checks: no 5xx, every status, content type, header and body as documented, and negative data
+refused with a 4xx.
+
+The cases are new on every run: the seed is printed, and ``FLIGHTLOG_FUZZ_SEED=<seed>`` repeats
+a run's cases.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import time
+import os
+import random
 from typing import Any
 from urllib.request import urlopen
 
+import hypothesis
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -79,16 +84,26 @@ def load_spec(base_url: str) -> dict[str, Any]:
     return spec
 
 
+def fuzz_seed() -> int:
+    """``FLIGHTLOG_FUZZ_SEED`` if set (to repeat a run), else a new one."""
+    given_seed = os.environ.get("FLIGHTLOG_FUZZ_SEED")
+    return int(given_seed) if given_seed else random.SystemRandom().randrange(2**32)
+
+
 def fuzz_operation(
-    base_url: str, operation: schemathesis.APIOperation[Any, Any, Any, Any], mode: GenerationMode, key: str
+    base_url: str,
+    operation: schemathesis.APIOperation[Any, Any, Any, Any],
+    mode: GenerationMode,
+    key: str,
+    run_seed: int,
 ) -> None:
     checks = [*CHECKS, negative_data_rejection] if mode is GenerationMode.NEGATIVE else CHECKS
 
+    @hypothesis.seed(run_seed)
     @settings(
         max_examples=EXAMPLES_PER_OPERATION,
         deadline=None,
         database=None,
-        derandomize=True,
         phases=[Phase.explicit, Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
@@ -101,7 +116,7 @@ def fuzz_operation(
     check()
 
 
-def run_fuzz(base_url: str, spec: dict[str, Any], app_key: str) -> list[str]:
+def run_fuzz(base_url: str, spec: dict[str, Any], app_key: str, run_seed: int) -> list[str]:
     schema = schemathesis.openapi.from_dict(spec)
     failures: list[str] = []
     for result in schema.get_all_operations():
@@ -110,7 +125,7 @@ def run_fuzz(base_url: str, spec: dict[str, Any], app_key: str) -> list[str]:
         key = ADMIN_KEY if operation.path.startswith("/v1/admin/") else app_key
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             try:
-                fuzz_operation(base_url, operation, mode, key)
+                fuzz_operation(base_url, operation, mode, key, run_seed)
             except Exception as exc:
                 failures.append(f"{operation.method.upper()} {operation.path} ({mode.value}): {exc}")
     return failures
@@ -125,7 +140,7 @@ async def test_fuzz_against_openapi(gateway: str, tenant_factory: Any, router: S
         "account_id": [str(a.id) for a in tenant.accounts],
         "message_id": [str(m) for m in mids[:10]],
     }
-    started = time.monotonic()
-    failures = await asyncio.to_thread(run_fuzz, gateway, fuzzable(served, ids), tenant.api_key)
-    assert not failures, "\n\n".join(failures)
-    assert time.monotonic() - started < 120
+    run_seed = fuzz_seed()
+    print(f"\nfuzz seed {run_seed} (FLIGHTLOG_FUZZ_SEED={run_seed} repeats these cases)")
+    failures = await asyncio.to_thread(run_fuzz, gateway, fuzzable(served, ids), tenant.api_key, run_seed)
+    assert not failures, f"FLIGHTLOG_FUZZ_SEED={run_seed} repeats this run\n\n" + "\n\n".join(failures)

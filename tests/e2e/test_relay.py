@@ -15,9 +15,18 @@ from libs.config import KafkaSettings, ServiceSettings
 from libs.ids import shard_of
 from libs.kafka import make_producer
 from libs.shards import ShardRouter
+from services.gateway.retention import relay_position
 from services.persist.relay import ChangeRelay, RelaySettings
 from tests.e2e.conftest import Pipeline
-from tests.e2e.webhook_helpers import change_ids, end_offsets, first_seen, read_changes, write_change
+from tests.e2e.webhook_helpers import (
+    change_ids,
+    end_offsets,
+    eventually,
+    first_seen,
+    read_changes,
+    wait_until,
+    write_change,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -100,29 +109,42 @@ async def test_kill_persist_mid_stream_loses_no_change(
     pipeline: Pipeline, router: ShardRouter, tenant_factory: Any, kafka_settings: KafkaSettings
 ) -> None:
     """The relay in the persist process is the active one; SIGKILL it while changes stream in."""
-    for _ in range(100):
-        if await asyncio.to_thread(relay_active, pipeline):
-            break
-        await asyncio.sleep(0.1)
-    assert await asyncio.to_thread(relay_active, pipeline), "persist's relay is not the active one"
+    await wait_until(lambda: relay_active(pipeline), 10, "persist's relay to be the active one")
     tenant = await tenant_factory(router.shard_map.shards)
     start = await end_offsets(kafka_settings)
-    rounds = 60
+    written = 0
+    stop = asyncio.Event()
 
     async def writer() -> None:
-        for n in range(rounds):
+        # keeps writing until the test has killed and restarted persist: the kill is mid-stream
+        nonlocal written
+        while not stop.is_set():
+            n = written
             await asyncio.gather(
                 *(write_change(router, acc.id, f"k{n % 7}", n // 7 + 1) for acc in tenant.accounts)
             )
-            await asyncio.sleep(0.05)
+            written += 1
+            await asyncio.sleep(0.05)  # pacing
+
+    async def some_relayed() -> bool:
+        for acc in tenant.accounts:
+            ids = await change_ids(router, acc.id)
+            if ids and await relay_position(router, shard_of(acc.id)) >= ids[0]:
+                return True
+        return False
 
     task = asyncio.create_task(writer())
-    await asyncio.sleep(1.0)
-    svc = pipeline.services["persist"]
-    assert svc.proc.kill(), "persist was not running"
-    await asyncio.sleep(0.5)
-    await asyncio.to_thread(svc.start, wait_s=90)
-    await task
+    try:
+        await eventually(some_relayed, 60, "the relay to publish the first changes")
+        svc = pipeline.services["persist"]
+        assert svc.proc.kill(), "persist was not running"
+        killed_at = written
+        await asyncio.to_thread(svc.start, wait_s=90)
+        await wait_until(lambda: written >= killed_at + 5, 60, "changes written after the restart")
+    finally:
+        stop.set()
+        await task
+    rounds = written
     expected = {acc.id: await change_ids(router, acc.id) for acc in tenant.accounts}
     total = sum(len(v) for v in expected.values())
     assert total == rounds * len(tenant.accounts)

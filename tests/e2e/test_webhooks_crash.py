@@ -69,25 +69,36 @@ async def test_kill_dispatcher_and_relay_mid_stream(
     try:
         async with api_server(router, fast_settings(), tenant.api_key) as h:
             created = await h.subscribe(rx.url)
-        rounds = 100
+        written = 0
+        stop = asyncio.Event()
 
         async def writer() -> None:
-            for n in range(rounds):
+            # keeps writing until both kills are behind: each kill lands mid-stream
+            nonlocal written
+            while not stop.is_set():
+                n = written
                 await asyncio.gather(
                     *(write_change(router, a.id, f"k{n % 9}", n // 9 + 1) for a in tenant.accounts)
                 )
-                await asyncio.sleep(0.06)
+                written += 1
+                await asyncio.sleep(0.06)  # pacing
 
         task = asyncio.create_task(writer())
-        await asyncio.sleep(1.5)
-        assert rx.ok, "nothing delivered before the first kill"
-        assert dispatcher_process.proc.kill()
-        await asyncio.to_thread(dispatcher_process.start)
-        await asyncio.sleep(1.5)
-        persist = pipeline.services["persist"]
-        assert persist.proc.kill()
-        await asyncio.to_thread(persist.start, wait_s=90)
-        await task
+        try:
+            await wait_async(lambda: len(rx.ok) > 0, 60, "the first deliveries")
+            assert dispatcher_process.proc.kill()
+            await asyncio.to_thread(dispatcher_process.start)
+            delivered = len(rx.ok)
+            await wait_async(lambda: len(rx.ok) > delivered, 60, "deliveries by the restarted dispatcher")
+            persist = pipeline.services["persist"]
+            assert persist.proc.kill()
+            killed_at = written
+            await asyncio.to_thread(persist.start, wait_s=90)
+            await wait_async(lambda: written >= killed_at + 5, 60, "changes written after the restart")
+        finally:
+            stop.set()
+            await task
+        rounds = written
 
         expected = {a.id: await change_ids(router, a.id) for a in tenant.accounts}
         total = sum(len(v) for v in expected.values())

@@ -52,7 +52,6 @@ def doveadm(server: Dovecot, *args: str) -> None:
 @dataclass
 class Collected:
     events: list[dict[str, Any]] = field(default_factory=list)
-    seen_at: list[float] = field(default_factory=list)
 
     def of(self, type_: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["type"] == type_]
@@ -65,6 +64,7 @@ class InflightTap:
         self.consumer: AIOKafkaConsumer = make_consumer(kafka, group_id=None, fetch_max_wait_ms=20)
         self.by_account: dict[str, Collected] = {}
         self._task: asyncio.Task[None] | None = None
+        self._parts: list[TopicPartition] = []
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -73,6 +73,7 @@ class InflightTap:
             await self.consumer._client.force_metadata_update()
             parts = [TopicPartition(INFLIGHT, p) for p in self.consumer.partitions_for_topic(INFLIGHT) or ()]
         self.consumer.assign(parts)
+        self._parts = parts
         await self.consumer.seek_to_end(*parts)
         for tp in parts:
             await self.consumer.position(tp)
@@ -81,14 +82,21 @@ class InflightTap:
     async def _run(self) -> None:
         while True:
             batches = await self.consumer.getmany(timeout_ms=100)
-            now = time.monotonic()
             for records in batches.values():
                 for r in records:
                     event = orjson.loads(r.value)
                     got = self.by_account.get(event["account_id"])
                     if got is not None:
                         got.events.append(event)
-                        got.seen_at.append(now)
+
+    async def read_up_to_now(self) -> None:
+        """Wait until the tap has read every record committed to the topic so far."""
+        ends = await self.consumer.end_offsets(self._parts)
+        for tp, end in ends.items():
+            deadline = time.monotonic() + 30
+            while await self.consumer.position(tp) < end:
+                assert time.monotonic() < deadline, f"the tap stopped short of {tp} offset {end}"
+                await asyncio.sleep(0.05)
 
     def watch(self, account_id: int) -> Collected:
         return self.by_account.setdefault(str(account_id), Collected())
@@ -218,7 +226,6 @@ async def test_sync_cycle(
 
     skipped_before = polled_unchanged()
     # initial sync, interrupted once: it resumes where it stopped and duplicates nothing
-    started = time.monotonic()
     async with running(AccountSync(account_id, store, producer, imap_settings)):
         await wait_for(
             lambda: len(got.of("message.synced")) >= min(600, expected // 3), 120, "the first batches"
@@ -226,7 +233,6 @@ async def test_sync_cycle(
     sync = AccountSync(account_id, store, producer, imap_settings)
     async with running(sync):
         await wait_for(lambda: len(got.of("message.synced")) >= expected, 300, f"{expected} synced events")
-        initial_s = time.monotonic() - started
         await asyncio.wait_for(sync.synced_once.wait(), 60)
         synced = got.of("message.synced")
         keys = [e["message_key"] for e in synced]
@@ -238,23 +244,16 @@ async def test_sync_cycle(
             parsed = parse_message(raw)
             warned += bool(parsed.parse_warnings)
         assert warned >= N_MESSAGES // 6
-        print(f"\n[{server.name}] initial sync of {expected} messages: {initial_s:.2f} s "
-              f"({expected / initial_s:.0f} msg/s), {warned} with parse warnings")  # fmt: skip
 
-        # new mail through IDLE, 20 s apart would be the same code path; here 1 s apart
-        latencies = []
+        # new mail, one message at a time: each one is synced, once (how soon is a figure of
+        # `flightlog bench`'s IMAP stage, not a test)
         async with imap_client(server, user) as client:
             for j in range(5):
                 n_before = len(got.of("message.synced"))
-                t0 = time.monotonic()
                 live = live_message(f"live-{j}-{user}", user)
                 assert (await client.append(live, mailbox="INBOX")).result == "OK"
-                await wait_for(lambda: len(got.of("message.synced")) > n_before, 10, "new mail")  # noqa: B023
-                latencies.append(got.seen_at[-1] - t0)
-                await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
-            print(f"[{server.name}] new mail -> event latency (1 s apart): "
-                  f"{', '.join(f'{x * 1000:.0f} ms' for x in latencies)}")  # fmt: skip
-            assert max(latencies) < 2.0
+                await wait_for(lambda: len(got.of("message.synced")) > n_before, 60, "new mail")  # noqa: B023
+                assert len(got.of("message.synced")) == n_before + 1
 
             # flag change and expunge on INBOX
             await client.select("INBOX")
@@ -307,9 +306,17 @@ async def test_sync_cycle(
         while not await reset_seen():
             assert time.monotonic() < deadline, "UIDVALIDITY reset not picked up"
             await asyncio.sleep(0.2)
-        await asyncio.sleep(1.5)
-        assert len(got.of("message.synced")) == n_synced
+        # a marker filed after the reset: once it is synced, the resync of the folder is behind it
+        async with imap_client(server, user) as client:
+            marker = live_message(f"marker-{user}", user)
+            assert (await client.append(marker, mailbox="Clients")).result == "OK"
+        await wait_for(lambda: len(got.of("message.synced")) > n_synced, 60, "the marker in Clients")
+        await tap.read_up_to_now()
+        assert [e["message_key"] for e in got.of("message.synced")[n_synced:]] == [
+            got.of("message.synced")[-1]["message_key"]
+        ], "the UIDVALIDITY reset synced messages again"
         assert len(got.of("message.deleted")) == n_del
+        n_synced += 1
 
         # a polled folder: a flag change and new mail move its STATUS, so the poll syncs it
         n_updated = len(got.of("message.updated"))
@@ -323,10 +330,21 @@ async def test_sync_cycle(
             lambda: sum(bool(e["flags"].get("starred")) for e in got.of("message.updated")[n_updated:]) >= 5,
             60, "flag updates in Clients",
         )  # fmt: skip
+
+        async def running_state() -> bool:
+            view = await imap_account_view(store, account_id)
+            return view is not None and view["state"] == "running"
+
+        # an account in "error" is not syncing: it must be back to "running" (after Dovecot drops
+        # the session on the UIDVALIDITY change, the sync reconnects)
+        deadline = time.monotonic() + 60
+        while not await running_state():
+            assert time.monotonic() < deadline, f"account state {await imap_account_view(store, account_id)}"
+            await asyncio.sleep(0.2)
     # with CONDSTORE the 1 s polls skipped unchanged folders after one STATUS each
     assert (polled_unchanged() > skipped_before) == (server.capability is None)
     view = await imap_account_view(store, account_id)
-    assert view is not None and "password" not in view and view["state"] in ("running", "error")
+    assert view is not None and "password" not in view and view["state"] == "running"
     inbox_view = next(f for f in view["folders"] if f["name"] == "INBOX")
     assert inbox_view["state"] == "synced" and inbox_view["message_count"] == N_MESSAGES + 5 - 10
 
@@ -341,7 +359,7 @@ async def test_server_hangup_fails_pending_commands_at_once(server: Dovecot) -> 
         await conn.select("INBOX")
         idle = await conn.imap.idle_start(timeout=120)
         doveadm(server, "kick", f"{user}@{DOMAIN}")
-        started = time.monotonic()
+        # the deadlines are far below the command timeout (120 s): the IDLE failed from the hangup
         pushed = [await asyncio.wait_for(conn.imap.wait_server_push(timeout=120), 10)]
         while pushed[-1] != aioimaplib.STOP_WAIT_SERVER_PUSH:  # the server's BYE comes first
             pushed.append(await asyncio.wait_for(conn.imap.wait_server_push(timeout=120), 10))
@@ -349,7 +367,6 @@ async def test_server_hangup_fails_pending_commands_at_once(server: Dovecot) -> 
             await asyncio.wait_for(idle, 10)
         with pytest.raises(ConnectionResetError):
             await conn.imap.noop()
-        assert time.monotonic() - started < 10
     finally:
         await conn.close()
 
@@ -427,7 +444,11 @@ async def test_a_duplicate_copy_keeps_the_message_until_its_last_copy_is_expunge
         first, second = sorted(int(x) for x in bytes(found.lines[0]).split() if x.isdigit())
         await client.uid("store", str(first), "+FLAGS.SILENT (\\Deleted)")
         await client.expunge()
-        await asyncio.sleep(3.0)  # pushed and synced by now; the other copy keeps the message
+        # a marker after the expunge: once it is synced, the expunge was handled before it
+        n_synced = len(got.of("message.synced"))
+        assert (await client.append(live_message(f"marker-{user}", user), mailbox="INBOX")).result == "OK"
+        await wait_for(lambda: len(got.of("message.synced")) > n_synced, 30, "the marker")
+        await tap.read_up_to_now()
         assert [e for e in got.of("message.deleted") if e["message_key"] == key] == []
         await client.uid("store", str(second), "+FLAGS.SILENT (\\Deleted)")
         await client.expunge()
@@ -440,8 +461,8 @@ async def test_a_duplicate_copy_keeps_the_message_until_its_last_copy_is_expunge
             return int(next(f for f in view["folders"] if f["name"] == "INBOX")["message_count"])
 
         deadline = time.monotonic() + 30  # the delete is emitted before the folder row is written
-        while (count := await inbox_count()) != 2:
-            assert time.monotonic() < deadline, f"INBOX count {count}, not 2"
+        while (count := await inbox_count()) != 2 + 1:  # the first message, the marker
+            assert time.monotonic() < deadline, f"INBOX count {count}, not 3"
             await asyncio.sleep(0.2)
 
 
@@ -472,8 +493,13 @@ async def test_disconnect_stops_the_sync_until_new_credentials(
     user = new_mailbox(server, 3)
     account_id = await new_account(router, store, producer, imap_settings, server, user)
     got = tap.watch(account_id)
+    # another account of the same instance: its new mail is the marker that the instance syncs
+    marker_user = new_mailbox(server, 1)
+    marker_id = await new_account(router, store, producer, imap_settings, server, marker_user)
+    marker = tap.watch(marker_id)
     async with AccountDistributor(KafkaSettings(), imap_settings, store, producer, "a") as dist:
         await wait_for(lambda: len(got.of("message.synced")) == 3, 30, "initial sync")
+        await wait_for(lambda: len(marker.of("message.synced")) == 1, 30, "the other account's sync")
         await disconnect_imap_account(store, producer, imap_settings, account_id)
         await wait_for(lambda: account_id not in dist.workers, 30, "the worker to stop")
         view = await imap_account_view(store, account_id)
@@ -482,8 +508,11 @@ async def test_disconnect_stops_the_sync_until_new_credentials(
         assert row is not None and row.password == ""  # the password is forgotten
         async with imap_client(server, user) as client:  # mail while disconnected waits
             assert (await client.append(live_message(f"later-{user}", user), mailbox="INBOX")).result == "OK"
-        await asyncio.sleep(3.0)
-        assert len(got.of("message.synced")) == 3
+        async with imap_client(server, marker_user) as client:
+            assert (await client.append(live_message(f"m-{marker_user}", marker_user))).result == "OK"
+        await wait_for(lambda: len(marker.of("message.synced")) == 2, 30, "the other account's new mail")
+        await tap.read_up_to_now()
+        assert len(got.of("message.synced")) == 3 and account_id not in dist.workers
         await update_imap_credentials(
             store, producer, imap_settings, account_id, f"{user}@{DOMAIN}", IMAP_TEST_PASSWORD
         )
@@ -532,7 +561,7 @@ async def test_accounts_move_between_instances(
     finally:
         await a.stop()
         await b.stop()
-    await asyncio.sleep(1.0)
+    await tap.read_up_to_now()
     for account_id, c in per.items():
         keys = [e["message_key"] for e in c.of("message.synced")]
         assert len(keys) == len(set(keys)) == 22, f"account {account_id}: duplicated or missed"

@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 import pytest
 from aiokafka import TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from cli.dlq import read_dead_letters, topic_partitions
 from cli.services import LocalService
@@ -268,8 +269,45 @@ async def test_limits_are_published(http: aiohttp.ClientSession) -> None:
     assert limits["event"]["max_message_key_length"] == 255
 
 
-async def test_metrics_count_outcomes(http: aiohttp.ClientSession) -> None:
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def _metrics(http: aiohttp.ClientSession) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     async with http.get("/metrics") as resp:
-        text = await resp.text()
-    assert "flightlog_ingest_events_accepted_total" in text
-    assert "flightlog_ingest_request_seconds_bucket" in text
+        return _samples(await resp.text())
+
+
+async def test_metrics_count_outcomes(http: aiohttp.ClientSession, tenant: Tenant) -> None:
+    """Three accepted events, then a batch of one invalid and two good ones: the counters move by
+    exactly those numbers, and each request is timed under its status."""
+    a, _ = tenant.accounts
+    before = await _metrics(http)
+    good = {"events": [item(a, f"count-{i}") for i in range(3)]}
+    async with http.post("/v1/events", json=good, headers=auth(tenant.api_key)) as resp:
+        assert resp.status == 202, await resp.text()
+    bad = {
+        "events": [
+            item(a, "count-ok-1"),
+            item(a, "count-bad", type_="message.exploded"),
+            item(a, "count-ok-2"),
+        ]
+    }
+    async with http.post("/v1/events", json=bad, headers=auth(tenant.api_key)) as resp:
+        assert resp.status == 422, await resp.text()
+    after = await _metrics(http)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("flightlog_ingest_events_accepted_total") == 3
+    assert moved("flightlog_ingest_events_rejected_total", reason="invalid") == 1
+    assert moved("flightlog_ingest_events_rejected_total", reason="batch") == 2
+    assert moved("flightlog_ingest_events_rejected_total", reason="rate_limited") == 0
+    assert moved("flightlog_ingest_request_seconds_count", status="202") == 1
+    assert moved("flightlog_ingest_request_seconds_count", status="422") == 1

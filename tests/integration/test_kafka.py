@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from libs.config import KafkaSettings
 from libs.kafka import TOPICS, TopicSpec, create_topics, make_consumer, make_producer
@@ -67,11 +68,22 @@ async def test_flightlog_topics_exist_with_their_configs(topics: None, kafka_set
     await admin.start()
     try:
         described = {t["topic"]: t for t in await admin.describe_topics([s.name for s in TOPICS])}
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in TOPICS]
+        )
     finally:
         await admin.close()
+    configs: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            entries = resource["config_entries"]
+            configs[resource["resource_name"]] = {e["config_names"]: e["config_value"] for e in entries}
     for spec in TOPICS:
         assert spec.name in described, spec.name
         assert len(described[spec.name]["partitions"]) == spec.partitions
+        assert spec.config, f"{spec.name} has no config of its own to check"
+        wanted = dict(spec.config)
+        assert {k: configs[spec.name].get(k) for k in wanted} == wanted, spec.name
     # Creating again changes nothing.
     assert await create_topics(kafka_settings) == []
 

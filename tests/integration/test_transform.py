@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import REGISTRY
 
 from cli.services import LocalService
@@ -196,6 +197,24 @@ async def running(worker: TransformWorker) -> AsyncIterator[TransformWorker]:
                 await asyncio.wait_for(task, 30)
 
 
+def _consumed(env: Env) -> Callable[[], Awaitable[bool]]:
+    """The positive marker after the events under test: the group's committed inflight offsets
+    reach the topic's end. Outputs commit in the transaction of those offsets (read_committed), so
+    from then on nothing more can follow from these events."""
+
+    async def check() -> bool:
+        ends = await _end_offsets(env.kafka, env.inflight, PARTITIONS)
+        admin = AIOKafkaAdminClient(bootstrap_servers=env.kafka.kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(env.group)
+        finally:
+            await admin.close()
+        return all(end == 0 or (tp in committed and committed[tp].offset >= end) for tp, end in ends.items())
+
+    return check
+
+
 def _ready_and_assigned(worker: TransformWorker, task: asyncio.Task[None]) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         if task.done():
@@ -244,7 +263,8 @@ async def test_lifecycle_dedupe_order_updates_and_dlq(env: Env) -> None:
     async with running(env.worker()):
         await eventually(lambda: _count(env, 9), 60, "9 postflight records")
         await eventually(lambda: _dlq_count(env, 4), 30, "4 dead letters")
-        await asyncio.sleep(1)  # nothing else may follow
+        await eventually(_consumed(env), 30, "every event committed")
+    assert len(await postflight(env)) == 9 and len(await dead_letters(env)) == 4
 
     records = by_message(await postflight(env))
     assert sorted(records) == ["bad-1", "in-1", "out-1"]
@@ -353,7 +373,7 @@ async def test_restart_restores_state_from_changelog(env: Env) -> None:
             ],
         )
         await eventually(lambda: _count(env, 2), 60, "the update record")
-        await asyncio.sleep(1)
+        await eventually(_consumed(env), 30, "every event committed")
     records = await postflight(env)
     assert records[0] == final and records[1].version > final.version
     assert records[1].message.unread is True
@@ -419,13 +439,11 @@ async def test_cancel_mid_run_then_resume_has_no_duplicates(env: Env) -> None:
     assert 0 < done_before < total
 
     remaining = len(events) - (_committed_events() - base)
+    assert remaining > 0
     async with running(env.worker()):
-        started = time.perf_counter()
         await eventually(_all_committed(base, len(events)), 120, f"{len(events)} events committed")
-        elapsed = time.perf_counter() - started
         await eventually(lambda: _count(env, total), 30, f"{total} postflight records")
-        await asyncio.sleep(1)
-    print(f"\ntransform: {remaining} events in {elapsed:.2f} s = {remaining / elapsed:.0f} events/s")
+        await eventually(_consumed(env), 30, "every event committed")
     _assert_exactly_once(await postflight(env), expected)
 
 
@@ -478,7 +496,7 @@ async def test_kill_9_mid_run_produces_no_duplicates(env: Env, tmp_path: Path) -
         # and aborts its open transaction.
         await asyncio.to_thread(service.start, wait_s=60)
         await eventually(lambda: _count(env, total), 180, f"{total} postflight records")
-        await asyncio.sleep(1)
+        await eventually(_consumed(env), 60, "every event committed")
     finally:
         await asyncio.to_thread(service.proc.stop, 40)
     _assert_exactly_once(await postflight(env), expected)

@@ -93,7 +93,10 @@ def test_a_quick_step_prints_only_its_outcome() -> None:
 def test_a_slow_step_is_announced_and_a_failed_one_marked() -> None:
     steps, out = _steps()
     with pytest.raises(RuntimeError), steps("apt-get install mariadb-server"):
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30  # slow: still running when the announcement comes
+        while "… apt-get" not in out.getvalue():
+            assert time.monotonic() < deadline, "the slow step was never announced"
+            time.sleep(0.01)
         raise RuntimeError("no network")
     assert out.getvalue().splitlines() == [
         "… apt-get install mariadb-server",
