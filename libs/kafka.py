@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from libs.config import KafkaSettings
@@ -79,7 +80,8 @@ TOPICS: Final = (
 async def create_topics(
     settings: KafkaSettings, specs: tuple[TopicSpec, ...] = TOPICS, *, replication_factor: int = 1
 ) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created."""
+    """Create the topics that do not exist yet, and give those that do their spec's settings (a
+    topic created by an older version keeps no stale retention); returns the names created."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         request_timeout_ms=settings.kafka_request_timeout_ms,
@@ -88,6 +90,12 @@ async def create_topics(
     try:
         existing = set(await admin.list_topics())
         wanted = [s for s in specs if s.name not in existing]
+        stale = [s for s in specs if s.name in existing and s.config]
+        if stale:
+            # AlterConfigs replaces a topic's overrides with these: the spec is the whole set.
+            await admin.alter_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, s.name, configs=dict(s.config)) for s in stale]
+            )
         if not wanted:
             return []
         try:
