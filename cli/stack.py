@@ -379,7 +379,15 @@ class MariaDB(Part):
                 "--skip-test-db",
             ],
             f"{self.name}: mariadb-install-db",
+            # its own temporary directory: bootstrapping in a /tmp that others clean or fill
+            # failed once with "Could not remove temporary table"
+            env={**os.environ, "TMPDIR": str(self._tmpdir())},
         )
+
+    def _tmpdir(self) -> Path:
+        tmp = self.dir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp
 
     def _run_server(self, data: Path) -> None:
         self.proc.start(
@@ -393,6 +401,7 @@ class MariaDB(Part):
                 f"--socket={self.socket}",
                 f"--pid-file={self.dir / 'mariadbd.pid'}",
                 f"--log-error={self.dir / 'error.log'}",
+                f"--tmpdir={self._tmpdir()}",
                 "--skip-name-resolve",
                 "--character-set-server=utf8mb4",
                 "--collation-server=utf8mb4_bin",
