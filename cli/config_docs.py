@@ -49,6 +49,7 @@ DOC_PATH: Final = REPO_ROOT / "docs" / "configuration.md"
 SETTINGS_MODULES: Final = (
     "libs.config",
     "libs.crypto",
+    "libs.shardops",
     "services.gateway.settings",
     "services.gateway.webhooks.settings",
     "services.ingest.settings",
