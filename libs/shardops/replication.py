@@ -68,8 +68,17 @@ async def gtid_binlog_pos(conn: aiomysql.Connection) -> str:
 async def semi_sync_active(conn: aiomysql.Connection) -> bool:
     """Whether the primary is waiting for its replica's acknowledgement of every commit now
     (OFF: no replica connected, or the timeout dropped it to asynchronous replication)."""
-    rows = await _rows(conn, "SHOW GLOBAL STATUS LIKE 'Rpl_semi_sync_master_status'")
-    return bool(rows) and rows[0]["Value"] == "ON"
+    rows = await _rows(
+        conn,
+        "SHOW GLOBAL STATUS WHERE Variable_name IN"
+        " ('Rpl_semi_sync_master_status', 'Rpl_semi_sync_master_clients')",
+    )
+    status = {r["Variable_name"]: r["Value"] for r in rows}
+    # the status stays ON with no replica connected until a commit finds none
+    return (
+        status.get("Rpl_semi_sync_master_status") == "ON"
+        and status.get("Rpl_semi_sync_master_clients", "0") != "0"
+    )
 
 
 async def fence(conn: aiomysql.Connection) -> str:
