@@ -19,6 +19,7 @@ from typing import Annotated
 import orjson
 import typer
 
+from cli import shards as shard_commands
 from cli.bench.report import write_benchmarks_md
 from cli.bench.runner import STAGES, run_bench, select_stages
 from cli.dlq import dlq_app
@@ -144,7 +145,12 @@ def migration_summary(where: str, applied: Sequence[Sequence[int]], *, shards: b
     return text
 
 
-async def _migrate(clusters: list[tuple[str, str, int]], shard_count: int, step: Step = quiet) -> None:
+async def _migrate(
+    clusters: list[tuple[str, str, int]],
+    shard_count: int,
+    step: Step = quiet,
+    replicas: dict[str, tuple[str, int]] | None = None,
+) -> None:
     settings = DatabaseSettings()
     where = f"global schema {settings.global_db_name} ({settings.global_db_host}:{settings.global_db_port})"
     with step(f"{where}: migrating") as line:
@@ -152,7 +158,7 @@ async def _migrate(clusters: list[tuple[str, str, int]], shard_count: int, step:
             line.text = migration_summary(
                 where, [await migrate_global(conn, settings.global_db_name)], shards=False
             )
-    shard_map = await register_clusters(settings, clusters, shard_count)
+    shard_map = await register_clusters(settings, clusters, shard_count, replicas=replicas)
     for cluster in shard_map.clusters.values():
         shards = sorted(s for s, c in shard_map.shard_cluster.items() if c == cluster.cluster_id)
         where = f"cluster {cluster.name} ({cluster.primary_host}:{cluster.primary_port})"
@@ -172,8 +178,11 @@ def db_migrate(
     shards: Annotated[int, typer.Option(help="Number of logical shards.")] = StackSettings().shard_count,
 ) -> None:
     """Apply the global and shard migrations; register clusters and spread new shards over them."""
-    clusters = [_parse_cluster(c) for c in cluster] if cluster else Stack().clusters()
-    asyncio.run(_migrate(clusters, shards, STEPS))
+    # the local stack's replicas go into the map with their primaries; given clusters have none
+    stack = Stack()
+    clusters = [_parse_cluster(c) for c in cluster] if cluster else stack.clusters()
+    replicas = None if cluster else stack.replica_addresses()
+    asyncio.run(_migrate(clusters, shards, STEPS, replicas))
 
 
 @topics_app.command("create")
@@ -204,7 +213,8 @@ async def _shard_map_text() -> list[str]:
     for shard in m.shards:
         c = m.cluster_of(shard)
         ro = " (read-only)" if shard in m.readonly else ""
-        lines.append(f"shard {shard:>5}  cluster {c.name}  {c.primary_host}:{c.primary_port}{ro}")
+        replica = f"  replica {c.replica_host}:{c.replica_port}" if c.replica_host else "  no replica"
+        lines.append(f"shard {shard:>5}  cluster {c.name}  {c.primary_host}:{c.primary_port}{replica}{ro}")
     return lines
 
 
@@ -213,6 +223,11 @@ def shards_list() -> None:
     """Every logical shard with its cluster and address."""
     for line in asyncio.run(_shard_map_text()):
         typer.echo(line)
+
+
+shards_app.command("failover")(shard_commands.failover)
+shards_app.command("watch")(shard_commands.watch)
+shards_app.command("verify")(shard_commands.verify)
 
 
 @apps_app.command("create")

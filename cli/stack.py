@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import imaplib
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -36,6 +37,14 @@ PLAIN_IMAP_CAPABILITY = (
 )
 DB_USER = "flightlog"
 DB_PASSWORD = "flightlog"
+# The replicas' login on their primary (replication only), on every server so that a promoted
+# replica can be a primary to the next one.
+# The shard operations' login (failover, fencing): it alone may set read_only and change
+# replication. Its defaults are libs.shardops.ShardOpsSettings'.
+ADMIN_USER = "flightlog_admin"
+ADMIN_PASSWORD = "flightlog-admin"
+REPL_USER = "flightlog_repl"
+REPL_PASSWORD = "flightlog-repl"
 IMAP_TEST_PASSWORD = "flightlog"
 IMAPS_PORT_OFFSET = 850  # Dovecot's implicit-TLS port: 1143 -> 1993
 
@@ -251,15 +260,30 @@ class Kafka(Part):
 
 
 class MariaDB(Part):
-    """One MariaDB server process: one "physical cluster" of the shard map."""
+    """One MariaDB server process: a "physical cluster"'s primary, or with ``primary`` its replica.
 
-    def __init__(self, settings: StackSettings, index: int) -> None:
+    Every server writes a GTID binary log and has semi-synchronous replication enabled both ways
+    (as a source and as a replica), so either of a cluster's two servers can be promoted and take
+    the other as its replica without a restart. A replica follows its primary with
+    ``MASTER_USE_GTID=slave_pos``, seeded from a consistent dump of the primary the first time
+    (:meth:`replicate`), and runs ``read_only``.
+    """
+
+    def __init__(self, settings: StackSettings, index: int, *, primary: MariaDB | None = None) -> None:
         self.settings = settings
         self.index = index
-        self.port = settings.mariadb_ports[index]
-        self.name = f"mariadb-c{index + 1}"
+        self.primary = primary
         self.cluster_name = f"c{index + 1}"
-        self.dir = settings.state_dir / "mariadb" / self.cluster_name
+        if primary is None:
+            self.port = settings.mariadb_ports[index]
+            self.name = f"mariadb-{self.cluster_name}"
+            self.dir = settings.state_dir / "mariadb" / self.cluster_name
+        else:
+            self.port = primary.port + settings.mariadb_replica_port_offset
+            self.name = f"mariadb-{self.cluster_name}-replica"
+            self.dir = settings.state_dir / "mariadb" / f"{self.cluster_name}-replica"
+        # Unique within a cluster (GTIDs carry it): 1, 3, 5 ... for primaries, +1 for replicas.
+        self.server_id = 2 * index + (2 if primary is not None else 1)
         self.socket = self.dir / "mysqld.sock"
         self.proc = ManagedProcess(self.name, self.dir / "mysqld.pid", self.dir / "mysqld.out", str(self.dir))
 
@@ -272,6 +296,28 @@ class MariaDB(Part):
             ["mariadb", "--no-defaults", f"--socket={self.socket}", "-uroot", "-N", "-B", "-e", sql],
             f"{self.name}: {sql[:60]}",
         ).stdout
+
+    def query(self, sql: str) -> list[list[str]]:
+        """Rows of a statement run as root over the socket, as tab-separated strings."""
+        return [line.split("\t") for line in self._client(sql).splitlines()]
+
+    def slave_status(self) -> dict[str, str]:
+        """SHOW SLAVE STATUS by column name; empty when the server follows no primary."""
+        out = _run(
+            [
+                "mariadb",
+                "--no-defaults",
+                f"--socket={self.socket}",
+                "-uroot",
+                "-B",
+                "-e",
+                "SHOW SLAVE STATUS",
+            ],
+            f"{self.name}: SHOW SLAVE STATUS",
+        ).stdout.splitlines()
+        if len(out) < 2:
+            return {}
+        return dict(zip(out[0].split("\t"), out[1].split("\t"), strict=False))
 
     def _ping(self) -> bool:
         if not self.proc.running():
@@ -301,20 +347,26 @@ class MariaDB(Part):
             },
             step,
         )
+        fresh = False
         if not self.proc.running():
-            self._start(step)
+            fresh = self._start(step)
         self._grant()
+        if self.primary is not None:
+            self._follow(step, fresh=fresh)
 
-    def _start(self, step: Step) -> None:
+    def _start(self, step: Step) -> bool:
+        """Start the server; returns whether its data directory is new."""
         if port_answers(HOST, self.port):
             raise StackError(f"port {self.port} is taken by a process this stack did not start")
         data = self.dir / "data"
-        if not (data / "mysql").is_dir():
+        fresh = not (data / "mysql").is_dir()
+        if fresh:
             data.mkdir(parents=True, exist_ok=True)
             with step(f"{self.name}: creating its data directory"):
                 self._install_db(data)
         with step(f"starting {self.name} on {self.address}"):
             self._run_server(data)
+        return fresh
 
     def _install_db(self, data: Path) -> None:
         _run(
@@ -327,7 +379,15 @@ class MariaDB(Part):
                 "--skip-test-db",
             ],
             f"{self.name}: mariadb-install-db",
+            # its own temporary directory: bootstrapping in a /tmp that others clean or fill
+            # failed once with "Could not remove temporary table"
+            env={**os.environ, "TMPDIR": str(self._tmpdir())},
         )
+
+    def _tmpdir(self) -> Path:
+        tmp = self.dir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp
 
     def _run_server(self, data: Path) -> None:
         self.proc.start(
@@ -341,6 +401,7 @@ class MariaDB(Part):
                 f"--socket={self.socket}",
                 f"--pid-file={self.dir / 'mariadbd.pid'}",
                 f"--log-error={self.dir / 'error.log'}",
+                f"--tmpdir={self._tmpdir()}",
                 "--skip-name-resolve",
                 "--character-set-server=utf8mb4",
                 "--collation-server=utf8mb4_bin",
@@ -350,19 +411,133 @@ class MariaDB(Part):
                 "--max-allowed-packet=64M",
                 "--innodb-autoinc-lock-mode=2",
                 "--transaction-isolation=READ-COMMITTED",
+                *self._replication_args(),
             ]
         )
         wait_until(self._ping, 60, f"{self.name} on {self.address}")
         self.proc.detach()
 
+    def _replication_args(self) -> list[str]:
+        return [
+            f"--server-id={self.server_id}",
+            "--log-bin=mariadb-bin",
+            "--log-slave-updates",  # a promoted replica's binlog holds everything, for its own replica
+            "--binlog-format=ROW",
+            "--gtid-strict-mode=ON",
+            "--relay-log=relay-bin",
+            "--rpl-semi-sync-master-enabled=ON",
+            "--rpl-semi-sync-slave-enabled=ON",
+            f"--rpl-semi-sync-master-timeout={self.settings.mariadb_semi_sync_timeout_ms}",
+            # AFTER_SYNC: no session sees a commit before the replica has it (lossless semi-sync)
+            "--rpl-semi-sync-master-wait-point=AFTER_SYNC",
+            # A primary with no replica connected (a promoted one, or one whose replica died)
+            # commits at once instead of waiting out the timeout first.
+            "--rpl-semi-sync-master-wait-no-slave=OFF",
+            # A replica notices a silent primary within seconds and retries it every second.
+            "--slave-net-timeout=4",
+            "--expire-logs-days=2",
+        ]
+
     def _grant(self) -> None:
-        # The services log in over TCP with a password; root stays socket-only.
+        # The services log in over TCP with a password; root stays socket-only. Users are each
+        # server's own (sql_log_bin=0): a replica seeded after them would otherwise replay them as
+        # errant transactions. READ_ONLY ADMIN (part of ALL PRIVILEGES) is taken back so that
+        # read_only fences the services' user: with it, a fenced primary would still take writes.
         self._client(
+            "SET SESSION sql_log_bin = 0;"
             f"CREATE USER IF NOT EXISTS '{DB_USER}'@'127.0.0.1' IDENTIFIED BY '{DB_PASSWORD}';"
             f"CREATE USER IF NOT EXISTS '{DB_USER}'@'localhost' IDENTIFIED BY '{DB_PASSWORD}';"
             f"GRANT ALL PRIVILEGES ON *.* TO '{DB_USER}'@'127.0.0.1' WITH GRANT OPTION;"
             f"GRANT ALL PRIVILEGES ON *.* TO '{DB_USER}'@'localhost' WITH GRANT OPTION;"
+            f"REVOKE READ_ONLY ADMIN ON *.* FROM '{DB_USER}'@'127.0.0.1';"
+            f"REVOKE READ_ONLY ADMIN ON *.* FROM '{DB_USER}'@'localhost';"
+            f"CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'127.0.0.1' IDENTIFIED BY '{ADMIN_PASSWORD}';"
+            f"GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.0.0.1';"
+            f"CREATE USER IF NOT EXISTS '{REPL_USER}'@'127.0.0.1' IDENTIFIED BY '{REPL_PASSWORD}';"
+            f"GRANT REPLICATION SLAVE, REPLICATION SLAVE ADMIN ON *.* TO '{REPL_USER}'@'127.0.0.1';"
         )
+
+    def binlog_enabled(self) -> bool:
+        return self.query("SELECT @@log_bin")[0][0] == "1"
+
+    def _follow(self, step: Step, *, fresh: bool) -> None:
+        """Make a new replica follow its primary; a known one resumes by itself (master.info).
+
+        A replica that follows no primary and is not new was promoted by a failover: it is a
+        primary now and is left alone (rejoining the old primary as its replica is another step).
+        """
+        if self.slave_status():
+            self._client("SET GLOBAL read_only = ON")  # not kept over a restart
+            return
+        if not fresh or self.primary is None:
+            return
+        if not self.primary.binlog_enabled():
+            raise StackError(
+                f"{self.primary.name} runs without a binary log (started before replicas existed):"
+                " restart it (`flightlog stack down && flightlog stack up`) to give it a replica,"
+                " or set FLIGHTLOG_MARIADB_REPLICAS=false"
+            )
+        with step(f"{self.name}: copying {self.primary.name} and following it"):
+            self.replicate()
+
+    def replicate(self) -> None:
+        """Seed this replica from a consistent dump of the primary's schemas, then follow it by GTID.
+
+        The dump and its GTID position come from one snapshot (``--single-transaction --gtid
+        --master-data=2``), so replication starts right after what was copied. Nothing of the
+        load goes to this server's binlog: its GTIDs must stay a prefix of the primary's, or
+        strict mode refuses to promote it later.
+        """
+        primary = self.primary
+        if primary is None:
+            raise StackError(f"{self.name} is a primary")
+        system = {"mysql", "information_schema", "performance_schema", "sys"}
+        schemas = [row[0] for row in primary.query("SHOW DATABASES") if row[0] not in system]
+        if schemas:
+            dump = _run(
+                [
+                    "mariadb-dump",
+                    "--no-defaults",
+                    f"--socket={primary.socket}",
+                    "-uroot",
+                    "--single-transaction",
+                    "--gtid",
+                    "--master-data=2",
+                    "--routines",
+                    "--triggers",
+                    "--databases",
+                    *schemas,
+                ],
+                f"{primary.name}: mariadb-dump",
+            ).stdout
+            match = re.search(r"gtid_slave_pos='([^']*)'", dump)
+            if match is None:
+                raise StackError(f"{primary.name}: the dump carries no GTID position")
+            position = match[1]
+            _run(
+                ["mariadb", "--no-defaults", f"--socket={self.socket}", "-uroot"],
+                f"{self.name}: loading the dump",
+                input="SET SESSION sql_log_bin = 0;\n" + dump,
+            )
+        else:
+            # Nothing to copy, so nothing can land between reading the position and following it.
+            position = primary.query("SELECT @@gtid_binlog_pos")[0][0]
+        self._client(
+            "STOP SLAVE; RESET SLAVE ALL;"
+            f"SET GLOBAL gtid_slave_pos = '{position}';"
+            f"CHANGE MASTER TO MASTER_HOST = '{HOST}', MASTER_PORT = {primary.port},"
+            f" MASTER_USER = '{REPL_USER}', MASTER_PASSWORD = '{REPL_PASSWORD}',"
+            " MASTER_USE_GTID = slave_pos, MASTER_CONNECT_RETRY = 1;"
+            "START SLAVE; SET GLOBAL read_only = ON;"
+        )
+        wait_until(self._replicating, 30, f"{self.name} to follow {primary.name}")
+
+    def _replicating(self) -> bool:
+        status = self.slave_status()
+        error = status.get("Last_IO_Error") or status.get("Last_SQL_Error")
+        if error:
+            raise StackError(f"{self.name} cannot replicate: {error}")
+        return status.get("Slave_IO_Running") == "Yes" and status.get("Slave_SQL_Running") == "Yes"
 
     def down(self) -> bool:
         return self.proc.stop(timeout_s=60)
@@ -610,6 +785,11 @@ class Stack:
         self.settings = settings or StackSettings()
         self.kafka = Kafka(self.settings)
         self.mariadb = [MariaDB(self.settings, i) for i in range(len(self.settings.mariadb_ports))]
+        self.replicas = (
+            [MariaDB(self.settings, m.index, primary=m) for m in self.mariadb]
+            if self.settings.mariadb_replicas
+            else []
+        )
         self.dovecot = Dovecot(self.settings)
         # The same server without CONDSTORE and QRESYNC, for the sync's UID-list fallback.
         self.dovecot_plain = Dovecot(
@@ -621,7 +801,8 @@ class Stack:
 
     @property
     def parts(self) -> list[Part]:
-        return [*self.mariadb, self.kafka, self.dovecot, self.dovecot_plain]
+        # each replica after its primary: it copies and follows it
+        return [*self.mariadb, *self.replicas, self.kafka, self.dovecot, self.dovecot_plain]
 
     def up(self, step: Step = quiet) -> None:
         """Start the parts that are not running; ``step`` shows each one that takes a while."""
@@ -637,3 +818,7 @@ class Stack:
     def clusters(self) -> list[tuple[str, str, int]]:
         """The MariaDB servers as shard-map clusters: (name, host, port)."""
         return [(m.cluster_name, HOST, m.port) for m in self.mariadb]
+
+    def replica_addresses(self) -> dict[str, tuple[str, int]]:
+        """Each cluster's replica, by cluster name, for the shard map."""
+        return {r.cluster_name: (HOST, r.port) for r in self.replicas}

@@ -84,5 +84,13 @@ class StackSettings(_Base):
     kafka_heap_mb: int = 1024
     mariadb_ports: tuple[int, ...] = (3307, 3308)
     mariadb_buffer_pool_mb: int = 256
+    # One GTID replica per cluster, on the primary's port plus this offset (3317, 3318).
+    mariadb_replicas: bool = True
+    mariadb_replica_port_offset: int = 10
+    # How long a primary waits for its replica's acknowledgement before it commits without one
+    # (semi-sync falls back to asynchronous replication). Long enough that a busy replica is not
+    # dropped to asynchronous by a short stall (an acknowledged commit is then on the replica);
+    # short enough that a hung replica stalls writes only once, for this long.
+    mariadb_semi_sync_timeout_ms: int = 2000
     imap_port: int = 1143
     shard_count: int = 16

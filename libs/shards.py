@@ -4,6 +4,14 @@ The map lives in the global schema with a version number. :class:`ShardRouter` c
 the version every ``shard_map_reload_interval_s`` and reloads when it changed, so moving a shard
 to another cluster is an update of the map that every service picks up without a restart.
 
+A failover (:mod:`libs.shardops.failover`) is such an update too: the promoted replica becomes
+the cluster's primary. A writer that finds its shard unavailable calls
+:meth:`ShardRouter.request_reload`, and the router then polls fast for a while, so it follows a
+new map within a fraction of a second instead of a whole reload interval.
+
+Reads that tolerate staleness may ask for the replica (``pool(shard, replica=True)``); the router
+falls back to the primary when the cluster has no replica or its replica cannot be reached.
+
 Exceptions::
 
     ShardError            root
@@ -16,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import aiomysql
+import pymysql
 
 from libs.component import Component
 from libs.config import DatabaseSettings
@@ -117,16 +127,30 @@ async def load_shard_map(conn: aiomysql.Connection, global_schema: str) -> Shard
     )
 
 
+# After a request_reload(): poll the version this often, for this long (a failover publishes its
+# map a few seconds after the writes start failing).
+FAST_RELOAD_INTERVAL_S = 0.2
+FAST_RELOAD_WINDOW_S = 15.0
+# A replica that could not be reached is not tried again for this long: its reads go to the primary.
+REPLICA_RETRY_S = 5.0
+
+
 class ShardRouter(Component):
     """Routes a shard (or any id) to a connection pool on the cluster that holds it.
 
-    One pool per cluster, shared by all of its shards; queries name their schema explicitly
+    One pool per server, shared by all of its shards; queries name their schema explicitly
     (:meth:`table`). Use as ``async with ShardRouter(settings) as router``.
+
+    :param replica_reads: route every read (``write=False``) to the replica, as
+        ``replica=True`` does for one call.
     """
 
     def __init__(self, settings: DatabaseSettings, *, replica_reads: bool = False) -> None:
         self._settings = settings
         self._replica_reads = replica_reads
+        self._fast_until = 0.0
+        self._wake = asyncio.Event()
+        self._replica_down_until: dict[tuple[str, int], float] = {}
         self._map: ShardMap | None = None
         self._pools: dict[tuple[str, int], aiomysql.Pool] = {}
         self._global: aiomysql.Pool | None = None
@@ -189,9 +213,19 @@ class ShardRouter(Component):
                 await self._close_unused_pools()
             return True
 
+    def request_reload(self) -> None:
+        """Poll the map fast for a while: a write found its shard unavailable, and a failover
+        may be about to publish a new primary. Cheap to call on every failure."""
+        self._fast_until = time.monotonic() + FAST_RELOAD_WINDOW_S
+        self._wake.set()
+
     async def _reload_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._settings.shard_map_reload_interval_s)
+            fast = time.monotonic() < self._fast_until
+            interval = FAST_RELOAD_INTERVAL_S if fast else self._settings.shard_map_reload_interval_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
             try:
                 await self.reload()
             except Exception:
@@ -217,15 +251,41 @@ class ShardRouter(Component):
             self._pools[address] = pool
         return pool
 
-    async def pool(self, shard: int, *, write: bool = True) -> aiomysql.Pool:
+    async def pool(self, shard: int, *, write: bool = True, replica: bool = False) -> aiomysql.Pool:
+        """The pool of the server to use for ``shard``.
+
+        ``replica=True`` (a read that tolerates staleness; implies ``write=False``) gives the
+        cluster's replica, or its primary when it has none or the replica could not be reached
+        in the last :data:`REPLICA_RETRY_S` (see :meth:`mark_replica_down`).
+        """
         cluster = self.shard_map.cluster_of(shard)
+        if replica:
+            write = False
         if write and shard in self.shard_map.readonly:
             raise ShardReadOnly(f"shard {shard} is read-only while it moves")
-        address = cluster.replica if (self._replica_reads and not write) else cluster.primary
-        return await self._pool_for(address)
+        if (replica or (self._replica_reads and not write)) and cluster.replica != cluster.primary:
+            address = cluster.replica
+            if self._replica_down_until.get(address, 0.0) <= time.monotonic():
+                try:
+                    return await self._pool_for(address)
+                except (OSError, pymysql.err.OperationalError) as exc:
+                    logger.warning(
+                        "replica %s:%d of %s unreachable (%s); reading from the primary",
+                        *address,
+                        cluster.name,
+                        exc,
+                    )
+                    self.mark_replica_down(shard)
+        return await self._pool_for(cluster.primary)
 
-    async def pool_for_id(self, id_: int, *, write: bool = True) -> aiomysql.Pool:
-        return await self.pool(shard_of(id_), write=write)
+    def mark_replica_down(self, shard: int) -> None:
+        """Send ``shard``'s replica reads to its primary for a while: a read on the replica
+        failed with a connection error (the caller retries it on the primary)."""
+        cluster = self.shard_map.cluster_of(shard)
+        self._replica_down_until[cluster.replica] = time.monotonic() + REPLICA_RETRY_S
+
+    async def pool_for_id(self, id_: int, *, write: bool = True, replica: bool = False) -> aiomysql.Pool:
+        return await self.pool(shard_of(id_), write=write, replica=replica)
 
     @staticmethod
     def table(shard: int, name: str) -> str:
@@ -233,12 +293,21 @@ class ShardRouter(Component):
 
 
 async def register_clusters(
-    settings: DatabaseSettings, clusters: list[tuple[str, str, int]], shard_count: int
+    settings: DatabaseSettings,
+    clusters: list[tuple[str, str, int]],
+    shard_count: int,
+    replicas: Mapping[str, tuple[str, int]] | None = None,
 ) -> ShardMap:
     """Write clusters and a round-robin shard assignment into the global schema.
 
     Existing shards keep their cluster (moving one is a separate operation); new shards are
-    spread over the clusters. Bumps the map version when anything changed.
+    spread over the clusters. ``replicas`` gives clusters' replica addresses by name. Bumps the
+    map version when anything changed.
+
+    A cluster that failed over (its map primary is its configured replica, or it was recorded
+    in ``cluster_failovers``) keeps the map's addresses: the map, not the configuration, knows
+    which server is primary now, and writing the configured one back would send writes to the
+    fenced old primary.
     """
     schema = settings.global_db_name
     async with connect(settings, settings.global_db_host, settings.global_db_port) as conn:
@@ -248,18 +317,29 @@ async def register_clusters(
             by_name = {c.name: c for c in current.clusters.values()}
             next_id = max(current.clusters, default=0) + 1
             ids = []
+            failed_over = await _failed_over_clusters(cur, schema)
             for name, host, port in clusters:
                 existing = by_name.get(name)
+                replica = (replicas or {}).get(name)
                 if existing is None:
                     await cur.execute(
-                        f"INSERT INTO `{schema}`.clusters"
-                        " (cluster_id, name, primary_host, primary_port) VALUES (%s, %s, %s, %s)",
-                        (next_id, name, host, port),
+                        f"INSERT INTO `{schema}`.clusters (cluster_id, name, primary_host,"
+                        " primary_port, replica_host, replica_port) VALUES (%s, %s, %s, %s, %s, %s)",
+                        (next_id, name, host, port, *(replica or (None, None))),
                     )
                     ids.append(next_id)
                     next_id += 1
                     changed = True
+                elif existing.cluster_id in failed_over or (replica and existing.primary == replica):
+                    ids.append(existing.cluster_id)
                 else:
+                    if replica is not None and (existing.replica_host, existing.replica_port) != replica:
+                        await cur.execute(
+                            f"UPDATE `{schema}`.clusters SET replica_host = %s, replica_port = %s"
+                            " WHERE cluster_id = %s",
+                            (*replica, existing.cluster_id),
+                        )
+                        changed = True
                     if existing.primary != (host, port):
                         await cur.execute(
                             f"UPDATE `{schema}`.clusters SET primary_host = %s, primary_port = %s"
@@ -283,3 +363,17 @@ async def register_clusters(
                 )
         await conn.commit()
         return await load_shard_map(conn, schema)
+
+
+async def _failed_over_clusters(cur: aiomysql.Cursor, schema: str) -> set[int]:
+    """Clusters with a failover on record (none before migration 0011 created the table)."""
+    await cur.execute(
+        "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s"
+        " AND TABLE_NAME = 'cluster_failovers'",
+        (schema,),
+    )
+    (exists,) = await cur.fetchone()
+    if not exists:
+        return set()
+    await cur.execute(f"SELECT DISTINCT cluster_id FROM `{schema}`.cluster_failovers")
+    return {int(row[0]) for row in await cur.fetchall()}

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from cli.bench import gateway, idle, imap, pipeline, raw, transform_memory, webhooks
+from cli.bench import failover, gateway, idle, imap, pipeline, raw, transform_memory, webhooks
 from cli.bench.report import BenchReport, Stage, StageContext, machine_facts
 from libs.config import DatabaseSettings, KafkaSettings
 
@@ -31,6 +31,7 @@ STAGES: Final[tuple[Stage, ...]] = (
     webhooks.STAGE,
     imap.STAGE,
     idle.STAGE,
+    failover.STAGE,
     transform_memory.STAGE,
 )
 

@@ -291,6 +291,9 @@ class PersistWorker:
                 if failure is Failure.UNAVAILABLE:
                     self._log_unavailable(shard, exc, sum(len(p) for p in (part, *pending)))
                     self.breaker.failed(shard)
+                    # a failover may be publishing a new primary: follow it within a fraction
+                    # of a second, so the parked records' next retry goes there
+                    self.router.request_reload()
                     for left in (part, *pending):
                         verdicts.park(left, charged=False, error=error)
                     return verdicts

@@ -31,6 +31,7 @@ BENCH_LAYERS: Final = {
     "cli.bench.imap": 3,
     "cli.bench.idle": 3,
     "cli.bench.transform_memory": 3,
+    "cli.bench.failover": 3,
     "cli.bench.mime": 3,
     "cli.bench.runner": 4,
 }

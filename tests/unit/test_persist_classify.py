@@ -168,10 +168,20 @@ class _FailingWrites:
         return ShardWriteResult(shard, len(records), len(records), 0, 0)
 
 
+class _Router:
+    """The one router call the worker makes itself (``write_shard`` is replaced)."""
+
+    def __init__(self) -> None:
+        self.reloads_requested = 0
+
+    def request_reload(self) -> None:
+        self.reloads_requested += 1
+
+
 def _worker(producer: _Producer, **settings: Any) -> PersistWorker:
     none = cast(Any, None)
     return PersistWorker(
-        cast(ShardRouter, none),
+        cast(ShardRouter, _Router()),
         cast(AIOKafkaProducer, producer),
         cast(AIOKafkaConsumer, none),
         cast(AIOKafkaConsumer, none),
