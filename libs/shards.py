@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import aiomysql
 import pymysql
 
+from libs.aio import wait_for
 from libs.component import Component
 from libs.config import DatabaseSettings
 from libs.db import connect, create_pool, shard_schema
@@ -224,7 +225,9 @@ class ShardRouter(Component):
             fast = time.monotonic() < self._fast_until
             interval = FAST_RELOAD_INTERVAL_S if fast else self._settings.shard_map_reload_interval_s
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                # libs.aio's: no inner task per wait (3.11's asyncio.wait_for makes one, which a
+                # test's check for tasks left running sees), and a cancel is never swallowed.
+                await wait_for(self._wake.wait(), interval)
             self._wake.clear()
             try:
                 await self.reload()

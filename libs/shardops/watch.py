@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import aiomysql
 from prometheus_client import Counter, Gauge
 
+from libs.aio import wait_for
 from libs.db import connect, leader_lock_name
 from libs.shardops import ShardOpsError, ShardOpsSettings
 from libs.shardops.failover import FailoverResult, failover
@@ -126,7 +127,7 @@ class ShardWatch:
     @staticmethod
     async def _sleep(stopping: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), seconds)
+            await wait_for(stopping.wait(), seconds)
 
     async def _lead(self, global_conn: aiomysql.Connection, stopping: asyncio.Event) -> None:
         s = self.settings

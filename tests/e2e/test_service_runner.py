@@ -84,5 +84,7 @@ def test_stack_up_twice_is_harmless_and_status_answers(stack: Stack) -> None:
     stack.up()
     assert [p.proc.pid() for p in stack.parts] == pids
     statuses = stack.status()
-    assert {s.name for s in statuses} == {"mariadb-c1", "mariadb-c2", "kafka", "dovecot", "dovecot-plain"}
+    servers = {"kafka", "dovecot", "dovecot-plain"}
+    servers |= {f"mariadb-{c}{role}" for c in ("c1", "c2") for role in ("", "-replica")}
+    assert {s.name for s in statuses} == servers
     assert all(s.running and s.answers for s in statuses), statuses
