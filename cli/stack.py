@@ -505,6 +505,7 @@ class MariaDB(Part):
                     "--master-data=2",
                     "--routines",
                     "--triggers",
+                    "--hex-blob",  # compressed bodies and binary keys, as text the pipe can carry
                     "--databases",
                     *schemas,
                 ],
