@@ -469,6 +469,12 @@ class MariaDB(Part):
         if self.slave_status():
             self._client("SET GLOBAL read_only = ON")  # not kept over a restart
             return
+        if not fresh and self.primary is not None:
+            # A copy that failed before loading anything (the dump itself failing) leaves no
+            # schema, while a promoted replica holds every shard: only the first follows now.
+            # A load that failed part-way is not told apart: remove its data directory.
+            system = {"mysql", "information_schema", "performance_schema", "sys"}
+            fresh = not [row for row in self.query("SHOW DATABASES") if row[0] not in system]
         if not fresh or self.primary is None:
             return
         if not self.primary.binlog_enabled():
