@@ -25,6 +25,7 @@ from typing import Annotated, Any, Final
 
 import aiomysql
 import orjson
+import pymysql
 from aiohttp import web
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -33,7 +34,7 @@ from pydantic.json_schema import SkipJsonSchema
 from libs.accounts import Application
 from libs.cursor import CursorError, PageToken, decode_page_token, encode_page_token, query_fingerprint
 from libs.events import Direction, Event, EventType, MessageFlags, Status
-from libs.http import invalid_body, read_json
+from libs.http import invalid_body, is_unavailable, read_json
 from libs.ids import shard_of
 from libs.inflight import publish_inflight
 from libs.messages import DETAIL_COLUMNS, LIST_COLUMNS, decode_body
@@ -215,15 +216,35 @@ def list_statement(router: ShardRouter, q: MessageQuery) -> tuple[str, list[Any]
     return sql, [*args, q.limit + 1]
 
 
-async def fetch_messages(router: ShardRouter, q: MessageQuery) -> tuple[list[dict[str, Any]], bool]:
-    """One page of rows (as dicts) and whether more follow."""
+async def fetch_messages(
+    router: ShardRouter, q: MessageQuery, *, replica: bool = False
+) -> tuple[list[dict[str, Any]], bool]:
+    """One page of rows (as dicts) and whether more follow.
+
+    ``replica``: read from the shard's replica (a list tolerates the replica's few milliseconds
+    of lag; semi-synchronous replication has every acknowledged write there already). A replica
+    that fails the read is set aside for a while and the read is done on the primary.
+    """
     sql, args = list_statement(router, q)
-    pool = await router.pool(shard_of(q.account_id), write=False)
+    shard = shard_of(q.account_id)
+    if replica:
+        try:
+            return await _page(await router.pool(shard, replica=True), sql, args, q.limit)
+        except (OSError, pymysql.err.OperationalError) as exc:
+            if not is_unavailable(exc):
+                raise
+            router.mark_replica_down(shard)
+    return await _page(await router.pool(shard, write=False), sql, args, q.limit)
+
+
+async def _page(
+    pool: aiomysql.Pool, sql: str, args: list[Any], limit: int
+) -> tuple[list[dict[str, Any]], bool]:
     async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
         await cur.execute(sql, args)
         rows = list(await cur.fetchall())
         await conn.commit()
-    return rows[: q.limit], len(rows) > q.limit
+    return rows[:limit], len(rows) > limit
 
 
 def _parse_time(name: str, text: str) -> datetime:
@@ -313,7 +334,9 @@ async def list_messages(request: web.Request, app: Application) -> web.StreamRes
         except CursorError as exc:
             raise ApiError(400, "Invalid page_token", str(exc)) from None
         q = replace(q, position=(_from_micros(position.occurred_at_us), position.message_id))
-    rows, more = await fetch_messages(request.app[ROUTER], q)
+    rows, more = await fetch_messages(
+        request.app[ROUTER], q, replica=request.app[SETTINGS].gateway_replica_reads
+    )
     next_token = None
     if more and rows:
         last = rows[-1]

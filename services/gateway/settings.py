@@ -32,3 +32,7 @@ class GatewaySettings(ServiceSettings):
     gateway_write_wait_s: float = Field(default=5.0, ge=0, le=30)
     gateway_write_poll_interval_s: float = Field(default=0.05, gt=0, le=1)
     gateway_produce_timeout_s: float = Field(default=10.0, gt=0)  # Kafka's acks=all for one event
+    # Message lists read from the shard's replica (get by id, the delta feed and writes stay on
+    # the primary, where a client reads its own writes). Off by default: a list right after a
+    # write may miss it for the replica's milliseconds of apply lag.
+    gateway_replica_reads: bool = False
