@@ -40,7 +40,7 @@ from libs.events import Direction, MessageDoc, PostflightRecord, Status
 from libs.shardops import ShardOpsSettings
 from libs.shardops.move import MoveResult, move_shard
 from libs.shards import ShardRouter, register_clusters
-from services.persist.writer import Failure, classify, write_shard
+from services.persist.writer import Failure, classify, db_errno, write_shard
 
 __all__ = ["STAGE", "MoveDeployment", "MoveRun", "move_deployment", "move_under_writes"]
 
@@ -176,7 +176,8 @@ async def _writer(router: ShardRouter, account: int, run: MoveRun, stop: asyncio
                 # the router to follow the new map as soon as it is published
                 retried = True
                 run.retried_attempts += 1
-                name = type(exc).__name__
+                errno = db_errno(exc)
+                name = type(exc).__name__ + (f" {errno}" if errno is not None else "")
                 run.errors[name] = run.errors.get(name, 0) + 1
                 router.request_reload()
                 await asyncio.sleep(RETRY_PAUSE_S)

@@ -57,8 +57,9 @@ __all__ = ["MoveError", "MoveResult", "cleanup_moved", "move_shard", "moved_sche
 logger = logging.getLogger(__name__)
 
 # A transaction open across a watermark commits rows stamped before it; re-copying this far
-# back catches nearly all of them (the fenced verify catches the rest).
-WATERMARK_MARGIN_S: Final = 2.0
+# back catches nearly all of them (persist's are milliseconds; the fenced verify catches the
+# rest). Longer would only make the fenced round, and so the write pause, longer.
+WATERMARK_MARGIN_S: Final = 0.5
 CATCH_UP_ROUNDS: Final = 5
 SMALL_ROUND_ROWS: Final = 200  # a round this small leaves little for the fenced one: fence now
 COPY_BATCH_ROWS: Final = 500
@@ -376,8 +377,10 @@ async def move_shard(
             next_mark = await _now(src)
             copied = await _catch_up(src, dst, schema, schema, tables, watermark)
             watermark = next_mark
+            previous = result.catch_up_rows[-1] if result.catch_up_rows else None
             result.catch_up_rows.append(copied)
-            if copied <= SMALL_ROUND_ROWS:
+            # small enough, or no longer shrinking: the writes' own rate, which the fence stops
+            if copied <= SMALL_ROUND_ROWS or (previous is not None and copied >= previous * 0.8):
                 break
         result.timings_s["catch_up"] = time.monotonic() - mark
         say(f"catch-up: {'/'.join(map(str, result.catch_up_rows))} rows")
