@@ -32,7 +32,7 @@ from libs.db import connect
 from libs.db.migrate import migrate_global, migrate_shard
 from libs.kafka import TOPICS, create_topics
 from libs.logs import configure_logging
-from libs.shards import ShardRouter, load_shard_map, register_clusters
+from libs.shards import ShardRouter, register_clusters
 
 __all__ = ["app", "main"]
 
@@ -205,29 +205,12 @@ def topics_list() -> None:
         typer.echo(f"{spec.name:<28} partitions={spec.partitions} {spec.config}")
 
 
-async def _shard_map_text() -> list[str]:
-    settings = DatabaseSettings()
-    async with connect(settings, settings.global_db_host, settings.global_db_port) as conn:
-        m = await load_shard_map(conn, settings.global_db_name)
-    lines = [f"shard map version {m.version}"]
-    for shard in m.shards:
-        c = m.cluster_of(shard)
-        ro = " (read-only)" if shard in m.readonly else ""
-        replica = f"  replica {c.replica_host}:{c.replica_port}" if c.replica_host else "  no replica"
-        lines.append(f"shard {shard:>5}  cluster {c.name}  {c.primary_host}:{c.primary_port}{replica}{ro}")
-    return lines
-
-
-@shards_app.command("list")
-def shards_list() -> None:
-    """Every logical shard with its cluster and address."""
-    for line in asyncio.run(_shard_map_text()):
-        typer.echo(line)
-
-
+shards_app.command("list")(shard_commands.list_shards)
 shards_app.command("failover")(shard_commands.failover)
 shards_app.command("watch")(shard_commands.watch)
 shards_app.command("verify")(shard_commands.verify)
+shards_app.command("move")(shard_commands.move)
+shards_app.command("create")(shard_commands.create)
 
 
 @apps_app.command("create")

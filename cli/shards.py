@@ -1,4 +1,4 @@
-"""``flightlog shards failover|watch|verify``: the shard operations of :mod:`libs.shardops`.
+"""``flightlog shards failover|watch|verify|move|create|list``: the operations of :mod:`libs.shardops`.
 
 Registered on ``flightlog shards`` by :mod:`cli.main`. Each reads its settings from the
 environment (:class:`libs.shardops.ShardOpsSettings`: the global schema's address, the
@@ -14,11 +14,13 @@ import typer
 
 from libs.service import ServiceContext, ServiceDefinition, run_service
 from libs.shardops import ShardOpsError, ShardOpsSettings
+from libs.shardops.capacity import create_shards, placements
 from libs.shardops.failover import failover as fail_over
+from libs.shardops.move import cleanup_moved, move_shard
 from libs.shardops.verify import verify_replica
 from libs.shardops.watch import ShardWatch
 
-__all__ = ["CONTROLLER_PORT", "failover", "verify", "watch"]
+__all__ = ["CONTROLLER_PORT", "create", "failover", "list_shards", "move", "verify", "watch"]
 
 CONTROLLER_PORT = 8084  # the controller's /healthz, /readyz and /metrics
 
@@ -73,3 +75,56 @@ def verify(
         typer.echo(line)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def move(
+    shard: Annotated[int, typer.Argument(help="The logical shard to move.")],
+    to: Annotated[
+        str | None, typer.Option("--to", help="The cluster's name in the shard map, e.g. c2.")
+    ] = None,
+    cleanup: Annotated[
+        bool, typer.Option("--cleanup", help="Drop what an earlier move left on the old cluster.")
+    ] = False,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per checksummed chunk of the verify.")] = 1000,
+) -> None:
+    """Copy a shard to another cluster while it takes writes, verify it, switch the map.
+
+    Writes pause (persist parks them) from the fence to the new map version; the old copy is
+    kept on the old cluster until --cleanup."""
+    settings = ShardOpsSettings()
+    try:
+        if cleanup:
+            for line in asyncio.run(cleanup_moved(settings, shard)) or ["nothing to drop"]:
+                typer.echo(f"dropped {line}" if line != "nothing to drop" else line)
+            if to is None:
+                return
+        if to is None:
+            _fail("say where: --to CLUSTER (or --cleanup)")
+            return
+        result = asyncio.run(move_shard(settings, shard, to, chunk_rows=chunk_rows, progress=typer.echo))
+    except ShardOpsError as exc:
+        _fail(str(exc))
+        return
+    if result.verify is not None:
+        for line in result.verify.lines():
+            typer.echo(line)
+
+
+def create(n: Annotated[int, typer.Argument(help="How many logical shards to add.")]) -> None:
+    """Add N logical shards, each on the least-loaded cluster by measured size, migrated, in the map."""
+    try:
+        version, placed = asyncio.run(create_shards(ShardOpsSettings(), n))
+    except ShardOpsError as exc:
+        _fail(str(exc))
+        return
+    for shard, cluster in placed.items():
+        typer.echo(f"shard {shard} on cluster {cluster}")
+    typer.echo(f"shard map version {version}")
+
+
+def list_shards() -> None:
+    """Every logical shard: its cluster, address, size (data and index), replica lag."""
+    version, rows = asyncio.run(placements(ShardOpsSettings()))
+    typer.echo(f"shard map version {version}")
+    for row in rows:
+        typer.echo(row.line())

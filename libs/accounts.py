@@ -1,6 +1,6 @@
 """Applications (tenants), their API keys, and accounts placed on shards.
 
-An account is created on a chosen shard (named, or the one with the fewest accounts) and its id
+An account is created on a chosen shard (named, or the smallest by measured size) and its id
 carries that shard's bits, so everything about it routes by a bit shift. API keys are random,
 shown once, and stored as SHA-256 digests.
 
@@ -21,7 +21,7 @@ from typing import Final
 
 from libs.db import insert_guarded
 from libs.ids import shard_of
-from libs.shards import ShardRouter, UnknownShard
+from libs.shards import SIZE_BUCKET_BYTES, ShardRouter, UnknownShard, shard_sizes
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -195,22 +195,26 @@ async def create_application(router: ShardRouter, name: str) -> tuple[Applicatio
 
 
 async def least_loaded_shard(router: ShardRouter) -> int:
-    """The writable shard holding the fewest accounts (ties go to the lowest shard id)."""
+    """The writable shard that is smallest by measured size (data and index bytes, see
+    :func:`libs.shards.shard_sizes`). Sizes within :data:`~libs.shards.SIZE_BUCKET_BYTES` of each
+    other count as equal (InnoDB's figures move in steps and lag the data); among those the
+    fewest accounts win, then the lowest shard id. Read-only shards (moving) take no account."""
     m = router.shard_map
 
-    async def count(shard: int) -> tuple[int, int]:
+    async def count(shard: int) -> int:
         pool = await router.pool(shard, write=False)
         async with pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(f"SELECT COUNT(*) FROM {router.table(shard, 'accounts')}")
             (n,) = await cur.fetchone()
             await conn.commit()
-        return int(n), shard
+        return int(n)
 
     writable = [s for s in m.shards if s not in m.readonly]
     if not writable:
         raise UnknownShard("no writable shard in the shard map")
+    sizes = await shard_sizes(router)
     counts = await asyncio.gather(*(count(s) for s in writable))
-    return min(counts)[1]
+    return min((sizes.get(s, 0) // SIZE_BUCKET_BYTES, n, s) for s, n in zip(writable, counts, strict=True))[2]
 
 
 async def create_account(

@@ -38,6 +38,7 @@ from libs.db import connect, create_pool, shard_schema
 from libs.ids import shard_of
 
 __all__ = [
+    "SIZE_BUCKET_BYTES",
     "Cluster",
     "ShardError",
     "ShardMap",
@@ -46,6 +47,8 @@ __all__ = [
     "UnknownShard",
     "load_shard_map",
     "register_clusters",
+    "schema_sizes",
+    "shard_sizes",
     "spread_shards",
 ]
 
@@ -380,3 +383,42 @@ async def _failed_over_clusters(cur: aiomysql.Cursor, schema: str) -> set[int]:
         return set()
     await cur.execute(f"SELECT DISTINCT cluster_id FROM `{schema}`.cluster_failovers")
     return {int(row[0]) for row in await cur.fetchall()}
+
+
+# Sizes closer than this are the same size: InnoDB's figures move in steps and lag the data.
+SIZE_BUCKET_BYTES = 1 << 20
+
+
+async def schema_sizes(conn: aiomysql.Connection) -> dict[int, tuple[int, int]]:
+    """Each shard schema on the server of ``conn``: (data + index bytes, estimated rows), as
+    information_schema measures them (InnoDB's statistics: approximate, refreshed lazily)."""
+    async with conn.cursor() as cur:
+        await cur.execute(
+            "SELECT TABLE_SCHEMA, SUM(DATA_LENGTH + INDEX_LENGTH), SUM(TABLE_ROWS)"
+            " FROM information_schema.TABLES WHERE TABLE_SCHEMA LIKE 'flightlog\\_shard\\_%'"
+            " GROUP BY TABLE_SCHEMA"
+        )
+        rows = await cur.fetchall()
+    await conn.commit()
+    out = {}
+    for schema, size, table_rows in rows:
+        suffix = str(schema).rsplit("_", 1)[-1]
+        if suffix.isdigit():
+            out[int(suffix)] = (int(size or 0), int(table_rows or 0))
+    return out
+
+
+async def shard_sizes(router: ShardRouter) -> dict[int, int]:
+    """Every shard in the map: its measured size in bytes on its cluster's primary (one query
+    per cluster). A shard its cluster does not hold (yet) measures 0."""
+    m = router.shard_map
+    sizes: dict[int, int] = {}
+    for cluster in m.clusters.values():
+        shards = [s for s, c in m.shard_cluster.items() if c == cluster.cluster_id]
+        if not shards:
+            continue
+        pool = await router._pool_for(cluster.primary)
+        async with pool.acquire() as conn:
+            measured = await schema_sizes(conn)
+        sizes.update({s: measured.get(s, (0, 0))[0] for s in shards})
+    return sizes

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from cli.bench import failover, gateway, idle, imap, pipeline, raw, transform_memory, webhooks
+from cli.bench import failover, gateway, idle, imap, pipeline, raw, shard_move, transform_memory, webhooks
 from cli.bench.report import BenchReport, Stage, StageContext, machine_facts
 from libs.config import DatabaseSettings, KafkaSettings
 
@@ -32,6 +32,7 @@ STAGES: Final[tuple[Stage, ...]] = (
     imap.STAGE,
     idle.STAGE,
     failover.STAGE,
+    shard_move.STAGE,
     transform_memory.STAGE,
 )
 

@@ -212,21 +212,26 @@ async def verify_schema(
     chunk_rows: int = 1000,
     sample: int | None = None,
     rechecks: int = 2,
+    target_schema: str | None = None,
 ) -> VerifyReport:
-    """Compare ``schema`` on ``source`` and ``target``; see the module docstring."""
+    """Compare ``schema`` on ``source`` and ``target``; see the module docstring.
+
+    ``target_schema``: the target's copy has another name (a shard move compares the source's
+    fenced copy with the target's live schema)."""
     report = VerifyReport(schema, sampled=sample is not None)
     for name, (pk, columns) in sorted((await _tables(source, schema)).items()):
         table = _Table(schema, name, pk, columns)
+        theirs = _Table(target_schema or schema, name, pk, columns)
         tr = TableReport(name)
         report.tables.append(tr)
         if sample is not None:
-            await _sample(source, target, table, tr, sample, settle, rechecks)
+            await _sample(source, target, table, theirs, tr, sample, settle, rechecks)
             continue
         lo: tuple[Any, ...] | None = None
         while True:
             hi = await table.boundary(source, lo, chunk_rows)
             await settle()
-            count, _ = await _chunk_matches(source, target, table, lo, hi, tr, settle, rechecks)
+            count, _ = await _chunk_matches(source, target, table, theirs, lo, hi, tr, settle, rechecks)
             tr.rows += count
             tr.chunks += 1
             if hi is None:
@@ -239,6 +244,7 @@ async def _chunk_matches(
     source: aiomysql.Connection,
     target: aiomysql.Connection,
     table: _Table,
+    theirs: _Table,
     lo: tuple[Any, ...] | None,
     hi: tuple[Any, ...] | None,
     tr: TableReport,
@@ -247,13 +253,13 @@ async def _chunk_matches(
 ) -> tuple[int, bool]:
     for attempt in range(rechecks + 1):
         ours = await table.checksum(source, lo, hi)
-        if ours == await table.checksum(target, lo, hi):
+        if ours == await theirs.checksum(target, lo, hi):
             return ours[0], True
         if attempt < rechecks:
             await settle()  # the target may only be behind
     tr.mismatched_chunks += 1
     await settle()
-    tr.diffs += _diff(table.name, await table.hashes(source, lo, hi), await table.hashes(target, lo, hi))
+    tr.diffs += _diff(table.name, await table.hashes(source, lo, hi), await theirs.hashes(target, lo, hi))
     return ours[0], False
 
 
@@ -261,6 +267,7 @@ async def _sample(
     source: aiomysql.Connection,
     target: aiomysql.Connection,
     table: _Table,
+    theirs: _Table,
     tr: TableReport,
     n: int,
     settle: Settle,
@@ -280,7 +287,7 @@ async def _sample(
     diffs: list[RowDiff] = []
     for _ in range(rechecks + 1):
         await settle()
-        diffs = _diff(table.name, await table.hashes_of(source, keys), await table.hashes_of(target, keys))
+        diffs = _diff(table.name, await table.hashes_of(source, keys), await theirs.hashes_of(target, keys))
         # a key of the sample deleted on the source since is not a difference of the copies
         diffs = [d for d in diffs if d.kind != "extra"]
         if not diffs:

@@ -43,8 +43,9 @@ A write fails in one of three ways (:func:`classify`), and the worker treats eac
   ``max_allowed_packet``) and JSON encoding errors. The worker isolates the record and dead-letters it.
 - ``UNAVAILABLE``: the shard cannot take writes now, whatever the records: lost or refused
   connections, a server shutting down or read-only (a failover), too many connections, access
-  denied, a schema that does not match the statement (a shard not yet migrated: pymysql's
-  ProgrammingError), a write that timed out, a shard missing from the map or refused by the
+  denied, a schema that does not match the statement (a shard not yet migrated, or moved away:
+  pymysql's ProgrammingError), a shard fenced read-only for a move (``ShardReadOnly``), a write
+  that timed out, a shard missing from the map or refused by the
   bug #199 guard. None of these is one record's fault, so none may dead-letter one.
 - ``TRANSIENT``: the shard answered with an error that may pass (lock wait timeout, deadlock) or
   with one we do not know; retried, and charged to the record when it fails on its own.
@@ -72,7 +73,7 @@ from libs.db import insert_guarded
 from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_utc
 from libs.ids import ShardBitsMismatch, check_shard
 from libs.messages import BODY_RAW, CONTENT_COLUMNS, ERASABLE_COLUMNS, FLAG_COLUMNS, encode_body
-from libs.shards import ShardRouter, UnknownShard
+from libs.shards import ShardReadOnly, ShardRouter, UnknownShard
 
 __all__ = [
     "Failure",
@@ -163,6 +164,7 @@ _UNAVAILABLE_TYPES: Final = (
     TimeoutError,
     OSError,
     UnknownShard,
+    ShardReadOnly,  # the shard is fenced for a move: park until the map names its new cluster
     ShardBitsMismatch,
 )
 
