@@ -18,7 +18,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from cli.bench import failover, gateway, idle, imap, pipeline, raw, shard_move, transform_memory, webhooks
+from cli.bench import (
+    failover,
+    gateway,
+    idle,
+    imap,
+    pipeline,
+    raw,
+    shard_down,
+    shard_move,
+    transform_memory,
+    webhooks,
+)
 from cli.bench.report import BenchReport, Stage, StageContext, machine_facts
 from libs.config import DatabaseSettings, KafkaSettings
 
@@ -33,6 +44,7 @@ STAGES: Final[tuple[Stage, ...]] = (
     idle.STAGE,
     failover.STAGE,
     shard_move.STAGE,
+    shard_down.STAGE,
     transform_memory.STAGE,
 )
 

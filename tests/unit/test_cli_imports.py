@@ -33,6 +33,7 @@ BENCH_LAYERS: Final = {
     "cli.bench.transform_memory": 3,
     "cli.bench.failover": 3,
     "cli.bench.shard_move": 3,
+    "cli.bench.shard_down": 3,
     "cli.bench.mime": 3,
     "cli.bench.runner": 4,
 }
