@@ -8,7 +8,11 @@ due and parks them again, with a longer backoff, while their shard is still fail
 version-guarded, so a parked record that lands after a newer one changes nothing it should not
 (only its content, if the newer record carried none: see services.persist.writer): order does not
 matter and parking is safe. A circuit breaker per shard parks records at once while the shard is
-known to be failing, so the main loop does not pay a timeout per batch.
+known to be failing, so the main loop does not pay a timeout per batch. The breaker closes only
+when a probe of the shard (``SELECT 1``, in a task of its own every ``Breaker.open_s``) or a
+retried write succeeds: the main loop never waits on a failing shard itself, which matters for
+a server that hangs rather than refuses (a probe in the batch held every shard's records for
+the whole write timeout every few seconds).
 
 Offsets are committed only after the database commit (or the park, or the dead letter) of every
 record they cover: at-least-once, made exact by the version guard.
@@ -111,19 +115,20 @@ BODY_BYTES = Counter(
 
 @dataclass(slots=True)
 class Breaker:
-    """Per-shard circuit breaker: open for ``open_s`` after a failure, then one probe."""
+    """Per-shard circuit breaker: open from a failure until :meth:`succeeded` (a probe or a
+    retried write); ``open_s`` is the time between probes."""
 
     open_s: float = 2.0
-    _open_until: dict[int, float] = field(default_factory=dict)
+    _open: set[int] = field(default_factory=set)
 
     def allows(self, shard: int) -> bool:
-        return time.monotonic() >= self._open_until.get(shard, 0.0)
+        return shard not in self._open
 
     def failed(self, shard: int) -> None:
-        self._open_until[shard] = time.monotonic() + self.open_s
+        self._open.add(shard)
 
     def succeeded(self, shard: int) -> None:
-        self._open_until.pop(shard, None)
+        self._open.discard(shard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,10 +183,45 @@ class PersistWorker:
         self.max_backoff_s = s.persist_max_backoff_s
         self.max_attempts = s.persist_max_attempts
         self.breaker = Breaker()
+        self._probes: dict[int, asyncio.Task[None]] = {}
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Both loops until ``stopping`` is set; each finishes its batch before returning."""
-        await asyncio.gather(self._main_loop(stopping), self._retry_loop(stopping))
+        try:
+            await asyncio.gather(self._main_loop(stopping), self._retry_loop(stopping))
+        finally:
+            await self.stop_probes()
+
+    async def stop_probes(self) -> None:
+        """Cancel the breakers' probes (``run`` does it when it ends)."""
+        probes, self._probes = list(self._probes.values()), {}
+        for task in probes:
+            task.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+
+    def _open_breaker(self, shard: int) -> None:
+        self.breaker.failed(shard)
+        if shard not in self._probes:
+            self._probes[shard] = asyncio.create_task(self._probe(shard), name=f"persist-probe-{shard}")
+
+    async def _probe(self, shard: int) -> None:
+        """Close ``shard``'s breaker once its server answers a query again."""
+        try:
+            while not self.breaker.allows(shard):
+                await asyncio.sleep(self.breaker.open_s)
+                if self.breaker.allows(shard):
+                    return  # a retried write closed it meanwhile
+                try:
+                    async with asyncio.timeout(self.write_timeout_s):
+                        pool = await self.router.pool(shard)
+                        async with pool.acquire() as conn, conn.cursor() as cur:
+                            await cur.execute("SELECT 1")
+                except Exception as exc:
+                    logger.debug("shard %d probe failed: %s", shard, _describe(exc))
+                    continue
+                self.breaker.succeeded(shard)
+        finally:
+            self._probes.pop(shard, None)
 
     async def _main_loop(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -290,7 +330,7 @@ class PersistWorker:
                 error = _describe(exc)
                 if failure is Failure.UNAVAILABLE:
                     self._log_unavailable(shard, exc, sum(len(p) for p in (part, *pending)))
-                    self.breaker.failed(shard)
+                    self._open_breaker(shard)
                     # a failover may be publishing a new primary: follow it within a fraction
                     # of a second, so the parked records' next retry goes there
                     self.router.request_reload()

@@ -202,9 +202,10 @@ def _items(keys: list[str], *, attempt: int = 0, failures: int = 0) -> list[_Ite
 async def test_an_unavailable_shard_is_never_charged(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(worker_module, "write_shard", _FailingWrites({"a": _db(2003)}))
     producer = _Producer()
-    await _worker(producer, persist_max_attempts=1)._write(
-        _items(["a"], attempt=500, failures=0), stage="persist-retry", from_retry=True
-    )
+    worker = _worker(producer, persist_max_attempts=1)
+    await worker._write(_items(["a"], attempt=500, failures=0), stage="persist-retry", from_retry=True)
+    assert not worker.breaker.allows(3)  # open until a probe of the shard answers
+    await worker.stop_probes()
     assert producer.to(DLQ) == []
     [(_, headers)] = producer.to("retry")
     assert headers[H_ATTEMPT] == b"501" and headers[H_FAILURES] == b"0"
