@@ -241,8 +241,8 @@ async def test_a_hanging_shard_is_parked_and_lands_once_it_answers(
     ):
         assert router.shard_map.cluster_of(hung_shard).primary == proxy.address
         assert router.shard_map.cluster_of(other_shard).primary != proxy.address
-        try:
-            async with running(env, router) as (worker, task):
+        async with running(env, router) as (worker, task):
+            try:
                 await publish(env, [raw(r) for r in before])
 
                 async def written_before() -> bool:
@@ -281,8 +281,8 @@ async def test_a_hanging_shard_is_parked_and_lands_once_it_answers(
                     return await stored(hung) == want
 
                 await eventually(_alive(task, landed), "the parked records, once the shard answers")
-        finally:
-            proxy.forward()  # nothing is left waiting on a held byte while the router closes
+            finally:
+                proxy.forward()  # the worker stops, and the router closes, on a live server
 
     assert await stored(other) == {r.message_key: 1 for r in of(other, [*before, *during])}
     rows = await change_rows(hung)
