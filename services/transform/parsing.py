@@ -4,7 +4,8 @@ A message is parsed by :func:`libs.mime.parse_raw_mime` in a worker process of a
 A parse that outlasts ``timeout_s`` has its worker killed (pebble starts a new one), one that
 exhausts the worker's address-space limit raises MemoryError there, and one that kills its worker
 is reported as expired: in each case the message is kept without the raw bytes, with a parse
-warning that says why (``parse_timeout``, ``parse_out_of_memory``, ``parse_crashed``). So no
+warning that says why (``parse_timeout``, ``parse_out_of_memory``, ``parse_crashed``, and
+``parse_invalid`` for parsed fields the event schema refuses). So no
 message, however hostile, can stop the event loop (heartbeats, the transaction's timeout) or be
 retried for ever.
 """
@@ -20,6 +21,7 @@ from typing import Any, Final, Self
 
 from pebble import ProcessExpired, ProcessPool
 from prometheus_client import Counter
+from pydantic import ValidationError
 
 from libs.events import MessageContent
 from libs.mime import MAX_RAW_BYTES, merge_parsed, parse_raw_mime, unparsed
@@ -105,7 +107,10 @@ class ParsePool:
             return _failed(content, "parse_out_of_memory")
         except ProcessExpired:
             return _failed(content, "parse_crashed")
-        return merge_parsed(content, fields)
+        try:
+            return merge_parsed(content, fields)
+        except ValidationError:  # parsed fields the event schema refuses: keep what the event said
+            return _failed(content, "parse_invalid")
 
 
 def _failed(content: MessageContent, warning: str) -> MessageContent:

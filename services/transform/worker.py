@@ -388,7 +388,14 @@ class TransformWorker(Component):
         done, pending = await asyncio.wait(parses, timeout=self.parse_batch_budget_s)
         for task in done:
             tp, i = parses[task]
-            decoded[(tp, batch[tp][i].offset)] = task.result()
+            failure = task.exception()
+            # libs.mime never raises on bad MIME; a parse whose fields fail the event schema goes
+            # to the DLQ like any event that cannot be processed, never back to a retry loop.
+            decoded[(tp, batch[tp][i].offset)] = (
+                task.result()
+                if failure is None
+                else f"raw_mime cannot be turned into a message: {failure!r}"[:500]
+            )
         cut: dict[TopicPartition, int] = {}
         for task in pending:
             task.cancel()

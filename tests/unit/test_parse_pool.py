@@ -30,6 +30,10 @@ def _die(raw_mime: str, size_bytes: int | None) -> dict[str, Any]:
     os._exit(3)
 
 
+def _oversized(raw_mime: str, size_bytes: int | None) -> dict[str, Any]:
+    return {"thread_key": "x" * 100}  # over the thread key's 64 characters
+
+
 async def test_parses_raw_mime_into_the_fields_and_drops_it() -> None:
     async with ParsePool(workers=1, timeout_s=30, memory_limit_bytes=1 << 30) as pool:
         content = await pool.expand(MessageContent(raw_mime=RAW, size_bytes=99))
@@ -39,7 +43,12 @@ async def test_parses_raw_mime_into_the_fields_and_drops_it() -> None:
 
 @pytest.mark.parametrize(
     ("parse", "warning"),
-    [(_hang, "parse_timeout"), (_hog, "parse_out_of_memory"), (_die, "parse_crashed")],
+    [
+        (_hang, "parse_timeout"),
+        (_hog, "parse_out_of_memory"),
+        (_die, "parse_crashed"),
+        (_oversized, "parse_invalid"),
+    ],
 )
 async def test_a_message_over_budget_is_kept_with_a_warning_and_the_pool_goes_on(
     parse: Any, warning: str
