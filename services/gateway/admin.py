@@ -38,12 +38,12 @@ API: Final = ApiRoutes()
 
 
 class NewApplication(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON's true is not an id, "5" no number
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
 class NewAccount(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     application_id: Annotated[int, Field(gt=0, lt=2**63)]
     email: Annotated[str, StringConstraints(min_length=3, max_length=320)]
     provider: Annotated[str, StringConstraints(pattern="^(events|imap)$")] = "events"
