@@ -22,32 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from cli.bench import deploy
+from cli.bench.deploy import PrivateDeployment
 from cli.bench.report import BenchReport, Figure, Section, Stage, StageContext, machine_facts
-from cli.stack import HOST, MariaDB, Stack
-from libs.config import StackSettings
-from libs.db import connect
-from libs.db.migrate import migrate_global, migrate_shard
 from libs.events import Direction, MessageDoc, PostflightRecord, Status
-from libs.shardops import ShardOpsSettings
 from libs.shardops.failover import FailoverResult
 from libs.shardops.watch import ShardWatch
-from libs.shards import ShardRouter, register_clusters
+from libs.shards import ShardRouter
 from services.persist.writer import Failure, classify, write_shard
 
 __all__ = [
     "STAGE",
     "FailoverRun",
-    "PrivateDeployment",
-    "free_port",
     "kill_primary_under_writes",
     "private_deployment",
 ]
@@ -58,86 +52,9 @@ GLOBAL_SCHEMA: Final = "flightlog_global_failover"
 RETRY_PAUSE_S: Final = 0.05  # between a failed write and its retry
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class PrivateDeployment:
-    """A global server and one replicated cluster (``c1``), all of their own, on free ports."""
-
-    state_dir: Path
-    global_server: MariaDB = field(init=False)
-    stack: Stack = field(init=False)
-    settings: ShardOpsSettings = field(init=False)
-
-    def __post_init__(self) -> None:
-        # apart from the shared stack's: its ports, its data, its global schema
-        self.global_server = MariaDB(
-            StackSettings(
-                state_dir=self.state_dir / "global",
-                mariadb_ports=(free_port(),),
-                mariadb_buffer_pool_mb=32,
-                mariadb_replicas=False,
-            ),
-            0,
-        )
-        primary_port, replica_port = free_port(), free_port()
-        self.stack = Stack(
-            StackSettings(
-                state_dir=self.state_dir / "cluster",
-                mariadb_ports=(primary_port,),
-                mariadb_replica_port_offset=replica_port - primary_port,
-                mariadb_buffer_pool_mb=32,
-            )
-        )
-        self.settings = ShardOpsSettings(
-            global_db_port=self.global_server.port,
-            global_db_name=GLOBAL_SCHEMA,
-            db_connect_timeout_s=1.0,
-            shard_map_reload_interval_s=5.0,
-        )
-
-    @property
-    def primary(self) -> MariaDB:
-        return self.stack.mariadb[0]
-
-    @property
-    def replica(self) -> MariaDB:
-        return self.stack.replicas[0]
-
-    def up(self) -> None:
-        for server in (self.global_server, self.primary, self.replica):
-            server.up()
-
-    def down(self) -> None:
-        for server in (self.replica, self.primary, self.global_server):
-            server.down()
-
-    async def schemas(self, shards: int = 2) -> None:
-        """The global schema and the shard map (with the replica), then the shards on the primary."""
-        s = self.settings
-        async with connect(s, s.global_db_host, s.global_db_port) as conn:
-            await migrate_global(conn, s.global_db_name)
-        shard_map = await register_clusters(
-            s, self.stack.clusters(), shards, replicas=self.stack.replica_addresses()
-        )
-        for shard in shard_map.shards:
-            async with connect(s, *shard_map.cluster_of(shard).primary) as conn:
-                await migrate_shard(conn, shard)
-
-
-@contextlib.contextmanager
-def private_deployment(state_dir: Path) -> Iterator[PrivateDeployment]:
-    deployment = PrivateDeployment(state_dir)
-    try:
-        deployment.up()
-        yield deployment
-    finally:
-        deployment.down()
+def private_deployment(state_dir: Path) -> contextlib.AbstractContextManager[PrivateDeployment]:
+    """The stage's deployment: a global server and one cluster with its replica."""
+    return deploy.private_deployment(state_dir, GLOBAL_SCHEMA, replicas=True)
 
 
 def record(account_id: int, key: str) -> PostflightRecord:

@@ -1,8 +1,8 @@
 """One cluster's primary killed under writes to every shard: ``flightlog bench``'s shard-down stage.
 
-The target (docs/DESIGN.md): with one shard's server down, the other shards keep at least 80 % of
+The target (docs/architecture.md): with one shard's server down, the other shards keep at least 80 % of
 their throughput, and nothing is lost. The stage never touches the shared stack's servers:
-:class:`DownDeployment` starts a global server (the shard map) and two one-server clusters, ``a``
+:class:`PrivateDeployment` starts a global server (the shard map) and two one-server clusters, ``a``
 and ``b``, of its own, on free ports under a temporary directory, by the same
 :class:`cli.stack.MariaDB` code as ``flightlog stack up``; four shards alternate between them.
 
@@ -26,30 +26,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from cli.bench import deploy
+from cli.bench.deploy import PrivateDeployment
 from cli.bench.report import BenchReport, Figure, Section, Stage, StageContext, machine_facts
-from cli.stack import HOST, MariaDB, Stack
 from libs.backoff import backoff_s
-from libs.config import StackSettings
-from libs.db import connect
-from libs.db.migrate import migrate_global, migrate_shard
 from libs.events import Direction, MessageDoc, PostflightRecord, Status
-from libs.shardops import ShardOpsSettings
-from libs.shards import ShardRouter, register_clusters
+from libs.shards import ShardRouter
 from services.persist.worker import Breaker
 from services.persist.writer import Failure, classify, write_shard
 
 __all__ = [
     "STAGE",
-    "DownDeployment",
     "DownRun",
     "down_deployment",
     "kill_cluster_under_writes",
@@ -67,86 +62,16 @@ RETRY_MAX_S: Final = 2.0  # ...capped lower than persist's 30 s, so the bench dr
 DRAIN_TIMEOUT_S: Final = 60.0  # for the parked records to land once b is back
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+def down_deployment(state_dir: Path) -> contextlib.AbstractContextManager[PrivateDeployment]:
+    """The stage's deployment: a global server and two one-server clusters, ``a`` (the first)
+    and ``b``."""
+    return deploy.private_deployment(state_dir, GLOBAL_SCHEMA, clusters=2, buffer_pool_mb=64)
 
 
-@dataclass
-class DownDeployment:
-    """A global server and two one-server clusters (``a``, ``b``), all of their own."""
-
-    state_dir: Path
-    global_server: MariaDB = field(init=False)
-    stack: Stack = field(init=False)
-    settings: ShardOpsSettings = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.global_server = MariaDB(
-            StackSettings(
-                state_dir=self.state_dir / "global",
-                mariadb_ports=(_free_port(),),
-                mariadb_buffer_pool_mb=32,
-                mariadb_replicas=False,
-            ),
-            0,
-        )
-        self.stack = Stack(
-            StackSettings(
-                state_dir=self.state_dir / "clusters",
-                mariadb_ports=(_free_port(), _free_port()),
-                mariadb_buffer_pool_mb=64,
-                mariadb_replicas=False,
-            )
-        )
-        self.settings = ShardOpsSettings(
-            global_db_port=self.global_server.port,
-            global_db_name=GLOBAL_SCHEMA,
-            db_connect_timeout_s=1.0,
-            shard_map_reload_interval_s=5.0,
-        )
-
-    @property
-    def a(self) -> MariaDB:
-        return self.stack.mariadb[0]
-
-    @property
-    def b(self) -> MariaDB:
-        return self.stack.mariadb[1]
-
-    def up(self) -> None:
-        for server in (self.global_server, *self.stack.mariadb):
-            server.up()
-
-    def down(self) -> None:
-        for server in (*reversed(self.stack.mariadb), self.global_server):
-            server.down()
-
-    async def schemas(self) -> dict[int, bool]:
-        """The global schema, the map and the shards; returns shard -> whether it is on ``a``."""
-        s = self.settings
-        async with connect(s, s.global_db_host, s.global_db_port) as conn:
-            await migrate_global(conn, s.global_db_name)
-        shard_map = await register_clusters(s, self.stack.clusters(), SHARDS)
-        on_a: dict[int, bool] = {}
-        for shard in shard_map.shards:
-            primary = shard_map.cluster_of(shard).primary
-            on_a[shard] = primary[1] == self.a.port
-            async with connect(s, *primary) as conn:
-                await migrate_shard(conn, shard)
-        return on_a
-
-
-@contextlib.contextmanager
-def down_deployment(state_dir: Path) -> Iterator[DownDeployment]:
-    deployment = DownDeployment(state_dir)
-    try:
-        deployment.up()
-        yield deployment
-    finally:
-        deployment.down()
+async def placement(deployment: PrivateDeployment) -> dict[int, bool]:
+    """The global schema, the map and the shards; returns shard -> whether it is on ``a``."""
+    shard_map = await deployment.schemas(SHARDS)
+    return {s: shard_map.cluster_of(s).primary[1] == deployment.primary.port for s in shard_map.shards}
 
 
 def rate_between(acked_at: Iterable[float], start: float, end: float) -> float:
@@ -305,7 +230,7 @@ async def _stored(router: ShardRouter, shard: int, accounts: Sequence[int]) -> s
 
 
 async def kill_cluster_under_writes(
-    deployment: DownDeployment,
+    deployment: PrivateDeployment,
     on_a: dict[int, bool],
     *,
     warmup_s: float = 1.0,
@@ -338,12 +263,12 @@ async def kill_cluster_under_writes(
             await asyncio.sleep(baseline_s)
             run.baseline = (start, time.monotonic())
             say(f"  both clusters up: a at {run.a_up_per_s:,.0f} writes/s; kill -9 b")
-            await asyncio.to_thread(deployment.b.kill)
+            await asyncio.to_thread(deployment.stack.mariadb[1].kill)
             run.killed_at = time.monotonic()
             await asyncio.sleep(down_s)
             run.restarted_at = time.monotonic()
             say(f"  b down: a at {run.a_down_per_s:,.0f} writes/s, {run.parks} records parked; starting b")
-            await asyncio.to_thread(deployment.b.up)
+            await asyncio.to_thread(deployment.stack.mariadb[1].up)
             run.back_at = time.monotonic()
             await asyncio.sleep(after_s)
         finally:
@@ -365,7 +290,7 @@ async def kill_cluster_under_writes(
 async def bench_shard_down(progress: Callable[[str], None]) -> DownRun:
     with tempfile.TemporaryDirectory(prefix="flightlog-shard-down-") as tmp:
         with down_deployment(Path(tmp)) as deployment:
-            on_a = await deployment.schemas()
+            on_a = await placement(deployment)
             return await kill_cluster_under_writes(deployment, on_a, progress=progress)
 
 

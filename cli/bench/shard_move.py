@@ -1,6 +1,6 @@
 """A shard moved between clusters under writes: ``flightlog bench``'s shard-move stage, and its harness.
 
-The stage never touches the shared stack's servers: :class:`MoveDeployment` starts a global
+The stage never touches the shared stack's servers: :class:`PrivateDeployment` starts a global
 server (the shard map) and two clusters (one primary each) of its own, on free ports under a
 temporary directory, by the same :class:`cli.stack.MariaDB` code as ``flightlog stack up``.
 Writers stream persist's own writes (:func:`services.persist.writer.write_shard` through a
@@ -21,28 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from cli.bench import deploy
+from cli.bench.deploy import PrivateDeployment
 from cli.bench.report import BenchReport, Figure, Section, Stage, StageContext, machine_facts
 from cli.bench.stats import LatencySummary, summarize
-from cli.stack import HOST, MariaDB, Stack
-from libs.config import StackSettings
-from libs.db import connect
-from libs.db.migrate import migrate_global, migrate_shard
 from libs.events import Direction, MessageDoc, PostflightRecord, Status
-from libs.shardops import ShardOpsSettings
 from libs.shardops.move import MoveResult, move_shard
-from libs.shards import ShardRouter, register_clusters
+from libs.shards import ShardRouter
 from services.persist.writer import Failure, classify, db_errno, write_shard
 
-__all__ = ["STAGE", "MoveDeployment", "MoveRun", "move_deployment", "move_under_writes"]
+__all__ = ["STAGE", "MoveRun", "move_deployment", "move_under_writes"]
 
 SHARD: Final = 1  # on c1; shard 2 is on c2
 GLOBAL_SCHEMA: Final = "flightlog_global_move"
@@ -50,74 +46,9 @@ RETRY_PAUSE_S: Final = 0.05  # between a failed write and its retry
 KEYS_PER_ACCOUNT: Final = 200  # then the writer goes round again with a higher version
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class MoveDeployment:
-    """A global server and two one-server clusters (``c1``, ``c2``), all of their own."""
-
-    state_dir: Path
-    global_server: MariaDB = field(init=False)
-    stack: Stack = field(init=False)
-    settings: ShardOpsSettings = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.global_server = MariaDB(
-            StackSettings(
-                state_dir=self.state_dir / "global",
-                mariadb_ports=(_free_port(),),
-                mariadb_buffer_pool_mb=32,
-                mariadb_replicas=False,
-            ),
-            0,
-        )
-        self.stack = Stack(
-            StackSettings(
-                state_dir=self.state_dir / "clusters",
-                mariadb_ports=(_free_port(), _free_port()),
-                mariadb_buffer_pool_mb=32,
-                mariadb_replicas=False,
-            )
-        )
-        self.settings = ShardOpsSettings(
-            global_db_port=self.global_server.port,
-            global_db_name=GLOBAL_SCHEMA,
-            db_connect_timeout_s=1.0,
-            # services poll the map slowly; a parked write asks for it at once (request_reload)
-            shard_map_reload_interval_s=5.0,
-        )
-
-    def up(self) -> None:
-        for server in (self.global_server, *self.stack.mariadb):
-            server.up()
-
-    def down(self) -> None:
-        for server in (*reversed(self.stack.mariadb), self.global_server):
-            server.down()
-
-    async def schemas(self, shards: int = 2) -> None:
-        s = self.settings
-        async with connect(s, s.global_db_host, s.global_db_port) as conn:
-            await migrate_global(conn, s.global_db_name)
-        shard_map = await register_clusters(s, self.stack.clusters(), shards)
-        for shard in shard_map.shards:
-            async with connect(s, *shard_map.cluster_of(shard).primary) as conn:
-                await migrate_shard(conn, shard)
-
-
-@contextlib.contextmanager
-def move_deployment(state_dir: Path) -> Iterator[MoveDeployment]:
-    deployment = MoveDeployment(state_dir)
-    try:
-        deployment.up()
-        yield deployment
-    finally:
-        deployment.down()
+def move_deployment(state_dir: Path) -> contextlib.AbstractContextManager[PrivateDeployment]:
+    """The stage's deployment: a global server and two one-server clusters, ``c1`` and ``c2``."""
+    return deploy.private_deployment(state_dir, GLOBAL_SCHEMA, clusters=2)
 
 
 def record(account_id: int, key: str, version: int) -> PostflightRecord:
@@ -191,7 +122,7 @@ async def _writer(router: ShardRouter, account: int, run: MoveRun, stop: asyncio
 
 
 async def move_under_writes(
-    deployment: MoveDeployment,
+    deployment: PrivateDeployment,
     *,
     writers: int = 4,
     before_s: float = 2.0,

@@ -1,7 +1,7 @@
 """``flightlog shards move`` under writes, and ``shards create``, on private servers.
 
 The servers are the test's own (a global server and two one-server clusters on free ports under
-a temporary directory, :class:`cli.bench.shard_move.MoveDeployment`); the shared stack is never
+a temporary directory, :func:`cli.bench.shard_move.move_deployment`); the shared stack is never
 touched. Writes are persist's own (``write_shard`` through a ``ShardRouter``), retried as persist
 retries a parked record. The write pause is printed, not asserted (the <= 1 s target is a bench
 figure, ``flightlog bench --stages shard-move``).
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cli.bench.shard_move import SHARD, MoveDeployment, move_deployment, move_under_writes, record
+from cli.bench.deploy import PrivateDeployment
+from cli.bench.shard_move import SHARD, move_deployment, move_under_writes, record
 from libs.accounts import create_account, create_application
 from libs.db import connect, shard_schema
 from libs.ids import shard_of
@@ -27,13 +28,13 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MoveDeployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateDeployment]:
     with move_deployment(Path(tmp_path_factory.mktemp("move"))) as deployment:
         yield deployment
 
 
 async def test_a_shard_moves_under_writes_with_nothing_lost_duplicated_or_failed(
-    deployment: MoveDeployment,
+    deployment: PrivateDeployment,
 ) -> None:
     await deployment.schemas()
     c1, c2 = deployment.stack.mariadb
@@ -90,7 +91,7 @@ async def test_a_shard_moves_under_writes_with_nothing_lost_duplicated_or_failed
     assert c1.query(f"SHOW DATABASES LIKE '{moved_schema(SHARD)}'") == []
 
 
-async def test_create_adds_shards_that_take_writes_with_their_bits(deployment: MoveDeployment) -> None:
+async def test_create_adds_shards_that_take_writes_with_their_bits(deployment: PrivateDeployment) -> None:
     s = deployment.settings
     version, placed = await create_shards(s, 3)
     print(f"\ncreated: {placed} (map version {version})")

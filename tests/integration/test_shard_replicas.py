@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cli.bench.failover import PrivateDeployment, private_deployment, record
+from cli.bench.deploy import PrivateDeployment
+from cli.bench.failover import private_deployment, record
 from libs.db import connect
 from libs.shardops.replication import replica_status, semi_sync_active
 from libs.shardops.verify import RowDiff, verify_replica

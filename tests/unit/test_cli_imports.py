@@ -24,6 +24,7 @@ BENCH_LAYERS: Final = {
     "cli.bench.stats": 1,
     "cli.bench.profile": 1,
     "cli.bench.drive": 2,
+    "cli.bench.deploy": 2,
     "cli.bench.raw": 3,
     "cli.bench.pipeline": 3,
     "cli.bench.gateway": 3,
