@@ -287,7 +287,13 @@ async def test_a_folder_recreated_on_a_live_account_keeps_its_messages_keys(
             assert len(got.of("message.synced")) == 7, "the recreated folder's messages were synced again"
             assert got.of("message.synced")[-1]["message_key"] not in project_keys
             assert got.of("message.deleted") == [], "a message of the recreated folder was deleted"
-            (after,) = [f for f in await store.folders_public(account_id) if f["name"] == "Projects"]
+            # the folder's row is written after its events are acknowledged: wait for the marker's
+            deadline = time.monotonic() + 30
+            while True:
+                (after,) = [f for f in await store.folders_public(account_id) if f["name"] == "Projects"]
+                if after["message_count"] == 5 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
             assert after["id"] == before["id"], "the folder was replaced, so its messages got new keys"
             assert after["message_count"] == 5
             view = await wait_state(store, account_id, "running")
