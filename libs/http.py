@@ -3,6 +3,8 @@
 Every service answers errors the same way: a handler (or a helper it calls) raises
 :class:`Problem`, and :func:`problem_middleware` turns it, aiohttp's own HTTP errors, a database
 or dependency that cannot be reached, and anything unexpected into ``application/problem+json``.
+A request that aiohttp's parser refuses before any middleware runs (a request line over 8 KiB,
+malformed headers) gets one too, through :class:`ProblemAppRunner`.
 
 Exceptions::
 
@@ -30,11 +32,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any, Final
 
 import orjson
 import pymysql
-from aiohttp import web
+from aiohttp import web, web_protocol, web_request, web_server
 from pydantic import ValidationError
 from pymysql.constants import CR, ER
 
@@ -324,3 +327,41 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             return unavailable_response(exc)
         logger.exception("%s %s failed", request.method, request.path[:200])
         return problem_response(500, "Internal error", "the request failed unexpectedly; it has been logged")
+
+
+class _ProblemRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering what its parser refuses with a problem document
+    instead of ``text/plain`` (it still logs and closes the connection as aiohttp does)."""
+
+    def handle_error(
+        self,
+        request: web_request.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if a response began
+        title = HTTPStatus(status).phrase
+        detail = (message or title) if status < 500 else "the request failed unexpectedly; it has been logged"
+        response = problem_response(status, title, detail[:500])
+        response.force_close()
+        return response
+
+
+class _ProblemServer(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProblemAppRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer parser errors as problem documents."""
+
+    async def _make_server(self) -> web_server.Server:
+        made = await super()._make_server()
+        return _ProblemServer(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **made._kwargs,
+        )

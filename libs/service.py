@@ -33,7 +33,7 @@ import uvloop
 from aiohttp import web
 
 from libs.config import ServiceSettings
-from libs.http import Problem, problem_middleware
+from libs.http import Problem, ProblemAppRunner, problem_middleware
 from libs.logs import configure_logging
 
 __all__ = [
@@ -135,7 +135,7 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
     app = ctx.app
 
     loop = asyncio.get_running_loop()
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    runner = ProblemAppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     # The app's cleanup contexts open its resources here, before the port opens.
     setup_task = asyncio.ensure_future(runner.setup())
     main_task: asyncio.Task[None] | None = None

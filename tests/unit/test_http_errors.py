@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Annotated
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from libs.backoff import backoff_s
-from libs.http import MAX_VALIDATION_ERRORS, Unauthorized, bearer_token, invalid_body, validation_errors
+from libs.http import (
+    MAX_VALIDATION_ERRORS,
+    ProblemAppRunner,
+    Unauthorized,
+    bearer_token,
+    invalid_body,
+    validation_errors,
+)
 
 
 @pytest.mark.parametrize(
@@ -73,3 +82,36 @@ def test_backoff_doubles_to_its_cap_and_jitters_as_asked() -> None:
     assert all(0 <= d < 8 for d in full) and min(full) < 1 < 7 < max(full)
     spread = [backoff_s(4, 1, 300, jitter="spread", rand=rng.random) for _ in range(200)]
     assert all(6 <= d < 10 for d in spread)
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # request line over 8 KiB
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    ],
+)
+async def test_what_the_http_parser_refuses_is_a_problem_document_too(request_head: bytes) -> None:
+    """No middleware sees these requests: the runner's connection handler answers them."""
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = ProblemAppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_head)
+        head, _, body = (await reader.read()).partition(b"\r\n\r\n")
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert head.split(b" ")[1] == b"400"
+    assert b"Content-Type: application/problem+json" in head
+    doc = orjson.loads(body)
+    assert doc["status"] == 400 and doc["title"] == "Bad Request" and doc["detail"]
