@@ -56,27 +56,37 @@ CHECKS = [
 ]
 
 
-def fuzzable(spec: dict[str, Any], ids: dict[str, list[str]]) -> dict[str, Any]:
-    """The served document, narrowed where fuzzing it whole would only wait: long-poll timeouts
-    are capped, and the endless SSE stream is left to its own tests. Real ids join the random ones."""
+def fuzzable(spec: dict[str, Any], ids: dict[str, list[str]], mode: GenerationMode) -> dict[str, Any]:
+    """The served document, narrowed where fuzzing it whole would only wait: the endless SSE
+    stream is left to its own tests, and real ids join the random ones.
+
+    Positive cases also cap long-poll timeouts and point the IMAP accounts they create at the
+    local plain-text Dovecot, where random credentials fail at once, not at random hosts that
+    would be retried for ever. Negative cases must not see those narrowings: a value outside
+    them (a timeout of 1 s, another port) is valid for the API, and accepting it is no fault.
+    Their long polls go without ``timeout`` (the shortest default wait), and the bodies they
+    send are invalid, so no account is created."""
     spec = copy.deepcopy(spec)
     del spec["paths"]["/v1/accounts/{account_id}/delta/stream"]
+    positive = mode is GenerationMode.POSITIVE
     for ops in spec["paths"].values():
         for op in ops.values():
-            for param in op.get("parameters", []):
+            params = [p for p in op.get("parameters", []) if positive or p["name"] != "timeout"]
+            for param in params:
                 if param["name"] == "timeout":
                     param["schema"]["maximum"] = 0.2
                 if param["in"] == "path" and param["name"] in ids:
                     param["schema"] = {"anyOf": [{"enum": ids[param["name"]]}, param["schema"]]}
-    # IMAP accounts it creates point at the local plain-text Dovecot, where random credentials
-    # fail at once and the sync stops, not at random hosts that would be retried for ever.
-    imap = spec["components"]["schemas"]["NewImapAccount"]
-    imap["properties"] |= {
-        "host": {"type": "string", "enum": ["127.0.0.1"]},
-        "port": {"type": "integer", "enum": [DOVECOT_PLAIN_PORT]},
-        "tls_mode": {"type": "string", "enum": ["none"]},
-    }
-    imap["required"] = [*imap["required"], "port", "tls_mode"]
+            if "parameters" in op:
+                op["parameters"] = params
+    if positive:
+        imap = spec["components"]["schemas"]["NewImapAccount"]
+        imap["properties"] |= {
+            "host": {"type": "string", "enum": ["127.0.0.1"]},
+            "port": {"type": "integer", "enum": [DOVECOT_PLAIN_PORT]},
+            "tls_mode": {"type": "string", "enum": ["none"]},
+        }
+        imap["required"] = [*imap["required"], "port", "tls_mode"]
     return spec
 
 
@@ -125,26 +135,28 @@ def fuzz_operation(
     check()
 
 
-def run_fuzz(base_url: str, spec: dict[str, Any], app_key: str, run_seed: int) -> list[str]:
-    schema = schemathesis.openapi.from_dict(spec)
-
-    # refresh_interval=None: the key depends on the operation, so it is not cached across them
-    @schema.auth(refresh_interval=None)
-    class Keys:
-        """The operator's key on admin paths, the tenant's elsewhere; schemathesis leaves it out
-        of the negative cases that remove or mutate the Authorization header."""
-
-        def get(self, case: schemathesis.Case[Any], ctx: Any) -> str:
-            return ADMIN_KEY if case.operation.path.startswith("/v1/admin/") else app_key
-
-        def set(self, case: schemathesis.Case[Any], data: str, ctx: Any) -> None:
-            case.headers["Authorization"] = f"Bearer {data}"
-
+def run_fuzz(
+    base_url: str, served: dict[str, Any], ids: dict[str, list[str]], app_key: str, run_seed: int
+) -> list[str]:
     failures: list[str] = []
-    for result in schema.get_all_operations():
-        assert isinstance(result, Ok), result
-        operation = result.ok()
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        schema = schemathesis.openapi.from_dict(fuzzable(served, ids, mode))
+
+        # refresh_interval=None: the key depends on the operation, so it is not cached across them
+        @schema.auth(refresh_interval=None)
+        class Keys:
+            """The operator's key on admin paths, the tenant's elsewhere; schemathesis leaves it
+            out of the negative cases that remove or mutate the Authorization header."""
+
+            def get(self, case: schemathesis.Case[Any], ctx: Any) -> str:
+                return ADMIN_KEY if case.operation.path.startswith("/v1/admin/") else app_key
+
+            def set(self, case: schemathesis.Case[Any], data: str, ctx: Any) -> None:
+                case.headers["Authorization"] = f"Bearer {data}"
+
+        for result in schema.get_all_operations():
+            assert isinstance(result, Ok), result
+            operation = result.ok()
             try:
                 fuzz_operation(base_url, operation, mode, run_seed)
             except Exception as exc:
@@ -163,5 +175,5 @@ async def test_fuzz_against_openapi(gateway: str, tenant_factory: Any, router: S
     }
     run_seed = fuzz_seed()
     print(f"\nfuzz seed {run_seed} (FLIGHTLOG_FUZZ_SEED={run_seed} repeats these cases)")
-    failures = await asyncio.to_thread(run_fuzz, gateway, fuzzable(served, ids), tenant.api_key, run_seed)
+    failures = await asyncio.to_thread(run_fuzz, gateway, served, ids, tenant.api_key, run_seed)
     assert not failures, f"FLIGHTLOG_FUZZ_SEED={run_seed} repeats this run\n\n" + "\n\n".join(failures)
