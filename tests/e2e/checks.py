@@ -3,10 +3,7 @@ from Kafka), and waiting for it."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -85,15 +82,6 @@ async def postflight_versions(
                 if rec.account_id in accounts:
                     versions.setdefault((rec.account_id, rec.message_key), []).append(rec.version)
     return versions
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def assert_exact_changes(got: list[tuple[int, str, int]], final: dict[int, tuple[int, bool]]) -> None:

@@ -15,6 +15,7 @@ from libs.shards import ShardRouter
 from tests.e2e import checks
 from tests.e2e.client import outbound_events, post_events
 from tests.e2e.conftest import Pipeline
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +79,7 @@ async def test_kill_transform_then_persist_mid_run(
             )
         return total == MESSAGES
 
-    await checks.wait_for(all_landed, 300, f"all {MESSAGES} messages to be queryable")
+    await eventually(all_landed, 300, f"all {MESSAGES} messages to be queryable")
     finished = time.monotonic()
 
     # Transform is exactly-once: one committed postflight record per message, despite the kill.

@@ -14,6 +14,7 @@ from tests.e2e import checks
 from tests.e2e.client import event, post_events
 from tests.e2e.conftest import Pipeline
 from tests.e2e.gateway_helpers import T0, bearer, gateway, http, message_ids, record, seed, varied
+from tests.polling import eventually
 
 __all__ = ["gateway", "http"]
 
@@ -269,7 +270,7 @@ async def pipeline_message(
     async def stored() -> bool:
         return key in await message_ids(router, account_id)
 
-    await checks.wait_for(stored, 60, f"message {key} to be stored")
+    await eventually(stored, 60, f"message {key} to be stored")
     return (await message_ids(router, account_id))[key]
 
 
@@ -366,7 +367,7 @@ async def test_a_pipeline_update_after_a_patch_is_not_lost(
     async def landed() -> bool:
         return int((await checks.messages(router, account.id))["later"]["version"]) > patched
 
-    await checks.wait_for(landed, 30, "the update after the PATCH")
+    await eventually(landed, 30, "the update after the PATCH")
     status, msg, _ = await get(http, url, tenant.api_key)
     assert status == 200 and msg["version"] > patched
     assert msg["unread"] is False and msg["starred"] is True and msg["folder"] == "archive"
@@ -399,7 +400,7 @@ async def test_patch_and_delete_answer_202_until_the_pipeline_stores_them(
 
     # The deletion comes after the PATCH on the message's partition: once it is stored, so is
     # whatever the PATCH did.
-    await checks.wait_for(erased, 30, "the deletion to be stored")
+    await eventually(erased, 30, "the deletion to be stored")
     row = (await checks.messages(router, account.id))["direct"]
     assert row["version"] == ABOVE_ANY_OFFSET and row["folder"] == "inbox", row
     assert row["subject"] is None and row["body_is_null"] == 1, row

@@ -27,7 +27,8 @@ from tests.e2e.checks import offsets_since
 from tests.e2e.conftest import E2E_INSTANCE, E2E_PORT_OFFSET
 from tests.e2e.gateway_helpers import bearer
 from tests.e2e.webhook_harness import FAST, fast_settings, relay
-from tests.e2e.webhook_helpers import Receiver, metric_line, wait_until, write_change
+from tests.e2e.webhook_helpers import Receiver, metric_line, write_change
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +68,7 @@ async def test_webhooks_are_served_and_delivered_by_the_gateway(
 ) -> None:
     async with http.get(f"{wired_gateway}/readyz") as resp:
         assert resp.status == 200
-    await wait_until(
+    await eventually(
         lambda: metric_line(PORT, b"flightlog_webhook_dispatcher_active 1.0"), 30, "the dispatcher to lead"
     )
     tenant = await tenant_factory(router.shard_map.shards[:2])
@@ -95,7 +96,7 @@ async def test_webhooks_are_served_and_delivered_by_the_gateway(
         async with relay(router, fast_settings()):
             for account in tenant.accounts:
                 await write_change(router, account.id, "hooked", 1)
-            await wait_until(lambda: len(rx.ok) >= 2, 30, "two deliveries")
+            await eventually(lambda: len(rx.ok) >= 2, 30, "two deliveries")
         print(f"\ntwo changes delivered by the gateway's dispatcher in {time.monotonic() - started:.2f} s")
         hook = standardwebhooks.Webhook(created["secret"])
         for r in rx.ok:
@@ -112,7 +113,7 @@ async def test_webhooks_are_served_and_delivered_by_the_gateway(
             http, "POST", f"{hooks}/{wid}/deliveries/{delivery_id}/replay", tenant.api_key
         )
         assert status == 202 and body == {"replayed": 1}
-        await wait_until(lambda: len(rx.ok) >= 3, 30, "the replayed delivery")
+        await eventually(lambda: len(rx.ok) >= 3, 30, "the replayed delivery")
         assert rx.ok[-1].headers["webhook-id"] == page["data"][0]["webhook_id"]  # the same event id
         status, body, _ = await call(http, "DELETE", f"{hooks}/{wid}", tenant.api_key)
         assert status == 204

@@ -13,10 +13,8 @@ says ``truncated``, keeps the message's true size and the subject parsed from it
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -34,6 +32,7 @@ from services.ingest.imap.sync import message_key as imap_message_key
 from tests.e2e.conftest import Pipeline
 from tests.e2e.webhook_harness import Harness, fast_settings, stack
 from tests.e2e.webhook_helpers import Receiver
+from tests.polling import eventually
 from tests.scratch import dovecot_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -50,14 +49,6 @@ class Mailbox:
     account_id: int
     folder_id: int  # INBOX's: message keys are ``imap:<folder id>:<identity>``
     api_key: str
-
-
-async def poll(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = SYNCED_WITHIN_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(POLL_S)
 
 
 class Gateway:
@@ -82,7 +73,7 @@ class Gateway:
             found.update((await self.messages(account_id)).get(key) or {})
             return bool(found)
 
-        await poll(stored, f"message {key} through the gateway")
+        await eventually(stored, SYNCED_WITHIN_S, f"message {key} through the gateway")
         status, body = await self.call("GET", f"/v1/messages/{found['id']}")
         assert status == 200, body
         result: dict[str, Any] = body
@@ -123,7 +114,7 @@ async def synced_mailbox(
             first.update(await gateway.messages(account_id))
             return bool(first)
 
-        await poll(synced, "the mailbox's first message")
+        await eventually(synced, SYNCED_WITHIN_S, "the mailbox's first message")
         folder_id = int(next(iter(first)).split(":")[1])
         yield Mailbox(address, account_id, folder_id, tenant.api_key), gateway
     finally:
@@ -176,7 +167,7 @@ async def test_appended_mail_becomes_a_row_and_a_message_created_webhook(
             async def delivered() -> bool:
                 return bool(announced())
 
-            await poll(delivered, "the message.created webhook")
+            await eventually(delivered, SYNCED_WITHIN_S, "the message.created webhook")
             hook = announced()[0]
             assert hook["type"] == "message.created", hook
             assert hook["data"]["account_id"] == str(mailbox.account_id), hook

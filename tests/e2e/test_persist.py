@@ -18,6 +18,7 @@ from libs.shards import ShardRouter
 from tests.e2e import checks
 from tests.e2e.checks import offsets_since
 from tests.e2e.conftest import Pipeline
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +62,7 @@ async def test_version_guard_and_changes(
         rows = await checks.messages(router, acc)
         return {k: r["version"] for k, r in rows.items()} == {"m1": 2, "m2": 2, "m3": 2}
 
-    await checks.wait_for(done, 30, "three messages at their last version")
+    await eventually(done, 30, "three messages at their last version")
     rows = await checks.messages(router, acc)
     assert rows["m1"]["starred"] == 1 and rows["m1"]["subject"] == "first"
     assert rows["m2"]["subject"] == "m2 v2" and rows["m2"]["unread"] == 0
@@ -120,13 +121,13 @@ async def test_one_shard_server_down(
         async def up_done() -> bool:
             return len(await checks.messages(router, up_acc)) == 200
 
-        await checks.wait_for(up_done, 60, "the healthy shard's 200 rows")
+        await eventually(up_done, 60, "the healthy shard's 200 rows")
         await publish(kafka_settings, [record(up_acc, f"late{i}", 1) for i in range(50)])
 
         async def up_late() -> bool:
             return len(await checks.messages(router, up_acc)) == 250
 
-        await checks.wait_for(up_late, 60, "rows that arrived while the other shard was down")
+        await eventually(up_late, 60, "rows that arrived while the other shard was down")
     finally:
         await asyncio.to_thread(server.up)
 
@@ -136,7 +137,7 @@ async def test_one_shard_server_down(
         except Exception:
             return False
 
-    await checks.wait_for(down_done, 120, "the stopped shard to catch up")
+    await eventually(down_done, 120, "the stopped shard to catch up")
     for acc in (down_acc, up_acc):
         rows = await checks.messages(router, acc)
         checks.assert_exact_changes(

@@ -16,6 +16,7 @@ from libs.shards import ShardRouter
 from tests.e2e import checks
 from tests.e2e.client import event, outbound_events, post_events
 from tests.e2e.conftest import Pipeline
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -98,7 +99,7 @@ async def test_valid_duplicated_out_of_order_late_and_invalid_events(
             and set(rb) == {"ooo", "impossible"}
         )
 
-    await checks.wait_for(done, 60, "the pipeline's rows")
+    await eventually(done, 60, "the pipeline's rows")
     ra, rb = await checks.messages(router, a), await checks.messages(router, b)
     assert ra["valid"]["status"] == "delivered" and ra["valid"]["starred"] == 1 and ra["valid"]["unread"] == 0
     assert ra["dup"]["status"] == "delivered"

@@ -12,9 +12,9 @@ import pytest
 
 from libs.ids import shard_of
 from libs.shards import ShardRouter
-from tests.e2e import checks
 from tests.e2e.client import event, post_events
 from tests.e2e.conftest import Pipeline
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -95,7 +95,7 @@ async def test_raw_mime_is_parsed_stored_and_served(
         async def landed() -> bool:
             return set(await mime_rows(router, account)) == {"root", "reply", "broken"}
 
-        await checks.wait_for(landed, 60, "the parsed messages' rows")
+        await eventually(landed, 60, "the parsed messages' rows")
         rows = await mime_rows(router, account)
         root = rows["root"]
         assert root["subject"] == "caféこんにちは" and root["sender"] == "j@example.de"

@@ -21,12 +21,11 @@ from tests.e2e.conftest import Pipeline
 from tests.e2e.webhook_helpers import (
     change_ids,
     end_offsets,
-    eventually,
     first_seen,
     read_changes,
-    wait_until,
     write_change,
 )
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +108,7 @@ async def test_kill_persist_mid_stream_loses_no_change(
     pipeline: Pipeline, router: ShardRouter, tenant_factory: Any, kafka_settings: KafkaSettings
 ) -> None:
     """The relay in the persist process is the active one; SIGKILL it while changes stream in."""
-    await wait_until(lambda: relay_active(pipeline), 10, "persist's relay to be the active one")
+    await eventually(lambda: relay_active(pipeline), 10, "persist's relay to be the active one")
     tenant = await tenant_factory(router.shard_map.shards)
     start = await end_offsets(kafka_settings)
     written = 0
@@ -140,7 +139,7 @@ async def test_kill_persist_mid_stream_loses_no_change(
         assert svc.proc.kill(), "persist was not running"
         killed_at = written
         await asyncio.to_thread(svc.start, wait_s=90)
-        await wait_until(lambda: written >= killed_at + 5, 60, "changes written after the restart")
+        await eventually(lambda: written >= killed_at + 5, 60, "changes written after the restart")
     finally:
         stop.set()
         await task

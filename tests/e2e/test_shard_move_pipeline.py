@@ -33,6 +33,7 @@ from libs.shards import ShardMap, ShardRouter, load_shard_map, shard_sizes
 from tests.e2e import checks
 from tests.e2e.client import event
 from tests.e2e.conftest import Pipeline
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -230,7 +231,7 @@ async def test_a_shard_moves_between_the_clusters_while_events_stream_into_it(
             stored, _ = await rows_on(settings, home.primary, shard, accounts)
             return len(stored) >= 6 * ACCOUNTS
 
-        await checks.wait_for(flowing, 120, "the first messages in the shard")
+        await eventually(flowing, 120, "the first messages in the shard")
         batches_before = stream.batches
         print(f"move starts at {time.time():.3f}")
         move = await move_shard(settings, shard, away.name, progress=print)
@@ -264,7 +265,7 @@ async def test_a_shard_moves_between_the_clusters_while_events_stream_into_it(
                 k: (r["status"], r["starred"] == 1 and r["unread"] == 0) for k, r in stored.items()
             } == expected
 
-        await checks.wait_for(all_there, SETTLE_TIMEOUT_S, "every message final on the new cluster")
+        await eventually(all_there, SETTLE_TIMEOUT_S, "every message final on the new cluster")
         stored, count = await rows_on(settings, away.primary, shard, accounts)
         assert count == len(stored) == len(expected)  # one row per message: nothing duplicated
 

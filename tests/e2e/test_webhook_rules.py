@@ -16,7 +16,8 @@ from aiohttp import web
 from libs.shards import ShardRouter
 from services.gateway.webhooks.store import utcnow
 from tests.e2e.webhook_harness import Harness, api_server, dispatcher, fast_settings, relay, stack
-from tests.e2e.webhook_helpers import Receiver, eventually, wait_until, write_change
+from tests.e2e.webhook_helpers import Receiver, write_change
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -53,9 +54,9 @@ async def test_event_type_and_account_filters(router: ShardRouter, tenant_factor
                 # to every endpoint at once, so once the markers are in nothing more can follow.
                 await write_change(router, account, "marker", 1)
             created, updated = "message.created", "message.updated"
-            await wait_until(lambda: len(everything.ok) >= 6, WAIT_S, "the unfiltered endpoint's deliveries")
-            await wait_until(lambda: len(created_only.ok) >= 4, WAIT_S, "the created-only deliveries")
-            await wait_until(lambda: len(first_account.ok) >= 3, WAIT_S, "the one account's deliveries")
+            await eventually(lambda: len(everything.ok) >= 6, WAIT_S, "the unfiltered endpoint's deliveries")
+            await eventually(lambda: len(created_only.ok) >= 4, WAIT_S, "the created-only deliveries")
+            await eventually(lambda: len(first_account.ok) >= 3, WAIT_S, "the one account's deliveries")
 
             assert sorted(seen(everything)) == sorted(
                 [(a, t) for a in (one, two) for t in (created, updated, created)]
@@ -191,7 +192,7 @@ async def test_the_old_secret_signs_until_its_grace_period_ends(
             new = standardwebhooks.Webhook(rotated["secret"])
 
             await write_change(router, account, "a", 1)
-            await wait_until(lambda: len(rx.ok) == 1, WAIT_S, "the delivery during the overlap")
+            await eventually(lambda: len(rx.ok) == 1, WAIT_S, "the delivery during the overlap")
             overlap = rx.ok[0]
             assert len(overlap.headers["webhook-signature"].split()) == 2
             old.verify(overlap.body, overlap.headers)  # a receiver still holding the old secret
@@ -199,7 +200,7 @@ async def test_the_old_secret_signs_until_its_grace_period_ends(
 
             await _expire_previous_secret(router, created["id"])
             await write_change(router, account, "a", 2)
-            await wait_until(lambda: len(rx.ok) == 2, WAIT_S, "the delivery after the expiry")
+            await eventually(lambda: len(rx.ok) == 2, WAIT_S, "the delivery after the expiry")
             after = rx.ok[1]
             assert len(after.headers["webhook-signature"].split()) == 1
             new.verify(after.body, after.headers)

@@ -15,7 +15,8 @@ from aiohttp import web
 
 from libs.shards import ShardRouter
 from tests.e2e.webhook_harness import api_server, fast_settings, stack
-from tests.e2e.webhook_helpers import Receiver, accept, change_ids, eventually, wait_until, write_change
+from tests.e2e.webhook_helpers import Receiver, accept, change_ids, write_change
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -122,13 +123,13 @@ async def test_receiver_down_then_flaky_gets_everything_in_order(
         receiver = Receiver(flaky, port=port)
         await receiver.start()
         try:
-            await wait_until(lambda: len(receiver.ok) >= total, 60, f"{total} deliveries")
+            await eventually(lambda: len(receiver.ok) >= total, 60, f"{total} deliveries")
             # A marker per account after the changes under test: a lane delivers in order, so once
             # every marker is in, nothing of the changes under test is still on its way.
             for acc in tenant.accounts:
                 await write_change(router, acc.id, "marker", 1)
             markers = {acc.id: (await change_ids(router, acc.id))[-1] for acc in tenant.accounts}
-            await wait_until(
+            await eventually(
                 lambda: set(markers.values()) <= {int(r.json["data"]["change_id"]) for r in receiver.ok},
                 60, "every account's marker",
             )  # fmt: skip
@@ -175,11 +176,11 @@ async def test_slow_endpoint_does_not_delay_another(router: ShardRouter, tenant_
             account = tenant.accounts[0].id
             for n in range(10):
                 await write_change(router, account, f"m{n}", 1)
-            await wait_until(lambda: len(fast_rx.ok) == 10, 60, "the fast endpoint's deliveries")
+            await eventually(lambda: len(fast_rx.ok) == 10, 60, "the fast endpoint's deliveries")
             assert len(slow_rx.ok) == 0 and len(slow_rx.received) == 1  # one in flight, the rest queued
             assert per_account(fast_rx.ok) == {account: await change_ids(router, account)}
             release.set()
-            await wait_until(lambda: len(slow_rx.ok) == 10, 60, "the slow endpoint's deliveries")
+            await eventually(lambda: len(slow_rx.ok) == 10, 60, "the slow endpoint's deliveries")
             assert per_account(slow_rx.ok) == per_account(fast_rx.ok)
     finally:
         release.set()
@@ -196,12 +197,12 @@ async def test_rotation_signs_with_both_secrets_and_replay(router: ShardRouter, 
         async with stack(router, fast_settings(), tenant.api_key) as (h, _):
             created = await h.subscribe(rx.url)
             await write_change(router, account, "a", 1)
-            await wait_until(lambda: len(rx.ok) == 1, 20, "the first delivery")
+            await eventually(lambda: len(rx.ok) == 1, 20, "the first delivery")
             assert len(rx.ok[0].headers["webhook-signature"].split()) == 1
             status, rotated = await h.call("POST", f"/v1/webhooks/{created['id']}/rotate-secret")
             assert status == 200
             await write_change(router, account, "a", 2)
-            await wait_until(lambda: len(rx.ok) == 2, 20, "the second delivery")
+            await eventually(lambda: len(rx.ok) == 2, 20, "the second delivery")
             assert len(rx.ok[1].headers["webhook-signature"].split()) == 2
             rx.received = rx.received[1:]
             verify_all(rx, created["secret"], rotated["secret"])  # either secret verifies
@@ -213,7 +214,7 @@ async def test_rotation_signs_with_both_secrets_and_replay(router: ShardRouter, 
                 "POST", f"/v1/webhooks/{created['id']}/deliveries/{first['id']}/replay"
             )
             assert status == 202 and body == {"replayed": 1}
-            await wait_until(lambda: len(rx.ok) == 3, 20, "the replayed delivery")
+            await eventually(lambda: len(rx.ok) == 3, 20, "the replayed delivery")
             assert rx.ok[2].headers["webhook-id"] == rx.ok[0].headers["webhook-id"]
             assert rx.ok[2].body == rx.ok[0].body
             # replay a time range: both originals again, in order
@@ -222,7 +223,7 @@ async def test_rotation_signs_with_both_secrets_and_replay(router: ShardRouter, 
             status, body = await h.call("POST", f"/v1/webhooks/{created['id']}/replay",
                                         {"since": since, "until": until})  # fmt: skip
             assert status == 202 and body == {"replayed": 2}, body
-            await wait_until(lambda: len(rx.ok) == 5, 20, "the replayed range")
+            await eventually(lambda: len(rx.ok) == 5, 20, "the replayed range")
             assert [r.headers["webhook-id"] for r in rx.ok[3:]] == [
                 r.headers["webhook-id"] for r in rx.ok[:2]
             ]
@@ -271,7 +272,7 @@ async def test_endpoint_disabled_after_the_retry_window(router: ShardRouter, ten
             rx.behaviour = accept
             status, _ = await h.call("PATCH", f"/v1/webhooks/{created['id']}", {"enabled": True})
             assert status == 200
-            await wait_until(lambda: len(rx.ok) == 2, 20, "the deliveries after re-enabling")
+            await eventually(lambda: len(rx.ok) == 2, 20, "the deliveries after re-enabling")
             assert len(rx.received) == sent + 2
             ids = await change_ids(router, tenant.accounts[0].id)
             assert [int(r.json["data"]["change_id"]) for r in rx.ok] == ids[1:]

@@ -19,7 +19,7 @@ from libs.shards import ShardRouter
 from tests.e2e.conftest import E2E_PORT_OFFSET, Pipeline
 from tests.e2e.webhook_harness import FAST, api_server, fast_settings
 from tests.e2e.webhook_helpers import Receiver, change_ids, first_seen, metric_line, write_change
-from tests.e2e.webhook_helpers import wait_until as wait_async
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -85,16 +85,16 @@ async def test_kill_dispatcher_and_relay_mid_stream(
 
         task = asyncio.create_task(writer())
         try:
-            await wait_async(lambda: len(rx.ok) > 0, 60, "the first deliveries")
+            await eventually(lambda: len(rx.ok) > 0, 60, "the first deliveries")
             assert dispatcher_process.proc.kill()
             await asyncio.to_thread(dispatcher_process.start)
             delivered = len(rx.ok)
-            await wait_async(lambda: len(rx.ok) > delivered, 60, "deliveries by the restarted dispatcher")
+            await eventually(lambda: len(rx.ok) > delivered, 60, "deliveries by the restarted dispatcher")
             persist = pipeline.services["persist"]
             assert persist.proc.kill()
             killed_at = written
             await asyncio.to_thread(persist.start, wait_s=90)
-            await wait_async(lambda: written >= killed_at + 5, 60, "changes written after the restart")
+            await eventually(lambda: written >= killed_at + 5, 60, "changes written after the restart")
         finally:
             stop.set()
             await task
@@ -111,7 +111,7 @@ async def test_kill_dispatcher_and_relay_mid_stream(
                 out.setdefault(int(d["account_id"]), []).append(int(d["change_id"]))
             return out
 
-        await wait_async(lambda: sum(len(set(v)) for v in got().values()) >= total, 120, "every change")
+        await eventually(lambda: sum(len(set(v)) for v in got().values()) >= total, 120, "every change")
         received = got()
         for account, ids in expected.items():
             assert first_seen(received[account]) == ids, f"account {account}: lost or reordered"

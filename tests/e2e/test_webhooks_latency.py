@@ -13,7 +13,8 @@ import standardwebhooks
 
 from libs.shards import ShardRouter
 from tests.e2e.webhook_harness import fast_settings, stack
-from tests.e2e.webhook_helpers import Receiver, change_ids, wait_until, write_change
+from tests.e2e.webhook_helpers import Receiver, change_ids, write_change
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +42,7 @@ async def test_steady_rate_delivers_every_change_in_order_and_signed(
                 # pacing the writers, not waiting for anything
                 await asyncio.sleep(max(0.0, start + (n + 1) / RATE_PER_S - time.monotonic()))
             await asyncio.gather(*pending)
-            await wait_until(lambda: len(rx.ok) >= total, 120, f"{total} deliveries")
+            await eventually(lambda: len(rx.ok) >= total, 120, f"{total} deliveries")
     finally:
         await rx.stop()
     got: dict[int, list[int]] = {}

@@ -20,7 +20,8 @@ from aiohttp import web
 from libs.shards import ShardRouter
 from services.gateway.webhooks.settings import WebhookSettings
 from tests.e2e.webhook_harness import Harness, fast_settings, stack
-from tests.e2e.webhook_helpers import Receiver, accept, change_ids, wait_until, write_change
+from tests.e2e.webhook_helpers import Receiver, accept, change_ids, write_change
+from tests.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +70,7 @@ async def test_a_refused_event_no_longer_holds_back_its_account(
             ids = await change_ids(router, account)
 
             # the later three arrive, in order, with the refused one's 28-hour window still open
-            await wait_until(lambda: len(rx.ok) == 3, 60, "the events after the refused one")
+            await eventually(lambda: len(rx.ok) == 3, 60, "the events after the refused one")
             assert [change_of(r) for r in rx.ok] == ids[1:]
             poisoned = [r for r in rx.received if r.headers["webhook-id"] == refuse.poison]
             assert len(poisoned) == MAX_REFUSALS and {change_of(r) for r in poisoned} == {ids[0]}
@@ -97,7 +98,7 @@ async def test_a_refused_event_no_longer_holds_back_its_account(
             rx.behaviour = accept
             status, body = await h.call("POST", f"/v1/webhooks/{created['id']}/deliveries/{bad['id']}/replay")
             assert status == 202 and body == {"replayed": 1}
-            await wait_until(lambda: len(rx.ok) == 4, 60, "the replayed delivery")
+            await eventually(lambda: len(rx.ok) == 4, 60, "the replayed delivery")
             assert rx.ok[3].headers["webhook-id"] == refuse.poison and rx.ok[3].body == poisoned[0].body
             replays = [d for d in await deliveries(h, created["id"]) if d["replay_of"] is not None]
             assert len(replays) == 1 and replays[0]["replay_of"] == bad["id"]
@@ -124,7 +125,7 @@ async def test_strict_ordering_holds_the_account_back(router: ShardRouter, tenan
 
             # refused more often than skip_refused allows, and still nothing after it went out
             beyond = MAX_REFUSALS + 2
-            await wait_until(lambda: len(rx.received) >= beyond, 60, f"{beyond} refused attempts")
+            await eventually(lambda: len(rx.received) >= beyond, 60, f"{beyond} refused attempts")
             assert rx.ok == []
             assert {r.headers["webhook-id"] for r in rx.received} == {refuse.poison}
             log = await deliveries(h, created["id"])
@@ -139,7 +140,7 @@ async def test_strict_ordering_holds_the_account_back(router: ShardRouter, tenan
                 "PATCH", f"/v1/webhooks/{created['id']}", {"ordering": "skip_refused"}
             )
             assert status == 200 and patched["ordering"] == "skip_refused", patched
-            await wait_until(lambda: len(rx.ok) == 2, 60, "the events after the refused one")
+            await eventually(lambda: len(rx.ok) == 2, 60, "the events after the refused one")
             assert [change_of(r) for r in rx.ok] == ids[1:]
             failed = await deliveries(h, created["id"], "&state=failed")
             assert [int(d["change_id"]) for d in failed] == [ids[0]]
@@ -164,7 +165,7 @@ async def test_gone_disables_the_endpoint_and_keeps_the_delivery(
             await write_change(router, account, "a", 1)
             await write_change(router, account, "b", 1)
             ids = await change_ids(router, account)
-            await wait_until(lambda: len(rx.received) >= MAX_REFUSALS, 60, "the 410 answers")
+            await eventually(lambda: len(rx.received) >= MAX_REFUSALS, 60, "the 410 answers")
             deadline = time.monotonic() + 60
             while (endpoint := (await h.call("GET", f"/v1/webhooks/{created['id']}"))[1])["enabled"]:
                 assert time.monotonic() < deadline, "the endpoint was never disabled"
@@ -178,7 +179,7 @@ async def test_gone_disables_the_endpoint_and_keeps_the_delivery(
             rx.behaviour = accept
             status, _ = await h.call("PATCH", f"/v1/webhooks/{created['id']}", {"enabled": True})
             assert status == 200
-            await wait_until(lambda: len(rx.ok) == 2, 60, "the deliveries after re-enabling")
+            await eventually(lambda: len(rx.ok) == 2, 60, "the deliveries after re-enabling")
             assert [change_of(r) for r in rx.ok] == ids
     finally:
         await rx.stop()

@@ -32,12 +32,12 @@ from tests.integration.test_persist_poison import (
     Env,
     _alive,
     env,
-    eventually,
     publish,
     raw,
     record,
     stored,
 )
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -249,7 +249,7 @@ async def test_a_hanging_shard_is_parked_and_lands_once_it_answers(
                         len(of(e, before)) for e in (hung, other)
                     ]
 
-                await eventually(_alive(task, written_before), "the records of both clusters")
+                await eventually(_alive(task, written_before), 90, "the records of both clusters")
 
                 proxy.hang()
                 await publish(env, [raw(r) for r in [*during, update]])
@@ -264,6 +264,7 @@ async def test_a_hanging_shard_is_parked_and_lands_once_it_answers(
 
                 await eventually(
                     _alive(task, hung_parked_other_written),
+                    90,
                     "the hanging shard's records parked, its breaker open, the other cluster's written",
                 )
                 assert proxy.held_bytes > 0
@@ -279,7 +280,7 @@ async def test_a_hanging_shard_is_parked_and_lands_once_it_answers(
                 async def landed() -> bool:
                     return await stored(hung) == want
 
-                await eventually(_alive(task, landed), "the parked records, once the shard answers")
+                await eventually(_alive(task, landed), 90, "the parked records, once the shard answers")
             finally:
                 proxy.forward()  # the worker stops, and the router closes, on a live server
 

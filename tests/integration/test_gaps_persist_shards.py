@@ -18,13 +18,13 @@ from tests.integration.test_persist_poison import (
     _alive,
     dead_letters,
     env,
-    eventually,
     publish,
     raw,
     record,
     running,
     stored,
 )
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,7 @@ async def test_a_record_of_an_unknown_shard_goes_to_the_dlq(env: Env) -> None:
         async def settled() -> bool:
             return len(await stored(env)) >= len(good) and bool(await dead_letters(env))
 
-        await eventually(_alive(task, settled), "the good rows and the stray's dead letter")
+        await eventually(_alive(task, settled), 90, "the good rows and the stray's dead letter")
 
     assert await stored(env) == {g.message_key: 1 for g in good}
     (letter,) = await dead_letters(env)

@@ -33,7 +33,8 @@ from services.ingest.imap import sync as sync_module
 from services.ingest.imap.distribution import accounts_topic_spec
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.sync import AccountSync
-from tests.integration.test_imap_sync import InflightTap, doveadm, imap_client, new_mailbox, running, wait_for
+from tests.integration.test_imap_sync import InflightTap, doveadm, imap_client, new_mailbox, running
+from tests.polling import eventually
 from tests.scratch import app_name, group_name, topic_name
 
 pytestmark = pytest.mark.timeout(180)
@@ -209,20 +210,22 @@ async def test_a_connection_cut_mid_idle_is_reconnected_and_new_mail_synced_once
         sync = AccountSync(account_id, store, producer, imap_settings)
         async with running(sync) as task:
             await asyncio.wait_for(sync.synced_once.wait(), 60)
-            await wait_for(lambda: len(got.of("message.synced")) == 3, 30, "the initial sync")
+            await eventually(lambda: len(got.of("message.synced")) == 3, 30, "the initial sync")
             await asyncio.wait_for(proxy.idling.wait(), 30)
             assert proxy.connections == 1
             proxy.cut()
             async with imap_client(server, user) as client:  # straight to Dovecot: not through the cut
                 after_cut = live_message(f"after-cut-{user}", user)
                 assert (await client.append(after_cut, mailbox="INBOX")).result == "OK"
-            await wait_for(lambda: len(got.of("message.synced")) == 4, 60, "the mail appended after the cut")
+            await eventually(
+                lambda: len(got.of("message.synced")) == 4, 60, "the mail appended after the cut"
+            )
             assert proxy.connections >= 2, "synced without a new connection"
             assert got.of("message.synced")[-1]["flags"]["folder"] == "INBOX"
             # a marker after it: once the marker is synced, a second copy of anything is behind it
             async with imap_client(server, user) as client:
                 assert (await client.append(live_message(f"marker-{user}", user))).result == "OK"
-            await wait_for(lambda: len(got.of("message.synced")) == 5, 60, "the marker")
+            await eventually(lambda: len(got.of("message.synced")) == 5, 60, "the marker")
             await tap.read_up_to_now()
             keys = [e["message_key"] for e in got.of("message.synced")]
             assert len(keys) == len(set(keys)) == 5, "a message was synced twice after the reconnect"
@@ -253,7 +256,7 @@ async def test_a_folder_recreated_on_a_live_account_keeps_its_messages_keys(
         sync = AccountSync(account_id, store, producer, imap_settings)
         async with running(sync) as task:
             await asyncio.wait_for(sync.synced_once.wait(), 60)
-            await wait_for(lambda: len(got.of("message.synced")) == 6, 30, "the initial sync")
+            await eventually(lambda: len(got.of("message.synced")) == 6, 30, "the initial sync")
             project_keys = {
                 e["message_key"] for e in got.of("message.synced") if e["flags"]["folder"] == "Projects"
             }
@@ -282,7 +285,7 @@ async def test_a_folder_recreated_on_a_live_account_keeps_its_messages_keys(
             async with imap_client(server, user) as client:
                 marker = live_message(f"marker-{user}", user)
                 assert (await client.append(marker, mailbox="Projects")).result == "OK"
-            await wait_for(lambda: len(got.of("message.synced")) > 6, 60, "the marker in Projects")
+            await eventually(lambda: len(got.of("message.synced")) > 6, 60, "the marker in Projects")
             await tap.read_up_to_now()
             assert len(got.of("message.synced")) == 7, "the recreated folder's messages were synced again"
             assert got.of("message.synced")[-1]["message_key"] not in project_keys
@@ -325,7 +328,7 @@ async def test_an_untrusted_certificate_is_an_account_error_retried_with_backoff
     monkeypatch.setattr(sync_module, "backoff_s", recorded)
     untrusted = AccountSync(account_id, store, producer, imap_settings)
     async with running(untrusted) as task:
-        await wait_for(lambda: len(attempts) >= 3, 60, "three failed connections")
+        await eventually(lambda: len(attempts) >= 3, 60, "three failed connections")
         assert not task.done(), "the sync ended on a certificate error"
         view = await wait_state(store, account_id, "error")
         assert "CERTIFICATE_VERIFY_FAILED" in str(view["last_error"]), view
@@ -339,4 +342,4 @@ async def test_an_untrusted_certificate_is_an_account_error_retried_with_backoff
         await asyncio.wait_for(trusted.synced_once.wait(), 60)
         view = await wait_state(store, account_id, "running")
         assert view["last_error"] is None
-        await wait_for(lambda: len(got.of("message.synced")) == 2, 30, "the mailbox over TLS")
+        await eventually(lambda: len(got.of("message.synced")) == 2, 30, "the mailbox over TLS")

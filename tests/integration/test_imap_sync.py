@@ -9,7 +9,7 @@ import contextlib
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ from services.ingest.imap.client import Imap4, ImapConnection, ImapError
 from services.ingest.imap.distribution import AccountDistributor, accounts_topic_spec
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.sync import AccountSync
+from tests.polling import eventually
 from tests.scratch import app_name, dovecot_user, group_name, topic_name
 
 pytestmark = pytest.mark.timeout(600)
@@ -107,14 +108,6 @@ class InflightTap:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.consumer.stop()
-
-
-async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(params=["condstore", "plain"])
@@ -227,12 +220,12 @@ async def test_sync_cycle(
     skipped_before = polled_unchanged()
     # initial sync, interrupted once: it resumes where it stopped and duplicates nothing
     async with running(AccountSync(account_id, store, producer, imap_settings)):
-        await wait_for(
+        await eventually(
             lambda: len(got.of("message.synced")) >= min(600, expected // 3), 120, "the first batches"
         )
     sync = AccountSync(account_id, store, producer, imap_settings)
     async with running(sync):
-        await wait_for(lambda: len(got.of("message.synced")) >= expected, 300, f"{expected} synced events")
+        await eventually(lambda: len(got.of("message.synced")) >= expected, 300, f"{expected} synced events")
         await asyncio.wait_for(sync.synced_once.wait(), 60)
         synced = got.of("message.synced")
         keys = [e["message_key"] for e in synced]
@@ -252,7 +245,7 @@ async def test_sync_cycle(
                 n_before = len(got.of("message.synced"))
                 live = live_message(f"live-{j}-{user}", user)
                 assert (await client.append(live, mailbox="INBOX")).result == "OK"
-                await wait_for(lambda: len(got.of("message.synced")) > n_before, 60, "new mail")  # noqa: B023
+                await eventually(lambda: len(got.of("message.synced")) > n_before, 60, "new mail")  # noqa: B023
                 assert len(got.of("message.synced")) == n_before + 1
 
             # flag change and expunge on INBOX
@@ -266,18 +259,18 @@ async def test_sync_cycle(
                     for e in got.of("message.updated")
                 )
 
-            await wait_for(live_starred, 45, "flag update")
+            await eventually(live_starred, 45, "flag update")
             # every INBOX message gets the flag (a push may come while the STORE is still running)
-            await wait_for(lambda: len(got.of("message.updated")) >= N_MESSAGES, 45, "every flag update")
+            await eventually(lambda: len(got.of("message.updated")) >= N_MESSAGES, 45, "every flag update")
             n_del = len(got.of("message.deleted"))
             await client.uid("store", "1:10", "+FLAGS.SILENT (\\Deleted)")
             await client.expunge()
-            await wait_for(lambda: len(got.of("message.deleted")) >= n_del + 10, 45, "10 delete events")
+            await eventually(lambda: len(got.of("message.deleted")) >= n_del + 10, 45, "10 delete events")
 
         # folder rename: the messages keep their keys and get the new folder; nothing synced again
         n_synced = len(got.of("message.synced"))
         doveadm(server, "mailbox", "rename", "-u", f"{user}@{DOMAIN}", "Projects", "Clients")
-        await wait_for(
+        await eventually(
             lambda: sum(e["flags"].get("folder") == "Clients" for e in got.of("message.updated")) >= 5,
             60, "rename updates",
         )  # fmt: skip
@@ -310,7 +303,7 @@ async def test_sync_cycle(
         async with imap_client(server, user) as client:
             marker = live_message(f"marker-{user}", user)
             assert (await client.append(marker, mailbox="Clients")).result == "OK"
-        await wait_for(lambda: len(got.of("message.synced")) > n_synced, 60, "the marker in Clients")
+        await eventually(lambda: len(got.of("message.synced")) > n_synced, 60, "the marker in Clients")
         await tap.read_up_to_now()
         assert [e["message_key"] for e in got.of("message.synced")[n_synced:]] == [
             got.of("message.synced")[-1]["message_key"]
@@ -325,8 +318,8 @@ async def test_sync_cycle(
             await client.uid("store", "1:*", "+FLAGS.SILENT (\\Flagged)")
             filed = live_message(f"filed-{user}", user)
             assert (await client.append(filed, mailbox="Clients")).result == "OK"
-        await wait_for(lambda: len(got.of("message.synced")) == n_synced + 1, 60, "new mail in Clients")
-        await wait_for(
+        await eventually(lambda: len(got.of("message.synced")) == n_synced + 1, 60, "new mail in Clients")
+        await eventually(
             lambda: sum(bool(e["flags"].get("starred")) for e in got.of("message.updated")[n_updated:]) >= 5,
             60, "flag updates in Clients",
         )  # fmt: skip
@@ -407,11 +400,11 @@ async def test_sync_over_tls(
     async with running(sync):
         await asyncio.wait_for(sync.synced_once.wait(), 60)
         # produced (acks=all) by now, but the tap reads inflight on its own schedule
-        await wait_for(lambda: len(got.of("message.synced")) >= 20, 20, "20 synced events")
+        await eventually(lambda: len(got.of("message.synced")) >= 20, 20, "20 synced events")
         assert len(got.of("message.synced")) == 20
         async with imap_client(server, user) as client:
             assert (await client.append(live_message(f"tls-{user}", user), mailbox="INBOX")).result == "OK"
-        await wait_for(lambda: len(got.of("message.synced")) == 21, 20, "new mail over TLS")
+        await eventually(lambda: len(got.of("message.synced")) == 21, 20, "new mail over TLS")
 
 
 async def test_starttls_refused_when_the_server_does_not_offer_it(stack: Stack) -> None:
@@ -436,7 +429,7 @@ async def test_a_duplicate_copy_keeps_the_message_until_its_last_copy_is_expunge
         await asyncio.wait_for(sync.synced_once.wait(), 60)
         for _ in range(2):
             assert (await client.append(dup, mailbox="INBOX")).result == "OK"
-        await wait_for(lambda: len(got.of("message.synced")) == 4, 30, "both copies synced")
+        await eventually(lambda: len(got.of("message.synced")) == 4, 30, "both copies synced")
         key = got.of("message.synced")[-1]["message_key"]
         assert got.of("message.synced")[-2]["message_key"] == key  # one message, two UIDs
         await client.select("INBOX")
@@ -447,12 +440,12 @@ async def test_a_duplicate_copy_keeps_the_message_until_its_last_copy_is_expunge
         # a marker after the expunge: once it is synced, the expunge was handled before it
         n_synced = len(got.of("message.synced"))
         assert (await client.append(live_message(f"marker-{user}", user), mailbox="INBOX")).result == "OK"
-        await wait_for(lambda: len(got.of("message.synced")) > n_synced, 30, "the marker")
+        await eventually(lambda: len(got.of("message.synced")) > n_synced, 30, "the marker")
         await tap.read_up_to_now()
         assert [e for e in got.of("message.deleted") if e["message_key"] == key] == []
         await client.uid("store", str(second), "+FLAGS.SILENT (\\Deleted)")
         await client.expunge()
-        await wait_for(lambda: len(got.of("message.deleted")) == 1, 30, "the last copy's delete")
+        await eventually(lambda: len(got.of("message.deleted")) == 1, 30, "the last copy's delete")
         assert got.of("message.deleted")[0]["message_key"] == key
 
         async def inbox_count() -> int:
@@ -474,7 +467,7 @@ async def test_wrong_password_then_fixed(
     account_id = await new_account(router, store, producer, imap_settings, server, user, password="wrong")
     got = tap.watch(account_id)
     async with AccountDistributor(KafkaSettings(), imap_settings, store, producer, "a") as dist:
-        await wait_for(
+        await eventually(
             lambda: account_id in dist.workers and dist.workers[account_id].task.done(), 30, "auth stop"
         )
         view = await imap_account_view(store, account_id)
@@ -483,7 +476,7 @@ async def test_wrong_password_then_fixed(
         await update_imap_credentials(
             store, producer, imap_settings, account_id, f"{user}@{DOMAIN}", IMAP_TEST_PASSWORD
         )
-        await wait_for(lambda: len(got.of("message.synced")) == 3, 30, "sync after new credentials")
+        await eventually(lambda: len(got.of("message.synced")) == 3, 30, "sync after new credentials")
 
 
 async def test_disconnect_stops_the_sync_until_new_credentials(
@@ -498,10 +491,10 @@ async def test_disconnect_stops_the_sync_until_new_credentials(
     marker_id = await new_account(router, store, producer, imap_settings, server, marker_user)
     marker = tap.watch(marker_id)
     async with AccountDistributor(KafkaSettings(), imap_settings, store, producer, "a") as dist:
-        await wait_for(lambda: len(got.of("message.synced")) == 3, 30, "initial sync")
-        await wait_for(lambda: len(marker.of("message.synced")) == 1, 30, "the other account's sync")
+        await eventually(lambda: len(got.of("message.synced")) == 3, 30, "initial sync")
+        await eventually(lambda: len(marker.of("message.synced")) == 1, 30, "the other account's sync")
         await disconnect_imap_account(store, producer, imap_settings, account_id)
-        await wait_for(lambda: account_id not in dist.workers, 30, "the worker to stop")
+        await eventually(lambda: account_id not in dist.workers, 30, "the worker to stop")
         view = await imap_account_view(store, account_id)
         assert view is not None and view["state"] == "disconnected"
         row = await store.account(account_id)
@@ -510,13 +503,13 @@ async def test_disconnect_stops_the_sync_until_new_credentials(
             assert (await client.append(live_message(f"later-{user}", user), mailbox="INBOX")).result == "OK"
         async with imap_client(server, marker_user) as client:
             assert (await client.append(live_message(f"m-{marker_user}", marker_user))).result == "OK"
-        await wait_for(lambda: len(marker.of("message.synced")) == 2, 30, "the other account's new mail")
+        await eventually(lambda: len(marker.of("message.synced")) == 2, 30, "the other account's new mail")
         await tap.read_up_to_now()
         assert len(got.of("message.synced")) == 3 and account_id not in dist.workers
         await update_imap_credentials(
             store, producer, imap_settings, account_id, f"{user}@{DOMAIN}", IMAP_TEST_PASSWORD
         )
-        await wait_for(lambda: len(got.of("message.synced")) == 4, 30, "sync after reconnecting")
+        await eventually(lambda: len(got.of("message.synced")) == 4, 30, "sync after reconnecting")
 
 
 async def test_accounts_move_between_instances(
@@ -546,18 +539,18 @@ async def test_accounts_move_between_instances(
     b = AccountDistributor(kafka, imap_settings, store, producer, "b")
     await a.start()
     try:
-        await wait_for(lambda: synced_total() == 8 * 20, 60, "initial sync on instance a")
+        await eventually(lambda: synced_total() == 8 * 20, 60, "initial sync on instance a")
         await b.start()
-        await wait_for(
+        await eventually(
             lambda: len(b.workers) > 0 and len(a.workers) + len(b.workers) == 8, 60, "b takes accounts"
         )
         assert not set(a.workers) & set(b.workers)
         await add_mail(1)
-        await wait_for(lambda: synced_total() == 8 * 21, 60, "mail after b joined")
+        await eventually(lambda: synced_total() == 8 * 21, 60, "mail after b joined")
         await a.stop()
-        await wait_for(lambda: len(b.workers) == 8, 60, "b takes every account")
+        await eventually(lambda: len(b.workers) == 8, 60, "b takes every account")
         await add_mail(2)
-        await wait_for(lambda: synced_total() == 8 * 22, 60, "mail after a left")
+        await eventually(lambda: synced_total() == 8 * 22, 60, "mail after a left")
     finally:
         await a.stop()
         await b.stop()
@@ -597,7 +590,7 @@ async def test_body_fetches_are_bounded_in_bytes(
     sync = AccountSync(account_id, store, producer, settings)
     async with running(sync):
         await asyncio.wait_for(sync.synced_once.wait(), 60)
-        await wait_for(lambda: len(got.of("message.synced")) >= 20, 30, "20 synced events")
+        await eventually(lambda: len(got.of("message.synced")) >= 20, 30, "20 synced events")
     assert len({e["message_key"] for e in got.of("message.synced")}) == 20
     count = fetches() - count_before
     assert count >= 4, f"{count} body fetches for 3 MiB of mail with a 1 MiB budget"

@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +32,7 @@ from libs.messages import decode_body
 from libs.shards import ShardRouter
 from services.persist.worker import PersistSettings, PersistWorker
 from services.persist.writer import write_shard
+from tests.polling import eventually
 from tests.scratch import group_name, topic_name
 
 pytestmark = pytest.mark.integration
@@ -334,14 +334,6 @@ async def test_one_batch_keeps_content_a_later_record_lacks(env: Env) -> None:
     )
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
 @contextlib.asynccontextmanager
 async def worker(kafka: KafkaSettings, env: Env) -> AsyncIterator[tuple[str, asyncio.Task[None]]]:
     """A persist worker of this test's own on topics and groups of its own."""
@@ -398,7 +390,7 @@ async def test_the_worker_reads_content_versions_and_patches_from_postflight(
             done = row is not None and row["version"] == 30 and row["content_version"] == 10
             return done and patches_without_row() == without_row + 1
 
-        await eventually(settled, "the late content, the patch and the patch without a row")
+        await eventually(settled, 90, "the late content, the patch and the patch without a row")
     row = await stored(env, m)
     assert_content(row)
     assert row is not None and row["starred"] == 1 and row["folder"] == "Archive"

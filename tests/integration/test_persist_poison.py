@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from libs.kafka import DLQ, TopicSpec, create_topics, make_consumer, make_produc
 from libs.shards import ShardRouter
 from services.persist.worker import PersistSettings, PersistWorker
 from services.persist.writer import write_shard
+from tests.polling import eventually
 from tests.scratch import group_name, topic_name
 
 pytestmark = pytest.mark.integration
@@ -114,14 +114,6 @@ async def stored(env: Env) -> dict[str, int]:
     return {bytes(k).decode(): int(v) for k, v in rows}
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
 @contextlib.asynccontextmanager
 async def running(env: Env, settings: PersistSettings) -> AsyncIterator[asyncio.Task[None]]:
     async with (
@@ -194,7 +186,7 @@ async def test_unwritable_records_are_dead_lettered_and_the_rest_of_the_shard_is
             async def settled() -> bool:
                 return len(await stored(env)) >= len(good) and len(await dead_letters(env)) >= 3
 
-            await eventually(_alive(task, settled), "the good rows and three dead letters")
+            await eventually(_alive(task, settled), 90, "the good rows and three dead letters")
 
     assert await stored(env) == {g.message_key: 1 for g in good}
     letters = {d.value: d for d in await dead_letters(env)}
@@ -239,7 +231,9 @@ async def test_a_record_failing_on_its_own_goes_to_the_dlq_after_the_max_attempt
                 async def settled() -> bool:
                     return len(await stored(env)) == 1 + len(good) and bool(await dead_letters(env))
 
-                await eventually(_alive(task, settled), "the good rows and the stuck update's dead letter")
+                await eventually(
+                    _alive(task, settled), 90, "the good rows and the stuck update's dead letter"
+                )
         finally:
             await holder.rollback()
 

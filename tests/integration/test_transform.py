@@ -12,7 +12,6 @@ import base64
 import contextlib
 import random
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from libs.kafka import DLQ, TopicSpec, create_topics, make_consumer, make_produc
 from libs.lifecycle import MessageState, apply
 from libs.mime import MAX_RAW_BYTES
 from services.transform.worker import TransformWorker
+from tests.polling import eventually
 from tests.scratch import group_name, topic_name
 
 pytestmark = pytest.mark.integration
@@ -169,16 +169,6 @@ async def dead_letters(env: Env) -> list[DeadLetter]:
     records = await read_all(env.kafka, DLQ, 1, env.dlq_start)
     letters = [parse_dead_letter(r.key, r.value, r.headers, r.offset) for r in records]
     return [d for d in letters if d.source_topic == env.inflight]
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout_s: float = 60, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 @contextlib.asynccontextmanager

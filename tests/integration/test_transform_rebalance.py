@@ -30,11 +30,11 @@ from tests.integration.test_transform import (
     Env,
     by_message,
     ev,
-    eventually,
     postflight,
     produce,
     read_all,
 )
+from tests.polling import eventually
 from tests.scratch import group_name, topic_name
 
 pytestmark = pytest.mark.integration
