@@ -63,6 +63,9 @@ class ServiceSettings(KafkaSettings, DatabaseSettings):
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
     drain_timeout_s: float = 25.0  # below the Kubernetes grace period of 30 s
+    # Then closing the resources (a producer flushing to a Kafka that is down would wait for
+    # ever): drain and close together stay below the grace period.
+    close_timeout_s: float = 4.0
     admin_api_key: str = "flightlog-dev-admin-key"
     # Stable per replica and unique among replicas: transform's transactional id is derived from
     # it, and Kafka fences a dead or hung predecessor only for a successor with the same id. The

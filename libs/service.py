@@ -4,7 +4,8 @@ It installs uvloop, configures logging, serves ``/healthz``, ``/readyz`` and ``/
 service's port (beside the service's own routes, if it has any), runs the service's ``main`` and
 handles SIGTERM and SIGINT the same way everywhere: set ``ctx.stopping`` so the service stops
 taking input and finishes or hands back its batch, wait up to ``drain_timeout_s`` for ``main`` to
-return, then cancel it. A second signal cancels at once.
+return, then cancel it, and give the resources ``close_timeout_s`` to close. A second signal
+cancels at once.
 
 The HTTP app is built the same way for every service (:func:`build_app`): the problem middleware
 outermost, so every error of every route is a problem document; the readiness gate; the health
@@ -180,7 +181,15 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        await runner.cleanup()
+        try:
+            # A producer's stop() flushes its batches, and an idempotent producer retries them as
+            # long as Kafka is away. What it still held was never acknowledged to anyone (ingest
+            # answers 202 only after Kafka's ack), so giving up on it loses nothing.
+            await asyncio.wait_for(runner.cleanup(), settings.close_timeout_s)
+        except TimeoutError:
+            logger.error(
+                "closing resources timed out after %.0f s; exiting without", settings.close_timeout_s
+            )
         logger.info("%s stopped", defn.name)
 
 

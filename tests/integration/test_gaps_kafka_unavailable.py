@@ -1,5 +1,5 @@
 """Ingest and the gateway when Kafka is down or slow: 503 problem+json with Retry-After, nothing
-accepted, and ingest's rate-limit tokens given back.
+accepted, ingest's rate-limit tokens given back, and a service that still stops on SIGTERM.
 
 The shared Kafka is never stopped. The apps run in-process (as tests/integration/
 test_apps_in_process.py serves them) with their producer bootstrapped from a broker stand-in on a
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import struct
 import uuid
@@ -21,6 +23,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -32,12 +35,13 @@ from aiokafka.protocol.transaction import InitProducerIdResponse_v0
 from libs.accounts import create_account, create_application
 from libs.config import ServiceSettings
 from libs.http import PROBLEM_CONTENT_TYPE
-from libs.service import ServiceContext, ServiceDefinition, build_app
+from libs.service import ServiceContext, ServiceDefinition, build_app, serve
 from libs.shards import ShardMap, ShardRouter
 from services.gateway.service import DEFINITION as GATEWAY
 from services.ingest.routes import LIMITER
 from services.ingest.service import DEFINITION as INGEST
 from tests.e2e.gateway_helpers import bearer, message_ids, record, seed
+from tests.polling import eventually
 from tests.scratch import app_name
 
 pytestmark = pytest.mark.integration
@@ -255,3 +259,51 @@ async def test_gateway_answers_503_when_kafka_does_not_acknowledge_a_change(
         async with client.get(url, headers=bearer(key)) as resp:  # nothing changed
             assert resp.status == 200
             assert (await resp.json())["unread"] is True
+
+
+async def test_a_service_stops_while_kafka_holds_its_batches(
+    kafka_env: None,
+    broker: StandInBroker,
+    tenant: tuple[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGTERM while ingest's producer holds a batch Kafka never acknowledged (answered 503): the
+    service drains, gives up on closing the producer after ``close_timeout_s`` and stops. An
+    idempotent producer's stop() retries such a batch for as long as Kafka stays away."""
+    monkeypatch.setenv("FLIGHTLOG_HTTP_PORT", str(_free_port()))
+    monkeypatch.setenv("FLIGHTLOG_IMAP_SYNC_ENABLED", "false")
+    monkeypatch.setenv("FLIGHTLOG_DRAIN_TIMEOUT_S", "1")
+    monkeypatch.setenv("FLIGHTLOG_CLOSE_TIMEOUT_S", "1")
+    settings = ServiceSettings()
+    key, account_id = tenant
+    base = f"http://{HOST}:{settings.http_port}"
+    before = asyncio.all_tasks()
+    service = asyncio.create_task(serve(INGEST, settings))
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(f"{base}/readyz") as resp:
+                        return resp.status == 200
+                return False
+
+            await eventually(ready, 60, "ingest to be ready")
+            async with http.post(
+                f"{base}/v1/events", json=batch(account_id, 10), headers=bearer(key)
+            ) as resp:
+                await unavailable(resp)
+        os.kill(os.getpid(), signal.SIGTERM)  # serve() handles it on this loop
+        await eventually(service.done, 60, "ingest to stop")
+        await service  # it stopped cleanly, not by an error
+    finally:
+        if not service.done():  # a hang: let the producer finish, so the test ends either way
+            await broker.recover()
+            await service
+        # what a process would end by exiting: the abandoned producer's tasks
+        left = asyncio.all_tasks() - before - {asyncio.current_task()}
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+    assert "closing resources timed out" in caplog.text
