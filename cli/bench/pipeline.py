@@ -267,6 +267,11 @@ def _beside_upsert(report: BenchReport, rows_s: float) -> tuple[str | None, floa
     return f"{raw.value:,.0f} rows/s upsert", rows_s / raw.value
 
 
+def _at_top(steps: Sequence[RampStep]) -> str:
+    """A note for a ramp that sustained its last step: it stopped at its top, not at a limit."""
+    return "; the ramp's top, sustained: the limit is above it" if steps and steps[-1].sustained else ""
+
+
 def best_sustained(steps: Sequence[RampStep]) -> RampStep | None:
     return max((s for s in steps if s.sustained), key=lambda s: s.offered, default=None)
 
@@ -452,7 +457,8 @@ async def pipeline_stage(ctx: StageContext) -> None:
             limit=limit,
             ratio=ratio,
             note=f"{best_rate / 5:,.0f} rows/s; steps of 2,000 events/s; "
-            + ", ".join(f"{s.offered // 1000}k: {s.backlog_s:.1f} s backlog" for s in one),
+            + ", ".join(f"{s.offered // 1000}k: {s.backlog_s:.1f} s backlog" for s in one)
+            + _at_top(one),
         ),
         progress,
     )
@@ -525,7 +531,9 @@ def scaling_section(
     )
     report.sections.append(section)
     report.add(
-        Figure(f"highest sustained rate, {ONE_EACH}", rate_one, "events/s", note="the ramp above"),
+        Figure(
+            f"highest sustained rate, {ONE_EACH}", rate_one, "events/s", note="the ramp above" + _at_top(one)
+        ),
         progress,
         section,
     )
@@ -534,7 +542,7 @@ def scaling_section(
             f"highest sustained rate, {TWO_EACH}",
             rate_two,
             "events/s",
-            note=f"{rate_two / rate_one:.2f}x one of each" if rate_one else "",
+            note=(f"{rate_two / rate_one:.2f}x one of each" if rate_one else "") + _at_top(two),
         ),
         progress,
         section,

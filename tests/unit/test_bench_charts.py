@@ -163,3 +163,13 @@ def test_ramp_table_has_a_row_per_step_of_each_ramp() -> None:
     )
     assert rows[2].endswith("| 255 µs | sustained |")
     assert rows[4].endswith("| falling behind |")
+
+
+def test_a_ramp_that_sustained_its_top_says_its_limit_is_higher() -> None:
+    report = _report()
+    scaling_section(report, ONE, [_step(2_000), _step(4_000)], lambda _: None)
+    by_stage = {f.stage: f for f in report.figures}
+    assert "the ramp's top" not in by_stage[f"highest sustained rate, {ONE_EACH}"].note
+    assert by_stage[f"highest sustained rate, {TWO_EACH}"].note == (
+        "1.00x one of each; the ramp's top, sustained: the limit is above it"
+    )
