@@ -356,11 +356,11 @@ def _bench_help() -> str:
 def bench(
     quick: Annotated[bool, typer.Option(help="Shorter runs (a smoke test of the benchmark).")] = False,
     write_md: Annotated[
-        bool, typer.Option("--write-md", help="Rewrite BENCHMARKS.md with this run.")
+        bool, typer.Option("--write-md", help="Rewrite BENCHMARKS.md and its charts with this run.")
     ] = False,
-    json_path: Annotated[str, typer.Option("--json", help="Where to write the JSON report.")] = (
-        "bench-results/latest.json"
-    ),
+    json_path: Annotated[
+        str, typer.Option("--json", help="Where to write the JSON report (the charts go beside it).")
+    ] = "bench-results/latest.json",
     profile: Annotated[
         bool, typer.Option(help="Sample the pipeline services with py-spy during the overload stage.")
     ] = True,
