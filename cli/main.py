@@ -378,6 +378,8 @@ def bench(
         raise typer.BadParameter("rewrites the whole file: run every stage with it", param_hint="--write-md")
     # the stages that measure the running services need them; the others start what they measure
     _set_up(services=any(s.needs == "services" for s in chosen))
+    # every stage opens shard routers: their "shard map version N" lines would split the progress
+    logging.getLogger("libs.shards").setLevel(logging.WARNING)
     out = Path(json_path)
     # progress on stderr, the report on stdout; one console, so the lines a stage prints while
     # its step's spinner runs go above the spinner

@@ -295,8 +295,9 @@ def cpu_figures(steps: Sequence[RampStep]) -> list[Figure]:
             "CPU per event, all of the above",
             total,
             "µs",
-            note=f"{1e6 / total:,.0f} events/s per core; the rest of the machine used"
-            f" {at.rest_cores:.2f} cores meanwhile",
+            note=f"{1e6 / total:,.0f} events/s per core; {sum(at.cores.values()):.2f} of the machine's"
+            f" {os.cpu_count()} cores busy, the rest of the machine (other processes)"
+            f" {at.rest_cores:.2f} more",
         )
     )
     return figures
@@ -529,6 +530,16 @@ def scaling_section(
         " with the new member and both transforms had restored their states. Ingest, Kafka and"
         " MariaDB stay as they are; all of it shares the machine's cores.",
     )
+    busy = [
+        f"{name} {sum(best.cores.values()):.2f} at {best.offered:,} events/s"
+        for name, best in ((ONE_EACH, best_one), (TWO_EACH, best_two))
+        if best is not None
+    ]
+    if busy:
+        section.reading = (
+            "Cores busy, all the processes of the CPU table together, at each ramp's highest sustained"
+            f" step: {'; '.join(busy)}; the machine has {os.cpu_count()}."
+        )
     report.sections.append(section)
     report.add(
         Figure(
