@@ -147,3 +147,12 @@ def test_sample_of_this_process_on_the_real_proc() -> None:
     used = usage(first, second)
     assert set(used.seconds) == {"me"}
     assert used.seconds["me"] >= 0 and used.wall_s > 0
+
+
+async def test_the_idle_stage_reads_a_core_share_through_the_same_accounting() -> None:
+    from cli.bench.idle import _core_share
+
+    share = await _core_share(os.getpid(), 0.05)
+    assert 0.0 <= share <= (os.cpu_count() or 1)
+    with pytest.raises(RuntimeError, match="stopped"):
+        await _core_share(2**22 + 1, 0.0)  # above the kernel's default pid_max: never running
