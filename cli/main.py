@@ -18,8 +18,11 @@ from typing import Annotated
 
 import orjson
 import typer
+from rich.console import Console
+from rich.text import Text
 
 from cli import shards as shard_commands
+from cli.bench.charts import write_charts
 from cli.bench.report import write_benchmarks_md
 from cli.bench.runner import STAGES, run_bench, select_stages
 from cli.dlq import dlq_app
@@ -353,11 +356,11 @@ def _bench_help() -> str:
 def bench(
     quick: Annotated[bool, typer.Option(help="Shorter runs (a smoke test of the benchmark).")] = False,
     write_md: Annotated[
-        bool, typer.Option("--write-md", help="Rewrite BENCHMARKS.md with this run.")
+        bool, typer.Option("--write-md", help="Rewrite BENCHMARKS.md and its charts with this run.")
     ] = False,
-    json_path: Annotated[str, typer.Option("--json", help="Where to write the JSON report.")] = (
-        "bench-results/latest.json"
-    ),
+    json_path: Annotated[
+        str, typer.Option("--json", help="Where to write the JSON report (the charts go beside it).")
+    ] = "bench-results/latest.json",
     profile: Annotated[
         bool, typer.Option(help="Sample the pipeline services with py-spy during the overload stage.")
     ] = True,
@@ -375,10 +378,16 @@ def bench(
         raise typer.BadParameter("rewrites the whole file: run every stage with it", param_hint="--write-md")
     # the stages that measure the running services need them; the others start what they measure
     _set_up(services=any(s.needs == "services" for s in chosen))
+    # every stage opens shard routers: their "shard map version N" lines would split the progress
+    logging.getLogger("libs.shards").setLevel(logging.WARNING)
     out = Path(json_path)
+    # progress on stderr, the report on stdout; one console, so the lines a stage prints while
+    # its step's spinner runs go above the spinner
+    steps = Steps(Console(stderr=True, highlight=False, soft_wrap=True))
     report = asyncio.run(
         run_bench(
-            lambda line: typer.echo(line, err=True),
+            lambda line: steps.console.print(Text(line)),
+            step=steps,
             stages=chosen,
             quick=quick,
             profile_dir=out.parent / "profiles" if profile else None,
@@ -390,8 +399,11 @@ def bench(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.to_json())
     typer.echo(f"\nJSON: {out}")
+    for chart in write_charts(report, out.parent):
+        typer.echo(f"chart: {chart}")
     if write_md:
         command = "flightlog bench --write-md" + (" --quick" if quick else "")
+        write_charts(report, REPO_ROOT)  # beside BENCHMARKS.md, which links them
         write_benchmarks_md(report, command, REPO_ROOT / "BENCHMARKS.md")
         typer.echo("BENCHMARKS.md rewritten")
 

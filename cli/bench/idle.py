@@ -13,7 +13,6 @@ disconnected (DELETE /v1/accounts/{id}/credentials), which stops its sync.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
+from cli.bench import cpu
 from cli.bench.drive import create_imap_account_via_gateway, disconnect_via_gateway
 from cli.bench.report import Figure, Stage, StageContext
 from cli.mailbox_gen import DOMAIN, fill_maildir
@@ -31,8 +31,6 @@ from libs.config import DatabaseSettings
 from libs.shards import ShardRouter
 
 __all__ = ["STAGE", "IdleBench", "bench_idle_accounts"]
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +53,6 @@ class IdleBench:
         return max(0, self.rss_after_bytes - self.rss_before_bytes) / self.accounts
 
 
-def _cpu_seconds(pid: int) -> float:
-    # fields after the parenthesised command name; utime and stime are the 14th and 15th fields
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
 def _rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -79,9 +71,12 @@ def established_to(port: int) -> int:
 
 
 async def _core_share(pid: int, window_s: float) -> float:
-    cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+    before = cpu.sample({"ingest": [pid]})
     await asyncio.sleep(window_s)
-    return (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+    used = cpu.usage(before, cpu.sample({"ingest": [pid]}))
+    if "ingest" not in used.seconds:
+        raise RuntimeError(f"ingest (pid {pid}) stopped while its CPU time was measured")
+    return used.cores()["ingest"]
 
 
 async def _queryable_accounts(router: ShardRouter, account_ids: list[int]) -> int:

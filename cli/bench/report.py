@@ -16,12 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cli.progress import Step, quiet
 from libs.config import DatabaseSettings, KafkaSettings
 
 __all__ = [
     "RAW_UPSERT",
     "BenchReport",
+    "Chart",
     "Figure",
+    "RampStep",
     "Section",
     "Stage",
     "StageContext",
@@ -44,10 +47,18 @@ class Figure:
     note: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Chart:
+    """A PNG drawn from the report (:mod:`cli.bench.charts`), by its file name beside BENCHMARKS.md."""
+
+    file: str
+    alt: str
+
+
 @dataclass
 class Section:
     """A stage's own part of BENCHMARKS.md after the main table: how it measured, its figures,
-    and what they show.
+    what they show, and its charts.
 
     Its figures are in the report's figures too (the JSON and the terminal list everything), but
     the markdown shows them only here, beside the method needed to read them.
@@ -57,6 +68,36 @@ class Section:
     method: str
     figures: list[Figure] = field(default_factory=list)
     reading: str = ""
+    charts: list[Chart] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RampStep:
+    """One offered rate of a pipeline ramp: what the pipeline made of it, and what it cost.
+
+    :param offered: events/s posted, on a 100 ms clock.
+    :param accepted: events/s ingest answered 202 for within the step.
+    :param queryable: the step's events over the time from its start until its last message was
+        queryable: the offered rate less what lagged behind.
+    :param backlog_s: posted but not queryable at the step's end, in seconds of the offered rate.
+    :param sustained: accepted >= 95% of offered and a backlog under the ramp's bound.
+    :param p50_ms: ingest-to-queryable latency of the step's messages (POST start to row write).
+    :param cpu_us: CPU time (user + sys) per event of each group of processes, over the step
+        from its start until its last message was queryable.
+    :param rest_cores: cores busy meanwhile outside those groups: the rest of the machine.
+    """
+
+    offered: int
+    accepted: float
+    queryable: float
+    backlog_s: float
+    sustained: bool
+    events: int
+    p50_ms: float
+    p99_ms: float
+    cpu_us: dict[str, float] = field(default_factory=dict)
+    cores: dict[str, float] = field(default_factory=dict)
+    rest_cores: float = 0.0
 
 
 @dataclass
@@ -67,6 +108,8 @@ class BenchReport:
     profiles: list[str] = field(default_factory=list)
     sections: list[Section] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)  # the stages that ran, in order
+    # the pipeline's ramps by what ran ("one transform, one persist" ...), for the charts
+    ramps: dict[str, list[RampStep]] = field(default_factory=dict)
 
     def add(self, figure: Figure, progress: Callable[[str], None], section: Section | None = None) -> None:
         self.figures.append(figure)
@@ -92,12 +135,14 @@ class BenchReport:
                 "stages": self.stages,
                 "figures": [asdict(f) for f in self.figures],
                 "profiles": self.profiles,
+                "ramps": {name: [asdict(s) for s in steps] for name, steps in self.ramps.items()},
                 "sections": [
                     {
                         "title": s.title,
                         "method": s.method,
                         "figures": [f.stage for f in s.figures],
                         "reading": s.reading,
+                        "charts": [c.file for c in s.charts],
                     }
                     for s in self.sections
                 ],
@@ -131,12 +176,15 @@ def machine_facts() -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class StageContext:
-    """What every stage gets: the report to add to, where to say what it is doing, the stack."""
+    """What every stage gets: the report to add to, where to say what it is doing (``progress``
+    for a line, ``step`` for a part that takes a while: its closing line says how long), the
+    stack."""
 
     report: BenchReport
     progress: Callable[[str], None]
     db: DatabaseSettings
     kafka: KafkaSettings
+    step: Step = quiet
     quick: bool = False
     ingest_url: str = "http://127.0.0.1:8081"
     gateway_url: str = "http://127.0.0.1:8080"
@@ -173,8 +221,10 @@ def write_benchmarks_md(report: BenchReport, command: str, path: Path) -> None:
             + "\n".join(f"- {line}" for line in report.profiles)
         )
     sections = "".join(
-        f"\n\n## {s.title}\n\n{s.method}\n\n{report.table(s.figures)}"
+        f"\n\n## {s.title}\n\n{s.method}"
+        + (f"\n\n{report.table(s.figures)}" if s.figures else "")
         + (f"\n\n{s.reading}" if s.reading else "")
+        + "".join(f"\n\n![{c.alt}]({c.file})" for c in s.charts)
         for s in report.sections
     )
     path.write_text(

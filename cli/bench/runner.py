@@ -31,6 +31,7 @@ from cli.bench import (
     webhooks,
 )
 from cli.bench.report import BenchReport, Stage, StageContext, machine_facts
+from cli.progress import Step, quiet
 from libs.config import DatabaseSettings, KafkaSettings
 
 __all__ = ["STAGES", "run_bench", "select_stages"]
@@ -64,6 +65,7 @@ def select_stages(names: Iterable[str]) -> list[Stage]:
 async def run_bench(
     progress: Callable[[str], None],
     *,
+    step: Step = quiet,
     stages: Sequence[Stage] = STAGES,
     quick: bool = False,
     ingest_url: str = "http://127.0.0.1:8081",
@@ -76,13 +78,14 @@ async def run_bench(
         progress,
         DatabaseSettings(),
         KafkaSettings(),
+        step=step,
         quick=quick,
         ingest_url=ingest_url,
         gateway_url=gateway_url,
         profile_dir=profile_dir,
     )
-    for stage in stages:
-        progress(stage.title)
-        report.stages.append(stage.name)
-        await stage.run(ctx)
+    for n, stage in enumerate(stages, 1):
+        with step(f"stage {n}/{len(stages)}: {stage.title}"):
+            report.stages.append(stage.name)
+            await stage.run(ctx)
     return report

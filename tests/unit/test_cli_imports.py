@@ -23,6 +23,8 @@ BENCH_LAYERS: Final = {
     "cli.bench.report": 1,
     "cli.bench.stats": 1,
     "cli.bench.profile": 1,
+    "cli.bench.cpu": 1,
+    "cli.bench.charts": 2,
     "cli.bench.drive": 2,
     "cli.bench.deploy": 2,
     "cli.bench.raw": 3,
