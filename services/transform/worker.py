@@ -252,6 +252,8 @@ class TransformWorker(Component):
         state_topic: str,
         max_batch_records: int = 1000,
         poll_timeout_ms: int = 100,
+        fetch_min_bytes: int = 1,
+        fetch_max_wait_ms: int = 500,
         session_timeout_ms: int = 10_000,
         transaction_timeout_ms: int = 60_000,
         error_backoff_s: float = 1.0,
@@ -286,6 +288,7 @@ class TransformWorker(Component):
         self._consumer: AIOKafkaConsumer = make_consumer(
             kafka, group_id=group_id, session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=min(3000, session_timeout_ms // 3),
+            fetch_min_bytes=fetch_min_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
         )  # fmt: skip
         self._states: dict[int, PartitionStates] = {}
         self._lock = asyncio.Lock()
@@ -307,6 +310,8 @@ class TransformWorker(Component):
             state_topic=s.transform_state_topic,
             max_batch_records=s.transform_max_batch_records,
             poll_timeout_ms=s.transform_poll_timeout_ms,
+            fetch_min_bytes=s.transform_fetch_min_bytes,
+            fetch_max_wait_ms=s.transform_fetch_max_wait_ms,
             session_timeout_ms=s.transform_session_timeout_ms,
             transaction_timeout_ms=s.transform_transaction_timeout_ms,
             error_backoff_s=s.transform_error_backoff_s,
