@@ -12,8 +12,9 @@ session timeout) and then lets it drain them in full batches; ``paced`` produces
 events/s, so batches are as small as a transform that keeps up sees them. ``--profile`` also runs
 py-spy over the measured period and prints the functions with the most self time.
 
-Not a ``flightlog bench`` stage; runnable alone: ``python -m cli.bench.transform_cpu [--messages N]
-[--feed backlog|paced] [--rate R] [--profile]``.
+Not a ``flightlog bench`` stage: it borrows the transform-memory stage's machinery, and a stage
+imports no other (``cli/bench/__init__.py``), so it sits beside the bench. Runnable alone:
+``python -m cli.transform_cpu [--messages N] [--feed backlog|paced] [--rate R] [--profile DIR]``.
 """
 
 from __future__ import annotations
