@@ -538,13 +538,17 @@ class TransformWorker(Component):
                     event = decoded[(tp, record.offset)]
                     outcome = self._handle(tp, record, event, states, snapshot, dirty, emitted, letters)
                     counts[outcome] = counts.get(outcome, 0) + 1
+                    # into the builders at once, which go out as they fill: no batch held twice
+                    for key, value in emitted:
+                        partition = (
+                            tp.partition if same_partition else _partition_of(key, postflight_partitions)
+                        )
+                        await out.add(self.postflight_topic, partition, key, value)
+                    emitted.clear()
                 for record, reason in letters:
                     out.sends.append(
                         await self._dead_letter(record, reason, (tp.topic, tp.partition, record.offset))
                     )
-                for key, value in emitted:
-                    partition = tp.partition if same_partition else _partition_of(key, postflight_partitions)
-                    await out.add(self.postflight_topic, partition, key, value)
                 # Only the last state of a key in the batch goes to the changelog.
                 for key, encoded in dirty.items():
                     state = states[key]
