@@ -24,7 +24,7 @@ class TransformSettings(ServiceSettings):
     # The broker answers a fetch once it has this many bytes for us, or after the wait: bigger
     # batches, so fewer transactions (each costs a few ms of CPU in round trips), at the cost of
     # up to the wait in latency. The defaults answer at once (aiokafka's); 1048576 bytes and 50 ms
-    # cut transform's CPU per event by a fifth at 4,000-5,000 events/s.
+    # made batches 3.5x larger and cut transform's CPU per event by 28-38 % at 5,000 events/s.
     transform_fetch_min_bytes: int = Field(default=1, ge=1)
     transform_fetch_max_wait_ms: int = Field(default=500, ge=0)
     transform_session_timeout_ms: int = 10_000
