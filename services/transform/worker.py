@@ -2,7 +2,10 @@
 
 One batch is one Kafka transaction. It holds the changed message states (changelog topic,
 partition N for inflight partition N), the postflight records, the DLQ records and the consumed
-offsets, so either all of a batch's effects become visible (read_committed) or none do.
+offsets, so either all of a batch's effects become visible (read_committed) or none do. The
+batch is folded first and produced after, in one producer batch per topic partition
+(``send_batch``): a future per partition instead of one per record, and only the last state of
+each key in the batch goes to the changelog.
 
 The states of the assigned partitions live in memory and are rebuilt from the changelog when a
 partition is assigned, in the background while the partition is paused (the rebalance listener
@@ -48,6 +51,8 @@ from typing import Any, Final
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
 from prometheus_client import Counter, Gauge, Histogram
 
 from libs.component import Component
@@ -92,6 +97,47 @@ def _retrieve_failures(sends: list[Awaitable[Any]]) -> None:
     for send in sends:
         if isinstance(send, asyncio.Future):
             send.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+def _partition_of(key: bytes, partitions: list[int]) -> int:
+    """The partition aiokafka's (and Java's) default partitioner gives ``key``."""
+    hashed: int = murmur2(key)
+    return partitions[(hashed & 0x7FFFFFFF) % len(partitions)]
+
+
+class _Outbox:
+    """A transaction's records in one :class:`BatchBuilder` per topic partition, each sent with
+    ``send_batch``: one future per batch instead of one per record, as ``send`` makes."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._builders: dict[tuple[str, int], BatchBuilder] = {}
+        self.sends: list[Awaitable[Any]] = []
+
+    async def add(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes | None,  # None: a tombstone
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        builder = self._builders.get((topic, partition))
+        if builder is None:
+            builder = self._builders[(topic, partition)] = self._producer.create_batch()
+        if builder.append(timestamp=None, key=key, value=value, headers=headers or []) is None:
+            # full: send it and start another, which takes any one record
+            await self._send(topic, partition, builder)
+            builder = self._builders[(topic, partition)] = self._producer.create_batch()
+            builder.append(timestamp=None, key=key, value=value, headers=headers or [])
+
+    async def flush(self) -> None:
+        builders, self._builders = self._builders, {}
+        for (topic, partition), builder in builders.items():
+            await self._send(topic, partition, builder)
+
+    async def _send(self, topic: str, partition: int, builder: BatchBuilder) -> None:
+        self.sends.append(await self._producer.send_batch(builder, topic, partition=partition))
 
 
 class TransformStopped(RuntimeError):
@@ -171,7 +217,8 @@ class PartitionStates:
         return keys
 
 
-_Encoded = dict[bytes, bytes]  # a dirty state's changelog value, when _handle already encoded it
+# The keys whose state a batch changed, each with its changelog value when _handle encoded it.
+_Dirty = dict[bytes, bytes | None]
 _Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 _Decoded = dict[tuple[TopicPartition, int], Event | str]  # by (partition, offset): event or why not
 
@@ -205,6 +252,8 @@ class TransformWorker(Component):
         state_topic: str,
         max_batch_records: int = 1000,
         poll_timeout_ms: int = 100,
+        fetch_min_bytes: int = 1,
+        fetch_max_wait_ms: int = 500,
         session_timeout_ms: int = 10_000,
         transaction_timeout_ms: int = 60_000,
         error_backoff_s: float = 1.0,
@@ -239,6 +288,7 @@ class TransformWorker(Component):
         self._consumer: AIOKafkaConsumer = make_consumer(
             kafka, group_id=group_id, session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=min(3000, session_timeout_ms // 3),
+            fetch_min_bytes=fetch_min_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
         )  # fmt: skip
         self._states: dict[int, PartitionStates] = {}
         self._lock = asyncio.Lock()
@@ -260,6 +310,8 @@ class TransformWorker(Component):
             state_topic=s.transform_state_topic,
             max_batch_records=s.transform_max_batch_records,
             poll_timeout_ms=s.transform_poll_timeout_ms,
+            fetch_min_bytes=s.transform_fetch_min_bytes,
+            fetch_max_wait_ms=s.transform_fetch_max_wait_ms,
             session_timeout_ms=s.transform_session_timeout_ms,
             transaction_timeout_ms=s.transform_transaction_timeout_ms,
             error_backoff_s=s.transform_error_backoff_s,
@@ -443,15 +495,16 @@ class TransformWorker(Component):
         return sum(len(keys) for keys in expired.values())
 
     async def _tombstone(self, expired: dict[int, list[bytes]]) -> None:
+        out = _Outbox(self._producer)
         await self._producer.begin_transaction()
         try:
-            sends = [
-                await self._producer.send(self.state_topic, value=None, key=key, partition=partition)
-                for partition, keys in expired.items()
-                for key in keys
-            ]
-            await asyncio.gather(*sends)
+            for partition, keys in expired.items():
+                for key in keys:
+                    await out.add(self.state_topic, partition, key, None)
+            await out.flush()
+            await asyncio.gather(*out.sends)
         except BaseException as exc:
+            _retrieve_failures(out.sends)
             if not isinstance(exc, ProducerFenced):
                 await self._abort()
             raise
@@ -466,34 +519,52 @@ class TransformWorker(Component):
     async def _transact(self, batch: _Batch, decoded: _Decoded) -> dict[str, int]:
         snapshot: _Snapshot = {}
         counts: dict[str, int] = {}
-        sends: list[Awaitable[Any]] = []
+        out = _Outbox(self._producer)
         await self._producer.begin_transaction()
         try:
+            postflight_partitions = sorted(await self._producer.partitions_for(self.postflight_topic))
+            # A message's events share one inflight partition (its state lives there); with as many
+            # postflight partitions, its records go to the one of the same number, which is what
+            # the default partitioner gives the same key, without hashing every key again.
+            same_partition = len(postflight_partitions) == len(
+                self._consumer.partitions_for_topic(self.inflight_topic) or ()
+            )
             for tp, records in batch.items():
                 states = self._states[tp.partition]
-                dirty: set[bytes] = set()
-                encoded: _Encoded = {}
+                dirty: _Dirty = {}
+                emitted: list[tuple[bytes, bytes]] = []
+                letters: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
                 for record in records:
                     event = decoded[(tp, record.offset)]
-                    outcome = await self._handle(tp, record, event, states, snapshot, dirty, encoded, sends)
+                    outcome = self._handle(tp, record, event, states, snapshot, dirty, emitted, letters)
                     counts[outcome] = counts.get(outcome, 0) + 1
-                for key in dirty:
-                    state = states[key]
-                    value = encoded.get(key) or state.model_dump_json().encode()
-                    sends.append(
-                        await self._producer.send(
-                            self.state_topic,
-                            value=value,
-                            key=key,
-                            partition=tp.partition,
-                            headers=[(H_FINAL, b"1" if state.final else b"0")],
+                    # into the builders at once, which go out as they fill: no batch held twice
+                    for key, value in emitted:
+                        partition = (
+                            tp.partition if same_partition else _partition_of(key, postflight_partitions)
                         )
+                        await out.add(self.postflight_topic, partition, key, value)
+                    emitted.clear()
+                for record, reason in letters:
+                    out.sends.append(
+                        await self._dead_letter(record, reason, (tp.topic, tp.partition, record.offset))
                     )
-            await asyncio.gather(*sends)
+                # Only the last state of a key in the batch goes to the changelog.
+                for key, encoded in dirty.items():
+                    state = states[key]
+                    await out.add(
+                        self.state_topic,
+                        tp.partition,
+                        key,
+                        encoded or state.model_dump_json().encode(),
+                        headers=[(H_FINAL, b"1" if state.final else b"0")],
+                    )
+            await out.flush()
+            await asyncio.gather(*out.sends)
             offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
             await self._producer.send_offsets_to_transaction(offsets, self.group_id)
         except BaseException as exc:
-            _retrieve_failures(sends)
+            _retrieve_failures(out.sends)
             self._rewind(batch, snapshot)
             if not isinstance(exc, ProducerFenced):
                 await self._abort()
@@ -521,31 +592,33 @@ class TransformWorker(Component):
             self._fatal = TransformStopped(f"commit failed, outcome unknown: {exc!r}")
             raise self._fatal from exc
 
-    async def _handle(
+    def _handle(
         self,
         tp: TopicPartition,
         record: ConsumerRecord[bytes, bytes],
         event: Event | str,
         states: PartitionStates,
         snapshot: _Snapshot,
-        dirty: set[bytes],
-        encoded: _Encoded,
-        sends: list[Awaitable[Any]],
+        dirty: _Dirty,
+        emitted: list[tuple[bytes, bytes]],
+        letters: list[tuple[ConsumerRecord[bytes, bytes], str]],
     ) -> str:
-        source = (tp.topic, tp.partition, record.offset)
+        """Fold one event into ``states``; what it produces goes to ``dirty`` (the key's state
+        changed, with its changelog value when encoded already), ``emitted`` (postflight key and
+        value) and ``letters`` (the DLQ, with the reason)."""
         if isinstance(event, str):
-            sends.append(await self._dead_letter(record, event, source))
+            letters.append((record, event))
             return "undecodable"
         key = message_key_bytes(event.account_id, event.message_key)
         try:
             previous = states.get(key)  # decoding a restored state may fail here, not in the restore
             outcome = apply(previous, event, position=record.offset)
         except Exception as exc:
-            logger.exception("lifecycle failed on %s", source)
-            sends.append(await self._dead_letter(record, f"transform error: {exc!r}", source))
+            logger.exception("lifecycle failed on %s:%d@%d", tp.topic, tp.partition, record.offset)
+            letters.append((record, f"transform error: {exc!r}"))
             return "error"
         if outcome.kind is OutcomeKind.REJECTED:
-            sends.append(await self._dead_letter(record, outcome.reason or "rejected", source))
+            letters.append((record, outcome.reason or "rejected"))
         postflight = encode(outcome.record) if outcome.record is not None else None
         changed = outcome.changed and outcome.state is not None
         # Only content makes a state grow by much; encoding it here is reused for the changelog.
@@ -556,19 +629,16 @@ class TransformWorker(Component):
         )
         largest = max(len(postflight or b""), len(state_value or b""))
         if largest > MAX_RECORD_BYTES:
-            reason = f"message too large: {largest} bytes encoded, over the limit of {MAX_RECORD_BYTES}"
-            sends.append(await self._dead_letter(record, reason, source))
+            letters.append(
+                (record, f"message too large: {largest} bytes encoded, over the limit of {MAX_RECORD_BYTES}")
+            )
             return "too_large"
         if changed and outcome.state is not None:
             snapshot.setdefault((tp.partition, key), previous)
             states[key] = outcome.state
-            dirty.add(key)
-            if state_value is None:
-                encoded.pop(key, None)
-            else:
-                encoded[key] = state_value
+            dirty[key] = state_value
         if postflight is not None:
-            sends.append(await self._producer.send(self.postflight_topic, value=postflight, key=key))
+            emitted.append((key, postflight))
         return outcome.kind.value
 
     async def _dead_letter(

@@ -1,10 +1,11 @@
 from datetime import UTC, datetime
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
-from libs.events import Event, EventType
+from libs.events import Event, EventType, message_key_bytes
 from libs.lifecycle import MessageState, apply
-from services.transform.worker import PartitionStates
+from services.transform.worker import PartitionStates, _partition_of
 
 
 def _state() -> MessageState:
@@ -71,3 +72,12 @@ def test_a_corrupt_restored_state_fails_where_it_is_read() -> None:
     states.put(b"k", b"not json", final=False, at=0.0)
     with pytest.raises(ValueError):
         states.get(b"k")
+
+
+def test_postflight_partition_is_the_default_partitioners() -> None:
+    # Records sent in batches are placed by hand; a message's records must land where
+    # producer.send put them before (persist reads one message from one partition, in order).
+    partitions = list(range(6))
+    for i in range(200):
+        key = message_key_bytes(1 << 48 | i, f"m{i}")
+        assert _partition_of(key, partitions) == DefaultPartitioner()(key, partitions, partitions)
