@@ -39,6 +39,7 @@ from libs.kafka import make_producer
 from libs.resources import DIRECTORY, PRODUCER
 from libs.shards import ShardRouter
 from services.ingest.routes import add_ingest_routes
+from services.ingest.service import tune_gc
 from services.ingest.settings import IngestSettings
 
 __all__ = ["PARTITIONS", "acknowledging_producer", "main", "measure"]
@@ -165,6 +166,7 @@ async def measure(requests: int = 200, concurrency: int = 8) -> tuple[float, flo
         directory._accounts[acc] = (math.inf, Account(acc, application.id, f"{acc}@example.test", "events"))
     app[DIRECTORY] = directory
     bodies = _bodies(requests, accounts)
+    tune_gc()  # as the service does once started
     handler = next(
         r.handler
         for r in app.router.routes()
