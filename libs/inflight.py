@@ -4,20 +4,77 @@ Three places produce events (ingest's POST /v1/events, IMAP sync, the gateway's 
 of a message) and all three need the same things: the message key as the Kafka key (so one
 message's events stay in one partition, in order, for the transform), and an answer only once
 Kafka has acknowledged every event (the producers are idempotent with ``acks=all``).
+
+Records go out through aiokafka's batch API: one batch per partition per call, and one future
+per batch, where :meth:`~aiokafka.AIOKafkaProducer.send` costs a partitioner call (pure-Python
+murmur2), a future and its result per record. The partition is the one Kafka's default
+partitioner gives the key (:func:`partition_for`), as ``send`` would choose it: the
+transform's state of partition N is that of inflight partition N, so the mapping must not move.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import Any
+import functools
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 
 from libs.events import Event, encode, message_key_bytes
 from libs.kafka import INFLIGHT
 
-__all__ = ["forget", "publish_inflight"]
+__all__ = [
+    "PARTITION_CACHE_KEYS",
+    "Record",
+    "forget",
+    "inflight_record",
+    "partition_for",
+    "publish_inflight",
+    "publish_records",
+]
+
+# Keys whose hash is kept: a message's events usually come in one request or close together.
+# About 200 bytes a key (a 40-byte key, the int, the cache's node): 13 MiB at most.
+PARTITION_CACHE_KEYS: Final = 65_536
+
+Record = tuple[bytes, bytes]  # (Kafka key, value) of one inflight record
+
+
+@functools.lru_cache(maxsize=PARTITION_CACHE_KEYS)
+def _positive_murmur2(key: bytes) -> int:
+    return int(murmur2(key)) & 0x7FFFFFFF
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (aiokafka's ``DefaultPartitioner``, the Java
+    client's) gives ``key`` among ``partitions`` partitions numbered from 0."""
+    return _positive_murmur2(key) % partitions
+
+
+_SLOTS: Final[weakref.WeakKeyDictionary[AIOKafkaProducer, dict[tuple[str, int], asyncio.Lock]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _queue_slot(producer: AIOKafkaProducer, topic: str, partition: int) -> asyncio.Lock:
+    """The right to queue batches for a partition on ``producer``, first come first served.
+
+    aiokafka queues one batch per partition: ``send_batch`` waits until the queued one leaves
+    with a request, and every caller waiting for that wakes up, one gets the slot and the rest
+    wait again, each wait taking the whole time waited so far off the deadline
+    (``MessageAccumulator.add_batch``, aiokafka 0.14): concurrent requests time out at once.
+    Behind this lock only one caller at a time waits for the slot, once per batch.
+    """
+    slots = _SLOTS.get(producer)
+    if slots is None:
+        slots = _SLOTS[producer] = {}
+    lock = slots.get((topic, partition))
+    if lock is None:
+        lock = slots[topic, partition] = asyncio.Lock()
+    return lock
 
 
 def forget(futures: Iterable[asyncio.Future[Any]]) -> None:
@@ -26,24 +83,57 @@ def forget(futures: Iterable[asyncio.Future[Any]]) -> None:
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
-async def publish_inflight(
-    producer: AIOKafkaProducer, events: Iterable[Event], *, timeout_s: float | None = None
+async def publish_records(
+    producer: AIOKafkaProducer,
+    records: Sequence[Record],
+    *,
+    timeout_s: float | None = None,
+    topic: str = INFLIGHT,
 ) -> None:
-    """Send ``events`` in order and return once Kafka has acknowledged every one of them.
+    """Send ``records`` (key, value) and return once Kafka has acknowledged every one of them.
 
+    Records of one partition keep their order; the partition is the one ``send`` would choose.
     Raises :class:`aiokafka.errors.KafkaError`, or :class:`TimeoutError` after ``timeout_s``
-    (None: wait as long as the producer does). Either way some events may have been written:
-    each carries its event id, and the transform drops an id it has seen, so sending the same
-    events again is safe.
+    (None: wait as long as the producer does). Either way some records may have been written:
+    each event carries its event id, and the transform drops an id it has seen, so sending the
+    same events again is safe.
     """
     futures: list[asyncio.Future[Any]] = []
     try:
-        # The sends are inside the deadline too: a send waits when the producer's buffer is full.
+        # The sends are inside the deadline too: a batch waits while its partition's last one is
+        # still in the producer's queue.
         async with asyncio.timeout(timeout_s):
-            for event in events:
-                key = message_key_bytes(event.account_id, event.message_key)
-                futures.append(await producer.send(INFLIGHT, encode(event), key=key))
+            partitions = sorted(await producer.partitions_for(topic))
+            count = len(partitions)
+            by_partition: dict[int, list[Record]] = {}
+            for record in records:
+                by_partition.setdefault(partitions[partition_for(record[0], count)], []).append(record)
+            for partition, of_partition in by_partition.items():
+                async with _queue_slot(producer, topic, partition):
+                    batch = producer.create_batch()
+                    for key, value in of_partition:
+                        # None: the batch is full (never for the first record of a batch).
+                        while batch.append(key=key, value=value, timestamp=None) is None:
+                            futures.append(await producer.send_batch(batch, topic, partition=partition))
+                            batch = producer.create_batch()
+                    # Closed, the batch goes with the producer's next request instead of lingering
+                    # for records no one else will add.
+                    batch.close()
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
             await asyncio.gather(*futures)
     except BaseException:
         forget(futures)
         raise
+
+
+def inflight_record(event: Event) -> Record:
+    """The (key, value) that puts ``event`` on inflight."""
+    return message_key_bytes(event.account_id, event.message_key), encode(event)
+
+
+async def publish_inflight(
+    producer: AIOKafkaProducer, events: Iterable[Event], *, timeout_s: float | None = None
+) -> None:
+    """Send ``events`` in order (:func:`publish_records`) and return once Kafka has acknowledged
+    every one of them."""
+    await publish_records(producer, [inflight_record(e) for e in events], timeout_s=timeout_s)

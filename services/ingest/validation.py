@@ -1,18 +1,30 @@
-"""Turning posted items into :class:`Event` records, with an error per bad item. No I/O."""
+"""Turning posted items into :class:`Event` records, with an error per bad item. No I/O.
+
+A batch is validated in one call (:func:`check_batch`), and what goes on ``flightlog.inflight``
+is each item as posted, with ``event_id``, ``received_at`` and ``schema_version`` set, encoded
+once by orjson: not the model dumped again. The transform decodes it with the same model
+(:func:`libs.events.decode_event`), so it reads the event ingest validated
+(``tests/unit/test_ingest_batch.py`` holds the two side by side). Only a batch with a bad item is
+validated again, item by item, for the per-item errors of the 422.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
-from pydantic import ValidationError
+import orjson
+from pydantic import TypeAdapter, ValidationError
 
-from libs.events import Event
+from libs.events import SCHEMA_VERSION, Event
 from libs.http import validation_errors
 
-__all__ = ["ItemError", "item_errors", "normalise_item"]
+__all__ = ["CheckedBatch", "ItemError", "check_batch", "item_errors", "normalise_item"]
+
+_EVENTS: Final = TypeAdapter(list[Event])
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,21 +37,61 @@ class ItemError:
         return {"index": self.index, "field": self.field, "message": self.message}
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedBatch:
+    """The valid items of a batch by index, and the errors of the others."""
+
+    events: dict[int, Event]
+    errors: list[ItemError]
+    # Each event's flightlog.inflight value, in batch order: set only when every item is valid.
+    values: list[bytes]
+
+
+def _stamped(item: Any, received_at: datetime | None) -> dict[str, Any]:
+    """``item`` as an Event's input: ``event_id`` generated when absent, ``received_at`` stamped.
+    Raises ValueError for an item that is not an object or carries ``received_at``."""
+    if not isinstance(item, dict):
+        raise ValueError("must be a JSON object")
+    if "received_at" in item:
+        raise ValueError("received_at is set by ingest and must not be sent")
+    data = dict(item)
+    if "event_id" not in data:
+        data["event_id"] = uuid.uuid4().hex
+    if received_at is not None:
+        data["received_at"] = received_at
+    return data
+
+
 def normalise_item(item: Any, received_at: datetime | None = None) -> Event:
     """An Event from one posted item: ``event_id`` generated when absent, ``received_at`` stamped.
 
     Raises ValueError for an item that is not an object or carries ``received_at``, and
     pydantic's ValidationError for everything else.
     """
-    if not isinstance(item, dict):
-        raise ValueError("must be a JSON object")
-    if "received_at" in item:
-        raise ValueError("received_at is set by ingest and must not be sent")
-    data = dict(item)
-    data.setdefault("event_id", uuid.uuid4().hex)
-    if received_at is not None:
-        data["received_at"] = received_at
-    return Event.model_validate(data)
+    return Event.model_validate(_stamped(item, received_at))
+
+
+def check_batch(items: Sequence[Any], received_at: datetime) -> CheckedBatch:
+    """Every item of a posted batch as an :class:`Event`, or the errors of those that are not."""
+    try:
+        data = [_stamped(item, received_at) for item in items]
+        events = _EVENTS.validate_python(data)
+    except (ValidationError, ValueError):
+        return _check_each(items, received_at)
+    for d in data:
+        d["schema_version"] = SCHEMA_VERSION  # valid, so it was 1 or absent
+    return CheckedBatch(dict(enumerate(events)), [], [orjson.dumps(d) for d in data])
+
+
+def _check_each(items: Sequence[Any], received_at: datetime) -> CheckedBatch:
+    events: dict[int, Event] = {}
+    errors: list[ItemError] = []
+    for index, item in enumerate(items):
+        try:
+            events[index] = normalise_item(item, received_at)
+        except (ValidationError, ValueError) as exc:
+            errors.extend(item_errors(index, exc))
+    return CheckedBatch(events, errors, [])
 
 
 def item_errors(index: int, exc: ValidationError | ValueError) -> list[ItemError]:
