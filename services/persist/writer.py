@@ -365,6 +365,9 @@ def latest_per_message(records: Iterable[PostflightRecord]) -> list[PostflightRe
         grouped.setdefault((r.account_id, r.message_key), []).append(r)
     out: list[PostflightRecord] = []
     for group in grouped.values():
+        if len(group) == 1:  # the common case, and what the rules below keep of it
+            out += group
+            continue
         top = max(group, key=lambda r: r.version)  # max keeps the first of equals
         keep = {id(top): top}
         by_content: dict[int, PostflightRecord] = {}
