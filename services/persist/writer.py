@@ -244,7 +244,7 @@ def _key(record: PostflightRecord) -> bytes:
 
 def upsert_statement(table: str, rows: int, *, values_sql: str | None = None) -> str:
     """The version-guarded multi-row upsert of ``rows`` messages: placeholders, or the rows'
-    literals when ``values_sql`` is given (:func:`_values_sql`)."""
+    literals when ``values_sql`` is given (:func:`_values_sql`), as persist sends it."""
     return (
         f"INSERT INTO {table} ({', '.join(_INSERT_COLUMNS)}) VALUES "
         + (values_sql if values_sql is not None else ", ".join([_ROW_PLACEHOLDER] * rows))
@@ -259,7 +259,7 @@ def _quoted(value: str) -> str:
 # The literal of each type a row holds, as aiomysql's Connection.escape writes it (binary strings
 # prefixed, times with their microseconds), without its generic dispatch per value: a third of
 # persist's time per record went into escaping. Valid unless the server runs with
-# NO_BACKSLASH_ESCAPES (see _values_sql).
+# NO_BACKSLASH_ESCAPES (see _escape).
 _LITERALS: Final[dict[type, Callable[[Any], str]]] = {
     int: str,
     bool: lambda v: "1" if v else "0",
@@ -277,9 +277,17 @@ def _literal(value: Any) -> str:
     return _quoted(value) if isinstance(value, str) else str(escape_item(value, "utf8mb4"))
 
 
-def _values_sql(rows: Iterable[Sequence[Any]]) -> str:
-    """The rows as a VALUES list of SQL literals (for a server with backslash escapes)."""
-    return ", ".join(["(" + ", ".join([_literal(v) for v in values]) + ")" for values in rows])
+def _values_sql(rows: Iterable[Sequence[Any]], escape: Callable[[Any], str] = _literal) -> str:
+    """The rows as a list of parenthesised SQL literals, as in VALUES or IN."""
+    return ", ".join(["(" + ", ".join([escape(v) for v in values]) + ")" for values in rows])
+
+
+def _escape(conn: aiomysql.Connection) -> Callable[[Any], str]:
+    """:func:`_literal`, or the connection's own escaping where the server runs with
+    NO_BACKSLASH_ESCAPES (quotes are then doubled, backslashes left)."""
+    if conn.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES:
+        return conn.escape  # type: ignore[no-any-return]
+    return _literal
 
 
 def _json_or_null(items: list[Any]) -> str | None:
@@ -462,14 +470,15 @@ def _state(values: Sequence[Any]) -> RowState:
 
 
 async def _states(
-    cur: aiomysql.Cursor, table: str, keys: Sequence[tuple[int, bytes]], *, lock: bool
+    cur: aiomysql.Cursor,
+    table: str,
+    keys: Sequence[tuple[int, bytes]],
+    escape: Callable[[Any], str],
 ) -> dict[tuple[int, bytes], RowState]:
-    where = ", ".join(["(%s, %s)"] * len(keys))
-    args = [v for key in keys for v in key]
+    """The stored states of ``keys``, locked (``FOR UPDATE``) for the rest of the transaction."""
     await cur.execute(
         f"SELECT account_id, message_key, {_STATE_COLUMNS} FROM {table}"
-        f" WHERE (account_id, message_key) IN ({where}){' FOR UPDATE' if lock else ''}",
-        args,
+        f" WHERE (account_id, message_key) IN ({_values_sql(keys, escape)}) FOR UPDATE"
     )
     return {(int(a), bytes(k)): _state(rest) for a, k, *rest in await cur.fetchall()}
 
@@ -532,21 +541,16 @@ async def write_shard(
             async with conn.cursor() as cur:
                 if lock_wait_timeout_s is not None:
                     await cur.execute("SET SESSION innodb_lock_wait_timeout = %s", (lock_wait_timeout_s,))
-                before = await _states(cur, table, keys, lock=True) if keys else {}
+                escape = _escape(conn)
+                before = await _states(cur, table, keys, escape) if keys else {}
                 now = dict(before)
                 if rows:
                     # RETURNING gives each statement row's state after its update, in the order of
                     # the rows: the last one of a message is the row as written (no second read).
-                    if conn.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES:
-                        await cur.execute(
-                            upsert_statement(table, len(rows)) + _RETURNING_STATES,
-                            [v for values, _, _ in rows for v in values],
-                        )
-                    else:
-                        values_sql = _values_sql(values for values, _, _ in rows)
-                        await cur.execute(
-                            upsert_statement(table, len(rows), values_sql=values_sql) + _RETURNING_STATES
-                        )
+                    values_sql = _values_sql((values for values, _, _ in rows), escape)
+                    await cur.execute(
+                        upsert_statement(table, len(rows), values_sql=values_sql) + _RETURNING_STATES
+                    )
                     returned = await cur.fetchall()
                     if len(returned) != len(rows):
                         raise RuntimeError(f"the upsert of {len(rows)} rows returned {len(returned)}")
@@ -585,8 +589,7 @@ async def write_shard(
                         shard,
                         f"INSERT INTO {router.table(shard, 'changes')}"
                         " (account_id, object_type, object_id, change_type, version) VALUES "
-                        + ", ".join(["(%s, %s, %s, %s, %s)"] * len(changes)),
-                        [v for change in changes for v in change],
+                        + _values_sql(changes, escape),
                         rows=len(changes),
                     )
             await conn.commit()
