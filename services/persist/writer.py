@@ -3,10 +3,12 @@
 A row has two versions (libs.events.PostflightRecord): ``version`` for status, flags and
 times, and ``content_version`` for what the message says, because transform drops a final
 message's content from its state and later records carry flags without content
-(``content_version`` 0). One transaction per shard batch:
+(``content_version`` 0). One transaction per shard batch, one statement per step whatever the
+number of records (a statement per record was most of persist's time):
 
 1. lock the rows the batch touches and read their versions (``SELECT ... FOR UPDATE``);
-2. full records: ``INSERT ... ON DUPLICATE KEY UPDATE`` (:func:`upsert_statement`) where
+2. full records: one multi-row ``INSERT ... ON DUPLICATE KEY UPDATE`` (:func:`upsert_statement`)
+   where
    - status, flags and times take the record's value only over a lower ``version``;
    - content columns take it only over a lower ``content_version``, and then only where the
      record's value is not NULL (a record never blanks a stored field), so content that arrives
@@ -16,14 +18,19 @@ message's content from its state and later records carry flags without content
      erasure is for ever;
    - both versions are assigned last (GREATEST), so the conditions above compare with the old
      values (MariaDB assigns left to right, later expressions seeing earlier assignments);
-3. patch records (``record.patch``, a change to a message transform no longer holds): applied to
-   the stored row one by one (:func:`patch_assignments`), after the upsert so a patch finds the
-   row its own batch created; a patch without a row changes nothing;
-4. read the rows back: a row whose version or content version went up, or that was newly
-   erased, really changed and gets exactly one ``changes`` row (compared with step 1, so never
-   two for one message in one transaction);
+   and ``RETURNING`` the state of each row as written, in the order of the rows;
+3. patch records (``record.patch``, a change to a message transform no longer holds): computed
+   in version order against the states of steps 1 and 2 (:func:`patch_assignments`), so a patch
+   finds the row its own batch created, and written as one ``UPDATE`` per patched row (patches
+   are rare: they are for messages transform forgot); a patch without a row changes nothing;
+4. compare each row's final state with step 1: a row whose version or content version went up,
+   or that was newly erased, really changed and gets exactly one ``changes`` row (never two for
+   one message in one transaction);
 5. check the shard bits of every id (the bug #199 guard), lock the shard's change order
-   (:func:`lock_changes`), insert the change rows and commit.
+   (:func:`lock_changes`), insert the change rows in one statement and commit.
+
+Values travel as SQL literals built per type (:func:`_values_sql`), the text aiomysql's escaping
+would produce, without its generic dispatch per value.
 
 Replays change nothing: a record is a no-op (and writes no change) unless its version, its
 content version or its erasure is news to the row. Reordering lands the same row: content of a
