@@ -22,16 +22,24 @@ async def main(ctx: ServiceContext) -> None:
     async with AsyncExitStack() as stack:
         router = await stack.enter_async_context(ShardRouter(s))
         producer = await stack.enter_async_context(make_producer(s))
+        relay = None
         if relay_settings.relay_enabled:
             relay_producer = await stack.enter_async_context(make_producer(s))
-            await stack.enter_async_context(ChangeRelay(router, relay_producer, relay_settings))
+            relay = await stack.enter_async_context(ChangeRelay(router, relay_producer, relay_settings))
         group = persist_settings.persist_group_id
         consumer = await stack.enter_async_context(
             make_consumer(s, POSTFLIGHT, group_id=group, max_partition_fetch_bytes=4 * 1024**2)
         )
         retry = await stack.enter_async_context(make_consumer(s, PERSIST_RETRY, group_id=f"{group}-retry"))
         ctx.set_ready()
-        worker = PersistWorker(router, producer, consumer, retry, settings=persist_settings)
+        worker = PersistWorker(
+            router,
+            producer,
+            consumer,
+            retry,
+            settings=persist_settings,
+            on_changes=relay.notify if relay is not None else None,
+        )
         await worker.run(ctx.stopping)
 
 
