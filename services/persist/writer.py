@@ -481,10 +481,11 @@ async def _states(
     table: str,
     keys: Sequence[tuple[int, bytes]],
     escape: Callable[[Any], str],
+    prefix: str,
 ) -> dict[tuple[int, bytes], RowState]:
     """The stored states of ``keys``, locked (``FOR UPDATE``) for the rest of the transaction."""
     await cur.execute(
-        f"SELECT account_id, message_key, {_STATE_COLUMNS} FROM {table}"
+        f"{prefix}SELECT account_id, message_key, {_STATE_COLUMNS} FROM {table}"
         f" WHERE (account_id, message_key) IN ({_values_sql(keys, escape)}) FOR UPDATE"
     )
     return {(int(a), bytes(k)): _state(rest) for a, k, *rest in await cur.fetchall()}
@@ -508,12 +509,19 @@ def _patch_key(record: PostflightRecord) -> bytes:
         raise UnstorableRecord(record, f"{type(exc).__name__}: {exc}") from exc
 
 
-async def lock_changes(cur: aiomysql.Cursor, router: ShardRouter, shard: int) -> None:
+async def lock_changes(cur: aiomysql.Cursor, router: ShardRouter, shard: int, *, prefix: str = "") -> None:
     """Serialize the shard's change writers so change ids commit in order (see migration 0003).
 
-    Call it right before inserting change rows, in the transaction that inserts them.
+    Call it right before inserting change rows, in the transaction that inserts them; ``prefix``
+    is :func:`_lock_wait`'s.
     """
-    await cur.execute(f"SELECT id FROM {router.table(shard, 'changes_lock')} WHERE id = 1 FOR UPDATE")
+    await cur.execute(f"{prefix}SELECT id FROM {router.table(shard, 'changes_lock')} WHERE id = 1 FOR UPDATE")
+
+
+def _lock_wait(timeout_s: int | None) -> str:
+    """The prefix that bounds a statement's lock waits (MariaDB's ``SET STATEMENT``): no round
+    trip of its own, and nothing left on the pooled connection."""
+    return "" if timeout_s is None else f"SET STATEMENT innodb_lock_wait_timeout = {int(timeout_s)} FOR "
 
 
 async def write_shard(
@@ -542,21 +550,20 @@ async def write_shard(
     )
     without_row = 0
     changes: list[tuple[int, str, int, str, int]] = []
+    prefix = _lock_wait(lock_wait_timeout_s)  # on every statement that may wait for a lock
     pool = await router.pool(shard)
     async with pool.acquire() as conn:
         try:
             async with conn.cursor() as cur:
-                if lock_wait_timeout_s is not None:
-                    await cur.execute("SET SESSION innodb_lock_wait_timeout = %s", (lock_wait_timeout_s,))
                 escape = _escape(conn)
-                before = await _states(cur, table, keys, escape) if keys else {}
+                before = await _states(cur, table, keys, escape, prefix) if keys else {}
                 now = dict(before)
                 if rows:
                     # RETURNING gives each statement row's state after its update, in the order of
                     # the rows: the last one of a message is the row as written (no second read).
                     values_sql = _values_sql((values for values, _, _ in rows), escape)
                     await cur.execute(
-                        upsert_statement(table, len(rows), values_sql=values_sql) + _RETURNING_STATES
+                        prefix + upsert_statement(table, len(rows), values_sql=values_sql) + _RETURNING_STATES
                     )
                     returned = await cur.fetchall()
                     if len(returned) != len(rows):
@@ -590,7 +597,7 @@ async def write_shard(
                     if kind is not None:
                         changes.append((message[0], "message", state.id, kind, state.version))
                 if changes:
-                    await lock_changes(cur, router, shard)
+                    await lock_changes(cur, router, shard, prefix=prefix)
                     await insert_guarded(
                         cur,
                         shard,
