@@ -6,7 +6,8 @@ message's content from its state and later records carry flags without content
 (``content_version`` 0). One transaction per shard batch, one statement per step whatever the
 number of records (a statement per record was most of persist's time):
 
-1. lock the rows the batch touches and read their versions (``SELECT ... FOR UPDATE``);
+1. lock the rows the batch touches and read their versions (``SELECT ... FOR UPDATE``), building
+   the rows meanwhile (the client's work beside the server's);
 2. full records: one multi-row ``INSERT ... ON DUPLICATE KEY UPDATE`` (:func:`upsert_statement`)
    where
    - status, flags and times take the record's value only over a lower ``version``;
@@ -65,6 +66,7 @@ Exceptions::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -490,6 +492,8 @@ async def _states(
     prefix: str,
 ) -> dict[tuple[int, bytes], RowState]:
     """The stored states of ``keys``, locked (``FOR UPDATE``) for the rest of the transaction."""
+    if not keys:
+        return {}
     await cur.execute(
         f"{prefix}SELECT account_id, message_key, {_STATE_COLUMNS} FROM {table}"
         f" WHERE (account_id, message_key) IN ({_values_sql(keys, escape)}) FOR UPDATE"
@@ -508,7 +512,7 @@ def _patched(state: RowState, assignments: dict[str, Any]) -> RowState:
     )
 
 
-def _patch_key(record: PostflightRecord) -> bytes:
+def _checked_key(record: PostflightRecord) -> bytes:
     try:
         return _key(record)
     except Exception as exc:
@@ -547,13 +551,12 @@ async def write_shard(
     # In version order, so of two patches in one batch the later one is applied last.
     patches = sorted((r for r in records if r.patch is not None), key=lambda r: r.version)
     table = router.table(shard, "messages")
-    # Before a connection is taken: UnstorableRecord costs no I/O.
-    rows = [row(r) for r in full]
-    patch_keys = [_patch_key(r) for r in patches]
-    full_keys = [(r.account_id, values[1]) for r, (values, _, _) in zip(full, rows, strict=True)]
+    patch_keys = [_checked_key(r) for r in patches]
+    full_keys = [(r.account_id, _checked_key(r)) for r in full]
     keys = list(
         dict.fromkeys(full_keys + [(r.account_id, key) for r, key in zip(patches, patch_keys, strict=True)])
     )
+    rows: list[tuple[tuple[Any, ...], int, int]] = []
     without_row = 0
     changes: list[tuple[int, str, int, str, int]] = []
     prefix = _lock_wait(lock_wait_timeout_s)  # on every statement that may wait for a lock
@@ -562,12 +565,20 @@ async def write_shard(
         try:
             async with conn.cursor() as cur:
                 escape = _escape(conn)
-                before = await _states(cur, table, keys, escape, prefix) if keys else {}
+                reading = asyncio.ensure_future(_states(cur, table, keys, escape, prefix))
+                await asyncio.sleep(0)  # the query is sent: build the rows while the server reads
+                try:
+                    rows = [row(r) for r in full]
+                    values_sql = _values_sql((values for values, _, _ in rows), escape)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await reading
+                    raise
+                before = await reading
                 now = dict(before)
                 if rows:
                     # RETURNING gives each statement row's state after its update, in the order of
                     # the rows: the last one of a message is the row as written (no second read).
-                    values_sql = _values_sql((values for values, _, _ in rows), escape)
                     await cur.execute(
                         prefix + upsert_statement(table, len(rows), values_sql=values_sql) + _RETURNING_STATES
                     )
