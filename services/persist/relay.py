@@ -34,6 +34,7 @@ from typing import Any
 import aiomysql
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter, Gauge
 
 from libs.component import Component
@@ -51,6 +52,9 @@ _published = Counter("flightlog_relay_changes_published_total", "Changes publish
 _position = Gauge("flightlog_relay_position", "Last published change id per shard", ["shard"])
 _active = Gauge("flightlog_relay_active", "1 while this process holds the relay lock")
 
+_PARTITIONER = DefaultPartitioner()  # the producer's default: the partitions keyed sends got
+_MAX_CACHED_ACCOUNTS = 100_000  # partitions remembered per account key, then forgotten at once
+
 
 class RelaySettings(DatabaseSettings):
     """The change relay inside persist.
@@ -62,7 +66,11 @@ class RelaySettings(DatabaseSettings):
 
     relay_enabled: bool = True
     relay_batch_size: int = 1000
-    relay_idle_poll_ms: int = 50  # how often an idle shard is read again
+    # How often an idle shard is read again at first; it doubles while reads find nothing.
+    relay_idle_poll_ms: int = 50
+    # The longest idle wait. A commit of this process's writer wakes its shard's reader at once,
+    # so this bounds only the delay of changes committed by another persist replica.
+    relay_idle_poll_max_ms: int = 500
     # how often acknowledged positions are written; a crash re-publishes at most this much
     relay_position_flush_ms: int = 200
     relay_standby_poll_s: float = 2.0  # how often a standby tries to take the lock
@@ -114,6 +122,9 @@ class ChangeRelay(Component):
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._acked: dict[int, int] = {}  # shard -> last change id Kafka acknowledged
+        self._partitions: list[int] = []  # the topic's, as the producer lists them
+        self._wake: dict[int, asyncio.Event] = {}  # shard -> set when it committed changes
+        self._partition_of: dict[bytes, int] = {}  # account key -> partition
         self.active = False
 
     async def start(self) -> None:
@@ -135,8 +146,28 @@ class ChangeRelay(Component):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def notify(self, shard: int) -> None:
+        """``shard`` committed change rows: read it now rather than at its next idle poll."""
+        self._wake_event(shard).set()
+
+    def _wake_event(self, shard: int) -> asyncio.Event:
+        event = self._wake.get(shard)
+        if event is None:
+            event = self._wake[shard] = asyncio.Event()
+        return event
+
     async def _sleep(self, seconds: float) -> None:
         await sleep_unless_stopped(self._stopping, seconds)
+
+    async def _idle(self, shard: int, seconds: float) -> None:
+        """Wait ``seconds``, less if ``shard`` is notified or the relay stops."""
+        wake = self._wake_event(shard)
+        waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def _run(self) -> None:
         s = self._settings
@@ -197,8 +228,12 @@ class ChangeRelay(Component):
             f" c.version, UNIX_TIMESTAMP(c.created_at) FROM {changes} c"
             f" LEFT JOIN {accounts} a ON a.id = c.account_id WHERE c.id > %s ORDER BY c.id LIMIT %s"
         )
-        idle_s = self._settings.relay_idle_poll_ms / 1000
+        min_idle_s = self._settings.relay_idle_poll_ms / 1000
+        max_idle_s = max(self._settings.relay_idle_poll_max_ms / 1000, min_idle_s)
+        idle_s = min_idle_s
+        wake = self._wake_event(shard)
         while not self._stopping.is_set():
+            wake.clear()  # a commit from now on is read by the next poll, or wakes the wait
             try:
                 pool = await self._router.pool(shard, write=False)
                 async with pool.acquire() as shard_conn, shard_conn.cursor() as cur:
@@ -206,11 +241,7 @@ class ChangeRelay(Component):
                     rows = await cur.fetchall()
                     await shard_conn.commit()  # a fresh read view for the next poll
                 if rows:
-                    acks = [
-                        await self._producer.send(self._topic, value=value, key=key)
-                        for key, value in (change_message(shard, r) for r in rows)
-                    ]
-                    await asyncio.gather(*acks)
+                    await self._publish(shard, rows)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -220,14 +251,45 @@ class ChangeRelay(Component):
                 await self._sleep(self._settings.relay_error_backoff_s)
                 continue
             if not rows:
-                await self._sleep(idle_s)
+                await self._idle(shard, idle_s)
+                idle_s = min_idle_s if wake.is_set() else min(idle_s * 2, max_idle_s)
                 continue
+            idle_s = min_idle_s
             position = int(rows[-1][0])
             self._acked[shard] = position  # saved by _lead every relay_position_flush_ms
             _published.inc(len(rows))
             _position.labels(str(shard)).set(position)
             if len(rows) < self._settings.relay_batch_size:
-                await self._sleep(idle_s)
+                await self._idle(shard, idle_s)
+
+    async def _publish(self, shard: int, rows: Sequence[Sequence[Any]]) -> None:
+        """Publish ``rows`` (in change id order) and wait for Kafka's acks.
+
+        One record batch per partition rather than a send per change (a future, a size estimate
+        and a pure-Python murmur2 hash each), with every account's partition computed once by
+        the producer's own partitioner, so an account's changes land where they always did.
+        """
+        partitions = list(await self._producer.partitions_for(self._topic))
+        if partitions != self._partitions:
+            self._partitions, self._partition_of = partitions, {}
+        elif len(self._partition_of) > _MAX_CACHED_ACCOUNTS:
+            self._partition_of = {}
+        batches: dict[int, list[Any]] = {}
+        for key, value in (change_message(shard, r) for r in rows):
+            partition = self._partition_of.get(key)
+            if partition is None:
+                partition = self._partition_of[key] = _PARTITIONER(key, partitions, partitions)
+            builders = batches.setdefault(partition, [])
+            if not builders or builders[-1].append(key=key, value=value, timestamp=None) is None:
+                builders.append(self._producer.create_batch())
+                if builders[-1].append(key=key, value=value, timestamp=None) is None:
+                    raise ValueError(f"change {value[:60]!r} does not fit in a record batch")
+        acks = [
+            await self._producer.send_batch(builder, self._topic, partition=partition)
+            for partition, builders in batches.items()
+            for builder in builders
+        ]
+        await asyncio.gather(*acks)
 
     async def _save_positions(self, conn: aiomysql.Connection, saved: dict[int, int]) -> None:
         """Write the acknowledged positions that moved since the last save, in one transaction."""

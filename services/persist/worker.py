@@ -49,7 +49,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Self
 
@@ -158,7 +158,8 @@ class PersistWorker:
     """Consumes ``postflight_topic`` (and ``retry_topic``) and writes into the shards.
 
     ``settings`` bounds batches, transactions, lock waits and backoff and sets how many charged
-    failures a record is given (see the module docstring).
+    failures a record is given (see the module docstring). ``on_changes`` is told each shard
+    that committed change rows (the change relay's wake-up).
     """
 
     def __init__(
@@ -170,8 +171,10 @@ class PersistWorker:
         *,
         retry_topic: str = PERSIST_RETRY,
         settings: PersistSettings | None = None,
+        on_changes: Callable[[int], None] | None = None,
     ) -> None:
         s = settings or PersistSettings()
+        self.on_changes = on_changes
         self.router = router
         self.producer = producer
         self.consumer = consumer
@@ -373,6 +376,8 @@ class PersistWorker:
                 RECORDS.labels("written").inc(len(part) - result.patches_without_row)
                 RECORDS.labels("patch_without_row").inc(result.patches_without_row)
                 CHANGES.inc(result.changed)
+                if result.changed and self.on_changes is not None:
+                    self.on_changes(shard)
                 BODY_BYTES.labels("raw").inc(result.body_bytes_raw)
                 BODY_BYTES.labels("stored").inc(result.body_bytes_stored)
         return verdicts

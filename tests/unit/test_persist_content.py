@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pymysql.converters import escape_bytes_prefixed, escape_item, escape_string
 
-from libs.events import MessageDoc, MessageFlags, MessagePatch, PostflightRecord
+from libs.events import AttachmentInfo, MessageDoc, MessageFlags, MessagePatch, PostflightRecord
 from libs.messages import BODY_RAW, ERASABLE_COLUMNS
 from services.persist.writer import (
     _INSERT_COLUMNS,
     RowState,
+    _values_sql,
     change_kind,
     content_version,
     latest_per_message,
@@ -90,6 +92,44 @@ def test_both_versions_are_assigned_last() -> None:
         "content_version = GREATEST(content_version, VALUES(content_version)),"
         " version = GREATEST(version, VALUES(version))"
     )
+
+
+def _escaped(value: Any) -> str:
+    """aiomysql's Connection.escape on a server without NO_BACKSLASH_ESCAPES."""
+    if isinstance(value, str):
+        return f"'{escape_string(value)}'"
+    if isinstance(value, bytes):
+        return str(escape_bytes_prefixed(value))
+    return str(escape_item(value, "utf8mb4"))
+
+
+_text = st.text(st.characters(codec="utf-8"), max_size=30)
+
+
+@given(
+    key=_text.filter(bool),
+    subject=_text,
+    body=st.one_of(st.none(), _text, st.text(min_size=200, max_size=400)),
+    to=st.lists(_text.filter(bool), max_size=3),
+    cv=st.sampled_from([None, 0, 3]),
+    occurred_at=st.datetimes(datetime(1001, 1, 1), datetime(9998, 1, 1), timezones=st.just(UTC)),
+    deleted=st.booleans(),
+)
+def test_the_upsert_literals_are_what_aiomysql_would_send(
+    key: str,
+    subject: str,
+    body: str | None,
+    to: list[str],
+    cv: int | None,
+    occurred_at: datetime,
+    deleted: bool,
+) -> None:
+    r = record(
+        7, cv, key=key, deleted=deleted, subject=subject, body_text=body, to=to, occurred_at=occurred_at,
+        attachments=[AttachmentInfo(filename=subject)], labels=[subject] if subject else [],
+    )  # fmt: skip
+    got = row(r)[0]
+    assert _values_sql([got, got]) == ", ".join(["(" + ", ".join(_escaped(v) for v in got) + ")"] * 2)
 
 
 def _upsert(stored: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
