@@ -11,11 +11,11 @@ Two feeds wake streams:
   :mod:`services.persist.relay`). A consumer without a group reads every partition from its end
   and wakes the streams of each message's account within milliseconds of the relay's publish.
 * **A safety check per shard**, every ``gateway_delta_recheck_s``, for the shards that have
-  streams: it reads the shard's newest change id, and when a change that was already committed at
-  the previous check has still not come through the topic (the relay is down or lags, Kafka is
-  unreachable, the consumer restarted and skipped some), it wakes every stream of that shard.
-  A lost notification therefore costs at most two check intervals of latency, never a change:
-  a woken stream reads everything after its own cursor, whatever woke it.
+  streams: it reads each shard's newest change id (one query per server), and when a change that
+  was already committed at the previous check has still not come through the topic (the relay is
+  down or lags, Kafka is unreachable, the consumer restarted and skipped some), it wakes every
+  stream of that shard. A lost notification therefore costs at most two check intervals of latency, never a
+  change: a woken stream reads everything after its own cursor, whatever woke it.
 
 A notification can arrive before a read sees its row (reads may go to a replica that applies it
 a few milliseconds later): the subscription keeps the highest change id notified, and a stream
@@ -30,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
+import aiomysql
 import orjson
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import Counter, Gauge
@@ -58,7 +59,7 @@ _wakes = Counter("flightlog_gateway_delta_wakes_total", "Delta streams woken, by
 _subscribed = Gauge(
     "flightlog_gateway_delta_streams", "Open delta streams and long-polls waiting for changes"
 )
-_checks = Counter("flightlog_gateway_delta_shard_checks_total", "Safety checks of a shard's newest change id")
+_checks = Counter("flightlog_gateway_delta_checks_total", "Safety checks (one query per server)")
 _feed_up = Gauge("flightlog_gateway_delta_feed_up", "1 while the notifier consumes flightlog.changes")
 
 
@@ -226,25 +227,40 @@ class ChangeNotifier(Component):
     async def _check_forever(self) -> None:
         while True:
             await asyncio.sleep(self._recheck_s)
-            for shard in sorted({shard_of(a) for a in self._subs}):
-                try:
-                    await self.check_shard(shard)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    # The streams' own reads fail the same way and end their streams.
-                    logger.warning("change notifier: shard %d check failed: %r", shard, exc)
+            await self.check_shards({shard_of(a) for a in self._subs})
 
-    async def check_shard(self, shard: int) -> None:
-        """Wake the shard's streams if a change committed by the previous check has not come
-        through the topic since."""
-        _checks.inc()
-        pool = await self._router.pool(shard, write=False)
-        async with pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(f"SELECT COALESCE(MAX(id), 0) FROM {self._router.table(shard, 'changes')}")
-            (top,) = await cur.fetchone()
-            await conn.commit()
-        top = int(top)
+    async def check_shards(self, shards: Iterable[int]) -> None:
+        """Wake the streams of each shard where a change committed by the previous check has not
+        come through the topic since. One query per server, whatever its number of shards."""
+        by_pool: dict[int, tuple[aiomysql.Pool, list[int]]] = {}
+        for shard in sorted(shards):
+            try:
+                pool = await self._router.pool(shard, write=False)
+            except Exception as exc:
+                logger.warning("change notifier: shard %d check failed: %r", shard, exc)
+                continue
+            by_pool.setdefault(id(pool), (pool, []))[1].append(shard)
+        for pool, group in by_pool.values():
+            _checks.inc()
+            query = " UNION ALL ".join(
+                f"SELECT {int(shard)}, COALESCE(MAX(id), 0) FROM {self._router.table(shard, 'changes')}"
+                for shard in group
+            )
+            try:
+                async with pool.acquire() as conn, conn.cursor() as cur:
+                    await cur.execute(query)
+                    tops = {int(shard): int(top) for shard, top in await cur.fetchall()}
+                    await conn.commit()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The streams' own reads fail the same way and end their streams.
+                logger.warning("change notifier: check of shards %s failed: %r", group, exc)
+                continue
+            for shard, top in tops.items():
+                self._judge(shard, top)
+
+    def _judge(self, shard: int, top: int) -> None:
         previous = self._previous_top.get(shard)
         self._previous_top[shard] = top
         known = max(self._seen.get(shard, 0), self._woken.get(shard, 0))

@@ -157,24 +157,24 @@ async def test_the_safety_check_wakes_a_shard_whose_changes_the_topic_did_not_br
     shard = shard_of(acc.id)
     async with ChangeNotifier(router, None, recheck_s=3600) as notifier:
         with notifier.subscribe(acc.id) as sub:
-            await notifier.check_shard(shard)
+            await notifier.check_shards([shard])
             assert not sub.event.is_set()  # a first check only takes note
-            await notifier.check_shard(shard)
+            await notifier.check_shards([shard])
             assert sub.event.is_set()  # what was committed at the first check never came
             sub.event.clear()
-            await notifier.check_shard(shard)
+            await notifier.check_shards([shard])
             assert not sub.event.is_set()  # the shard's streams have read past all of that
 
             await seed(router, [record(acc.id, "unannounced")])
-            await notifier.check_shard(shard)
-            await notifier.check_shard(shard)
+            await notifier.check_shards([shard])
+            await notifier.check_shards([shard])
             assert sub.event.is_set()  # two checks at most after the commit
             sub.event.clear()
 
             # The topic brings everything committed (another account's change at the top): the
             # check finds nothing missing and wakes nobody.
-            await notifier.check_shard(shard)
+            await notifier.check_shards([shard])
             notifier.notify(acc.id + 1, shard, await _top(router, shard))
             sub.event.clear()
-            await notifier.check_shard(shard)
+            await notifier.check_shards([shard])
             assert not sub.event.is_set()
