@@ -14,8 +14,8 @@ Two feeds wake streams:
   streams: it reads each shard's newest change id (one query per server), and when a change that
   was already committed at the previous check has still not come through the topic (the relay is
   down or lags, Kafka is unreachable, the consumer restarted and skipped some), it wakes every
-  stream of that shard. A lost notification therefore costs at most two check intervals of latency, never a
-  change: a woken stream reads everything after its own cursor, whatever woke it.
+  stream of that shard. A lost notification therefore costs at most two check intervals of
+  latency, never a change: a woken stream reads everything after its own cursor, whatever woke it.
 
 A notification can arrive before a read sees its row (reads may go to a replica that applies it
 a few milliseconds later): the subscription keeps the highest change id notified, and a stream
