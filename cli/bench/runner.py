@@ -27,6 +27,7 @@ from cli.bench import (
     raw,
     shard_down,
     shard_move,
+    streams,
     transform_memory,
     webhooks,
 )
@@ -40,6 +41,7 @@ STAGES: Final[tuple[Stage, ...]] = (
     raw.STAGE,
     pipeline.STAGE,
     gateway.STAGE,
+    streams.STAGE,
     webhooks.STAGE,
     imap.STAGE,
     idle.STAGE,

@@ -3,7 +3,12 @@
 A cursor is the id of the last change the client has seen, sealed with the account (see
 :mod:`libs.cursor`). Change ids of a shard commit in id order (persist's ``changes_lock``), so
 "every change after id N" never skips one that commits later. An idle account's cursor still
-moves forward (to the shard's newest change), so it does not fall behind the retention mark.
+moves forward (to the shard's newest change, at each read), so it does not fall behind the
+retention mark.
+
+Long-polls and streams read when the change notifier wakes them (:mod:`services.gateway.notifier`:
+flightlog.changes, with a safety check per shard), never on a timer, so an idle one costs no
+query; each subscribes before its first read, so no change falls between a read and the wait.
 
 Retention: the change log keeps at least ``gateway_changes_retention_s`` (7 days by default);
 :mod:`services.gateway.retention` trims older rows and raises the shard's ``trimmed_through``
@@ -13,7 +18,6 @@ mark in the same transaction. A cursor below the mark answers 410: the client mu
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from typing import Any, Final
 import aiomysql
 import orjson
 from aiohttp import web
+from prometheus_client import Counter
 
 from libs.accounts import Account, Application
 from libs.cursor import CursorError, DeltaCursor, decode_delta_cursor, encode_delta_cursor
@@ -43,15 +48,26 @@ from services.gateway.constants import (
 )
 from services.gateway.errors import ApiError
 from services.gateway.messages import message_json
+from services.gateway.notifier import Subscription
 from services.gateway.openapi import ACCOUNT, TOKEN, query
 from services.gateway.params import Query
-from services.gateway.resources import SETTINGS, TOKEN_KEY
+from services.gateway.resources import NOTIFIER, SETTINGS, TOKEN_KEY
 
 __all__ = ["API", "CursorExpired", "DeltaPage", "add_delta_routes", "read_delta"]
 
 SSE_RETRY_MS: Final = 2000
+_SSE_HEADERS: Final = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-store",
+    "X-Accel-Buffering": "no",
+}
 API: Final = ApiRoutes()
 _CURSOR: Final = query("cursor", TOKEN, "from a previous answer; left out: from the oldest retained change")
+
+
+_reads = Counter(
+    "flightlog_gateway_delta_reads_total", "Delta reads (each a few queries) of long-polls and streams"
+)
 
 
 class CursorExpired(Exception):
@@ -148,6 +164,7 @@ def _gone() -> ApiError:
 
 
 async def _read(request: web.Request, account: Account, after: int, limit: int, given: bool) -> DeltaPage:
+    _reads.inc()
     try:
         return await read_delta(request.app[ROUTER], account.id, after, limit, check_expiry=given)
     except CursorExpired:
@@ -189,18 +206,20 @@ async def _read(request: web.Request, account: Account, after: int, limit: int, 
 @authenticated
 async def get_delta(request: web.Request, app: Application) -> web.StreamResponse:
     account = await owned_account(request, app)
-    stopping, settings = request.app[STOPPING], request.app[SETTINGS]
+    stopping = request.app[STOPPING]
     p = Query(request, {"cursor", "limit", "timeout"})
     limit = p.integer("limit", DEFAULT_DELTA_PAGE_SIZE, 1, MAX_DELTA_PAGE_SIZE)
     timeout_s = p.number("timeout", 0, 0, MAX_LONG_POLL_S)
     after, given = _cursor_position(request, account, p.text("cursor", max_length=128))
     deadline = time.monotonic() + timeout_s
-    page = await _read(request, account, after, limit, given)
-    while not page.changes and time.monotonic() < deadline and not stopping.is_set():
-        with contextlib.suppress(TimeoutError):
-            wait_s = min(settings.gateway_delta_poll_interval_s, deadline - time.monotonic())
-            await asyncio.wait_for(stopping.wait(), max(wait_s, 0))
-        page = await _read(request, account, page.position, limit, True)
+    with request.app[NOTIFIER].subscribe(account.id) as sub:  # before the read: no change falls between
+        page = await _read(request, account, after, limit, given)
+        while not page.changes and not stopping.is_set():
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                break
+            if await sub.wait(page.position, remaining_s) and not stopping.is_set():
+                page = await _read(request, account, page.position, limit, True)
     key = request.app[TOKEN_KEY]
     return web.json_response(
         {
@@ -283,51 +302,65 @@ async def stream_delta(request: web.Request, app: Application) -> web.StreamResp
     reconnecting client's ``Last-Event-ID`` resumes exactly where it stopped.
     """
     account = await owned_account(request, app)
-    stopping, settings = request.app[STOPPING], request.app[SETTINGS]
+    settings = request.app[SETTINGS]
     p = Query(request, {"cursor", "heartbeat"})
     heartbeat_s = p.number(
         "heartbeat", settings.gateway_sse_heartbeat_s, MIN_SSE_HEARTBEAT_S, MAX_SSE_HEARTBEAT_S
     )
     token = request.headers.get("Last-Event-ID") or p.text("cursor", max_length=128)
     after, given = _cursor_position(request, account, token)
-    page = await _read(request, account, after, MAX_DELTA_PAGE_SIZE, given)  # errors before the stream starts
-
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    )
-    await response.prepare(request)
-    key = request.app[TOKEN_KEY]
-    await response.write(f"retry: {SSE_RETRY_MS}\n\n".encode())
-    ends_at = time.monotonic() + settings.gateway_sse_max_duration_s
-    last_sent = time.monotonic()
-    with contextlib.suppress(ConnectionResetError):
-        while not stopping.is_set() and time.monotonic() < ends_at:
-            for change in page.changes:
-                doc = _delta_json(key, account.id, change)
-                await response.write(_sse("delta", doc["cursor"], doc))
-                last_sent = time.monotonic()
-            if not page.more:
-                if time.monotonic() - last_sent >= heartbeat_s:
-                    cursor = encode_delta_cursor(key, DeltaCursor(account.id, page.position))
-                    await response.write(_sse("heartbeat", cursor, {"cursor": cursor}))
-                    last_sent = time.monotonic()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), settings.gateway_delta_poll_interval_s)
-            try:
-                page = await _read(request, account, page.position, MAX_DELTA_PAGE_SIZE, True)
-            except ApiError as exc:
-                await response.write(_sse("error", None, {"status": exc.status, "detail": exc.detail}))
-                break
-            except Exception as exc:
-                # The headers are sent, so the problem middleware cannot answer 503 any more: say
-                # it in the stream and end it; the client reconnects with its last event id.
-                if not is_unavailable(exc):
-                    raise
-                detail = "the account's shard cannot be reached; reconnect with Last-Event-ID"
-                await response.write(_sse("error", None, {"status": 503, "detail": detail}))
-                break
-        await response.write_eof()
+    with request.app[NOTIFIER].subscribe(account.id) as sub:  # before the read: no change falls between
+        page = await _read(request, account, after, MAX_DELTA_PAGE_SIZE, given)  # errors before the stream
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            await response.write(f"retry: {SSE_RETRY_MS}\n\n".encode())
+            await _stream(request, response, account, sub, page, heartbeat_s)
+            await response.write_eof()
     return response
+
+
+async def _stream(
+    request: web.Request,
+    response: web.StreamResponse,
+    account: Account,
+    sub: Subscription,
+    page: DeltaPage,
+    heartbeat_s: float,
+) -> None:
+    """Write the changes of each read, then wait for the notifier (or the next heartbeat)."""
+    stopping, key = request.app[STOPPING], request.app[TOKEN_KEY]
+    ends_at = time.monotonic() + request.app[SETTINGS].gateway_sse_max_duration_s
+    last_sent = time.monotonic()
+    changes, position, more = page.changes, page.position, page.more
+    while not stopping.is_set() and time.monotonic() < ends_at:
+        for change in changes:
+            doc = _delta_json(key, account.id, change)
+            await response.write(_sse("delta", doc["cursor"], doc))
+            last_sent = time.monotonic()
+        changes = []
+        if not more:
+            if time.monotonic() - last_sent >= heartbeat_s:
+                cursor = encode_delta_cursor(key, DeltaCursor(account.id, position))
+                await response.write(_sse("heartbeat", cursor, {"cursor": cursor}))
+                last_sent = time.monotonic()
+            wait_s = min(last_sent + heartbeat_s, ends_at) - time.monotonic()
+            if not await sub.wait(position, wait_s) or stopping.is_set():
+                continue  # a heartbeat is due, or the stream ends
+        try:
+            page = await _read(request, account, position, MAX_DELTA_PAGE_SIZE, True)
+        except ApiError as exc:
+            await response.write(_sse("error", None, {"status": exc.status, "detail": exc.detail}))
+            return
+        except Exception as exc:
+            # The headers are sent, so the problem middleware cannot answer 503 any more: say
+            # it in the stream and end it; the client reconnects with its last event id.
+            if not is_unavailable(exc):
+                raise
+            detail = "the account's shard cannot be reached; reconnect with Last-Event-ID"
+            await response.write(_sse("error", None, {"status": 503, "detail": detail}))
+            return
+        changes, position, more = page.changes, page.position, page.more
 
 
 def add_delta_routes(app: web.Application) -> None:

@@ -7,7 +7,8 @@ lifecycle events on flightlog.inflight; IMAP accounts are announced on flightlog
 :func:`main` runs the workers that are not requests: the webhook dispatcher (unless
 ``FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY`` is false) and the change-log trimmer; it waits for
 SIGTERM, then stops them. Open SSE streams end when the runner sets ``STOPPING``. Readiness
-includes the dispatcher.
+includes the dispatcher. Every request is counted and timed per route on ``/metrics``
+(:mod:`services.gateway.metrics`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from services.gateway.constants import MAX_BODY_BYTES, MAX_QUERY_STRING_LENGTH
 from services.gateway.delta import add_delta_routes
 from services.gateway.imap_accounts import add_imap_account_routes
 from services.gateway.messages import add_message_routes
+from services.gateway.metrics import request_metrics_middleware
 from services.gateway.openapi import add_doc_routes
 from services.gateway.resources import SETTINGS, setup_resources
 from services.gateway.retention import trim_forever
@@ -61,6 +63,8 @@ async def json_body_middleware(request: web.Request, handler: Handler) -> web.St
 
 
 def setup_app(app: web.Application) -> None:
+    # outermost, outside the problem middleware: it counts the status the client gets
+    app.middlewares.insert(0, request_metrics_middleware)
     app.middlewares.extend([limits_middleware, json_body_middleware])
     setup_resources(app, GatewaySettings())  # first: the areas below use its router
     add_doc_routes(app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from libs.config import ServiceSettings
+from libs.kafka import CHANGES
 
 __all__ = ["GatewaySettings"]
 
@@ -23,7 +24,13 @@ class GatewaySettings(ServiceSettings):
     gateway_token_secret: str = "flightlog-dev-token-secret"
     gateway_key_cache_ttl_s: float = 5.0  # how long another replica may still accept a revoked key
     gateway_max_body_bytes: int = 64 * 1024
-    gateway_delta_poll_interval_s: float = 0.2
+    # Where the change notifier learns of changes (services/gateway/notifier.py); delta streams
+    # and long-polls read the database only when it wakes them.
+    gateway_changes_topic: str = CHANGES
+    # The notifier's safety check reads each watched shard's newest change id this often and wakes
+    # the shard's streams when a change committed one check ago has still not come through the
+    # topic: the longest a lost notification delays a stream is twice this.
+    gateway_delta_recheck_s: float = Field(default=5.0, gt=0, le=300)
     gateway_sse_heartbeat_s: float = 15.0
     gateway_sse_max_duration_s: float = 3600.0  # then the stream ends; the client resumes
     # The delta log keeps at least this long; older change rows are trimmed (0 keeps them forever).

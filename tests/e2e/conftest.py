@@ -37,7 +37,12 @@ PIPELINE_IMAP_ENV = {
 }
 # The webhook tests run dispatchers with settings of their own, and only one dispatcher delivers
 # at a time: the pipeline's gateway serves the webhook API without one (see test_gateway_wiring).
-GATEWAY_ENV = {"FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY": "false"}
+# Its delta streams' safety check is slower than any wait of a test, so a stream that gets a change
+# in time got it through the relay, flightlog.changes and the change notifier.
+GATEWAY_ENV = {
+    "FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY": "false",
+    "FLIGHTLOG_GATEWAY_DELTA_RECHECK_S": "120",
+}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from libs.events import MessageDoc, PostflightRecord
 from libs.shards import ShardMap, ShardRouter
 from services.persist.writer import write_shard
 from tests.e2e.conftest import E2E_INSTANCE, E2E_PORT_OFFSET, GATEWAY_ENV
+from tests.scratch import topic_name
 
 GATEWAY_PORT: Final = 8080 + E2E_PORT_OFFSET + 10
 T0: Final = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
@@ -45,7 +46,11 @@ def gateway(stack: Stack, shard_map: ShardMap) -> Iterator[str]:
         stack.settings.state_dir,
         env={
             **GATEWAY_ENV,
-            "FLIGHTLOG_GATEWAY_DELTA_POLL_INTERVAL_S": "0.05",
+            # A changes topic that does not exist: the change notifier hears of no change (as
+            # with Kafka or the relay down), so every delta test here runs on its per-shard
+            # safety check alone. test_gateway_delta_notifier runs the topic's path.
+            "FLIGHTLOG_GATEWAY_CHANGES_TOPIC": topic_name("changes-absent"),
+            "FLIGHTLOG_GATEWAY_DELTA_RECHECK_S": "0.2",
             "FLIGHTLOG_GATEWAY_WRITE_WAIT_S": "0.2",
         },
         instance=f"{E2E_INSTANCE}-gw",

@@ -33,6 +33,7 @@ BENCH_LAYERS: Final = {
     "cli.bench.webhooks": 3,
     "cli.bench.imap": 3,
     "cli.bench.idle": 3,
+    "cli.bench.streams": 3,
     "cli.bench.transform_memory": 3,
     "cli.bench.failover": 3,
     "cli.bench.shard_move": 3,
