@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import math
 import resource
 import time
@@ -39,7 +40,7 @@ from libs.kafka import make_producer
 from libs.resources import DIRECTORY, PRODUCER
 from libs.shards import ShardRouter
 from services.ingest.routes import add_ingest_routes
-from services.ingest.service import tune_gc
+from services.ingest.service import DEFINITION
 from services.ingest.settings import IngestSettings
 
 __all__ = ["PARTITIONS", "acknowledging_producer", "main", "measure"]
@@ -166,7 +167,9 @@ async def measure(requests: int = 200, concurrency: int = 8) -> tuple[float, flo
         directory._accounts[acc] = (math.inf, Account(acc, application.id, f"{acc}@example.test", "events"))
     app[DIRECTORY] = directory
     bodies = _bodies(requests, accounts)
-    tune_gc()  # as the service does once started
+    gc.collect()  # as libs.service.serve does once the service is up
+    gc.freeze()
+    gc.set_threshold(DEFINITION.gc_young_objects, *gc.get_threshold()[1:])
     handler = next(
         r.handler
         for r in app.router.routes()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import signal
@@ -87,6 +88,11 @@ class ServiceDefinition:
     main: Callable[[ServiceContext], Coroutine[Any, Any, None]]
     setup_app: Callable[[web.Application], None] | None = None
     client_max_size: int = 1024**2
+    # The garbage collector's young-generation threshold once the service is up (Python's is
+    # 700). A batch in flight is thousands of containers freed by reference counting; at 700 the
+    # cyclic collector ran several times per batch, promoted them, and the full collections that
+    # followed took a quarter of ingest's CPU and a sixth of persist's (BENCHMARKS.md).
+    gc_young_objects: int = 10_000
 
 
 def _health_routes(ctx: ServiceContext) -> list[web.RouteDef]:
@@ -136,6 +142,7 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
     app = ctx.app
 
     loop = asyncio.get_running_loop()
+    gc_threshold = gc.get_threshold()  # put back on the way out (in-process tests serve too)
     runner = ProblemAppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     # The app's cleanup contexts open its resources here, before the port opens.
     setup_task = asyncio.ensure_future(runner.setup())
@@ -165,6 +172,10 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
         port = settings.http_port or defn.default_port
         site = web.TCPSite(runner, settings.http_host, port, reuse_address=True)
         await site.start()
+        # What exists now (modules, schemas, pools, clients) stays out of every later collection.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(defn.gc_young_objects, *gc_threshold[1:])
         logger.info("%s listening on http://%s:%d", defn.name, settings.http_host, port)
         main_task = asyncio.create_task(defn.main(ctx), name=f"{defn.name}-main")
         stop_wait = asyncio.create_task(ctx.stopping.wait())
@@ -181,6 +192,8 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        gc.unfreeze()
+        gc.set_threshold(*gc_threshold)
         try:
             # A producer's stop() flushes its batches, and an idempotent producer retries them as
             # long as Kafka is away. What it still held was never acknowledged to anyone (ingest

@@ -78,11 +78,15 @@ class Tenant:
     accounts: list[int]
 
 
-async def make_tenant(db: DatabaseSettings) -> Tenant:
+async def make_tenant(db: DatabaseSettings, *, accounts_per_shard: int = 1) -> Tenant:
+    """A bench application with ``accounts_per_shard`` accounts on every shard. ingest limits
+    each account's rate (1,000 events/s by default), so a stage that posts as fast as ingest
+    takes needs enough accounts for the limit not to be what it measures."""
     async with ShardRouter(db) as router:
         app, key = await create_application(router, f"bench-{uuid.uuid4().hex[:6]}")
         accounts = [
-            (await create_account(router, app.id, f"bench{s}@example.test", shard=s)).id
+            (await create_account(router, app.id, f"bench{s}-{i}@example.test", shard=s)).id
+            for i in range(accounts_per_shard)
             for s in router.shard_map.shards
         ]
     return Tenant(key, accounts)

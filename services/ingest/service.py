@@ -10,7 +10,6 @@ in flight are answered, and only then do the app's resources close.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -23,13 +22,13 @@ from libs.kafka import make_producer
 from libs.resources import database, kafka_producer
 from libs.service import ServiceContext, ServiceDefinition
 from libs.shards import ShardRouter
-from services.ingest.constants import GC_YOUNG_OBJECTS, MAX_BODY_BYTES
+from services.ingest.constants import MAX_BODY_BYTES
 from services.ingest.imap.distribution import AccountDistributor
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.routes import INTAKE, SETTINGS, add_ingest_routes
 from services.ingest.settings import IngestSettings
 
-__all__ = ["DEFINITION", "imap_sync", "main", "setup_app", "tune_gc"]
+__all__ = ["DEFINITION", "imap_sync", "main", "setup_app"]
 
 
 def setup_app(app: web.Application) -> None:
@@ -47,15 +46,6 @@ async def imap_sync(settings: ServiceSettings, imap: ImapSettings) -> AsyncItera
             yield distributor
 
 
-def tune_gc() -> None:
-    """Once started: what exists now (modules, schemas, clients) is left out of every later
-    collection, and the young generation is collected every :data:`GC_YOUNG_OBJECTS` objects."""
-    gc.collect()
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_OBJECTS, middle, old)
-
-
 async def main(ctx: ServiceContext) -> None:
     imap = ImapSettings()
     intake = ctx.app[INTAKE]
@@ -64,7 +54,6 @@ async def main(ctx: ServiceContext) -> None:
         workers.push_async_callback(intake.drain, ctx.app[SETTINGS].ingest_drain_timeout_s)
         if imap.imap_sync_enabled:
             await workers.enter_async_context(imap_sync(ctx.settings, imap))
-        tune_gc()
         ctx.set_ready()
         await ctx.stopping.wait()
 

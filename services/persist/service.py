@@ -6,7 +6,6 @@ It also runs the change relay (:mod:`services.persist.relay`), which publishes t
 
 from __future__ import annotations
 
-import gc
 from contextlib import AsyncExitStack
 
 from libs.kafka import PERSIST_RETRY, POSTFLIGHT, make_consumer, make_producer
@@ -15,18 +14,11 @@ from libs.shards import ShardRouter
 from services.persist.relay import ChangeRelay, RelaySettings
 from services.persist.worker import PersistSettings, PersistWorker
 
-# A record allocates about a hundred objects, nearly all freed by reference counting; at the
-# default threshold (700 allocations) the cyclic collector ran every few records and took a sixth
-# of persist's CPU (53 -> 45 us a record in a 2,000-record-batch microbenchmark). Only cyclic
-# garbage waits longer for it.
-GC_THRESHOLDS = (50_000, 20, 20)
-
 
 async def main(ctx: ServiceContext) -> None:
     s = ctx.settings
     relay_settings = RelaySettings()
     persist_settings = PersistSettings()  # before any connection: a bad value fails at start
-    gc.set_threshold(*GC_THRESHOLDS)
     async with AsyncExitStack() as stack:
         router = await stack.enter_async_context(ShardRouter(s))
         producer = await stack.enter_async_context(make_producer(s))
@@ -51,4 +43,6 @@ async def main(ctx: ServiceContext) -> None:
         await worker.run(ctx.stopping)
 
 
-DEFINITION = ServiceDefinition(name="persist", default_port=8083, main=main)
+# A record allocates about a hundred objects: at 50,000 the collector runs every few hundred
+# records (53 -> 45 us a record in a 2,000-record-batch microbenchmark).
+DEFINITION = ServiceDefinition(name="persist", default_port=8083, main=main, gc_young_objects=50_000)
