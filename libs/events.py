@@ -273,6 +273,8 @@ class Event(_Model):
             if not value.isascii() or not value.isdigit():
                 raise ValueError("must be a decimal string")
             return int(value)
+        if isinstance(value, bool):  # an int to Python, and to pydantic's lax mode: true is not 1
+            raise ValueError("must be a decimal string")
         return value
 
 

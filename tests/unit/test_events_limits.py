@@ -50,6 +50,11 @@ def test_the_issues_two_poisons_are_refused_by_field() -> None:
     assert _fields(_item(occurred_at="9999-12-31T23:00:00-05:00")) == ["occurred_at"]  # year 10000 in UTC
 
 
+@pytest.mark.parametrize("account_id", [True, False, "true", "", "-1", "1e3", "١٢"])
+def test_an_account_id_is_a_decimal_string_or_a_number_never_a_boolean(account_id: object) -> None:
+    assert _fields(_item(account_id=account_id)) == ["account_id"]
+
+
 @pytest.mark.parametrize(
     ("key", "ok"),
     [
