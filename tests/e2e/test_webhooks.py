@@ -147,10 +147,14 @@ async def test_receiver_down_then_flaky_gets_everything_in_order(
             assert status == 200
             retried = [d for d in log["data"] if d["attempts"] > 1]
             assert retried and all(d["state"] == "delivered" for d in log["data"])
-            status, one = await h.call("GET", f"/v1/webhooks/{created['id']}/deliveries/{retried[0]['id']}")
-            attempts = one["attempts"]
-            assert attempts[-1]["status_code"] == 200 and attempts[-1]["response_excerpt"] == "thanks"
-            assert any(a["error"] and a["status_code"] is None for a in attempts), "no refused attempt logged"
+            # some were retried for the 500s alone, others for the refused connections too
+            details = [
+                (await h.call("GET", f"/v1/webhooks/{created['id']}/deliveries/{d['id']}"))[1]["attempts"]
+                for d in retried
+            ]
+            assert all(a[-1]["status_code"] == 200 and a[-1]["response_excerpt"] == "thanks" for a in details)
+            refused = [x for a in details for x in a if x["error"] and x["status_code"] is None]
+            assert refused, "no refused attempt logged"
         finally:
             await receiver.stop()
 
