@@ -52,8 +52,10 @@ async def offsets_since(
 ) -> dict[TopicPartition, int]:
     """Each partition's first offset written at ``since_ms`` or later (its end if none is): where
     a test's records begin in a shared topic, which only grows."""
-    found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+    # The end first: a record written between the two calls is then either found or after it
+    # (read the other way round, the end could already be past it, and the record skipped).
     end = await consumer.end_offsets(tps)
+    found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
     return {tp: end[tp] if found[tp] is None else found[tp].offset for tp in tps}
 
 
