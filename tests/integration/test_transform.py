@@ -95,9 +95,9 @@ async def _end_offsets(kafka: KafkaSettings, topic: str, partitions: int) -> dic
         return dict(await consumer.end_offsets(tps))
 
 
-@pytest.fixture
-async def env(topics: None, kafka_settings: KafkaSettings) -> Env:
-    base, group = topic_name("transform"), group_name("transform")
+async def make_env(kafka_settings: KafkaSettings, prefix: str) -> Env:
+    """Topics, a consumer group and a transactional id of one test's own, named after ``prefix``."""
+    base, group = topic_name(prefix), group_name(prefix)
     inflight, postflight, state = (f"{base}.{n}" for n in ("inflight", "postflight", "state"))
     await create_topics(
         kafka_settings,
@@ -112,6 +112,11 @@ async def env(topics: None, kafka_settings: KafkaSettings) -> Env:
         kafka_settings, inflight, postflight, state, group, group,
         dlq_end[TopicPartition(DLQ, 0)],
     )  # fmt: skip
+
+
+@pytest.fixture
+async def env(topics: None, kafka_settings: KafkaSettings) -> Env:
+    return await make_env(kafka_settings, "transform")
 
 
 _ids = iter(range(10**9))

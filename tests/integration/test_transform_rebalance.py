@@ -6,7 +6,7 @@ rebuild from the changelog the states of the partitions it takes over before it 
 duplicate final event is recognised by whichever worker owns its message (no second final
 record), and a later update gets a record with a higher version, on both sides of the split.
 
-Every test has its own topics, consumer group and transactional ids (the ``env`` pattern of
+Every test has its own topics, consumer group and transactional ids (``make_env`` of
 test_transform.py), so a ``make dev`` transform on the default topics does not interfere.
 """
 
@@ -22,7 +22,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from libs.config import KafkaSettings
 from libs.events import EventType, Status, message_key_bytes
-from libs.kafka import TopicSpec, create_topics
 from services.transform.worker import TransformWorker
 from tests.integration.test_transform import (
     ACCOUNT,
@@ -30,12 +29,12 @@ from tests.integration.test_transform import (
     Env,
     by_message,
     ev,
+    make_env,
     postflight,
     produce,
     read_all,
 )
 from tests.polling import eventually
-from tests.scratch import group_name, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -45,17 +44,7 @@ WAIT_S = 60.0  # an upper bound for each condition on a busy shared machine, not
 
 @pytest.fixture
 async def env(topics: None, kafka_settings: KafkaSettings) -> Env:
-    base, group = topic_name("rebalance"), group_name("rebalance")
-    inflight, postflight_topic, state = (f"{base}.{n}" for n in ("inflight", "postflight", "state"))
-    await create_topics(
-        kafka_settings,
-        (
-            TopicSpec(inflight, PARTITIONS),
-            TopicSpec(postflight_topic, PARTITIONS),
-            TopicSpec(state, PARTITIONS, {"cleanup.policy": "compact"}),
-        ),
-    )
-    return Env(kafka_settings, inflight, postflight_topic, state, group, group, 0)
+    return await make_env(kafka_settings, "rebalance")
 
 
 @contextlib.asynccontextmanager
