@@ -52,6 +52,7 @@ SETTINGS_MODULES: Final = (
     "libs.imap_accounts",
     "libs.shardops",
     "services.gateway.settings",
+    "services.gateway.content",
     "services.gateway.webhooks.settings",
     "services.ingest.settings",
     "services.ingest.imap.settings",

@@ -36,12 +36,17 @@ __all__ = [
 
 
 class ImapAccountsSettings(BaseSettings):
-    """Where IMAP account announcements go (``FLIGHTLOG_IMAP_ACCOUNTS_TOPIC``); ingest's sync
-    settings extend this, so the gateway and ingest read the same variable."""
+    """Where IMAP account announcements go (``FLIGHTLOG_IMAP_ACCOUNTS_TOPIC``) and which CAs an
+    IMAP server's certificate may chain to; ingest's sync settings extend this, so the gateway
+    and ingest read the same variables."""
 
     model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
 
     imap_accounts_topic: str = IMAP_ACCOUNTS  # `flightlog topics create` makes it
+    # PEM certificates trusted besides the system's, for servers with a private CA or a
+    # self-signed certificate (the local stack's Dovecot); certificates are always verified.
+    # ingest's sync and the gateway's content fetches both connect with it.
+    imap_tls_ca_file: str | None = None
 
 
 async def publish_account(

@@ -35,8 +35,8 @@ from cli.mailbox_gen import DOMAIN, fill_maildir, live_message
 from cli.stack import IMAP_TEST_PASSWORD, Dovecot, Stack
 from libs.accounts import create_application
 from libs.config import DatabaseSettings
+from libs.imap.client import Imap4
 from libs.shards import ShardRouter
-from services.ingest.imap.client import Imap4
 
 __all__ = ["STAGE", "ImapBench", "bench_imap"]
 

@@ -64,6 +64,7 @@ __all__ = [
     "fetch_messages",
     "list_statement",
     "message_json",
+    "message_row",
 ]
 
 EPOCH: Final = datetime(1970, 1, 1)
@@ -352,7 +353,7 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-async def _message_row(
+async def message_row(
     request: web.Request, app: Application, message_id: int, columns: tuple[str, ...]
 ) -> dict[str, Any] | None:
     """The message if it exists, is not deleted and belongs to one of the application's accounts."""
@@ -376,7 +377,7 @@ async def _message_row(
 
 async def _owned_message(request: web.Request, app: Application, *, with_body: bool) -> dict[str, Any]:
     message_id = path_id(request, "message_id", "message")
-    row = await _message_row(request, app, message_id, DETAIL_COLUMNS if with_body else LIST_COLUMNS)
+    row = await message_row(request, app, message_id, DETAIL_COLUMNS if with_body else LIST_COLUMNS)
     if row is None:
         raise NotFound("message", str(message_id))
     return row

@@ -86,8 +86,10 @@ PROBLEMS: Final = {
     410: "The cursor is older than the retained change log",
     413: "The request body is larger than the limit",
     415: "The body is not application/json",
-    422: "The body does not match the schema",
-    503: "Starting, or the shard is moving; retry after Retry-After",
+    422: "The body does not match the schema, or what was asked for is over a limit (the detail names it)",
+    502: "The account's mail server failed or refused the account's credentials",
+    503: "Starting, the shard is moving, or too many requests of this kind are running; retry"
+    " after Retry-After",
 }
 
 

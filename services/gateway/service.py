@@ -26,6 +26,7 @@ from libs.service import ServiceContext, ServiceDefinition
 from services.gateway.admin import add_admin_routes
 from services.gateway.applications import add_application_routes
 from services.gateway.constants import MAX_BODY_BYTES, MAX_QUERY_STRING_LENGTH
+from services.gateway.content import ContentSettings, add_content_routes
 from services.gateway.delta import add_delta_routes
 from services.gateway.imap_accounts import add_imap_account_routes
 from services.gateway.messages import add_message_routes
@@ -74,6 +75,7 @@ def setup_app(app: web.Application) -> None:
     add_delta_routes(app)
     add_webhook_routes(app, WebhookSettings())
     add_imap_account_routes(app, ImapAccountsSettings())
+    add_content_routes(app, ContentSettings())
 
 
 async def main(ctx: ServiceContext) -> None:

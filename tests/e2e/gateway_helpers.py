@@ -8,11 +8,10 @@ gateway; here they wait only briefly before answering 202.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-import aiohttp
 import pytest
 
 from cli.services import LocalService
@@ -62,12 +61,6 @@ def gateway(stack: Stack, shard_map: ShardMap) -> Iterator[str]:
     finally:
         _STARTED.clear()
         svc.proc.stop(timeout_s=20)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -13,10 +13,10 @@ from services.gateway.messages import MessageQuery, list_statement
 from tests.e2e import checks
 from tests.e2e.client import event, post_events
 from tests.e2e.conftest import Pipeline
-from tests.e2e.gateway_helpers import T0, bearer, gateway, http, message_ids, record, seed, varied
+from tests.e2e.gateway_helpers import T0, bearer, gateway, message_ids, record, seed, varied
 from tests.polling import eventually
 
-__all__ = ["gateway", "http"]
+__all__ = ["gateway"]
 
 pytestmark = pytest.mark.e2e
 

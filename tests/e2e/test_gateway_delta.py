@@ -14,9 +14,9 @@ from libs.shards import ShardRouter
 from services.gateway.constants import MAX_LONG_POLL_S
 from services.gateway.retention import relay_position, trim_changes
 from tests.e2e.conftest import Pipeline
-from tests.e2e.gateway_helpers import bearer, gateway, http, message_ids, record, seed
+from tests.e2e.gateway_helpers import bearer, gateway, message_ids, record, seed
 
-__all__ = ["gateway", "http"]
+__all__ = ["gateway"]
 
 pytestmark = pytest.mark.e2e
 

@@ -15,10 +15,8 @@ import pytest
 
 from libs.shards import ShardRouter
 from tests.e2e.conftest import Pipeline
-from tests.e2e.gateway_helpers import bearer, http, record, seed
+from tests.e2e.gateway_helpers import bearer, record, seed
 from tests.e2e.test_gateway_delta import read_events
-
-__all__ = ["http"]
 
 pytestmark = pytest.mark.e2e
 

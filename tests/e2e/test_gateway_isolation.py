@@ -11,9 +11,9 @@ import pytest
 from libs.ids import LOCAL_BITS, MAX_LOCAL, local_of, make_id
 from libs.shards import ShardRouter
 from tests.e2e import checks
-from tests.e2e.gateway_helpers import bearer, gateway, http, message_ids, record, seed
+from tests.e2e.gateway_helpers import bearer, gateway, message_ids, record, seed
 
-__all__ = ["gateway", "http"]
+__all__ = ["gateway"]
 
 pytestmark = pytest.mark.e2e
 

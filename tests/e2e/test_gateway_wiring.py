@@ -9,7 +9,7 @@ in-process, or is persist's if a pipeline is up.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any, Final
 
 import aiohttp
@@ -47,12 +47,6 @@ def wired_gateway(stack: Stack, shard_map: ShardMap) -> Iterator[str]:
         yield svc.address
     finally:
         svc.proc.stop(timeout_s=20)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 async def call(

@@ -34,9 +34,9 @@ from libs.config import KafkaSettings
 from libs.dlq import DeadLetter, parse_dead_letter
 from libs.events import MAX_BODY_BYTES, message_key_bytes
 from libs.http import PROBLEM_CONTENT_TYPE
+from libs.imap.client import Imap4
 from libs.kafka import DLQ, INFLIGHT, TOPICS, make_consumer
 from libs.shards import ShardRouter
-from services.ingest.imap.client import Imap4
 from services.ingest.imap.sync import message_key as imap_message_key
 from tests.e2e.client import event
 from tests.e2e.conftest import Pipeline
@@ -229,12 +229,6 @@ class DeadLetters:
         for r in batch.get(self.tp, []):
             self.seen.append(parse_dead_letter(r.key, r.value, r.headers, r.offset))
         return self.seen
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        yield session
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any, Final
 from urllib.request import urlopen
 
@@ -67,12 +67,6 @@ async def assert_refused(
         if resp.status >= 500 or doc.get("title") == "JSON nested too deeply":
             wrong.append(("at the depth limit", resp.status, resp.content_type, doc))
     assert not wrong, f"{method} {url}: {wrong}"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 @pytest.fixture

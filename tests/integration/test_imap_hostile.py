@@ -20,11 +20,11 @@ from aiokafka import AIOKafkaProducer
 from libs.accounts import create_account, create_application
 from libs.config import KafkaSettings
 from libs.crypto import SecretBox
+from libs.imap.client import DEFAULT_MAX_RESPONSE_BYTES, ImapConnection, ResponseTooLarge
 from libs.imap_accounts import SyncStore
 from libs.kafka import make_producer
 from libs.mime import MAX_RAW_BYTES
 from libs.shards import ShardRouter
-from services.ingest.imap.client import DEFAULT_MAX_RESPONSE_BYTES, ImapConnection, ResponseTooLarge
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.sync import AccountSync
 from tests.scratch import app_name

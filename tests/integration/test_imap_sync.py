@@ -25,6 +25,7 @@ from cli.stack import IMAP_TEST_PASSWORD, Dovecot, Stack
 from libs.accounts import create_application
 from libs.config import KafkaSettings
 from libs.crypto import SecretBox
+from libs.imap.client import Imap4, ImapConnection, ImapError
 from libs.imap_accounts import SyncStore
 from libs.kafka import INFLIGHT, create_topics, make_consumer, make_producer
 from libs.mime import parse_message
@@ -36,7 +37,6 @@ from services.gateway.imap_accounts import (
     imap_account_view,
     update_imap_credentials,
 )
-from services.ingest.imap.client import Imap4, ImapConnection, ImapError
 from services.ingest.imap.distribution import AccountDistributor, accounts_topic_spec
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.sync import AccountSync

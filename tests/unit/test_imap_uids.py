@@ -6,15 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.mime import MAX_RAW_BYTES
-from services.ingest.imap.client import ImapError, parse_search, parse_select
-from services.ingest.imap.uids import (
+from libs.imap.client import ImapError, parse_search, parse_select
+from libs.imap.uids import (
     MAX_UID,
     UidSet,
     UidSetTooLarge,
     format_uid_set,
     plan_fetch_batches,
 )
+from libs.mime import MAX_RAW_BYTES
 
 
 def test_the_whole_uid_space_is_one_range() -> None:

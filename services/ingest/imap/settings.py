@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from libs.imap.client import DEFAULT_MAX_RESPONSE_BYTES
 from libs.imap_accounts import ImapAccountsSettings
 from libs.mime import MAX_RAW_BYTES
-from services.ingest.imap.client import DEFAULT_MAX_RESPONSE_BYTES
 
 __all__ = ["ImapSettings"]
 
@@ -40,6 +40,3 @@ class ImapSettings(ImapAccountsSettings):
     imap_backoff_base_s: float = Field(default=1.0, gt=0)
     imap_backoff_max_s: float = Field(default=300.0, gt=0)
     imap_use_condstore: bool = True  # False forces the UID-list fallback even if offered
-    # PEM certificates trusted besides the system's, for servers with a private CA or a
-    # self-signed certificate (the local stack's Dovecot); certificates are always verified.
-    imap_tls_ca_file: str | None = None

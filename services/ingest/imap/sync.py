@@ -42,11 +42,7 @@ from libs.events import (
     MessageFlags,
     storable_utc,
 )
-from libs.imap_accounts import AccountRow, FolderRow, SyncStore, UidEntry
-from libs.inflight import publish_inflight
-from libs.mime import MAX_RAW_BYTES, message_id_of
-from libs.shards import ShardError
-from services.ingest.imap.client import (
+from libs.imap.client import (
     AuthFailed,
     FetchItem,
     ImapConnection,
@@ -54,8 +50,12 @@ from services.ingest.imap.client import (
     SelectInfo,
     quote_mailbox,
 )
+from libs.imap.uids import UidSet, format_uid_set, plan_fetch_batches
+from libs.imap_accounts import AccountRow, FolderRow, SyncStore, UidEntry
+from libs.inflight import publish_inflight
+from libs.mime import MAX_RAW_BYTES, message_id_of
+from libs.shards import ShardError
 from services.ingest.imap.settings import ImapSettings
-from services.ingest.imap.uids import UidSet, format_uid_set, plan_fetch_batches
 
 __all__ = ["AccountSync", "internaldate", "message_key"]
 

@@ -23,8 +23,8 @@ from typing import Any, Final
 import aioimaplib
 
 from libs.aio import wait_for
+from libs.imap.uids import MAX_UID, UidSet, UidSetTooLarge
 from libs.mime import MAX_RAW_BYTES
-from services.ingest.imap.uids import MAX_UID, UidSet, UidSetTooLarge
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -487,19 +487,30 @@ class ImapConnection:
         self.selected = name
         return parse_select(response.lines)
 
+    async def examine(self, name: str) -> SelectInfo:
+        """``EXAMINE``: select ``name`` read-only, so nothing we do there changes a flag."""
+        response = self.check(await self.imap.examine(quote_mailbox(name)), f"EXAMINE {name}")
+        self.imap.protocol.state = aioimaplib.SELECTED  # aioimaplib sets it only for SELECT
+        self.selected = name
+        return parse_select(response.lines)
+
     async def uid_fetch(
-        self, uid_set: str, parts: str, *, max_response_bytes: int | None = None
-    ) -> list[FetchItem]:
+        self, uid_set: str, parts: str, *, max_response_bytes: int | None = None,
+        max_literal_bytes: int = MAX_LITERAL_BYTES,
+    ) -> list[FetchItem]:  # fmt: skip
         """``UID FETCH``; ``max_response_bytes`` caps this response (a body fetch is planned in
-        bytes, so more than planned is a server to stop reading from)."""
+        bytes, so more than planned is a server to stop reading from), ``max_literal_bytes`` each
+        literal in it (raise it only for a fetch that asks for whole messages)."""
         protocol = self.imap.protocol
         protocol.max_response_bytes = max_response_bytes or self.max_response_bytes
+        protocol.max_literal_bytes = max_literal_bytes
         try:
             response = await wait_for(
                 protocol.fetch(uid_set, parts, by_uid=True, timeout=self.timeout_s), self.timeout_s * 2
             )
         finally:
             protocol.max_response_bytes = self.max_response_bytes
+            protocol.max_literal_bytes = MAX_LITERAL_BYTES
         self.check(response, "UID FETCH")
         return parse_fetch(response.lines)
 

@@ -1,0 +1,212 @@
+"""Message content on demand: ``GET /v1/messages/{id}/raw``.
+
+flightlog keeps the fields of a synced message, not its bytes. The raw message (RFC 5322, as the
+server stores it) is fetched from the account's IMAP server when a client asks, as Nylas and
+EmailEngine do: the message's key names its folder (``imap:{folder id}:...``), the sync's UID map
+gives its UID, and ``UID FETCH <uid> (BODY.PEEK[])`` in a folder opened with ``EXAMINE`` reads
+it without setting ``\\Seen``.
+
+Every limit is explicit (:class:`ContentSettings`): the size of a message served (its
+``RFC822.SIZE`` is asked first, and the fetch refuses a literal above the limit, so a server that
+lies about the size is cut off), the time one fetch may take, and how many fetches one gateway
+process runs at once (more wait, then get a 503). Tenants see generic errors (the IMAP server
+could not be reached, refused the login); the detail goes to the log.
+
+Answers: 200 ``message/rfc822``; 404 when the message does not exist, is another application's,
+did not come from IMAP, or is no longer on the server (expunged, its folder deleted or its
+UIDVALIDITY changed); 409 when the account's credentials were removed; 422 when the message is
+larger than the limit; 502 when the server fails; 503 when too many fetches are running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from libs.accounts import Application
+from libs.aio import wait_for
+from libs.imap.client import AuthFailed, ImapConnection, ImapError
+from libs.imap_accounts import AccountRow, SyncStore
+from libs.openapi import Answer, ApiRoutes, Operation
+from services.gateway.auth import authenticated, path_id
+from services.gateway.errors import ApiError, NotFound
+from services.gateway.imap_accounts import IMAP_SETTINGS, IMAP_STORE
+from services.gateway.messages import message_row
+from services.gateway.openapi import MESSAGE
+
+__all__ = [
+    "API", "CONTENT_SETTINGS", "ContentSettings", "ImapSource", "add_content_routes", "fetch_raw",
+    "imap_source",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+API: Final = ApiRoutes()
+
+
+class ContentSettings(BaseSettings):
+    """Limits of content fetched on demand (``FLIGHTLOG_CONTENT_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLIGHTLOG_", extra="ignore", frozen=True)
+
+    # The largest message served whole; it is held in memory while it is sent.
+    content_max_bytes: int = Field(default=32 * 1024 * 1024, gt=0, le=256 * 1024 * 1024)
+    # Connect, log in, EXAMINE and fetch of one request together.
+    content_timeout_s: float = Field(default=30.0, gt=0)
+    # Fetches one gateway process runs at once (each holds an IMAP connection and its message);
+    # a request waits up to content_queue_wait_s for its turn, then gets a 503.
+    content_concurrency: int = Field(default=8, gt=0)
+    content_queue_wait_s: float = Field(default=5.0, ge=0)
+
+
+CONTENT_SETTINGS: Final = web.AppKey("content_settings", ContentSettings)
+_SLOTS: Final = web.AppKey("content_slots", asyncio.Semaphore)
+
+
+@dataclass(frozen=True, slots=True)
+class ImapSource:
+    """Where a synced message lives on its IMAP server."""
+
+    account: AccountRow
+    folder: str
+    uidvalidity: int | None
+    uid: int
+
+
+def _folder_id(message_key: str) -> int | None:
+    prefix, _, rest = message_key.partition(":")
+    folder, sep, _ = rest.partition(":")
+    if prefix != "imap" or not sep or not folder.isdigit() or len(folder) > 20:
+        return None
+    return int(folder)
+
+
+async def imap_source(store: SyncStore, account_id: int, message_key: str) -> ImapSource | None:
+    """The folder and UID of a synced message as the sync last saw them; None when the message
+    did not come from IMAP or is no longer in the sync's map (expunged, folder deleted)."""
+    folder_id = _folder_id(message_key)
+    if folder_id is None:
+        return None
+    account = await store.account(account_id)
+    folder = next((f for f in await store.folders(account_id) if f.id == folder_id), None)
+    if account is None or folder is None:
+        return None
+    entries = await store.uids_with_keys(account_id, folder_id, [message_key])
+    if not entries:
+        return None
+    return ImapSource(account, folder.name, folder.uidvalidity, min(entries))
+
+
+def _gone(message_id: int) -> NotFound:
+    error = NotFound("message", str(message_id))
+    error.detail += ": it is no longer on the IMAP server"
+    return error
+
+
+async def fetch_raw(
+    source: ImapSource, settings: ContentSettings, ca_file: str | None, message_id: int
+) -> bytes:
+    account = source.account
+    conn = ImapConnection(
+        account.host,
+        account.port,
+        account.tls_mode,
+        settings.content_timeout_s,
+        ca_file=ca_file,
+        max_response_bytes=settings.content_max_bytes + 64 * 1024,
+    )
+    try:
+        await conn.connect(account.username, account.password, use_condstore=False)
+        selected = await conn.examine(source.folder)
+        if source.uidvalidity is not None and selected.uidvalidity != source.uidvalidity:
+            raise _gone(message_id)
+        sizes = await conn.uid_fetch(str(source.uid), "(RFC822.SIZE)")
+        size = next((i.size for i in sizes if i.uid == source.uid), None)
+        if size is None:
+            raise _gone(message_id)
+        if size > settings.content_max_bytes:
+            raise ApiError(
+                422,
+                "Message too large",
+                f"the message is {size} bytes; at most {settings.content_max_bytes} are served"
+                " (FLIGHTLOG_CONTENT_MAX_BYTES)",
+            )
+        items = await conn.uid_fetch(
+            str(source.uid),
+            "(BODY.PEEK[])",
+            max_response_bytes=settings.content_max_bytes + 64 * 1024,
+            max_literal_bytes=settings.content_max_bytes,
+        )
+        body = next((i.body for i in items if i.uid == source.uid and i.body is not None), None)
+        if body is None:
+            raise _gone(message_id)
+        return body
+    finally:
+        await conn.close()
+
+
+@API.get(
+    "/v1/messages/{message_id}/raw",
+    Operation(
+        "getMessageRaw",
+        "messages",
+        "The message as the IMAP server stores it (RFC 5322), fetched when asked",
+        (Answer(200, "the raw message", media_type="message/rfc822", schema={"type": "string"}),),
+        description="Only messages synced over IMAP have raw content; flightlog keeps no copy, so"
+        " every call reads the message from the account's server (without marking it seen).",
+        params=(MESSAGE,),
+        problems=(404, 409, 422, 502, 503),
+    ),
+)
+@authenticated
+async def get_raw(request: web.Request, app: Application) -> web.StreamResponse:
+    message_id = path_id(request, "message_id", "message")
+    row = await message_row(request, app, message_id, ("account_id", "message_key"))
+    if row is None:
+        raise NotFound("message", str(message_id))
+    account_id = int(row["account_id"])
+    source = await imap_source(request.app[IMAP_STORE], account_id, bytes(row["message_key"]).decode())
+    if source is None:
+        error = NotFound("message content", str(message_id))
+        error.detail += ": only messages synced over IMAP, and still on the server, have raw content"
+        raise error
+    if not source.account.password:
+        raise ApiError(409, "No credentials", f"account {account_id} has no IMAP credentials to fetch with")
+    settings = request.app[CONTENT_SETTINGS]
+    slots = request.app[_SLOTS]
+    try:
+        await wait_for(slots.acquire(), settings.content_queue_wait_s)
+    except TimeoutError:
+        raise ApiError(
+            503, "Busy", "too many content fetches are running; try again", retry_after_s=1
+        ) from None
+    ca_file = request.app[IMAP_SETTINGS].imap_tls_ca_file
+    try:
+        body = await wait_for(fetch_raw(source, settings, ca_file, message_id), settings.content_timeout_s)
+    except AuthFailed as exc:
+        log.warning("content fetch of %s: %s", message_id, exc)
+        raise ApiError(
+            502, "IMAP login failed", "the IMAP server refused the account's credentials"
+        ) from None
+    except (ImapError, OSError, TimeoutError) as exc:
+        log.warning("content fetch of %s failed: %r", message_id, exc)
+        raise ApiError(502, "IMAP server failed", "the message could not be read from the server") from None
+    finally:
+        slots.release()
+    return web.Response(
+        body=body,
+        content_type="message/rfc822",
+        headers={"Content-Disposition": f'attachment; filename="{message_id}.eml"'},
+    )
+
+
+def add_content_routes(app: web.Application, settings: ContentSettings) -> None:
+    app[CONTENT_SETTINGS] = settings
+    app[_SLOTS] = asyncio.Semaphore(settings.content_concurrency)
+    API.register(app)

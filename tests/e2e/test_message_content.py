@@ -1,0 +1,121 @@
+"""Content on demand against the stack's Dovecot: ``GET /v1/messages/{id}/raw`` reads a synced
+message from the account's IMAP server, byte for byte, without marking it seen; a message that
+is gone from the server, one that never came from IMAP, one over the size limit and an account
+without credentials each get their problem document."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import aiohttp
+import pytest
+
+from cli.mailbox_gen import live_message
+from cli.stack import IMAP_TEST_PASSWORD, Stack
+from libs.crypto import SecretBox
+from libs.imap.client import ImapConnection, parse_search
+from libs.imap_accounts import SyncStore
+from libs.shards import ShardRouter
+from services.gateway.content import ContentSettings, fetch_raw, imap_source
+from services.gateway.errors import ApiError
+from services.ingest.imap.sync import message_key as imap_message_key
+from tests.e2e.conftest import Pipeline
+from tests.e2e.gateway_helpers import record, seed
+from tests.e2e.mailbox_helpers import Gateway, Mailbox, append, synced_mailbox
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+
+async def raw(gateway: Gateway, message_id: str) -> tuple[int, bytes, str]:
+    async with gateway.http.get(
+        f"{gateway.base}/v1/messages/{message_id}/raw", headers=gateway.headers
+    ) as resp:
+        return resp.status, await resp.read(), resp.content_type
+
+
+async def imap_flags(stack: Stack, mailbox: Mailbox, subject: str) -> list[str]:
+    conn = ImapConnection("127.0.0.1", stack.dovecot.port, "none", 30)
+    await conn.connect(mailbox.address, IMAP_TEST_PASSWORD, use_condstore=False)
+    try:
+        await conn.examine("INBOX")
+        found = await conn.imap.uid_search(f'SUBJECT "{subject}"', charset=None)
+        uids = parse_search(found.lines, 10)
+        assert len(uids) == 1, found.lines
+        items = await conn.uid_fetch(str(uids.pop()), "(FLAGS)")
+        return items[0].flags
+    finally:
+        await conn.close()
+
+
+async def test_raw_is_the_servers_bytes_and_leaves_the_message_unseen(
+    pipeline: Pipeline, stack: Stack, router: ShardRouter, tenant_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    async with synced_mailbox(pipeline, stack, router, tenant_factory, http, "content") as (mailbox, gateway):
+        tag = f"raw-{uuid.uuid4().hex[:12]}"
+        head = live_message(tag, mailbox.address.split("@")[0]).split(b"\r\n\r\n", 1)[0]
+        line = b"0123456789abcdef" * 4 + b"\r\n"
+        message = head + b"\r\n\r\n" + line * (2 * 1024 * 1024 // len(line))  # past the sync's cut
+        await append(stack, mailbox.address, message)
+        row = await gateway.row(mailbox.account_id, imap_message_key(mailbox.folder_id, message))
+
+        status, body, content_type = await raw(gateway, row["id"])
+        assert status == 200, body[:500]
+        assert content_type == "message/rfc822"
+        assert body == message
+        assert "\\Seen" not in await imap_flags(stack, mailbox, tag)
+
+
+async def test_a_message_posted_by_an_application_has_no_raw_content(
+    pipeline: Pipeline, stack: Stack, router: ShardRouter, tenant_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    async with synced_mailbox(pipeline, stack, router, tenant_factory, http, "content") as (mailbox, gateway):
+        first = next(iter((await gateway.messages(mailbox.account_id)).values()))
+        # Another application's message: the same 404 as one that does not exist.
+        other = await tenant_factory([router.shard_map.shards[0]])
+        async with http.get(
+            f"{gateway.base}/v1/messages/{first['id']}/raw",
+            headers={"Authorization": f"Bearer {other.api_key}"},
+        ) as resp:
+            assert resp.status == 404
+            assert resp.content_type == "application/problem+json"
+        # A message an application posted (written as persist writes it): no IMAP source.
+        await seed(router, [record(mailbox.account_id, "app-1")])
+        posted = await gateway.row(mailbox.account_id, "app-1")
+        status, body, content_type = await raw(gateway, posted["id"])
+        assert status == 404 and content_type == "application/problem+json"
+        assert b"synced over IMAP" in body
+
+
+async def test_gone_too_large_and_no_credentials_are_problems(
+    pipeline: Pipeline, stack: Stack, router: ShardRouter, tenant_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    async with synced_mailbox(pipeline, stack, router, tenant_factory, http, "content") as (mailbox, gateway):
+        first = next(iter((await gateway.messages(mailbox.account_id)).values()))
+        store = SyncStore(router, SecretBox.from_settings())
+        source = await imap_source(store, mailbox.account_id, first["message_key"])
+        assert source is not None and source.folder == "INBOX"
+
+        small = ContentSettings(content_max_bytes=64)
+        with pytest.raises(ApiError) as too_large:
+            await fetch_raw(source, small, None, int(first["id"]))
+        assert too_large.value.status == 422 and "FLIGHTLOG_CONTENT_MAX_BYTES" in too_large.value.detail
+
+        # No credentials: the sync stops, the row and the UID map stay.
+        status, _ = await gateway.call("DELETE", f"/v1/accounts/{mailbox.account_id}/credentials")
+        assert status == 200
+        status, body, _ = await raw(gateway, first["id"])
+        assert status == 409 and b"no IMAP credentials" in body, body
+
+        # Expunged behind the sync's back: the UID the map still holds answers nothing.
+        conn = ImapConnection("127.0.0.1", stack.dovecot.port, "none", 30)
+        await conn.connect(mailbox.address, IMAP_TEST_PASSWORD, use_condstore=False)
+        try:
+            await conn.select("INBOX")
+            conn.check(await conn.imap.uid("store", str(source.uid), "+FLAGS.SILENT (\\Deleted)"), "STORE")
+            conn.check(await conn.imap.expunge(), "EXPUNGE")
+        finally:
+            await conn.close()
+        with pytest.raises(ApiError) as gone:
+            await fetch_raw(source, ContentSettings(), None, int(first["id"]))
+        assert gone.value.status == 404 and "no longer on the IMAP server" in gone.value.detail
