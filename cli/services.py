@@ -43,7 +43,8 @@ class LocalService:
     ) -> None:
         self.name = name
         self.port = port
-        self.env = {"FLIGHTLOG_HTTP_PORT": str(port), **(env or {})}
+        # A local process is development: it may use the repository's built-in secrets.
+        self.env = {"FLIGHTLOG_ENVIRONMENT": "development", "FLIGHTLOG_HTTP_PORT": str(port), **(env or {})}
         label = f"{name}{instance}"
         self.proc = ManagedProcess(
             label,

@@ -8,13 +8,23 @@ is listed in docs/configuration.md.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DatabaseSettings", "KafkaSettings", "ServiceSettings", "Settings", "StackSettings"]
+__all__ = [
+    "MIN_KEY_CHARS",
+    "DatabaseSettings",
+    "InsecureSettings",
+    "KafkaSettings",
+    "ServiceSettings",
+    "Settings",
+    "StackSettings",
+    "insecure_secrets",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +66,14 @@ class DatabaseSettings(_Base):
 
 
 class ServiceSettings(KafkaSettings, DatabaseSettings):
-    """What every service reads: its HTTP address for health and metrics, logging, draining."""
+    """What every service reads: its HTTP address for health and metrics, logging, draining.
 
+    ``environment``: in ``production`` (the default) a service refuses to start while a secret
+    it uses has the value this repository ships or is too short (:func:`insecure_secrets`);
+    ``development`` (set by ``flightlog dev``, the tests and the bench) allows them.
+    """
+
+    environment: Literal["production", "development"] = "production"
     http_host: str = "127.0.0.1"
     http_port: int = 0  # 0 means "the service's default port"
     log_format: Literal["json", "console"] = "json"
@@ -76,6 +92,32 @@ class ServiceSettings(KafkaSettings, DatabaseSettings):
 
 
 Settings = ServiceSettings
+
+# The shortest key, token secret or admin key accepted in production (a 32-character random
+# string; Fernet keys are 44 characters by construction).
+MIN_KEY_CHARS: Final = 32
+
+
+class InsecureSettings(Exception):
+    """A production service was given a built-in or short secret."""
+
+
+def insecure_secrets(secrets: Iterable[tuple[BaseSettings, str]]) -> list[str]:
+    """What is wrong with each ``(settings, field)`` secret: its value is the built-in default
+    (the repository's development value, public to anyone), contains it (one of a comma-separated
+    list of keys), or a key is shorter than :data:`MIN_KEY_CHARS`. The password of the database
+    user is only checked against its default: its strength is the database's business."""
+    problems = []
+    for settings, name in secrets:
+        value = str(getattr(settings, name))
+        builtin = type(settings).model_fields[name].default
+        variable = f"FLIGHTLOG_{name.upper()}"
+        keys = [k.strip() for k in value.split(",") if k.strip()]
+        if value == builtin or builtin in keys:
+            problems.append(f"{variable} is the built-in development value; set a secret of your own")
+        elif name != "db_password" and any(len(k) < MIN_KEY_CHARS for k in keys or [""]):
+            problems.append(f"{variable} is shorter than {MIN_KEY_CHARS} characters")
+    return problems
 
 
 class StackSettings(_Base):

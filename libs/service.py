@@ -26,6 +26,7 @@ import gc
 import logging
 import resource
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -33,8 +34,9 @@ from typing import Any, Final
 import prometheus_client
 import uvloop
 from aiohttp import web
+from pydantic_settings import BaseSettings
 
-from libs.config import ServiceSettings
+from libs.config import InsecureSettings, ServiceSettings, insecure_secrets
 from libs.http import Problem, ProblemAppRunner, problem_middleware
 from libs.logs import configure_logging
 
@@ -44,6 +46,7 @@ __all__ = [
     "ServiceContext",
     "ServiceDefinition",
     "build_app",
+    "check_secrets",
     "raise_open_files_limit",
     "run_service",
     "serve",
@@ -93,6 +96,9 @@ class ServiceDefinition:
     # cyclic collector ran several times per batch, promoted them, and the full collections that
     # followed took a quarter of ingest's CPU and a sixth of persist's (BENCHMARKS.md).
     gc_young_objects: int = 10_000
+    # The secrets the service uses beyond the database password, as (settings class, field):
+    # in production it refuses to start while one is built-in or short (run_service).
+    secrets: tuple[tuple[type[BaseSettings], str], ...] = ()
 
 
 def _health_routes(ctx: ServiceContext) -> list[web.RouteDef]:
@@ -207,11 +213,35 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
 
 
 def run_service(defn: ServiceDefinition) -> None:
-    """Entry point for ``python -m services.<name>``."""
+    """Entry point for ``python -m services.<name>``: refuses to start in production with a
+    built-in or short secret (exit status 2, the variables named), else serves until SIGTERM."""
     settings = ServiceSettings()
     configure_logging(settings.log_format, settings.log_level)
+    try:
+        check_secrets(defn, settings)
+    except InsecureSettings as exc:
+        logger.critical("%s", exc)
+        sys.exit(2)
     raise_open_files_limit()
     uvloop.run(serve(defn, settings))
+
+
+def check_secrets(defn: ServiceDefinition, settings: ServiceSettings) -> None:
+    """Raise :class:`InsecureSettings` naming every built-in or short secret ``defn`` uses, unless
+    ``FLIGHTLOG_ENVIRONMENT`` is ``development``."""
+    if settings.environment == "development":
+        return
+    instances: dict[type[BaseSettings], BaseSettings] = {ServiceSettings: settings}
+    secrets: list[tuple[BaseSettings, str]] = [(settings, "db_password")]
+    for cls, name in defn.secrets:
+        secrets.append((instances.setdefault(cls, cls()), name))
+    problems = insecure_secrets(secrets)
+    if problems:
+        raise InsecureSettings(
+            f"{defn.name} refuses to start in production: "
+            + "; ".join(problems)
+            + ". For a local development stack set FLIGHTLOG_ENVIRONMENT=development."
+        )
 
 
 def raise_open_files_limit() -> int:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from libs.crypto import SecretsSettings
 from libs.http import Problem, read_json
 from libs.imap_accounts import ImapAccountsSettings
 from libs.resources import ROUTER
@@ -104,5 +105,15 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 DEFINITION = ServiceDefinition(
-    name="gateway", default_port=8080, main=main, setup_app=setup_app, client_max_size=MAX_BODY_BYTES
+    name="gateway",
+    default_port=8080,
+    main=main,
+    setup_app=setup_app,
+    client_max_size=MAX_BODY_BYTES,
+    secrets=(
+        (GatewaySettings, "admin_api_key"),
+        (GatewaySettings, "gateway_token_secret"),
+        (SecretsSettings, "secrets_key"),
+        (WebhookSettings, "webhooks_secret_key"),
+    ),
 )

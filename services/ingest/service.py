@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from aiohttp import web
 
 from libs.config import ServiceSettings
-from libs.crypto import SecretBox
+from libs.crypto import SecretBox, SecretsSettings
 from libs.imap_accounts import SyncStore
 from libs.kafka import make_producer
 from libs.resources import database, kafka_producer
@@ -59,5 +59,10 @@ async def main(ctx: ServiceContext) -> None:
 
 
 DEFINITION = ServiceDefinition(
-    name="ingest", default_port=8081, main=main, setup_app=setup_app, client_max_size=MAX_BODY_BYTES
+    name="ingest",
+    default_port=8081,
+    main=main,
+    setup_app=setup_app,
+    client_max_size=MAX_BODY_BYTES,
+    secrets=((SecretsSettings, "secrets_key"),),  # IMAP passwords, decrypted to log in
 )

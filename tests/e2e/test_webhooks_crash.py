@@ -33,7 +33,7 @@ class DispatcherProcess:
             "webhooks-e2e", state / "services" / "webhooks-e2e.pid", state / "logs" / "webhooks-e2e.log",
             "services.gateway.webhooks",
         )  # fmt: skip
-        self.env = {"FLIGHTLOG_HTTP_PORT": str(DISPATCHER_PORT)}
+        self.env = {"FLIGHTLOG_ENVIRONMENT": "development", "FLIGHTLOG_HTTP_PORT": str(DISPATCHER_PORT)}
         self.env |= {f"FLIGHTLOG_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
                      for k, v in FAST.items()}  # fmt: skip
 

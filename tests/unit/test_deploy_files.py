@@ -17,6 +17,7 @@ everything would fail here instead of passing vacuously.
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
@@ -44,7 +45,6 @@ K8S_VERSION = "1.30"
 # The runtime contract -------------------------------------------------------------------------
 
 SERVICE_PORTS = {"gateway": 8080, "ingest": 8081, "transform": 8082, "persist": 8083}
-ADMIN_SERVICES = {"gateway", "ingest"}  # services with admin paths (FLIGHTLOG_ADMIN_API_KEY)
 K8S_EXPOSED_SERVICES = {"gateway", "ingest"}  # get a Kubernetes Service
 # Run as a StatefulSet: transform's Kafka transactional id derives from the instance id, and Kafka
 # fences a zombie only when its successor reuses that id, so the id must survive a restart.
@@ -54,10 +54,17 @@ K8S_WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 # host port -> container port of the infrastructure in docker-compose.yml
 INFRA_PORTS = {"kafka": (9092, 9092), "mysql-1": (3307, 3306), "mysql-2": (3308, 3306)}
 
+
+def service_secrets(name: str) -> set[str]:
+    """The secret variables a service refuses to start without in production (its definition's)."""
+    definition = importlib.import_module(f"services.{name}.service").DEFINITION
+    return {"FLIGHTLOG_DB_PASSWORD", *(f"FLIGHTLOG_{field.upper()}" for _, field in definition.secrets)}
+
+
+SECRET_ENV = set().union(*(service_secrets(name) for name in SERVICE_PORTS))
 FLIGHTLOG_ENV = {
     "FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS",
     "FLIGHTLOG_DB_USER",
-    "FLIGHTLOG_DB_PASSWORD",
     "FLIGHTLOG_GLOBAL_DB_HOST",
     "FLIGHTLOG_GLOBAL_DB_PORT",
     "FLIGHTLOG_GLOBAL_DB_NAME",
@@ -65,10 +72,10 @@ FLIGHTLOG_ENV = {
     "FLIGHTLOG_HTTP_PORT",
     "FLIGHTLOG_LOG_FORMAT",
     "FLIGHTLOG_DRAIN_TIMEOUT_S",
-    "FLIGHTLOG_ADMIN_API_KEY",
+    "FLIGHTLOG_ENVIRONMENT",
     "FLIGHTLOG_INSTANCE_ID",
+    *SECRET_ENV,
 }
-SECRET_ENV = {"FLIGHTLOG_DB_PASSWORD", "FLIGHTLOG_ADMIN_API_KEY"}
 DRAIN_TIMEOUT_S = 25
 GRACE_PERIOD_S = 30
 INIT_COMMANDS = ("flightlog topics create", "flightlog db migrate")
@@ -208,7 +215,7 @@ def test_compose_flightlog_services() -> None:
         assert env["FLIGHTLOG_HTTP_HOST"] == "0.0.0.0", name
         assert env["FLIGHTLOG_DB_USER"] == "root", name
         assert env["FLIGHTLOG_DB_PASSWORD"], name
-        assert ("FLIGHTLOG_ADMIN_API_KEY" in env) == (name in ADMIN_SERVICES), name
+        assert SECRET_ENV & set(env) == service_secrets(name), name
         test = _command_text(svc["healthcheck"]["test"])
         assert f"127.0.0.1:{port}/healthz" in test, name
         assert svc["depends_on"] == {"init": {"condition": "service_completed_successfully"}}
@@ -383,7 +390,7 @@ def test_k8s_deployments_follow_the_contract() -> None:
 
         env = {e["name"]: e for e in container.get("env", [])}
         assert env["FLIGHTLOG_HTTP_PORT"]["value"] == str(port), name
-        assert ("FLIGHTLOG_ADMIN_API_KEY" in env) == (name in ADMIN_SERVICES), name
+        assert SECRET_ENV & set(env) == service_secrets(name), name
         assert [s["configMapRef"]["name"] for s in container["envFrom"]] == ["flightlog-config"]
         for var in SECRET_ENV & set(env):
             ref = env[var]["valueFrom"]["secretKeyRef"]

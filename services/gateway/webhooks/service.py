@@ -28,4 +28,6 @@ async def main(ctx: ServiceContext) -> None:
         await ctx.stopping.wait()
 
 
-DEFINITION = ServiceDefinition(name="webhooks", default_port=8084, main=main)
+DEFINITION = ServiceDefinition(
+    name="webhooks", default_port=8084, main=main, secrets=((WebhookSettings, "webhooks_secret_key"),)
+)

@@ -28,7 +28,8 @@ class WebhookSettings(ServiceSettings):
     # Targets resolving to loopback, private, link-local or reserved addresses are refused
     # (server-side request forgery) unless the operator allows them, as the tests do.
     webhooks_allow_private_targets: bool = False
-    # Fernet key encrypting endpoint secrets at rest. The default is for development only.
+    # Fernet keys encrypting endpoint secrets at rest, comma-separated: the first encrypts, all
+    # decrypt, so a key rotates by putting the new one first. The default is for development only.
     webhooks_secret_key: str = "diPQwX1kAOUrsxjI_qasspPqoxQQO9KgwwwqZTGQ0Tg="
     webhooks_secret_grace_s: float = 24 * 3600.0  # the old secret's life after a rotation
     webhooks_request_timeout_s: float = 15.0

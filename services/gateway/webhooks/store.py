@@ -1,8 +1,9 @@
 """Webhook endpoints, deliveries and the attempt log in the global schema.
 
-Endpoint secrets are encrypted at rest with Fernet (``FLIGHTLOG_WEBHOOKS_SECRET_KEY``) and
-decrypted only to sign. Every write to ``webhook_endpoints`` bumps ``webhook_endpoints_version``
-in the same transaction, which is how dispatchers notice they must reload.
+Endpoint secrets are encrypted at rest with Fernet (``FLIGHTLOG_WEBHOOKS_SECRET_KEY``, a
+comma-separated key list for rotation: the first key encrypts) and decrypted only to sign.
+Every write to ``webhook_endpoints`` bumps ``webhook_endpoints_version`` in the same
+transaction, which is how dispatchers notice they must reload.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import orjson
-from cryptography.fernet import Fernet
 
+from libs.crypto import SecretBox
 from libs.shards import ShardRouter
 from libs.webhooks import generate_secret
 
@@ -188,12 +189,13 @@ class WebhookStore:
     """Database access for the API and the dispatcher.
 
     :param router: the open shard router (only its global pool is used).
-    :param secret_key: the Fernet key that encrypts endpoint secrets.
+    :param secret_key: comma-separated Fernet keys: the first encrypts endpoint secrets, every
+        one decrypts (:class:`libs.crypto.SecretBox`), so the key rotates like the IMAP one.
     """
 
     def __init__(self, router: ShardRouter, secret_key: str) -> None:
         self._router = router
-        self._fernet = Fernet(secret_key.encode())
+        self._box = SecretBox(secret_key)
 
     @property
     def _schema(self) -> str:
@@ -211,8 +213,8 @@ class WebhookStore:
             description=row[3],
             event_types=tuple(orjson.loads(row[4])),
             account_ids=None if accounts is None else frozenset(int(a) for a in accounts),
-            secret=self._fernet.decrypt(bytes(row[6])).decode(),
-            previous_secret=self._fernet.decrypt(bytes(row[7])).decode() if row[7] is not None else None,
+            secret=self._box.decrypt(row[6]),
+            previous_secret=self._box.decrypt(row[7]) if row[7] is not None else None,
             previous_secret_expires_at=row[8],
             enabled=bool(row[9]),
             disabled_reason=row[10],
@@ -278,7 +280,7 @@ class WebhookStore:
                 description,
                 orjson.dumps(list(event_types)).decode(),
                 None if account_ids is None else orjson.dumps(sorted(account_ids)).decode(),
-                self._fernet.encrypt(secret.encode()),
+                self._box.encrypt(secret),
                 utcnow(),  # compared with change times, which the relay gives in UTC
                 ordering,
             ),
@@ -330,7 +332,7 @@ class WebhookStore:
         await self._write(
             f"UPDATE {self._t('webhook_endpoints')} SET previous_secret_enc = secret_enc,"
             " previous_secret_expires_at = %s, secret_enc = %s WHERE id = %s",
-            (utcnow() + timedelta(seconds=grace_s), self._fernet.encrypt(secret.encode()), endpoint.id),
+            (utcnow() + timedelta(seconds=grace_s), self._box.encrypt(secret), endpoint.id),
         )
         return secret
 
