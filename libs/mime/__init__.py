@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from libs.events import MAX_BODY_BYTES, MessageContent
 from libs.mime.addresses import MAX_ADDRESSES, Participant, parse_addresses
-from libs.mime.charsets import decode_bytes
+from libs.mime.charsets import DetectionBudget, decode_bytes
 from libs.mime.headers import decode_words
 from libs.mime.structure import Entity, decode_transfer, parse_entity, parse_params
 
@@ -250,9 +250,10 @@ def _end_of_raw_text(body: str, pos: int, tag: str) -> int:
 
 
 class _Bodies:
-    __slots__ = ("fallback", "htmls", "texts")
+    __slots__ = ("budget", "fallback", "htmls", "texts")
 
     def __init__(self) -> None:
+        self.budget = DetectionBudget()
         self.texts: list[str] = []
         self.htmls: list[str] = []
         self.fallback: list[Entity] = []  # text/* of unknown kinds, used when nothing else is text
@@ -277,6 +278,11 @@ def _attach(
     )
 
 
+def _text_of(entity: Entity, warnings: list[str], budget: DetectionBudget) -> str:
+    content = decode_transfer(entity, warnings)
+    return decode_bytes(content, entity.params.get("charset"), warnings, budget=budget)
+
+
 def _walk(entity: Entity, parsed: ParsedMessage, bodies: _Bodies, warnings: list[str]) -> None:
     ctype = entity.content_type
     if ctype.startswith("multipart/") and entity.children:
@@ -290,7 +296,7 @@ def _walk(entity: Entity, parsed: ParsedMessage, bodies: _Bodies, warnings: list
     filename = (decode_words(raw_name, warnings)[:255] or None) if raw_name else None
     plain_part = disposition != "attachment" and filename is None
     if plain_part and ctype in _BODY_TYPES:
-        text = decode_bytes(decode_transfer(entity, warnings), entity.params.get("charset"), warnings)
+        text = _text_of(entity, warnings, bodies.budget)
         (bodies.texts if ctype == "text/plain" else bodies.htmls).append(text)
     elif plain_part and ctype.startswith("text/") and ctype not in _ATTACHED_MESSAGES:
         bodies.fallback.append(entity)
@@ -362,9 +368,7 @@ def _read(root: Entity, parsed: ParsedMessage, warnings: list[str], with_headers
     _walk(root, parsed, bodies, warnings)
     if not bodies.texts and not bodies.htmls and bodies.fallback:
         for entity in bodies.fallback:
-            bodies.texts.append(
-                decode_bytes(decode_transfer(entity, warnings), entity.params.get("charset"), warnings)
-            )
+            bodies.texts.append(_text_of(entity, warnings, bodies.budget))
     else:
         for entity in bodies.fallback:
             _attach(entity, parsed, warnings, None, False)

@@ -52,7 +52,7 @@ def _tokens(text: str) -> list[_Token]:
     space = False
     while pos < end:
         ch = text[pos]
-        if ch in " \t\r\n":
+        if ch.isspace():  # what the atom class's \s excludes
             space = True
             pos += 1
         elif ch == '"':
@@ -86,7 +86,7 @@ def _tokens(text: str) -> list[_Token]:
             out.append(("literal", text[pos : close + 1], space))
             space = False
             pos = close + 1
-        elif ch in "<>@,;:.\\":
+        elif ch in "<>@,;:.\\)]":  # a stray ")" or "]" is a special too, never part of an atom
             out.append((ch, ch, space))
             space = False
             pos += 1
@@ -190,16 +190,20 @@ def parse_addresses(values: list[str], warnings: list[str] | None = None) -> lis
         tokens = _tokens(value[:MAX_ADDRESS_HEADER_CHARS])
         entry: list[_Token] = []
         in_angle = False
+        addressed = False  # the entry has an "@" or a "<": a ":" in it is no group's
         for token in [*tokens, (",", ",", False)]:
             kind = token[0]
             if kind == "<":
-                in_angle = True
+                in_angle = addressed = True
             elif kind == ">":
                 in_angle = False
-            elif not in_angle and kind == ":" and not any(t[0] in ("@", "<") for t in entry):
+            elif kind == "@":
+                addressed = True
+            elif not in_angle and kind == ":" and not addressed:
                 entry = []  # "Group name:" opens a group; its members follow
                 continue
             if not in_angle and kind in (",", ";"):
+                addressed = False
                 if entry:
                     mailbox = _mailbox(entry, warnings)
                     if mailbox is not None:

@@ -6,7 +6,8 @@ boundary's delimiter lines (a delimiter counts only at a line start, followed by
 space or the line's end, so a longer inner boundary that starts with the outer one is no match).
 A multipart whose boundary is missing or never occurs gets one recovered from its body: the first
 line within :data:`MAX_BOUNDARY_SCAN_BYTES` that looks like a delimiter (``--`` and 1-70 boundary
-characters) and occurs again. ``message/rfc822`` parts are parsed as messages of their own.
+characters) and occurs again as one; at most :data:`MAX_BOUNDARY_CANDIDATES` lines are tried,
+each with one scan of the body. ``message/rfc822`` parts are parsed as messages of their own.
 
 Limits: :data:`MAX_DEPTH` nested entities, :data:`MAX_PARTS` entities in all,
 :data:`MAX_HEADERS` header fields per entity; what lies past a limit is not parsed and leaves a
@@ -187,14 +188,10 @@ def _join_rfc2231(raw: list[tuple[str, str]]) -> dict[str, str]:
     for base, parts in sections.items():
         charset = None
         chunks: list[bytes] = []
-        for i, (index, (encoded, value)) in enumerate(sorted(parts.items())):
+        for i, (_, (encoded, value)) in enumerate(sorted(parts.items())):
             if encoded and i == 0 and value.count("'") >= 2:
-                charset, _lang, value = value.split("'", 2)
-            if encoded:
-                chunks.append(_percent_decode(value))
-            else:
-                chunks.append(value.encode("utf-8", "surrogateescape"))
-            del index
+                charset, _lang, value = value.split("'", 2)  # charset'language'value
+            chunks.append(_percent_decode(value) if encoded else value.encode("utf-8", "surrogateescape"))
         plain[base] = decode_bytes(b"".join(chunks), charset or "utf-8")  # RFC 2231 wins over name=
     return plain
 
@@ -282,7 +279,7 @@ def _recover_boundary(data: bytes, start: int, end: int) -> bytes | None:
         if _BCHARS.fullmatch(line) is None:
             continue
         tried += 1
-        if data.find(b"\n--" + line, line_end, end) >= 0:
+        if len(_delimiters(data, start, end, line)) >= 2:
             return line
     return None
 
