@@ -285,7 +285,7 @@ def _text_of(entity: Entity, warnings: list[str], budget: DetectionBudget) -> st
 
 def _walk(entity: Entity, parsed: ParsedMessage, bodies: _Bodies, warnings: list[str]) -> None:
     ctype = entity.content_type
-    if ctype.startswith("multipart/") and entity.children:
+    if ctype.startswith("multipart/"):  # without children past a limit: warned, not listed
         for child in entity.children:
             _walk(child, parsed, bodies, warnings)
         return

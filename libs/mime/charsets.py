@@ -10,7 +10,8 @@ by what the bytes are.
   -2004), then with JIS X 0208 read as JIS X 0213, its superset, for the NEC row-13 symbols
   (①, ㈱) Outlook sends under the JIS X 0208 escape.
 - Valid UTF-8 with non-ASCII in it wins over a declared single-byte charset (senders that
-  declare Latin-1 and write UTF-8 are far commoner than Latin-1 text that is valid UTF-8).
+  declare Latin-1 or windows-1251 and write UTF-8 are far commoner than such text that is valid
+  UTF-8: its letters are lead bytes that the punctuation of 0x80-0xBF rarely follows).
 - Bytes that are not valid in the declared charset: mostly-UTF-8 text with stray 8-bit bytes (a
   mailing list's Latin-1 footer under a UTF-8 body) keeps its UTF-8 and reads the strays as
   windows-1252; anything else is detected (charset-normalizer, on at most
@@ -61,8 +62,18 @@ _ALIASES: Final = {
 }  # fmt: skip
 # What iso-2022-jp mail turns out to use, tried in this order (the first strict decode wins).
 _ISO2022JP_FAMILY: Final = ("iso2022_jp", "iso2022_jp_2", "iso2022_jp_ext", "iso2022_jp_2004")
-# Codecs whose every byte string decodes: a mismatch cannot show as an error.
-_SINGLE_BYTE_LATIN: Final = frozenset({"cp1252", "iso8859-15", "cp1254", "mac-roman"})
+# Single-byte codecs: (almost) every byte string decodes, so a mismatch cannot show as an error.
+_SINGLE_BYTE_PREFIXES: Final = (
+    "cp125",
+    "iso8859-",
+    "koi8",
+    "mac-",
+    "cp437",
+    "cp85",
+    "cp86",
+    "cp874",
+    "latin",
+)
 _SEVEN_BIT: Final = frozenset({"utf-7", "hz", "iso2022_kr", "iso2022_jp_1", "iso2022_jp_3"})
 _NOT_CHARSETS: Final = frozenset({"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined"})
 _DETECTABLE_MULTIBYTE: Final = frozenset(
@@ -177,7 +188,8 @@ def decode_bytes(
             codec = "iso2022_jp"
         elif codec not in _SEVEN_BIT:
             return data.decode("ascii")
-    if not codec or codec in _SINGLE_BYTE_LATIN or codec == "utf-8":
+    single_byte = codec.startswith(_SINGLE_BYTE_PREFIXES)
+    if not codec or single_byte or codec == "utf-8":
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -186,7 +198,7 @@ def decode_bytes(
             if codec and codec != "utf-8" and warnings is not None:
                 warnings.append("charset_mismatch")
             return text
-        if codec in _SINGLE_BYTE_LATIN:
+        if single_byte:
             return data.decode(codec, _STRAY)
         if not codec:
             return _undeclared(data, budget)
@@ -225,7 +237,10 @@ def decode_bytes(
 
 def decode_header_bytes(data: bytes) -> str:
     """Raw 8-bit header bytes (RFC 6532 UTF-8, or a legacy sender's 8-bit text) as text: UTF-8
-    where it is valid, each other byte as windows-1252."""
+    where it is valid, each other byte as windows-1252; raw iso-2022-jp (old Japanese mailers
+    wrote it unencoded) as Japanese."""
     if data.isascii():
+        if b"\x1b$" in data:
+            return decode_bytes(data, "iso-2022-jp")
         return data.decode("ascii")
     return data.decode("utf-8", _STRAY)
