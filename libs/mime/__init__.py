@@ -9,6 +9,12 @@ every header and body part that lies wholly or partly before the cut (a part cut
 what it has; attachments after the cut are not listed). IMAP sync fetches at most
 :data:`MAX_RAW_BYTES` of a message for the same reason (``BODY.PEEK[]<0.N>``), so an event never
 exceeds the event limit, and the true size comes from ``RFC822.SIZE``.
+
+The parts: :mod:`libs.mime.structure` finds the header blocks and body parts in the raw bytes,
+:mod:`libs.mime.charsets` turns bytes into text as mail clients do, :mod:`libs.mime.headers`
+decodes RFC 2047 words, :mod:`libs.mime.addresses` reads address lists; this module picks the
+bodies and attachments and fills :class:`ParsedMessage`. ``tests/mime_corpus`` holds the
+real-world quirks it is tested on.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ SNIPPET_CHARS: Final = 200
 MAX_ATTACHMENTS: Final = 100
 MAX_REFERENCES: Final = 100
 MAX_LISTED_HEADERS: Final = 200
+MAX_HEADER_NAME_CHARS: Final = 256
 MAX_HEADER_VALUE_CHARS: Final = 8 * 1024
 MAX_DATE_CHARS: Final = 256
 _MSGID: Final = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
@@ -314,8 +321,9 @@ def parse_message(
     """Parse ``raw`` (an RFC 5322 message); see the module docstring for the oversized rule.
 
     :param size_bytes: the message's true size when ``raw`` is already a cut (IMAP partial fetch).
-    :param with_headers: fill ``headers`` (at most :data:`MAX_LISTED_HEADERS` fields, each value cut
-        at :data:`MAX_HEADER_VALUE_CHARS`), raw 8-bit read as UTF-8 and encoded words left as sent.
+    :param with_headers: fill ``headers`` (at most :data:`MAX_LISTED_HEADERS` fields, names and
+        values cut at :data:`MAX_HEADER_NAME_CHARS` and :data:`MAX_HEADER_VALUE_CHARS`), raw 8-bit
+        read as UTF-8 and encoded words left as sent.
     """
     parsed = ParsedMessage(size_bytes=size_bytes if size_bytes is not None else len(raw))
     if len(raw) > max_bytes:
@@ -363,7 +371,10 @@ def _read(root: Entity, parsed: ParsedMessage, warnings: list[str], with_headers
     parsed.references = _references(root.get_all("References"))
     parsed.thread_key = thread_key(parsed.message_id, parsed.references, parsed.in_reply_to)
     if with_headers:
-        parsed.headers = [(k, v[:MAX_HEADER_VALUE_CHARS]) for k, v in root.headers[:MAX_LISTED_HEADERS]]
+        parsed.headers = [
+            (k[:MAX_HEADER_NAME_CHARS], v[:MAX_HEADER_VALUE_CHARS])
+            for k, v in root.headers[:MAX_LISTED_HEADERS]
+        ]
     bodies = _Bodies()
     _walk(root, parsed, bodies, warnings)
     if not bodies.texts and not bodies.htmls and bodies.fallback:

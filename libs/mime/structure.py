@@ -46,6 +46,8 @@ _FIELD_NAME: Final = re.compile(rb"[!-9;-~]+[ \t]*:")
 _BCHARS: Final = re.compile(rb"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]")
 _B64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _NOT_B64: Final = bytes(b for b in range(256) if b not in _B64_ALPHABET)
+# Text up to and with its padding: "=" cannot start a chunk, so each match ends where one must.
+_PADDED_CHUNK: Final = re.compile(rb"[^=]+=*|=+")
 
 
 @dataclass(slots=True)
@@ -284,18 +286,27 @@ def _recover_boundary(data: bytes, start: int, end: int) -> bytes | None:
     return None
 
 
+def _b64(data: bytes, warnings: list[str]) -> bytes:
+    try:
+        return binascii.a2b_base64(data)
+    except binascii.Error:
+        warnings.append("bad_transfer_encoding")
+        clean = data.translate(None, _NOT_B64)
+        clean = clean[: len(clean) - len(clean) % 4] if len(clean) % 4 == 1 else clean
+        return binascii.a2b_base64(clean + b"=" * (-len(clean) % 4))
+
+
 def decode_transfer(entity: Entity, warnings: list[str]) -> bytes:
     """The body of ``entity`` with its Content-Transfer-Encoding undone (leniently)."""
     cte = (entity.get("Content-Transfer-Encoding") or "").strip().lower()
     body = entity.body
     if cte == "base64":
-        try:
-            return binascii.a2b_base64(body)
-        except binascii.Error:
-            warnings.append("bad_transfer_encoding")
-            clean = body.translate(None, _NOT_B64)
-            clean = clean[: len(clean) - len(clean) % 4] if len(clean) % 4 == 1 else clean
-            return binascii.a2b_base64(clean + b"=" * (-len(clean) % 4))
+        pad = body.find(b"=")
+        if pad >= 0 and body[pad:].strip(b"= \t\r\n"):
+            # Padding before the end: chunks encoded one by one (some mailers pad every line),
+            # which a single decode would stop at the first of.
+            return b"".join(_b64(chunk, warnings) for chunk in _PADDED_CHUNK.findall(body))
+        return _b64(body, warnings)
     if cte == "quoted-printable":
         return binascii.a2b_qp(body)
     return body
