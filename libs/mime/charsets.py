@@ -142,7 +142,10 @@ class DetectionBudget:
         if not sample:
             return None
         self.bytes_left -= len(sample)
-        result = charset_normalizer.from_bytes(sample).best()
+        try:
+            result = charset_normalizer.from_bytes(sample).best()
+        except Exception:  # a library's bug on hostile bytes must not cost the message its text
+            return None
         return None if result is None else str(result.encoding)
 
 
