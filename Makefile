@@ -50,7 +50,7 @@ test: stack
 	exit $$status
 
 test-unit: install
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/mime_corpus $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check libs services cli tests

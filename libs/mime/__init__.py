@@ -9,36 +9,52 @@ every header and body part that lies wholly or partly before the cut (a part cut
 what it has; attachments after the cut are not listed). IMAP sync fetches at most
 :data:`MAX_RAW_BYTES` of a message for the same reason (``BODY.PEEK[]<0.N>``), so an event never
 exceeds the event limit, and the true size comes from ``RFC822.SIZE``.
+
+The parts: :mod:`libs.mime.structure` finds the header blocks and body parts in the raw bytes,
+:mod:`libs.mime.charsets` turns bytes into text as mail clients do, :mod:`libs.mime.headers`
+decodes RFC 2047 words, :mod:`libs.mime.addresses` reads address lists; this module picks the
+bodies and attachments and fills :class:`ParsedMessage`. ``tests/mime_corpus`` holds the
+real-world quirks it is tested on.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import email
-import email.header
 import email.utils
 import hashlib
 import html
 import re
 from dataclasses import dataclass, field
-from email.message import Message
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Final
 
 from libs.events import MAX_BODY_BYTES, MessageContent
+from libs.mime.addresses import MAX_ADDRESSES, Participant, parse_addresses
+from libs.mime.charsets import DetectionBudget, decode_bytes
+from libs.mime.headers import decode_words
+from libs.mime.structure import Entity, decode_transfer, parse_entity, parse_params
 
 __all__ = [
+    "MAX_ADDRESSES",
+    "MAX_LISTED_HEADERS",
     "MAX_RAW_BYTES",
+    "MAX_REFERENCES",
     "SNIPPET_CHARS",
     "Attachment",
     "ParsedMessage",
+    "Participant",
+    "Participants",
     "collapse_whitespace",
     "content_fields",
+    "decode_bytes",
     "decode_header_value",
     "expand_raw_mime",
     "html_to_text",
     "merge_parsed",
     "message_id_of",
+    "parse_addresses",
+    "parse_date",
     "parse_message",
     "parse_raw_mime",
     "thread_key",
@@ -49,31 +65,60 @@ __all__ = [
 MAX_RAW_BYTES: Final = 384 * 1024
 SNIPPET_CHARS: Final = 200
 MAX_ATTACHMENTS: Final = 100
-MAX_ADDRESSES: Final = 100
+MAX_REFERENCES: Final = 100
+MAX_LISTED_HEADERS: Final = 200
+MAX_HEADER_NAME_CHARS: Final = 256
+MAX_HEADER_VALUE_CHARS: Final = 8 * 1024
+MAX_DATE_CHARS: Final = 256
 _MSGID: Final = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _ANGLE: Final = re.compile(r"<[^<>\s]+>")
 # A tag's name right after its "<" (or "</"): one greedy character class, nothing to backtrack.
 _TAG_NAME: Final = re.compile(r"/?([A-Za-z][A-Za-z0-9-]*)")
 # Elements whose content is code, not text.
 _RAW_TEXT_ELEMENTS: Final = frozenset({"script", "style"})
+_BODY_TYPES: Final = frozenset({"text/plain", "text/html"})
+_ATTACHED_MESSAGES: Final = frozenset({"message/rfc822", "message/global"})
 
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
+    """One attachment (a forwarded message is one too). ``sha256`` is the hex digest of the
+    content after its transfer encoding is undone, of the part as far as it was parsed."""
+
     filename: str | None
     content_type: str
     size_bytes: int
     content_id: str | None = None
     inline: bool = False
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Participants:
+    """The mailboxes of the address headers, each ``{name, email}``."""
+
+    from_: tuple[Participant, ...] = ()
+    to: tuple[Participant, ...] = ()
+    cc: tuple[Participant, ...] = ()
+    bcc: tuple[Participant, ...] = ()
+    reply_to: tuple[Participant, ...] = ()
 
 
 @dataclass(slots=True)
 class ParsedMessage:
+    """What :func:`parse_message` reads. ``sender``, ``to``, ``cc``, ``bcc`` and ``reply_to`` are
+    bare addresses; ``participants`` has them with their display names. ``date`` is the Date
+    header in UTC (None when missing or unreadable, the latter warned ``bad_date``). ``headers``
+    is every header field of the message, in order, only when asked for."""
+
     subject: str | None = None
     sender: str | None = None
     to: list[str] = field(default_factory=list)
     cc: list[str] = field(default_factory=list)
-    date: str | None = None
+    bcc: list[str] = field(default_factory=list)
+    reply_to: list[str] = field(default_factory=list)
+    participants: Participants = field(default_factory=Participants)
+    date: datetime | None = None
     message_id: str | None = None
     in_reply_to: str | None = None
     references: list[str] = field(default_factory=list)
@@ -84,6 +129,7 @@ class ParsedMessage:
     attachments: list[Attachment] = field(default_factory=list)
     size_bytes: int = 0
     parse_warnings: list[str] = field(default_factory=list)
+    headers: list[tuple[str, str]] | None = None
 
 
 def _warn(parsed: ParsedMessage, warning: str) -> None:
@@ -92,51 +138,53 @@ def _warn(parsed: ParsedMessage, warning: str) -> None:
 
 
 def decode_header_value(value: Any, warnings: list[str] | None = None) -> str:
-    """RFC 2047 words in any charset Python knows; an unknown charset or bad bytes decode as
-    latin-1 (never fails) and leave a warning."""
+    """RFC 2047 words in any charset (see :mod:`libs.mime.headers`), white space collapsed;
+    never fails: bad words stay as they are and leave a warning."""
     if value is None:
         return ""
-    text = str(value)
-    if text.isascii() and "=?" not in text:
-        return " ".join(text.split())  # no encoded word: what the full decode would give, faster
-    try:
-        chunks = email.header.decode_header(text)
-    except Exception:
-        if warnings is not None:
-            warnings.append("bad_encoded_word")
-        return " ".join(text.split())
-    try:
-        decoded = str(email.header.make_header(chunks))
-    except (LookupError, UnicodeDecodeError):
-        if warnings is not None:
-            warnings.append("bad_header_charset")
-        decoded = "".join(
-            c if isinstance(c, str) else c.decode("utf-8" if cs is None else "latin-1", errors="replace")
-            for c, cs in chunks
-        )
-    return " ".join(decoded.split())
-
-
-def _addresses(msg: Message, name: str, warnings: list[str]) -> list[str]:
-    raw = msg.get_all(name) or []
-    try:
-        pairs = email.utils.getaddresses([decode_header_value(v, warnings) for v in raw])
-    except Exception:
-        warnings.append(f"bad_address_{name.lower()}")
-        return []
-    out = []
-    for _display, addr in pairs:
-        addr = addr.strip()
-        if not addr or "@" not in addr or len(addr) > 320:
-            continue
-        out.append(addr)
-        if len(out) >= MAX_ADDRESSES:
-            break
-    return out
+    return decode_words(str(value), warnings)
 
 
 def _msgids(value: str | None) -> list[str]:
     return _ANGLE.findall(value or "")
+
+
+def _msgid(value: str | None) -> str | None:
+    """The first ``<id>`` of ``value``; a bare ``id@host`` (a broken mailer's) gets its brackets."""
+    ids = _msgids(value)
+    if ids:
+        return ids[0]
+    words = (value or "").split()
+    return f"<{words[0]}>" if len(words) == 1 and "@" in words[0] and "<" not in words[0] else None
+
+
+def _references(values: list[str]) -> list[str]:
+    """The References ids: the root and the most recent ones when there are too many."""
+    ids = _msgids(" ".join(values))
+    return ids if len(ids) <= MAX_REFERENCES else [ids[0], *ids[-(MAX_REFERENCES - 1) :]]
+
+
+def parse_date(value: str | None, warnings: list[str] | None = None) -> datetime | None:
+    """The Date header ``value`` in UTC: RFC 5322 and its obsolete forms (zone names, two-digit
+    years), ISO 8601 as some mailers write it; no zone is taken as UTC. None when it is not a date
+    (``bad_date`` warned)."""
+    if value is None or not value.strip():
+        return None
+    text = " ".join(value[:MAX_DATE_CHARS].split())
+    try:
+        parts = email.utils.parsedate_tz(text)
+        if parts is not None:
+            year, month, day, hour, minute, second, *_, offset = parts
+            zone = timezone(timedelta(seconds=offset or 0))
+            moment = datetime(year, month, day, hour, minute, second, tzinfo=zone)
+            return moment.astimezone(UTC)
+        moment = datetime.fromisoformat(text)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError, TypeError, IndexError):
+        pass
+    if warnings is not None:
+        warnings.append("bad_date")
+    return None
 
 
 def thread_key(message_id: str | None, references: list[str], in_reply_to: str | None) -> str | None:
@@ -156,29 +204,6 @@ def message_id_of(raw: bytes) -> str | None:
         return None
     ids = _msgids(match[1].decode("latin-1"))
     return ids[0] if ids else None
-
-
-def _decode_part(part: Message, parsed: ParsedMessage) -> str | None:
-    try:
-        payload = part.get_payload(decode=True)
-    except Exception:
-        _warn(parsed, "bad_transfer_encoding")
-        return None
-    if not isinstance(payload, bytes):
-        return None
-    if part.defects:
-        _warn(parsed, "bad_transfer_encoding")
-    charset = part.get_content_charset() or "us-ascii"
-    try:
-        return payload.decode(charset)
-    except LookupError:
-        _warn(parsed, "unknown_charset")
-    except UnicodeDecodeError:
-        _warn(parsed, "bad_body_charset")
-    try:
-        return payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return payload.decode("latin-1")
 
 
 def html_to_text(body: str) -> str:
@@ -231,67 +256,74 @@ def _end_of_raw_text(body: str, pos: int, tag: str) -> int:
             return len(body) if gt < 0 else gt + 1
 
 
-def _walk(msg: Message, parsed: ParsedMessage) -> None:
-    texts: list[str] = []
-    htmls: list[str] = []
-    for part in msg.walk():
-        if part.is_multipart():
-            if part.defects:
-                _warn(parsed, "bad_multipart")
-            continue
-        try:
-            ctype = part.get_content_type()
-        except Exception:
-            ctype = "application/octet-stream"
-            _warn(parsed, "bad_content_type")
-        disposition = (part.get_content_disposition() or "").lower()
-        try:
-            filename = part.get_filename()
-        except Exception:
-            filename = None
-            _warn(parsed, "bad_filename")
-        if filename is not None:
-            filename_warnings: list[str] = []
-            filename = decode_header_value(filename, filename_warnings)[:255]
-            for w in filename_warnings:
-                _warn(parsed, w)
-        is_attachment = (
-            disposition == "attachment" or filename is not None or ctype not in ("text/plain", "text/html")
+class _Bodies:
+    __slots__ = ("budget", "fallback", "htmls", "texts")
+
+    def __init__(self) -> None:
+        self.budget = DetectionBudget()
+        self.texts: list[str] = []
+        self.htmls: list[str] = []
+        self.fallback: list[Entity] = []  # text/* of unknown kinds, used when nothing else is text
+
+
+def _attach(
+    entity: Entity, parsed: ParsedMessage, warnings: list[str], filename: str | None, inline: bool
+) -> None:
+    if len(parsed.attachments) >= MAX_ATTACHMENTS:
+        return
+    content = decode_transfer(entity, warnings)
+    cid = entity.get("Content-ID")
+    parsed.attachments.append(
+        Attachment(
+            filename=filename,
+            content_type=entity.content_type[:255],
+            size_bytes=len(content),
+            content_id=(cid.strip().strip("<>")[:255] or None) if cid is not None else None,
+            inline=inline,
+            sha256=hashlib.sha256(content).hexdigest(),
         )
-        if not is_attachment:
-            body = _decode_part(part, parsed)
-            if body is not None:
-                (texts if ctype == "text/plain" else htmls).append(body)
-            continue
-        try:
-            payload = part.get_payload(decode=True)
-            size = len(payload) if isinstance(payload, bytes) else 0
-        except Exception:
-            size = 0
-            _warn(parsed, "bad_transfer_encoding")
-        cid = part.get("Content-ID")
-        if len(parsed.attachments) < MAX_ATTACHMENTS:
-            parsed.attachments.append(
-                Attachment(
-                    filename=filename,
-                    content_type=ctype[:255],
-                    size_bytes=size,
-                    content_id=cid.strip().strip("<>")[:255] if isinstance(cid, str) else None,
-                    inline=disposition == "inline",
-                )
-            )
-    if texts:
-        parsed.body_text = "\n".join(texts)
-    if htmls:
-        parsed.body_html = "\n".join(htmls)
+    )
+
+
+def _text_of(entity: Entity, warnings: list[str], budget: DetectionBudget) -> str:
+    content = decode_transfer(entity, warnings)
+    return decode_bytes(content, entity.params.get("charset"), warnings, budget=budget)
+
+
+def _walk(entity: Entity, parsed: ParsedMessage, bodies: _Bodies, warnings: list[str]) -> None:
+    ctype = entity.content_type
+    if ctype.startswith("multipart/"):  # without children past a limit: warned, not listed
+        for child in entity.children:
+            _walk(child, parsed, bodies, warnings)
+        return
+    disposition_value = entity.get("Content-Disposition")
+    disposition, dparams = parse_params(disposition_value) if disposition_value is not None else ("", {})
+    disposition = disposition.lower()
+    raw_name = dparams.get("filename") or entity.params.get("name")
+    filename = (decode_words(raw_name, warnings)[:255] or None) if raw_name else None
+    plain_part = disposition != "attachment" and filename is None
+    if plain_part and ctype in _BODY_TYPES:
+        text = _text_of(entity, warnings, bodies.budget)
+        (bodies.texts if ctype == "text/plain" else bodies.htmls).append(text)
+    elif plain_part and ctype.startswith("text/") and ctype not in _ATTACHED_MESSAGES:
+        bodies.fallback.append(entity)
+    else:
+        _attach(entity, parsed, warnings, filename, disposition == "inline")
+
+
+def _participants(headers: Entity, name: str, warnings: list[str]) -> tuple[Participant, ...]:
+    return tuple(parse_addresses(headers.get_all(name), warnings))
 
 
 def parse_message(
-    raw: bytes, *, max_bytes: int = MAX_RAW_BYTES, size_bytes: int | None = None
+    raw: bytes, *, max_bytes: int = MAX_RAW_BYTES, size_bytes: int | None = None, with_headers: bool = False
 ) -> ParsedMessage:
     """Parse ``raw`` (an RFC 5322 message); see the module docstring for the oversized rule.
 
     :param size_bytes: the message's true size when ``raw`` is already a cut (IMAP partial fetch).
+    :param with_headers: fill ``headers`` (at most :data:`MAX_LISTED_HEADERS` fields, names and
+        values cut at :data:`MAX_HEADER_NAME_CHARS` and :data:`MAX_HEADER_VALUE_CHARS`), raw 8-bit
+        read as UTF-8 and encoded words left as sent.
     """
     parsed = ParsedMessage(size_bytes=size_bytes if size_bytes is not None else len(raw))
     if len(raw) > max_bytes:
@@ -299,36 +331,15 @@ def parse_message(
         _warn(parsed, "truncated")
     elif size_bytes is not None and size_bytes > len(raw):
         _warn(parsed, "truncated")
+    warnings: list[str] = []
     try:
-        msg = email.message_from_bytes(raw)
-    except Exception:  # the stdlib parser is lenient; this is the last line of defence
+        root = parse_entity(raw, warnings=warnings)
+        _read(root, parsed, warnings, with_headers)
+    except Exception:  # the parser is written never to raise; this is the last line of defence
         _warn(parsed, "unparseable")
         parsed.body_text = raw.decode("utf-8", errors="replace")
-        parsed.snippet = _snippet(parsed.body_text)
-        return parsed
-    warnings: list[str] = []
-    if msg.defects:
-        _warn(parsed, "header_defects")
-    subject = msg.get("Subject")
-    parsed.subject = decode_header_value(subject, warnings)[:998] if subject is not None else None
-    senders = _addresses(msg, "From", warnings)
-    parsed.sender = senders[0] if senders else None
-    parsed.to = _addresses(msg, "To", warnings)
-    parsed.cc = _addresses(msg, "Cc", warnings)
-    date = msg.get("Date")
-    parsed.date = str(date) if date is not None else None
-    ids = _msgids(str(msg.get("Message-ID", "")))
-    parsed.message_id = ids[0] if ids else None
-    reply = _msgids(str(msg.get("In-Reply-To", "")))
-    parsed.in_reply_to = reply[0] if reply else None
-    parsed.references = _msgids(" ".join(str(v) for v in msg.get_all("References") or []))[:100]
-    parsed.thread_key = thread_key(parsed.message_id, parsed.references, parsed.in_reply_to)
     for w in warnings:
         _warn(parsed, w)
-    try:
-        _walk(msg, parsed)
-    except Exception:
-        _warn(parsed, "bad_structure")
     text = (
         parsed.body_text
         if parsed.body_text is not None
@@ -336,6 +347,46 @@ def parse_message(
     )
     parsed.snippet = _snippet(text)
     return parsed
+
+
+def _read(root: Entity, parsed: ParsedMessage, warnings: list[str], with_headers: bool) -> None:
+    subject = root.get("Subject")
+    parsed.subject = decode_words(subject, warnings)[:998] if subject is not None else None
+    participants = Participants(
+        from_=_participants(root, "From", warnings),
+        to=_participants(root, "To", warnings),
+        cc=_participants(root, "Cc", warnings),
+        bcc=_participants(root, "Bcc", warnings),
+        reply_to=_participants(root, "Reply-To", warnings),
+    )
+    parsed.participants = participants
+    parsed.sender = participants.from_[0].email if participants.from_ else None
+    parsed.to = [p.email for p in participants.to]
+    parsed.cc = [p.email for p in participants.cc]
+    parsed.bcc = [p.email for p in participants.bcc]
+    parsed.reply_to = [p.email for p in participants.reply_to]
+    parsed.date = parse_date(root.get("Date"), warnings)
+    parsed.message_id = _msgid(root.get("Message-ID"))
+    parsed.in_reply_to = _msgid(root.get("In-Reply-To"))
+    parsed.references = _references(root.get_all("References"))
+    parsed.thread_key = thread_key(parsed.message_id, parsed.references, parsed.in_reply_to)
+    if with_headers:
+        parsed.headers = [
+            (k[:MAX_HEADER_NAME_CHARS], v[:MAX_HEADER_VALUE_CHARS])
+            for k, v in root.headers[:MAX_LISTED_HEADERS]
+        ]
+    bodies = _Bodies()
+    _walk(root, parsed, bodies, warnings)
+    if not bodies.texts and not bodies.htmls and bodies.fallback:
+        for entity in bodies.fallback:
+            bodies.texts.append(_text_of(entity, warnings, bodies.budget))
+    else:
+        for entity in bodies.fallback:
+            _attach(entity, parsed, warnings, None, False)
+    if bodies.texts:
+        parsed.body_text = "\n".join(bodies.texts)
+    if bodies.htmls:
+        parsed.body_html = "\n".join(bodies.htmls)
 
 
 def collapse_whitespace(text: str, max_chars: int) -> str:
