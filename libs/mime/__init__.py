@@ -130,6 +130,8 @@ class ParsedMessage:
     size_bytes: int = 0
     parse_warnings: list[str] = field(default_factory=list)
     headers: list[tuple[str, str]] | None = None
+    # The decoded content of each attachment, in the order of ``attachments``: only when asked for.
+    attachment_contents: list[bytes] | None = None
 
 
 def _warn(parsed: ParsedMessage, warning: str) -> None:
@@ -283,6 +285,8 @@ def _attach(
             sha256=hashlib.sha256(content).hexdigest(),
         )
     )
+    if parsed.attachment_contents is not None:
+        parsed.attachment_contents.append(content)
 
 
 def _text_of(entity: Entity, warnings: list[str], budget: DetectionBudget) -> str:
@@ -316,16 +320,21 @@ def _participants(headers: Entity, name: str, warnings: list[str]) -> tuple[Part
 
 
 def parse_message(
-    raw: bytes, *, max_bytes: int = MAX_RAW_BYTES, size_bytes: int | None = None, with_headers: bool = False
-) -> ParsedMessage:
+    raw: bytes, *, max_bytes: int = MAX_RAW_BYTES, size_bytes: int | None = None, with_headers: bool = False,
+    with_contents: bool = False,
+) -> ParsedMessage:  # fmt: skip
     """Parse ``raw`` (an RFC 5322 message); see the module docstring for the oversized rule.
 
     :param size_bytes: the message's true size when ``raw`` is already a cut (IMAP partial fetch).
     :param with_headers: fill ``headers`` (at most :data:`MAX_LISTED_HEADERS` fields, names and
         values cut at :data:`MAX_HEADER_NAME_CHARS` and :data:`MAX_HEADER_VALUE_CHARS`), raw 8-bit
         read as UTF-8 and encoded words left as sent.
+    :param with_contents: keep each attachment's decoded content (``attachment_contents``), for
+        serving one; the listing is the same either way.
     """
     parsed = ParsedMessage(size_bytes=size_bytes if size_bytes is not None else len(raw))
+    if with_contents:
+        parsed.attachment_contents = []
     if len(raw) > max_bytes:
         raw = raw[:max_bytes]
         _warn(parsed, "truncated")

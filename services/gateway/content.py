@@ -1,4 +1,5 @@
-"""Message content on demand: ``GET /v1/messages/{id}/raw``.
+"""Message content on demand: ``GET /v1/messages/{id}/raw`` and
+``GET /v1/messages/{id}/attachments/{index}``.
 
 flightlog keeps the fields of a synced message, not its bytes. The raw message (RFC 5322, as the
 server stores it) is fetched from the account's IMAP server when a client asks, as Nylas and
@@ -12,7 +13,12 @@ lies about the size is cut off), the time one fetch may take, and how many fetch
 process runs at once (more wait, then get a 503). Tenants see generic errors (the IMAP server
 could not be reached, refused the login); the detail goes to the log.
 
-Answers: 200 ``message/rfc822``; 404 when the message does not exist, is another application's,
+An attachment is found by parsing the whole message (:func:`libs.mime.parse_message` with its
+contents kept) and taking the one at ``index`` of the listing, checked against the stored
+listing's filename and type. Sender-written content is served as a download with ``nosniff`` and a
+sandbox CSP, so a browser never renders it on the API's origin.
+
+Answers: 200 ``message/rfc822`` (or the attachment's type); 404 when the message does not exist, is another application's,
 did not come from IMAP, or is no longer on the server (expunged, its folder deleted or its
 UIDVALIDITY changed); 409 when the account's credentials were removed; 422 when the message is
 larger than the limit; 502 when the server fails; 503 when too many fetches are running.
@@ -22,22 +28,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.helpers import content_disposition_header
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.accounts import Application
 from libs.aio import wait_for
+from libs.events import MAX_ATTACHMENTS
 from libs.imap.client import AuthFailed, ImapConnection, ImapError
 from libs.imap_accounts import AccountRow, SyncStore
-from libs.openapi import Answer, ApiRoutes, Operation
+from libs.mime import parse_message
+from libs.openapi import Answer, ApiRoutes, Operation, Param
 from services.gateway.auth import authenticated, path_id
 from services.gateway.errors import ApiError, NotFound
 from services.gateway.imap_accounts import IMAP_SETTINGS, IMAP_STORE
-from services.gateway.messages import message_row
+from services.gateway.messages import attachment_list, message_row
 from services.gateway.openapi import MESSAGE
 
 __all__ = [
@@ -48,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 API: Final = ApiRoutes()
+ATTACHMENT_INDEX: Final = {"type": "string", "pattern": "^[0-9]{1,3}$", "description": "from 0"}
 
 
 class ContentSettings(BaseSettings):
@@ -151,30 +162,19 @@ async def fetch_raw(
         await conn.close()
 
 
-@API.get(
-    "/v1/messages/{message_id}/raw",
-    Operation(
-        "getMessageRaw",
-        "messages",
-        "The message as the IMAP server stores it (RFC 5322), fetched when asked",
-        (Answer(200, "the raw message", media_type="message/rfc822", schema={"type": "string"}),),
-        description="Only messages synced over IMAP have raw content; flightlog keeps no copy, so"
-        " every call reads the message from the account's server (without marking it seen).",
-        params=(MESSAGE,),
-        problems=(404, 409, 422, 502, 503),
-    ),
-)
-@authenticated
-async def get_raw(request: web.Request, app: Application) -> web.StreamResponse:
+async def _raw(
+    request: web.Request, app: Application, columns: tuple[str, ...]
+) -> tuple[dict[str, Any], bytes]:
+    """The message's row (``columns``) and its raw bytes from the IMAP server."""
     message_id = path_id(request, "message_id", "message")
-    row = await message_row(request, app, message_id, ("account_id", "message_key"))
+    row = await message_row(request, app, message_id, ("account_id", "message_key", *columns))
     if row is None:
         raise NotFound("message", str(message_id))
     account_id = int(row["account_id"])
     source = await imap_source(request.app[IMAP_STORE], account_id, bytes(row["message_key"]).decode())
     if source is None:
         error = NotFound("message content", str(message_id))
-        error.detail += ": only messages synced over IMAP, and still on the server, have raw content"
+        error.detail += ": only messages synced over IMAP, and still on the server, have content"
         raise error
     if not source.account.password:
         raise ApiError(409, "No credentials", f"account {account_id} has no IMAP credentials to fetch with")
@@ -199,11 +199,98 @@ async def get_raw(request: web.Request, app: Application) -> web.StreamResponse:
         raise ApiError(502, "IMAP server failed", "the message could not be read from the server") from None
     finally:
         slots.release()
+    return row, body
+
+
+# Content written by a sender: never rendered by a browser on the API's origin.
+_UNTRUSTED: Final = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
+
+
+@API.get(
+    "/v1/messages/{message_id}/raw",
+    Operation(
+        "getMessageRaw",
+        "messages",
+        "The message as the IMAP server stores it (RFC 5322), fetched when asked",
+        (Answer(200, "the raw message", media_type="message/rfc822", schema={"type": "string"}),),
+        description="Only messages synced over IMAP have raw content; flightlog keeps no copy, so"
+        " every call reads the message from the account's server (without marking it seen).",
+        params=(MESSAGE,),
+        problems=(404, 409, 422, 502, 503),
+    ),
+)
+@authenticated
+async def get_raw(request: web.Request, app: Application) -> web.StreamResponse:
+    _, body = await _raw(request, app, ())
+    message_id = request.match_info["message_id"]
     return web.Response(
         body=body,
         content_type="message/rfc822",
-        headers={"Content-Disposition": f'attachment; filename="{message_id}.eml"'},
+        headers={
+            **_UNTRUSTED,
+            "Content-Disposition": content_disposition_header("attachment", filename=f"{message_id}.eml"),
+        },
     )
+
+
+@API.get(
+    "/v1/messages/{message_id}/attachments/{index}",
+    Operation(
+        "getMessageAttachment",
+        "messages",
+        "One attachment's content, fetched from the IMAP server when asked",
+        (
+            Answer(
+                200,
+                "the attachment's bytes, its transfer encoding undone",
+                media_type="application/octet-stream",
+                schema={"type": "string"},
+            ),
+        ),
+        description="``index`` is the attachment's position in the message's ``attachments``"
+        " (from 0). The whole message is read from the server and parsed to find it; the answer"
+        " carries the attachment's declared type, always as a download, and its SHA-256 as ETag.",
+        params=(MESSAGE, Param("index", ATTACHMENT_INDEX, "position in ``attachments``", where="path")),
+        problems=(404, 409, 422, 502, 503),
+    ),
+)
+@authenticated
+async def get_attachment(request: web.Request, app: Application) -> web.StreamResponse:
+    message_id = request.match_info["message_id"]
+    text = request.match_info["index"]
+    if not text.isdigit() or len(text) > 3 or int(text) >= MAX_ATTACHMENTS:
+        raise NotFound("attachment", f"{text[:10]} of message {message_id[:40]}")
+    index = int(text)
+    row, body = await _raw(request, app, ("attachments",))
+    listed = attachment_list(row["attachments"])
+    if index >= len(listed):
+        raise NotFound("attachment", f"{index} of message {message_id}")
+    parsed = parse_message(body, max_bytes=len(body), with_contents=True)
+    contents = parsed.attachment_contents or []
+    found = parsed.attachments[index] if index < len(parsed.attachments) else None
+    expected = listed[index]
+    # The listing was parsed from the sync's cut of the message; the whole message lists the same
+    # attachments first. A different one here means the message is not the one that was listed.
+    if found is None or (found.filename, found.content_type) != (
+        expected["filename"],
+        expected["content_type"],
+    ):
+        error = NotFound("attachment", f"{index} of message {message_id}")
+        error.detail += ": the message on the server no longer has it"
+        raise error
+    headers = {**_UNTRUSTED, "ETag": f'"{found.sha256}"'}
+    headers["Content-Disposition"] = (
+        content_disposition_header("attachment", filename=found.filename) if found.filename else "attachment"
+    )
+    return web.Response(body=contents[index], content_type=_safe_type(found.content_type), headers=headers)
+
+
+def _safe_type(content_type: str) -> str:
+    """The declared type when it is a plain ``type/subtype`` token pair, else octet-stream."""
+    return content_type if _MEDIA_TYPE.fullmatch(content_type) else "application/octet-stream"
+
+
+_MEDIA_TYPE: Final = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
 
 
 def add_content_routes(app: web.Application, settings: ContentSettings) -> None:

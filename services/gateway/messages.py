@@ -61,6 +61,7 @@ __all__ = [
     "MessagePatch",
     "MessageQuery",
     "add_message_routes",
+    "attachment_list",
     "fetch_messages",
     "list_statement",
     "message_json",
@@ -93,7 +94,7 @@ def _json_list(value: Any) -> list[str]:
     return [str(v) for v in parsed] if isinstance(parsed, list) else []
 
 
-def _attachments(value: Any) -> list[dict[str, Any]]:
+def attachment_list(value: Any) -> list[dict[str, Any]]:
     """Attachment metadata as stored by persist (libs.events.AttachmentInfo), every key present."""
     if value is None:
         return []
@@ -141,7 +142,7 @@ def message_json(row: dict[str, Any], *, with_body: bool = False) -> dict[str, A
         "updated_at": _time(row["updated_at"]),
         "thread_key": row["thread_key"],
         "size_bytes": None if row["size_bytes"] is None else int(row["size_bytes"]),
-        "attachments": _attachments(row["attachments"]),
+        "attachments": attachment_list(row["attachments"]),
         "parse_warnings": _json_list(row["parse_warnings"]),
     }
     if with_body:

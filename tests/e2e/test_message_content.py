@@ -1,10 +1,13 @@
 """Content on demand against the stack's Dovecot: ``GET /v1/messages/{id}/raw`` reads a synced
-message from the account's IMAP server, byte for byte, without marking it seen; a message that
-is gone from the server, one that never came from IMAP, one over the size limit and an account
-without credentials each get their problem document."""
+message from the account's IMAP server, byte for byte, without marking it seen, and
+``/attachments/{index}`` serves one attachment decoded, with its SHA-256; a message that is gone
+from the server, one that never came from IMAP, one over the size limit and an account without
+credentials each get their problem document."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import uuid
 from typing import Any
 
@@ -119,3 +122,52 @@ async def test_gone_too_large_and_no_credentials_are_problems(
         with pytest.raises(ApiError) as gone:
             await fetch_raw(source, ContentSettings(), None, int(first["id"]))
         assert gone.value.status == 404 and "no longer on the IMAP server" in gone.value.detail
+
+
+def with_attachments(tag: str, user: str) -> tuple[bytes, bytes, bytes]:
+    """A message with a PDF-like binary and a text file named in UTF-8 (RFC 2231)."""
+    binary = bytes(range(256)) * 40
+    notes = "Grüße aus Köln\r\n".encode() * 10
+    head = live_message(tag, user).split(b"\r\n\r\n", 1)[0]
+    head = b"\r\n".join(
+        line
+        for line in head.split(b"\r\n")
+        if not line.lower().startswith((b"content-type", b"mime-version"))
+    )
+    encoded = base64.encodebytes(binary).replace(b"\n", b"\r\n")
+    message = head + (
+        b"\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+        b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nsee attached\r\n"
+        b"--b1\r\nContent-Type: application/pdf; name=\"report.pdf\"\r\n"
+        b"Content-Disposition: attachment; filename=\"report.pdf\"\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded +
+        b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Disposition: attachment; filename*=UTF-8''gr%C3%BC%C3%9Fe.txt\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + notes + b"\r\n--b1--\r\n"
+    )  # fmt: skip
+    return message, binary, notes
+
+
+async def test_attachments_are_served_from_the_server_with_their_digest(
+    pipeline: Pipeline, stack: Stack, router: ShardRouter, tenant_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    async with synced_mailbox(pipeline, stack, router, tenant_factory, http, "content") as (mailbox, gateway):
+        tag = f"att-{uuid.uuid4().hex[:12]}"
+        message, binary, notes = with_attachments(tag, mailbox.address.split("@")[0])
+        await append(stack, mailbox.address, message)
+        row = await gateway.row(mailbox.account_id, imap_message_key(mailbox.folder_id, message))
+        assert [a["filename"] for a in row["attachments"]] == ["report.pdf", "grüße.txt"], row["attachments"]
+
+        for index, (content, content_type) in enumerate([(binary, "application/pdf"), (notes, "text/plain")]):
+            url = f"{gateway.base}/v1/messages/{row['id']}/attachments/{index}"
+            async with http.get(url, headers=gateway.headers) as resp:
+                assert resp.status == 200, await resp.text()
+                assert await resp.read() == content
+                assert resp.content_type == content_type
+                assert resp.headers["ETag"] == f'"{hashlib.sha256(content).hexdigest()}"'
+                assert resp.headers["Content-Disposition"].startswith("attachment")
+                assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        async with http.get(
+            f"{gateway.base}/v1/messages/{row['id']}/attachments/2", headers=gateway.headers
+        ) as resp:
+            assert resp.status == 404 and resp.content_type == "application/problem+json"
