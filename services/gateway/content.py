@@ -18,10 +18,11 @@ contents kept) and taking the one at ``index`` of the listing, checked against t
 listing's filename and type. Sender-written content is served as a download with ``nosniff`` and a
 sandbox CSP, so a browser never renders it on the API's origin.
 
-Answers: 200 ``message/rfc822`` (or the attachment's type); 404 when the message does not exist, is another application's,
-did not come from IMAP, or is no longer on the server (expunged, its folder deleted or its
-UIDVALIDITY changed); 409 when the account's credentials were removed; 422 when the message is
-larger than the limit; 502 when the server fails; 503 when too many fetches are running.
+Answers: 200 ``message/rfc822`` (or the attachment's type); 404 when the message does not
+exist, is another application's, did not come from IMAP, or is no longer on the server
+(expunged, its folder deleted or its UIDVALIDITY changed); 409 when the account's credentials
+were removed; 422 when the message is larger than the limit; 502 when the server fails; 503 when
+too many fetches are running.
 """
 
 from __future__ import annotations
