@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,10 +12,10 @@ from urllib.request import urlopen
 
 from cli.procs import ManagedProcess, ProcessError, wait_until
 from cli.progress import Step, quiet
-from cli.stack import Dovecot, StackError
+from cli.stack import IMAPS_PORT_OFFSET, Dovecot, StackError
 from libs.config import REPO_ROOT, StackSettings
 
-__all__ = ["SERVICE_PORTS", "LocalService", "LocalServices", "dev_env"]
+__all__ = ["SERVICE_PORTS", "LocalService", "LocalServices", "dev_env", "local_imap_env"]
 
 SERVICE_PORTS: Final = {"ingest": 8081, "transform": 8082, "persist": 8083, "gateway": 8080}
 
@@ -22,10 +23,20 @@ SERVICE_PORTS: Final = {"ingest": 8081, "transform": 8082, "persist": 8083, "gat
 def dev_env(settings: StackSettings | None = None) -> dict[str, str]:
     """What `flightlog services up` / `flightlog dev` set for a local development stack: webhooks
     may go to receivers on this machine (the bench's own receiver on 127.0.0.1 among them), and
-    IMAP accounts with TLS against the local Dovecot trust its self-signed certificate."""
+    IMAP accounts may use the local Dovecot (:func:`local_imap_env`)."""
+    return {"FLIGHTLOG_WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true", **local_imap_env(settings)}
+
+
+def local_imap_env(settings: StackSettings | None = None) -> dict[str, str]:
+    """IMAP accounts on the local stack's Dovecot servers: loopback hosts, their ports (plain and
+    implicit TLS) besides IMAP's own, and trust in their self-signed certificate."""
+    s = settings or StackSettings()
+    dovecots = (Dovecot(s), Dovecot(s, name="dovecot-plain", port=s.imap_port + 1))
+    ports = {143, 993, *(d.port for d in dovecots), *(d.port + IMAPS_PORT_OFFSET for d in dovecots)}
     return {
-        "FLIGHTLOG_WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
-        "FLIGHTLOG_IMAP_TLS_CA_FILE": str(Dovecot(settings or StackSettings()).tls_cert),
+        "FLIGHTLOG_IMAP_TLS_CA_FILE": str(dovecots[0].tls_cert),
+        "FLIGHTLOG_IMAP_ALLOW_PRIVATE_HOSTS": "true",
+        "FLIGHTLOG_IMAP_ALLOWED_PORTS": json.dumps(sorted(ports)),
     }
 
 

@@ -47,6 +47,12 @@ class ImapAccountsSettings(BaseSettings):
     # self-signed certificate (the local stack's Dovecot); certificates are always verified.
     # ingest's sync and the gateway's content fetches both connect with it.
     imap_tls_ca_file: str | None = None
+    # Accounts may name hosts that resolve to loopback or private addresses (the local stack);
+    # off, such a host is refused by the API and, should its DNS change later, by every connection.
+    imap_allow_private_hosts: bool = False
+    # The ports an account may name (IMAP 143 with STARTTLS, IMAPS 993): the API refuses others, so
+    # the platform cannot be pointed at arbitrary services.
+    imap_allowed_ports: tuple[int, ...] = (143, 993)
 
 
 async def publish_account(

@@ -9,6 +9,7 @@ Exceptions::
 
     ImapError (retriable: back off and reconnect)
      ├── AuthFailed (not retriable: wait for new credentials)
+     ├── HostRefused (the host resolves to a loopback or private address)
      └── ResponseTooLarge (the server sent more than a cap allows; the connection is dropped)
 """
 
@@ -25,11 +26,13 @@ import aioimaplib
 from libs.aio import wait_for
 from libs.imap.uids import MAX_UID, UidSet, UidSetTooLarge
 from libs.mime import MAX_RAW_BYTES
+from libs.outbound import AddressRefused, has_control_characters, resolve_public
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "AuthFailed",
     "FetchItem",
+    "HostRefused",
     "Imap4",
     "ImapConnection",
     "ImapError",
@@ -56,6 +59,11 @@ class ImapError(Exception):
 
 class AuthFailed(ImapError):
     retriable = False
+
+
+class HostRefused(ImapError):
+    """The server's host resolves to an address that is not allowed (loopback, private); retried
+    like any connection failure, as the name may resolve elsewhere later."""
 
 
 class ResponseTooLarge(ImapError):
@@ -109,6 +117,8 @@ class SelectInfo:
 
 def quote_mailbox(name: str) -> str:
     # Folder names are sent as UTF-8 (ENABLE UTF8=ACCEPT is not assumed; Dovecot accepts them).
+    if has_control_characters(name):  # a server's LIST may hold anything; parse_list drops these
+        raise ImapError(f"a folder name with control characters cannot be sent: {name[:80]!r}")
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -168,6 +178,8 @@ def parse_list(lines: list[Any]) -> list[ListedFolder]:
         attrs = match[1].decode().lower().split()
         raw = match[2].decode("utf-8", "replace").strip()
         name = raw[1:-1].replace('\\"', '"').replace("\\\\", "\\") if raw.startswith('"') else raw
+        if has_control_characters(name):
+            continue  # never selectable safely (quote_mailbox refuses it); not a folder to sync
         role = next((_SPECIAL[a] for a in attrs if a in _SPECIAL), None)
         if role is None and name.upper() == "INBOX":
             role = "inbox"
@@ -375,7 +387,13 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
 
 
 class Imap4(aioimaplib.IMAP4):  # type: ignore[misc]
-    """aioimaplib's client on :class:`_Protocol` (implicit TLS when given an ``ssl_context``)."""
+    """aioimaplib's client on :class:`_Protocol` (implicit TLS when given an ``ssl_context``).
+    ``server_hostname`` is the name the certificate must carry when ``host`` is the address it
+    was resolved to."""
+
+    def __init__(self, *args: Any, server_hostname: str | None = None, **kwargs: Any) -> None:
+        self._server_hostname = server_hostname
+        super().__init__(*args, **kwargs)
 
     def create_client(
         self, host: str, port: int, loop: asyncio.AbstractEventLoop | None, conn_lost_cb: Any = None,
@@ -383,8 +401,11 @@ class Imap4(aioimaplib.IMAP4):  # type: ignore[misc]
     ) -> None:  # fmt: skip
         local_loop = loop if loop is not None else asyncio.get_running_loop()
         self.protocol = _Protocol(local_loop, conn_lost_cb)
+        tls: dict[str, Any] = {"ssl": ssl_context}
+        if ssl_context is not None and self._server_hostname is not None:
+            tls["server_hostname"] = self._server_hostname
         self._client_task = local_loop.create_task(
-            local_loop.create_connection(lambda: self.protocol, host, port, ssl=ssl_context)
+            local_loop.create_connection(lambda: self.protocol, host, port, **tls)
         )
 
 
@@ -397,15 +418,20 @@ class ImapConnection:
     :param ca_file: PEM certificates to trust besides the system's (a self-signed server).
     :param max_response_bytes: the most one response may make us buffer, unless its command
         sets a cap of its own (:meth:`uid_fetch`); past it the connection is dropped.
+    :param allow_private: connect to a host that resolves to a loopback or private address (the
+        local stack, tests). Otherwise such a host is refused (:class:`HostRefused`); either way
+        the connection goes to the address that was resolved and checked, never to a second
+        resolution of the name (DNS rebinding).
     """
 
     def __init__(
         self, host: str, port: int, tls_mode: str, timeout_s: float, ca_file: str | None = None,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, *, allow_private: bool = False,
     ) -> None:  # fmt: skip
         self.host, self.port, self.tls_mode, self.timeout_s = host, port, tls_mode, timeout_s
         self.ca_file = ca_file
         self.max_response_bytes = max_response_bytes
+        self.allow_private = allow_private
         self.client: aioimaplib.IMAP4 | None = None
         self.condstore = False
         self.qresync = False
@@ -438,9 +464,18 @@ class ImapConnection:
         protocol.capabilities = set()  # what the server said before TLS is not to be trusted
 
     async def connect(self, username: str, password: str, *, use_condstore: bool = True) -> None:
+        if has_control_characters(username) or has_control_characters(password):
+            # a CR or LF would end LOGIN and start a command of the server's choosing
+            raise AuthFailed("the username or password contains control characters")
+        try:
+            address = (await resolve_public(self.host, self.port, allow_private=self.allow_private))[0]
+        except AddressRefused as exc:
+            raise HostRefused(str(exc)) from None
         try:
             tls = self._tls_context() if self.tls_mode == "implicit" else None
-            self.client = Imap4(self.host, self.port, timeout=self.timeout_s, ssl_context=tls)
+            self.client = Imap4(
+                address, self.port, timeout=self.timeout_s, ssl_context=tls, server_hostname=self.host
+            )
             self.client.protocol.max_response_bytes = self.max_response_bytes
             await wait_for(self.client.wait_hello_from_server(), self.timeout_s)
             if self.tls_mode == "starttls":

@@ -42,7 +42,7 @@ from libs.accounts import Application
 from libs.aio import wait_for
 from libs.events import MAX_ATTACHMENTS
 from libs.imap.client import AuthFailed, ImapConnection, ImapError
-from libs.imap_accounts import AccountRow, SyncStore
+from libs.imap_accounts import AccountRow, ImapAccountsSettings, SyncStore
 from libs.mime import parse_message
 from libs.openapi import Answer, ApiRoutes, Operation, Param
 from services.gateway.auth import authenticated, path_id
@@ -122,7 +122,7 @@ def _gone(message_id: int) -> NotFound:
 
 
 async def fetch_raw(
-    source: ImapSource, settings: ContentSettings, ca_file: str | None, message_id: int
+    source: ImapSource, settings: ContentSettings, imap: ImapAccountsSettings, message_id: int
 ) -> bytes:
     account = source.account
     conn = ImapConnection(
@@ -130,8 +130,9 @@ async def fetch_raw(
         account.port,
         account.tls_mode,
         settings.content_timeout_s,
-        ca_file=ca_file,
+        ca_file=imap.imap_tls_ca_file,
         max_response_bytes=settings.content_max_bytes + 64 * 1024,
+        allow_private=imap.imap_allow_private_hosts,
     )
     try:
         await conn.connect(account.username, account.password, use_condstore=False)
@@ -187,9 +188,9 @@ async def _raw(
         raise ApiError(
             503, "Busy", "too many content fetches are running; try again", retry_after_s=1
         ) from None
-    ca_file = request.app[IMAP_SETTINGS].imap_tls_ca_file
+    imap = request.app[IMAP_SETTINGS]
     try:
-        body = await wait_for(fetch_raw(source, settings, ca_file, message_id), settings.content_timeout_s)
+        body = await wait_for(fetch_raw(source, settings, imap, message_id), settings.content_timeout_s)
     except AuthFailed as exc:
         log.warning("content fetch of %s: %s", message_id, exc)
         raise ApiError(

@@ -23,6 +23,7 @@ from libs.crypto import SecretBox
 from libs.http import invalid_body
 from libs.imap_accounts import ImapAccountsSettings, SyncStore, publish_account
 from libs.openapi import Answer, ApiRoutes, Operation
+from libs.outbound import AddressRefused, resolve_public
 from libs.resources import PRODUCER, ROUTER
 from libs.shards import ShardRouter, UnknownShard
 from services.gateway import schemas
@@ -51,6 +52,8 @@ _SYNC: Final = (Answer(200, "the sync state", schemas.ImapSync),)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
+# No C0 control character or DEL: a CR or LF would end the IMAP command it is sent in.
+_NO_CONTROLS: Final = r"^[^\x00-\x1f\x7f]*$"
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 
@@ -68,15 +71,15 @@ class NewImapAccount(BaseModel):
 
     provider: Literal["imap"] = "imap"
     email: Annotated[str, StringConstraints(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
-    host: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    host: Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=_NO_CONTROLS)]
     port: Annotated[int, Field(gt=0, lt=65536)] = 993
     tls_mode: Literal["implicit", "starttls", "none"] = Field(
         "implicit",
         description="implicit TLS (IMAPS), STARTTLS before login (no plaintext fallback), or none,"
         " only for a loopback host",
     )
-    username: Annotated[str, StringConstraints(min_length=1, max_length=320)]
-    password: Annotated[str, StringConstraints(min_length=1, max_length=1000)] = Field(
+    username: Annotated[str, StringConstraints(min_length=1, max_length=320, pattern=_NO_CONTROLS)]
+    password: Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=_NO_CONTROLS)] = Field(
         repr=False, description="encrypted at rest, never returned"
     )
     shard: Annotated[int, Field(ge=0, le=65535)] | None = None
@@ -93,10 +96,25 @@ class ImapCredentials(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    username: Annotated[str, StringConstraints(min_length=1, max_length=320)] | None = Field(
-        None, description="left out: the current one"
+    username: Annotated[str, StringConstraints(min_length=1, max_length=320, pattern=_NO_CONTROLS)] | None = (
+        Field(None, description="left out: the current one")
     )
-    password: Annotated[str, StringConstraints(min_length=1, max_length=1000)] = Field(repr=False)
+    password: Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=_NO_CONTROLS)] = Field(
+        repr=False
+    )
+
+
+async def check_server(settings: ImapAccountsSettings, host: str, port: int) -> None:
+    """422 unless ``port`` is an allowed IMAP port and ``host`` resolves to public addresses only
+    (or private ones are allowed): the platform is not a port scanner of the networks it sits
+    in. The answer does not say whether anything listens there."""
+    if port not in settings.imap_allowed_ports:
+        allowed = ", ".join(str(p) for p in settings.imap_allowed_ports)
+        raise ApiError(422, "Port not allowed", f"IMAP accounts may use the ports {allowed}")
+    try:
+        await resolve_public(host, port, allow_private=settings.imap_allow_private_hosts)
+    except AddressRefused as exc:
+        raise ApiError(422, "Host not allowed", str(exc)) from None
 
 
 async def create_imap_account(
@@ -179,6 +197,7 @@ def _body(model: type[ModelT], raw: bytes, title: str) -> ModelT:
 @authenticated
 async def post_account(request: web.Request, app: Application) -> web.StreamResponse:
     body = _body(NewImapAccount, await request.read(), "Invalid account")
+    await check_server(request.app[IMAP_SETTINGS], body.host, body.port)
     try:
         created = await create_imap_account(
             request.app[ROUTER], request.app[IMAP_STORE], request.app[PRODUCER],

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cli.services import SERVICE_PORTS, LocalService
+from cli.services import SERVICE_PORTS, LocalService, local_imap_env
 from cli.stack import Stack
 from libs.accounts import Account, Application, create_account, create_application
 from libs.shards import ShardMap, ShardRouter
@@ -35,6 +35,7 @@ E2E_ENV = {"FLIGHTLOG_INSTANCE_ID": f"{socket.gethostname()}{E2E_INSTANCE}"}
 PIPELINE_IMAP_ENV = {
     "FLIGHTLOG_IMAP_ACCOUNTS_TOPIC": topic_name("imap-accounts"),
     "FLIGHTLOG_IMAP_CONSUMER_GROUP": group_name("imap"),
+    **local_imap_env(),
 }
 # The webhook tests run dispatchers with settings of their own, and only one dispatcher delivers
 # at a time: the pipeline's gateway serves the webhook API without one (see test_gateway_wiring).

@@ -18,7 +18,7 @@ from cli.mailbox_gen import live_message
 from cli.stack import IMAP_TEST_PASSWORD, Stack
 from libs.crypto import SecretBox
 from libs.imap.client import ImapConnection, parse_search
-from libs.imap_accounts import SyncStore
+from libs.imap_accounts import ImapAccountsSettings, SyncStore
 from libs.shards import ShardRouter
 from services.gateway.content import ContentSettings, fetch_raw, imap_source
 from services.gateway.errors import ApiError
@@ -29,6 +29,8 @@ from tests.e2e.mailbox_helpers import Gateway, Mailbox, append, synced_mailbox
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
+LOOPBACK = ImapAccountsSettings(imap_allow_private_hosts=True)  # the stack's Dovecot
+
 
 async def raw(gateway: Gateway, message_id: str) -> tuple[int, bytes, str]:
     async with gateway.http.get(
@@ -38,7 +40,7 @@ async def raw(gateway: Gateway, message_id: str) -> tuple[int, bytes, str]:
 
 
 async def imap_flags(stack: Stack, mailbox: Mailbox, subject: str) -> list[str]:
-    conn = ImapConnection("127.0.0.1", stack.dovecot.port, "none", 30)
+    conn = ImapConnection("127.0.0.1", stack.dovecot.port, "none", 30, allow_private=True)
     await conn.connect(mailbox.address, IMAP_TEST_PASSWORD, use_condstore=False)
     try:
         await conn.examine("INBOX")
@@ -101,7 +103,7 @@ async def test_gone_too_large_and_no_credentials_are_problems(
 
         small = ContentSettings(content_max_bytes=64)
         with pytest.raises(ApiError) as too_large:
-            await fetch_raw(source, small, None, int(first["id"]))
+            await fetch_raw(source, small, LOOPBACK, int(first["id"]))
         assert too_large.value.status == 422 and "FLIGHTLOG_CONTENT_MAX_BYTES" in too_large.value.detail
 
         # No credentials: the sync stops, the row and the UID map stay.
@@ -111,7 +113,7 @@ async def test_gone_too_large_and_no_credentials_are_problems(
         assert status == 409 and b"no IMAP credentials" in body, body
 
         # Expunged behind the sync's back: the UID the map still holds answers nothing.
-        conn = ImapConnection("127.0.0.1", stack.dovecot.port, "none", 30)
+        conn = ImapConnection("127.0.0.1", stack.dovecot.port, "none", 30, allow_private=True)
         await conn.connect(mailbox.address, IMAP_TEST_PASSWORD, use_condstore=False)
         try:
             await conn.select("INBOX")
@@ -120,7 +122,7 @@ async def test_gone_too_large_and_no_credentials_are_problems(
         finally:
             await conn.close()
         with pytest.raises(ApiError) as gone:
-            await fetch_raw(source, ContentSettings(), None, int(first["id"]))
+            await fetch_raw(source, ContentSettings(), LOOPBACK, int(first["id"]))
         assert gone.value.status == 404 and "no longer on the IMAP server" in gone.value.detail
 
 

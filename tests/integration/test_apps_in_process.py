@@ -169,3 +169,28 @@ async def test_ingest_errors_are_problem_documents_and_a_drain_refuses_new_batch
         await ctx.app[INTAKE].drain(1)
         async with client.post("/v1/events", json={"events": []}, headers=key) as resp:
             assert (await problem(resp, 503))["title"] == "Shutting down"
+
+
+async def test_imap_accounts_are_refused_on_other_ports_private_hosts_and_control_characters(
+    tenant: tuple[str, int],
+) -> None:
+    """With the production defaults (ports 143 and 993, public hosts only)."""
+    key = {"Authorization": f"Bearer {tenant[0]}"}
+    account = {"email": "a@example.test", "username": "a", "password": "secret", "tls_mode": "implicit"}
+    async with served(GATEWAY) as (client, _):
+        refusals = [
+            ("127.0.0.1", 993, "Host not allowed"),
+            ("10.1.2.3", 143, "Host not allowed"),
+            ("127.0.0.1", 22, "Port not allowed"),
+            ("imap.example.com", 6379, "Port not allowed"),  # refused before any resolution
+        ]
+        for host, port, title in refusals:
+            async with client.post(
+                "/v1/accounts", json={**account, "host": host, "port": port}, headers=key
+            ) as resp:
+                doc = await problem(resp, 422)
+            assert doc["title"] == title, doc
+        sneaky = {**account, "host": "imap.example.com", "password": "pw\r\nA1 DELETE INBOX"}
+        async with client.post("/v1/accounts", json=sneaky, headers=key) as resp:
+            doc = await problem(resp, 422)
+        assert doc["title"] == "Invalid account" and doc["errors"][0]["field"] == "password", doc

@@ -168,7 +168,12 @@ async def connected(
     server: HostileImap, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 ) -> AsyncIterator[ImapConnection]:
     conn = ImapConnection(
-        "127.0.0.1", server.port, "none", timeout_s=30, max_response_bytes=max_response_bytes
+        "127.0.0.1",
+        server.port,
+        "none",
+        timeout_s=30,
+        max_response_bytes=max_response_bytes,
+        allow_private=True,
     )
     await conn.connect("hostile", "secret")
     try:

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libs.backoff import backoff_s
+from libs.outbound import is_public_address
 from libs.webhooks import (
     InvalidSecret,
     WebhookVerificationError,
@@ -25,7 +26,7 @@ from libs.webhooks import (
 )
 from services.gateway.webhooks.dispatcher import build_payload
 from services.gateway.webhooks.settings import WebhookSettings
-from services.gateway.webhooks.targets import TargetRefused, check_url_syntax, is_public_address
+from services.gateway.webhooks.targets import TargetRefused, check_url_syntax
 
 NOW = 1_795_000_000
 

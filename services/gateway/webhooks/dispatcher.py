@@ -72,6 +72,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from libs.backoff import backoff_s
 from libs.component import Component
 from libs.leader import lead_until_stopped, sleep_unless_stopped
+from libs.outbound import AddressRefused, PublicResolver
 from libs.shards import ShardRouter
 from libs.webhooks import sign_headers
 from services.gateway.webhooks.settings import WebhookSettings
@@ -336,7 +337,12 @@ class WebhookDispatcher(Component):
         await self._refresh_endpoints()
         self._http = aiohttp.ClientSession(
             headers={"User-Agent": USER_AGENT},
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            # Names resolve through PublicResolver: the addresses checked are the ones connected to.
+            connector=aiohttp.TCPConnector(
+                limit=0,
+                limit_per_host=0,
+                resolver=PublicResolver(allow_private=self._settings.webhooks_allow_private_targets),
+            ),
         )
         self._consumer = self._consumer_factory()
         await self._consumer.start()
@@ -551,7 +557,9 @@ class WebhookDispatcher(Component):
             excerpt: bytes | None = None
             retry_after: str | None = None
             try:
-                await check_target(endpoint.url, allow_private=s.webhooks_allow_private_targets)
+                await check_target(
+                    endpoint.url, allow_private=s.webhooks_allow_private_targets, resolve=False
+                )
                 headers = sign_headers(
                     endpoint.signing_secrets(started_at),
                     delivery.webhook_id,
@@ -573,6 +581,10 @@ class WebhookDispatcher(Component):
                 error = f"target refused: {exc}"
             except TimeoutError:
                 error = f"timed out after {s.webhooks_request_timeout_s:.0f} s"
+            except aiohttp.ClientConnectorError as exc:
+                # the resolver's refusal (AddressRefused) is the cause of a connector error
+                refused = exc.os_error if isinstance(exc.os_error, AddressRefused) else None
+                error = f"target refused: {refused}" if refused else f"{type(exc).__name__}: {exc}"
             except aiohttp.ClientError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             latency_ms = int((time.monotonic() - t0) * 1000)

@@ -1,18 +1,19 @@
 """Webhook target URLs: syntax, and the refusal of private and loopback addresses.
 
-The check runs when a subscription is written and again before every delivery (a DNS name may
-change what it points to).
+The check runs when a subscription is written, with a resolution of the name for an early answer;
+each delivery connects only to addresses checked as it resolves them (libs/outbound.py), since a
+DNS name may change what it points to between the check and the connection.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import socket
 from typing import Final
 from urllib.parse import urlsplit
 
-__all__ = ["MAX_URL_LENGTH", "TargetRefused", "check_target", "check_url_syntax", "is_public_address"]
+from libs.outbound import AddressRefused, resolve_public
+
+__all__ = ["MAX_URL_LENGTH", "TargetRefused", "check_target", "check_url_syntax"]
 
 MAX_URL_LENGTH: Final = 2048
 
@@ -41,25 +42,20 @@ def check_url_syntax(url: str) -> tuple[str, int]:
     return parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
-def is_public_address(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-async def check_target(url: str, *, allow_private: bool) -> None:
-    """Validate ``url`` and, unless ``allow_private``, refuse it when any address of its host is
-    not public."""
+async def check_target(url: str, *, allow_private: bool, resolve: bool = True) -> None:
+    """Validate ``url`` and, unless ``allow_private``, refuse it when its host is an address that
+    is not public or (``resolve``) a name with any such address. A delivery checks the syntax
+    and IP literals only (``resolve=False``): the dispatcher's connector resolves names through
+    :class:`libs.outbound.PublicResolver` and connects to the addresses it checked."""
     host, port = check_url_syntax(url)
     if allow_private:
         return
-    loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise TargetRefused(f"the host {host!r} does not resolve: {exc}") from None
-    for info in infos:
-        address = str(info[4][0])
-        if not is_public_address(address):
-            raise TargetRefused(f"the host {host!r} resolves to {address}, a private or loopback address")
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not resolve:
+            return
+    try:
+        await resolve_public(host, port, allow_private=False)
+    except AddressRefused as exc:
+        raise TargetRefused(str(exc)) from None

@@ -45,6 +45,7 @@ from libs.events import (
 from libs.imap.client import (
     AuthFailed,
     FetchItem,
+    HostRefused,
     ImapConnection,
     ImapError,
     SelectInfo,
@@ -57,7 +58,7 @@ from libs.mime import MAX_RAW_BYTES, message_id_of
 from libs.shards import ShardError
 from services.ingest.imap.settings import ImapSettings
 
-__all__ = ["AccountSync", "internaldate", "message_key"]
+__all__ = ["AccountSync", "internaldate", "message_key", "tenant_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,18 @@ def _identity(header: bytes) -> str:
         return hashlib.blake2b(msgid.strip().encode("utf-8", "replace"), digest_size=16).hexdigest()
     head = header.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0].rstrip(b"\r\n")
     return "h" + hashlib.blake2b(head, digest_size=16).hexdigest()
+
+
+def tenant_error(exc: BaseException) -> str:
+    """What the account's sync state says of a failure. It does not tell a refused connection
+    from a timeout or a TLS failure, or repeat what the server said: an account's host and port
+    are the tenant's choice, and a detailed error would make the platform a scanner of what
+    answers where. The detail goes to the log."""
+    if isinstance(exc, AuthFailed):
+        return "the IMAP server refused the credentials"
+    if isinstance(exc, HostRefused):
+        return "the IMAP server's host is not allowed: it resolves to a loopback or private address"
+    return "the IMAP server could not be reached or did not answer as expected; retrying"
 
 
 def message_key(folder_id: int, header: bytes) -> str:
@@ -160,7 +173,7 @@ class AccountSync:
                 except AuthFailed as exc:
                     self.state = "auth_failed"
                     logger.warning("imap account %d: %s; waiting for new credentials", self.account_id, exc)
-                    await self.store.set_account_state(self.account_id, "auth_failed", str(exc))
+                    await self.store.set_account_state(self.account_id, "auth_failed", tenant_error(exc))
                     return
                 except _TRANSIENT as exc:
                     if cancelling():
@@ -178,7 +191,7 @@ class AccountSync:
                     logger.warning("imap account %d: %r; retrying in %.1f s", self.account_id, exc, delay)
                     attempt += 1
                     try:
-                        await self.store.set_account_state(self.account_id, "error", repr(exc))
+                        await self.store.set_account_state(self.account_id, "error", tenant_error(exc))
                     except _TRANSIENT:
                         pass
                     await asyncio.sleep(delay)
@@ -199,6 +212,7 @@ class AccountSync:
             self.settings.imap_command_timeout_s,
             ca_file=self.settings.imap_tls_ca_file,
             max_response_bytes=self.settings.imap_max_response_bytes,
+            allow_private=self.settings.imap_allow_private_hosts,
         )
         self.conn = conn
         await conn.connect(account.username, account.password, use_condstore=self.settings.imap_use_condstore)
