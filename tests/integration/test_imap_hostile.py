@@ -242,7 +242,12 @@ async def test_vanished_of_the_whole_uid_space_is_clamped_to_the_uids_held(
     """After an initial sync of 3 messages, the server pushes ``VANISHED 1:4294967295`` and then
     reports it on the QRESYNC SELECT: the sync deletes the 3 UIDs it holds, and nothing else."""
     store = SyncStore(router, SecretBox.from_settings())
-    settings = ImapSettings(imap_poll_interval_s=3600.0, imap_backoff_base_s=0.2, imap_backoff_max_s=1.0)
+    settings = ImapSettings(
+        imap_poll_interval_s=3600.0,
+        imap_backoff_base_s=0.2,
+        imap_backoff_max_s=1.0,
+        imap_allow_private_hosts=True,
+    )
     async with HostileImap(messages=3) as server:
         app, _ = await create_application(router, app_name("hostile"))
         account = await create_account(
