@@ -25,7 +25,7 @@ class GatewaySettings(ServiceSettings):
     # API keys and account owners are answered from bounded caches (libs.accounts.AccountDirectory):
     # an answer is kept this long, so another gateway process may still accept a revoked key for
     # this long (the process that revoked it refuses it at once).
-    gateway_key_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
+    gateway_key_cache_ttl_s: float = Field(default=5.0, ge=0)
     # Known keys, and separately known accounts, kept at most (least recently used go first).
     gateway_cache_max_entries: int = Field(default=50_000, ge=1)
     # Unknown keys, and separately unknown accounts, kept at most: a client sending random keys
