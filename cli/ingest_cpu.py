@@ -23,6 +23,7 @@ import resource
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any, cast
 
 import orjson
@@ -34,7 +35,7 @@ from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition
 
 from cli.bench.drive import lifecycle
-from libs.accounts import Account, AccountDirectory, Application, hash_api_key
+from libs.accounts import Account, AccountDirectory, Application
 from libs.config import KafkaSettings
 from libs.kafka import make_producer
 from libs.resources import DIRECTORY, PRODUCER
@@ -159,12 +160,14 @@ async def measure(requests: int = 200, concurrency: int = 8) -> tuple[float, flo
     events, ``concurrency`` at a time."""
     app = web.Application()
     add_ingest_routes(app, IngestSettings(ingest_rate_per_account_s=1e9, ingest_burst_per_account=10**9))
-    directory = AccountDirectory(cast(ShardRouter, None), ttl_s=math.inf)
+    # no database: the directory only reads the shard map's version
+    no_router = cast(ShardRouter, SimpleNamespace(shard_map=SimpleNamespace(version=0)))
+    directory = AccountDirectory(no_router, ttl_s=math.inf)
     application = Application(1, "bench")
-    directory._keys[hash_api_key(API_KEY)] = (math.inf, application)
+    directory.remember_key(API_KEY, application)
     accounts = [(s << 48) + 1 for s in (1, 2)]
     for acc in accounts:
-        directory._accounts[acc] = (math.inf, Account(acc, application.id, f"{acc}@example.test", "events"))
+        directory.remember_account(Account(acc, application.id, f"{acc}@example.test", "events"))
     app[DIRECTORY] = directory
     bodies = _bodies(requests, accounts)
     gc.collect()  # as libs.service.serve does once the service is up

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ from cli.procs import ManagedProcess, ProcessError, wait_until
 from cli.progress import Step, quiet
 from cli.stack import IMAPS_PORT_OFFSET, Dovecot, StackError
 from libs.config import REPO_ROOT, StackSettings
+from libs.service import MULTIPROCESS_DIR
 
 __all__ = ["SERVICE_PORTS", "LocalService", "LocalServices", "dev_env", "local_imap_env"]
 
@@ -49,20 +51,40 @@ def _ready(url: str) -> bool:
 
 
 class LocalService:
+    """One service as local processes: one, or ``processes`` sharing the port (SO_REUSEPORT, see
+    ``FLIGHTLOG_HTTP_REUSE_PORT``), each with its pid file and log (``gateway``, ``gateway.2``,
+    ...). Several processes keep their metrics in one prometheus_client multiprocess directory
+    under the state folder, emptied at start, so a scrape that reaches any of them sees them all.
+    """
+
     def __init__(
-        self, name: str, port: int, state_dir: Path, env: Mapping[str, str] | None = None, instance: str = ""
+        self,
+        name: str,
+        port: int,
+        state_dir: Path,
+        env: Mapping[str, str] | None = None,
+        instance: str = "",
+        processes: int = 1,
     ) -> None:
         self.name = name
         self.port = port
         # A local process is development: it may use the repository's built-in secrets.
         self.env = {"FLIGHTLOG_ENVIRONMENT": "development", "FLIGHTLOG_HTTP_PORT": str(port), **(env or {})}
         label = f"{name}{instance}"
-        self.proc = ManagedProcess(
-            label,
-            state_dir / "services" / f"{label}.pid",
-            state_dir / "logs" / f"{label}.log",
-            f"services.{name}",
-        )
+        self.metrics_dir: Path | None = None
+        if processes > 1:
+            self.metrics_dir = state_dir / "metrics" / label
+            self.env |= {"FLIGHTLOG_HTTP_REUSE_PORT": "true", MULTIPROCESS_DIR: str(self.metrics_dir)}
+        self.procs = [
+            ManagedProcess(
+                label if n == 1 else f"{label}.{n}",
+                state_dir / "services" / f"{label if n == 1 else f'{label}.{n}'}.pid",
+                state_dir / "logs" / f"{label if n == 1 else f'{label}.{n}'}.log",
+                f"services.{name}",
+            )
+            for n in range(1, processes + 1)
+        ]
+        self.proc = self.procs[0]
 
     @property
     def address(self) -> str:
@@ -71,27 +93,61 @@ class LocalService:
     def ready(self) -> bool:
         return _ready(f"{self.address}/readyz")
 
+    def running(self) -> bool:
+        return all(p.running() for p in self.procs)
+
     def start(self, *, wait_s: float = 60) -> None:
-        self.proc.start([sys.executable, "-m", f"services.{self.name}"], env=self.env, cwd=REPO_ROOT)
+        if self.metrics_dir is not None and not any(p.running() for p in self.procs):
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir.mkdir(parents=True)
+        for proc in self.procs:
+            proc.start([sys.executable, "-m", f"services.{self.name}"], env=self.env, cwd=REPO_ROOT)
         if wait_s:
             self.wait_ready(wait_s)
 
+    def stop(self, *, timeout_s: float = 40) -> bool:
+        """Stop every process (SIGTERM, then wait); whether any was running."""
+        return any([p.stop(timeout_s=timeout_s) for p in reversed(self.procs)])
+
     def wait_ready(self, wait_s: float = 60) -> None:
         def check() -> bool:
-            if not self.proc.running():
-                raise StackError(f"{self.name} exited during start-up:\n{self.proc.log_tail(30)}")
-            return self.ready()
+            for proc in self.procs:
+                if not proc.running():
+                    raise StackError(f"{self.name} exited during start-up:\n{proc.log_tail(30)}")
+            if len(self.procs) == 1:
+                return self.ready()
+            # each new connection goes to one of the processes: ask until every one said ready
+            pids = {p.pid() for p in self.procs}
+            for _ in range(4 * len(self.procs)):
+                ready_pids.add(_ready_pid(f"{self.address}/readyz"))
+            return pids <= ready_pids
 
+        ready_pids: set[int | None] = set()
         try:
             wait_until(check, wait_s, f"{self.name} to be ready on {self.address}")
         except ProcessError as exc:
             raise StackError(f"{exc}\n{self.proc.log_tail(30)}") from None
 
 
+def _ready_pid(url: str) -> int | None:
+    """The pid of the process that answered ready, None if none did."""
+    try:
+        with urlopen(url, timeout=1) as resp:
+            pid = json.loads(resp.read()).get("pid")
+            return pid if resp.status == 200 and isinstance(pid, int) else None
+    except (URLError, OSError, ValueError):
+        return None
+
+
 class LocalServices:
     def __init__(self, settings: StackSettings | None = None, env: Mapping[str, str] | None = None) -> None:
-        state_dir = (settings or StackSettings()).state_dir
-        self.services = {n: LocalService(n, p, state_dir, env) for n, p in SERVICE_PORTS.items()}
+        settings = settings or StackSettings()
+        self.services = {
+            n: LocalService(
+                n, p, settings.state_dir, env, processes=settings.gateway_processes if n == "gateway" else 1
+            )
+            for n, p in SERVICE_PORTS.items()
+        }
 
     def up(self, step: Step = quiet) -> None:
         # all four start at once; then each is awaited in turn, and shown as it becomes ready
@@ -102,11 +158,11 @@ class LocalServices:
                 svc.wait_ready()
 
     def down(self) -> list[str]:
-        return [name for name, svc in reversed(self.services.items()) if svc.proc.stop(timeout_s=40)]
+        return [name for name, svc in reversed(self.services.items()) if svc.stop(timeout_s=40)]
 
     def status(self) -> list[tuple[str, str, str]]:
         rows = []
         for name, svc in self.services.items():
-            state = ("ready" if svc.ready() else "running, not ready") if svc.proc.running() else "down"
+            state = ("ready" if svc.ready() else "running, not ready") if svc.running() else "down"
             rows.append((name, svc.address, state))
         return rows

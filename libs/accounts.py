@@ -5,8 +5,8 @@ carries that shard's bits, so everything about it routes by a bit shift. API key
 shown once, and stored as SHA-256 digests.
 
 :class:`AccountDirectory` answers the two questions every request asks ("whose key is this?",
-"which application owns this account?") from a small TTL cache, so the hot path does not hit
-MySQL for every event.
+"which application owns this account?") from bounded TTL caches, so the hot path does not hit
+MySQL for every request.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import asyncio
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
+
+from cachetools import TTLCache
 
 from libs.db import insert_guarded
 from libs.ids import shard_of
@@ -246,19 +249,43 @@ async def create_account(
 
 
 class AccountDirectory:
-    """Cached look-ups of API keys and accounts (positive and negative answers, ``ttl_s``)."""
+    """Cached look-ups of API keys and account owners: the two questions every request asks.
 
-    def __init__(self, router: ShardRouter, ttl_s: float = 30.0) -> None:
+    Each answer is kept ``ttl_s`` at most, in bounded LRU caches (cachetools' ``TTLCache``), so
+    ``ttl_s`` is the longest another process still accepts a key revoked elsewhere; the process
+    that revokes a key drops it at once (:meth:`forget_key`). Unknown keys and accounts are kept
+    in caches of their own, bounded by ``max_misses``: a client sending a new wrong key with every
+    request churns only those, never evicting a key or an account in use, and memory stays
+    bounded whatever it sends. The account caches are emptied whenever the shard map's version
+    changes (a shard moved or failed over, a shard added or removed).
+
+    :param ttl_s: how long an answer is served from the cache.
+    :param max_entries: known keys (and, separately, known accounts) kept at most.
+    :param max_misses: unknown keys (and, separately, unknown accounts) kept at most.
+    :param timer: the clock of the TTLs (a test's fake clock).
+    """
+
+    def __init__(
+        self,
+        router: ShardRouter,
+        ttl_s: float = 30.0,
+        *,
+        max_entries: int = 50_000,
+        max_misses: int = 10_000,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._router = router
-        self._ttl_s = ttl_s
-        self._keys: dict[bytes, tuple[float, Application | None]] = {}
-        self._accounts: dict[int, tuple[float, Account | None]] = {}
+        self._keys: TTLCache[bytes, Application] = TTLCache(max_entries, ttl_s, timer)
+        self._unknown_keys: TTLCache[bytes, bool] = TTLCache(max_misses, ttl_s, timer)
+        self._accounts: TTLCache[int, Account] = TTLCache(max_entries, ttl_s, timer)
+        self._unknown_accounts: TTLCache[int, bool] = TTLCache(max_misses, ttl_s, timer)
+        self._map_version: int | None = None
 
     async def application_for_key(self, api_key: str) -> Application | None:
         digest = hash_api_key(api_key)
-        hit = self._keys.get(digest)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
+        app = self._keys.get(digest)
+        if app is not None or digest in self._unknown_keys:
+            return app
         schema = self._router.global_schema
         async with self._router.global_pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
@@ -268,18 +295,37 @@ class AccountDirectory:
             )
             row = await cur.fetchone()
             await conn.commit()
-        app = Application(int(row[0]), row[1]) if row else None
-        self._keys[digest] = (time.monotonic() + self._ttl_s, app)
+        if row is None:
+            self._unknown_keys[digest] = True
+            return None
+        app = self._keys[digest] = Application(int(row[0]), row[1])
         return app
+
+    def remember_key(self, api_key: str, app: Application) -> None:
+        """Answer ``api_key`` with ``app`` from the cache (a benchmark without a database)."""
+        self._keys[hash_api_key(api_key)] = app
 
     def forget_key(self, key_hash: bytes) -> None:
         """Drop a cached key (after its revocation), so this process refuses it at once."""
         self._keys.pop(key_hash, None)
 
+    def _check_map_version(self) -> None:
+        version = self._router.shard_map.version
+        if version != self._map_version:
+            self._accounts.clear()
+            self._unknown_accounts.clear()
+            self._map_version = version
+
+    def remember_account(self, account: Account) -> None:
+        """Answer for ``account`` from the cache (a benchmark without a database)."""
+        self._check_map_version()
+        self._accounts[account.id] = account
+
     async def account(self, account_id: int) -> Account | None:
-        hit = self._accounts.get(account_id)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
+        self._check_map_version()
+        account = self._accounts.get(account_id)
+        if account is not None or account_id in self._unknown_accounts:
+            return account
         shard = shard_of(account_id)
         if shard not in self._router.shard_map.shard_cluster:
             return None
@@ -292,8 +338,10 @@ class AccountDirectory:
             )
             row = await cur.fetchone()
             await conn.commit()
-        account = Account(int(row[0]), int(row[1]), row[2], row[3]) if row else None
-        self._accounts[account_id] = (time.monotonic() + self._ttl_s, account)
+        if row is None:
+            self._unknown_accounts[account_id] = True
+            return None
+        account = self._accounts[account_id] = Account(int(row[0]), int(row[1]), row[2], row[3])
         return account
 
     async def owned_account(self, application_id: int, account_id: int) -> Account | None:

@@ -76,6 +76,9 @@ class ServiceSettings(KafkaSettings, DatabaseSettings):
     environment: Literal["production", "development"] = "production"
     http_host: str = "127.0.0.1"
     http_port: int = 0  # 0 means "the service's default port"
+    # Several processes of the service listen on the one port (SO_REUSEPORT) and the kernel
+    # spreads the connections among them: how a host runs more than one gateway process.
+    http_reuse_port: bool = False
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
     drain_timeout_s: float = 25.0  # below the Kubernetes grace period of 30 s
@@ -139,3 +142,5 @@ class StackSettings(_Base):
     mariadb_semi_sync_timeout_ms: int = 2000
     imap_port: int = 1143
     shard_count: int = 16
+    # Gateway processes `flightlog services up` / `flightlog dev` start, sharing port 8080.
+    gateway_processes: int = Field(default=1, ge=1, le=64)

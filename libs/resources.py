@@ -31,13 +31,23 @@ DIRECTORY: Final = web.AppKey("directory", AccountDirectory)
 PRODUCER: Final = web.AppKey("producer", AIOKafkaProducer)
 
 
-def database(settings: DatabaseSettings, *, key_cache_ttl_s: float = 30.0) -> CleanupContext:
-    """The shard router (:data:`ROUTER`) and the account directory on it (:data:`DIRECTORY`)."""
+def database(
+    settings: DatabaseSettings,
+    *,
+    key_cache_ttl_s: float = 30.0,
+    cache_max_entries: int = 50_000,
+    cache_max_misses: int = 10_000,
+) -> CleanupContext:
+    """The shard router (:data:`ROUTER`) and the account directory on it (:data:`DIRECTORY`),
+    whose caches keep answers ``key_cache_ttl_s`` and hold the numbers of entries given
+    (:class:`~libs.accounts.AccountDirectory`)."""
 
     async def open_database(app: web.Application) -> AsyncIterator[None]:
         async with ShardRouter(settings) as router:
             app[ROUTER] = router
-            app[DIRECTORY] = AccountDirectory(router, ttl_s=key_cache_ttl_s)
+            app[DIRECTORY] = AccountDirectory(
+                router, key_cache_ttl_s, max_entries=cache_max_entries, max_misses=cache_max_misses
+            )
             yield
 
     return open_database

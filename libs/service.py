@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import resource
 import signal
 import sys
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import prometheus_client
+import prometheus_client.multiprocess
 import uvloop
 from aiohttp import web
 from pydantic_settings import BaseSettings
@@ -42,6 +44,7 @@ from libs.logs import configure_logging
 
 __all__ = [
     "HEALTH_PATHS",
+    "MULTIPROCESS_DIR",
     "STOPPING",
     "ServiceContext",
     "ServiceDefinition",
@@ -55,6 +58,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HEALTH_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+# prometheus_client's multiprocess mode: where every process of the service keeps its metrics
+MULTIPROCESS_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
 # Set on SIGTERM: long-lived responses (long polls, event streams) end when they see it.
 STOPPING: Final = web.AppKey("stopping", asyncio.Event)
 
@@ -107,13 +112,21 @@ def _health_routes(ctx: ServiceContext) -> list[web.RouteDef]:
 
     async def readyz(_: web.Request) -> web.Response:
         ready = ctx.is_ready()
+        # the pid tells apart the processes that share a port (a supervisor waits for each)
         return web.json_response(
-            {"status": "ready" if ready else "not ready", "service": ctx.name},
+            {"status": "ready" if ready else "not ready", "service": ctx.name, "pid": os.getpid()},
             status=200 if ready else 503,
         )
 
+    registry = prometheus_client.REGISTRY
+    if MULTIPROCESS_DIR in os.environ:
+        # Several processes share the port (and this directory): a scrape reaches one of them,
+        # which answers for all (counters and histograms summed, gauges per pid).
+        registry = prometheus_client.CollectorRegistry()
+        prometheus_client.multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+
     async def metrics(_: web.Request) -> web.Response:
-        body = prometheus_client.generate_latest()
+        body = prometheus_client.generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     return [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]
@@ -176,7 +189,9 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
             logger.warning("%s stopped while opening its resources", defn.name)
             return
         port = settings.http_port or defn.default_port
-        site = web.TCPSite(runner, settings.http_host, port, reuse_address=True)
+        site = web.TCPSite(
+            runner, settings.http_host, port, reuse_address=True, reuse_port=settings.http_reuse_port or None
+        )
         await site.start()
         # What exists now (modules, schemas, pools, clients) stays out of every later collection.
         gc.collect()
@@ -209,6 +224,8 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
             logger.error(
                 "closing resources timed out after %.0f s; exiting without", settings.close_timeout_s
             )
+        if MULTIPROCESS_DIR in os.environ:
+            prometheus_client.multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
         logger.info("%s stopped", defn.name)
 
 

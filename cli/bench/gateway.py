@@ -239,10 +239,11 @@ async def _main(args: argparse.Namespace) -> None:
         # range queries only: no webhook dispatcher competing for the core (or for the lock)
         svc = LocalService(
             "gateway",
-            8291,
+            args.port,
             StackSettings().state_dir,
             env={"FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY": "false"},
-            instance="-bench",
+            instance=args.instance,
+            processes=args.processes,
         )
         svc.start(wait_s=60)
         url = svc.address
@@ -252,7 +253,7 @@ async def _main(args: argparse.Namespace) -> None:
         )
     finally:
         if svc is not None:
-            svc.proc.stop(timeout_s=20)
+            svc.stop(timeout_s=20)
     print(f"range queries, limit 50, {args.messages} messages, concurrency {args.concurrency}")
     print(result.range_gateway.line())
     print(result.range_direct.line())
@@ -265,7 +266,10 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gateway", help="a running gateway's base URL (default: start one on 8291)")
+    parser.add_argument("--gateway", help="a running gateway's base URL (default: start one on --port)")
+    parser.add_argument("--port", type=int, default=8291, help="the port of the gateway started")
+    parser.add_argument("--instance", default="-bench", help="its name's suffix (pid file, log)")
+    parser.add_argument("--processes", type=int, default=1, help="gateway processes sharing the port")
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration-s", type=float, default=10.0)

@@ -169,7 +169,7 @@ async def _raw(
 ) -> tuple[dict[str, Any], bytes]:
     """The message's row (``columns``) and its raw bytes from the IMAP server."""
     message_id = path_id(request, "message_id", "message")
-    row = await message_row(request, app, message_id, ("account_id", "message_key", *columns))
+    row = await message_row(request, app, message_id, ", ".join(("account_id", "message_key", *columns)))
     if row is None:
         raise NotFound("message", str(message_id))
     account_id = int(row["account_id"])

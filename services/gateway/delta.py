@@ -32,7 +32,6 @@ from libs.accounts import Account, Application
 from libs.cursor import CursorError, DeltaCursor, decode_delta_cursor, encode_delta_cursor
 from libs.http import is_unavailable
 from libs.ids import shard_of
-from libs.messages import LIST_COLUMNS
 from libs.openapi import Answer, ApiRoutes, Operation, Param
 from libs.resources import ROUTER
 from libs.service import STOPPING
@@ -47,7 +46,7 @@ from services.gateway.constants import (
     MIN_SSE_HEARTBEAT_S,
 )
 from services.gateway.errors import ApiError
-from services.gateway.messages import message_json
+from services.gateway.messages import LIST_SELECT, message_json
 from services.gateway.notifier import Subscription
 from services.gateway.openapi import ACCOUNT, TOKEN, query
 from services.gateway.params import Query
@@ -110,7 +109,7 @@ async def read_delta(
             ids = sorted({int(r["object_id"]) for r in rows if r["object_type"] == "message"})
             if ids:
                 await cur.execute(
-                    f"SELECT {', '.join(LIST_COLUMNS)} FROM {router.table(shard, 'messages')}"
+                    f"SELECT {LIST_SELECT} FROM {router.table(shard, 'messages')}"
                     f" WHERE id IN ({', '.join(['%s'] * len(ids))}) AND account_id = %s AND deleted = 0",
                     [*ids, account_id],
                 )

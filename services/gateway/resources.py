@@ -35,7 +35,12 @@ def setup_resources(app: web.Application, settings: GatewaySettings) -> None:
     app[TOKEN_KEY] = settings.gateway_token_secret.encode()
     app.cleanup_ctx.extend(
         [
-            database(settings, key_cache_ttl_s=settings.gateway_key_cache_ttl_s),
+            database(
+                settings,
+                key_cache_ttl_s=settings.gateway_key_cache_ttl_s,
+                cache_max_entries=settings.gateway_cache_max_entries,
+                cache_max_misses=settings.gateway_cache_max_misses,
+            ),
             kafka_producer(settings),
             change_notifier(settings),
         ]

@@ -22,7 +22,15 @@ class GatewaySettings(ServiceSettings):
     """
 
     gateway_token_secret: str = "flightlog-dev-token-secret"
-    gateway_key_cache_ttl_s: float = 5.0  # how long another replica may still accept a revoked key
+    # API keys and account owners are answered from bounded caches (libs.accounts.AccountDirectory):
+    # an answer is kept this long, so another gateway process may still accept a revoked key for
+    # this long (the process that revoked it refuses it at once).
+    gateway_key_cache_ttl_s: float = Field(default=5.0, ge=0)
+    # Known keys, and separately known accounts, kept at most (least recently used go first).
+    gateway_cache_max_entries: int = Field(default=50_000, ge=1)
+    # Unknown keys, and separately unknown accounts, kept at most: a client sending random keys
+    # churns only these.
+    gateway_cache_max_misses: int = Field(default=10_000, ge=1)
     gateway_max_body_bytes: int = 64 * 1024
     # Where the change notifier learns of changes (services/gateway/notifier.py); delta streams
     # and long-polls read the database only when it wakes them.
