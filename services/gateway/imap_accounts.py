@@ -111,8 +111,10 @@ async def check_server(settings: ImapAccountsSettings, host: str, port: int) -> 
     if port not in settings.imap_allowed_ports:
         allowed = ", ".join(str(p) for p in settings.imap_allowed_ports)
         raise ApiError(422, "Port not allowed", f"IMAP accounts may use the ports {allowed}")
+    if settings.imap_allow_private_hosts:
+        return  # nothing to refuse; the sync resolves the name when it connects
     try:
-        await resolve_public(host, port, allow_private=settings.imap_allow_private_hosts)
+        await resolve_public(host, port, allow_private=False)
     except AddressRefused as exc:
         raise ApiError(422, "Host not allowed", str(exc)) from None
 

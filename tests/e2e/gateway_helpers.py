@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import pytest
 
-from cli.services import LocalService
+from cli.services import LocalService, local_imap_env
 from cli.stack import Stack
 from libs.events import MessageDoc, PostflightRecord
 from libs.shards import ShardMap, ShardRouter
@@ -45,6 +45,7 @@ def gateway(stack: Stack, shard_map: ShardMap) -> Iterator[str]:
         stack.settings.state_dir,
         env={
             **GATEWAY_ENV,
+            **local_imap_env(),  # IMAP accounts on loopback, never resolved (the fuzz makes up hosts)
             # A changes topic that does not exist: the change notifier hears of no change (as
             # with Kafka or the relay down), so every delta test here runs on its per-shard
             # safety check alone. test_gateway_delta_notifier runs the topic's path.

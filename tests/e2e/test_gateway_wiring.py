@@ -18,7 +18,7 @@ import pytest
 import standardwebhooks
 from aiokafka import TopicPartition
 
-from cli.services import LocalService
+from cli.services import LocalService, local_imap_env
 from cli.stack import Stack
 from libs.config import KafkaSettings
 from libs.kafka import IMAP_ACCOUNTS, TOPICS, make_consumer
@@ -40,7 +40,7 @@ PROBLEM: Final = "application/problem+json"
 def wired_gateway(stack: Stack, shard_map: ShardMap) -> Iterator[str]:
     env = {
         f"FLIGHTLOG_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in FAST.items()
-    }
+    } | local_imap_env()  # accounts on the stack's Dovecot
     svc = LocalService("gateway", PORT, stack.settings.state_dir, env=env, instance=f"{E2E_INSTANCE}-wired")
     svc.start(wait_s=60)
     try:
