@@ -23,11 +23,12 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final
 
-import aiomysql
+import asyncmy
+import asyncmy.errors
 import orjson
-import pymysql
 from aiohttp import web
 from aiokafka.errors import KafkaError
+from asyncmy.cursors import DictCursor
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
@@ -230,7 +231,7 @@ async def fetch_messages(
     if replica:
         try:
             return await _page(await router.pool(shard, replica=True), sql, args, q.limit)
-        except (OSError, pymysql.err.OperationalError) as exc:
+        except (OSError, asyncmy.errors.OperationalError) as exc:
             if not is_unavailable(exc):
                 raise
             router.mark_replica_down(shard)
@@ -238,9 +239,9 @@ async def fetch_messages(
 
 
 async def _page(
-    pool: aiomysql.Pool, sql: str, args: list[Any], limit: int
+    pool: asyncmy.Pool, sql: str, args: list[Any], limit: int
 ) -> tuple[list[dict[str, Any]], bool]:
-    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+    async with pool.acquire() as conn, conn.cursor(DictCursor) as cur:
         await cur.execute(sql, args)
         rows = list(await cur.fetchall())
         await conn.commit()
@@ -361,7 +362,7 @@ async def _message_row(
     if shard not in router.shard_map.shard_cluster:
         return None
     pool = await router.pool(shard, write=False)
-    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+    async with pool.acquire() as conn, conn.cursor(DictCursor) as cur:
         await cur.execute(
             f"SELECT {', '.join(columns)} FROM {router.table(shard, 'messages')}"
             " WHERE id = %s AND deleted = 0",
@@ -437,7 +438,7 @@ async def _primary_row(
     """The row as the primary has it now, deleted or not (a replica may lag behind a write)."""
     shard = shard_of(message_id)
     pool = await router.pool(shard)
-    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+    async with pool.acquire() as conn, conn.cursor(DictCursor) as cur:
         await cur.execute(
             f"SELECT {', '.join(columns)} FROM {router.table(shard, 'messages')} WHERE id = %s", (message_id,)
         )
