@@ -35,11 +35,11 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, Final
 
+import asyncmy.errors
 import orjson
-import pymysql
 from aiohttp import web, web_protocol, web_request, web_server
+from asyncmy.constants import CR, ER
 from pydantic import ValidationError
-from pymysql.constants import CR, ER
 
 __all__ = [
     "DEFAULT_RETRY_AFTER_S",
@@ -171,11 +171,11 @@ def problem_response(
 
 
 def _unavailable_one(exc: BaseException) -> bool:
-    if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InternalError):
+    if isinstance(exc, asyncmy.errors.OperationalError | asyncmy.errors.InternalError):
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
         return code in _UNAVAILABLE_CODES
-    if isinstance(exc, pymysql.err.InterfaceError):
-        return True  # aiomysql: the connection is closed or was never opened
+    if isinstance(exc, asyncmy.errors.InterfaceError):
+        return True  # the driver: the connection is closed or was never opened
     if isinstance(exc, ConnectionError):
         return True
     return getattr(type(exc), "retriable", False) is True

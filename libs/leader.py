@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-import aiomysql
+import asyncmy
 
 from libs.aio import wait_for
 from libs.config import DatabaseSettings
@@ -25,7 +25,7 @@ __all__ = ["lead_until_stopped", "sleep_unless_stopped", "take_lock"]
 logger = logging.getLogger(__name__)
 
 
-async def take_lock(conn: aiomysql.Connection, name: str) -> bool:
+async def take_lock(conn: asyncmy.Connection, name: str) -> bool:
     """Whether this connection now holds the named lock (never waits for it)."""
     async with conn.cursor() as cur:
         await cur.execute("SELECT GET_LOCK(%s, 0)", (name,))
@@ -43,7 +43,7 @@ async def lead_until_stopped(
     settings: DatabaseSettings,
     role: str,
     stopping: asyncio.Event,
-    lead: Callable[[aiomysql.Connection], Awaitable[None]],
+    lead: Callable[[asyncmy.Connection], Awaitable[None]],
     *,
     standby_poll_s: float,
     error_backoff_s: float,

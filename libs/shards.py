@@ -28,8 +28,9 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import aiomysql
-import pymysql
+import asyncmy
+import asyncmy.errors
+from asyncmy.cursors import Cursor
 
 from libs.aio import wait_for
 from libs.component import Component
@@ -111,7 +112,7 @@ def spread_shards(shards: Iterable[int], cluster_ids: list[int]) -> dict[int, in
     return {shard: cluster_ids[i % len(cluster_ids)] for i, shard in enumerate(sorted(shards))}
 
 
-async def load_shard_map(conn: aiomysql.Connection, global_schema: str) -> ShardMap:
+async def load_shard_map(conn: asyncmy.Connection, global_schema: str) -> ShardMap:
     async with conn.cursor() as cur:
         await cur.execute(f"SELECT version FROM `{global_schema}`.shard_map_version WHERE id = 1")
         (version,) = await cur.fetchone()
@@ -156,8 +157,8 @@ class ShardRouter(Component):
         self._wake = asyncio.Event()
         self._replica_down_until: dict[tuple[str, int], float] = {}
         self._map: ShardMap | None = None
-        self._pools: dict[tuple[str, int], aiomysql.Pool] = {}
-        self._global: aiomysql.Pool | None = None
+        self._pools: dict[tuple[str, int], asyncmy.Pool] = {}
+        self._global: asyncmy.Pool | None = None
         self._reloader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -190,7 +191,7 @@ class ShardRouter(Component):
         return self._map
 
     @property
-    def global_pool(self) -> aiomysql.Pool:
+    def global_pool(self) -> asyncmy.Pool:
         if self._global is None:
             raise ShardError("the router is not started")
         return self._global
@@ -245,7 +246,7 @@ class ShardRouter(Component):
             pool.close()
             await pool.wait_closed()
 
-    async def _pool_for(self, address: tuple[str, int]) -> aiomysql.Pool:
+    async def _pool_for(self, address: tuple[str, int]) -> asyncmy.Pool:
         pool = self._pools.get(address)
         if pool is None:
             pool = await create_pool(self._settings, *address)
@@ -257,7 +258,7 @@ class ShardRouter(Component):
             self._pools[address] = pool
         return pool
 
-    async def pool(self, shard: int, *, write: bool = True, replica: bool = False) -> aiomysql.Pool:
+    async def pool(self, shard: int, *, write: bool = True, replica: bool = False) -> asyncmy.Pool:
         """The pool of the server to use for ``shard``.
 
         ``replica=True`` (a read that tolerates staleness; implies ``write=False``) gives the
@@ -274,7 +275,7 @@ class ShardRouter(Component):
             if self._replica_down_until.get(address, 0.0) <= time.monotonic():
                 try:
                     return await self._pool_for(address)
-                except (OSError, pymysql.err.OperationalError) as exc:
+                except (OSError, asyncmy.errors.OperationalError) as exc:
                     logger.warning(
                         "replica %s:%d of %s unreachable (%s); reading from the primary",
                         *address,
@@ -290,7 +291,7 @@ class ShardRouter(Component):
         cluster = self.shard_map.cluster_of(shard)
         self._replica_down_until[cluster.replica] = time.monotonic() + REPLICA_RETRY_S
 
-    async def pool_for_id(self, id_: int, *, write: bool = True, replica: bool = False) -> aiomysql.Pool:
+    async def pool_for_id(self, id_: int, *, write: bool = True, replica: bool = False) -> asyncmy.Pool:
         return await self.pool(shard_of(id_), write=write, replica=replica)
 
     @staticmethod
@@ -371,7 +372,7 @@ async def register_clusters(
         return await load_shard_map(conn, schema)
 
 
-async def _failed_over_clusters(cur: aiomysql.Cursor, schema: str) -> set[int]:
+async def _failed_over_clusters(cur: Cursor, schema: str) -> set[int]:
     """Clusters with a failover on record (none before migration 0011 created the table)."""
     await cur.execute(
         "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s"
@@ -389,7 +390,7 @@ async def _failed_over_clusters(cur: aiomysql.Cursor, schema: str) -> set[int]:
 SIZE_BUCKET_BYTES = 1 << 20
 
 
-async def schema_sizes(conn: aiomysql.Connection) -> dict[int, tuple[int, int]]:
+async def schema_sizes(conn: asyncmy.Connection) -> dict[int, tuple[int, int]]:
     """Each shard schema on the server of ``conn``: (data + index bytes, estimated rows), as
     information_schema measures them (InnoDB's statistics: approximate, refreshed lazily)."""
     async with conn.cursor() as cur:

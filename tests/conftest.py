@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -124,3 +125,27 @@ async def _no_lingering_tasks() -> AsyncIterator[None]:
         for task in left:
             task.cancel()
         pytest.fail(f"test left tasks running: {[t.get_name() for t in left]}")
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def _no_sql_warnings() -> Iterator[None]:
+    """Fail a test whose SQL drew a warning from the server: the driver (asyncmy) logs them on its
+    logger instead of raising a Python warning, which ``filterwarnings = error`` would catch."""
+    collect = _Collect()
+    driver_logger = logging.getLogger("asyncmy")
+    driver_logger.addHandler(collect)
+    try:
+        yield
+    finally:
+        driver_logger.removeHandler(collect)
+    if collect.records:
+        pytest.fail(f"SQL warnings: {[r.getMessage() for r in collect.records]}")

@@ -3,9 +3,10 @@
 ``python -m cli.bench.gateway`` seeds an account with ``messages`` rows (persist's own writer),
 starts a gateway process (or uses ``--gateway``), then runs ``concurrency`` workers for
 ``duration_s`` each way: GET /v1/accounts/{id}/messages?limit=50&before=<random time> beside the
-statement the gateway runs for it (:func:`services.gateway.messages.list_statement`) over aiomysql,
-then GET /v1/messages/{random id} beside its SELECT by primary key. ``flightlog bench``'s gateway
-stage runs :func:`bench_gateway` against the gateway ``flightlog dev`` started.
+statement the gateway runs for it (:func:`services.gateway.messages.list_statement`) over each
+driver the bench compares (:mod:`cli.bench.rawsql`), then GET /v1/messages/{random id} beside its
+SELECT by primary key. ``flightlog bench``'s gateway stage runs :func:`bench_gateway` against the
+gateway ``flightlog dev`` started.
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import aiohttp
-import aiomysql
 
+from cli.bench.rawsql import DRIVERS, raw_pool
 from cli.bench.report import Figure, Stage, StageContext
 from cli.services import LocalService
 from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings, StackSettings
-from libs.db import create_pool
 from libs.events import Direction, MessageDoc, PostflightRecord, Status
 from libs.ids import shard_of
 from libs.messages import DETAIL_COLUMNS
@@ -113,20 +112,13 @@ async def _drive(
 @dataclass(frozen=True, slots=True)
 class GatewayBench:
     range_gateway: RangeResult
-    range_direct: RangeResult
     get_gateway: RangeResult
-    get_direct: RangeResult
+    range_direct: dict[str, RangeResult]  # by driver
+    get_direct: dict[str, RangeResult]
 
-
-async def _message_ids(pool: aiomysql.Pool, router: ShardRouter, account_id: int) -> list[int]:
-    shard = shard_of(account_id)
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            f"SELECT id FROM {router.table(shard, 'messages')} WHERE account_id = %s", (account_id,)
-        )
-        ids = [int(r[0]) for r in await cur.fetchall()]
-        await conn.commit()
-    return ids
+    def fastest(self, direct: dict[str, RangeResult]) -> tuple[str, RangeResult]:
+        driver = max(direct, key=lambda d: direct[d].per_s)
+        return driver, direct[driver]
 
 
 async def bench_gateway(
@@ -139,59 +131,54 @@ async def bench_gateway(
     page: int = 50,
 ) -> GatewayBench:
     """Range queries and get-by-id, each through the gateway and as the same SQL straight to
-    MariaDB, at the same concurrency against one seeded account."""
+    MariaDB with each driver of :data:`cli.bench.rawsql.DRIVERS`, at the same concurrency against
+    one seeded account."""
     async with ShardRouter(settings) as router:
         account_id, key = await _seed(router, messages)
-        cluster = router.shard_map.cluster_of(shard_of(account_id))
-        pool = await create_pool(
-            settings.model_copy(update={"db_pool_max_size": concurrency}), *cluster.primary
-        )
-        try:
-            ids = await _message_ids(pool, router, account_id)
-            headers = {"Authorization": f"Bearer {key}"}
-            connector = aiohttp.TCPConnector(limit=concurrency)
-            async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+        shard = shard_of(account_id)
+        cluster = router.shard_map.cluster_of(shard)
+        table = router.table(shard, "messages")
+        async with raw_pool(DRIVERS[0], settings, *cluster.primary, size=1) as query:
+            found = await query(f"SELECT id FROM {table} WHERE account_id = %s", (account_id,))
+        ids = [int(r[0]) for r in found]
+        headers = {"Authorization": f"Bearer {key}"}
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
 
-                async def gateway_get(url: str, params: dict[str, str] | None = None) -> None:
-                    async with http.get(url, params=params) as resp:
-                        if resp.status != 200:
-                            raise RuntimeError(f"gateway answered {resp.status}: {await resp.text()}")
-                        await resp.read()
+            async def gateway_get(url: str, params: dict[str, str] | None = None) -> None:
+                async with http.get(url, params=params) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"gateway answered {resp.status}: {await resp.text()}")
+                    await resp.read()
 
-                async def range_via_gateway() -> None:
-                    params = {"limit": str(page), "before": _random_before(messages).isoformat()}
-                    await gateway_get(f"{gateway_url}/v1/accounts/{account_id}/messages", params)
+            async def range_via_gateway() -> None:
+                params = {"limit": str(page), "before": _random_before(messages).isoformat()}
+                await gateway_get(f"{gateway_url}/v1/accounts/{account_id}/messages", params)
 
-                async def get_via_gateway() -> None:
-                    await gateway_get(f"{gateway_url}/v1/messages/{random.choice(ids)}")
+            async def get_via_gateway() -> None:
+                await gateway_get(f"{gateway_url}/v1/messages/{random.choice(ids)}")
 
-                await _drive("warm-up", range_via_gateway, concurrency, 1.0)
-                range_gateway = await _drive("gateway", range_via_gateway, concurrency, duration_s)
-                get_gateway = await _drive("gateway", get_via_gateway, concurrency, duration_s)
+            await _drive("warm-up", range_via_gateway, concurrency, 1.0)
+            range_gateway = await _drive("gateway", range_via_gateway, concurrency, duration_s)
+            get_gateway = await _drive("gateway", get_via_gateway, concurrency, duration_s)
 
-            async def sql(statement: str, args: Any) -> None:
-                async with pool.acquire() as conn, conn.cursor() as cur:
-                    await cur.execute(statement, args)
-                    await cur.fetchall()
-                    await conn.commit()
+        get_sql = f"SELECT {', '.join(DETAIL_COLUMNS)} FROM {table} WHERE id = %s AND deleted = 0"
+        range_raw: dict[str, RangeResult] = {}
+        get_raw: dict[str, RangeResult] = {}
+        for driver in DRIVERS:
+            async with raw_pool(driver, settings, *cluster.primary, size=concurrency) as query:
 
-            async def range_direct() -> None:
-                before = _random_before(messages).astimezone(UTC).replace(tzinfo=None)
-                await sql(*list_statement(router, MessageQuery(account_id, limit=page, before=before)))
+                async def range_direct() -> None:
+                    before = _random_before(messages).astimezone(UTC).replace(tzinfo=None)
+                    await query(*list_statement(router, MessageQuery(account_id, limit=page, before=before)))
 
-            table = router.table(shard_of(account_id), "messages")
-            get_sql = f"SELECT {', '.join(DETAIL_COLUMNS)} FROM {table} WHERE id = %s AND deleted = 0"
+                async def get_direct() -> None:
+                    await query(get_sql, (random.choice(ids),))
 
-            async def get_direct() -> None:
-                await sql(get_sql, (random.choice(ids),))
-
-            await _drive("warm-up", range_direct, concurrency, 1.0)
-            range_raw = await _drive("mariadb", range_direct, concurrency, duration_s)
-            get_raw = await _drive("mariadb", get_direct, concurrency, duration_s)
-        finally:
-            pool.close()
-            await pool.wait_closed()
-    return GatewayBench(range_gateway, range_raw, get_gateway, get_raw)
+                await _drive("warm-up", range_direct, concurrency, 1.0)
+                range_raw[driver] = await _drive(driver, range_direct, concurrency, duration_s)
+                get_raw[driver] = await _drive(driver, get_direct, concurrency, duration_s)
+    return GatewayBench(range_gateway, get_gateway, range_raw, get_raw)
 
 
 async def gateway_stage(ctx: StageContext) -> None:
@@ -200,22 +187,24 @@ async def gateway_stage(ctx: StageContext) -> None:
         ("range query (16 concurrent, 50 rows)", gw.range_gateway, gw.range_direct),
         ("get by id (16 concurrent)", gw.get_gateway, gw.get_direct),
     ):
-        ctx.report.add(
-            Figure(
-                f"raw {what}, same SQL straight to MariaDB",
-                direct.per_s,
-                "req/s",
-                note=f"p50 {direct.p50_ms:.1f} ms, p99 {direct.p99_ms:.1f} ms",
-            ),
-            ctx.progress,
-        )
+        for driver, result in direct.items():
+            ctx.report.add(
+                Figure(
+                    f"raw {what}, same SQL straight to MariaDB, {driver}",
+                    result.per_s,
+                    "req/s",
+                    note=f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms",
+                ),
+                ctx.progress,
+            )
+        fastest, raw = gw.fastest(direct)
         ctx.report.add(
             Figure(
                 f"{what} through the gateway",
                 through.per_s,
                 "req/s",
-                limit=f"{direct.per_s:,.0f} req/s direct",
-                ratio=through.per_s / direct.per_s,
+                limit=f"{raw.per_s:,.0f} req/s direct ({fastest}, the fastest driver)",
+                ratio=through.per_s / raw.per_s,
                 note=f"p50 {through.p50_ms:.1f} ms, p99 {through.p99_ms:.1f} ms",
             ),
             ctx.progress,
@@ -254,14 +243,16 @@ async def _main(args: argparse.Namespace) -> None:
     finally:
         if svc is not None:
             svc.stop(timeout_s=20)
-    print(f"range queries, limit 50, {args.messages} messages, concurrency {args.concurrency}")
-    print(result.range_gateway.line())
-    print(result.range_direct.line())
-    print(f"gateway / raw: {result.range_gateway.per_s / result.range_direct.per_s:.0%}")
-    print("get by id")
-    print(result.get_gateway.line())
-    print(result.get_direct.line())
-    print(f"gateway / raw: {result.get_gateway.per_s / result.get_direct.per_s:.0%}")
+    for what, through, direct in (
+        (f"range queries, limit 50, {args.messages} messages", result.range_gateway, result.range_direct),
+        ("get by id", result.get_gateway, result.get_direct),
+    ):
+        print(f"{what}, concurrency {args.concurrency}")
+        print(through.line())
+        for raw in direct.values():
+            print(raw.line())
+        fastest, raw = result.fastest(direct)
+        print(f"gateway / raw ({fastest}): {through.per_s / raw.per_s:.0%}")
 
 
 def main() -> None:

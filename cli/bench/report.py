@@ -8,6 +8,7 @@ on nothing else of the bench above :mod:`cli.bench.drive`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -161,16 +162,12 @@ def machine_facts() -> dict[str, Any]:
         for line in f:
             if line.startswith("MemTotal:"):
                 mem_kb = int(line.split()[1])
-    import aiokafka
-    import aiomysql
-
     return {
         "cores": os.cpu_count(),
         "memory_gib": round(mem_kb / 1024**2, 1),
         "python": platform.python_version(),
         "kernel": platform.release(),
-        "aiokafka": aiokafka.__version__,
-        "aiomysql": aiomysql.__version__,
+        **{name: importlib.metadata.version(name) for name in ("aiokafka", "asyncmy", "aiomysql")},
     }
 
 
@@ -230,7 +227,9 @@ def write_benchmarks_md(report: BenchReport, command: str, path: Path) -> None:
     path.write_text(
         "# Benchmarks\n\n"
         f"Produced by `{command}` on {report.started_at}: {m['cores']} cores, {m['memory_gib']} GiB, "
-        f"Python {m['python']}, aiokafka {m['aiokafka']}, aiomysql {m['aiomysql']}, kernel {m['kernel']}. "
+        f"Python {m['python']}, aiokafka {m['aiokafka']}, "
+        + "".join(f"{d} {m[d]}, " for d in ("asyncmy", "aiomysql") if d in m)
+        + f"kernel {m['kernel']}. "
         "Kafka, both MariaDB servers, every service and the load generator share the machine.\n\n"
         + report.table([f for f in report.figures if id(f) not in in_sections])
         + "\n\nRatios compare rows/s with rows/s: one message is five lifecycle events and one row. "

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiomysql
+import asyncmy
+from asyncmy.cursors import Cursor
 
 from libs.config import DatabaseSettings
 from libs.ids import check_shard
@@ -45,6 +46,16 @@ def shard_schema(shard: int) -> str:
     return f"flightlog_shard_{shard:04d}"
 
 
+# Run on every new connection. Notes ("database exists" after IF NOT EXISTS) are not problems (the
+# driver logs real warnings on its "asyncmy" logger). NO_BACKSLASH_ESCAPES is taken out of the
+# session's sql_mode whatever the server's default: the driver escapes with backslashes (its bytes
+# escaping ignores the mode), and so does persist's writer (services.persist.writer._literal).
+_INIT_COMMAND = (
+    "SET SESSION sql_notes = 0, sql_mode = TRIM(BOTH ',' FROM"
+    " REPLACE(CONCAT(',', @@SESSION.sql_mode, ','), ',NO_BACKSLASH_ESCAPES,', ','))"
+)
+
+
 def _conn_kwargs(settings: DatabaseSettings, host: str, port: int) -> dict[str, Any]:
     return {
         "host": host,
@@ -54,18 +65,20 @@ def _conn_kwargs(settings: DatabaseSettings, host: str, port: int) -> dict[str, 
         "charset": "utf8mb4",
         "autocommit": False,
         "connect_timeout": settings.db_connect_timeout_s,
-        # Notes ("database exists" after IF NOT EXISTS) are not problems; real warnings still are.
-        "init_command": "SET SESSION sql_notes = 0",
+        "init_command": _INIT_COMMAND,
     }
 
 
 async def create_pool(
     settings: DatabaseSettings, host: str, port: int, *, db: str | None = None
-) -> aiomysql.Pool:
+) -> asyncmy.Pool:
+    """A pool of autocommit-off connections. A connection handed back inside a transaction, or
+    one whose query was cancelled mid-read (the driver closes it then), is discarded, not reused;
+    a free one whose socket the server closed is replaced when next taken."""
     kwargs = _conn_kwargs(settings, host, port)
     if db is not None:
-        kwargs["db"] = db
-    return await aiomysql.create_pool(
+        kwargs["database"] = db
+    return await asyncmy.create_pool(
         minsize=settings.db_pool_min_size,
         maxsize=settings.db_pool_max_size,
         pool_recycle=3600,
@@ -76,11 +89,11 @@ async def create_pool(
 @asynccontextmanager
 async def connect(
     settings: DatabaseSettings, host: str, port: int, *, db: str | None = None
-) -> AsyncIterator[aiomysql.Connection]:
+) -> AsyncIterator[asyncmy.Connection]:
     kwargs = _conn_kwargs(settings, host, port)
     if db is not None:
-        kwargs["db"] = db
-    conn = await aiomysql.connect(**kwargs)
+        kwargs["database"] = db
+    conn = await asyncmy.connect(**kwargs)
     try:
         yield conn
     finally:
@@ -88,7 +101,7 @@ async def connect(
 
 
 async def insert_guarded(
-    cur: aiomysql.Cursor, shard: int, sql: str, args: Sequence[Any] | None = None, *, rows: int = 1
+    cur: Cursor, shard: int, sql: str, args: Sequence[Any] | None = None, *, rows: int = 1
 ) -> int:
     """Run one INSERT into an auto-increment table of ``shard`` and return the first new id.
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiomysql
+import asyncmy
 
 from libs.db import MigrationError, shard_schema
 from libs.ids import auto_increment_start
@@ -51,7 +51,7 @@ def load_migrations(kind: str) -> list[Migration]:
     return found
 
 
-async def _apply(conn: aiomysql.Connection, schema: str, kind: str) -> list[int]:
+async def _apply(conn: asyncmy.Connection, schema: str, kind: str) -> list[int]:
     async with conn.cursor() as cur:
         await cur.execute(
             f"CREATE DATABASE IF NOT EXISTS `{schema}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
@@ -87,18 +87,18 @@ async def _apply(conn: aiomysql.Connection, schema: str, kind: str) -> list[int]
         return applied
 
 
-async def migrate_global(conn: aiomysql.Connection, schema: str) -> list[int]:
+async def migrate_global(conn: asyncmy.Connection, schema: str) -> list[int]:
     return await _apply(conn, schema, "global")
 
 
-async def migrate_shard(conn: aiomysql.Connection, shard: int) -> list[int]:
+async def migrate_shard(conn: asyncmy.Connection, shard: int) -> list[int]:
     schema = shard_schema(shard)
     applied = await _apply(conn, schema, "shard")
     await ensure_auto_increment(conn, shard)
     return applied
 
 
-async def ensure_auto_increment(conn: aiomysql.Connection, shard: int) -> list[str]:
+async def ensure_auto_increment(conn: asyncmy.Connection, shard: int) -> list[str]:
     """Raise every auto-increment counter of the shard to at least ``(shard << 48) + 1``.
 
     Safe to run at any time: a counter already past the start is left alone. Returns the tables

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-import aiomysql
+import asyncmy
 
 from libs.db import connect, shard_schema
 from libs.db.migrate import ensure_auto_increment
@@ -124,7 +124,7 @@ def _q(name: str) -> str:
     return f"`{name.replace('`', '``')}`"
 
 
-async def _fetch(conn: aiomysql.Connection, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+async def _fetch(conn: asyncmy.Connection, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     async with conn.cursor() as cur:
         await cur.execute(sql, args)
         rows = list(await cur.fetchall())
@@ -132,7 +132,7 @@ async def _fetch(conn: aiomysql.Connection, sql: str, args: Sequence[Any] = ()) 
     return rows
 
 
-async def _tables(conn: aiomysql.Connection, schema: str) -> list[_TableInfo]:
+async def _tables(conn: asyncmy.Connection, schema: str) -> list[_TableInfo]:
     rows = await _fetch(
         conn,
         "SELECT c.TABLE_NAME, c.COLUMN_NAME, c.COLUMN_KEY = 'PRI', c.EXTRA LIKE '%%auto_increment%%'"
@@ -153,9 +153,7 @@ async def _tables(conn: aiomysql.Connection, schema: str) -> list[_TableInfo]:
     return list(out.values())
 
 
-async def _insert(
-    dst: aiomysql.Connection, ref: str, columns: list[str], rows: list[tuple[Any, ...]]
-) -> None:
+async def _insert(dst: asyncmy.Connection, ref: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
     """REPLACE: a row copied again overwrites its older copy (same primary key)."""
     cols = ", ".join(_q(c) for c in columns)
     marks = "(" + ", ".join(["%s"] * len(columns)) + ")"
@@ -170,8 +168,8 @@ async def _insert(
 
 
 async def _catch_up(
-    src: aiomysql.Connection,
-    dst: aiomysql.Connection,
+    src: asyncmy.Connection,
+    dst: asyncmy.Connection,
     src_schema: str,
     dst_schema: str,
     tables: list[_TableInfo],
@@ -200,8 +198,8 @@ async def _catch_up(
 
 
 async def _repair(
-    src: aiomysql.Connection,
-    dst: aiomysql.Connection,
+    src: asyncmy.Connection,
+    dst: asyncmy.Connection,
     src_schema: str,
     dst_schema: str,
     tables: list[_TableInfo],
@@ -230,7 +228,7 @@ async def _repair(
     return len(diffs)
 
 
-async def _now(conn: aiomysql.Connection) -> datetime:
+async def _now(conn: asyncmy.Connection) -> datetime:
     (now,) = (await _fetch(conn, "SELECT NOW(6)"))[0]
     assert isinstance(now, datetime)
     return now
@@ -295,7 +293,7 @@ async def _publish(
     return version
 
 
-async def _rename(conn: aiomysql.Connection, tables: list[_TableInfo], frm: str, to: str) -> None:
+async def _rename(conn: asyncmy.Connection, tables: list[_TableInfo], frm: str, to: str) -> None:
     async with conn.cursor() as cur:
         await cur.execute(f"SET SESSION lock_wait_timeout = {RENAME_LOCK_WAIT_S}")
         await cur.execute(f"CREATE DATABASE IF NOT EXISTS {_q(to)}")
@@ -306,7 +304,7 @@ async def _rename(conn: aiomysql.Connection, tables: list[_TableInfo], frm: str,
 
 
 async def _copy_counters(
-    src: aiomysql.Connection, dst: aiomysql.Connection, src_schema: str, dst_schema: str, shard: int
+    src: asyncmy.Connection, dst: asyncmy.Connection, src_schema: str, dst_schema: str, shard: int
 ) -> None:
     """The target's counters at least the source's (no id handed out twice), all with the
     shard's bits."""
@@ -431,7 +429,7 @@ async def move_shard(
 
 async def _roll_back(
     settings: ShardOpsSettings,
-    src: aiomysql.Connection,
+    src: asyncmy.Connection,
     tables: list[_TableInfo],
     shard: int,
     source: Cluster,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import aiomysql
+import asyncmy
+from asyncmy.cursors import DictCursor
 
 __all__ = [
     "ReplicaStatus",
@@ -38,13 +39,13 @@ class ReplicaStatus:
         return self.io_running and self.sql_running
 
 
-async def _rows(conn: aiomysql.Connection, sql: str, args: Any = None) -> list[dict[str, Any]]:
-    async with conn.cursor(aiomysql.DictCursor) as cur:
+async def _rows(conn: asyncmy.Connection, sql: str, args: Any = None) -> list[dict[str, Any]]:
+    async with conn.cursor(DictCursor) as cur:
         await cur.execute(sql, args)
         return list(await cur.fetchall())
 
 
-async def replica_status(conn: aiomysql.Connection) -> ReplicaStatus:
+async def replica_status(conn: asyncmy.Connection) -> ReplicaStatus:
     rows = await _rows(conn, "SHOW SLAVE STATUS")
     if not rows:
         return ReplicaStatus(configured=False)
@@ -60,12 +61,12 @@ async def replica_status(conn: aiomysql.Connection) -> ReplicaStatus:
     )
 
 
-async def gtid_binlog_pos(conn: aiomysql.Connection) -> str:
+async def gtid_binlog_pos(conn: asyncmy.Connection) -> str:
     rows = await _rows(conn, "SELECT @@gtid_binlog_pos AS pos")
     return str(rows[0]["pos"] or "")
 
 
-async def semi_sync_active(conn: aiomysql.Connection) -> bool:
+async def semi_sync_active(conn: asyncmy.Connection) -> bool:
     """Whether the primary is waiting for its replica's acknowledgement of every commit now
     (OFF: no replica connected, or the timeout dropped it to asynchronous replication)."""
     rows = await _rows(
@@ -81,7 +82,7 @@ async def semi_sync_active(conn: aiomysql.Connection) -> bool:
     )
 
 
-async def fence(conn: aiomysql.Connection) -> str:
+async def fence(conn: asyncmy.Connection) -> str:
     """Make a primary refuse the services' writes (``read_only``; they see error 1290, which
     persist parks and retries) and return its GTID position: everything it ever committed."""
     async with conn.cursor() as cur:
@@ -89,7 +90,7 @@ async def fence(conn: aiomysql.Connection) -> str:
     return await gtid_binlog_pos(conn)
 
 
-async def wait_for_gtid(conn: aiomysql.Connection, position: str, timeout_s: float) -> bool:
+async def wait_for_gtid(conn: asyncmy.Connection, position: str, timeout_s: float) -> bool:
     """Wait until a replica has applied ``position``; False when ``timeout_s`` ran out first."""
     if not position:
         return True
@@ -97,7 +98,7 @@ async def wait_for_gtid(conn: aiomysql.Connection, position: str, timeout_s: flo
     return int(rows[0]["r"]) == 0
 
 
-async def promote(conn: aiomysql.Connection) -> str:
+async def promote(conn: asyncmy.Connection) -> str:
     """Stop following the old primary, forget it and take writes; returns the GTID position the
     new primary starts from. Safe to repeat on a server already promoted."""
     async with conn.cursor() as cur:

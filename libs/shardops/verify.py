@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomysql
+import asyncmy
 
 from libs.db import connect, shard_schema
 from libs.shardops import ShardOpsError, ShardOpsSettings
@@ -85,7 +85,7 @@ class VerifyReport:
         return out
 
 
-async def _fetch(conn: aiomysql.Connection, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+async def _fetch(conn: asyncmy.Connection, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     async with conn.cursor() as cur:
         await cur.execute(sql, args)
         rows = list(await cur.fetchall())
@@ -93,7 +93,7 @@ async def _fetch(conn: aiomysql.Connection, sql: str, args: Sequence[Any] = ()) 
     return rows
 
 
-async def _tables(conn: aiomysql.Connection, schema: str) -> dict[str, tuple[list[str], list[str]]]:
+async def _tables(conn: asyncmy.Connection, schema: str) -> dict[str, tuple[list[str], list[str]]]:
     """Each base table's (primary key columns, all columns), in their order."""
     rows = await _fetch(
         conn,
@@ -149,7 +149,7 @@ class _Table:
         self.hash = _row_hash(columns)
 
     async def boundary(
-        self, conn: aiomysql.Connection, lo: tuple[Any, ...] | None, n: int
+        self, conn: asyncmy.Connection, lo: tuple[Any, ...] | None, n: int
     ) -> tuple[Any, ...] | None:
         where, args = _range(self.pk, lo, None)
         rows = await _fetch(
@@ -160,7 +160,7 @@ class _Table:
         return tuple(rows[0]) if rows else None
 
     async def checksum(
-        self, conn: aiomysql.Connection, lo: tuple[Any, ...] | None, hi: tuple[Any, ...] | None
+        self, conn: asyncmy.Connection, lo: tuple[Any, ...] | None, hi: tuple[Any, ...] | None
     ) -> tuple[int, int]:
         where, args = _range(self.pk, lo, hi)
         rows = await _fetch(
@@ -172,7 +172,7 @@ class _Table:
         return int(rows[0][0]), int(rows[0][1])
 
     async def hashes(
-        self, conn: aiomysql.Connection, lo: tuple[Any, ...] | None, hi: tuple[Any, ...] | None
+        self, conn: asyncmy.Connection, lo: tuple[Any, ...] | None, hi: tuple[Any, ...] | None
     ) -> dict[tuple[Any, ...], str]:
         where, args = _range(self.pk, lo, hi)
         rows = await _fetch(conn, f"SELECT {self.keys}, {self.hash} FROM {self.ref} WHERE {where}", args)
@@ -180,7 +180,7 @@ class _Table:
         return {tuple(r[:n]): str(r[n]) for r in rows}
 
     async def hashes_of(
-        self, conn: aiomysql.Connection, keys: list[tuple[Any, ...]]
+        self, conn: asyncmy.Connection, keys: list[tuple[Any, ...]]
     ) -> dict[tuple[Any, ...], str]:
         if not keys:
             return {}
@@ -204,8 +204,8 @@ def _diff(
 
 
 async def verify_schema(
-    source: aiomysql.Connection,
-    target: aiomysql.Connection,
+    source: asyncmy.Connection,
+    target: asyncmy.Connection,
     schema: str,
     *,
     settle: Settle,
@@ -241,8 +241,8 @@ async def verify_schema(
 
 
 async def _chunk_matches(
-    source: aiomysql.Connection,
-    target: aiomysql.Connection,
+    source: asyncmy.Connection,
+    target: asyncmy.Connection,
     table: _Table,
     theirs: _Table,
     lo: tuple[Any, ...] | None,
@@ -264,8 +264,8 @@ async def _chunk_matches(
 
 
 async def _sample(
-    source: aiomysql.Connection,
-    target: aiomysql.Connection,
+    source: asyncmy.Connection,
+    target: asyncmy.Connection,
     table: _Table,
     theirs: _Table,
     tr: TableReport,

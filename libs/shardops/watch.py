@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiomysql
+import asyncmy
 from prometheus_client import Counter, Gauge
 
 from libs.aio import wait_for
@@ -118,7 +118,7 @@ class ShardWatch:
                 self.leader = False
 
     @staticmethod
-    async def _take_lock(conn: aiomysql.Connection, name: str) -> bool:
+    async def _take_lock(conn: asyncmy.Connection, name: str) -> bool:
         async with conn.cursor() as cur:
             await cur.execute("SELECT GET_LOCK(%s, 0)", (name,))
             (got,) = await cur.fetchone()
@@ -129,7 +129,7 @@ class ShardWatch:
         with contextlib.suppress(TimeoutError):
             await wait_for(stopping.wait(), seconds)
 
-    async def _lead(self, global_conn: aiomysql.Connection, stopping: asyncio.Event) -> None:
+    async def _lead(self, global_conn: asyncmy.Connection, stopping: asyncio.Event) -> None:
         s = self.settings
         while not stopping.is_set():
             tick = time.monotonic()

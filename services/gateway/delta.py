@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-import aiomysql
 import orjson
 from aiohttp import web
+from asyncmy.cursors import DictCursor
 from prometheus_client import Counter
 
 from libs.accounts import Account, Application
@@ -87,7 +87,7 @@ async def read_delta(
     shard = shard_of(account_id)
     changes_t = router.table(shard, "changes")
     pool = await router.pool(shard, write=False)
-    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+    async with pool.acquire() as conn, conn.cursor(DictCursor) as cur:
         try:
             await cur.execute(
                 f"SELECT trimmed_through FROM {router.table(shard, 'changes_retention')} WHERE id = 1"

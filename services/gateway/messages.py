@@ -23,11 +23,12 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final
 
-import aiomysql
+import asyncmy
+import asyncmy.errors
 import orjson
-import pymysql
 from aiohttp import web
 from aiokafka.errors import KafkaError
+from asyncmy.cursors import DictCursor
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
@@ -259,7 +260,7 @@ async def fetch_messages(
     if replica:
         try:
             return await _page(await router.pool(shard, replica=True), sql, args, q.limit)
-        except (OSError, pymysql.err.OperationalError) as exc:
+        except (OSError, asyncmy.errors.OperationalError) as exc:
             if not is_unavailable(exc):
                 raise
             router.mark_replica_down(shard)
@@ -267,18 +268,18 @@ async def fetch_messages(
 
 
 async def _page(
-    pool: aiomysql.Pool, sql: str, args: list[Any], limit: int
+    pool: asyncmy.Pool, sql: str, args: list[Any], limit: int
 ) -> tuple[list[dict[str, Any]], bool]:
     rows = await read_rows(pool, sql, args)
     return rows[:limit], len(rows) > limit
 
 
-async def read_rows(pool: aiomysql.Pool, sql: str, args: Any) -> list[dict[str, Any]]:
+async def read_rows(pool: asyncmy.Pool, sql: str, args: Any) -> list[dict[str, Any]]:
     """The rows of one SELECT, as dicts. The COMMIT that ends the transaction the SELECT opened
     (the pools are not autocommit, and a connection handed back inside a transaction is closed)
     goes in the same statement: one round trip to the server instead of two (the separate COMMIT
     was 29 % of py-spy's samples of a get by id; the drivers allow several statements a query)."""
-    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+    async with pool.acquire() as conn, conn.cursor(DictCursor) as cur:
         await cur.execute(f"{sql}; COMMIT", args)
         rows = list(await cur.fetchall())
         await cur.nextset()  # the COMMIT's answer
@@ -471,7 +472,7 @@ async def _primary_row(
     """The row as the primary has it now, deleted or not (a replica may lag behind a write)."""
     shard = shard_of(message_id)
     pool = await router.pool(shard)
-    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+    async with pool.acquire() as conn, conn.cursor(DictCursor) as cur:
         await cur.execute(
             f"SELECT {', '.join(columns)} FROM {router.table(shard, 'messages')} WHERE id = %s", (message_id,)
         )

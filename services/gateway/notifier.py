@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-import aiomysql
+import asyncmy
 import orjson
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import Counter, Gauge
@@ -232,7 +232,7 @@ class ChangeNotifier(Component):
     async def check_shards(self, shards: Iterable[int]) -> None:
         """Wake the streams of each shard where a change committed by the previous check has not
         come through the topic since. One query per server, whatever its number of shards."""
-        by_pool: dict[int, tuple[aiomysql.Pool, list[int]]] = {}
+        by_pool: dict[int, tuple[asyncmy.Pool, list[int]]] = {}
         for shard in sorted(shards):
             try:
                 pool = await self._router.pool(shard, write=False)

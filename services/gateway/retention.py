@@ -62,10 +62,9 @@ async def trim_changes(router: ShardRouter, shard: int, retention_s: float) -> i
                 (through, through),
             )
             while True:
-                await cur.execute(
+                deleted = await cur.execute(
                     f"DELETE FROM {changes} WHERE id <= %s ORDER BY id LIMIT {DELETE_BATCH}", (through,)
                 )
-                deleted = cur.rowcount
                 await conn.commit()
                 if deleted < DELETE_BATCH:
                     break

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import aiomysql
+import asyncmy
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
@@ -185,7 +185,7 @@ class ChangeRelay(Component):
         self.active = active
         _active.set(int(active))
 
-    async def _lead(self, conn: aiomysql.Connection) -> None:
+    async def _lead(self, conn: asyncmy.Connection) -> None:
         positions = await self._positions(conn)
         self._acked = dict(positions)
         saved = dict(positions)
@@ -210,7 +210,7 @@ class ChangeRelay(Component):
                     logger.error("relay tail failed: %r", r)
         await self._save_positions(conn, saved)  # draining: what the tails published last
 
-    async def _positions(self, conn: aiomysql.Connection) -> dict[int, int]:
+    async def _positions(self, conn: asyncmy.Connection) -> dict[int, int]:
         async with conn.cursor() as cur:
             await cur.execute(
                 f"SELECT shard_id, last_change_id FROM `{self._router.global_schema}`.relay_positions"
@@ -291,7 +291,7 @@ class ChangeRelay(Component):
         ]
         await asyncio.gather(*acks)
 
-    async def _save_positions(self, conn: aiomysql.Connection, saved: dict[int, int]) -> None:
+    async def _save_positions(self, conn: asyncmy.Connection, saved: dict[int, int]) -> None:
         """Write the acknowledged positions that moved since the last save, in one transaction."""
         moved = [(shard, pos) for shard, pos in self._acked.items() if saved.get(shard) != pos]
         if not moved:

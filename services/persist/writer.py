@@ -30,7 +30,7 @@ number of records (a statement per record was most of persist's time):
 5. check the shard bits of every id (the bug #199 guard), lock the shard's change order
    (:func:`lock_changes`), insert the change rows in one statement and commit.
 
-Values travel as SQL literals built per type (:func:`_values_sql`), the text aiomysql's escaping
+Values travel as SQL literals built per type (:func:`_values_sql`), the text the driver's escaping
 would produce, without its generic dispatch per value.
 
 Replays change nothing: a record is a no-op (and writes no change) unless its version, its
@@ -52,7 +52,7 @@ A write fails in one of three ways (:func:`classify`), and the worker treats eac
 - ``UNAVAILABLE``: the shard cannot take writes now, whatever the records: lost or refused
   connections, a server shutting down or read-only (a failover), too many connections, access
   denied, a schema that does not match the statement (a shard not yet migrated, or moved away:
-  pymysql's ProgrammingError), a shard fenced read-only for a move (``ShardReadOnly``), a write
+  the driver's ProgrammingError), a shard fenced read-only for a move (``ShardReadOnly``), a write
   that timed out, a shard missing from the map or refused by the
   bug #199 guard. None of these is one record's fault, so none may dead-letter one.
 - ``TRANSIENT``: the shard answered with an error that may pass (lock wait timeout, deadlock) or
@@ -69,17 +69,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Final
 
-import aiomysql
+import asyncmy.errors
 import orjson
-import pymysql
-from pymysql.constants import SERVER_STATUS
-from pymysql.converters import escape_item, escape_string
+from asyncmy.converters import escape_item, escape_string
+from asyncmy.cursors import Cursor
 
 from libs.db import insert_guarded
 from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_utc
@@ -141,8 +140,8 @@ _GUARDED_UPDATE: Final = ", ".join(
 )
 
 
-# MariaDB error numbers (pymysql.constants.ER, plus MariaDB's own) that say the data is at fault.
-# pymysql maps some of these to OperationalError, not DataError, so the number decides.
+# MariaDB error numbers (asyncmy.constants.ER, plus MariaDB's own) that say the data is at fault.
+# The driver maps some of these to OperationalError, not DataError, so the number decides.
 PERMANENT_DB_ERRORS: Final = frozenset({
     1048,  # BAD_NULL_ERROR: NULL in a NOT NULL column
     1153,  # NET_PACKET_TOO_LARGE: over max_allowed_packet (a smaller part may pass)
@@ -170,9 +169,9 @@ UNAVAILABLE_DB_ERRORS: Final = frozenset({
     2002, 2003, 2006, 2013, 2055,  # client: cannot connect, server gone, connection lost
 })  # fmt: skip
 _UNAVAILABLE_TYPES: Final = (
-    pymysql.err.InterfaceError,  # the connection is closed
-    pymysql.err.ProgrammingError,  # the schema does not match: no such table or column
-    pymysql.err.NotSupportedError,
+    asyncmy.errors.InterfaceError,  # the connection is closed
+    asyncmy.errors.ProgrammingError,  # the schema does not match: no such table or column
+    asyncmy.errors.NotSupportedError,
     TimeoutError,
     OSError,
     UnknownShard,
@@ -203,15 +202,15 @@ class UnstorableRecord(WriteError):
 
 
 def db_errno(exc: BaseException) -> int | None:
-    """The MariaDB (or client) error number of a pymysql error, if it has one."""
-    if isinstance(exc, pymysql.err.MySQLError) and exc.args and isinstance(exc.args[0], int):
+    """The MariaDB (or client) error number of a driver error, if it has one."""
+    if isinstance(exc, asyncmy.errors.MySQLError) and exc.args and isinstance(exc.args[0], int):
         return exc.args[0]
     return None
 
 
 def classify(exc: BaseException) -> Failure:
     """Which kind of failure ``exc`` is; see the module docstring."""
-    if isinstance(exc, UnstorableRecord | orjson.JSONEncodeError | pymysql.err.DataError):
+    if isinstance(exc, UnstorableRecord | orjson.JSONEncodeError | asyncmy.errors.DataError):
         return Failure.PERMANENT
     errno = db_errno(exc)
     if errno in PERMANENT_DB_ERRORS:
@@ -270,11 +269,15 @@ _NEEDS_ESCAPE: Final = re.compile(
 
 
 def _literal(value: Any) -> str:
-    """``value`` as an SQL literal, as aiomysql's Connection.escape writes it (binary strings
-    prefixed, times with their microseconds) on a server without NO_BACKSLASH_ESCAPES."""
+    """``value`` as an SQL literal, as asyncmy's Connection.literal writes it (binary strings
+    prefixed, times with their microseconds), from the driver's own escaping functions.
+
+    Backslash escapes are right on every connection: :func:`libs.db.connect` and
+    :func:`libs.db.create_pool` take NO_BACKSLASH_ESCAPES out of the session's sql_mode.
+    """
     kind = type(value)
-    # The types a row holds, most frequent first, tested inline: aiomysql's generic dispatch per
-    # value was a third of persist's time per record.
+    # The types a row holds, most frequent first, tested inline: the driver's generic dispatch
+    # per value (Connection.literal) costs half as much again as this over persist's rows.
     if kind is str:
         return f"'{value}'" if _NEEDS_ESCAPE.search(value) is None else f"'{escape_string(value)}'"
     if value is None:
@@ -292,17 +295,9 @@ def _literal(value: Any) -> str:
     return str(escape_item(value, "utf8mb4"))
 
 
-def _values_sql(rows: Iterable[Sequence[Any]], escape: Callable[[Any], str] = _literal) -> str:
+def _values_sql(rows: Iterable[Sequence[Any]]) -> str:
     """The rows as a list of parenthesised SQL literals, as in VALUES or IN."""
-    return ", ".join(["(" + ", ".join(map(escape, values)) + ")" for values in rows])
-
-
-def _escape(conn: aiomysql.Connection) -> Callable[[Any], str]:
-    """:func:`_literal`, or the connection's own escaping where the server runs with
-    NO_BACKSLASH_ESCAPES (quotes are then doubled, backslashes left)."""
-    if conn.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES:
-        return conn.escape  # type: ignore[no-any-return]
-    return _literal
+    return ", ".join(["(" + ", ".join(map(_literal, values)) + ")" for values in rows])
 
 
 def _json_or_null(items: list[Any]) -> str | None:
@@ -485,10 +480,9 @@ def _state(values: Sequence[Any]) -> RowState:
 
 
 async def _states(
-    cur: aiomysql.Cursor,
+    cur: Cursor,
     table: str,
     keys: Sequence[tuple[int, bytes]],
-    escape: Callable[[Any], str],
     prefix: str,
 ) -> dict[tuple[int, bytes], RowState]:
     """The stored states of ``keys``, locked (``FOR UPDATE``) for the rest of the transaction."""
@@ -496,7 +490,7 @@ async def _states(
         return {}
     await cur.execute(
         f"{prefix}SELECT account_id, message_key, {_STATE_COLUMNS} FROM {table}"
-        f" WHERE (account_id, message_key) IN ({_values_sql(keys, escape)}) FOR UPDATE"
+        f" WHERE (account_id, message_key) IN ({_values_sql(keys)}) FOR UPDATE"
     )
     return {(int(a), bytes(k)): _state(rest) for a, k, *rest in await cur.fetchall()}
 
@@ -519,7 +513,7 @@ def _checked_key(record: PostflightRecord) -> bytes:
         raise UnstorableRecord(record, f"{type(exc).__name__}: {exc}") from exc
 
 
-async def lock_changes(cur: aiomysql.Cursor, router: ShardRouter, shard: int, *, prefix: str = "") -> None:
+async def lock_changes(cur: Cursor, router: ShardRouter, shard: int, *, prefix: str = "") -> None:
     """Serialize the shard's change writers so change ids commit in order (see migration 0003).
 
     Call it right before inserting change rows, in the transaction that inserts them; ``prefix``
@@ -564,12 +558,11 @@ async def write_shard(
     async with pool.acquire() as conn:
         try:
             async with conn.cursor() as cur:
-                escape = _escape(conn)
-                reading = asyncio.ensure_future(_states(cur, table, keys, escape, prefix))
+                reading = asyncio.ensure_future(_states(cur, table, keys, prefix))
                 await asyncio.sleep(0)  # the query is sent: build the rows while the server reads
                 try:
                     rows = [row(r) for r in full]
-                    values_sql = _values_sql((values for values, _, _ in rows), escape)
+                    values_sql = _values_sql(values for values, _, _ in rows)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         await reading
@@ -620,7 +613,7 @@ async def write_shard(
                         shard,
                         f"INSERT INTO {router.table(shard, 'changes')}"
                         " (account_id, object_type, object_id, change_type, version) VALUES "
-                        + _values_sql(changes, escape),
+                        + _values_sql(changes),
                         rows=len(changes),
                     )
             await conn.commit()

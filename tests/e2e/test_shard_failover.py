@@ -50,7 +50,7 @@ async def test_a_killed_primary_fails_over_without_losing_an_acknowledged_write(
                     f"SELECT old_primary_port, new_primary_port, fenced, shard_map_version"
                     f" FROM `{s.global_db_name}`.cluster_failovers"
                 )
-                assert await cur.fetchall() == ((old, new, 0, shard_map.version),)
+                assert list(await cur.fetchall()) == [(old, new, 0, shard_map.version)]
         (cluster,) = shard_map.clusters.values()
         assert cluster.primary[1] == new and cluster.replica_host is None
         assert deployment.replica.query("SELECT @@read_only") == [["0"]]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import aiomysql
+import asyncmy
 import pytest
 
 from libs.config import DatabaseSettings
@@ -25,7 +25,7 @@ async def test_one_leads_and_a_standby_takes_over(db_settings: DatabaseSettings,
     resign = {"a": asyncio.Event(), "b": asyncio.Event()}
 
     def contender(name: str) -> asyncio.Task[None]:
-        async def lead(conn: aiomysql.Connection) -> None:
+        async def lead(conn: asyncmy.Connection) -> None:
             led.append(name)
             new_leader.set()
             await resign[name].wait()

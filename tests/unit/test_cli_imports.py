@@ -24,6 +24,7 @@ BENCH_LAYERS: Final = {
     "cli.bench.stats": 1,
     "cli.bench.profile": 1,
     "cli.bench.cpu": 1,
+    "cli.bench.rawsql": 1,
     "cli.bench.charts": 2,
     "cli.bench.drive": 2,
     "cli.bench.deploy": 2,

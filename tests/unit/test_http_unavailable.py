@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pymysql
+import asyncmy.errors
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -26,18 +26,18 @@ def _raised_from(cause: BaseException) -> Wrapped:
 @pytest.mark.parametrize(
     "exc",
     [
-        pymysql.err.OperationalError(2003, "Can't connect to MySQL server on '127.0.0.1'"),
-        pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"),
-        pymysql.err.OperationalError(2006, "MySQL server has gone away"),
-        pymysql.err.OperationalError(1040, "Too many connections"),
-        pymysql.err.OperationalError(1053, "Server shutdown in progress"),
-        pymysql.err.OperationalError(1927, "Connection was killed"),
-        pymysql.err.OperationalError(1205, "Lock wait timeout exceeded"),
-        pymysql.err.InterfaceError(0, "Not connected"),
+        asyncmy.errors.OperationalError(2003, "Can't connect to MySQL server on '127.0.0.1'"),
+        asyncmy.errors.OperationalError(2013, "Lost connection to MySQL server during query"),
+        asyncmy.errors.OperationalError(2006, "MySQL server has gone away"),
+        asyncmy.errors.OperationalError(1040, "Too many connections"),
+        asyncmy.errors.OperationalError(1053, "Server shutdown in progress"),
+        asyncmy.errors.OperationalError(1927, "Connection was killed"),
+        asyncmy.errors.OperationalError(1205, "Lock wait timeout exceeded"),
+        asyncmy.errors.InterfaceError(0, "Not connected"),
         ConnectionRefusedError(111, "Connection refused"),
         ShardReadOnly("shard 3 is read-only while it moves"),
         KafkaConnectionError(),
-        _raised_from(pymysql.err.OperationalError(2013, "Lost connection")),
+        _raised_from(asyncmy.errors.OperationalError(2013, "Lost connection")),
     ],
 )
 def test_unavailable(exc: BaseException) -> None:
@@ -47,10 +47,10 @@ def test_unavailable(exc: BaseException) -> None:
 @pytest.mark.parametrize(
     "exc",
     [
-        pymysql.err.OperationalError(1054, "Unknown column 'x' in 'field list'"),
-        pymysql.err.ProgrammingError(1064, "You have an error in your SQL syntax"),
-        pymysql.err.IntegrityError(1062, "Duplicate entry"),
-        pymysql.err.DataError(1406, "Data too long"),
+        asyncmy.errors.OperationalError(1054, "Unknown column 'x' in 'field list'"),
+        asyncmy.errors.ProgrammingError(1064, "You have an error in your SQL syntax"),
+        asyncmy.errors.IntegrityError(1062, "Duplicate entry"),
+        asyncmy.errors.DataError(1406, "Data too long"),
         UnknownShard("shard 99 is not in the shard map"),
         KeyError("id"),
         AssertionError(),
@@ -73,7 +73,9 @@ async def _client(exc: Exception) -> TestClient[web.Request, web.Application]:
 
 
 async def test_middleware_answers_503_with_retry_after_and_no_address() -> None:
-    client = await _client(pymysql.err.OperationalError(2003, "Can't connect to MySQL server on '10.1.2.3'"))
+    client = await _client(
+        asyncmy.errors.OperationalError(2003, "Can't connect to MySQL server on '10.1.2.3'")
+    )
     try:
         resp = await client.get("/")
         doc = await resp.json(content_type=None)
@@ -88,7 +90,7 @@ async def test_middleware_answers_503_with_retry_after_and_no_address() -> None:
 
 
 async def test_middleware_keeps_a_bug_a_500() -> None:
-    client = await _client(pymysql.err.OperationalError(1054, "Unknown column 'x'"))
+    client = await _client(asyncmy.errors.OperationalError(1054, "Unknown column 'x'"))
     try:
         resp = await client.get("/")
         assert (resp.status, resp.content_type) == (500, "application/problem+json")

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, cast
 
+import asyncmy.errors
 import orjson
-import pymysql
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from pydantic import ValidationError
@@ -30,7 +30,7 @@ SHARD = 3
 ACCOUNT = SHARD << 48 | 77
 
 
-def _db(errno: int, cls: type[pymysql.err.MySQLError] = pymysql.err.OperationalError) -> Exception:
+def _db(errno: int, cls: type[asyncmy.errors.MySQLError] = asyncmy.errors.OperationalError) -> Exception:
     error: Exception = cls(errno, "server said no")
     return error
 
@@ -38,14 +38,14 @@ def _db(errno: int, cls: type[pymysql.err.MySQLError] = pymysql.err.OperationalE
 @pytest.mark.parametrize(
     "exc",
     [
-        _db(1406, pymysql.err.DataError),  # data too long
-        _db(1264, pymysql.err.DataError),  # out of range
-        _db(1292),  # incorrect datetime value (pymysql calls it an OperationalError)
-        _db(1366, pymysql.err.DataError),  # incorrect string value
-        _db(1048, pymysql.err.IntegrityError),  # NULL in a NOT NULL column
+        _db(1406, asyncmy.errors.DataError),  # data too long
+        _db(1264, asyncmy.errors.DataError),  # out of range
+        _db(1292),  # incorrect datetime value (the driver calls it an OperationalError)
+        _db(1366, asyncmy.errors.DataError),  # incorrect string value
+        _db(1048, asyncmy.errors.IntegrityError),  # NULL in a NOT NULL column
         _db(4025),  # a CHECK, such as json_valid, failed
         _db(1153),  # over max_allowed_packet
-        pymysql.err.DataError(9999, "any other data error"),
+        asyncmy.errors.DataError(9999, "any other data error"),
         orjson.JSONEncodeError("Integer exceeds 64-bit range"),
         UnstorableRecord(cast(PostflightRecord, None), "occurred_at: out of range"),
     ],
@@ -63,8 +63,8 @@ def test_permanent(exc: Exception) -> None:
         _db(2006),  # server has gone away
         _db(1040),  # too many connections
         _db(1290),  # read-only during a failover
-        pymysql.err.InterfaceError(0, ""),  # a closed connection
-        pymysql.err.ProgrammingError(1146, "no such table"),  # a shard not migrated yet
+        asyncmy.errors.InterfaceError(0, ""),  # a closed connection
+        asyncmy.errors.ProgrammingError(1146, "no such table"),  # a shard not migrated yet
         _db(1045),  # access denied
         TimeoutError(),
         ConnectionRefusedError(),
@@ -79,7 +79,7 @@ def test_unavailable(exc: Exception) -> None:
 
 @pytest.mark.parametrize(
     "exc",
-    [_db(1205), _db(1213), _db(1105), pymysql.err.InternalError(1815, "internal"), RuntimeError("?")],
+    [_db(1205), _db(1213), _db(1105), asyncmy.errors.InternalError(1815, "internal"), RuntimeError("?")],
     ids=repr,
 )
 def test_transient(exc: Exception) -> None:
@@ -241,7 +241,7 @@ async def test_the_main_loop_parks_a_transient_batch_uncharged(monkeypatch: pyte
 
 
 async def test_a_permanent_failure_is_bisected_to_its_record(monkeypatch: pytest.MonkeyPatch) -> None:
-    writes = _FailingWrites({"k5": _db(1406, pymysql.err.DataError)})
+    writes = _FailingWrites({"k5": _db(1406, asyncmy.errors.DataError)})
     monkeypatch.setattr(worker_module, "write_shard", writes)
     producer = _Producer()
     keys = [f"k{i}" for i in range(8)]

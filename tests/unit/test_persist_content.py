@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from asyncmy.converters import escape_bytes_prefixed, escape_item, escape_string
 from hypothesis import given
 from hypothesis import strategies as st
-from pymysql.converters import escape_bytes_prefixed, escape_item, escape_string
 
 from libs.events import AttachmentInfo, MessageDoc, MessageFlags, MessagePatch, PostflightRecord
 from libs.messages import BODY_RAW, ERASABLE_COLUMNS
@@ -95,7 +95,8 @@ def test_both_versions_are_assigned_last() -> None:
 
 
 def _escaped(value: Any) -> str:
-    """aiomysql's Connection.escape on a server without NO_BACKSLASH_ESCAPES."""
+    """asyncmy's Connection.escape on a session without NO_BACKSLASH_ESCAPES (as libs.db opens
+    every one)."""
     if isinstance(value, str):
         return f"'{escape_string(value)}'"
     if isinstance(value, bytes):
@@ -115,7 +116,7 @@ _text = st.text(st.characters(codec="utf-8"), max_size=30)
     occurred_at=st.datetimes(datetime(1001, 1, 1), datetime(9998, 1, 1), timezones=st.just(UTC)),
     deleted=st.booleans(),
 )
-def test_the_upsert_literals_are_what_aiomysql_would_send(
+def test_the_upsert_literals_are_what_the_driver_would_send(
     key: str,
     subject: str,
     body: str | None,

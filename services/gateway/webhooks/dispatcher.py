@@ -64,7 +64,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Final
 
 import aiohttp
-import aiomysql
+import asyncmy
 import orjson
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import Counter, Gauge, Histogram
@@ -469,7 +469,7 @@ class WebhookDispatcher(Component):
         self.leading = leading
         _active.set(int(leading))
 
-    async def _deliver(self, conn: aiomysql.Connection) -> None:
+    async def _deliver(self, conn: asyncmy.Connection) -> None:
         """While leading: wake the lanes with pending work, prune the log, check the lock."""
         s = self._settings
         next_prune = time.monotonic()

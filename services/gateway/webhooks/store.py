@@ -516,7 +516,7 @@ class WebhookStore:
         now = utcnow()  # naive UTC like every other time here, not the server's CURRENT_TIMESTAMP
         async with self._router.global_pool.acquire() as conn, conn.cursor() as cur:
             try:
-                await cur.execute(
+                count = await cur.execute(
                     f"INSERT INTO {self._t('webhook_deliveries')} (endpoint_id, account_id, change_id,"
                     " dedupe, webhook_id, event_type, payload, replay_of, event_at, created_at,"
                     " next_attempt_at)"
@@ -525,7 +525,6 @@ class WebhookStore:
                     f" WHERE endpoint_id = %s AND id IN ({placeholders}) ORDER BY id",
                     [now, now, endpoint_id, *delivery_ids],
                 )
-                count = int(cur.rowcount)
                 await conn.commit()
             except BaseException:
                 await conn.rollback()
@@ -558,13 +557,12 @@ class WebhookStore:
         async with self._router.global_pool.acquire() as conn, conn.cursor() as cur:
             try:
                 # deliveries of a disabled endpoint wait for it only as long as the log is kept
-                await cur.execute(
+                expired = await cur.execute(
                     f"UPDATE {self._t('webhook_deliveries')} SET state = 'cancelled', finished_at = %s,"
                     " last_error = 'expired while the endpoint was disabled'"
                     " WHERE state = 'pending' AND created_at < %s LIMIT %s",
                     (utcnow(), finished_before, limit),
                 )
-                expired = int(cur.rowcount)
                 if not ids:
                     await conn.commit()
                     return expired

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import aioimaplib
-import aiomysql
+import asyncmy.errors
 import prometheus_client
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -66,7 +66,7 @@ SOURCE: Final = "imap"
 INBOX: Final = "INBOX"
 _STATUS_UIDVALIDITY: Final = re.compile(rb"UIDVALIDITY (\d{1,19})\b")
 _STATUS_ITEM: Final = re.compile(rb"(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d{1,19})\b", re.IGNORECASE)
-_TRANSIENT: Final = (ImapError, OSError, TimeoutError, KafkaError, aiomysql.Error, ShardError)
+_TRANSIENT: Final = (ImapError, OSError, TimeoutError, KafkaError, asyncmy.errors.Error, ShardError)
 
 EVENTS: Final = prometheus_client.Counter(
     "flightlog_imap_events", "Events produced by IMAP sync, by type", ["type"]
