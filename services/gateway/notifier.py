@@ -10,6 +10,9 @@ Two feeds wake streams:
 * **flightlog.changes**, where the change relay publishes every committed change row (see
   :mod:`services.persist.relay`). A consumer without a group reads every partition from its end
   and wakes the streams of each message's account within milliseconds of the relay's publish.
+  The record's key is its account id: a record of an account no stream watches is not parsed,
+  except the last of each shard in each partition of a poll, whose change id (the highest of that
+  shard there, as the relay publishes in id order) is all the safety check needs of it.
 * **A safety check per shard**, every ``gateway_delta_recheck_s``, for the shards that have
   streams: it reads each shard's newest change id (one query per server), and when a change that
   was already committed at the previous check has still not come through the topic (the relay is
@@ -36,7 +39,7 @@ from typing import Final
 
 import asyncmy
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from prometheus_client import Counter, Gauge
 
 from libs.aio import wait_for
@@ -61,6 +64,16 @@ _subscribed = Gauge(
 )
 _checks = Counter("flightlog_gateway_delta_checks_total", "Safety checks (one query per server)")
 _feed_up = Gauge("flightlog_gateway_delta_feed_up", "1 while the notifier consumes flightlog.changes")
+
+
+def _account_of(key: bytes | None) -> int | None:
+    """The account id a flightlog.changes key names (the relay keys by it), None if it names none."""
+    if key is None or not key.isdigit():  # isdigit: ASCII digits only, no sign, space or underscore
+        return None
+    try:
+        return int(key)
+    except ValueError:  # longer than int()'s digit limit
+        return None
 
 
 @dataclass(eq=False, slots=True)
@@ -185,6 +198,18 @@ class ChangeNotifier(Component):
         await stopping.wait()
         self.wake_all("stop")
 
+    def _on_records(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
+        """One partition's records of a poll, in order; see the module docstring."""
+        last_unwatched: dict[int, bytes | None] = {}  # shard -> value of its last unwatched record
+        for record in records:
+            account_id = _account_of(record.key)
+            if account_id is None or account_id in self._subs:
+                self._on_record(record.value)
+            else:
+                last_unwatched[shard_of(account_id)] = record.value
+        for value in last_unwatched.values():
+            self._on_record(value)
+
     def _on_record(self, value: bytes | None) -> None:
         try:
             change = orjson.loads(value or b"")
@@ -209,8 +234,7 @@ class ChangeNotifier(Component):
                         _feed_up.set(1)
                         self.wake_all("feed")
                     for records in batches.values():
-                        for record in records:
-                            self._on_record(record.value)
+                        self._on_records(records)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -265,30 +265,25 @@ class ChangeRelay(Component):
     async def _publish(self, shard: int, rows: Sequence[Sequence[Any]]) -> None:
         """Publish ``rows`` (in change id order) and wait for Kafka's acks.
 
-        One record batch per partition rather than a send per change (a future, a size estimate
-        and a pure-Python murmur2 hash each), with every account's partition computed once by
-        the producer's own partitioner, so an account's changes land where they always did.
+        A ``send`` per change, to the partition the producer's own partitioner gives its account
+        (computed once per account), so an account's changes land where they always did. The
+        shards' tails publish at the same moments (one writer commit wakes every shard it
+        wrote), and ``send`` puts all their changes of one moment into the producer's open batch
+        of each partition, one produce request for them all. A record batch per publish
+        (``send_batch``) queued behind the other shards' batches of the same partition, one
+        request each: 2.2 changes per produce request at 2,000 events/s over 16 shards.
         """
         partitions = list(await self._producer.partitions_for(self._topic))
         if partitions != self._partitions:
             self._partitions, self._partition_of = partitions, {}
         elif len(self._partition_of) > _MAX_CACHED_ACCOUNTS:
             self._partition_of = {}
-        batches: dict[int, list[Any]] = {}
+        acks = []
         for key, value in (change_message(shard, r) for r in rows):
             partition = self._partition_of.get(key)
             if partition is None:
                 partition = self._partition_of[key] = _PARTITIONER(key, partitions, partitions)
-            builders = batches.setdefault(partition, [])
-            if not builders or builders[-1].append(key=key, value=value, timestamp=None) is None:
-                builders.append(self._producer.create_batch())
-                if builders[-1].append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"change {value[:60]!r} does not fit in a record batch")
-        acks = [
-            await self._producer.send_batch(builder, self._topic, partition=partition)
-            for partition, builders in batches.items()
-            for builder in builders
-        ]
+            acks.append(await self._producer.send(self._topic, value, key=key, partition=partition))
         await asyncio.gather(*acks)
 
     async def _save_positions(self, conn: asyncmy.Connection, saved: dict[int, int]) -> None:

@@ -10,9 +10,10 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import ConsumerRecord
 from prometheus_client import REGISTRY
 
-from libs.ids import make_id
+from libs.ids import make_id, shard_of
 from libs.shards import ShardRouter
 from services.gateway.metrics import UNMATCHED, request_metrics_middleware
 from services.gateway.notifier import CATCH_UP_TRIES, ChangeNotifier, Subscription
@@ -76,6 +77,46 @@ async def test_malformed_topic_messages_are_skipped(caplog: pytest.LogCaptureFix
         notifier._on_record(orjson.dumps({"account_id": str(A), "shard": 1, "change_id": str(make_id(1, 7))}))
         assert sub.event.is_set() and sub.notified == make_id(1, 7)
     assert caplog.text.count("malformed") == 5
+
+
+def _change(
+    account_id: int | None, change_id: int, *, key: bytes | None = None
+) -> ConsumerRecord[bytes, bytes]:
+    """A flightlog.changes record as the relay publishes it (key: the account id)."""
+    value = orjson.dumps(
+        {"account_id": str(account_id), "shard": 0 if account_id is None else shard_of(account_id),
+         "change_id": str(change_id)}
+    )  # fmt: skip
+    if key is None and account_id is not None:
+        key = str(account_id).encode()
+    return ConsumerRecord("changes", 0, 0, 0, 0, key, value, None, 0, len(value), [])
+
+
+async def test_records_of_unwatched_accounts_are_not_parsed_but_the_last_of_each_shard(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    notifier = _notifier()
+    c = make_id(1, 30)  # a third account, on A's shard, that no stream watches
+    malformed = ConsumerRecord("changes", 0, 0, 0, 0, str(c).encode(), b"{", None, 0, 1, [])
+    with notifier.subscribe(A) as a, caplog.at_level(logging.WARNING):
+        notifier._on_records(
+            [malformed, _change(c, make_id(1, 5)), _change(A, make_id(1, 6)), _change(B, make_id(2, 7)),
+             _change(c, make_id(1, 8))]
+        )  # fmt: skip
+        assert a.event.is_set() and a.notified == make_id(1, 6)
+    assert "malformed" not in caplog.text  # an unwatched record before the last: never parsed
+    # the safety check knows how far each shard came through the topic, watched or not
+    assert notifier._seen == {1: make_id(1, 8), 2: make_id(2, 7)}
+
+
+async def test_a_record_whose_key_names_no_account_is_parsed(caplog: pytest.LogCaptureFixture) -> None:
+    notifier = _notifier()
+    with notifier.subscribe(A) as a, caplog.at_level(logging.WARNING):
+        for key in (None, b"", b"+1", b" 1", b"1_0", b"x", b"9" * 5000):
+            notifier._on_records([_change(A, make_id(1, 9), key=key)])
+        assert a.event.is_set() and a.notified == make_id(1, 9)
+        notifier._on_records([ConsumerRecord("changes", 0, 0, 0, 0, None, b"[]", None, 0, 2, [])])
+    assert caplog.text.count("malformed") == 1
 
 
 async def test_stopping_wakes_every_stream() -> None:
