@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 from cachetools import TTLCache
 
 from libs.db import insert_guarded
 from libs.ids import shard_of
-from libs.shards import SIZE_BUCKET_BYTES, ShardRouter, UnknownShard, shard_sizes
+from libs.shards import SIZE_BUCKET_BYTES, ShardMoved, ShardRouter, UnknownShard, schema_gone, shard_sizes
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -329,6 +329,22 @@ class AccountDirectory:
         shard = shard_of(account_id)
         if shard not in self._router.shard_map.shard_cluster:
             return None
+        try:
+            row = await self._account_row(shard, account_id)
+        except Exception as exc:
+            # A move finished and dropped the copy this (stale) map points at: read the map again.
+            if not schema_gone(exc):
+                raise
+            if not await self._router.reload():
+                raise ShardMoved(f"shard {shard} is not where the shard map says") from exc
+            row = await self._account_row(shard, account_id)
+        if row is None:
+            self._unknown_accounts[account_id] = True
+            return None
+        account = self._accounts[account_id] = Account(int(row[0]), int(row[1]), row[2], row[3])
+        return account
+
+    async def _account_row(self, shard: int, account_id: int) -> tuple[Any, ...] | None:
         pool = await self._router.pool(shard, write=False)
         async with pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
@@ -338,11 +354,7 @@ class AccountDirectory:
             )
             row = await cur.fetchone()
             await conn.commit()
-        if row is None:
-            self._unknown_accounts[account_id] = True
-            return None
-        account = self._accounts[account_id] = Account(int(row[0]), int(row[1]), row[2], row[3])
-        return account
+        return None if row is None else tuple(row)
 
     async def owned_account(self, application_id: int, account_id: int) -> Account | None:
         """The account if it exists and belongs to the application; None otherwise (alike)."""

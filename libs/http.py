@@ -17,7 +17,8 @@ model is answered the same way (:func:`invalid_body`: 422 with one ``errors`` en
 
 What counts as "unavailable" (503 with ``Retry-After``, see :func:`is_unavailable`): a MariaDB
 server that refuses, drops or kills the connection, is shutting down, has too many connections, or
-times out a lock; a closed connection; an exception whose class says ``retriable = True`` (our
+times out a lock; a closed connection; a shard schema that is gone (read through a map older than
+a finished move: :func:`libs.shards.schema_gone`); an exception whose class says ``retriable = True`` (our
 libs' and aiokafka's convention, e.g. :class:`libs.shards.ShardReadOnly`). A syntax error, an
 unknown column or any other bug stays a 500, so it is seen and fixed rather than retried.
 
@@ -40,6 +41,8 @@ import orjson
 from aiohttp import web, web_protocol, web_request, web_server
 from asyncmy.constants import CR, ER
 from pydantic import ValidationError
+
+from libs.shards import schema_gone
 
 __all__ = [
     "DEFAULT_RETRY_AFTER_S",
@@ -176,6 +179,8 @@ def _unavailable_one(exc: BaseException) -> bool:
         return code in _UNAVAILABLE_CODES
     if isinstance(exc, asyncmy.errors.InterfaceError):
         return True  # the driver: the connection is closed or was never opened
+    if schema_gone(exc):
+        return True  # read through a map older than a finished move; the next reload follows it
     if isinstance(exc, ConnectionError):
         return True
     return getattr(type(exc), "retriable", False) is True

@@ -16,7 +16,9 @@ Exceptions::
 
     ShardError            root
     ├── UnknownShard      no such shard in the map
-    └── ShardReadOnly     the shard is being moved; writes must wait
+    ├── ShardReadOnly     the shard is being moved; writes must wait
+    └── ShardMoved        the shard's schema is gone from the cluster this map names: the map
+                          is stale (a move finished and dropped the old copy); retry
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 import asyncmy
 import asyncmy.errors
@@ -43,11 +46,13 @@ __all__ = [
     "Cluster",
     "ShardError",
     "ShardMap",
+    "ShardMoved",
     "ShardReadOnly",
     "ShardRouter",
     "UnknownShard",
     "load_shard_map",
     "register_clusters",
+    "schema_gone",
     "schema_sizes",
     "shard_sizes",
     "spread_shards",
@@ -66,6 +71,22 @@ class UnknownShard(ShardError):
 
 class ShardReadOnly(ShardError):
     retriable = True
+
+
+class ShardMoved(ShardError):
+    retriable = True
+
+
+# No such table / no such database: what a read through a stale map meets once a finished move
+# has dropped the shard's old copy.
+_SCHEMA_GONE: Final = frozenset({1146, 1049})
+
+
+def schema_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server saying the schema or table asked for does not exist."""
+    if not isinstance(exc, asyncmy.errors.ProgrammingError | asyncmy.errors.OperationalError):
+        return False
+    return bool(exc.args) and exc.args[0] in _SCHEMA_GONE
 
 
 @dataclass(frozen=True, slots=True)

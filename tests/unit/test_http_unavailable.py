@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.errors import KafkaConnectionError
 
 from libs.http import is_unavailable, problem_middleware
-from libs.shards import ShardReadOnly, UnknownShard
+from libs.shards import ShardMoved, ShardReadOnly, UnknownShard
 
 
 class Wrapped(Exception):
@@ -36,6 +36,10 @@ def _raised_from(cause: BaseException) -> Wrapped:
         asyncmy.errors.InterfaceError(0, "Not connected"),
         ConnectionRefusedError(111, "Connection refused"),
         ShardReadOnly("shard 3 is read-only while it moves"),
+        # a read through a map older than a finished move, which dropped the old copy
+        asyncmy.errors.ProgrammingError(1146, "Table 'flightlog_shard_0016.accounts' doesn't exist"),
+        asyncmy.errors.OperationalError(1049, "Unknown database 'flightlog_shard_0016'"),
+        ShardMoved("shard 16 is not where the shard map says"),
         KafkaConnectionError(),
         _raised_from(asyncmy.errors.OperationalError(2013, "Lost connection")),
     ],
