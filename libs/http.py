@@ -174,13 +174,13 @@ def problem_response(
 
 
 def _unavailable_one(exc: BaseException) -> bool:
+    if schema_gone(exc):
+        return True  # read through a map older than a finished move; the next reload follows it
     if isinstance(exc, asyncmy.errors.OperationalError | asyncmy.errors.InternalError):
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
         return code in _UNAVAILABLE_CODES
     if isinstance(exc, asyncmy.errors.InterfaceError):
         return True  # the driver: the connection is closed or was never opened
-    if schema_gone(exc):
-        return True  # read through a map older than a finished move; the next reload follows it
     if isinstance(exc, ConnectionError):
         return True
     return getattr(type(exc), "retriable", False) is True
