@@ -275,14 +275,14 @@ async def _page(
 
 
 async def read_rows(pool: asyncmy.Pool, sql: str, args: Any) -> list[dict[str, Any]]:
-    """The rows of one SELECT, as dicts. The COMMIT that ends the transaction the SELECT opened
-    (the pools are not autocommit, and a connection handed back inside a transaction is closed)
-    goes in the same statement: one round trip to the server instead of two (the separate COMMIT
-    was 29 % of py-spy's samples of a get by id; the drivers allow several statements a query)."""
+    """The rows of one SELECT, as dicts, and the COMMIT that ends the transaction it opened (the
+    pools are not autocommit). Not ``SELECT ...; COMMIT`` in one round trip: asyncmy's pool then
+    still sees the connection inside a transaction and closes it, so every request opened a new
+    connection (measured: 1,089 vs 6,667 reads/s, 584 vs 70 us of client CPU each)."""
     async with pool.acquire() as conn, conn.cursor(DictCursor) as cur:
-        await cur.execute(f"{sql}; COMMIT", args)
+        await cur.execute(sql, args)
         rows = list(await cur.fetchall())
-        await cur.nextset()  # the COMMIT's answer
+        await conn.commit()
     return rows
 
 
