@@ -53,19 +53,21 @@ test-unit: install
 	$(PY) -m pytest tests/unit tests/mime_corpus $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check libs services cli tests
-	$(VENV)/bin/ruff format --check libs services cli tests
+	$(VENV)/bin/ruff check libs services cli tests examples
+	$(VENV)/bin/ruff format --check libs services cli tests examples
 
 format: install
-	$(VENV)/bin/ruff check --fix libs services cli tests
-	$(VENV)/bin/ruff format libs services cli tests
+	$(VENV)/bin/ruff check --fix libs services cli tests examples
+	$(VENV)/bin/ruff format libs services cli tests examples
 
 mypy: install
-	$(VENV)/bin/mypy libs services cli tests
+	$(VENV)/bin/mypy libs services cli tests examples
 
-# What CI runs before the tests: lint, types and the generated configuration document.
+# What CI runs before the tests: lint, types and the generated documents (configuration, topic
+# schemas).
 check: lint mypy
 	$(PY) -m cli.config_docs --check
+	$(PY) -m cli.topic_schemas --check
 
 # Pin what the tests pass with: a fresh venv from pyproject.toml alone, frozen.
 constraints:
