@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import dockerfile
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -78,7 +79,8 @@ FLIGHTLOG_ENV = {
 }
 DRAIN_TIMEOUT_S = 25
 GRACE_PERIOD_S = 30
-INIT_COMMANDS = ("flightlog topics create", "flightlog db migrate")
+INIT_COMMANDS = ("flightlog topics create", "flightlog db migrate")  # compose's init, in this order
+K8S_INIT_COMMAND = "flightlog db migrate"  # the Job's: Strimzi creates the topics (KafkaTopic)
 
 FLIGHTLOG_VAR = re.compile(r"\bFLIGHTLOG_[A-Z0-9_]+")
 
@@ -153,6 +155,105 @@ def _k8s(kind: str) -> dict[str, dict[str, Any]]:
 
 def _k8s_validate(doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+# Custom resources ----------------------------------------------------------------------------
+# kubernetes-validate knows only the built-in kinds. The KEDA and Prometheus Operator kinds are
+# checked against JSON Schemas of the cloudcoil-models-* packages' pydantic models, which are
+# generated from those projects' CRDs (versions pinned in constraints.txt); Strimzi's KafkaTopic,
+# which no package ships, against the spec part of its CRD's openAPIV3Schema (v1beta2, Strimzi's
+# packaging/install/cluster-operator/043-Crd-kafkatopic.yaml), restated below. Unknown fields are
+# errors, as with kubernetes-validate's strict mode and kubectl's strict field validation.
+
+KAFKA_TOPIC_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "kafka.strimzi.io/v1beta2"},
+        "kind": {"const": "KafkaTopic"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "properties": {
+                "partitions": {"type": "integer", "minimum": 1},
+                "replicas": {"type": "integer", "minimum": 1, "maximum": 32767},
+                "config": {"type": "object"},
+                "topicName": {"type": "string"},
+            },
+        },
+    },
+}
+
+
+def _closed(node: Any) -> Any:
+    """``node`` with ``additionalProperties: false`` on every object schema that lists properties."""
+    if isinstance(node, list):
+        return [_closed(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _closed(v) for k, v in node.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
+
+    schemas = {
+        (model.model_fields["api_version"].default, model.__name__): model.model_json_schema(by_alias=True)
+        for model in (ScaledObject, ServiceMonitor, PrometheusRule)
+    }
+    schemas[("kafka.strimzi.io/v1beta2", "KafkaTopic")] = KAFKA_TOPIC_SCHEMA
+    return {key: _closed(schema) for key, schema in schemas.items()}
+
+
+CRD_SCHEMAS = _crd_schemas()
+
+
+def _crd_errors(doc: dict[str, Any]) -> list[str]:
+    schema = CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])]
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def _validation_errors(doc: dict[str, Any]) -> list[str]:
+    """What the built-in or custom resource schema says of ``doc``."""
+    if (doc.get("apiVersion"), doc.get("kind")) in CRD_SCHEMAS:
+        return _crd_errors(doc)
+    try:
+        _k8s_validate(doc)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{'.'.join(map(str, exc.path))}: {exc.message}"]
+    except kubernetes_validate.SchemaNotFoundError as exc:  # unknown kind or apiVersion
+        return [exc.message]
+    return []
+
+
+def _rendered() -> list[dict[str, Any]]:
+    """What `kubectl apply -k deploy/k8s` sends (kustomize is not installed here): the resources in
+    order, then the generated ConfigMaps, with the kustomization's namespace, labels and images."""
+    kustomization = yaml.safe_load(KUSTOMIZATION.read_text())
+    docs: list[dict[str, Any]] = []
+    for name in kustomization["resources"]:
+        docs.extend(d for d in yaml.safe_load_all((K8S_DIR / name).read_text()) if d)
+    for generator in kustomization.get("configMapGenerator", []):
+        options = generator.get("options", {})
+        assert options.get("disableNameSuffixHash") is True, generator["name"]  # a fixed name
+        data = {Path(f).name: (K8S_DIR / f).read_text() for f in generator["files"]}
+        metadata = {"name": generator["name"], "labels": dict(options.get("labels", {}))}
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    images = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in kustomization["images"]}
+    common = {k: v for label in kustomization.get("labels", []) for k, v in label["pairs"].items()}
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = kustomization["namespace"]
+        doc["metadata"]["labels"] = {**doc["metadata"].get("labels", {}), **common}
+        template = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in template.get("containers", []):
+            container["image"] = images.get(container["image"], container["image"])
+    return docs
 
 
 def _workloads() -> dict[str, dict[str, Any]]:
@@ -268,10 +369,17 @@ def test_compose_infrastructure() -> None:
     assert "healthcheck" in kafka
 
     for name in ("mysql-1", "mysql-2"):
-        mysql = services[name]
-        assert mysql["image"] == "mysql:8.4", name
-        assert "mysqladmin ping" in _command_text(mysql["healthcheck"]["test"]), name
-        assert _env_map(mysql["environment"])["MYSQL_ROOT_PASSWORD"], name
+        mariadb = services[name]
+        # the server the tests run: Debian 12's mariadb-server is 10.11 (cli/stack.py starts it)
+        assert mariadb["image"] == "mariadb:10.11", name
+        assert _command_text(mariadb["healthcheck"]["test"]) == "CMD healthcheck.sh --connect --innodb_initialized"
+        assert _env_map(mariadb["environment"])["MARIADB_ROOT_PASSWORD"], name
+        # the server settings of the local stack (cli/stack.py) that the schemas rely on
+        assert {
+            "--character-set-server=utf8mb4",
+            "--collation-server=utf8mb4_bin",
+            "--transaction-isolation=READ-COMMITTED",
+        } <= set(mariadb["command"]), name
 
     named = set()
     for name in ("kafka", "mysql-1", "mysql-2"):
@@ -281,7 +389,7 @@ def test_compose_infrastructure() -> None:
     assert named == volumes == {"kafka-data", "mysql-1-data", "mysql-2-data"}
 
     # database password: the same value for the MySQL root user and the flightlog services
-    passwords = {_env_map(services[n]["environment"])["MYSQL_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")}
+    passwords = {_env_map(services[n]["environment"])["MARIADB_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")}
     passwords |= {
         _env_map(services[n]["environment"])["FLIGHTLOG_DB_PASSWORD"] for n in (*SERVICE_PORTS, "init")
     }
@@ -303,13 +411,36 @@ def test_k8s_manifest_is_valid(path: Path) -> None:
     errors = []
     for doc in docs:
         where = f"{path.name} {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-        try:
-            _k8s_validate(doc)
-        except kubernetes_validate.ValidationError as exc:
-            errors.append(f"{where}: {'.'.join(map(str, exc.path))}: {exc.message}")
-        except kubernetes_validate.SchemaNotFoundError as exc:  # unknown kind or apiVersion
-            errors.append(f"{where}: {exc.message}")
+        errors.extend(f"{where}: {error}" for error in _validation_errors(doc))
     assert not errors, "\n".join(errors)
+
+
+def test_the_rendered_kustomization_is_valid() -> None:
+    errors = []
+    for doc in _rendered():
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        errors.extend(f"{where}: {error}" for error in _validation_errors(doc))
+    assert not errors, "\n".join(errors)
+
+
+def test_custom_resource_validation_rejects_invalid_resources() -> None:
+    scaled = yaml.safe_load(yaml.safe_dump(_k8s("ScaledObject")["transform"]))
+    assert not _crd_errors(scaled)
+    scaled["spec"]["maxReplicas"] = scaled["spec"].pop("maxReplicaCount")  # the HPA's field name
+    assert any("maxReplicas" in e for e in _crd_errors(scaled))
+    del scaled["spec"]["scaleTargetRef"]
+    assert any("scaleTargetRef" in e for e in _crd_errors(scaled))
+    rule = yaml.safe_load(yaml.safe_dump(_k8s("PrometheusRule")["flightlog"]))
+    rule["spec"]["groups"][0]["rules"][0]["expression"] = rule["spec"]["groups"][0]["rules"][0].pop("expr")
+    assert _crd_errors(rule)
+    monitor = yaml.safe_load(yaml.safe_dump(_k8s("ServiceMonitor")["flightlog"]))
+    monitor["spec"]["endpoints"][0]["interval"] = 30  # a duration string
+    assert _crd_errors(monitor)
+    topic = yaml.safe_load(yaml.safe_dump(next(iter(_k8s("KafkaTopic").values()))))
+    topic["spec"]["partitions"] = 0
+    assert _crd_errors(topic)
+    topic["spec"] = {"partitions": 6, "replication": 3}
+    assert _crd_errors(topic)
 
 
 def test_k8s_validation_rejects_invalid_manifests() -> None:
@@ -339,6 +470,8 @@ def test_kustomization_lists_every_manifest() -> None:
     resources = kustomization["resources"]
     assert len(resources) == len(set(resources))
     assert sorted(resources) == sorted(p.name for p in _manifest_files())
+    generated = [f for g in kustomization["configMapGenerator"] for f in g["files"]]
+    assert sorted(generated) == sorted(str(p.relative_to(K8S_DIR)) for p in K8S_DIR.glob("*/*.json"))
     assert [i["name"] for i in kustomization["images"]] == ["flightlog"]
 
 
@@ -402,7 +535,8 @@ def test_k8s_services_expose_gateway_and_ingest() -> None:
     deployments = _workloads()
     headless = {name for name, svc in services.items() if svc["spec"].get("clusterIP") == "None"}
     assert set(services) - headless == K8S_EXPOSED_SERVICES
-    assert headless == K8S_STATEFUL_SERVICES  # governing Services only, no load balancing
+    # governing Services (transform) and persist's for scraping only: no load balancing
+    assert headless == K8S_STATEFUL_SERVICES | {"persist"}
     for name, svc in services.items():
         pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert svc["spec"]["selector"].items() <= pod_labels.items(), name
@@ -465,7 +599,8 @@ def test_k8s_init_job_runs_the_init_commands() -> None:
     assert pod["restartPolicy"] in ("OnFailure", "Never")
     [container] = pod["containers"]
     command = _command_text(container.get("command", []) + container.get("args", []))
-    assert command.index(INIT_COMMANDS[0]) < command.index(INIT_COMMANDS[1])
+    assert K8S_INIT_COMMAND in command
+    assert "topics create" not in command  # the KafkaTopic resources own the topics
     assert "--cluster" in command and "--shards" in command
     # every $(VAR)/${VAR} the command uses is defined for the container
     init_config = _k8s("ConfigMap")["flightlog-init"]["data"]
