@@ -18,6 +18,9 @@ everything would fail here instead of passing vacuously.
 from __future__ import annotations
 
 import importlib
+import ipaddress
+import json
+import pkgutil
 import re
 import subprocess
 import sys
@@ -27,10 +30,14 @@ from typing import Any
 import dockerfile
 import jsonschema
 import kubernetes_validate
+import prometheus_client
 import pytest
 import yaml
 from pydantic import ValidationError
 
+from libs.imap_accounts import ImapAccountsSettings
+from libs.kafka import TOPICS
+from services.persist.worker import PersistSettings
 from services.transform.settings import TransformSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -372,7 +379,10 @@ def test_compose_infrastructure() -> None:
         mariadb = services[name]
         # the server the tests run: Debian 12's mariadb-server is 10.11 (cli/stack.py starts it)
         assert mariadb["image"] == "mariadb:10.11", name
-        assert _command_text(mariadb["healthcheck"]["test"]) == "CMD healthcheck.sh --connect --innodb_initialized"
+        assert (
+            _command_text(mariadb["healthcheck"]["test"])
+            == "CMD healthcheck.sh --connect --innodb_initialized"
+        )
         assert _env_map(mariadb["environment"])["MARIADB_ROOT_PASSWORD"], name
         # the server settings of the local stack (cli/stack.py) that the schemas rely on
         assert {
@@ -389,7 +399,9 @@ def test_compose_infrastructure() -> None:
     assert named == volumes == {"kafka-data", "mysql-1-data", "mysql-2-data"}
 
     # database password: the same value for the MySQL root user and the flightlog services
-    passwords = {_env_map(services[n]["environment"])["MARIADB_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")}
+    passwords = {
+        _env_map(services[n]["environment"])["MARIADB_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")
+    }
     passwords |= {
         _env_map(services[n]["environment"])["FLIGHTLOG_DB_PASSWORD"] for n in (*SERVICE_PORTS, "init")
     }
@@ -408,7 +420,7 @@ def test_kubernetes_validate_ships_the_target_version() -> None:
 def test_k8s_manifest_is_valid(path: Path) -> None:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     assert docs, f"{path} holds no resource"
-    errors = []
+    errors: list[str] = []
     for doc in docs:
         where = f"{path.name} {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
         errors.extend(f"{where}: {error}" for error in _validation_errors(doc))
@@ -416,7 +428,7 @@ def test_k8s_manifest_is_valid(path: Path) -> None:
 
 
 def test_the_rendered_kustomization_is_valid() -> None:
-    errors = []
+    errors: list[str] = []
     for doc in _rendered():
         where = f"{doc['kind']}/{doc['metadata']['name']}"
         errors.extend(f"{where}: {error}" for error in _validation_errors(doc))
@@ -714,3 +726,272 @@ def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
         "deploy/Dockerfile",
     }
     assert not entries & needed
+
+
+# deploy/k8s: availability, network, scaling, monitoring, topics ----------------------------
+
+# Metrics the manifests may use that the services do not export: Prometheus's own, and those of
+# the Kafka Exporter that Strimzi deploys (spec.kafkaExporter of the Kafka resource).
+EXTERNAL_METRICS = {
+    "up",
+    "kafka_consumergroup_lag",
+    "kafka_consumergroup_current_offset",
+    "kafka_topic_partition_current_offset",
+}
+CONSUMER_GROUPS = {"transform": "flightlog-transform", "persist": "flightlog-persist"}
+CONSUMED_TOPICS = {"transform": "flightlog.inflight", "persist": "flightlog.postflight"}
+# Never reachable from a pod's internet egress: private, shared (CGNAT), loopback, link-local
+# (the cloud metadata endpoint) and "this network".
+INWARD_NETWORKS = [
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+]
+# Metric names in PromQL: ours and Kafka's all have a prefix (label values here use "-" and "."),
+# and Prometheus's `up` is always followed by a selector or a comparison.
+PROMQL_METRIC = re.compile(r"\b(?:flightlog|kafka)_[a-z0-9_]+\b|\bup\b(?=\s*[{=<>!])")
+
+
+def _exported_series() -> set[str]:
+    """Every series name the services' metrics produce (counter ``_total``, histogram ``_bucket``...)."""
+
+    for package in ("libs", "services"):
+        root = importlib.import_module(package)
+        for info in pkgutil.walk_packages(root.__path__, f"{package}."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+    names = set()
+    for family in prometheus_client.REGISTRY.collect():
+        if family.name.startswith("flightlog_"):
+            names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    return names
+
+
+def _promql_metrics(expr: str) -> set[str]:
+    return set(PROMQL_METRIC.findall(expr))
+
+
+def _pod_selected(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if not selector:
+        return True
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In"
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def _pod_labels() -> dict[str, dict[str, str]]:
+    labels = {name: w["spec"]["template"]["metadata"]["labels"] for name, w in _workloads().items()}
+    labels["init"] = _k8s("Job")["flightlog-init"]["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def _policies_for(pod: str, kind: str) -> list[dict[str, Any]]:
+    """The rules of ``kind`` (ingress, egress) of every NetworkPolicy selecting the pod."""
+    labels = _pod_labels()[pod]
+    rules = []
+    for policy in _k8s("NetworkPolicy").values():
+        if kind.capitalize() in policy["spec"]["policyTypes"] and _pod_selected(
+            policy["spec"]["podSelector"], labels
+        ):
+            rules.extend(policy["spec"].get(kind, []))
+    return rules
+
+
+def _namespaces(rule: dict[str, Any], key: str) -> set[str]:
+    return {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for peer in rule.get(key, [])
+        if "namespaceSelector" in peer
+    }
+
+
+def test_k8s_every_service_has_a_disruption_budget() -> None:
+    budgets = _k8s("PodDisruptionBudget")
+    for name, workload in _workloads().items():
+        pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+        matching = [b for b in budgets.values() if _pod_selected(b["spec"]["selector"], pod_labels)]
+        assert len(matching) == 1, name
+        # a drain may take one pod at a time, and may always take one (a service at 1 replica too)
+        assert matching[0]["spec"] == {"maxUnavailable": 1, "selector": matching[0]["spec"]["selector"]}, name
+
+
+def test_k8s_network_policies_deny_by_default() -> None:
+    policies = _k8s("NetworkPolicy")
+    deny = policies["default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    for pod in _pod_labels():
+        egress = _policies_for(pod, "egress")
+        dns = [r for r in egress if _namespaces(r, "to") == {"kube-system"}]
+        assert dns and {(p["protocol"], p["port"]) for p in dns[0]["ports"]} == {("UDP", 53), ("TCP", 53)}, (
+            pod
+        )
+        mysql = [r for r in egress if _namespaces(r, "to") == {"mysql"}]
+        assert mysql and mysql[0]["ports"] == [{"protocol": "TCP", "port": 3306}], pod
+        kafka = [r for r in egress if _namespaces(r, "to") == {"kafka"}]
+        assert bool(kafka) == (pod != "init"), pod  # the Job only migrates the schemas
+        assert all(r["ports"] == [{"protocol": "TCP", "port": 9092}] for r in kafka), pod
+
+
+def test_k8s_network_policies_let_in_only_the_service_ports() -> None:
+    for pod, port in {**SERVICE_PORTS, "init": None}.items():
+        ingress = _policies_for(pod, "ingress")
+        ports = {p["port"] for rule in ingress for p in rule.get("ports", [])}
+        assert all(rule.get("ports") for rule in ingress), pod  # no rule opens every port
+        if pod in K8S_EXPOSED_SERVICES:
+            # the API from anywhere (ingress controller, other services, Prometheus)
+            assert ports == {port} and any("from" not in rule for rule in ingress), pod
+        elif pod == "init":
+            assert not ingress
+        else:
+            assert port in ports, pod
+            assert all(_namespaces(rule, "from") == {"monitoring"} for rule in ingress), pod
+
+
+def test_k8s_internet_egress_never_reaches_inward() -> None:
+    imap_ports = set(ImapAccountsSettings.model_fields["imap_allowed_ports"].default)
+    for pod in _pod_labels():
+        blocks = [
+            (peer["ipBlock"], rule.get("ports", []))
+            for rule in _policies_for(pod, "egress")
+            for peer in rule.get("to", [])
+            if "ipBlock" in peer
+        ]
+        if pod not in ("gateway", "ingest"):  # only webhooks and IMAP sync go out
+            assert not blocks, pod
+            continue
+        assert {ipaddress.ip_network(b["cidr"]) for b, _ in blocks} == {
+            ipaddress.ip_network("0.0.0.0/0"),
+            ipaddress.ip_network("::/0"),
+        }, pod
+        for block, ports in blocks:
+            cidr = ipaddress.ip_network(block["cidr"])
+            excepted = [ipaddress.ip_network(e) for e in block["except"]]
+            for inward in (n for n in INWARD_NETWORKS if n.version == cidr.version):
+                assert any(inward.subnet_of(e) for e in excepted), (pod, str(inward))  # type: ignore[arg-type]
+            if pod == "ingest":  # the ports an IMAP account may name, nothing else
+                assert {(p["protocol"], p["port"]) for p in ports} == {("TCP", p) for p in imap_ports}
+            else:  # a webhook URL may name any port
+                assert ports == [{"protocol": "TCP"}]
+
+
+def test_k8s_consumers_scale_on_their_lag() -> None:
+    scaled = _k8s("ScaledObject")
+    assert set(scaled) == set(CONSUMER_GROUPS)
+    partitions = {spec.name: spec.partitions for spec in TOPICS}
+    bootstrap = _k8s("ConfigMap")["flightlog-config"]["data"]["FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS"]
+    workloads = _workloads()
+    for name, obj in scaled.items():
+        spec = obj["spec"]
+        target = workloads[name]
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": target["kind"], "name": name}
+        # KEDA's HPA owns the count: a replicas field would be reset by every apply
+        assert "replicas" not in target["spec"], name
+        [trigger] = spec["triggers"]
+        assert trigger["type"] == "kafka"
+        meta = trigger["metadata"]
+        assert meta["consumerGroup"] == CONSUMER_GROUPS[name]
+        assert meta["topic"] == CONSUMED_TOPICS[name]
+        assert meta["bootstrapServers"] == bootstrap
+        assert int(meta["lagThreshold"]) > 0
+        # an instance beyond the partition count would get no partition
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] == partitions[meta["topic"]], name
+    assert TransformSettings.model_fields["transform_group_id"].default == CONSUMER_GROUPS["transform"]
+    assert PersistSettings.model_fields["persist_group_id"].default == CONSUMER_GROUPS["persist"]
+
+
+def test_k8s_service_monitor_scrapes_every_service() -> None:
+    [monitor] = _k8s("ServiceMonitor").values()
+    services = _k8s("Service")
+    selected = {
+        n for n, s in services.items() if _pod_selected(monitor["spec"]["selector"], s["metadata"]["labels"])
+    }
+    assert selected == set(SERVICE_PORTS)
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    for name in selected:
+        assert endpoint["port"] in {p["name"] for p in services[name]["spec"]["ports"]}, name
+
+
+def test_k8s_alerts_and_dashboard_use_exported_metrics() -> None:
+    exported = _exported_series() | EXTERNAL_METRICS
+    [rule] = _k8s("PrometheusRule").values()
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    used: set[str] = set()
+    for name, alert in alerts.items():
+        metrics = _promql_metrics(alert["expr"])
+        assert metrics, name
+        assert metrics <= exported, (name, sorted(metrics - exported))
+        assert alert["labels"]["severity"] in ("warning", "critical"), name
+        assert alert["annotations"]["summary"], name
+        used |= metrics
+    # what the issue asks to alert on: consumer lag, DLQ growth, failing webhook endpoints, replication lag
+    assert {
+        "kafka_consumergroup_lag",
+        "kafka_topic_partition_current_offset",
+        "flightlog_webhook_endpoints_disabled_total",
+        "flightlog_webhook_attempts_total",
+        "flightlog_shard_replica_lag_seconds",
+    } <= used
+
+    [dashboard_map] = [d for d in _rendered() if d["metadata"]["name"] == "flightlog-dashboard"]
+    assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(dashboard_map["data"]["flightlog.json"])
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    plotted: set[str] = set()
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            metrics = _promql_metrics(target["expr"])
+            assert metrics and metrics <= exported, (panel["title"], sorted(metrics - exported))
+            plotted |= metrics
+    # every stage has a panel
+    for prefix in ("flightlog_ingest_", "flightlog_transform_", "flightlog_persist_", "flightlog_gateway_",
+                   "flightlog_webhook_", "flightlog_relay_", "flightlog_shard_"):  # fmt: skip
+        assert any(m.startswith(prefix) for m in plotted), prefix
+
+
+def test_promql_metric_extraction() -> None:
+    expr = 'sum(rate(flightlog_x_total{a="b"}[5m])) / max by (c) (flightlog_y) > 0 and up == 0'
+    assert _promql_metrics(expr) == {"flightlog_x_total", "flightlog_y", "up"}
+    assert "flightlog_made_up_total" not in _exported_series()
+
+
+def test_k8s_kafka_topics_follow_the_topic_specs() -> None:
+    topics = {t["spec"]["topicName"]: t for t in _k8s("KafkaTopic").values()}
+    assert set(topics) == {spec.name for spec in TOPICS}
+    for spec in TOPICS:
+        topic = topics[spec.name]
+        assert topic["metadata"]["name"] == spec.name
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "flightlog"
+        assert topic["spec"]["partitions"] == spec.partitions, spec.name
+        # production replication: acks=all survives one broker down
+        assert topic["spec"]["replicas"] == 3, spec.name
+        assert topic["spec"]["config"] == {**spec.config, "min.insync.replicas": "2"}, spec.name
+    # partition N of the changelog holds the states of inflight partition N
+    assert (
+        topics["flightlog.inflight"]["spec"]["partitions"]
+        == topics["flightlog.transform-state"]["spec"]["partitions"]
+    )
+
+
+def test_k8s_init_job_can_be_applied_again() -> None:
+    job = _k8s("Job")["flightlog-init"]
+    # A Job's template is immutable: the finished Job is deleted, so the next apply creates it anew.
+    assert 0 < job["spec"]["ttlSecondsAfterFinished"] <= 3600
+    assert job["metadata"]["annotations"]["kustomize.toolkit.fluxcd.io/force"] == "enabled"
