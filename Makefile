@@ -1,5 +1,5 @@
 # flightlog: `make dev` runs the platform, `make test` runs every test against real servers.
-# Both set up everything themselves on a fresh Debian 12 machine (Python 3.11, Java 17, Maven):
+# Both set up everything themselves on a fresh Debian 12 machine (Python 3.11, Java 17, Maven, Go):
 # the virtualenv, Kafka's jars, MariaDB and Dovecot from Debian packages, schemas and topics.
 
 PYTHON ?= python3
