@@ -37,6 +37,7 @@ import dockerfile
 import jsonschema
 import kubernetes_validate
 import prometheus_client
+import promql_parser
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -763,9 +764,8 @@ INWARD_NETWORKS = [
         "fe80::/10",
     )
 ]
-# Metric names in PromQL: ours and Kafka's all have a prefix (label values here use "-" and "."),
-# and Prometheus's `up` is always followed by a selector or a comparison.
-PROMQL_METRIC = re.compile(r"\b(?:flightlog|kafka)_[a-z0-9_]+\b|\bup\b(?=\s*[{=<>!])")
+# Grafana's interval variables are not PromQL; a duration stands in for them when parsing.
+GRAFANA_VARIABLES = re.compile(r"\$__(rate_)?interval")
 
 
 def _exported_series() -> set[str]:
@@ -785,7 +785,28 @@ def _exported_series() -> set[str]:
 
 
 def _promql_metrics(expr: str) -> set[str]:
-    return set(PROMQL_METRIC.findall(expr))
+    """The metric names an expression selects, from its syntax tree (a ValueError if it is no
+    valid PromQL)."""
+    found: set[str] = set()
+    pending: list[Any] = [promql_parser.parse(GRAFANA_VARIABLES.sub("5m", expr))]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, promql_parser.VectorSelector):
+            assert node.name, f"a selector without a metric name in {expr!r}"
+            found.add(node.name)
+        elif isinstance(node, promql_parser.MatrixSelector):
+            pending.append(node.vector_selector)
+        elif isinstance(node, promql_parser.BinaryExpr):
+            pending += [node.lhs, node.rhs]
+        elif isinstance(node, promql_parser.Call):
+            pending += node.args
+        elif isinstance(node, promql_parser.AggregateExpr):
+            pending += [node.expr] + ([node.param] if node.param is not None else [])
+        elif isinstance(node, (promql_parser.ParenExpr, promql_parser.UnaryExpr, promql_parser.SubqueryExpr)):
+            pending.append(node.expr)
+        else:
+            assert isinstance(node, (promql_parser.NumberLiteral, promql_parser.StringLiteral)), node
+    return found
 
 
 def _pod_selected(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -973,8 +994,13 @@ def test_k8s_alerts_and_dashboard_use_exported_metrics() -> None:
 
 
 def test_promql_metric_extraction() -> None:
-    expr = 'sum(rate(flightlog_x_total{a="b"}[5m])) / max by (c) (flightlog_y) > 0 and up == 0'
+    expr = 'sum(rate(flightlog_x_total{a="b"}[$__rate_interval])) / max by (c) (flightlog_y) > 0 and up == 0'
     assert _promql_metrics(expr) == {"flightlog_x_total", "flightlog_y", "up"}
+    assert _promql_metrics(
+        "-max_over_time(histogram_quantile(0.9, sum by (le) (rate(h_bucket[5m])))[1h:5m])"
+    ) == {"h_bucket"}
+    with pytest.raises(ValueError):
+        _promql_metrics("sum(rate(flightlog_x_total[5m])")  # unbalanced
     assert "flightlog_made_up_total" not in _exported_series()
 
 
