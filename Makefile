@@ -1,5 +1,5 @@
 # flightlog: `make dev` runs the platform, `make test` runs every test against real servers.
-# Both set up everything themselves on a fresh Debian 12 machine (Python 3.11, Java 17, Maven):
+# Both set up everything themselves on a fresh Debian 12 machine (Python 3.11, Java 17, Maven, Go):
 # the virtualenv, Kafka's jars, MariaDB and Dovecot from Debian packages, schemas and topics.
 
 PYTHON ?= python3
@@ -24,7 +24,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+# kube-score (a Go program: `go install` builds it from the Go module proxy) lints the rendered
+# Kubernetes manifests in tests/unit/test_deploy_files.py; kept in the venv's bin. That test builds
+# it too when it is missing, from this version.
+KUBE_SCORE_VERSION := v1.20.0
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+
+$(VENV)/.kube-score-$(KUBE_SCORE_VERSION): $(VENV)/.installed
+	GOBIN=$(abspath $(VENV))/bin $(GO) install github.com/zegl/kube-score/cmd/kube-score@$(KUBE_SCORE_VERSION)
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.kube-score-$(KUBE_SCORE_VERSION)
 
 stack: install
 	$(FLIGHTLOG) stack up
@@ -53,19 +63,21 @@ test-unit: install
 	$(PY) -m pytest tests/unit tests/mime_corpus $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check libs services cli tests
-	$(VENV)/bin/ruff format --check libs services cli tests
+	$(VENV)/bin/ruff check libs services cli tests examples
+	$(VENV)/bin/ruff format --check libs services cli tests examples
 
 format: install
-	$(VENV)/bin/ruff check --fix libs services cli tests
-	$(VENV)/bin/ruff format libs services cli tests
+	$(VENV)/bin/ruff check --fix libs services cli tests examples
+	$(VENV)/bin/ruff format libs services cli tests examples
 
 mypy: install
-	$(VENV)/bin/mypy libs services cli tests
+	$(VENV)/bin/mypy libs services cli tests examples
 
-# What CI runs before the tests: lint, types and the generated configuration document.
+# What CI runs before the tests: lint, types and the generated documents (configuration, topic
+# schemas).
 check: lint mypy
 	$(PY) -m cli.config_docs --check
+	$(PY) -m cli.topic_schemas --check
 
 # Pin what the tests pass with: a fresh venv from pyproject.toml alone, frozen.
 constraints:

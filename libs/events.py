@@ -40,6 +40,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "STORABLE_MAX",
     "STORABLE_MIN",
     "AttachmentInfo",
+    "ChangeRecord",
     "Direction",
     "Event",
     "EventType",
@@ -115,6 +117,12 @@ def _storable(value: datetime) -> datetime:
     return value  # the offset as given; persist converts
 
 
+_ACCOUNT_ID_IN: Final = {
+    "anyOf": [
+        {"type": "string", "pattern": "^[0-9]{1,20}$"},
+        {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 2**64},
+    ]
+}
 PublicId = Annotated[int, Field(gt=0, lt=2**64), PlainSerializer(_id_to_str, return_type=str)]
 StorableTime = Annotated[AwareDatetime, AfterValidator(_storable)]
 MessageKey = Annotated[
@@ -256,7 +264,8 @@ class Event(_Model):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    account_id: PublicId
+    # A decimal string (a JSON number is taken too); what _id_from_string accepts, for the schema.
+    account_id: Annotated[PublicId, WithJsonSchema(_ACCOUNT_ID_IN, mode="validation")]
     message_key: MessageKey
     type: EventType
     occurred_at: StorableTime
@@ -353,6 +362,28 @@ class PostflightRecord(_Model):
     @classmethod
     def _id_from_string(cls, value: Any) -> Any:
         return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
+DecimalId = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,19}$")]
+
+
+class ChangeRecord(_Model):
+    """One committed row of a shard's ``changes`` table (a ``flightlog.changes`` record, keyed by
+    the account id), as the change relay publishes it (``services.persist.relay.change_message``
+    builds it with orjson; this model is its contract, checked against the relay's output in
+    tests/unit/test_topic_schemas.py). Delivered at least once, in ``change_id`` order per shard.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    change_id: DecimalId  # grows per shard: (shard, change_id) identifies a change
+    shard: Annotated[int, Field(ge=0)]
+    account_id: DecimalId
+    application_id: DecimalId | None  # None: the account's application is gone
+    object_type: Annotated[str, StringConstraints(min_length=1, max_length=16)]  # "message"
+    object_id: DecimalId
+    change_type: Annotated[str, StringConstraints(min_length=1, max_length=16)]  # "created", ...
+    version: Annotated[int, Field(ge=1, lt=2**64)]  # the object's version after this change
+    created_at: AwareDatetime  # UTC, ISO 8601 with a "Z"
 
 
 def message_key_bytes(account_id: int, message_key: str) -> bytes:

