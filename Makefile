@@ -9,7 +9,7 @@ FLIGHTLOG := $(VENV)/bin/flightlog
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install stack dev down test test-unit lint format mypy check constraints all clean bench
+.PHONY: help install kube-score stack dev down test test-unit lint format mypy check constraints all clean bench
 
 help:
 	@echo "make dev      bring up Kafka, MariaDB, Dovecot, schemas, topics and the four services"
@@ -25,8 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # kube-score (a Go program: `go install` builds it from the Go module proxy) lints the rendered
-# Kubernetes manifests in tests/unit/test_deploy_files.py; kept in the venv's bin. That test builds
-# it too when it is missing, from this version.
+# Kubernetes manifests in tests/unit/test_deploy_files.py; kept in the venv's bin, built for the
+# tests only (`make dev` does not need it). That test builds it too when it is missing.
 KUBE_SCORE_VERSION := v1.20.0
 GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 
@@ -34,7 +34,9 @@ $(VENV)/.kube-score-$(KUBE_SCORE_VERSION): $(VENV)/.installed
 	GOBIN=$(abspath $(VENV))/bin $(GO) install github.com/zegl/kube-score/cmd/kube-score@$(KUBE_SCORE_VERSION)
 	touch $@
 
-install: $(VENV)/.installed $(VENV)/.kube-score-$(KUBE_SCORE_VERSION)
+install: $(VENV)/.installed
+
+kube-score: $(VENV)/.kube-score-$(KUBE_SCORE_VERSION)
 
 stack: install
 	$(FLIGHTLOG) stack up
@@ -51,7 +53,7 @@ down: install
 # leader locks that the tests' own processes must win, so they are stopped first.
 # Coverage of libs, services and cli, the service processes included, is one line after the
 # tests; the target's exit status is pytest's.
-test: stack
+test: stack kube-score
 	$(FLIGHTLOG) services down
 	@rm -f .coverage .coverage.*
 	@status=0; $(PY) -m coverage run -m pytest $(PYTEST_ARGS) || status=$$?; \
@@ -59,7 +61,7 @@ test: stack
 	echo "coverage: $$($(PY) -m coverage report --format=total) % of libs, services, cli"; \
 	exit $$status
 
-test-unit: install
+test-unit: install kube-score
 	$(PY) -m pytest tests/unit tests/mime_corpus $(PYTEST_ARGS)
 
 lint: install
