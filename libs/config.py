@@ -43,6 +43,11 @@ class KafkaSettings(_Base):
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_request_timeout_ms: int = 30_000
+    # Replicas of each topic `flightlog topics create` makes, and min.insync.replicas of every
+    # topic: unset, 3 and 2 (acks=all then survives one broker down), or what a smaller cluster
+    # can hold (the local stack's one broker: 1 and 1). Partition counts are in libs.kafka.TOPICS.
+    kafka_topic_replication_factor: int | None = Field(default=None, ge=1)
+    kafka_topic_min_insync_replicas: int | None = Field(default=None, ge=1)
     kafka_linger_ms: int = 5
     kafka_max_batch_bytes: int = 1_048_576
 

@@ -67,9 +67,9 @@ class TopicSpec:
 # inflight and the transform's changelog must have the same partition count: partition N of the
 # changelog holds the state of the messages read from partition N of inflight.
 TOPICS: Final = (
-    TopicSpec(INFLIGHT, 6, {"retention.ms": str(_WEEK_MS), "min.insync.replicas": "1"}),
-    TopicSpec(POSTFLIGHT, 6, {"retention.ms": str(_WEEK_MS), "min.insync.replicas": "1"}),
-    TopicSpec(CHANGES, 6, {"retention.ms": str(_WEEK_MS), "min.insync.replicas": "1"}),
+    TopicSpec(INFLIGHT, 6, {"retention.ms": str(_WEEK_MS)}),
+    TopicSpec(POSTFLIGHT, 6, {"retention.ms": str(_WEEK_MS)}),
+    TopicSpec(CHANGES, 6, {"retention.ms": str(_WEEK_MS)}),
     TopicSpec(DLQ, 1, {"retention.ms": str(4 * _WEEK_MS)}),
     TopicSpec(PERSIST_RETRY, 6, {"retention.ms": str(4 * _WEEK_MS)}),
     TopicSpec(TRANSFORM_STATE, 6, dict(_COMPACTED)),
@@ -77,33 +77,62 @@ TOPICS: Final = (
 )
 
 
-async def create_topics(
-    settings: KafkaSettings, specs: tuple[TopicSpec, ...] = TOPICS, *, replication_factor: int = 1
-) -> list[str]:
+class ReplicationError(ValueError):
+    """The replication asked for cannot be had on this cluster."""
+
+
+def replication(brokers: int, settings: KafkaSettings) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of new topics on a cluster of ``brokers``.
+
+    By default 3 and 2, so acks=all survives a broker down; a cluster with fewer brokers gets as
+    many replicas as it has and ``min.insync.replicas`` one less (1 on the local stack's single
+    broker). Set explicitly, a factor above the broker count is refused rather than lowered."""
+    factor = settings.kafka_topic_replication_factor
+    if factor is None:
+        factor = min(3, brokers)
+    elif factor > brokers:
+        raise ReplicationError(
+            f"FLIGHTLOG_KAFKA_TOPIC_REPLICATION_FACTOR is {factor} but the cluster has {brokers} broker(s)"
+        )
+    insync = settings.kafka_topic_min_insync_replicas
+    if insync is None:
+        insync = max(1, min(2, factor - 1))
+    elif insync > factor:
+        raise ReplicationError(
+            f"FLIGHTLOG_KAFKA_TOPIC_MIN_INSYNC_REPLICAS is {insync}, above the replication factor {factor}"
+        )
+    return factor, insync
+
+
+async def create_topics(settings: KafkaSettings, specs: tuple[TopicSpec, ...] = TOPICS) -> list[str]:
     """Create the topics that do not exist yet, and give those that do their spec's settings (a
-    topic created by an older version keeps no stale retention); returns the names created."""
+    topic created by an older version keeps no stale retention); returns the names created. The
+    replication factor and ``min.insync.replicas`` are :func:`replication`'s."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         request_timeout_ms=settings.kafka_request_timeout_ms,
     )
     await admin.start()
     try:
+        cluster = await admin.describe_cluster()
+        factor, insync = replication(len(cluster["brokers"]), settings)
+
+        def config(spec: TopicSpec) -> dict[str, str]:
+            return {**spec.config, "min.insync.replicas": str(insync)}
+
         existing = set(await admin.list_topics())
         wanted = [s for s in specs if s.name not in existing]
-        stale = [s for s in specs if s.name in existing and s.config]
+        stale = [s for s in specs if s.name in existing]
         if stale:
             # AlterConfigs replaces a topic's overrides with these: the spec is the whole set.
             await admin.alter_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, s.name, configs=dict(s.config)) for s in stale]
+                [ConfigResource(ConfigResourceType.TOPIC, s.name, configs=config(s)) for s in stale]
             )
         if not wanted:
             return []
         try:
             await admin.create_topics(
-                [
-                    NewTopic(s.name, s.partitions, replication_factor, topic_configs=dict(s.config))
-                    for s in wanted
-                ]
+                [NewTopic(s.name, s.partitions, factor, topic_configs=config(s)) for s in wanted]
             )
         except TopicAlreadyExistsError:
             pass  # another process won the race: what we wanted exists
