@@ -9,8 +9,9 @@ cancels at once.
 
 The HTTP app is built the same way for every service (:func:`build_app`): the problem middleware
 outermost, so every error of every route is a problem document; the readiness gate; the body's
-deadline (``http_body_timeout_s``, :func:`libs.http.body_deadline`); the health routes; then the service's ``setup_app``, which adds its routes and the cleanup contexts that
-open their resources (each resource a typed ``web.AppKey``). aiohttp enters those contexts in
+deadline (``http_body_timeout_s``, :func:`libs.http.body_deadline`); the health routes; then
+the service's ``setup_app``, which adds its routes and the cleanup contexts that open their
+resources (each resource a typed ``web.AppKey``). aiohttp enters those contexts in
 order before the port opens and leaves them in reverse after the last request, so a handler
 never sees a resource that is not open. ``main`` runs once the port is open: the workers that
 are not requests (consumers, dispatchers, trimmers) live there.

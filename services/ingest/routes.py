@@ -31,9 +31,10 @@ from aiokafka.errors import KafkaError
 
 from libs import events as event_limits
 from libs.accounts import Application
+from libs.authn import application_for_request
 from libs.dlq import account_named, dead_letter
 from libs.events import message_key_bytes
-from libs.http import Problem, Unauthorized, bearer_token, is_unavailable, read_json
+from libs.http import Problem, is_unavailable, read_json
 from libs.inflight import Record, forget, publish_records
 from libs.ratelimit import KeyedTokenBuckets
 from libs.resources import DIRECTORY, PRODUCER
@@ -142,14 +143,12 @@ def _dumps(obj: Any) -> str:
 
 
 async def _authenticate(request: web.Request) -> Application:
-    key = bearer_token(request)
     try:
-        app = await request.app[DIRECTORY].application_for_key(key)
+        return await application_for_request(request)  # 401, or 429 for too many failures
+    except Problem:
+        raise
     except Exception as exc:
         raise _unavailable_or_bug(exc) from exc
-    if app is None:
-        raise Unauthorized("the API key is unknown or revoked")
-    return app
 
 
 async def _foreign_accounts(request: web.Request, app: Application, account_ids: set[int]) -> set[int]:
