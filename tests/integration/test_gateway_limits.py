@@ -197,7 +197,12 @@ async def test_long_polls_are_limited_per_application_and_a_disconnect_gives_the
             cursor = (await resp.json())["cursor"]
         waiting = f"{path}?cursor={cursor}&timeout={MAX_LONG_POLL_S}"  # nothing changes: it waits
         poller = aiohttp.ClientSession(base)
-        poll: asyncio.Task[Any] = asyncio.create_task(poller.get(waiting, headers=bearer(tenant.api_key)))
+
+        async def long_poll() -> int:
+            async with poller.get(waiting, headers=bearer(tenant.api_key)) as resp:
+                return resp.status
+
+        poll = asyncio.create_task(long_poll())
         try:
             await eventually(lambda: slots.held(tenant.application_id) == LONG_POLLS, 10, "the poll waiting")
             async with http.get(waiting, headers=bearer(tenant.api_key)) as resp:
