@@ -26,7 +26,7 @@ from libs.config import ServiceSettings
 from libs.service import ServiceContext, ServiceDefinition, build_app, make_runner
 from libs.shards import ShardMap, ShardRouter
 from services.gateway.constants import BUSY_RETRY_AFTER_S, MAX_LONG_POLL_S
-from services.gateway.resources import LONG_POLL_SLOTS, STREAM_SLOTS
+from services.gateway.resources import LONG_POLL_SLOTS, NOTIFIER, STREAM_SLOTS
 from services.gateway.service import DEFINITION as GATEWAY
 from services.ingest.service import DEFINITION as INGEST
 from tests.polling import eventually
@@ -63,6 +63,9 @@ def limits(monkeypatch: pytest.MonkeyPatch) -> None:
         "FLIGHTLOG_AUTH_FAILURE_RATE_PER_S": 0.001,  # no refill within a test
         "FLIGHTLOG_GATEWAY_MAX_STREAMS_PER_APPLICATION": STREAMS,
         "FLIGHTLOG_GATEWAY_MAX_LONG_POLLS_PER_APPLICATION": LONG_POLLS,
+        # The notifier's safety check wakes every stream of a shard whose changes it did not see
+        # on the topic; slower than any wait here, so only the disconnect can end a stream early.
+        "FLIGHTLOG_GATEWAY_DELTA_RECHECK_S": 120,
     }.items():
         monkeypatch.setenv(name, str(value))
 
@@ -87,6 +90,10 @@ async def gateway(
     limits: None, shard_map: ShardMap, topics: None
 ) -> AsyncIterator[tuple[str, ServiceContext]]:
     async with served(GATEWAY) as it:
+        # Once its feed is up the notifier wakes every stream once ("read again"); after that,
+        # with the safety check slowed down, nothing but a change or a disconnect wakes one.
+        notifier = it[1].app[NOTIFIER]
+        await eventually(lambda: notifier.feed_up, 30, "the change notifier's feed")
         yield it
 
 
