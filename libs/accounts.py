@@ -301,6 +301,11 @@ class AccountDirectory:
         app = self._keys[digest] = Application(int(row[0]), row[1])
         return app
 
+    def cached_application(self, api_key: str) -> Application | None:
+        """The application of a key this process knows already, without a look-up; None when
+        the key is not cached as known (unknown, or not asked for within the TTL)."""
+        return self._keys.get(hash_api_key(api_key))
+
     def remember_key(self, api_key: str, app: Application) -> None:
         """Answer ``api_key`` with ``app`` from the cache (a benchmark without a database)."""
         self._keys[hash_api_key(api_key)] = app

@@ -84,6 +84,25 @@ class ServiceSettings(KafkaSettings, DatabaseSettings):
     # Several processes of the service listen on the one port (SO_REUSEPORT) and the kernel
     # spreads the connections among them: how a host runs more than one gateway process.
     http_reuse_port: bool = False
+    # A request's line and headers must arrive within this long of their first byte (or of the
+    # connection's opening); else 408 and the connection is closed: slow-loris (libs.http).
+    http_head_timeout_s: float = Field(default=10.0, gt=0)
+    # A request's body must arrive within this long of its handler's start; else 408 and the
+    # connection is closed (libs.http.body_deadline).
+    http_body_timeout_s: float = Field(default=30.0, gt=0)
+    # An idle keep-alive connection is closed after this long. Keep it above the idle timeout of
+    # a proxy in front (60 s for most), or the proxy may reuse a connection as it is being closed.
+    http_keepalive_timeout_s: float = Field(default=75.0, gt=0)
+    # Failed authentications (an unknown, revoked or malformed API key; a wrong admin key) a
+    # client address may make at once, in ingest and the gateway. An address that spent them is
+    # answered 429 with Retry-After, without a look-up, until its bucket refills; a key this
+    # process knows already is never refused. Behind a proxy every client has the proxy's
+    # address, so their failures count together (libs.authn).
+    auth_failure_burst: int = Field(default=20, ge=1)
+    # How fast an address's failed authentications are forgiven (its bucket refills).
+    auth_failure_rate_per_s: float = Field(default=0.5, gt=0)
+    # Client addresses whose failures are remembered; past it the least recent is forgotten.
+    auth_failure_tracked_addresses_max: int = Field(default=100_000, ge=1)
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
     drain_timeout_s: float = 25.0  # below the Kubernetes grace period of 30 s

@@ -6,10 +6,20 @@ or dependency that cannot be reached, and anything unexpected into ``application
 A request that aiohttp's parser refuses before any middleware runs (a request line over 8 KiB,
 malformed headers) gets one too, through :class:`ProblemAppRunner`.
 
+Slow clients: aiohttp waits for a request's headers as long as its keep-alive timeout (counted
+from the connection's start or its previous response, not from the first byte) and for a body
+as long as the client trickles it. So :class:`ProblemAppRunner`'s connections give a request's
+line and headers ``head_timeout_s`` from their first byte (or from the connection's opening),
+and :func:`body_deadline` gives the body a deadline from the handler's start (408, connection
+closed): a client sending either byte by byte holds a connection for a bounded time. aiohttp
+does not cancel a handler whose client went away; :func:`on_disconnect` lets a long-lived
+response (a stream, a long-poll) hear of it and end.
+
 Exceptions::
 
     Problem               an answer other than success: status, title, detail (and extra members)
     ├── Unauthorized      401 with the ``WWW-Authenticate: Bearer`` challenge
+    ├── RequestTimeout    408: the body did not arrive in time; the connection is closed
     └── (services subclass it, e.g. the gateway's ApiError)
 
 Every API key arrives the same way (:func:`bearer_token`), and every body that fails its pydantic
@@ -31,8 +41,10 @@ here is much lower than either and checked once, at the door.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -50,11 +62,16 @@ __all__ = [
     "MAX_VALIDATION_ERRORS",
     "PROBLEM_CONTENT_TYPE",
     "Problem",
+    "ProblemAppRunner",
+    "RequestTimeout",
     "Unauthorized",
     "bearer_token",
+    "body_deadline",
+    "client_gone",
     "invalid_body",
     "is_unavailable",
     "json_too_deep",
+    "on_disconnect",
     "parse_json",
     "problem_middleware",
     "problem_response",
@@ -127,6 +144,19 @@ class Unauthorized(Problem):
     def response(self) -> web.Response:
         response = super().response()
         response.headers["WWW-Authenticate"] = _CHALLENGE
+        return response
+
+
+class RequestTimeout(Problem):
+    """408: the request's body did not arrive within its deadline. The rest of it may still be on
+    its way, so the connection is closed after the answer."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, "Request Timeout", f"the request body did not arrive within {timeout_s:g} s")
+
+    def response(self) -> web.Response:
+        response = super().response()
+        response.force_close()
         return response
 
 
@@ -334,9 +364,24 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem_response(500, "Internal error", "the request failed unexpectedly; it has been logged")
 
 
+# Written as is when a request's head is late: there is no request to answer through aiohttp.
+_HEAD_TIMEOUT_RESPONSE: Final = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/problem+json\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+
+
 class _ProblemRequestHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler, answering what its parser refuses with a problem document
-    instead of ``text/plain`` (it still logs and closes the connection as aiohttp does)."""
+    instead of ``text/plain`` (it still logs and closes the connection as aiohttp does), cutting
+    off a request whose line and headers take longer than ``head_timeout_s``, and telling
+    :func:`on_disconnect`'s callbacks when the client goes away."""
+
+    def __init__(self, manager: web_server.Server, *, head_timeout_s: float | None, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+        self.disconnect_callbacks: set[Callable[[], None]] = set()
 
     def handle_error(
         self,
@@ -352,14 +397,75 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
         response.force_close()
         return response
 
+    def _awaiting_head(self) -> bool:
+        """Between requests: aiohttp's loop waits for the next request's head to be complete."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timeout_s is not None and self._head_timer is None:
+            self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._awaiting_head() or self.transport is None:
+            return
+        body = orjson.dumps(
+            {
+                "type": "about:blank",
+                "title": "Request Timeout",
+                "status": 408,
+                "detail": f"the request line and headers did not arrive within {self._head_timeout_s:g} s",
+            }
+        )
+        self.transport.write(_HEAD_TIMEOUT_RESPONSE % (len(body), body))
+        self.force_close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()  # the first request's head: from the connection's opening
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # A head begun and not complete has its deadline; a complete one (or body bytes of the
+        # request in progress, when aiohttp waits for no head) has none. An idle keep-alive
+        # connection is aiohttp's keep-alive timeout's business.
+        if self._awaiting_head():
+            self._arm_head_timer()
+        else:
+            self._disarm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+        callbacks, self.disconnect_callbacks = self.disconnect_callbacks, set()
+        for callback in callbacks:
+            callback()
+
 
 class _ProblemServer(web_server.Server):
+    def __init__(self, *args: Any, head_timeout_s: float | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timeout_s = head_timeout_s
+
     def __call__(self) -> web_protocol.RequestHandler:
-        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+        return _ProblemRequestHandler(
+            self, loop=self._loop, head_timeout_s=self._head_timeout_s, **self._kwargs
+        )
 
 
 class ProblemAppRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer parser errors as problem documents."""
+    """``web.AppRunner`` whose connections answer parser errors as problem documents and give a
+    request's line and headers ``head_timeout_s`` (None: aiohttp's keep-alive timeout alone)."""
+
+    def __init__(self, app: web.Application, *, head_timeout_s: float | None = None, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._head_timeout_s = head_timeout_s
 
     async def _make_server(self) -> web_server.Server:
         made = await super()._make_server()
@@ -368,5 +474,52 @@ class ProblemAppRunner(web.AppRunner):
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             loop=made._loop,
+            head_timeout_s=self._head_timeout_s,
             **made._kwargs,
         )
+
+
+def body_deadline(timeout_s: float) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A middleware giving each request's body ``timeout_s`` from the handler's start: a read
+    after it raises :class:`RequestTimeout` (408, connection closed)."""
+
+    @web.middleware
+    async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.body_exists:
+            return await handler(request)
+        content = request.content
+
+        def expire() -> None:
+            if not content.is_eof():
+                content.set_exception(RequestTimeout(timeout_s))
+
+        timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+        try:
+            return await handler(request)
+        finally:
+            timer.cancel()
+
+    return deadline
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    """The request's connection is closed or closing: nobody reads the answer any more."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+@contextlib.contextmanager
+def on_disconnect(request: web.BaseRequest, callback: Callable[[], None]) -> Iterator[None]:
+    """Call ``callback`` if the request's client disconnects inside the block (served by
+    :class:`ProblemAppRunner`; aiohttp's test server cancels the handler instead)."""
+    protocol = request.protocol
+    if not isinstance(protocol, _ProblemRequestHandler):
+        yield
+        return
+    if client_gone(request):
+        callback()
+    protocol.disconnect_callbacks.add(callback)
+    try:
+        yield
+    finally:
+        protocol.disconnect_callbacks.discard(callback)

@@ -46,10 +46,11 @@ Json = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REF_TEMPLATE: Final = "#/components/schemas/{model}"
-# Any request can be malformed, unauthenticated, or arrive while a dependency is away.
-ALWAYS_PROBLEMS: Final = (400, 401, 503)
-# A request with a body can also be too large or not match its model.
-BODY_PROBLEMS: Final = (413, 422)
+# Any request can be malformed, unauthenticated, come from an address out of failed
+# authentications (429, libs.authn), or arrive while a dependency is away.
+ALWAYS_PROBLEMS: Final = (400, 401, 429, 503)
+# A request with a body can also be too large, too slow to arrive (408), or not match its model.
+BODY_PROBLEMS: Final = (408, 413, 422)
 _PATH_PARAM: Final = re.compile(r"\{([^{}:]+)\}")
 
 PublicId = Annotated[str, Field(pattern="^[0-9]{1,20}$", description="a 64-bit id as a decimal string")]

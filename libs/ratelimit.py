@@ -1,4 +1,5 @@
-"""Token buckets keyed by an id (an account), with no I/O: the clock is injected.
+"""Token buckets and concurrency slots keyed by an id (an account, an application, a client
+address), with no I/O: the clock is injected.
 
 Each key gets a bucket holding up to ``burst`` tokens that refills at ``rate_per_s``. A request
 for several keys at once (:meth:`KeyedTokenBuckets.acquire`) takes tokens from every bucket or
@@ -7,18 +8,22 @@ from none, so a batch that one account cannot afford leaves every other budget u
 The number of tracked keys is capped: past ``max_keys`` the least recently used bucket is
 forgotten. A forgotten key starts again with a full bucket, which only ever lets a quiet key
 through sooner; a key busy enough to matter is never the least recently used.
+
+:class:`KeyedSlots` counts what a key holds open at once (streams, long-polls): a key is tracked
+only while it holds a slot, so memory is bounded by the requests in progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Denied", "KeyedTokenBuckets"]
+__all__ = ["Denied", "KeyedSlots", "KeyedTokenBuckets", "SlotsTaken"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -75,6 +80,10 @@ class KeyedTokenBuckets(Generic[K]):
         tokens, at = state
         return min(float(self.burst), tokens + max(0.0, now - at) * self.rate_per_s)
 
+    def retry_after_s(self, key: K, cost: int = 1) -> float:
+        """How long until ``key`` has ``cost`` tokens: 0 when it has them now."""
+        return max(0.0, (cost - self.available(key)) / self.rate_per_s)
+
     def acquire(self, costs: Mapping[K, int]) -> Denied[K] | None:
         """Take ``costs[key]`` tokens from every key, or nothing at all; None when granted."""
         now = self._clock()
@@ -99,3 +108,49 @@ class KeyedTokenBuckets(Generic[K]):
         self._buckets.move_to_end(key)
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
+
+
+class SlotsTaken(Exception):
+    """Every slot of ``key`` is held."""
+
+    def __init__(self, key: object, limit: int) -> None:
+        super().__init__(f"{key!r} holds all its {limit} slots")
+        self.key = key
+        self.limit = limit
+
+
+class KeyedSlots(Generic[K]):
+    """At most ``limit`` slots held at once per key.
+
+    :param limit: slots per key.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        self.limit = limit
+        self._held: dict[K, int] = {}
+
+    def held(self, key: K) -> int:
+        return self._held.get(key, 0)
+
+    def __len__(self) -> int:
+        """Keys holding a slot now."""
+        return len(self._held)
+
+    @contextlib.contextmanager
+    def slot(self, key: K) -> Iterator[None]:
+        """Hold one of ``key``'s slots inside the block (released however it ends, cancellation
+        included); raises :class:`SlotsTaken` when all are held."""
+        held = self._held.get(key, 0)
+        if held >= self.limit:
+            raise SlotsTaken(key, self.limit)
+        self._held[key] = held + 1
+        try:
+            yield
+        finally:
+            left = self._held[key] - 1
+            if left:
+                self._held[key] = left
+            else:
+                del self._held[key]

@@ -8,14 +8,18 @@ return, then cancel it, and give the resources ``close_timeout_s`` to close. A s
 cancels at once.
 
 The HTTP app is built the same way for every service (:func:`build_app`): the problem middleware
-outermost, so every error of every route is a problem document; the readiness gate; the health
-routes; then the service's ``setup_app``, which adds its routes and the cleanup contexts that
-open their resources (each resource a typed ``web.AppKey``). aiohttp enters those contexts in
+outermost, so every error of every route is a problem document; the readiness gate; the body's
+deadline (``http_body_timeout_s``, :func:`libs.http.body_deadline`); the health routes; then
+the service's ``setup_app``, which adds its routes and the cleanup contexts that open their
+resources (each resource a typed ``web.AppKey``). aiohttp enters those contexts in
 order before the port opens and leaves them in reverse after the last request, so a handler
 never sees a resource that is not open. ``main`` runs once the port is open: the workers that
 are not requests (consumers, dispatchers, trimmers) live there.
 
 A service's own routes answer 503 until it calls ``ctx.set_ready()``.
+
+Its connections (:func:`make_runner`) give a request's line and headers ``http_head_timeout_s``
+and close idle keep-alive connections after ``http_keepalive_timeout_s``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from aiohttp import web
 from pydantic_settings import BaseSettings
 
 from libs.config import InsecureSettings, ServiceSettings, insecure_secrets
-from libs.http import Problem, ProblemAppRunner, problem_middleware
+from libs.http import Problem, ProblemAppRunner, body_deadline, problem_middleware
 from libs.logs import configure_logging
 
 __all__ = [
@@ -50,6 +54,7 @@ __all__ = [
     "ServiceDefinition",
     "build_app",
     "check_secrets",
+    "make_runner",
     "raise_open_files_limit",
     "run_service",
     "serve",
@@ -149,11 +154,25 @@ def build_app(defn: ServiceDefinition, settings: ServiceSettings) -> ServiceCont
     app = web.Application(client_max_size=defn.client_max_size)
     ctx = ServiceContext(defn.name, settings, app)
     app[STOPPING] = ctx.stopping
-    app.middlewares.extend([problem_middleware, _ready_gate(ctx)])
+    app.middlewares.extend(
+        [problem_middleware, _ready_gate(ctx), body_deadline(settings.http_body_timeout_s)]
+    )
     app.add_routes(_health_routes(ctx))
     if defn.setup_app is not None:
         defn.setup_app(app)
     return ctx
+
+
+def make_runner(app: web.Application, settings: ServiceSettings) -> ProblemAppRunner:
+    """The runner of a service's app, with the settings' limits on slow and idle clients."""
+    return ProblemAppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=5.0,
+        head_timeout_s=settings.http_head_timeout_s,
+        keepalive_timeout=settings.http_keepalive_timeout_s,
+    )
 
 
 async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
@@ -162,7 +181,7 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
 
     loop = asyncio.get_running_loop()
     gc_threshold = gc.get_threshold()  # put back on the way out (in-process tests serve too)
-    runner = ProblemAppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    runner = make_runner(app, settings)
     # The app's cleanup contexts open its resources here, before the port opens.
     setup_task = asyncio.ensure_future(runner.setup())
     main_task: asyncio.Task[None] | None = None

@@ -11,7 +11,6 @@ POST     /v1/admin/accounts                               an account of an appli
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Final, TypeVar
 
@@ -19,7 +18,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from libs.accounts import application_exists, create_account, create_api_key, create_application
-from libs.http import Unauthorized, bearer_token, invalid_body, read_json
+from libs.authn import check_admin_key
+from libs.http import invalid_body, read_json
 from libs.openapi import Answer, ApiRoutes, Operation
 from libs.resources import ROUTER
 from libs.shards import UnknownShard
@@ -55,9 +55,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _admin_only(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
-        supplied = bearer_token(request)
-        if not hmac.compare_digest(supplied.encode(), request.app[SETTINGS].admin_api_key.encode()):
-            raise Unauthorized("admin paths need the operator's admin API key")
+        check_admin_key(request, request.app[SETTINGS].admin_api_key)
         Query(request, ())
         return await handler(request)
 

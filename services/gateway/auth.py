@@ -7,19 +7,16 @@ an id that belongs to another application gets exactly the answer a missing one 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Final
 
 from aiohttp import web
 
 from libs.accounts import Account, Application
-from libs.http import Unauthorized, bearer_token
+from libs.authn import application_for_request
 from libs.ids import InvalidId, parse_public_id, shard_of
 from libs.resources import DIRECTORY, ROUTER
 from services.gateway.errors import NotFound
 
 __all__ = ["application_of", "authenticated", "owned_account", "path_id"]
-
-MAX_KEY_LENGTH: Final = 200
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AppHandler = Callable[[web.Request, Application], Awaitable[web.StreamResponse]]
@@ -27,14 +24,9 @@ AppHandler = Callable[[web.Request, Application], Awaitable[web.StreamResponse]]
 
 async def application_of(request: web.Request) -> Application:
     """The application whose key is in ``Authorization: Bearer <api key>``; raises a 401 with the
-    Bearer challenge (every API of the gateway, webhooks and IMAP accounts too, goes through here)."""
-    key = bearer_token(request)
-    app = None
-    if len(key) <= MAX_KEY_LENGTH and key.isascii():
-        app = await request.app[DIRECTORY].application_for_key(key)
-    if app is None:
-        raise Unauthorized("the API key is unknown or revoked")
-    return app
+    Bearer challenge, or a 429 for an address out of failed authentications (every API of the
+    gateway, webhooks and IMAP accounts too, goes through here: :mod:`libs.authn`)."""
+    return await application_for_request(request)
 
 
 def authenticated(handler: AppHandler) -> Handler:

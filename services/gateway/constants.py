@@ -20,5 +20,8 @@ MAX_ACCOUNTS_PAGE_SIZE: Final = 500
 MAX_LONG_POLL_S: Final = 30
 MIN_SSE_HEARTBEAT_S: Final = 1
 MAX_SSE_HEARTBEAT_S: Final = 60
+# Retry-After of a stream or long-poll refused for its application's limit: a slot may free at
+# any moment (a long-poll lasts MAX_LONG_POLL_S at most), so soon, but not in a tight loop.
+BUSY_RETRY_AFTER_S: Final = 5
 
 MAX_ACTIVE_KEYS: Final = 20

@@ -10,6 +10,13 @@ Long-polls and streams read when the change notifier wakes them (:mod:`services.
 flightlog.changes, with a safety check per shard), never on a timer, so an idle one costs no
 query; each subscribes before its first read, so no change falls between a read and the wait.
 
+Limits: an application holds at most ``gateway_max_streams_per_application`` open streams and
+``gateway_max_long_polls_per_application`` waiting long-polls in each gateway process; one more
+answers 429 with ``Retry-After``. A slot is held from before the first read to the end of the
+response, and given back however it ends: a client that disconnects wakes its stream or poll
+(aiohttp does not cancel the handler), which then ends at once instead of at its next heartbeat
+or timeout.
+
 Retention: the change log keeps at least ``gateway_changes_retention_s`` (7 days by default);
 :mod:`services.gateway.retention` trims older rows and raises the shard's ``trimmed_through``
 mark in the same transaction. A cursor below the mark answers 410: the client must resynchronise
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -30,15 +38,17 @@ from prometheus_client import Counter
 
 from libs.accounts import Account, Application
 from libs.cursor import CursorError, DeltaCursor, decode_delta_cursor, encode_delta_cursor
-from libs.http import is_unavailable
+from libs.http import client_gone, is_unavailable, on_disconnect
 from libs.ids import shard_of
 from libs.openapi import Answer, ApiRoutes, Operation, Param
+from libs.ratelimit import KeyedSlots, SlotsTaken
 from libs.resources import ROUTER
 from libs.service import STOPPING
 from libs.shards import ShardRouter
 from services.gateway import schemas
 from services.gateway.auth import authenticated, owned_account
 from services.gateway.constants import (
+    BUSY_RETRY_AFTER_S,
     DEFAULT_DELTA_PAGE_SIZE,
     MAX_DELTA_PAGE_SIZE,
     MAX_LONG_POLL_S,
@@ -47,10 +57,10 @@ from services.gateway.constants import (
 )
 from services.gateway.errors import ApiError
 from services.gateway.messages import LIST_SELECT, message_json
-from services.gateway.notifier import Subscription
+from services.gateway.notifier import ChangeNotifier, Subscription
 from services.gateway.openapi import ACCOUNT, TOKEN, query
 from services.gateway.params import Query
-from services.gateway.resources import NOTIFIER, SETTINGS, TOKEN_KEY
+from services.gateway.resources import LONG_POLL_SLOTS, NOTIFIER, SETTINGS, STREAM_SLOTS, TOKEN_KEY
 
 __all__ = ["API", "CursorExpired", "DeltaPage", "add_delta_routes", "read_delta"]
 
@@ -67,6 +77,36 @@ _CURSOR: Final = query("cursor", TOKEN, "from a previous answer; left out: from 
 _reads = Counter(
     "flightlog_gateway_delta_reads_total", "Delta reads (each a few queries) of long-polls and streams"
 )
+_busy = Counter(
+    "flightlog_gateway_delta_busy_total",
+    "Streams and long-polls refused (429) for their application's limit, by kind",
+    ["kind"],
+)
+
+
+@contextlib.contextmanager
+def _waiting(
+    request: web.Request, app: Application, account: Account, slots: KeyedSlots[int] | None, kind: str
+) -> Iterator[Subscription]:
+    """A slot of ``app`` among ``slots`` (429 when all are held; None: no slot needed), then the
+    account's subscription, woken when the client disconnects too; all given back on the way out."""
+    notifier: ChangeNotifier = request.app[NOTIFIER]
+    with contextlib.ExitStack() as held:
+        if slots is not None:
+            try:
+                held.enter_context(slots.slot(app.id))
+            except SlotsTaken as exc:
+                _busy.labels(kind).inc()
+                raise ApiError(
+                    429,
+                    "Too Many Requests",
+                    f"the application has {exc.limit} {kind} open in this gateway process, its limit;"
+                    " retry when one has ended",
+                    retry_after_s=BUSY_RETRY_AFTER_S,
+                ) from None
+        sub = held.enter_context(notifier.subscribe(account.id))  # before the read: no change falls between
+        held.enter_context(on_disconnect(request, sub.wake))
+        yield sub
 
 
 class CursorExpired(Exception):
@@ -199,7 +239,7 @@ async def _read(request: web.Request, account: Account, after: int, limit: int, 
                 "long-poll seconds",
             ),
         ),
-        problems=(404, 410),
+        problems=(404, 410, 429),
     ),
 )
 @authenticated
@@ -211,13 +251,15 @@ async def get_delta(request: web.Request, app: Application) -> web.StreamRespons
     timeout_s = p.number("timeout", 0, 0, MAX_LONG_POLL_S)
     after, given = _cursor_position(request, account, p.text("cursor", max_length=128))
     deadline = time.monotonic() + timeout_s
-    with request.app[NOTIFIER].subscribe(account.id) as sub:  # before the read: no change falls between
+    slots = request.app[LONG_POLL_SLOTS] if timeout_s > 0 else None
+    with _waiting(request, app, account, slots, "long-polls") as sub:
         page = await _read(request, account, after, limit, given)
-        while not page.changes and not stopping.is_set():
+        while not page.changes and not stopping.is_set() and not client_gone(request):
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 break
-            if await sub.wait(page.position, remaining_s) and not stopping.is_set():
+            woken = await sub.wait(page.position, remaining_s)
+            if woken and not stopping.is_set() and not client_gone(request):
                 page = await _read(request, account, page.position, limit, True)
     key = request.app[TOKEN_KEY]
     return web.json_response(
@@ -290,7 +332,7 @@ def _sse(event: str, cursor: str | None, data: dict[str, Any]) -> bytes:
             ),
             Param("Last-Event-ID", TOKEN, "resume after this event (wins over cursor)", where="header"),
         ),
-        problems=(404, 410),
+        problems=(404, 410, 429),
     ),
 )
 @authenticated
@@ -308,7 +350,7 @@ async def stream_delta(request: web.Request, app: Application) -> web.StreamResp
     )
     token = request.headers.get("Last-Event-ID") or p.text("cursor", max_length=128)
     after, given = _cursor_position(request, account, token)
-    with request.app[NOTIFIER].subscribe(account.id) as sub:  # before the read: no change falls between
+    with _waiting(request, app, account, request.app[STREAM_SLOTS], "streams") as sub:
         page = await _read(request, account, after, MAX_DELTA_PAGE_SIZE, given)  # errors before the stream
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
@@ -332,7 +374,7 @@ async def _stream(
     ends_at = time.monotonic() + request.app[SETTINGS].gateway_sse_max_duration_s
     last_sent = time.monotonic()
     changes, position, more = page.changes, page.position, page.more
-    while not stopping.is_set() and time.monotonic() < ends_at:
+    while not stopping.is_set() and not client_gone(request) and time.monotonic() < ends_at:
         for change in changes:
             doc = _delta_json(key, account.id, change)
             await response.write(_sse("delta", doc["cursor"], doc))
@@ -344,7 +386,7 @@ async def _stream(
                 await response.write(_sse("heartbeat", cursor, {"cursor": cursor}))
                 last_sent = time.monotonic()
             wait_s = min(last_sent + heartbeat_s, ends_at) - time.monotonic()
-            if not await sub.wait(position, wait_s) or stopping.is_set():
+            if not await sub.wait(position, wait_s) or stopping.is_set() or client_gone(request):
                 continue  # a heartbeat is due, or the stream ends
         try:
             page = await _read(request, account, position, MAX_DELTA_PAGE_SIZE, True)

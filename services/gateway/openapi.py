@@ -82,11 +82,14 @@ PROBLEMS: Final = {
     f" deeper than {MAX_JSON_DEPTH} levels",
     401: "Missing, unknown or revoked API key",
     404: "No such object, or it belongs to another application (the same answer)",
+    408: "The request body did not arrive in time; the connection is closed",
     409: "Conflict",
     410: "The cursor is older than the retained change log",
     413: "The request body is larger than the limit",
     415: "The body is not application/json",
     422: "The body does not match the schema, or what was asked for is over a limit (the detail names it)",
+    429: "Too many failed authentications from this address, or the application's streams or"
+    " long-polls are at their limit; retry after Retry-After",
     502: "The account's mail server failed or refused the account's credentials",
     503: "Starting, the shard is moving, or too many requests of this kind are running; retry"
     " after Retry-After",

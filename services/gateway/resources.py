@@ -15,23 +15,39 @@ from typing import Final
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 
+from libs.authn import AUTH_FAILURES, auth_failure_limiter
 from libs.kafka import make_consumer
+from libs.ratelimit import KeyedSlots
 from libs.resources import ROUTER, CleanupContext, database, kafka_producer
 from libs.service import STOPPING
 from services.gateway.notifier import ChangeNotifier
 from services.gateway.settings import GatewaySettings
 
-__all__ = ["NOTIFIER", "SETTINGS", "TOKEN_KEY", "change_notifier", "setup_resources"]
+__all__ = [
+    "LONG_POLL_SLOTS",
+    "NOTIFIER",
+    "SETTINGS",
+    "STREAM_SLOTS",
+    "TOKEN_KEY",
+    "change_notifier",
+    "setup_resources",
+]
 
 SETTINGS: Final = web.AppKey("gateway_settings", GatewaySettings)
 # The MAC key of cursors and page tokens (the settings' secret, as bytes once).
 TOKEN_KEY: Final = web.AppKey("gateway_token_key", bytes)
 # One per process: wakes the delta streams and long-polls whose account changed.
 NOTIFIER: Final = web.AppKey("gateway_notifier", ChangeNotifier)
+# Open delta streams and waiting long-polls, per application id (this process's).
+STREAM_SLOTS: Final = web.AppKey("gateway_stream_slots", KeyedSlots[int])
+LONG_POLL_SLOTS: Final = web.AppKey("gateway_long_poll_slots", KeyedSlots[int])
 
 
 def setup_resources(app: web.Application, settings: GatewaySettings) -> None:
     app[SETTINGS] = settings
+    app[AUTH_FAILURES] = auth_failure_limiter(settings)
+    app[STREAM_SLOTS] = KeyedSlots(settings.gateway_max_streams_per_application)
+    app[LONG_POLL_SLOTS] = KeyedSlots(settings.gateway_max_long_polls_per_application)
     app[TOKEN_KEY] = settings.gateway_token_secret.encode()
     app.cleanup_ctx.extend(
         [

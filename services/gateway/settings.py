@@ -39,6 +39,14 @@ class GatewaySettings(ServiceSettings):
     # the shard's streams when a change committed one check ago has still not come through the
     # topic: the longest a lost notification delays a stream is twice this.
     gateway_delta_recheck_s: float = Field(default=5.0, gt=0, le=300)
+    # Open delta streams (SSE) per application in each gateway process; one more answers 429 with
+    # Retry-After. A slot is given back when the stream ends, its client gone included. An idle
+    # stream costs a socket and no query; the default leaves room for the bench's 1,000 streams
+    # of one application (flightlog bench --stages streams) on one process.
+    gateway_max_streams_per_application: int = Field(default=2000, ge=1)
+    # Waiting long-polls (delta with timeout > 0) per application in each gateway process; one
+    # more answers 429 with Retry-After. A slot is given back when the poll answers or its client goes.
+    gateway_max_long_polls_per_application: int = Field(default=1000, ge=1)
     gateway_sse_heartbeat_s: float = 15.0
     gateway_sse_max_duration_s: float = 3600.0  # then the stream ends; the client resumes
     # The delta log keeps at least this long; older change rows are trimmed (0 keeps them forever).

@@ -31,9 +31,10 @@ from aiokafka.errors import KafkaError
 
 from libs import events as event_limits
 from libs.accounts import Application
-from libs.dlq import dead_letter
+from libs.authn import application_for_request
+from libs.dlq import account_named, dead_letter
 from libs.events import message_key_bytes
-from libs.http import Problem, Unauthorized, bearer_token, is_unavailable, read_json
+from libs.http import Problem, is_unavailable, read_json
 from libs.inflight import Record, forget, publish_records
 from libs.ratelimit import KeyedTokenBuckets
 from libs.resources import DIRECTORY, PRODUCER
@@ -142,14 +143,12 @@ def _dumps(obj: Any) -> str:
 
 
 async def _authenticate(request: web.Request) -> Application:
-    key = bearer_token(request)
     try:
-        app = await request.app[DIRECTORY].application_for_key(key)
+        return await application_for_request(request)  # 401, or 429 for too many failures
+    except Problem:
+        raise
     except Exception as exc:
         raise _unavailable_or_bug(exc) from exc
-    if app is None:
-        raise Unauthorized("the API key is unknown or revoked")
-    return app
 
 
 async def _foreign_accounts(request: web.Request, app: Application, account_ids: set[int]) -> set[int]:
@@ -162,7 +161,11 @@ async def _foreign_accounts(request: web.Request, app: Application, account_ids:
     return {a for a, acc in zip(account_ids, found, strict=True) if acc is None}
 
 
-async def _dead_letter_items(request: web.Request, items: list[Any], errors: list[ItemError]) -> None:
+async def _dead_letter_items(
+    request: web.Request, app: Application, items: list[Any], errors: list[ItemError]
+) -> None:
+    """Each bad item to the DLQ with its reasons and the poster's application: a replay puts it
+    back only for an account of that application (cli.dlq)."""
     reasons: dict[int, list[str]] = {}
     for err in errors:
         assert err.index is not None  # item_errors always sets it
@@ -178,6 +181,8 @@ async def _dead_letter_items(request: web.Request, items: list[Any], errors: lis
                         reason=f"item {index}: " + "; ".join(why),
                         key=None,
                         value=orjson.dumps(items[index]),
+                        application_id=app.id,
+                        account_id=account_named(items[index]),
                     )
                 )
             await asyncio.gather(*futures)
@@ -225,7 +230,7 @@ async def _accept(request: web.Request) -> web.Response:
                 del events[index]
     if errors:
         errors.sort(key=lambda e: (e.index or 0, e.field))
-        await _dead_letter_items(request, items, errors)
+        await _dead_letter_items(request, app, items, errors)
         bad = len(items) - len(events)
         EVENTS_REJECTED.labels("invalid").inc(bad)
         EVENTS_REJECTED.labels("batch").inc(len(events))

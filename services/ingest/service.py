@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
 
+from libs.authn import AUTH_FAILURES, auth_failure_limiter
 from libs.config import ServiceSettings
 from libs.crypto import SecretBox, SecretsSettings
 from libs.imap_accounts import SyncStore
@@ -33,6 +34,7 @@ __all__ = ["DEFINITION", "imap_sync", "main", "setup_app"]
 
 def setup_app(app: web.Application) -> None:
     service = ServiceSettings()
+    app[AUTH_FAILURES] = auth_failure_limiter(service)
     app.cleanup_ctx.extend([database(service), kafka_producer(service)])
     add_ingest_routes(app, IngestSettings())
 

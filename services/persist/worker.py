@@ -59,7 +59,7 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.backoff import backoff_s
-from libs.dlq import dead_letter
+from libs.dlq import account_in_key, dead_letter
 from libs.events import PostflightRecord, decode_postflight
 from libs.ids import ShardBitsMismatch, shard_of
 from libs.kafka import PERSIST_RETRY
@@ -283,6 +283,7 @@ class PersistWorker:
                         key=r.key,
                         value=r.value,
                         source=(r.topic, r.partition, r.offset),
+                        account_id=account_in_key(r.key),
                     )
                 )
                 RECORDS.labels("dead_letter").inc()
@@ -419,6 +420,7 @@ class PersistWorker:
                     key=item.source.key,
                     value=item.source.value,
                     source=(item.source.topic, item.source.partition, item.source.offset),
+                    account_id=item.record.account_id,
                 )
             )
         if futures:

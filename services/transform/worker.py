@@ -57,7 +57,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from libs.component import Component
 from libs.config import KafkaSettings
-from libs.dlq import dead_letter
+from libs.dlq import account_in_key, dead_letter
 from libs.events import Event, decode_event, encode, message_key_bytes
 from libs.kafka import make_consumer, make_producer
 from libs.lifecycle import MessageState, OutcomeKind, apply
@@ -645,8 +645,16 @@ class TransformWorker(Component):
         self, record: ConsumerRecord[bytes, bytes], reason: str, source: tuple[str, int, int]
     ) -> Awaitable[Any]:
         logger.info("dead-lettering %s:%d@%d: %s", *source, reason[:200])
+        # The account from the key (ingest made it from the checked event): known even when the
+        # value does not decode. The application is the account's owner; replay looks it up.
         return await dead_letter(
-            self._producer, stage=STAGE, reason=reason, key=record.key, value=record.value, source=source
+            self._producer,
+            stage=STAGE,
+            reason=reason,
+            key=record.key,
+            value=record.value,
+            source=source,
+            account_id=account_in_key(record.key),
         )
 
     def _rewind(

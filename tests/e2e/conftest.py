@@ -26,7 +26,13 @@ E2E_PORT_OFFSET = int(os.environ.get("FLIGHTLOG_E2E_PORT_OFFSET", "200"))
 E2E_INSTANCE = os.environ.get("FLIGHTLOG_E2E_INSTANCE", "-e2e")
 # An instance id of its own: the transform's transactional id derives from it, and two runs with
 # the same one would fence each other's transform.
-E2E_ENV = {"FLIGHTLOG_INSTANCE_ID": f"{socket.gethostname()}{E2E_INSTANCE}"}
+E2E_ENV = {
+    "FLIGHTLOG_INSTANCE_ID": f"{socket.gethostname()}{E2E_INSTANCE}",
+    # Every test's client is 127.0.0.1 and a service process outlives many tests, so the failed
+    # authentications of all of them would count together (revocation tests poll with a revoked
+    # key, the fuzzer mangles keys). The limit itself: tests/integration/test_gateway_limits.py.
+    "FLIGHTLOG_AUTH_FAILURE_BURST": "1000000",
+}
 # IMAP accounts the e2e tests register go through a topic and group of this run's (the pipeline's
 # ingest and gateway share them), so that `make dev`'s ingest does not sync them, nor this one
 # `make dev`'s accounts. Transform and persist stay in the shared groups on purpose: a group of

@@ -132,3 +132,5 @@ async def test_valid_duplicated_out_of_order_late_and_invalid_events(
     assert b"delivered" in transform_dead[0]["flightlog-reason"]
     ingest_dead = await dlq_entries(kafka_settings, refused_key.encode(), 1, tenant.created_ms)
     assert ingest_dead and ingest_dead[0]["flightlog-stage"] == b"ingest"
+    assert ingest_dead[0]["flightlog-application"] == str(tenant.application.id).encode()
+    assert ingest_dead[0]["flightlog-account"] == str(a).encode()

@@ -15,6 +15,8 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 
 from libs.accounts import AccountDirectory
+from libs.authn import AUTH_FAILURES, auth_failure_limiter
+from libs.config import ServiceSettings
 from libs.http import problem_middleware
 from libs.kafka import CHANGES, make_consumer, make_producer
 from libs.resources import DIRECTORY, ROUTER
@@ -72,6 +74,7 @@ async def api_server(router: ShardRouter, settings: WebhookSettings, api_key: st
     app = web.Application(middlewares=[problem_middleware])
     app[ROUTER] = router
     app[DIRECTORY] = AccountDirectory(router)
+    app[AUTH_FAILURES] = auth_failure_limiter(ServiceSettings())
     add_webhook_routes(app, settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

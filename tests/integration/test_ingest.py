@@ -15,7 +15,7 @@ import pytest
 from aiokafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.dlq import read_dead_letters, topic_partitions
+from cli.dlq import read_dead_letters, replay, topic_partitions
 from cli.services import LocalService
 from cli.stack import Stack
 from libs.accounts import create_account, create_application
@@ -60,6 +60,7 @@ class Tenant:
     api_key: str
     accounts: tuple[int, int]
     foreign_account: int  # belongs to another application
+    application_id: int
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ async def tenant(router: ShardRouter) -> Tenant:
     b = await create_account(router, app.id, f"b-{suffix}@example.com")
     other, _ = await create_application(router, app_name("ingest-other"))
     c = await create_account(router, other.id, f"c-{suffix}@example.com")
-    return Tenant(key, (a.id, b.id), c.id)
+    return Tenant(key, (a.id, b.id), c.id, app.id)
 
 
 @pytest.fixture
@@ -230,6 +231,21 @@ async def test_422_lists_every_bad_item_and_dead_letters_them(
     assert "type" in reasons[orjson.dumps(batch[1])]
     assert "account not found" in reasons[orjson.dumps(batch[4])]
     assert "occurred_at" in reasons[orjson.dumps(batch[3])]
+    # Each carries the poster's application and the account it names.
+    assert {e.application_id for e in entries} == {tenant.application_id}
+    by_item = {orjson.dumps(orjson.loads(e.value or b"")): e for e in entries}
+    assert by_item[orjson.dumps(batch[4])].account_id == tenant.foreign_account
+    assert by_item[orjson.dumps(batch[1])].account_id == a
+
+    # A replay does not put the item naming another application's account back for it.
+    foreign = by_item[orjson.dumps(batch[4])]
+    assert foreign.dlq_offset is not None
+    (refused,) = await replay(kafka_settings, offsets=[foreign.dlq_offset], stage="ingest")
+    assert refused.topic is None
+    assert refused.skipped == (
+        f"account {tenant.foreign_account} does not belong to application {tenant.application_id},"
+        " which posted the entry"
+    )
 
 
 async def test_429_when_one_account_floods_while_another_gets_through(

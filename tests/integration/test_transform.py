@@ -297,6 +297,10 @@ async def test_lifecycle_dedupe_order_updates_and_dlq(env: Env) -> None:
     assert sum("undecodable event" in r for r in reasons) == 2, reasons
     junk = next(d for d in letters if d.key == b"junk")
     assert junk.value == b"\xff not json" and junk.source_offset is not None
+    # Whose each letter is, for a replay's owner check: the account of its key, none for keys
+    # that name none.
+    assert {d.account_id for d in letters if "undecodable event" in d.reason} == {None}
+    assert {d.account_id for d in letters if "undecodable event" not in d.reason} == {ACCOUNT}
 
     # The changelog partition of a message is its inflight partition.
     inflight_partition = {

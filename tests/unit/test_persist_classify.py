@@ -251,5 +251,6 @@ async def test_a_permanent_failure_is_bisected_to_its_record(monkeypatch: pytest
     assert value == encode(_record("k5"))
     assert headers["flightlog-stage"] == b"persist"
     assert headers["flightlog-reason"].startswith(b"unwritable record: DataError")
+    assert headers["flightlog-account"] == str(ACCOUNT).encode()  # whose it is, for a replay
     written = {k for part in writes.parts if "k5" not in part for k in part}
     assert written == set(keys) - {"k5"}

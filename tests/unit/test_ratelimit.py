@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.ratelimit import KeyedTokenBuckets
+from libs.ratelimit import KeyedSlots, KeyedTokenBuckets, SlotsTaken
 
 
 class FakeClock:
@@ -121,3 +122,43 @@ def test_granted_never_exceeds_burst_plus_refill(
             assert cost > burst or cost > b.available("k")
         assert 0 <= b.available("k") <= burst + 1e-9
     assert granted <= burst + (clock.now - start) * rate + 1e-6
+
+
+def test_retry_after_is_when_the_bucket_has_the_cost_again() -> None:
+    b, clock = buckets(rate=2.0, burst=3)
+    assert b.retry_after_s("a") == 0
+    assert b.acquire({"a": 3}) is None
+    assert b.retry_after_s("a") == pytest.approx(0.5)
+    assert b.retry_after_s("a", 2) == pytest.approx(1.0)
+    clock.now += 0.5
+    assert b.retry_after_s("a") == 0
+
+
+def test_slots_are_limited_per_key_and_released_however_the_block_ends() -> None:
+    slots: KeyedSlots[int] = KeyedSlots(2)
+    with slots.slot(1), slots.slot(1):
+        with pytest.raises(SlotsTaken) as taken:
+            with slots.slot(1):
+                pass
+        assert (taken.value.key, taken.value.limit) == (1, 2)
+        with slots.slot(2):  # another key has its own
+            assert (slots.held(1), slots.held(2), len(slots)) == (2, 1, 2)
+    assert (slots.held(1), len(slots)) == (0, 0)  # nothing kept for a key holding nothing
+    with pytest.raises(RuntimeError), slots.slot(1):
+        raise RuntimeError("the stream failed")
+    assert slots.held(1) == 0
+
+
+@given(st.lists(st.integers(0, 3), max_size=50))
+def test_slots_held_never_exceed_the_limit(keys: list[int]) -> None:
+    slots: KeyedSlots[int] = KeyedSlots(3)
+    with contextlib.ExitStack() as stack:
+        open_per_key: dict[int, int] = {}
+        for key in keys:
+            try:
+                stack.enter_context(slots.slot(key))
+                open_per_key[key] = open_per_key.get(key, 0) + 1
+            except SlotsTaken:
+                assert open_per_key.get(key, 0) == 3
+            assert slots.held(key) == open_per_key.get(key, 0) <= 3
+    assert len(slots) == 0
