@@ -41,7 +41,7 @@ from cli.stack import Stack
 from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings
 from libs.db import connect
-from libs.events import Direction, MessageDoc, PostflightRecord, Status
+from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
 from libs.ids import shard_of
 from libs.service import raise_open_files_limit
 from libs.shards import ShardRouter
@@ -152,8 +152,8 @@ def _record(account_id: int, key: str) -> PostflightRecord:
         status=Status.DELIVERED,
         direction=Direction.INBOUND,
         channel="email",
-        sender="sender@example.test",
-        to=["rcpt@example.test"],
+        sender=Participant(email="sender@example.test"),
+        to=[Participant(email="rcpt@example.test")],
         subject=f"stream bench {key}",
         occurred_at=datetime.now(UTC),
     )

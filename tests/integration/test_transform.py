@@ -32,6 +32,7 @@ from libs.events import (
     EventType,
     MessageFlags,
     MessagePatch,
+    Participant,
     PostflightRecord,
     Status,
     decode_event,
@@ -329,7 +330,7 @@ async def test_raw_mime_is_expanded_and_a_message_too_large_to_record_goes_to_th
         assert worker.state_of(ACCOUNT, "huge") is None
     (record,) = await postflight(env)
     assert record.message_key == "small" and record.message.subject == "grüße"
-    assert record.message.sender == "a@x.io" and record.message.thread_key is not None
+    assert record.message.sender == Participant(email="a@x.io") and record.message.thread_key is not None
     assert record.message.size_bytes == len(small)
     (letter,) = await dead_letters(env)
     assert "message too large" in letter.reason and letter.value is not None
