@@ -491,7 +491,7 @@ async def test_participants_merge_per_role_whatever_the_order(env: Env, late_fir
     first = full(env, m, 10, sender=ANN, to=[BOB], cc=[{"email": "old@example.test"}])
     late = PostflightRecord(
         account_id=env.account, message_key=m, version=20, content_version=20,
-        message=MessageDoc(status="delivered", occurred_at=NOW, cc=[CY]),
+        message=MessageDoc.model_validate({"status": "delivered", "occurred_at": NOW, "cc": [CY]}),
     )  # fmt: skip
     await write(env, *((late, first) if late_first else (first, late)))
     got = await fields(env, m)
