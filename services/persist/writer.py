@@ -13,7 +13,9 @@ number of records (a statement per record was most of persist's time):
    - status, flags and times take the record's value only over a lower ``version``;
    - content columns take it only over a lower ``content_version``, and then only where the
      record's value is not NULL (a record never blanks a stored field), so content that arrives
-     after a content-less record of a higher version still lands;
+     after a content-less record of a higher version still lands; ``participants`` (an object with
+     a member per role) is merged per role under the same rule, since a record carries only the
+     roles its content sets;
    - ``redacted`` and ``deleted`` are sticky, and an erased row's erasable columns (subject,
      snippet, body, attachments) stay NULL whatever arrives later and whatever the versions: an
      erasure is for ever;
