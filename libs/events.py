@@ -37,18 +37,18 @@ from __future__ import annotations
 import binascii
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import orjson
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
     StringConstraints,
+    Tag,
     field_validator,
 )
 
@@ -214,23 +214,33 @@ class Participant(_Model):
     email: Address
 
 
-def _participant(value: Any) -> Any:
-    """A participant from an object, a bare address (what older records and clients carry) or a
+def _participant_of(value: str) -> Participant:
+    """A participant from a bare address (what older records and clients carry) or a
     ``"Name <address>"`` string (parsed by :func:`libs.mime.parse_addresses`)."""
-    if not isinstance(value, str):
-        return value  # an object (or a Participant): the model validates it
     if not value.endswith(">") or "<" not in value:
-        return {"email": value}  # a bare address, stored as given since v1
+        return Participant(email=value)  # a bare address, stored as given since v1
     from libs.mime.addresses import parse_addresses  # libs.mime imports this module
 
     found = parse_addresses([value])
     if len(found) != 1:
         # Not one mailbox ("Bob <bob>", "a@x, b <c@y>"): as v1 took it, so old records still read.
-        return {"email": value}
-    return {"name": found[0].name, "email": found[0].email}
+        return Participant(email=value)
+    return Participant(name=found[0].name, email=found[0].email)
 
 
-ParticipantIn = Annotated[Participant, BeforeValidator(_participant)]
+# An object is validated by pydantic-core alone, tried first; only strings (posted, or in records
+# older than objects) go through Python. A Python validator on every participant (BeforeValidator,
+# or a callable Discriminator) cost 0.9 us more per participant in each decode on every topic hop,
+# this 0.45 us (a model instance). A bad participant's 422 names both forms it failed as:
+# content.from.object.email and content.from.text.
+if TYPE_CHECKING:
+    ParticipantIn = Participant  # what validation always gives
+else:
+    ParticipantIn = Annotated[
+        Annotated[Participant, Tag("object")]
+        | Annotated[Annotated[str, AfterValidator(_participant_of)], Tag("text")],
+        Field(union_mode="left_to_right"),
+    ]
 Participants = Annotated[list[ParticipantIn], Field(max_length=MAX_RECIPIENTS)]
 
 
