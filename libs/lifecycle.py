@@ -260,8 +260,10 @@ def _next_version(state: MessageState, position: int | None) -> int:
 
 
 def _drop_content(state: MessageState) -> None:
+    # Only what is set: a model's setattr costs 0.8 us, and most messages carry few of these fields.
     for name in DROPPED_WHEN_FINAL:
-        setattr(state, name, None)
+        if getattr(state, name) is not None:
+            setattr(state, name, None)
 
 
 def _content_changed(old: MessageState, new: MessageState) -> bool:
