@@ -35,9 +35,11 @@ FLAG_COLUMNS: Final = (
     "status", "direction", "unread", "starred", "folder", "labels", "source", "occurred_at", "final_at",
 )  # fmt: skip
 # Guarded by ``content_version``, and never blanked by a NULL (see services.persist.writer).
+# ``participants`` is merged per role (migration 0012), the others are taken whole.
 CONTENT_COLUMNS: Final = (
     "channel", "sender", "to_addrs", "cc_addrs", "subject", "snippet", "body", "body_encoding",
     "error_code", "attachments", "thread_key", "size_bytes", "parse_warnings",
+    "participants", "sent_at", "rfc_message_id", "in_reply_to", "reference_ids",
 )  # fmt: skip
 # What a redaction or a deletion erases (libs.lifecycle's erasable fields, as columns).
 ERASABLE_COLUMNS: Final = ("subject", "snippet", "body", "body_encoding", "attachments")
@@ -47,7 +49,8 @@ LIST_COLUMNS: Final = (
     "id", "account_id", "message_key", "version", "status", "direction", "channel", "sender",
     "to_addrs", "cc_addrs", "subject", "snippet", "error_code", "unread", "starred", "folder",
     "labels", "source", "occurred_at", "final_at", "redacted", "deleted", "created_at", "updated_at",
-    "thread_key", "size_bytes", "attachments", "parse_warnings",
+    "thread_key", "size_bytes", "attachments", "parse_warnings", "participants", "sent_at",
+    "rfc_message_id", "in_reply_to", "reference_ids",
 )  # fmt: skip
 # What a get by id reads: the list columns and the body.
 DETAIL_COLUMNS: Final = (*LIST_COLUMNS, "body", "body_encoding")

@@ -33,7 +33,7 @@ from typing import Final
 from cli.bench import deploy
 from cli.bench.deploy import PrivateDeployment
 from cli.bench.report import BenchReport, Figure, Section, Stage, StageContext, machine_facts
-from libs.events import Direction, MessageDoc, PostflightRecord, Status
+from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
 from libs.shardops.failover import FailoverResult
 from libs.shardops.watch import ShardWatch
 from libs.shards import ShardRouter
@@ -67,8 +67,8 @@ def record(account_id: int, key: str) -> PostflightRecord:
             status=Status.DELIVERED,
             direction=Direction.OUTBOUND,
             channel="email",
-            sender="failover@example.test",
-            to=["rcpt@example.test"],
+            sender=Participant(email="failover@example.test"),
+            to=[Participant(email="rcpt@example.test")],
             subject=key,
             body_text="written while the primary dies",
             occurred_at=now,

@@ -28,7 +28,7 @@ from cli.bench.report import Figure, Stage, StageContext
 from cli.services import LocalService
 from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings, StackSettings
-from libs.events import Direction, MessageDoc, PostflightRecord, Status
+from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
 from libs.ids import shard_of
 from libs.messages import DETAIL_COLUMNS
 from libs.shards import ShardRouter
@@ -69,8 +69,8 @@ async def _seed(router: ShardRouter, messages: int) -> tuple[int, str]:
             status=Status.DELIVERED,
             direction=Direction.OUTBOUND,
             channel="email",
-            sender="sender@example.test",
-            to=[f"r{i % 10}@example.test"],
+            sender=Participant(email="sender@example.test"),
+            to=[Participant(email=f"r{i % 10}@example.test")],
             subject=f"subject {i}",
             snippet=f"snippet {i}",
             body_text="body " * 40,

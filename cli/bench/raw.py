@@ -23,7 +23,7 @@ from cli.bench.report import RAW_UPSERT, Figure, Stage, StageContext
 from libs.config import DatabaseSettings
 from libs.db import connect, shard_schema
 from libs.db.migrate import migrate_shard
-from libs.events import Direction, MessageDoc, PostflightRecord, Status
+from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
 from libs.shards import ShardRouter
 from services.persist import writer as writer_sql
 from services.persist.writer import write_shard
@@ -43,8 +43,8 @@ def _sample_record(account_id: int, n: int) -> PostflightRecord:
             status=Status.DELIVERED,
             direction=Direction.OUTBOUND,
             channel="email",
-            sender="sender@example.test",
-            to=["rcpt@example.test"],
+            sender=Participant(email="sender@example.test"),
+            to=[Participant(email="rcpt@example.test")],
             subject=f"subject {n}",
             snippet="a short body",
             body_text="a short body " * 20,

@@ -38,7 +38,7 @@ from cli.bench import deploy
 from cli.bench.deploy import PrivateDeployment
 from cli.bench.report import BenchReport, Figure, Section, Stage, StageContext, machine_facts
 from libs.backoff import backoff_s
-from libs.events import Direction, MessageDoc, PostflightRecord, Status
+from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
 from libs.shards import ShardRouter
 from services.persist.worker import Breaker
 from services.persist.writer import Failure, classify, write_shard
@@ -96,8 +96,8 @@ def record(account_id: int, key: str) -> PostflightRecord:
             status=Status.DELIVERED,
             direction=Direction.OUTBOUND,
             channel="email",
-            sender="down@example.test",
-            to=["rcpt@example.test"],
+            sender=Participant(email="down@example.test"),
+            to=[Participant(email="rcpt@example.test")],
             subject=key,
             body_text="written while another cluster is down " * 4,
             occurred_at=now,

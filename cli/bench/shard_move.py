@@ -33,7 +33,7 @@ from cli.bench import deploy
 from cli.bench.deploy import PrivateDeployment
 from cli.bench.report import BenchReport, Figure, Section, Stage, StageContext, machine_facts
 from cli.bench.stats import LatencySummary, summarize
-from libs.events import Direction, MessageDoc, PostflightRecord, Status
+from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
 from libs.shardops.move import MoveResult, move_shard
 from libs.shards import ShardRouter
 from services.persist.writer import Failure, classify, db_errno, write_shard
@@ -61,8 +61,8 @@ def record(account_id: int, key: str, version: int) -> PostflightRecord:
             status=Status.DELIVERED,
             direction=Direction.OUTBOUND,
             channel="email",
-            sender="move@example.test",
-            to=["rcpt@example.test"],
+            sender=Participant(email="move@example.test"),
+            to=[Participant(email="rcpt@example.test")],
             subject=f"{key} v{version}",
             body_text="written while its shard moves " * 4,
             occurred_at=now,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Final
 
-from libs.events import MAX_BODY_BYTES, MessageContent
+from libs.events import MAX_BODY_BYTES, MAX_MESSAGE_ID_CHARS, STORABLE_MAX, STORABLE_MIN, MessageContent
 from libs.mime.addresses import MAX_ADDRESSES, Participant, parse_addresses
 from libs.mime.charsets import DetectionBudget, decode_bytes
 from libs.mime.headers import decode_words
@@ -37,6 +37,8 @@ from libs.mime.structure import Entity, decode_transfer, parse_entity, parse_par
 
 __all__ = [
     "MAX_ADDRESSES",
+    "MAX_HEADER_NAME_CHARS",
+    "MAX_HEADER_VALUE_CHARS",
     "MAX_LISTED_HEADERS",
     "MAX_RAW_BYTES",
     "MAX_REFERENCES",
@@ -430,11 +432,14 @@ def content_fields(parsed: ParsedMessage, *, max_body_bytes: int = 512 * 1024) -
             return value
         return data[:max_body_bytes].decode("utf-8", errors="ignore")
 
+    p = parsed.participants
     return {
         "channel": "email",
-        "sender": parsed.sender,
-        "to": parsed.to or None,
-        "cc": parsed.cc or None,
+        "sender": p.from_[0].as_dict() if p.from_ else None,
+        "to": [a.as_dict() for a in p.to] or None,
+        "cc": [a.as_dict() for a in p.cc] or None,
+        "bcc": [a.as_dict() for a in p.bcc] or None,
+        "reply_to": [a.as_dict() for a in p.reply_to] or None,
         "subject": parsed.subject,
         "body_text": bounded(parsed.body_text),
         "body_html": bounded(parsed.body_html),
@@ -442,11 +447,24 @@ def content_fields(parsed: ParsedMessage, *, max_body_bytes: int = 512 * 1024) -
         "size_bytes": parsed.size_bytes,
         "attachments": [
             {"filename": a.filename, "content_type": a.content_type, "size_bytes": a.size_bytes,
-             "content_id": a.content_id, "inline": a.inline}
+             "content_id": a.content_id, "inline": a.inline, "sha256": a.sha256}
             for a in parsed.attachments
         ] or None,
         "parse_warnings": parsed.parse_warnings or None,
+        "date": _storable_date(parsed.date),
+        "message_id": _storable_id(parsed.message_id),
+        "in_reply_to": _storable_id(parsed.in_reply_to),
+        "references": [r for r in parsed.references if len(r) <= MAX_MESSAGE_ID_CHARS] or None,
     }  # fmt: skip
+
+
+def _storable_date(value: datetime | None) -> datetime | None:
+    # A Date a DATETIME column cannot hold (year 0001) is no date, so the rest of the message lands.
+    return value if value is not None and STORABLE_MIN <= value < STORABLE_MAX else None
+
+
+def _storable_id(value: str | None) -> str | None:
+    return value if value is not None and len(value) <= MAX_MESSAGE_ID_CHARS else None
 
 
 def parse_raw_mime(

@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 from aiohttp.helpers import content_disposition_header
 from pydantic import Field
@@ -43,8 +44,14 @@ from libs.aio import wait_for
 from libs.events import MAX_ATTACHMENTS
 from libs.imap.client import AuthFailed, ImapConnection, ImapError
 from libs.imap_accounts import AccountRow, ImapAccountsSettings, SyncStore
-from libs.mime import parse_message
+from libs.mime import (
+    MAX_HEADER_NAME_CHARS,
+    MAX_HEADER_VALUE_CHARS,
+    MAX_LISTED_HEADERS,
+    parse_message,
+)
 from libs.openapi import Answer, ApiRoutes, Operation, Param
+from services.gateway import schemas
 from services.gateway.auth import authenticated, path_id
 from services.gateway.errors import ApiError, NotFound
 from services.gateway.imap_accounts import IMAP_SETTINGS, IMAP_STORE
@@ -52,13 +59,15 @@ from services.gateway.messages import attachment_list, message_row
 from services.gateway.openapi import MESSAGE
 
 __all__ = [
-    "API", "CONTENT_SETTINGS", "ContentSettings", "ImapSource", "add_content_routes", "fetch_raw",
-    "imap_source",
+    "API", "CONTENT_SETTINGS", "MAX_HEADER_BYTES", "ContentSettings", "ImapSource", "add_content_routes",
+    "fetch_raw", "imap_source",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 API: Final = ApiRoutes()
+# The most of a header block read from the server (a partial fetch: the server cuts it).
+MAX_HEADER_BYTES: Final = 256 * 1024
 ATTACHMENT_INDEX: Final = {"type": "string", "pattern": "^[0-9]{1,3}$", "description": "from 0"}
 
 
@@ -122,8 +131,11 @@ def _gone(message_id: int) -> NotFound:
 
 
 async def fetch_raw(
-    source: ImapSource, settings: ContentSettings, imap: ImapAccountsSettings, message_id: int
-) -> bytes:
+    source: ImapSource, settings: ContentSettings, imap: ImapAccountsSettings, message_id: int,
+    *, headers_only: bool = False,
+) -> bytes:  # fmt: skip
+    """The message's bytes, or with ``headers_only`` its header block (at most
+    :data:`MAX_HEADER_BYTES` of it, whatever the message's size)."""
     account = source.account
     conn = ImapConnection(
         account.host,
@@ -143,19 +155,27 @@ async def fetch_raw(
         size = next((i.size for i in sizes if i.uid == source.uid), None)
         if size is None:
             raise _gone(message_id)
-        if size > settings.content_max_bytes:
+        if headers_only:
+            items = await conn.uid_fetch(
+                str(source.uid),
+                f"(BODY.PEEK[HEADER]<0.{MAX_HEADER_BYTES}>)",
+                max_response_bytes=MAX_HEADER_BYTES + 64 * 1024,
+                max_literal_bytes=MAX_HEADER_BYTES,
+            )
+        elif size > settings.content_max_bytes:
             raise ApiError(
                 422,
                 "Message too large",
                 f"the message is {size} bytes; at most {settings.content_max_bytes} are served"
                 " (FLIGHTLOG_CONTENT_MAX_BYTES)",
             )
-        items = await conn.uid_fetch(
-            str(source.uid),
-            "(BODY.PEEK[])",
-            max_response_bytes=settings.content_max_bytes + 64 * 1024,
-            max_literal_bytes=settings.content_max_bytes,
-        )
+        else:
+            items = await conn.uid_fetch(
+                str(source.uid),
+                "(BODY.PEEK[])",
+                max_response_bytes=settings.content_max_bytes + 64 * 1024,
+                max_literal_bytes=settings.content_max_bytes,
+            )
         body = next((i.body for i in items if i.uid == source.uid and i.body is not None), None)
         if body is None:
             raise _gone(message_id)
@@ -165,9 +185,9 @@ async def fetch_raw(
 
 
 async def _raw(
-    request: web.Request, app: Application, columns: tuple[str, ...]
+    request: web.Request, app: Application, columns: tuple[str, ...], *, headers_only: bool = False
 ) -> tuple[dict[str, Any], bytes]:
-    """The message's row (``columns``) and its raw bytes from the IMAP server."""
+    """The message's row (``columns``) and its raw bytes (or header block) from the IMAP server."""
     message_id = path_id(request, "message_id", "message")
     row = await message_row(request, app, message_id, ", ".join(("account_id", "message_key", *columns)))
     if row is None:
@@ -190,7 +210,10 @@ async def _raw(
         ) from None
     imap = request.app[IMAP_SETTINGS]
     try:
-        body = await wait_for(fetch_raw(source, settings, imap, message_id), settings.content_timeout_s)
+        body = await wait_for(
+            fetch_raw(source, settings, imap, message_id, headers_only=headers_only),
+            settings.content_timeout_s,
+        )
     except AuthFailed as exc:
         log.warning("content fetch of %s: %s", message_id, exc)
         raise ApiError(
@@ -285,6 +308,35 @@ async def get_attachment(request: web.Request, app: Application) -> web.StreamRe
         content_disposition_header("attachment", filename=found.filename) if found.filename else "attachment"
     )
     return web.Response(body=contents[index], content_type=_safe_type(found.content_type), headers=headers)
+
+
+@API.get(
+    "/v1/messages/{message_id}/headers",
+    Operation(
+        "getMessageHeaders",
+        "messages",
+        "The message's header fields as sent, fetched from the IMAP server when asked",
+        (Answer(200, "the header fields, in order", schemas.MessageHeaders),),
+        description="Only messages synced over IMAP have headers to show; flightlog stores the"
+        " fields it reads from them, not the header block, so every call reads the block from the"
+        " account's server (without marking the message seen). At most the first"
+        f" {MAX_HEADER_BYTES // 1024} KiB of the block, {MAX_LISTED_HEADERS} fields, names cut at"
+        f" {MAX_HEADER_NAME_CHARS} and values at {MAX_HEADER_VALUE_CHARS} characters; folded values"
+        " are unfolded, encoded words are left as sent.",
+        params=(MESSAGE,),
+        problems=(404, 409, 502, 503),
+    ),
+)
+@authenticated
+async def get_headers(request: web.Request, app: Application) -> web.StreamResponse:
+    _, block = await _raw(request, app, (), headers_only=True)
+    fields = parse_message(block + b"\r\n", max_bytes=len(block) + 2, with_headers=True).headers or []
+    return web.Response(
+        body=orjson.dumps(
+            {"id": request.match_info["message_id"], "headers": [{"name": k, "value": v} for k, v in fields]}
+        ),
+        content_type="application/json",
+    )
 
 
 def _safe_type(content_type: str) -> str:

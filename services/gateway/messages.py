@@ -69,6 +69,7 @@ __all__ = [
     "list_statement",
     "message_json",
     "message_row",
+    "participants",
     "read_rows",
     "select_list",
 ]
@@ -89,7 +90,7 @@ _ACCEPTED: Final = Answer(202, "accepted; not stored yet", schemas.MessageAccept
 # as the API shows them (RFC 3339, microseconds, Z): converting four datetimes a row in Python
 # (the driver's parse, then isoformat) was the largest cost of a page after the driver's own.
 # ``%%``: the statements go through the driver's %-formatting of their arguments.
-_TIME_COLUMNS: Final = frozenset({"occurred_at", "final_at", "created_at", "updated_at"})
+_TIME_COLUMNS: Final = frozenset({"occurred_at", "final_at", "created_at", "updated_at", "sent_at"})
 _TIME_FORMAT: Final = "'%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ'"
 
 
@@ -132,14 +133,47 @@ def attachment_list(value: Any) -> list[dict[str, Any]]:
             "size_bytes": int(a.get("size_bytes") or 0),
             "content_id": a.get("content_id"),
             "inline": bool(a.get("inline")),
+            "sha256": a.get("sha256"),  # absent from rows written before it was computed
         }
         for a in parsed
         if isinstance(a, dict)
     ]
 
 
+PARTICIPANT_ROLES: Final = ("from", "to", "cc", "bcc", "reply_to")
+
+
+def _people(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        return []
+    return [
+        {"name": p.get("name"), "email": p["email"]}
+        for p in value
+        if isinstance(p, dict) and isinstance(p.get("email"), str)
+    ]
+
+
+def participants(row: dict[str, Any], to: list[str], cc: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Every role's ``{name, email}`` list. A role the ``participants`` column lacks (every role
+    of a row written before it, migration 0012) is read from the bare-address columns, unnamed."""
+    stored = orjson.loads(row["participants"]) if row["participants"] is not None else {}
+    if not isinstance(stored, dict):
+        stored = {}
+    out = {role: _people(stored.get(role)) for role in PARTICIPANT_ROLES}
+    for role, bare in (
+        ("from", [row["sender"]] if row["sender"] is not None else []),
+        ("to", to),
+        ("cc", cc),
+    ):
+        if role not in stored:
+            out[role] = [{"name": None, "email": email} for email in bare]
+    return out
+
+
 def message_json(row: dict[str, Any], *, with_body: bool = False) -> dict[str, Any]:
     """The public JSON of a message row (ids as decimal strings, times in UTC with a ``Z``)."""
+    to, cc = _json_list(row["to_addrs"]), _json_list(row["cc_addrs"])
+    people = participants(row, to, cc)
     doc: dict[str, Any] = {
         "id": str(row["id"]),
         "account_id": str(row["account_id"]),
@@ -149,8 +183,11 @@ def message_json(row: dict[str, Any], *, with_body: bool = False) -> dict[str, A
         "direction": row["direction"],
         "channel": row["channel"],
         "from": row["sender"],
-        "to": _json_list(row["to_addrs"]),
-        "cc": _json_list(row["cc_addrs"]),
+        "to": to,
+        "cc": cc,
+        "bcc": [p["email"] for p in people["bcc"]],
+        "reply_to": [p["email"] for p in people["reply_to"]],
+        "participants": people,
         "subject": row["subject"],
         "snippet": row["snippet"],
         "error_code": row["error_code"],
@@ -168,6 +205,10 @@ def message_json(row: dict[str, Any], *, with_body: bool = False) -> dict[str, A
         "size_bytes": None if row["size_bytes"] is None else int(row["size_bytes"]),
         "attachments": attachment_list(row["attachments"]),
         "parse_warnings": _json_list(row["parse_warnings"]),
+        "date": _time(row["sent_at"]),
+        "message_id": row["rfc_message_id"],
+        "in_reply_to": row["in_reply_to"],
+        "references": _json_list(row["reference_ids"]),
     }
     if with_body:
         text, html = decode_body(row["body"], int(row["body_encoding"]))

@@ -27,6 +27,7 @@ __all__ = [
     "Delta",
     "DeltaPage",
     "Doc",
+    "HeaderField",
     "ImapAccount",
     "ImapFolder",
     "ImapSync",
@@ -34,9 +35,12 @@ __all__ = [
     "MessageAccepted",
     "MessageDeleted",
     "MessageDetail",
+    "MessageHeaders",
     "MessagePage",
     "NewApiKey",
     "NonNegative",
+    "Participant",
+    "Participants",
     "Token",
 ]
 
@@ -60,6 +64,24 @@ class Attachment(Doc):
     size_bytes: NonNegative = Field(description="decoded size")
     content_id: str | None
     inline: bool
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = Field(
+        description="hex SHA-256 of the decoded content; null for messages stored before it was computed"
+    )
+
+
+class Participant(Doc):
+    name: str | None = Field(description="the display name; null when the message gives none")
+    email: str = Field(description="the address (a phone number on SMS channels)")
+
+
+class Participants(Doc):
+    """Every participant with its display name, by role (empty lists when the role has none)."""
+
+    from_: list[Participant] = Field(alias="from")
+    to: list[Participant]
+    cc: list[Participant]
+    bcc: list[Participant]
+    reply_to: list[Participant]
 
 
 class Message(Doc):
@@ -73,6 +95,9 @@ class Message(Doc):
     from_: str | None = Field(alias="from")
     to: list[str]
     cc: list[str]
+    bcc: list[str] = Field(description="bare addresses; names in participants")
+    reply_to: list[str] = Field(description="bare addresses; names in participants")
+    participants: Participants
     subject: str | None
     snippet: str | None
     error_code: str | None
@@ -92,11 +117,25 @@ class Message(Doc):
     parse_warnings: list[str] = Field(
         description="what could not be read cleanly from the raw message, e.g. truncated"
     )
+    date: datetime | None = Field(description="the Date header (the sender's clock), in UTC")
+    message_id: str | None = Field(description="the Message-ID header, with its angle brackets")
+    in_reply_to: str | None = Field(description="the first id of the In-Reply-To header")
+    references: list[str] = Field(description="the References ids, oldest first")
 
 
 class MessageDetail(Message):
     body_text: str | None
     body_html: str | None
+
+
+class HeaderField(Doc):
+    name: str
+    value: str
+
+
+class MessageHeaders(Doc):
+    id: PublicId
+    headers: list[HeaderField]
 
 
 class MessagePage(Doc):

@@ -13,7 +13,9 @@ number of records (a statement per record was most of persist's time):
    - status, flags and times take the record's value only over a lower ``version``;
    - content columns take it only over a lower ``content_version``, and then only where the
      record's value is not NULL (a record never blanks a stored field), so content that arrives
-     after a content-less record of a higher version still lands;
+     after a content-less record of a higher version still lands; ``participants`` (an object with
+     a member per role) is merged per role under the same rule, since a record carries only the
+     roles its content sets;
    - ``redacted`` and ``deleted`` are sticky, and an erased row's erasable columns (subject,
      snippet, body, attachments) stay NULL whatever arrives later and whatever the versions: an
      erasure is for ever;
@@ -121,6 +123,17 @@ def _content_update(column: str) -> str:
         return (
             f"body_encoding = IF({_ERASED}, {BODY_RAW}, IF(VALUES(body) IS NOT NULL AND ({_NEWER_CONTENT}"
             " OR body IS NULL), VALUES(body_encoding), body_encoding))"
+        )
+    if column == "participants":
+        # An object with a member per role: a record carries the roles its content sets (a late
+        # event may set cc alone), so newer content replaces the roles it has (JSON_MERGE_PATCH:
+        # the second argument's members win) and older content fills only the roles still absent.
+        # JSON_MERGE_PATCH of a NULL is NULL, hence the COALESCEs.
+        new, old = "VALUES(participants)", "participants"
+        return (
+            f"participants = IF({_NEWER_CONTENT},"
+            f" COALESCE(JSON_MERGE_PATCH({old}, {new}), {new}, {old}),"
+            f" COALESCE(JSON_MERGE_PATCH({new}, {old}), {old}, {new}))"
         )
     # Newer content wins where it has a value; older content only fills what is still empty.
     kept = f"IF({_NEWER_CONTENT}, COALESCE(VALUES({column}), {column}), COALESCE({column}, VALUES({column})))"
@@ -305,6 +318,17 @@ def _json_or_null(items: list[Any]) -> str | None:
     return orjson.dumps(items).decode() if items else None
 
 
+def _participants_json(m: MessageDoc) -> str | None:
+    """The ``participants`` column: a member per role the record knows, NULL when it knows none."""
+    roles: dict[str, list[dict[str, str | None]]] = {}
+    if m.sender is not None:
+        roles["from"] = [{"name": m.sender.name, "email": m.sender.email}]
+    for role, people in (("to", m.to), ("cc", m.cc), ("bcc", m.bcc), ("reply_to", m.reply_to)):
+        if people:
+            roles[role] = [{"name": p.name, "email": p.email} for p in people]
+    return orjson.dumps(roles).decode() if roles else None
+
+
 def content_version(record: PostflightRecord) -> int:
     """The version the record's content was set at; records older than the field: their version."""
     return record.version if record.content_version is None else record.content_version
@@ -345,12 +369,22 @@ def _row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
     thread_key: str | None = None
     size_bytes: int | None = None
     warnings: str | None = None
+    participants: str | None = None
+    sent_at: datetime | None = None
+    message_id: str | None = None
+    in_reply_to: str | None = None
+    references: str | None = None
     if version > 0:  # 0: a record without content (a flags change); its doc's content is not content
-        channel, sender, error_code, thread_key, size_bytes = (
-            m.channel, m.sender, m.error_code, m.thread_key, m.size_bytes,
+        channel, error_code, thread_key, size_bytes, message_id, in_reply_to = (
+            m.channel, m.error_code, m.thread_key, m.size_bytes, m.message_id, m.in_reply_to,
         )  # fmt: skip
+        sender = m.sender.email if m.sender is not None else None
         # An empty list is NULL too: transform's doc cannot tell "no recipients" from "not known"
-        to, cc, warnings = _json_or_null(m.to), _json_or_null(m.cc), _json_or_null(m.parse_warnings)
+        to = _json_or_null([p.email for p in m.to])
+        cc = _json_or_null([p.email for p in m.cc])
+        warnings, references = _json_or_null(m.parse_warnings), _json_or_null(m.references)
+        participants = _participants_json(m)
+        sent_at = _utc_naive("date", m.date)
         if not erases(record):  # privacy: an erased message keeps none of these
             body, encoding = encode_body(m.body_text, m.body_html)
             if body is not None:
@@ -362,7 +396,7 @@ def _row(record: PostflightRecord) -> tuple[tuple[Any, ...], int, int]:
         m.status, m.direction, m.unread, m.starred, m.folder, orjson.dumps(m.labels).decode(), m.source,
         _utc_naive("occurred_at", m.occurred_at), _utc_naive("final_at", m.final_at),
         channel, sender, to, cc, subject, snippet, body, encoding, error_code, attachments,
-        thread_key, size_bytes, warnings,
+        thread_key, size_bytes, warnings, participants, sent_at, message_id, in_reply_to, references,
         m.redacted, record.deleted, version, record.version,
     )  # fmt: skip
     return values, raw_len, len(body) if body is not None else 0

@@ -4,6 +4,7 @@ writes the MIME columns -> the gateway serves them."""
 from __future__ import annotations
 
 import base64
+from hashlib import sha256
 from typing import Any
 
 import aiohttp
@@ -118,10 +119,15 @@ async def test_raw_mime_is_parsed_stored_and_served(
         assert msg["thread_key"] == root["thread_key"] and msg["size_bytes"] == len(ROOT)
         assert msg["attachments"] == [
             {"filename": "résumé.pdf", "content_type": "application/pdf", "size_bytes": 256 * 40,
-             "content_id": None, "inline": False},
+             "content_id": None, "inline": False, "sha256": sha256(bytes(range(256)) * 40).hexdigest()},
             {"filename": None, "content_type": "image/png", "size_bytes": 8, "content_id": "logo@x",
-             "inline": True},
+             "inline": True, "sha256": sha256(base64.b64decode("iVBORw0KGgo=")).hexdigest()},
         ]  # fmt: skip
+        assert msg["participants"]["from"] == [{"name": "Jürgen Müller", "email": "j@example.de"}]
+        assert msg["participants"]["to"] == [
+            {"name": None, "email": "a@example.org"}, {"name": "Привет", "email": "b@example.org"}
+        ]  # fmt: skip
+        assert msg["message_id"] == "<root@mime.test>" and msg["in_reply_to"] is None
         assert msg["parse_warnings"] == [] and msg["status"] == "received" and msg["source"] == "imap"
 
         async with http.get(

@@ -425,3 +425,101 @@ async def test_the_migration_gives_existing_rows_their_version_as_content_versio
         finally:
             await cur.execute(f"DROP DATABASE IF EXISTS `{schema}`")
             await conn.commit()
+
+
+async def fields(env: Env, message_key: str) -> dict[str, Any]:
+    """The columns of migration 0012, decoded."""
+    pool = await env.router.pool(env.shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT participants, sent_at, rfc_message_id, in_reply_to, reference_ids, attachments"
+            f" FROM {env.router.table(env.shard, 'messages')} WHERE account_id = %s AND message_key = %s",
+            (env.account, message_key.encode()),
+        )
+        found = await cur.fetchone()
+        await conn.commit()
+    assert found is not None
+    participants, sent_at, message_id, in_reply_to, references, attachments = found
+    return {
+        "participants": orjson.loads(participants) if participants is not None else None,
+        "sent_at": sent_at,
+        "message_id": message_id,
+        "in_reply_to": in_reply_to,
+        "references": orjson.loads(references) if references is not None else None,
+        "attachments": orjson.loads(attachments) if attachments is not None else None,
+    }
+
+
+ANN = {"name": "Ann Lee", "email": "ann@example.test"}
+BOB = {"name": None, "email": "bob@example.test"}
+CY = {"name": "Cy", "email": "cy@example.test"}
+
+
+async def test_the_message_fields_are_stored(env: Env) -> None:
+    m = key()
+    digest = "ab" * 32
+    await write(
+        env,
+        full(
+            env, m, 10, sender=ANN, to=[BOB], bcc=[CY], reply_to=["Desk <desk@example.test>"],
+            date=datetime(2025, 7, 1, 10, tzinfo=UTC), message_id="<m@x>", in_reply_to="<p@x>",
+            references=["<r@x>", "<p@x>"],
+            attachments=[{"filename": "a.pdf", "size_bytes": 3, "sha256": digest}],
+        ),
+    )  # fmt: skip
+    row = await stored(env, m)
+    assert row is not None and row["sender"] == "ann@example.test" and row["to_addrs"] == ["bob@example.test"]
+    got = await fields(env, m)
+    assert got["participants"] == {
+        "from": [ANN], "to": [BOB], "bcc": [CY], "reply_to": [{"name": "Desk", "email": "desk@example.test"}],
+        "cc": [{"name": None, "email": "cy@example.test"}],  # CONTENT's bare cc
+    }  # fmt: skip
+    assert got["sent_at"] == datetime(2025, 7, 1, 10)  # UTC, without a zone
+    assert (got["message_id"], got["in_reply_to"], got["references"]) == (
+        "<m@x>",
+        "<p@x>",
+        ["<r@x>", "<p@x>"],
+    )
+    assert got["attachments"][0]["sha256"] == digest
+
+
+@pytest.mark.parametrize("late_first", [False, True])
+async def test_participants_merge_per_role_whatever_the_order(env: Env, late_first: bool) -> None:
+    # Content version 20 sets cc alone (a late event), version 10 the rest: each role ends with
+    # the value of the highest content version that carried it, in either order of arrival.
+    m = key()
+    first = full(env, m, 10, sender=ANN, to=[BOB], cc=[{"email": "old@example.test"}])
+    late = PostflightRecord(
+        account_id=env.account, message_key=m, version=20, content_version=20,
+        message=MessageDoc.model_validate({"status": "delivered", "occurred_at": NOW, "cc": [CY]}),
+    )  # fmt: skip
+    await write(env, *((late, first) if late_first else (first, late)))
+    got = await fields(env, m)
+    assert got["participants"] == {"from": [ANN], "to": [BOB], "cc": [CY]}
+    row = await stored(env, m)
+    assert row is not None and row["cc_addrs"] == ["cy@example.test"] and row["sender"] == ANN["email"]
+
+
+async def test_migration_0012_is_instant_and_old_rows_read(env: Env, db_settings: DatabaseSettings) -> None:
+    schema = f"flightlog_test_mf_{uuid.uuid4().hex[:8]}"
+    [added] = [m for m in load_migrations("shard") if m.name == "message_headers"]
+    server = env.router.shard_map.cluster_of(env.shard).primary
+    async with connect(db_settings, *server) as conn, conn.cursor() as cur:
+        try:
+            await cur.execute(f"CREATE DATABASE `{schema}`")
+            await cur.execute(f"USE `{schema}`")
+            for migration in load_migrations("shard"):
+                if migration.version < added.version:
+                    for statement in migration.statements:
+                        await cur.execute(statement)
+            await cur.execute(
+                "INSERT INTO messages (account_id, message_key, version, sender, to_addrs)"
+                " VALUES (1, 'a', 7, 'a@x', '[\"b@y\"]')"
+            )
+            for statement in added.statements:  # ALGORITHM=INSTANT: an error if it had to copy
+                await cur.execute(statement)
+            await cur.execute("SELECT participants, sent_at, rfc_message_id, reference_ids FROM messages")
+            assert [tuple(r) for r in await cur.fetchall()] == [(None, None, None, None)]
+        finally:
+            await cur.execute(f"DROP DATABASE IF EXISTS `{schema}`")
+            await conn.commit()

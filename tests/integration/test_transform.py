@@ -32,6 +32,7 @@ from libs.events import (
     EventType,
     MessageFlags,
     MessagePatch,
+    Participant,
     PostflightRecord,
     Status,
     decode_event,
@@ -318,7 +319,10 @@ async def test_lifecycle_dedupe_order_updates_and_dlq(env: Env) -> None:
 
 async def test_raw_mime_is_expanded_and_a_message_too_large_to_record_goes_to_the_dlq(env: Env) -> None:
     head = b"Subject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\r\nFrom: a@x.io\r\nMessage-ID: <t@x>\r\n"
-    small = head + b"Content-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n"
+    small = head + (
+        b"Reply-To: Ann <r@x.io>\r\nDate: Tue, 1 Jul 2025 10:00:00 +0200\r\nReferences: <p@x>\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n"
+    )
     # Control characters are escaped six-fold in JSON: a legal raw message whose state cannot be
     # one Kafka record. The producer would refuse it on every retry; it must go to the DLQ.
     huge = head + b"Content-Type: text/plain\r\n\r\n" + b"\x01" * (MAX_RAW_BYTES - len(head) - 40)
@@ -333,8 +337,11 @@ async def test_raw_mime_is_expanded_and_a_message_too_large_to_record_goes_to_th
         assert worker.state_of(ACCOUNT, "huge") is None
     (record,) = await postflight(env)
     assert record.message_key == "small" and record.message.subject == "grüße"
-    assert record.message.sender == "a@x.io" and record.message.thread_key is not None
+    assert record.message.sender == Participant(email="a@x.io") and record.message.thread_key is not None
     assert record.message.size_bytes == len(small)
+    assert record.message.reply_to == [Participant(name="Ann", email="r@x.io")]
+    assert record.message.date == datetime(2025, 7, 1, 8, tzinfo=UTC)
+    assert record.message.message_id == "<t@x>" and record.message.references == ["<p@x>"]
     (letter,) = await dead_letters(env)
     assert "message too large" in letter.reason and letter.value is not None
     assert letter.value == encode(synced[0])

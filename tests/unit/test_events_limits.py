@@ -124,7 +124,7 @@ def test_an_old_postflight_record_over_a_column_does_not_decode(doc: dict[str, A
     raw = orjson.dumps({"account_id": str(ACCOUNT), "message_key": "k", "version": 1, "message": doc})
     with pytest.raises(ValidationError) as caught:
         decode_postflight(raw)
-    assert [e["loc"] for e in caught.value.errors()] == [("message", field)]
+    assert {e["loc"][:2] for e in caught.value.errors()} == {("message", field)}
 
 
 def test_an_old_postflight_record_with_a_long_key_does_not_decode() -> None:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from libs.events import Event, EventType, decode_event
+from libs.events import Event, EventType, Participant, decode_event
 from services.ingest.validation import ItemError, check_batch, item_errors, normalise_item
 
 ACCOUNT = 3 << 48 | 5
@@ -63,7 +63,9 @@ def test_a_valid_batch_becomes_its_events_and_their_values() -> None:
         assert decoded.received_at == RECEIVED and decoded.schema_version == 1
         assert orjson.loads(value)["schema_version"] == 1
     assert checked.events[1].source == "provider-x"
-    assert checked.events[2].content is not None and checked.events[2].content.sender == "a@example.test"
+    assert checked.events[2].content is not None and checked.events[2].content.sender == Participant(
+        email="a@example.test"
+    )
     # The posted items are as they were: a bad one goes to the DLQ as posted.
     assert "event_id" not in items[2] and "received_at" not in items[0]
 

@@ -14,6 +14,7 @@ from libs.events import (
     EventType,
     MessageFlags,
     MessagePatch,
+    Participant,
     PostflightRecord,
     Status,
     decode_event,
@@ -75,7 +76,11 @@ def test_outbound_in_order_emits_one_final_record() -> None:
     assert record.version == 1 and not record.deleted
     doc = record.message
     assert doc.status is Status.DELIVERED and doc.direction is Direction.OUTBOUND
-    assert doc.sender == "a@x.io" and doc.to == ["b@y.io"] and doc.subject == "Hi"
+    assert (
+        doc.sender == Participant(email="a@x.io")
+        and doc.to == [Participant(email="b@y.io")]
+        and doc.subject == "Hi"
+    )
     assert doc.snippet == "Hello world"
     assert doc.unread is False  # outbound default
     assert doc.occurred_at == T0 and doc.final_at == T0 + timedelta(seconds=4)

@@ -18,6 +18,7 @@ from libs.events import (
     Event,
     EventType,
     MessageContent,
+    Participant,
     PostflightRecord,
     Status,
     decode_postflight,
@@ -78,7 +79,9 @@ def test_multipart_with_non_ascii_headers_and_attachments() -> None:
     doc = outcome.record.message
     assert doc.status is Status.RECEIVED and doc.channel == "email" and doc.source == "imap"
     assert doc.subject == "caféこんにちは"
-    assert doc.sender == "j@example.de" and doc.to == ["a@example.org", "b@example.org"]
+    assert doc.sender == Participant(name="Jürgen Müller", email="j@example.de")
+    assert doc.to == [Participant(email="a@example.org"), Participant(name="Привет", email="b@example.org")]
+    assert doc.message_id == "<m2@example.org>" and doc.in_reply_to == "<m1@example.org>"
     assert doc.body_text is not None and doc.body_text.startswith("Hello  wörld")
     assert doc.body_html is not None and "<b>wörld</b>" in doc.body_html
     assert doc.snippet == "Hello wörld, see attached."
@@ -123,7 +126,7 @@ def test_states_and_records_from_before_mime_still_decode() -> None:
 def test_fields_the_event_carries_win_over_parsed_ones() -> None:
     doc = emitted(synced(MULTIPART, subject="given", channel="imap-mail")).message
     assert doc.subject == "given" and doc.channel == "imap-mail"
-    assert doc.sender == "j@example.de"
+    assert doc.sender is not None and doc.sender.email == "j@example.de"
 
 
 def test_broken_mime_still_makes_a_message_with_warnings() -> None:

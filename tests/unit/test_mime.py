@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from libs.events import MessageContent
+from libs.events import MessageContent, Participant
 from libs.mime import (
     collapse_whitespace,
     content_fields,
@@ -125,7 +125,9 @@ def test_expand_raw_mime_fills_the_content() -> None:
     content = MessageContent(raw_mime=base64.b64encode(MULTIPART).decode(), size_bytes=99999)
     expanded = expand_raw_mime(content)
     assert expanded.raw_mime is None and expanded.subject == "caféこんにちは"
-    assert expanded.sender == "j@example.de" and expanded.size_bytes == 99999
+    assert (
+        expanded.sender == Participant(name="Jürgen", email="j@example.de") and expanded.size_bytes == 99999
+    )
     assert expanded.parse_warnings == ["truncated"]  # the true size is larger than what was fetched
     # The schema refuses bad base64 at ingest; a record that got past it still expands.
     with pytest.raises(ValidationError, match="base64"):

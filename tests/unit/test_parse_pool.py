@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from libs.events import MessageContent
+from libs.events import MessageContent, Participant
 from services.transform.parsing import ParsePool
 
 RAW = base64.b64encode(b"Subject: hi\r\nFrom: a@x.io\r\n\r\nbody\r\n").decode()
@@ -37,7 +37,11 @@ def _oversized(raw_mime: str, size_bytes: int | None) -> dict[str, Any]:
 async def test_parses_raw_mime_into_the_fields_and_drops_it() -> None:
     async with ParsePool(workers=1, timeout_s=30, memory_limit_bytes=1 << 30) as pool:
         content = await pool.expand(MessageContent(raw_mime=RAW, size_bytes=99))
-    assert content.subject == "hi" and content.sender == "a@x.io" and content.body_text == "body\r\n"
+    assert (
+        content.subject == "hi"
+        and content.sender == Participant(email="a@x.io")
+        and content.body_text == "body\r\n"
+    )
     assert content.raw_mime is None and content.size_bytes == 99
 
 

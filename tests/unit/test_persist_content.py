@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 from asyncmy.converters import escape_bytes_prefixed, escape_item, escape_string
 from hypothesis import given
@@ -34,6 +35,7 @@ ACCOUNT = 3 << 48 | 77
 CONTENT_COLUMNS = (
     "channel", "sender", "to_addrs", "cc_addrs", "subject", "snippet", "body", "body_encoding",
     "error_code", "attachments", "thread_key", "size_bytes", "parse_warnings",
+    "participants", "sent_at", "rfc_message_id", "in_reply_to", "reference_ids",
 )  # fmt: skip
 FLAG_COLUMNS = ("status", "unread", "starred", "folder", "labels")
 
@@ -148,6 +150,8 @@ def _upsert(stored: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any
             out[c] = BODY_RAW if erased else new[c] if taken else stored[c]
         elif erased and c in ERASABLE_COLUMNS:
             out[c] = None
+        elif c == "participants" and newer_content and new[c] is not None and stored[c] is not None:
+            out[c] = orjson.dumps(orjson.loads(stored[c]) | orjson.loads(new[c])).decode()  # per role
         elif newer_content and new[c] is not None:
             out[c] = new[c]
     out["redacted"] = stored["redacted"] or new["redacted"]
@@ -178,6 +182,8 @@ def batches(draw: st.DrawFn) -> list[PostflightRecord]:
                 "subject": f"s{cv}" if cv % 2 else None,
                 "sender": f"a{cv}@example.test" if cv % 3 else None,
                 "body_text": f"b{cv}" if cv % 5 else None,
+                # participants merge per role: a content version may set cc alone
+                "cc": [{"name": f"C {cv}", "email": f"c{cv}@example.test"}] if cv % 4 else [],
             }
         made[v] = record(
             v,
