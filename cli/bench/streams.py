@@ -10,11 +10,14 @@ difference says what they cost the database (noisy: other clients share the serv
 gateway's counters of delta reads and notifier checks (on /metrics, where the gateway has them)
 and the servers' ``Questions`` say how many queries ran.
 
-Then ``rounds`` changes are written, one at a time, each to one account with open streams
-(persist's own writer, one message), and the time from the write's commit until each of the
-account's streams and long-polls received its delta is the change-to-stream latency; p50 and
-p99 over every (change, stream) pair. A stream that has not received a change after
-``deliver_timeout_s`` counts as missed.
+Then ``rounds`` messages are posted, one at a time, each to one account with open streams,
+through ingest (its whole outbound lifecycle in one request, accepted to delivered: transform
+sends a message to postflight only once it is final): transform and persist carry it as in
+production, where persist's commit wakes its change relay. The time from the change row's write
+(``changes.created_at``, the server's clock on this machine) until each of the account's streams
+and long-polls received its delta is the change-to-stream latency; from the POST's start, the
+event-to-stream latency. p50 and p99 over every (message, stream) pair. A stream that has not
+received a change after ``deliver_timeout_s`` counts as missed.
 """
 
 from __future__ import annotations
@@ -35,17 +38,16 @@ from typing import Final
 import aiohttp
 import orjson
 
+from cli.bench.drive import lifecycle, post_events
 from cli.bench.report import Figure, Stage, StageContext
 from cli.services import LocalServices
 from cli.stack import Stack
 from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings
 from libs.db import connect
-from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
 from libs.ids import shard_of
 from libs.service import raise_open_files_limit
 from libs.shards import ShardRouter
-from services.persist.writer import write_shard
 
 __all__ = ["STAGE", "StreamsBench", "bench_streams"]
 
@@ -78,12 +80,13 @@ class StreamsBench:
     questions_idle_per_s: float
     reads_per_s: float | None  # the gateway's delta reads in the idle window; None: no counter
     checks_per_s: float | None  # the notifier's safety checks (a query each) in the idle window
-    latencies_ms: list[float]
+    latencies_ms: list[float]  # from the change row's write to each stream
+    event_latencies_ms: list[float]  # from the POST /v1/events to each stream
     missed: int
     connect_s: float
 
-    def percentile_ms(self, q: float) -> float:
-        ms = sorted(self.latencies_ms)
+    def percentile_ms(self, q: float, *, from_event: bool = False) -> float:
+        ms = sorted(self.event_latencies_ms if from_event else self.latencies_ms)
         if not ms:
             return float("nan")
         return ms[min(len(ms) - 1, int(len(ms) * q))]
@@ -147,17 +150,21 @@ async def _long_poll(http: aiohttp.ClientSession, url: str, key: str, receipts: 
         cursor = page["next_cursor"]
 
 
-def _record(account_id: int, key: str) -> PostflightRecord:
-    doc = MessageDoc(
-        status=Status.DELIVERED,
-        direction=Direction.INBOUND,
-        channel="email",
-        sender=Participant(email="sender@example.test"),
-        to=[Participant(email="rcpt@example.test")],
-        subject=f"stream bench {key}",
-        occurred_at=datetime.now(UTC),
-    )
-    return PostflightRecord(account_id=account_id, message_key=key, version=1, message=doc)
+async def _change_time(router: ShardRouter, account_id: int, key: str) -> float | None:
+    """When persist wrote the first change of the message ``key`` (the server's clock, which is
+    this machine's)."""
+    shard = shard_of(account_id)
+    pool = await router.pool(shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT UNIX_TIMESTAMP(c.created_at) FROM {router.table(shard, 'changes')} c"
+            f" JOIN {router.table(shard, 'messages')} m ON m.id = c.object_id"
+            " WHERE m.account_id = %s AND m.message_key = %s ORDER BY c.id LIMIT 1",
+            (account_id, key.encode()),
+        )
+        row = await cur.fetchone()
+        await conn.commit()
+    return None if row is None else float(row[0])
 
 
 async def _questions(db: DatabaseSettings, ports: list[int]) -> int:
@@ -193,6 +200,7 @@ async def _window(
 async def bench_streams(
     db: DatabaseSettings,
     gateway_url: str,
+    ingest_url: str,
     *,
     streams: int = 1_000,
     long_polls: int = 100,
@@ -265,16 +273,22 @@ async def bench_streams(
             per_s = {n: (counters1[n] - counters0[n]) / window_s for n in counters1 if n in counters0}
 
             latencies: list[float] = []
+            event_latencies: list[float] = []
             missed = 0
             for r in range(rounds):
                 account = ids[r % accounts]
                 key = f"sb{uuid.uuid4().hex[:12]}"
-                await write_shard(router, shard_of(account), [_record(account, key)])
-                committed = time.time()
+                # Through the pipeline, as in production: persist's commit wakes its change relay.
+                # The whole lifecycle: a message reaches postflight (and the database) once final.
+                posted = time.time()
+                await post_events(http, ingest_url, api_key, lifecycle(account, key, datetime.now(UTC)))
                 expected = per_account[account]
                 await receipts.wait_for(key, expected, deliver_timeout_s)
                 got = receipts.got.pop(key, [])
-                latencies += [max(0.0, t - committed) * 1000 for t in got]
+                committed = await _change_time(router, account, key)
+                if committed is not None:
+                    latencies += [max(0.0, t - committed) * 1000 for t in got]
+                event_latencies += [max(0.0, t - posted) * 1000 for t in got]
                 missed += max(0, expected - len(got))
                 await asyncio.sleep(0.1)
         finally:
@@ -297,6 +311,7 @@ async def bench_streams(
         per_s.get("reads"),
         per_s.get("checks"),
         latencies,
+        event_latencies,
         missed,
         connect_s,
     )
@@ -309,6 +324,7 @@ async def streams_stage(ctx: StageContext) -> None:
     r = await bench_streams(
         ctx.db,
         ctx.gateway_url,
+        ctx.ingest_url,
         streams=200 if quick else 1_000,
         long_polls=20 if quick else 100,
         accounts=20 if quick else 100,
@@ -363,6 +379,16 @@ async def streams_stage(ctx: StageContext) -> None:
         ),
         progress,
     )
+    for q in (0.5, 0.99):
+        report.add(
+            Figure(
+                f"event to stream latency (POST /v1/events to every stream), p{int(q * 100)}",
+                r.percentile_ms(q, from_event=True),
+                "ms",
+                note="through ingest, transform and persist, whose commit wakes the change relay",
+            ),
+            progress,
+        )
 
 
 STAGE = Stage(
