@@ -24,6 +24,7 @@ from typing import Final
 
 __all__ = [
     "CLOCK_TICKS_PER_S",
+    "LOAD_GENERATOR",
     "CpuSample",
     "CpuUsage",
     "ProcStat",
@@ -31,12 +32,14 @@ __all__ = [
     "parse_stat",
     "read_stats",
     "sample",
+    "stack_groups",
     "tree_ticks",
     "usage",
 ]
 
 CLOCK_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")  # the unit of /proc's CPU times (USER_HZ)
 PROC: Final = Path("/proc")
+LOAD_GENERATOR: Final = "load generator (bench)"  # the bench's own process, as a group
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,3 +158,18 @@ def usage(before: CpuSample, after: CpuSample, ticks_per_s: int = CLOCK_TICKS_PE
     return CpuUsage(
         after.at_s - before.at_s, seconds, max(0, after.machine_ticks - before.machine_ticks) / ticks_per_s
     )
+
+
+def stack_groups() -> dict[str, list[int]]:
+    """The stack's servers as groups (Kafka, the MariaDB primaries, their replicas) and the bench's
+    own process as the load generator; a group with no running process is left out."""
+    from cli.stack import Stack  # the stack module is heavy; /proc parsing is not
+
+    stack = Stack()
+    groups = {
+        "Kafka": [p for p in (stack.kafka.proc.pid(),) if p is not None],
+        "MariaDB primaries": [p for m in stack.mariadb if (p := m.proc.pid()) is not None],
+        "MariaDB replicas": [p for m in stack.replicas if (p := m.proc.pid()) is not None],
+        LOAD_GENERATOR: [os.getpid()],
+    }
+    return {name: pids for name, pids in groups.items() if pids}

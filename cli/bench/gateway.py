@@ -17,15 +17,18 @@ import random
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import aiohttp
 
+from cli.bench import cpu
+from cli.bench.profile import ServiceProfile, profile_services
 from cli.bench.rawsql import DRIVERS, raw_pool
 from cli.bench.report import Figure, Stage, StageContext
-from cli.services import LocalService
+from cli.services import LocalService, LocalServices
 from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings, StackSettings
 from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
@@ -47,6 +50,8 @@ class RangeResult:
     duration_s: float
     p50_ms: float
     p99_ms: float
+    cpu_us: dict[str, float] = field(default_factory=dict)  # CPU time per request, by process group
+    profile: ServiceProfile | None = None  # py-spy over the gateway while this ran
 
     @property
     def per_s(self) -> float:
@@ -90,8 +95,17 @@ def _random_before(messages: int) -> datetime:
 
 
 async def _drive(
-    label: str, one: Callable[[], Awaitable[None]], concurrency: int, duration_s: float
+    label: str,
+    one: Callable[[], Awaitable[None]],
+    concurrency: int,
+    duration_s: float,
+    *,
+    groups: Mapping[str, Sequence[int]] | None = None,
+    profile: tuple[str, int, Path] | None = None,
 ) -> RangeResult:
+    """``concurrency`` workers calling ``one`` for ``duration_s``; the CPU time of ``groups`` per
+    request over the run, and py-spy over the process ``profile`` names (the profile's name, the
+    pid, the output folder)."""
     latencies: list[float] = []
     deadline = time.perf_counter() + duration_s
 
@@ -101,12 +115,25 @@ async def _drive(
             await one()
             latencies.append(time.perf_counter() - start)
 
+    before = await asyncio.to_thread(cpu.sample, groups or {})
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    sampled: list[ServiceProfile] = []
+    if profile is not None:
+        name, pid, out_dir = profile
+        # the middle of the run: past the first requests, done before the workers stop
+        seconds = max(1.0, duration_s - 2.0)
+        spy = profile_services({name: pid}, seconds, out_dir)
+        (_, sampled) = await asyncio.gather(asyncio.gather(*(worker() for _ in range(concurrency))), spy)
+    else:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
+    used = cpu.usage(before, await asyncio.to_thread(cpu.sample, groups or {}))
     ms = sorted(x * 1000 for x in latencies)
     p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
-    return RangeResult(label, len(ms), elapsed, statistics.median(ms), p99)
+    per_request = used.per_event_us(len(ms)) if ms else {}
+    return RangeResult(
+        label, len(ms), elapsed, statistics.median(ms), p99, per_request, sampled[0] if sampled else None
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +156,21 @@ async def bench_gateway(
     concurrency: int = 16,
     duration_s: float = 10.0,
     page: int = 50,
+    gateway_pid: int | None = None,
+    profile_dir: Path | None = None,
 ) -> GatewayBench:
     """Range queries and get-by-id, each through the gateway and as the same SQL straight to
     MariaDB with each driver of :data:`cli.bench.rawsql.DRIVERS`, at the same concurrency against
-    one seeded account."""
+    one seeded account. Each run charges the CPU time of the gateway (``gateway_pid``, when
+    given), the stack's servers and the bench itself per request; with ``profile_dir`` py-spy
+    samples the gateway while it serves each kind of request."""
+    groups = {**({"gateway": [gateway_pid]} if gateway_pid is not None else {}), **cpu.stack_groups()}
+
+    def spy(name: str) -> tuple[str, int, Path] | None:
+        if gateway_pid is None or profile_dir is None:
+            return None
+        return name, gateway_pid, profile_dir
+
     async with ShardRouter(settings) as router:
         account_id, key = await _seed(router, messages)
         shard = shard_of(account_id)
@@ -159,8 +197,10 @@ async def bench_gateway(
                 await gateway_get(f"{gateway_url}/v1/messages/{random.choice(ids)}")
 
             await _drive("warm-up", range_via_gateway, concurrency, 1.0)
-            range_gateway = await _drive("gateway", range_via_gateway, concurrency, duration_s)
-            get_gateway = await _drive("gateway", get_via_gateway, concurrency, duration_s)
+            range_gateway, get_gateway = [
+                await _drive("gateway", one, concurrency, duration_s, groups=groups, profile=spy(name))
+                for name, one in (("gateway-range", range_via_gateway), ("gateway-get", get_via_gateway))
+            ]
 
         get_sql = f"SELECT {', '.join(DETAIL_COLUMNS)} FROM {table} WHERE id = %s AND deleted = 0"
         range_raw: dict[str, RangeResult] = {}
@@ -176,13 +216,26 @@ async def bench_gateway(
                     await query(get_sql, (random.choice(ids),))
 
                 await _drive("warm-up", range_direct, concurrency, 1.0)
-                range_raw[driver] = await _drive(driver, range_direct, concurrency, duration_s)
-                get_raw[driver] = await _drive(driver, get_direct, concurrency, duration_s)
+                range_raw[driver] = await _drive(driver, range_direct, concurrency, duration_s, groups=groups)
+                get_raw[driver] = await _drive(driver, get_direct, concurrency, duration_s, groups=groups)
     return GatewayBench(range_gateway, get_gateway, range_raw, get_raw)
 
 
+def _cpu_note(result: RangeResult) -> str:
+    """Where a run's CPU time went, per request, by process group."""
+    spent = ", ".join(f"{name} {us:,.0f} µs" for name, us in result.cpu_us.items())
+    return f"CPU per request: {spent}" if spent else "CPU per request: not measured"
+
+
 async def gateway_stage(ctx: StageContext) -> None:
-    gw = await bench_gateway(ctx.gateway_url, ctx.db, duration_s=5.0 if ctx.quick else 10.0)
+    gateway_pid = LocalServices().services["gateway"].proc.pid()
+    gw = await bench_gateway(
+        ctx.gateway_url,
+        ctx.db,
+        duration_s=5.0 if ctx.quick else 10.0,
+        gateway_pid=gateway_pid,
+        profile_dir=ctx.profile_dir,
+    )
     for what, through, direct in (
         ("range query (16 concurrent, 50 rows)", gw.range_gateway, gw.range_direct),
         ("get by id (16 concurrent)", gw.get_gateway, gw.get_direct),
@@ -193,7 +246,7 @@ async def gateway_stage(ctx: StageContext) -> None:
                     f"raw {what}, same SQL straight to MariaDB, {driver}",
                     result.per_s,
                     "req/s",
-                    note=f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms",
+                    note=f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms; {_cpu_note(result)}",
                 ),
                 ctx.progress,
             )
@@ -205,10 +258,12 @@ async def gateway_stage(ctx: StageContext) -> None:
                 "req/s",
                 limit=f"{raw.per_s:,.0f} req/s direct ({fastest}, the fastest driver)",
                 ratio=through.per_s / raw.per_s,
-                note=f"p50 {through.p50_ms:.1f} ms, p99 {through.p99_ms:.1f} ms",
+                note=f"p50 {through.p50_ms:.1f} ms, p99 {through.p99_ms:.1f} ms; {_cpu_note(through)}",
             ),
             ctx.progress,
         )
+        if through.profile is not None:
+            ctx.report.profiles.append(through.profile.line())
 
 
 STAGE = Stage(
@@ -238,7 +293,13 @@ async def _main(args: argparse.Namespace) -> None:
         url = svc.address
     try:
         result = await bench_gateway(
-            url, settings, messages=args.messages, concurrency=args.concurrency, duration_s=args.duration_s
+            url,
+            settings,
+            messages=args.messages,
+            concurrency=args.concurrency,
+            duration_s=args.duration_s,
+            gateway_pid=None if svc is None else svc.proc.pid(),
+            profile_dir=args.profile,
         )
     finally:
         if svc is not None:
@@ -248,9 +309,11 @@ async def _main(args: argparse.Namespace) -> None:
         ("get by id", result.get_gateway, result.get_direct),
     ):
         print(f"{what}, concurrency {args.concurrency}")
-        print(through.line())
-        for raw in direct.values():
-            print(raw.line())
+        for run in (through, *direct.values()):
+            print(run.line())
+            print(f"           {_cpu_note(run)}")
+            if run.profile is not None:
+                print(f"           {run.profile.line()}")
         fastest, raw = result.fastest(direct)
         print(f"gateway / raw ({fastest}): {through.per_s / raw.per_s:.0%}")
 
@@ -264,6 +327,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--profile", type=Path, help="a folder for py-spy profiles of the gateway started")
     asyncio.run(_main(parser.parse_args()))
 
 

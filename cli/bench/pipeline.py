@@ -56,7 +56,6 @@ __all__ = [
 ONE_EACH: Final = "one transform, one persist"
 TWO_EACH: Final = "two transforms, two persists"
 # Process groups whose CPU time a ramp step is charged, in the charts' stacking order.
-LOAD_GENERATOR: Final = "load generator (bench)"
 PIPELINE_SERVICES: Final = ("ingest", "transform", "persist", "gateway")
 SECOND: Final = "-bench-2nd"  # the second instances' pid and log files, and their instance ids
 
@@ -128,16 +127,11 @@ def pipeline_processes(extra: Mapping[str, int] | None = None) -> dict[str, list
     """The processes a ramp step is charged: each running service (with ``extra``'s second
     instances, by service name), Kafka, the MariaDB primaries and replicas, this process."""
     services = LocalServices().services
-    stack = Stack()
     groups: dict[str, list[int]] = {
         name: [p for p in (services[name].proc.pid(), (extra or {}).get(name)) if p is not None]
         for name in PIPELINE_SERVICES
     }
-    groups["Kafka"] = [p for p in (stack.kafka.proc.pid(),) if p is not None]
-    groups["MariaDB primaries"] = [p for m in stack.mariadb if (p := m.proc.pid()) is not None]
-    groups["MariaDB replicas"] = [p for m in stack.replicas if (p := m.proc.pid()) is not None]
-    groups[LOAD_GENERATOR] = [os.getpid()]
-    return {name: pids for name, pids in groups.items() if pids}
+    return {**{name: pids for name, pids in groups.items() if pids}, **cpu.stack_groups()}
 
 
 async def _landed_at(router: ShardRouter, accounts: list[int], prefix: str) -> dict[str, float]:

@@ -213,8 +213,10 @@ def write_benchmarks_md(report: BenchReport, command: str, path: Path) -> None:
     if report.profiles:
         profile = (
             "\n\n## Where the time goes\n\n"
-            "py-spy on each pipeline service during the overload stage (share of one core running "
-            "Python code, then the functions with the most self time):\n\n"
+            "py-spy on each service while a stage loads it: the pipeline's services during the "
+            "overload stage, the gateway while it serves the gateway stage's range queries and gets "
+            "by id (share of one core running Python code, then the functions with the most self "
+            "time; a C extension's time is its Python caller's):\n\n"
             + "\n".join(f"- {line}" for line in report.profiles)
         )
     sections = "".join(
