@@ -51,7 +51,6 @@ from typing import Any, Final
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, ProducerFenced
-from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -59,6 +58,7 @@ from libs.component import Component
 from libs.config import KafkaSettings
 from libs.dlq import account_in_key, dead_letter
 from libs.events import Event, decode_event, encode, message_key_bytes
+from libs.inflight import partition_for
 from libs.kafka import make_consumer, make_producer
 from libs.lifecycle import MessageState, OutcomeKind, apply
 from services.transform.parsing import ParsePool
@@ -100,9 +100,9 @@ def _retrieve_failures(sends: list[Awaitable[Any]]) -> None:
 
 
 def _partition_of(key: bytes, partitions: list[int]) -> int:
-    """The partition aiokafka's (and Java's) default partitioner gives ``key``."""
-    hashed: int = murmur2(key)
-    return partitions[(hashed & 0x7FFFFFFF) % len(partitions)]
+    """The partition aiokafka's (and Java's) default partitioner gives ``key`` (``partitions``
+    sorted)."""
+    return partitions[partition_for(key, len(partitions))]
 
 
 class _Outbox:

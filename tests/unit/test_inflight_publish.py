@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from cli.ingest_cpu import PARTITIONS, acknowledging_producer
 from libs.events import message_key_bytes
-from libs.inflight import PARTITION_CACHE_KEYS, _positive_murmur2, partition_for, publish_records
+from libs.inflight import partition_for, publish_records
 
 
 def _kafkas(key: bytes, partitions: int) -> int:
@@ -35,12 +35,6 @@ def test_partition_matches_kafkas_partitioner_on_many_keys() -> None:
 @given(st.binary(max_size=512), st.integers(min_value=1, max_value=1000))
 def test_partition_matches_kafkas_partitioner(key: bytes, partitions: int) -> None:
     assert partition_for(key, partitions) == _kafkas(key, partitions)
-
-
-def test_the_cache_of_key_hashes_is_bounded() -> None:
-    for i in range(PARTITION_CACHE_KEYS + 10):
-        partition_for(b"bounded-%d" % i, 6)
-    assert _positive_murmur2.cache_info().currsize <= PARTITION_CACHE_KEYS
 
 
 async def test_each_partition_keeps_its_order_across_batches() -> None:
