@@ -9,6 +9,8 @@ retention mark.
 Long-polls and streams read when the change notifier wakes them (:mod:`services.gateway.notifier`:
 flightlog.changes, with a safety check per shard), never on a timer, so an idle one costs no
 query; each subscribes before its first read, so no change falls between a read and the wait.
+One that asks again with a cursor the notifier knows to be at its shard's newest change skips
+that first read too (:meth:`~services.gateway.notifier.ChangeNotifier.quiet_after`).
 
 Limits: an application holds at most ``gateway_max_streams_per_application`` open streams and
 ``gateway_max_long_polls_per_application`` waiting long-polls in each gateway process; one more
@@ -76,6 +78,10 @@ _CURSOR: Final = query("cursor", TOKEN, "from a previous answer; left out: from 
 
 _reads = Counter(
     "flightlog_gateway_delta_reads_total", "Delta reads (each a few queries) of long-polls and streams"
+)
+_reads_skipped = Counter(
+    "flightlog_gateway_delta_reads_skipped_total",
+    "First reads of long-polls and streams skipped: the cursor is at its shard's newest change",
 )
 _busy = Counter(
     "flightlog_gateway_delta_busy_total",
@@ -202,6 +208,18 @@ def _gone() -> ApiError:
     )
 
 
+async def _first_read(
+    request: web.Request, account: Account, after: int, limit: int, given: bool
+) -> DeltaPage:
+    """The read a long-poll or stream starts with, subscribed already: none when the cursor is
+    at the newest change the notifier knows of on the account's shard (an idle follower asking
+    again), as any later change wakes the subscription."""
+    if given and request.app[NOTIFIER].quiet_after(shard_of(account.id), after):
+        _reads_skipped.inc()
+        return DeltaPage([], after, False)
+    return await _read(request, account, after, limit, given)
+
+
 async def _read(request: web.Request, account: Account, after: int, limit: int, given: bool) -> DeltaPage:
     _reads.inc()
     try:
@@ -253,7 +271,8 @@ async def get_delta(request: web.Request, app: Application) -> web.StreamRespons
     deadline = time.monotonic() + timeout_s
     slots = request.app[LONG_POLL_SLOTS] if timeout_s > 0 else None
     with _waiting(request, app, account, slots, "long-polls") as sub:
-        page = await _read(request, account, after, limit, given)
+        first_read = _first_read if timeout_s > 0 else _read  # a plain GET answers what is there
+        page = await first_read(request, account, after, limit, given)
         while not page.changes and not stopping.is_set() and not client_gone(request):
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
@@ -351,7 +370,8 @@ async def stream_delta(request: web.Request, app: Application) -> web.StreamResp
     token = request.headers.get("Last-Event-ID") or p.text("cursor", max_length=128)
     after, given = _cursor_position(request, account, token)
     with _waiting(request, app, account, request.app[STREAM_SLOTS], "streams") as sub:
-        page = await _read(request, account, after, MAX_DELTA_PAGE_SIZE, given)  # errors before the stream
+        # errors (410, 503) before the stream's headers
+        page = await _first_read(request, account, after, MAX_DELTA_PAGE_SIZE, given)
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         with contextlib.suppress(ConnectionResetError):

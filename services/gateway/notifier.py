@@ -20,6 +20,12 @@ Two feeds wake streams:
   stream of that shard. A lost notification therefore costs at most two check intervals of
   latency, never a change: a woken stream reads everything after its own cursor, whatever woke it.
 
+A long-poll or stream that asks again with a cursor at the newest change of its shard (what an
+idle follower's cursor is: a read that finds nothing moves it to the shard's newest id) skips its
+first read when :meth:`ChangeNotifier.quiet_after` says nothing can have committed after it
+unannounced: the subscription taken before that test is woken by any later change. So idle
+followers asking again cost no query either.
+
 A notification can arrive before a read sees its row (reads may go to a replica that applies it
 a few milliseconds later): the subscription keeps the highest change id notified, and a stream
 whose read did not reach it reads again shortly (:data:`CATCH_UP_RETRY_S`), a bounded number of
@@ -33,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
@@ -135,6 +142,8 @@ class ChangeNotifier(Component):
         self._seen: dict[int, int] = {}  # shard -> highest change id the topic delivered
         self._woken: dict[int, int] = {}  # shard -> highest id the safety check woke streams for
         self._previous_top: dict[int, int] = {}  # shard -> newest change id at the previous check
+        self._checked_at: dict[int, float] = {}  # shard -> when that check ran (monotonic)
+        self._feed_since = float("inf")  # when the topic feed last came up (monotonic)
         self._tasks: list[asyncio.Task[None]] = []
         self.feed_up = False
 
@@ -231,6 +240,7 @@ class ChangeNotifier(Component):
                         # and this point may have been before them: every stream reads once more.
                         first = False
                         self.feed_up = True
+                        self._feed_since = time.monotonic()
                         _feed_up.set(1)
                         self.wake_all("feed")
                     for records in batches.values():
@@ -243,6 +253,7 @@ class ChangeNotifier(Component):
                 )
             finally:
                 self.feed_up = False
+                self._feed_since = float("inf")
                 _feed_up.set(0)
                 with contextlib.suppress(Exception):
                     await consumer.stop()
@@ -281,8 +292,21 @@ class ChangeNotifier(Component):
                 # The streams' own reads fail the same way and end their streams.
                 logger.warning("change notifier: check of shards %s failed: %r", group, exc)
                 continue
+            checked_at = time.monotonic()
             for shard, top in tops.items():
                 self._judge(shard, top)
+                self._checked_at[shard] = checked_at
+
+    def quiet_after(self, shard: int, position: int) -> bool:
+        """True when nothing committed on ``shard`` after change id ``position`` can have gone by
+        unannounced: the topic feed is up, a safety check read the shard's newest id since the
+        feed came up, and ``position`` reaches both that id and the highest the topic delivered.
+        A change after that check is on the topic the feed reads, so a subscription taken
+        before asking is woken by it."""
+        checked_at = self._checked_at.get(shard)
+        if not self.feed_up or checked_at is None or checked_at < self._feed_since:
+            return False
+        return position >= max(self._previous_top[shard], self._seen.get(shard, 0))
 
     def _judge(self, shard: int, top: int) -> None:
         previous = self._previous_top.get(shard)

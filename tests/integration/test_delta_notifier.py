@@ -99,6 +99,10 @@ def _reads() -> float:
     return REGISTRY.get_sample_value("flightlog_gateway_delta_reads_total") or 0.0
 
 
+def _skipped() -> float:
+    return REGISTRY.get_sample_value("flightlog_gateway_delta_reads_skipped_total") or 0.0
+
+
 async def test_a_change_on_the_topic_wakes_the_streams_and_long_polls_of_its_account(
     router: ShardRouter, kafka_settings: KafkaSettings, account: tuple[str, Account], changes_topic: str
 ) -> None:
@@ -138,6 +142,44 @@ async def test_a_read_that_ran_before_its_change_was_visible_reads_again(
             async with asyncio.timeout(WAIT_S):
                 event = await _event(stream)
         assert event["event"] == "delta" and '"message_key":"late"' in event["data"]
+
+
+async def test_an_idle_long_poll_asking_again_at_its_shards_newest_change_waits_without_a_read(
+    router: ShardRouter, kafka_settings: KafkaSettings, account: tuple[str, Account], changes_topic: str
+) -> None:
+    """A cursor at the shard's newest change (what an idle follower holds) needs no first read
+    once a safety check has seen the shard since the feed came up; a later change still wakes
+    the long-poll and is answered."""
+    key, acc = account
+    auth = {"Authorization": f"Bearer {key}"}
+    async with served(GATEWAY) as (client, ctx):
+        notifier: ChangeNotifier = ctx.app[NOTIFIER]
+        await _until(lambda: notifier.feed_up)
+        delta = f"/v1/accounts/{acc.id}/delta"
+
+        async def cursor_now() -> str:
+            async with client.get(delta, headers=auth) as resp:
+                cursor: str = (await resp.json())["next_cursor"]  # at the shard's newest change
+            return cursor
+
+        cursor = await cursor_now()
+        reads = _reads()
+        async with client.get(f"{delta}?timeout=0.1&cursor={cursor}", headers=auth) as resp:
+            assert resp.status == 200
+        assert _reads() == reads + 1  # no safety check has read the shard yet: it reads
+
+        await notifier.check_shards([shard_of(acc.id)])
+        cursor = await cursor_now()  # taken after the check: at or past what it read
+        reads, skipped = _reads(), _skipped()
+        poll = asyncio.ensure_future(client.get(f"{delta}?timeout=30&cursor={cursor}", headers=auth))
+        await _until(lambda: _skipped() == skipped + 1, WAIT_S)
+        assert _reads() == reads
+
+        await seed(router, [record(acc.id, "after-idle")])
+        await _relay(router, kafka_settings, changes_topic, acc.id)
+        async with asyncio.timeout(WAIT_S), await poll as resp:
+            page = await resp.json()
+        assert [d["object"]["message_key"] for d in page["deltas"]] == ["after-idle"]
 
 
 async def _top(router: ShardRouter, shard: int) -> int:
