@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -274,16 +273,26 @@ def upsert_statement(table: str, rows: int, *, values_sql: str | None = None) ->
     )
 
 
-# The characters escape_string changes, derived from it: most strings hold none, and a search
-# is half the cost of the translation.
-_NEEDS_ESCAPE: Final = re.compile(
-    "[" + "".join(re.escape(c) for c in map(chr, range(128)) if escape_string(c) != c) + "]"
+# What escape_string writes for each character it changes, derived from it, the backslash first
+# so that the backslashes the others gain are not escaped again. Replacing them in turn is what
+# escape_string does, 4 to 7 times faster: 0.6 against 2.5 us on a participants column's JSON,
+# 22 against 152 us on 5,000 characters (the unit tests compare the two on any text).
+_ESCAPES: Final = sorted(
+    ((c, escape_string(c)) for c in map(chr, range(128)) if escape_string(c) != c),
+    key=lambda pair: pair[0] != "\\",
 )
 
 
+def _escaped(value: str) -> str:
+    for char, escaped in _ESCAPES:
+        if char in value:
+            value = value.replace(char, escaped)
+    return value
+
+
 def _literal(value: Any) -> str:
-    """``value`` as an SQL literal, as asyncmy's Connection.literal writes it (binary strings
-    prefixed, times with their microseconds), from the driver's own escaping functions.
+    """``value`` as an SQL literal, as asyncmy's Connection.literal writes it (strings escaped as
+    its escape_string does, times with their microseconds); bytes as a hex literal.
 
     Backslash escapes are right on every connection: :func:`libs.db.connect` and
     :func:`libs.db.create_pool` take NO_BACKSLASH_ESCAPES out of the session's sql_mode.
@@ -292,7 +301,7 @@ def _literal(value: Any) -> str:
     # The types a row holds, most frequent first, tested inline: the driver's generic dispatch
     # per value (Connection.literal) costs half as much again as this over persist's rows.
     if kind is str:
-        return f"'{value}'" if _NEEDS_ESCAPE.search(value) is None else f"'{escape_string(value)}'"
+        return f"'{_escaped(value)}'"
     if value is None:
         return "NULL"
     if kind is int:
@@ -300,11 +309,13 @@ def _literal(value: Any) -> str:
     if kind is bool:
         return "1" if value else "0"
     if kind is bytes:
-        return f"_binary'{escape_string(value.decode('ascii', 'surrogateescape'))}'"
+        # X'...' where the driver writes _binary'...': escaping binary a character at a time took
+        # 5 us for a 248-byte compressed body and 95 us for 3 KB, hex 0.3 and 2.4 us.
+        return f"X'{value.hex()}'"
     if kind is datetime:
         return f"'{value.isoformat(' ')}'"
     if isinstance(value, str):  # a StrEnum
-        return f"'{escape_string(value)}'"
+        return f"'{_escaped(value)}'"
     return str(escape_item(value, "utf8mb4"))
 
 

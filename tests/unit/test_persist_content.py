@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from asyncmy.converters import escape_bytes_prefixed, escape_item, escape_string
+from asyncmy.converters import escape_item, escape_string
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,6 +28,9 @@ from services.persist.writer import (
     patch_assignments,
     row,
     upsert_statement,
+)
+from services.persist.writer import (
+    _escaped as _escaped_by_writer,
 )
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -98,11 +101,11 @@ def test_both_versions_are_assigned_last() -> None:
 
 def _escaped(value: Any) -> str:
     """asyncmy's Connection.escape on a session without NO_BACKSLASH_ESCAPES (as libs.db opens
-    every one)."""
+    every one); bytes as a hex literal, as persist writes them."""
     if isinstance(value, str):
         return f"'{escape_string(value)}'"
     if isinstance(value, bytes):
-        return str(escape_bytes_prefixed(value))
+        return f"X'{value.hex()}'"
     return str(escape_item(value, "utf8mb4"))
 
 
@@ -118,7 +121,7 @@ _text = st.text(st.characters(codec="utf-8"), max_size=30)
     occurred_at=st.datetimes(datetime(1001, 1, 1), datetime(9998, 1, 1), timezones=st.just(UTC)),
     deleted=st.booleans(),
 )
-def test_the_upsert_literals_are_what_the_driver_would_send(
+def test_the_upsert_literals_are_the_drivers_with_bytes_in_hex(
     key: str,
     subject: str,
     body: str | None,
@@ -133,6 +136,12 @@ def test_the_upsert_literals_are_what_the_driver_would_send(
     )  # fmt: skip
     got = row(r)[0]
     assert _values_sql([got, got]) == ", ".join(["(" + ", ".join(_escaped(v) for v in got) + ")"] * 2)
+
+
+@given(st.text())
+def test_strings_are_escaped_as_the_driver_escapes_them(value: str) -> None:
+    for text in (value, value + "\\'\"\0\n\r\x1a", "\\" + value + "\\"):
+        assert _escaped_by_writer(text) == escape_string(text)
 
 
 def _upsert(stored: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
