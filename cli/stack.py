@@ -712,10 +712,11 @@ class Dovecot(Part):
                 f"tls_ca_cert_file = {self.oauth.tls_cert}\n"
             )
             oauth_conf.chmod(0o600)
-            # Tests refuse tokens on purpose: no fixed delay on a failure (Dovecot's growing
-            # penalty per client address, up to 15 s, stays).
+            # Tests refuse tokens on purpose: no delay after a failure, and no penalty per client
+            # address (up to 15 s; every test client is 127.0.0.1), as Dovecot's docs disable it.
             oauth_passdb = (
                 "auth_failure_delay = 0\n"
+                "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n"
                 "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
                 f"  args = {oauth_conf}\n}}\n"
             )
