@@ -20,6 +20,7 @@ from typing import Annotated, Any, Final, Literal, Self, TypeVar
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic.config import JsonDict
 
 from libs.accounts import Application, create_account
 from libs.crypto import SecretBox
@@ -123,8 +124,12 @@ class OAuthGrant(BaseModel):
         )
 
 
+# A password or an OAuth2 grant, never both (checked by _one_secret; said in the schema)
+_ONE_SECRET: Final[JsonDict] = {"oneOf": [{"required": ["password"]}, {"required": ["oauth"]}]}
+
+
 class NewImapAccount(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, json_schema_extra=_ONE_SECRET)
 
     provider: Literal["imap"] = "imap"
     email: Annotated[str, StringConstraints(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
@@ -156,9 +161,9 @@ def _one_secret(password: str | None, oauth: OAuthGrant | None) -> None:
 
 
 class ImapCredentials(BaseModel):
-    """New credentials; a username left out keeps the current one."""
+    """New credentials, a password or an OAuth2 grant; a username left out keeps the current one."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, json_schema_extra=_ONE_SECRET)
 
     username: Annotated[str, StringConstraints(min_length=1, max_length=320, pattern=_NO_CONTROLS)] | None = (
         Field(None, description="left out: the current one")
@@ -284,8 +289,8 @@ def _body(model: type[ModelT], raw: bytes, title: str) -> ModelT:
 @authenticated
 async def post_account(request: web.Request, app: Application) -> web.StreamResponse:
     body = _body(NewImapAccount, await request.read(), "Invalid account")
+    check_provider(request.app[IMAP_OAUTH], body.oauth)  # before any name is resolved
     await check_server(request.app[IMAP_SETTINGS], body.host, body.port)
-    check_provider(request.app[IMAP_OAUTH], body.oauth)
     try:
         created = await create_imap_account(
             request.app[ROUTER], request.app[IMAP_STORE], request.app[PRODUCER],
