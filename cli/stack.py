@@ -713,7 +713,9 @@ class Dovecot(Part):
             )
             oauth_conf.chmod(0o600)
             # Tests refuse tokens on purpose: no delay after a failure, and no penalty per client
-            # address (up to 15 s; every test client is 127.0.0.1), as Dovecot's docs disable it.
+            # address (up to 15 s; every test client is 127.0.0.1), as Dovecot's docs disable it:
+            # no anvil-auth-penalty socket (one left by an earlier config has auth wait 5 s for it).
+            (d / "run" / "anvil-auth-penalty").unlink(missing_ok=True)
             oauth_passdb = (
                 "auth_failure_delay = 0\n"
                 "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n"
