@@ -14,7 +14,7 @@ import logging
 
 from libs.imap.client import AuthFailed, ImapConnection
 from libs.imap_accounts import AccountRow, OAuthCredentials, SyncStore
-from libs.oauth import OAuthError, OAuthSettings, TokenClient, needs_refresh
+from libs.oauth import OAuthError, OAuthSettings, TokenClient, TokenRefused, needs_refresh
 
 __all__ = ["AccountLogin"]
 
@@ -61,7 +61,27 @@ class AccountLogin:
     async def _refresh(self, account: AccountRow, oauth: OAuthCredentials) -> None:
         if self.tokens is None:
             raise OAuthError("OAuth2 accounts cannot log in here: no token client")
-        fresh = await self.tokens.refresh(oauth.provider, oauth.refresh_token)
+        try:
+            fresh = await self.tokens.refresh(oauth.provider, oauth.refresh_token)
+        except TokenRefused:
+            # Another process (the gateway, an ingest before a rebalance) may have refreshed
+            # first at a provider that rotates refresh tokens, spending ours: take what it kept.
+            stored = await self.store.account(account.account_id)
+            if (
+                stored is None or stored.oauth is None
+                or stored.credentials_version != account.credentials_version
+                or stored.oauth.refresh_token == oauth.refresh_token
+            ):  # fmt: skip
+                raise
+            logger.info(
+                "imap account %d: refreshed elsewhere meanwhile; using those tokens", account.account_id
+            )
+            oauth.refresh_token, oauth.access_token, oauth.expires_at = (
+                stored.oauth.refresh_token, stored.oauth.access_token, stored.oauth.expires_at,
+            )  # fmt: skip
+            if needs_refresh(oauth.access_token, oauth.expires_at, self.margin_s):
+                await self._refresh(account, oauth)
+            return
         kept = await self.store.save_tokens(account.account_id, account.credentials_version, fresh)
         if not kept:
             logger.info("imap account %d: credentials changed during a refresh; not kept", account.account_id)

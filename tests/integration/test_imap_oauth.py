@@ -231,3 +231,31 @@ async def test_a_revoked_grant_leaves_the_account_auth_failed_with_the_reason(
     with pytest.raises(TokenRefused) as refused:
         await login.connect(_connection(oauth_dovecot), account)
     assert refused.value.error == "invalid_grant"
+
+
+async def test_a_refresh_token_spent_by_another_process_is_taken_from_the_store(
+    router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer, imap_settings: ImapSettings,
+    oauth_dovecot: Dovecot, token_server: OAuthServer, login: AccountLogin, settings: OAuthSettings,
+) -> None:  # fmt: skip
+    """Ingest and the gateway both refresh; the token server rotates refresh tokens, so the
+    second to refresh holds a spent one: it takes the tokens the first kept."""
+    user = new_mailbox(oauth_dovecot, 0, "oauth")
+    address = f"{user}@{DOMAIN}"
+    tokens = await grant(token_server, address, lifetime_s=2)
+    oauth = OAuthGrant(
+        provider="generic", refresh_token=tokens["refresh_token"], access_token=tokens["access_token"],
+        access_token_expires_in=tokens["expires_in"],
+    )  # fmt: skip
+    account_id = await _oauth_account(router, store, producer, imap_settings, oauth_dovecot, address, oauth)
+    stale = await _stored(store, account_id)  # what the second process read
+    assert stale.oauth is not None and stale.oauth.expires_at is not None
+    expires_at = stale.oauth.expires_at
+    await eventually(lambda: datetime.now(UTC) > expires_at, WITHIN_S, "the access token to expire")
+    conn = _connection(oauth_dovecot)
+    await login.connect(conn, await _stored(store, account_id))  # refreshes: the refresh token rotates
+    await conn.close()
+    async with TokenClient(settings) as other_tokens:
+        conn = _connection(oauth_dovecot)
+        await AccountLogin(store, other_tokens, settings).connect(conn, stale)  # holds the spent one
+        await conn.close()
+    assert stale.oauth.refresh_token != tokens["refresh_token"]
