@@ -175,6 +175,7 @@ class AccountSync:
         self.account: AccountRow | None = None
         self.state = "starting"
         self.synced_once = asyncio.Event()
+        self._relogin_after: datetime | None = None  # the expired access token already logged in again after
 
     async def run(self) -> None:
         attempt = 0
@@ -201,6 +202,13 @@ class AccountSync:
                         # e.g. a wait_for in a cleanup that timed out after the cancel: not a
                         # connection error to retry, or the task would never end
                         raise asyncio.CancelledError() from exc
+                    if self._session_token_expired(exc):
+                        # Microsoft 365 ends a session once its access token expires ("Session
+                        # invalidated - AccessTokenExpired"): no error, log in again at once
+                        logger.info(
+                            "imap account %d: %r after its access token expired", self.account_id, exc
+                        )
+                        continue
                     self.state = "error"
                     # Full jitter: a provider's outage fails its accounts together.
                     delay = backoff_s(
@@ -224,6 +232,17 @@ class AccountSync:
                         self.conn = None
         finally:
             ACCOUNTS_RUNNING.dec()
+
+    def _session_token_expired(self, exc: BaseException) -> bool:
+        """Whether a session just lost was logged in with an OAuth2 access token that has expired
+        since; once per token, so a failing token endpoint is retried with the backoff."""
+        oauth = self.account.oauth if self.account is not None else None
+        if oauth is None or oauth.expires_at is None or isinstance(exc, OAuthError):
+            return False
+        if oauth.expires_at > datetime.now(UTC) or oauth.expires_at == self._relogin_after:
+            return False
+        self._relogin_after = oauth.expires_at
+        return True
 
     async def _session(self, account: AccountRow, on_connected: Callable[[], None]) -> None:
         conn = ImapConnection(
