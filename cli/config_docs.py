@@ -50,6 +50,7 @@ SETTINGS_MODULES: Final = (
     "libs.config",
     "libs.crypto",
     "libs.imap_accounts",
+    "libs.oauth",
     "libs.shardops",
     "services.gateway.settings",
     "services.gateway.content",

@@ -13,7 +13,7 @@ from urllib.request import urlopen
 
 from cli.procs import ManagedProcess, ProcessError, wait_until
 from cli.progress import Step, quiet
-from cli.stack import IMAPS_PORT_OFFSET, Dovecot, StackError
+from cli.stack import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, Stack, StackError
 from libs.config import REPO_ROOT, StackSettings
 from libs.service import MULTIPROCESS_DIR
 
@@ -31,14 +31,23 @@ def dev_env(settings: StackSettings | None = None) -> dict[str, str]:
 
 def local_imap_env(settings: StackSettings | None = None) -> dict[str, str]:
     """IMAP accounts on the local stack's Dovecot servers: loopback hosts, their ports (plain and
-    implicit TLS) besides IMAP's own, and trust in their self-signed certificate."""
+    implicit TLS) besides IMAP's own, and trust in their self-signed certificate; and OAuth2
+    accounts of the ``generic`` provider, which is the stack's token server (trusted the same
+    way), for the OAuth2 Dovecot."""
     s = settings or StackSettings()
-    dovecots = (Dovecot(s), Dovecot(s, name="dovecot-plain", port=s.imap_port + 1))
-    ports = {143, 993, *(d.port for d in dovecots), *(d.port + IMAPS_PORT_OFFSET for d in dovecots)}
+    stack = Stack(s)
+    dovecots = (stack.dovecot, stack.dovecot_plain, stack.dovecot_oauth)
+    ports = {143, 993, *(d.port for d in dovecots), *(d.imaps_port for d in dovecots if d.imaps_port)}
+    token_server = stack.oauth_server
     return {
-        "FLIGHTLOG_IMAP_TLS_CA_FILE": str(dovecots[0].tls_cert),
+        "FLIGHTLOG_IMAP_TLS_CA_FILE": str(stack.dovecot.tls_cert),
         "FLIGHTLOG_IMAP_ALLOW_PRIVATE_HOSTS": "true",
         "FLIGHTLOG_IMAP_ALLOWED_PORTS": json.dumps(sorted(ports)),
+        "FLIGHTLOG_OAUTH_GENERIC_AUTHORIZATION_URL": f"{token_server.url}/authorize",
+        "FLIGHTLOG_OAUTH_GENERIC_TOKEN_URL": f"{token_server.url}/token",
+        "FLIGHTLOG_OAUTH_GENERIC_CLIENT_ID": OAUTH_CLIENT_ID,
+        "FLIGHTLOG_OAUTH_GENERIC_CLIENT_SECRET": OAUTH_CLIENT_SECRET,
+        "FLIGHTLOG_OAUTH_TLS_CA_FILE": str(token_server.tls_cert),
     }
 
 

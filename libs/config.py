@@ -165,6 +165,8 @@ class StackSettings(_Base):
     # short enough that a hung replica stalls writes only once, for this long.
     mariadb_semi_sync_timeout_ms: int = 2000
     imap_port: int = 1143
+    # The OAuth2 token server the stack runs for its OAuth2 Dovecot (on imap_port + 2).
+    oauth_server_port: int = 1180
     shard_count: int = 16
     # Gateway processes `flightlog services up` / `flightlog dev` start, sharing port 8080.
     gateway_processes: int = Field(default=1, ge=1, le=64)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -23,12 +24,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from libs.crypto import SecretBox
 from libs.ids import shard_of
 from libs.kafka import IMAP_ACCOUNTS
+from libs.oauth import Tokens
 from libs.shards import ShardRouter
 
 __all__ = [
     "AccountRow",
     "FolderRow",
     "ImapAccountsSettings",
+    "OAuthCredentials",
     "SyncStore",
     "UidEntry",
     "publish_account",
@@ -71,6 +74,24 @@ async def publish_account(
 
 
 @dataclass(slots=True)
+class OAuthCredentials:
+    """An OAuth2 account's login: ``mechanism`` None lets the server's capabilities choose
+    (:data:`libs.imap.client.LOGIN_METHODS`); ``expires_at`` None: the access token's expiry is
+    not known."""
+
+    provider: str
+    refresh_token: str
+    access_token: str | None = None
+    expires_at: datetime | None = None
+    mechanism: str | None = None
+
+    def __repr__(self) -> str:  # never the tokens
+        return (
+            f"OAuthCredentials({self.provider!r}, mechanism={self.mechanism!r}, expires_at={self.expires_at})"
+        )
+
+
+@dataclass(slots=True)
 class AccountRow:
     account_id: int
     application_id: int
@@ -78,9 +99,10 @@ class AccountRow:
     port: int
     tls_mode: str
     username: str
-    password: str
+    password: str  # empty for an OAuth2 account
     credentials_version: int
     state: str
+    oauth: OAuthCredentials | None = None
 
 
 @dataclass(slots=True)
@@ -126,20 +148,38 @@ class SyncStore:
         tls_mode: str,
         username: str,
         password: str,
+        oauth: OAuthCredentials | None = None,
     ) -> None:
+        """A new account; with ``oauth`` it logs in with tokens and ``password`` is ignored."""
         await self._global(
             f"INSERT INTO `{self._g}`.imap_accounts (account_id, application_id, host, port, tls_mode,"
-            " username,"
-            " password_enc) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (account_id, application_id, host, port, tls_mode, username, self._box.encrypt(password)),
+            " username, password_enc, auth_method, oauth_provider, sasl_mechanism, refresh_token_enc,"
+            " access_token_enc, access_token_expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+            " %s, %s)",
+            (account_id, application_id, host, port, tls_mode, username, *self._secrets(password, oauth)),
         )
 
-    async def update_credentials(self, account_id: int, username: str, password: str) -> int:
+    def _secrets(self, password: str, oauth: OAuthCredentials | None) -> tuple[Any, ...]:
+        """password_enc through access_token_expires_at, as stored."""
+        if oauth is None:
+            return (self._box.encrypt(password), "password", None, None, None, None, None)
+        return (
+            b"", "oauth2", oauth.provider, oauth.mechanism, self._box.encrypt(oauth.refresh_token),
+            self._box.encrypt(oauth.access_token) if oauth.access_token else None, _naive(oauth.expires_at),
+        )  # fmt: skip
+
+    async def update_credentials(
+        self, account_id: int, username: str, password: str, oauth: OAuthCredentials | None = None
+    ) -> int:
+        """New credentials (a password, or with ``oauth`` tokens); the version goes up, so the
+        sync restarts with them."""
         await self._global(
-            f"UPDATE `{self._g}`.imap_accounts SET username = %s, password_enc = %s,"
+            f"UPDATE `{self._g}`.imap_accounts SET username = %s, password_enc = %s, auth_method = %s,"
+            " oauth_provider = %s, sasl_mechanism = %s, refresh_token_enc = %s, access_token_enc = %s,"
+            " access_token_expires_at = %s,"
             " credentials_version = credentials_version + 1, state = 'pending', last_error = NULL"
             " WHERE account_id = %s",
-            (username, self._box.encrypt(password), account_id),
+            (username, *self._secrets(password, oauth), account_id),
         )
         rows, _ = await self._global(
             f"SELECT credentials_version FROM `{self._g}`.imap_accounts WHERE account_id = %s", (account_id,)
@@ -150,7 +190,8 @@ class SyncStore:
         """Forget the password and mark the account ``disconnected`` (its sync is stopped through
         the accounts topic); new credentials connect it again."""
         await self._global(
-            f"UPDATE `{self._g}`.imap_accounts SET password_enc = '', state = 'disconnected',"
+            f"UPDATE `{self._g}`.imap_accounts SET password_enc = '', refresh_token_enc = NULL,"
+            " access_token_enc = NULL, access_token_expires_at = NULL, state = 'disconnected',"
             " last_error = NULL, credentials_version = credentials_version + 1 WHERE account_id = %s",
             (account_id,),
         )
@@ -158,12 +199,20 @@ class SyncStore:
     async def account(self, account_id: int) -> AccountRow | None:
         rows, _ = await self._global(
             f"SELECT account_id, application_id, host, port, tls_mode, username, password_enc,"
-            f" credentials_version, state FROM `{self._g}`.imap_accounts WHERE account_id = %s",
+            " credentials_version, state, auth_method, oauth_provider, sasl_mechanism, refresh_token_enc,"
+            " access_token_enc, access_token_expires_at"
+            f" FROM `{self._g}`.imap_accounts WHERE account_id = %s",
             (account_id,),
         )
         if not rows:
             return None
         r = rows[0]
+        oauth = None
+        if r[9] == "oauth2" and r[12]:  # no refresh token once disconnected
+            oauth = OAuthCredentials(
+                r[10], self._box.decrypt(r[12]), self._box.decrypt(r[13]) if r[13] else None,
+                r[14].replace(tzinfo=UTC) if r[14] else None, r[11],
+            )  # fmt: skip
         return AccountRow(
             int(r[0]),
             int(r[1]),
@@ -171,14 +220,38 @@ class SyncStore:
             int(r[3]),
             r[4],
             r[5],
-            self._box.decrypt(r[6]) if r[6] else "",  # empty once disconnected
+            self._box.decrypt(r[6]) if r[6] else "",  # empty once disconnected, and for OAuth2
             int(r[7]),
             r[8],
+            oauth,
         )
+
+    async def save_tokens(self, account_id: int, credentials_version: int, tokens: Tokens) -> bool:
+        """Keep what a refresh gave (a rotated refresh token too). Only while the credentials are
+        the ones refreshed: new credentials given meanwhile win. Returns whether they were kept."""
+        sets, args = (
+            "access_token_enc = %s, access_token_expires_at = %s",
+            [
+                self._box.encrypt(tokens.access_token),
+                _naive(tokens.expires_at),
+            ],
+        )
+        if tokens.refresh_token is not None:
+            sets += ", refresh_token_enc = %s"
+            args.append(self._box.encrypt(tokens.refresh_token))
+        async with self._router.global_pool.acquire() as conn, conn.cursor() as cur:
+            changed = await cur.execute(
+                f"UPDATE `{self._g}`.imap_accounts SET {sets} WHERE account_id = %s"
+                " AND credentials_version = %s AND auth_method = 'oauth2' AND state <> 'disconnected'",
+                (*args, account_id, credentials_version),
+            )
+            await conn.commit()
+        return bool(changed)
 
     async def account_public(self, account_id: int) -> dict[str, Any] | None:
         rows, _ = await self._global(
-            f"SELECT host, port, tls_mode, username, state, last_error, last_sync_at, credentials_version"
+            "SELECT host, port, tls_mode, username, state, last_error, last_sync_at, credentials_version,"
+            " auth_method, oauth_provider, sasl_mechanism"
             f" FROM `{self._g}`.imap_accounts WHERE account_id = %s",
             (account_id,),
         )
@@ -188,7 +261,7 @@ class SyncStore:
         return {
             "host": r[0], "port": int(r[1]), "tls_mode": r[2], "username": r[3], "state": r[4],
             "last_error": r[5], "last_sync_at": r[6].isoformat() if r[6] else None,
-            "credentials_version": int(r[7]),
+            "credentials_version": int(r[7]), "auth": r[8], "oauth_provider": r[9], "sasl_mechanism": r[10],
         }  # fmt: skip
 
     async def set_account_state(self, account_id: int, state: str, error: str | None = None) -> None:
@@ -355,6 +428,11 @@ def _in_chunks(column: str, values: Sequence[Any]) -> list[tuple[str, Sequence[A
         (f" AND {column} IN ({','.join(['%s'] * len(part))})", part)
         for part in (values[i : i + _CHUNK] for i in range(0, len(values), _CHUNK))
     ]
+
+
+def _naive(when: datetime | None) -> datetime | None:
+    """A UTC time as the DATETIME columns hold it (no zone)."""
+    return None if when is None else when.astimezone(UTC).replace(tzinfo=None)
 
 
 def _int(value: Any) -> int | None:

@@ -68,7 +68,9 @@ async def scratch() -> AsyncIterator[None]:
     except Exception:  # no global schema yet: no application to remove either
         shard_map = None
     stack = Stack(settings)
-    _swept.append(await sweep(KafkaSettings(), db, shard_map, [stack.dovecot, stack.dovecot_plain]))
+    _swept.append(
+        await sweep(KafkaSettings(), db, shard_map, [stack.dovecot, stack.dovecot_plain, stack.dovecot_oauth])
+    )
 
 
 @pytest.fixture(scope="session")

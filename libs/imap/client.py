@@ -24,12 +24,14 @@ from typing import Any, Final
 import aioimaplib
 
 from libs.aio import wait_for
+from libs.imap.sasl import ABORT, MAX_CHALLENGE_BYTES, initial_response
 from libs.imap.uids import MAX_UID, UidSet, UidSetTooLarge
 from libs.mime import MAX_RAW_BYTES
 from libs.outbound import AddressRefused, has_control_characters, resolve_public
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
+    "LOGIN_METHODS",
     "AuthFailed",
     "FetchItem",
     "HostRefused",
@@ -49,6 +51,10 @@ __all__ = [
 # What one response may make us buffer unless its command says otherwise (a FLAGS fetch of a
 # 500,000-message folder is about 40 MiB; a body fetch has a cap of its own, see uid_fetch).
 DEFAULT_MAX_RESPONSE_BYTES: Final = 64 * 1024 * 1024
+# How :meth:`ImapConnection.connect` logs in: LOGIN with a password, or AUTHENTICATE with an
+# OAuth2 access token by one mechanism, or ``oauth2``: OAUTHBEARER when the server offers it,
+# else XOAUTH2 (Gmail offers both, Microsoft 365 only XOAUTH2).
+LOGIN_METHODS: Final = ("login", "xoauth2", "oauthbearer", "oauth2")
 # Every literal we ask for is a body or header cut at MAX_RAW_BYTES (``<0.N>`` partials).
 MAX_LITERAL_BYTES: Final = MAX_RAW_BYTES
 
@@ -276,6 +282,11 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     received_bytes: int = 0  # since our last command was sent
     current_command: Any
     pending_sync_command: Any
+    # the AUTHENTICATE in progress: (initial response, abort answer); and what the server
+    # challenged back (its error, for the log)
+    sasl: tuple[str, str] | None = None
+    sasl_sent: bool = False
+    sasl_challenge: bytes = b""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -309,6 +320,19 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
                 self._partial.append(incomplete.data)
         except ResponseTooLarge as exc:
             self._drop(exc)
+
+    def _continuation(self, line: bytes) -> None:
+        command = self.pending_sync_command
+        if self.sasl is None or command is None or command.name != "AUTHENTICATE":
+            super()._continuation(line)
+            return
+        if not self.sasl_sent:  # a server without SASL-IR asks for the initial response
+            answer, self.sasl_sent = self.sasl[0], True
+        else:  # an error challenge: answer it, and the server ends the command with NO
+            self.sasl_challenge = line[2 : 2 + MAX_CHALLENGE_BYTES]
+            answer = self.sasl[1]
+        if self.transport is not None:
+            self.transport.write(answer.encode() + b"\r\n")
 
     def _drop(self, exc: ResponseTooLarge) -> None:
         self._fail(exc)
@@ -463,10 +487,16 @@ class ImapConnection:
         )
         protocol.capabilities = set()  # what the server said before TLS is not to be trusted
 
-    async def connect(self, username: str, password: str, *, use_condstore: bool = True) -> None:
+    async def connect(
+        self, username: str, password: str, *, use_condstore: bool = True, method: str = "login"
+    ) -> None:
+        """Connect and log in; ``method`` is one of :data:`LOGIN_METHODS` (all but ``login`` take
+        an OAuth2 access token as ``password``)."""
         if has_control_characters(username) or has_control_characters(password):
             # a CR or LF would end LOGIN and start a command of the server's choosing
             raise AuthFailed("the username or password contains control characters")
+        if method not in LOGIN_METHODS:
+            raise ImapError(f"unknown login method {method!r}")
         try:
             address = (await resolve_public(self.host, self.port, allow_private=self.allow_private))[0]
         except AddressRefused as exc:
@@ -480,7 +510,10 @@ class ImapConnection:
             await wait_for(self.client.wait_hello_from_server(), self.timeout_s)
             if self.tls_mode == "starttls":
                 await self._starttls(self.client)
-            response = await self.client.login(username, password)
+            if method == "login":
+                response = await self.client.login(username, password)
+            else:
+                response = await self._authenticate(self.client, method, username, password)
         except (OSError, TimeoutError, ImapError, aioimaplib.AioImapException) as exc:
             await self.close()
             if isinstance(exc, ImapError):
@@ -498,6 +531,32 @@ class ImapConnection:
         self.qresync = use_condstore and "QRESYNC" in caps and "ENABLE" in caps
         if self.qresync:
             self.check(await self.client.enable("QRESYNC"), "ENABLE QRESYNC")
+
+    async def _authenticate(self, client: aioimaplib.IMAP4, method: str, username: str, token: str) -> Any:
+        """AUTHENTICATE with an OAuth2 mechanism; the token goes out only inside its SASL
+        encoding (:func:`libs.imap.sasl.initial_response`), and is never logged."""
+        protocol = client.protocol
+        if not protocol.capabilities:  # none yet, or reset by STARTTLS
+            await protocol.capability()
+        caps = {c.upper() for c in protocol.capabilities}
+        if method == "oauth2":
+            method = "oauthbearer" if "AUTH=OAUTHBEARER" in caps else "xoauth2"
+        if f"AUTH={method.upper()}" not in caps:
+            raise AuthFailed(f"{self.host}:{self.port} does not offer AUTH={method.upper()}")
+        first = initial_response(method, username, token, self.host, self.port)
+        protocol.sasl, protocol.sasl_sent, protocol.sasl_challenge = (first, ABORT[method]), False, b""
+        args = [method.upper(), first] if "SASL-IR" in caps else [method.upper()]
+        protocol.sasl_sent = len(args) == 2
+        try:
+            command = aioimaplib.Command("AUTHENTICATE", protocol.new_tag(), *args, loop=protocol.loop)
+            response = await wait_for(protocol.execute(command, scrub=first), self.timeout_s)
+        finally:
+            protocol.sasl = None
+        if response.result == "OK":
+            protocol.state = aioimaplib.AUTH
+        elif protocol.sasl_challenge:
+            response.lines.append(b"(challenge " + protocol.sasl_challenge + b")")
+        return response
 
     @staticmethod
     def check(response: Any, what: str) -> Any:

@@ -44,17 +44,19 @@ from libs.aio import wait_for
 from libs.events import MAX_ATTACHMENTS
 from libs.imap.client import AuthFailed, ImapConnection, ImapError
 from libs.imap_accounts import AccountRow, ImapAccountsSettings, SyncStore
+from libs.imap_login import AccountLogin
 from libs.mime import (
     MAX_HEADER_NAME_CHARS,
     MAX_HEADER_VALUE_CHARS,
     MAX_LISTED_HEADERS,
     parse_message,
 )
+from libs.oauth import OAuthError, TokenRefused
 from libs.openapi import Answer, ApiRoutes, Operation, Param
 from services.gateway import schemas
 from services.gateway.auth import authenticated, path_id
 from services.gateway.errors import ApiError, NotFound
-from services.gateway.imap_accounts import IMAP_SETTINGS, IMAP_STORE
+from services.gateway.imap_accounts import IMAP_LOGIN, IMAP_SETTINGS, IMAP_STORE
 from services.gateway.messages import attachment_list, message_row
 from services.gateway.openapi import MESSAGE
 
@@ -132,7 +134,7 @@ def _gone(message_id: int) -> NotFound:
 
 async def fetch_raw(
     source: ImapSource, settings: ContentSettings, imap: ImapAccountsSettings, message_id: int,
-    *, headers_only: bool = False,
+    login: AccountLogin, *, headers_only: bool = False,
 ) -> bytes:  # fmt: skip
     """The message's bytes, or with ``headers_only`` its header block (at most
     :data:`MAX_HEADER_BYTES` of it, whatever the message's size)."""
@@ -147,7 +149,7 @@ async def fetch_raw(
         allow_private=imap.imap_allow_private_hosts,
     )
     try:
-        await conn.connect(account.username, account.password, use_condstore=False)
+        await login.connect(conn, account, use_condstore=False)
         selected = await conn.examine(source.folder)
         if source.uidvalidity is not None and selected.uidvalidity != source.uidvalidity:
             raise _gone(message_id)
@@ -198,7 +200,7 @@ async def _raw(
         error = NotFound("message content", str(message_id))
         error.detail += ": only messages synced over IMAP, and still on the server, have content"
         raise error
-    if not source.account.password:
+    if not source.account.password and source.account.oauth is None:
         raise ApiError(409, "No credentials", f"account {account_id} has no IMAP credentials to fetch with")
     settings = request.app[CONTENT_SETTINGS]
     slots = request.app[_SLOTS]
@@ -211,15 +213,15 @@ async def _raw(
     imap = request.app[IMAP_SETTINGS]
     try:
         body = await wait_for(
-            fetch_raw(source, settings, imap, message_id, headers_only=headers_only),
+            fetch_raw(source, settings, imap, message_id, request.app[IMAP_LOGIN], headers_only=headers_only),
             settings.content_timeout_s,
         )
-    except AuthFailed as exc:
+    except (AuthFailed, TokenRefused) as exc:
         log.warning("content fetch of %s: %s", message_id, exc)
         raise ApiError(
             502, "IMAP login failed", "the IMAP server refused the account's credentials"
         ) from None
-    except (ImapError, OSError, TimeoutError) as exc:
+    except (ImapError, OSError, TimeoutError, OAuthError) as exc:
         log.warning("content fetch of %s failed: %r", message_id, exc)
         raise ApiError(502, "IMAP server failed", "the message could not be read from the server") from None
     finally:

@@ -1,27 +1,41 @@
 """The IMAP account API: POST /v1/accounts (provider imap), GET /v1/accounts/{id}/sync,
-PATCH /v1/accounts/{id}/credentials (new username and/or password; restarts a sync stopped by an
-authentication failure) and DELETE /v1/accounts/{id}/credentials (stop syncing, forget the
-password).
+PATCH /v1/accounts/{id}/credentials (new username, password or OAuth2 tokens; restarts a sync
+stopped by an authentication failure) and DELETE /v1/accounts/{id}/credentials (stop syncing,
+forget the password or tokens).
 
-The operations are plain functions (tested directly); ingest's sync workers pick their effects
-up from the accounts topic (:func:`libs.imap_accounts.publish_account`). The password is
-encrypted before it is stored and is never returned.
+An account logs in with a password, or with OAuth2 (``oauth``: the provider, the refresh token
+and optionally a first access token; ingest refreshes it, :mod:`libs.imap_login`). The operations
+are plain functions (tested directly); ingest's sync workers pick their effects up from the
+accounts topic (:func:`libs.imap_accounts.publish_account`). Passwords and tokens are encrypted
+before they are stored and are never returned.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal, Self, TypeVar
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic.config import JsonDict
 
 from libs.accounts import Application, create_account
 from libs.crypto import SecretBox
 from libs.http import invalid_body
-from libs.imap_accounts import ImapAccountsSettings, SyncStore, publish_account
+from libs.imap_accounts import ImapAccountsSettings, OAuthCredentials, SyncStore, publish_account
+from libs.imap_login import AccountLogin
+from libs.oauth import (
+    ACCESS_TOKEN_PATTERN,
+    MAX_ACCESS_TOKEN_CHARS,
+    MAX_REFRESH_TOKEN_CHARS,
+    REFRESH_TOKEN_PATTERN,
+    OAuthSettings,
+    ProviderNotConfigured,
+    TokenClient,
+)
 from libs.openapi import Answer, ApiRoutes, Operation
 from libs.outbound import AddressRefused, resolve_public
 from libs.resources import PRODUCER, ROUTER
@@ -33,10 +47,13 @@ from services.gateway.openapi import ACCOUNT
 
 __all__ = [
     "API",
+    "IMAP_LOGIN",
+    "IMAP_OAUTH",
     "IMAP_SETTINGS",
     "IMAP_STORE",
     "ImapCredentials",
     "NewImapAccount",
+    "OAuthGrant",
     "add_imap_account_routes",
     "create_imap_account",
     "disconnect_imap_account",
@@ -46,6 +63,8 @@ __all__ = [
 
 IMAP_SETTINGS: Final = web.AppKey("imap_accounts_settings", ImapAccountsSettings)
 IMAP_STORE: Final = web.AppKey("imap_store", SyncStore)
+IMAP_OAUTH: Final = web.AppKey("imap_oauth_settings", OAuthSettings)
+IMAP_LOGIN: Final = web.AppKey("imap_login", AccountLogin)
 
 API: Final = ApiRoutes()
 _SYNC: Final = (Answer(200, "the sync state", schemas.ImapSync),)
@@ -66,8 +85,51 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class NewImapAccount(BaseModel):
+class OAuthGrant(BaseModel):
+    """An OAuth2 grant for the mailbox, as the application obtained it from the provider."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    provider: Literal["google", "microsoft", "generic"] = Field(
+        description="whose tokens: Google, Microsoft (Entra ID) or the platform's generic provider;"
+        " the platform must have a client registered with it"
+    )
+    refresh_token: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=MAX_REFRESH_TOKEN_CHARS, pattern=REFRESH_TOKEN_PATTERN),
+    ] = Field(repr=False, description="encrypted at rest, never returned")
+    access_token: (
+        Annotated[
+            str,
+            StringConstraints(min_length=1, max_length=MAX_ACCESS_TOKEN_CHARS, pattern=ACCESS_TOKEN_PATTERN),
+        ]
+        | None
+    ) = Field(default=None, repr=False, description="left out: one is obtained with the refresh token")
+    access_token_expires_in: Annotated[int, Field(gt=0, le=366 * 86_400)] | None = Field(
+        default=None,
+        description="seconds the access token is valid for, as the token endpoint said (expires_in)",
+    )
+    sasl_mechanism: Literal["xoauth2", "oauthbearer"] | None = Field(
+        default=None, description="left out: OAUTHBEARER when the server offers it, else XOAUTH2"
+    )
+
+    def credentials(self) -> OAuthCredentials:
+        expires = self.access_token_expires_in
+        return OAuthCredentials(
+            self.provider,
+            self.refresh_token,
+            self.access_token,
+            datetime.now(UTC) + timedelta(seconds=expires) if expires and self.access_token else None,
+            self.sasl_mechanism,
+        )
+
+
+# A password or an OAuth2 grant, never both (checked by _one_secret; said in the schema)
+_ONE_SECRET: Final[JsonDict] = {"oneOf": [{"required": ["password"]}, {"required": ["oauth"]}]}
+
+
+class NewImapAccount(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, json_schema_extra=_ONE_SECRET)
 
     provider: Literal["imap"] = "imap"
     email: Annotated[str, StringConstraints(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
@@ -79,29 +141,42 @@ class NewImapAccount(BaseModel):
         " only for a loopback host",
     )
     username: Annotated[str, StringConstraints(min_length=1, max_length=320, pattern=_NO_CONTROLS)]
-    password: Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=_NO_CONTROLS)] = Field(
-        repr=False, description="encrypted at rest, never returned"
-    )
+    password: (
+        Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=_NO_CONTROLS)] | None
+    ) = Field(default=None, repr=False, description="encrypted at rest, never returned; or oauth")
+    oauth: OAuthGrant | None = Field(default=None, description="log in with OAuth2 instead of a password")
     shard: Annotated[int, Field(ge=0, le=65535)] | None = None
 
     @model_validator(mode="after")
     def _plaintext_only_on_loopback(self) -> Self:
         if self.tls_mode == "none" and not _is_loopback(self.host):
             raise ValueError("tls_mode 'none' is allowed only for a loopback host")
+        _one_secret(self.password, self.oauth)
         return self
 
 
-class ImapCredentials(BaseModel):
-    """New credentials; a username left out keeps the current one."""
+def _one_secret(password: str | None, oauth: OAuthGrant | None) -> None:
+    if (password is None) == (oauth is None):
+        raise ValueError("give either password or oauth")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+class ImapCredentials(BaseModel):
+    """New credentials, a password or an OAuth2 grant; a username left out keeps the current one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, json_schema_extra=_ONE_SECRET)
 
     username: Annotated[str, StringConstraints(min_length=1, max_length=320, pattern=_NO_CONTROLS)] | None = (
         Field(None, description="left out: the current one")
     )
-    password: Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=_NO_CONTROLS)] = Field(
-        repr=False
-    )
+    password: (
+        Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=_NO_CONTROLS)] | None
+    ) = Field(None, repr=False)
+    oauth: OAuthGrant | None = Field(default=None, description="switch to (or renew) OAuth2 tokens")
+
+    @model_validator(mode="after")
+    def _one(self) -> Self:
+        _one_secret(self.password, self.oauth)
+        return self
 
 
 async def check_server(settings: ImapAccountsSettings, host: str, port: int) -> None:
@@ -119,6 +194,18 @@ async def check_server(settings: ImapAccountsSettings, host: str, port: int) -> 
         raise ApiError(422, "Host not allowed", str(exc)) from None
 
 
+def check_provider(settings: OAuthSettings, oauth: OAuthGrant | None) -> None:
+    """422 unless the grant's provider has a client registered here."""
+    if oauth is None:
+        return
+    try:
+        settings.provider(oauth.provider)
+    except ProviderNotConfigured:
+        raise ApiError(
+            422, "OAuth2 provider not configured", f"this platform has no OAuth2 client for {oauth.provider}"
+        ) from None
+
+
 async def create_imap_account(
     router: ShardRouter,
     store: SyncStore,
@@ -129,8 +216,9 @@ async def create_imap_account(
 ) -> dict[str, Any]:
     account = await create_account(router, application_id, body.email, provider="imap", shard=body.shard)
     await store.insert_account(
-        account.id, application_id, body.host, body.port, body.tls_mode, body.username, body.password
-    )
+        account.id, application_id, body.host, body.port, body.tls_mode, body.username, body.password or "",
+        body.oauth.credentials() if body.oauth else None,
+    )  # fmt: skip
     await publish_account(producer, settings, account.id, 1)
     view = await imap_account_view(store, account.id)
     return {"id": str(account.id), "email": account.email, "provider": "imap", **(view or {})}
@@ -143,9 +231,11 @@ async def update_imap_credentials(
     account_id: int,
     username: str,
     password: str,
+    oauth: OAuthCredentials | None = None,
 ) -> int:
-    """New credentials restart a sync stopped by an authentication failure."""
-    version = await store.update_credentials(account_id, username, password)
+    """New credentials (a password, or with ``oauth`` tokens) restart a sync stopped by an
+    authentication failure."""
+    version = await store.update_credentials(account_id, username, password, oauth)
     await publish_account(producer, settings, account_id, version)
     return version
 
@@ -199,6 +289,7 @@ def _body(model: type[ModelT], raw: bytes, title: str) -> ModelT:
 @authenticated
 async def post_account(request: web.Request, app: Application) -> web.StreamResponse:
     body = _body(NewImapAccount, await request.read(), "Invalid account")
+    check_provider(request.app[IMAP_OAUTH], body.oauth)  # before any name is resolved
     await check_server(request.app[IMAP_SETTINGS], body.host, body.port)
     try:
         created = await create_imap_account(
@@ -247,9 +338,11 @@ async def patch_credentials(request: web.Request, app: Application) -> web.Strea
     account_id, current = await _imap_account(request, app)
     store = request.app[IMAP_STORE]
     body = _body(ImapCredentials, await request.read(), "Invalid credentials")
+    check_provider(request.app[IMAP_OAUTH], body.oauth)
+    oauth = body.oauth.credentials() if body.oauth else None
     await update_imap_credentials(
         store, request.app[PRODUCER], request.app[IMAP_SETTINGS], account_id,
-        body.username or current["username"], body.password,
+        body.username or current["username"], body.password or "", oauth,
     )  # fmt: skip
     return await _view(store, account_id)
 
@@ -283,11 +376,17 @@ async def _view(store: SyncStore, account_id: int) -> web.Response:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     app[IMAP_STORE] = SyncStore(app[ROUTER], SecretBox.from_settings())
-    yield
+    # content fetches log OAuth2 accounts in, refreshing their tokens as ingest does
+    async with TokenClient(app[IMAP_OAUTH]) as tokens:
+        app[IMAP_LOGIN] = AccountLogin(app[IMAP_STORE], tokens, app[IMAP_OAUTH])
+        yield
 
 
-def add_imap_account_routes(app: web.Application, settings: ImapAccountsSettings) -> None:
+def add_imap_account_routes(
+    app: web.Application, settings: ImapAccountsSettings, oauth: OAuthSettings | None = None
+) -> None:
     """Add the routes and their store (a cleanup context after the gateway's router)."""
     app[IMAP_SETTINGS] = settings
+    app[IMAP_OAUTH] = oauth or OAuthSettings()
     app.cleanup_ctx.append(_store)
     API.register(app)

@@ -232,10 +232,19 @@ class ImapSync(Doc):
     port: int
     tls_mode: TlsMode
     username: str
-    state: str = Field(description="pending, running, auth_failed, error or disconnected")
+    state: str = Field(
+        description="pending, running, auth_failed (new credentials needed: refused by the server, or an"
+        " OAuth2 refresh token refused by its provider; last_error says which), error (retrying) or"
+        " disconnected"
+    )
     last_error: str | None
     last_sync_at: ImapTime
     credentials_version: Annotated[int, Field(ge=1)]
+    auth: Literal["password", "oauth2"]
+    oauth_provider: Literal["google", "microsoft", "generic"] | None
+    sasl_mechanism: Literal["xoauth2", "oauthbearer"] | None = Field(
+        description="null: OAUTHBEARER when the server offers it, else XOAUTH2"
+    )
     folders: list[ImapFolder]
 
 

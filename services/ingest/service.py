@@ -19,7 +19,9 @@ from libs.authn import AUTH_FAILURES, auth_failure_limiter
 from libs.config import ServiceSettings
 from libs.crypto import SecretBox, SecretsSettings
 from libs.imap_accounts import SyncStore
+from libs.imap_login import AccountLogin
 from libs.kafka import make_producer
+from libs.oauth import OAuthSettings, TokenClient
 from libs.resources import database, kafka_producer
 from libs.service import ServiceContext, ServiceDefinition
 from libs.shards import ShardRouter
@@ -41,10 +43,19 @@ def setup_app(app: web.Application) -> None:
 
 @asynccontextmanager
 async def imap_sync(settings: ServiceSettings, imap: ImapSettings) -> AsyncIterator[AccountDistributor]:
-    """The IMAP sync workers of this instance, with their own router and producer."""
-    async with ShardRouter(settings) as router, make_producer(settings) as producer:
+    """The IMAP sync workers of this instance, with their own router, producer and OAuth2 token
+    client."""
+    oauth = OAuthSettings()
+    async with (
+        ShardRouter(settings) as router,
+        make_producer(settings) as producer,
+        TokenClient(oauth) as tokens,
+    ):
         store = SyncStore(router, SecretBox.from_settings())
-        async with AccountDistributor(settings, imap, store, producer, settings.instance_id) as distributor:
+        login = AccountLogin(store, tokens, oauth)
+        async with AccountDistributor(
+            settings, imap, store, producer, settings.instance_id, login=login
+        ) as distributor:
             yield distributor
 
 

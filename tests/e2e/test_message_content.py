@@ -19,6 +19,8 @@ from cli.stack import IMAP_TEST_PASSWORD, Stack
 from libs.crypto import SecretBox
 from libs.imap.client import ImapConnection, parse_search
 from libs.imap_accounts import ImapAccountsSettings, SyncStore
+from libs.imap_login import AccountLogin
+from libs.oauth import OAuthSettings
 from libs.shards import ShardRouter
 from services.gateway.content import ContentSettings, fetch_raw, imap_source
 from services.gateway.errors import ApiError
@@ -101,9 +103,10 @@ async def test_gone_too_large_and_no_credentials_are_problems(
         source = await imap_source(store, mailbox.account_id, first["message_key"])
         assert source is not None and source.folder == "INBOX"
 
+        login = AccountLogin(store, None, OAuthSettings())
         small = ContentSettings(content_max_bytes=64)
         with pytest.raises(ApiError) as too_large:
-            await fetch_raw(source, small, LOOPBACK, int(first["id"]))
+            await fetch_raw(source, small, LOOPBACK, int(first["id"]), login)
         assert too_large.value.status == 422 and "FLIGHTLOG_CONTENT_MAX_BYTES" in too_large.value.detail
 
         # No credentials: the sync stops, the row and the UID map stay.
@@ -122,7 +125,7 @@ async def test_gone_too_large_and_no_credentials_are_problems(
         finally:
             await conn.close()
         with pytest.raises(ApiError) as gone:
-            await fetch_raw(source, ContentSettings(), LOOPBACK, int(first["id"]))
+            await fetch_raw(source, ContentSettings(), LOOPBACK, int(first["id"]), login)
         assert gone.value.status == 404 and "no longer on the IMAP server" in gone.value.detail
 
 

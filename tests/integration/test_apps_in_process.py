@@ -194,3 +194,36 @@ async def test_imap_accounts_are_refused_on_other_ports_private_hosts_and_contro
         async with client.post("/v1/accounts", json=sneaky, headers=key) as resp:
             doc = await problem(resp, 422)
         assert doc["title"] == "Invalid account" and doc["errors"][0]["field"] == "password", doc
+
+
+async def test_oauth_accounts_are_validated_with_problem_documents(tenant: tuple[str, int]) -> None:
+    """OAuth2 grants: one secret (a password or a grant), a known and configured provider (none
+    is configured here), tokens without control characters and within their lengths."""
+    key = {"Authorization": f"Bearer {tenant[0]}"}
+    account = {"email": "a@example.test", "host": "imap.example.com", "username": "a"}
+    grant = {"provider": "generic", "refresh_token": "rt-1"}
+    invalid = [
+        ({**account}, "(body)"),  # neither
+        ({**account, "password": "pw", "oauth": grant}, "(body)"),  # both
+        ({**account, "oauth": {**grant, "provider": "yahoo"}}, "oauth.provider"),
+        ({**account, "oauth": {**grant, "refresh_token": "rt\r\nA1 LOGOUT"}}, "oauth.refresh_token"),
+        ({**account, "oauth": {**grant, "refresh_token": "r" * 4097}}, "oauth.refresh_token"),
+        ({**account, "oauth": {**grant, "access_token": "a b"}}, "oauth.access_token"),
+        ({**account, "oauth": {**grant, "access_token": "a\x01auth=x"}}, "oauth.access_token"),
+        ({**account, "oauth": {**grant, "access_token": "a" * 8193}}, "oauth.access_token"),
+        ({**account, "oauth": {**grant, "sasl_mechanism": "plain"}}, "oauth.sasl_mechanism"),
+        ({**account, "oauth": {**grant, "access_token_expires_in": 0}}, "oauth.access_token_expires_in"),
+        ({**account, "oauth": {**grant, "client_secret": "x"}}, "oauth.client_secret"),
+    ]
+    async with served(GATEWAY) as (client, _):
+        for body, field in invalid:
+            async with client.post("/v1/accounts", json=body, headers=key) as resp:
+                doc = await problem(resp, 422)
+            assert doc["title"] == "Invalid account", doc
+            assert any(e["field"].startswith(field) for e in doc["errors"]), (field, doc)
+            assert "rt\r\n" not in str(doc) and "a" * 100 not in str(doc)  # no secret echoed
+        for provider in ("google", "microsoft", "generic"):  # no client registered with any here
+            body = {**account, "oauth": {**grant, "provider": provider}}
+            async with client.post("/v1/accounts", json=body, headers=key) as resp:
+                doc = await problem(resp, 422)
+            assert doc["title"] == "OAuth2 provider not configured", doc

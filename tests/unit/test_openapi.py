@@ -69,7 +69,9 @@ def test_every_operation_answers_problems_and_names_its_path_parameters() -> Non
 def test_request_bodies_are_the_models_the_handlers_validate_with() -> None:
     spec = gateway_document(gateway_app())
     schemas = spec["components"]["schemas"]
-    assert schemas["NewImapAccount"]["required"] == ["email", "host", "username", "password"]
+    assert schemas["NewImapAccount"]["required"] == ["email", "host", "username"]
+    for name in ("NewImapAccount", "ImapCredentials"):  # a password or an OAuth2 grant
+        assert schemas[name]["oneOf"] == [{"required": ["password"]}, {"required": ["oauth"]}]
     assert schemas["NewImapAccount"]["additionalProperties"] is False
     assert schemas["MessagePatch"]["minProperties"] == 1
     assert schemas["Message"]["properties"]["from"]["anyOf"][0] == {"type": "string"}

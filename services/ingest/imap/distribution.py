@@ -23,6 +23,7 @@ from libs.aio import raise_if_cancelling
 from libs.component import Component
 from libs.config import KafkaSettings
 from libs.imap_accounts import SyncStore
+from libs.imap_login import AccountLogin
 from libs.kafka import TopicSpec, create_topics, make_consumer
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.sync import AccountSync
@@ -53,6 +54,7 @@ class AccountDistributor(Component, ConsumerRebalanceListener):  # type: ignore[
     ``stop()``, ``async with``.
 
     :param instance: a name for logs (the ingest instance id).
+    :param login: logs accounts in (OAuth2 tokens refreshed); None: passwords only.
     """
 
     def __init__(
@@ -62,7 +64,9 @@ class AccountDistributor(Component, ConsumerRebalanceListener):  # type: ignore[
         store: SyncStore,
         producer: AIOKafkaProducer,
         instance: str = "",
+        login: AccountLogin | None = None,
     ) -> None:
+        self.login = login
         self.kafka, self.settings, self.store, self.producer, self.instance = (
             kafka,
             settings,
@@ -136,5 +140,5 @@ class AccountDistributor(Component, ConsumerRebalanceListener):  # type: ignore[
         if current is not None and current.version >= version:
             return
         await self._stop_workers([account_id])
-        sync = AccountSync(account_id, self.store, self.producer, self.settings)
+        sync = AccountSync(account_id, self.store, self.producer, self.settings, self.login)
         self.workers[account_id] = _Worker(sync, version, partition)

@@ -53,8 +53,10 @@ from libs.imap.client import (
 )
 from libs.imap.uids import UidSet, format_uid_set, plan_fetch_batches
 from libs.imap_accounts import AccountRow, FolderRow, SyncStore, UidEntry
+from libs.imap_login import AccountLogin
 from libs.inflight import publish_inflight
 from libs.mime import MAX_RAW_BYTES, message_id_of
+from libs.oauth import OAuthError, OAuthSettings, TokenRefused
 from libs.shards import ShardError
 from services.ingest.imap.settings import ImapSettings
 
@@ -66,7 +68,17 @@ SOURCE: Final = "imap"
 INBOX: Final = "INBOX"
 _STATUS_UIDVALIDITY: Final = re.compile(rb"UIDVALIDITY (\d{1,19})\b")
 _STATUS_ITEM: Final = re.compile(rb"(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d{1,19})\b", re.IGNORECASE)
-_TRANSIENT: Final = (ImapError, OSError, TimeoutError, KafkaError, asyncmy.errors.Error, ShardError)
+# OAuthError: a token endpoint that cannot be reached, a provider not configured here (TokenRefused,
+# a subclass, is caught before: the account waits for new tokens)
+_TRANSIENT: Final = (
+    ImapError,
+    OSError,
+    TimeoutError,
+    KafkaError,
+    asyncmy.errors.Error,
+    ShardError,
+    OAuthError,
+)
 
 EVENTS: Final = prometheus_client.Counter(
     "flightlog_imap_events", "Events produced by IMAP sync, by type", ["type"]
@@ -102,6 +114,12 @@ def tenant_error(exc: BaseException) -> str:
     answers where. The detail goes to the log."""
     if isinstance(exc, AuthFailed):
         return "the IMAP server refused the credentials"
+    if isinstance(exc, TokenRefused):
+        # RFC 6749's error code only (invalid_grant: revoked or expired); the provider's own
+        # description goes to the log
+        return f"the OAuth2 provider refused the refresh token ({exc.error}); give the account new tokens"
+    if isinstance(exc, OAuthError):
+        return "the OAuth2 provider's token endpoint could not be used; retrying"
     if isinstance(exc, HostRefused):
         return "the IMAP server's host is not allowed: it resolves to a loopback or private address"
     return "the IMAP server could not be reached or did not answer as expected; retrying"
@@ -141,19 +159,23 @@ class AccountSync:
     :param account_id: the account (its row in ``imap_accounts``).
     :param store: sync state.
     :param producer: the shared idempotent ``acks=all`` producer.
+    :param login: logs the account in (OAuth2 tokens refreshed); None: passwords only.
     """
 
     def __init__(
-        self, account_id: int, store: SyncStore, producer: AIOKafkaProducer, settings: ImapSettings
-    ) -> None:
+        self, account_id: int, store: SyncStore, producer: AIOKafkaProducer, settings: ImapSettings,
+        login: AccountLogin | None = None,
+    ) -> None:  # fmt: skip
         self.account_id = account_id
         self.store = store
+        self.login = login or AccountLogin(store, None, OAuthSettings())
         self.producer = producer
         self.settings = settings
         self.conn: ImapConnection | None = None
         self.account: AccountRow | None = None
         self.state = "starting"
         self.synced_once = asyncio.Event()
+        self._relogin_after: datetime | None = None  # the expired access token already logged in again after
 
     async def run(self) -> None:
         attempt = 0
@@ -170,7 +192,7 @@ class AccountSync:
                         return
                     self.account = account
                     await self._session(account, on_connected=lambda: None)
-                except AuthFailed as exc:
+                except (AuthFailed, TokenRefused) as exc:
                     self.state = "auth_failed"
                     logger.warning("imap account %d: %s; waiting for new credentials", self.account_id, exc)
                     await self.store.set_account_state(self.account_id, "auth_failed", tenant_error(exc))
@@ -180,6 +202,13 @@ class AccountSync:
                         # e.g. a wait_for in a cleanup that timed out after the cancel: not a
                         # connection error to retry, or the task would never end
                         raise asyncio.CancelledError() from exc
+                    if self._session_token_expired(exc):
+                        # Microsoft 365 ends a session once its access token expires ("Session
+                        # invalidated - AccessTokenExpired"): no error, log in again at once
+                        logger.info(
+                            "imap account %d: %r after its access token expired", self.account_id, exc
+                        )
+                        continue
                     self.state = "error"
                     # Full jitter: a provider's outage fails its accounts together.
                     delay = backoff_s(
@@ -204,6 +233,17 @@ class AccountSync:
         finally:
             ACCOUNTS_RUNNING.dec()
 
+    def _session_token_expired(self, exc: BaseException) -> bool:
+        """Whether a session just lost was logged in with an OAuth2 access token that has expired
+        since; once per token, so a failing token endpoint is retried with the backoff."""
+        oauth = self.account.oauth if self.account is not None else None
+        if oauth is None or oauth.expires_at is None or isinstance(exc, OAuthError):
+            return False
+        if oauth.expires_at > datetime.now(UTC) or oauth.expires_at == self._relogin_after:
+            return False
+        self._relogin_after = oauth.expires_at
+        return True
+
     async def _session(self, account: AccountRow, on_connected: Callable[[], None]) -> None:
         conn = ImapConnection(
             account.host,
@@ -215,7 +255,7 @@ class AccountSync:
             allow_private=self.settings.imap_allow_private_hosts,
         )
         self.conn = conn
-        await conn.connect(account.username, account.password, use_condstore=self.settings.imap_use_condstore)
+        await self.login.connect(conn, account, use_condstore=self.settings.imap_use_condstore)
         on_connected()
         await self.sync_all(conn)
         self.state = "running"
