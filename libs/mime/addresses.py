@@ -25,6 +25,9 @@ MAX_ADDRESS_HEADER_CHARS: Final = 64 * 1024
 MAX_ADDRESS_CHARS: Final = 320
 MAX_NAME_CHARS: Final = 256
 _ATOM: Final = re.compile(r'[^\s()<>@,;:\\".\[\]]+')
+# A domain literal as mail carries them ([192.0.2.1], [IPv6:2001:db8::1]): closed, and without
+# the characters that would make "a@[@b" or "a@[x y" look like an address.
+_DOMAIN_LITERAL: Final = re.compile(r"\[[^\[\]\\@\s]*\]")
 _ATEXT: Final = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
 # Each repetition starts with a "." that atext excludes: no two ways to match, no backtracking.
 _DOT_ATOM: Final = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
@@ -115,6 +118,8 @@ def _addr_spec(tokens: list[_Token]) -> tuple[str | None, int]:
     domain = tokens[at + 1 :]
     if domain[0][0] == "literal" and len(domain) == 1:
         domain_text = domain[0][1]
+        if not _DOMAIN_LITERAL.fullmatch(domain_text):
+            return None, len(tokens)
     else:
         parts = [t for t in domain if t[0] != "."]
         if not parts or any(t[0] != "atom" for t in parts) or any(t[2] for t in domain[1:]):
@@ -126,10 +131,16 @@ def _addr_spec(tokens: list[_Token]) -> tuple[str | None, int]:
     if tokens[start][0] not in ("atom", "quoted"):
         return None, len(tokens)
     # Back over "word . word . " without white space (obsolete "john..doe" kept as written).
-    while start > 0 and not tokens[start][2] and tokens[start - 1][0] in ("atom", "quoted", "."):
+    # Words alternate with dots: 'a"b"@c' is the word "b" after a stray one, not an address "ab".
+    while start > 0 and not tokens[start][2]:
+        before = tokens[start - 1][0]
+        if before != "." and not (before in ("atom", "quoted") and tokens[start][0] == "."):
+            break
         start -= 1
     while tokens[start][0] == ".":
         start += 1
+    if not any(t[1] for t in tokens[start:at] if t[0] != "."):
+        return None, len(tokens)  # an empty local part ('""@example.com') addresses nobody
     local = "".join(_local(t) for t in tokens[start:at])
     address = f"{local}@{domain_text}"
     if len(address) > MAX_ADDRESS_CHARS:

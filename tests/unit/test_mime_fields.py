@@ -152,12 +152,26 @@ def test_decode_bytes_never_raises(data: bytes, label: str | None) -> None:
 @given(st.lists(st.sampled_from([*'ab.@<>,;:"\\()[] \t', "=?utf-8?q?x?=", "é"]), max_size=60).map("".join))
 def test_addresses_are_never_invented(text: str) -> None:
     """Every address found is in the text: its domain as written, its local part as written
-    (quotes and escapes aside)."""
+    (quotes and escapes aside: 'a."b"@c' is a.b@c), neither of them empty."""
+
+    def plain(value: str) -> str:
+        return value.replace('"', "").replace("\\", "")
+
     for participant in parse_addresses([text]):
         local, _, domain = participant.email.rpartition("@")
-        assert domain and domain in text
-        bare = local.strip('"').replace("\\", "")
-        assert bare and bare in text.replace("\\", "")
+        assert local and domain and domain in text
+        assert plain(local) in plain(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['""@example.com', 'a"b"@example.com', "a@[@example.com", "a@ [192.0.2.1", "a@[192.0.2.1 x]"],
+)
+def test_what_only_looks_like_an_address_is_not_one(text: str) -> None:
+    """An empty local part, two words without a dot, a domain literal unclosed or with "@" or
+    white space inside (what the fuzz above found) address nobody."""
+    found = [p.email for p in parse_addresses([text])]
+    assert found in ([], ["b@example.com"]), found
 
 
 @settings(max_examples=300, deadline=None)
