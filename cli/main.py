@@ -33,7 +33,14 @@ from libs.accounts import create_account, create_application
 from libs.config import REPO_ROOT, DatabaseSettings, KafkaSettings, StackSettings
 from libs.db import connect
 from libs.db.migrate import migrate_global, migrate_shard
-from libs.kafka import TOPICS, create_topics
+from libs.kafka import (
+    PRODUCTION_BROKERS,
+    TOPICS,
+    ReplicationError,
+    TopicMismatch,
+    create_topics,
+    topic_specs,
+)
 from libs.logs import configure_logging
 from libs.shards import ShardRouter, register_clusters
 
@@ -190,10 +197,15 @@ def db_migrate(
 
 @topics_app.command("create")
 def topics_create() -> None:
-    """Create the flightlog topics that do not exist yet."""
+    """Create the flightlog topics that do not exist yet; report those that differ from the settings."""
     settings = KafkaSettings()
     with STEPS(f"Kafka topics on {settings.kafka_bootstrap_servers}") as line:
-        created = asyncio.run(create_topics(settings))
+        try:
+            created = asyncio.run(create_topics(settings))
+        except (TopicMismatch, ReplicationError) as exc:
+            line.text = "topics: not created"
+            _fail(str(exc))
+            return
         line.text = (
             f"topics created: {', '.join(created)}"
             if created
@@ -203,9 +215,15 @@ def topics_create() -> None:
 
 @topics_app.command("list")
 def topics_list() -> None:
-    """The topics flightlog uses, with their partition counts and configs."""
-    for spec in TOPICS:
-        typer.echo(f"{spec.name:<28} partitions={spec.partitions} {spec.config}")
+    """The topics flightlog uses, with their partition counts (settings, else the defaults on a
+    small and on a production cluster) and configs."""
+    settings = KafkaSettings()
+    small = topic_specs(settings, 1)
+    large = topic_specs(settings, PRODUCTION_BROKERS)
+    for spec, s, p in zip(TOPICS, small, large, strict=True):
+        counts = f"{s.partitions}" if s.partitions == p.partitions else f"{s.partitions}/{p.partitions}"
+        setting = f"FLIGHTLOG_{spec.setting.upper()}" if spec.setting else "-"
+        typer.echo(f"{spec.name:<28} partitions={counts:<6} ({setting}) {spec.config}")
 
 
 shards_app.command("list")(shard_commands.list_shards)

@@ -45,9 +45,26 @@ class KafkaSettings(_Base):
     kafka_request_timeout_ms: int = 30_000
     # Replicas of each topic `flightlog topics create` makes, and min.insync.replicas of every
     # topic: unset, 3 and 2 (acks=all then survives one broker down), or what a smaller cluster
-    # can hold (the local stack's one broker: 1 and 1). Partition counts are in libs.kafka.TOPICS.
+    # can hold (the local stack's one broker: 1 and 1).
     kafka_topic_replication_factor: int | None = Field(default=None, ge=1)
     kafka_topic_min_insync_replicas: int | None = Field(default=None, ge=1)
+    # Partitions of each topic `flightlog topics create` makes; a stage runs at most as many
+    # instances as its input topic has partitions. Unset: libs.kafka.PRODUCTION_PARTITIONS (48)
+    # on a cluster of 3 or more brokers, the catalogue's small counts on a smaller one (the local
+    # stack's one broker: 6, imap-accounts 12). transform's changelog always takes inflight's
+    # count (partition N of one holds the states of the other's partition N). An existing topic
+    # with another count is reported, never changed (docs/topics.md says how to grow one).
+    kafka_inflight_partitions: int | None = Field(default=None, ge=1)
+    # flightlog.postflight: persist's instances at most (unset: 48 / 6, as inflight's).
+    kafka_postflight_partitions: int | None = Field(default=None, ge=1)
+    # flightlog.changes: the webhook dispatcher's and downstream consumers' (unset: 48 / 6).
+    kafka_changes_partitions: int | None = Field(default=None, ge=1)
+    # flightlog.persist-retry: persist's retry consumers' (unset: 48 / 6).
+    kafka_persist_retry_partitions: int | None = Field(default=None, ge=1)
+    # flightlog.imap-accounts: ingest instances that sync IMAP accounts (unset: 48 / 12).
+    kafka_imap_accounts_partitions: int | None = Field(default=None, ge=1)
+    # One partition: the DLQ is read by `flightlog dlq` only, in order.
+    kafka_dlq_partitions: int | None = Field(default=None, ge=1)
     kafka_linger_ms: int = 5
     kafka_max_batch_bytes: int = 1_048_576
 

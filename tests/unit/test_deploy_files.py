@@ -42,8 +42,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from libs.config import KafkaSettings
 from libs.imap_accounts import ImapAccountsSettings
-from libs.kafka import TOPICS
+from libs.kafka import PRODUCTION_BROKERS, TOPICS, topic_specs
 from services.persist.worker import PersistSettings
 from services.transform.settings import TransformSettings
 
@@ -919,7 +920,7 @@ def test_k8s_internet_egress_never_reaches_inward() -> None:
 def test_k8s_consumers_scale_on_their_lag() -> None:
     scaled = _k8s("ScaledObject")
     assert set(scaled) == set(CONSUMER_GROUPS)
-    partitions = {spec.name: spec.partitions for spec in TOPICS}
+    partitions = {spec.name: spec.partitions for spec in topic_specs(KafkaSettings(), PRODUCTION_BROKERS)}
     bootstrap = _k8s("ConfigMap")["flightlog-config"]["data"]["FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS"]
     workloads = _workloads()
     for name, obj in scaled.items():
@@ -1007,7 +1008,7 @@ def test_promql_metric_extraction() -> None:
 def test_k8s_kafka_topics_follow_the_topic_specs() -> None:
     topics = {t["spec"]["topicName"]: t for t in _k8s("KafkaTopic").values()}
     assert set(topics) == {spec.name for spec in TOPICS}
-    for spec in TOPICS:
+    for spec in topic_specs(KafkaSettings(), PRODUCTION_BROKERS):
         topic = topics[spec.name]
         assert topic["metadata"]["name"] == spec.name
         assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "flightlog"
