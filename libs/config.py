@@ -98,6 +98,13 @@ class ServiceSettings(KafkaSettings, DatabaseSettings):
     environment: Literal["production", "development"] = "production"
     http_host: str = "127.0.0.1"
     http_port: int = 0  # 0 means "the service's default port"
+    # The management port: /metrics of every service, and the gateway's /docs, /openapi.json and
+    # /v1/admin/*. The public port answers 404 for them, and this one 404 for everything else
+    # (/healthz and /readyz answer on both). Keep it off the internet: the Kubernetes
+    # NetworkPolicies let only the monitoring namespace and the operators' namespace reach it.
+    management_host: str = "127.0.0.1"
+    # 0 means the HTTP port plus libs.service.MANAGEMENT_PORT_OFFSET (1000): 9080 for the gateway.
+    management_port: int = Field(default=0, ge=0)
     # Several processes of the service listen on the one port (SO_REUSEPORT) and the kernel
     # spreads the connections among them: how a host runs more than one gateway process.
     http_reuse_port: bool = False

@@ -327,7 +327,7 @@ class TransformUnderTest:
 
     async def metrics(self) -> str:
         assert self._http is not None
-        async with self._http.get(f"{self.service.address}/metrics") as resp:
+        async with self._http.get(f"{self.service.management_address}/metrics") as resp:
             resp.raise_for_status()
             return await resp.text()
 

@@ -56,8 +56,12 @@ async def test_service_health_metrics_and_sigterm(
             async with http.get("/readyz") as resp:
                 assert resp.status == 200
             async with http.get("/metrics") as resp:
+                assert resp.status == 404  # the public port has no /metrics
+            async with http.get(f"{svc.management_address}/metrics") as resp:
                 assert resp.status == 200
                 assert "python_info" in await resp.text()
+            async with http.get(f"{svc.management_address}/readyz") as resp:
+                assert resp.status == 200
         pid = svc.proc.pid()
         assert pid is not None
         svc.proc.signal(signal.SIGTERM)

@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from libs.config import KafkaSettings
 from libs.imap_accounts import ImapAccountsSettings
 from libs.kafka import PRODUCTION_BROKERS, TOPICS, topic_specs
+from libs.service import MANAGEMENT_PORT_OFFSET
 from services.persist.worker import PersistSettings
 from services.transform.settings import TransformSettings
 
@@ -86,6 +87,8 @@ FLIGHTLOG_ENV = {
     "FLIGHTLOG_GLOBAL_DB_NAME",
     "FLIGHTLOG_HTTP_HOST",
     "FLIGHTLOG_HTTP_PORT",
+    "FLIGHTLOG_MANAGEMENT_HOST",
+    "FLIGHTLOG_MANAGEMENT_PORT",
     "FLIGHTLOG_LOG_FORMAT",
     "FLIGHTLOG_DRAIN_TIMEOUT_S",
     "FLIGHTLOG_ENVIRONMENT",
@@ -311,10 +314,13 @@ def test_compose_has_the_stack_services() -> None:
 
 def test_compose_ports_follow_the_contract() -> None:
     services = _compose()["services"]
-    expected = {name: (port, port) for name, port in SERVICE_PORTS.items()} | INFRA_PORTS
-    for name, (published, target) in expected.items():
+    management = MANAGEMENT_PORT_OFFSET
+    expected = {
+        name: [(port, port), (port + management, port + management)] for name, port in SERVICE_PORTS.items()
+    } | {name: [ports] for name, ports in INFRA_PORTS.items()}
+    for name, published in expected.items():
         ports = [_parse_port(p) for p in services[name].get("ports", [])]
-        assert [(p, t) for _, p, t in ports] == [(published, target)], name
+        assert [(p, t) for _, p, t in ports] == published, name
         # published for local use only, like the Docker-free dev stack
         assert all(ip == "127.0.0.1" for ip, _, _ in ports), name
     assert "ports" not in services["init"]
@@ -329,6 +335,8 @@ def test_compose_flightlog_services() -> None:
         env = _env_map(svc.get("environment"))
         assert env["FLIGHTLOG_HTTP_PORT"] == str(port), name
         assert env["FLIGHTLOG_HTTP_HOST"] == "0.0.0.0", name
+        assert env["FLIGHTLOG_MANAGEMENT_HOST"] == "0.0.0.0", name
+        assert env["FLIGHTLOG_MANAGEMENT_PORT"] == str(port + MANAGEMENT_PORT_OFFSET), name
         assert env["FLIGHTLOG_DB_USER"] == "root", name
         assert env["FLIGHTLOG_DB_PASSWORD"], name
         assert SECRET_ENV & set(env) == service_secrets(name), name
@@ -515,6 +523,7 @@ def test_k8s_deployments_follow_the_contract() -> None:
     config = configmaps["flightlog-config"]["data"]
     assert int(config["FLIGHTLOG_DRAIN_TIMEOUT_S"]) == DRAIN_TIMEOUT_S
     assert config["FLIGHTLOG_HTTP_HOST"] == "0.0.0.0"
+    assert config["FLIGHTLOG_MANAGEMENT_HOST"] == "0.0.0.0"
     assert config["FLIGHTLOG_DB_USER"] == "root"
 
     for name, port in SERVICE_PORTS.items():
@@ -524,7 +533,8 @@ def test_k8s_deployments_follow_the_contract() -> None:
         assert selector.items() <= template["metadata"]["labels"].items(), name
         annotations = template["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true", name
-        assert annotations["prometheus.io/port"] == str(port), name
+        management = port + MANAGEMENT_PORT_OFFSET
+        assert annotations["prometheus.io/port"] == str(management), name
         assert annotations["prometheus.io/path"] == "/metrics", name
 
         pod = template["spec"]
@@ -533,7 +543,8 @@ def test_k8s_deployments_follow_the_contract() -> None:
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         [container] = pod["containers"]
         assert container["command"] == ["python", "-m", f"services.{name}"], name
-        assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http", port)]
+        ports = [(p["name"], p["containerPort"]) for p in container["ports"]]
+        assert ports == [("http", port), ("management", management)], name
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", name
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", name
         for probe in ("readinessProbe", "livenessProbe"):
@@ -543,6 +554,7 @@ def test_k8s_deployments_follow_the_contract() -> None:
 
         env = {e["name"]: e for e in container.get("env", [])}
         assert env["FLIGHTLOG_HTTP_PORT"]["value"] == str(port), name
+        assert env["FLIGHTLOG_MANAGEMENT_PORT"]["value"] == str(management), name
         assert SECRET_ENV & set(env) == service_secrets(name), name
         assert [s["configMapRef"]["name"] for s in container["envFrom"]] == ["flightlog-config"]
         for var in SECRET_ENV & set(env):
@@ -560,9 +572,13 @@ def test_k8s_services_expose_gateway_and_ingest() -> None:
     for name, svc in services.items():
         pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert svc["spec"]["selector"].items() <= pod_labels.items(), name
-        [port] = svc["spec"]["ports"]
-        assert port["port"] == SERVICE_PORTS[name], name
-        assert port["targetPort"] in ("http", SERVICE_PORTS[name]), name
+        http, management = svc["spec"]["ports"]
+        assert (http["name"], http["port"], http["targetPort"]) == ("http", SERVICE_PORTS[name], "http")
+        assert (management["name"], management["port"], management["targetPort"]) == (
+            "management",
+            SERVICE_PORTS[name] + MANAGEMENT_PORT_OFFSET,
+            "management",
+        ), name
 
 
 def test_k8s_transform_is_a_statefulset_with_a_stable_instance_id() -> None:
@@ -712,7 +728,7 @@ def test_dockerfile_builds_the_project_image() -> None:
         f"services.{name}" for name in SERVICE_PORTS
     }
     exposed = {int(p) for i in final if i.cmd == "EXPOSE" for p in i.value}
-    assert exposed == set(SERVICE_PORTS.values())
+    assert exposed == {p + offset for p in SERVICE_PORTS.values() for offset in (0, MANAGEMENT_PORT_OFFSET)}
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
@@ -880,14 +896,22 @@ def test_k8s_network_policies_let_in_only_the_service_ports() -> None:
         ingress = _policies_for(pod, "ingress")
         ports = {p["port"] for rule in ingress for p in rule.get("ports", [])}
         assert all(rule.get("ports") for rule in ingress), pod  # no rule opens every port
-        if pod in K8S_EXPOSED_SERVICES:
-            # the API from anywhere (ingress controller, other services, Prometheus)
-            assert ports == {port} and any("from" not in rule for rule in ingress), pod
-        elif pod == "init":
+        if pod == "init":
             assert not ingress
-        else:  # /metrics, for Prometheus only
-            assert ports == {port}, pod
-            assert all(_namespaces(rule, "from") == {"monitoring"} for rule in ingress), pod
+            continue
+        assert port is not None
+        management = port + MANAGEMENT_PORT_OFFSET
+        # the management port (/metrics; the gateway's docs and admin API) for Prometheus only
+        for rule in ingress:
+            if management in {p["port"] for p in rule["ports"]}:
+                assert _namespaces(rule, "from") == {"monitoring"}, pod
+        if pod in K8S_EXPOSED_SERVICES:
+            # the API from anywhere (ingress controller, other services)
+            open_rules = [rule for rule in ingress if "from" not in rule]
+            assert [p["port"] for rule in open_rules for p in rule["ports"]] == [port], pod
+            assert ports == {port, management}, pod
+        else:
+            assert ports == {management}, pod
 
 
 def test_k8s_internet_egress_never_reaches_inward() -> None:
