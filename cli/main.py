@@ -30,9 +30,9 @@ from cli.progress import Step, Steps, quiet
 from cli.services import SERVICE_PORTS, LocalServices, dev_env
 from cli.stack import Stack, StackError
 from libs.accounts import create_account, create_application
-from libs.config import REPO_ROOT, DatabaseSettings, KafkaSettings, StackSettings
+from libs.config import REPO_ROOT, AdminDatabaseSettings, DatabaseSettings, KafkaSettings, StackSettings
 from libs.db import connect
-from libs.db.migrate import migrate_global, migrate_shard
+from libs.db.migrate import grant_service_user, migrate_global, migrate_shard
 from libs.kafka import (
     PRODUCTION_BROKERS,
     TOPICS,
@@ -161,13 +161,16 @@ async def _migrate(
     step: Step = quiet,
     replicas: dict[str, tuple[str, int]] | None = None,
 ) -> None:
-    settings = DatabaseSettings()
+    # As the administrative user; each server gets the services' user with data privileges only.
+    given = AdminDatabaseSettings()
+    settings = given.admin()
     where = f"global schema {settings.global_db_name} ({settings.global_db_host}:{settings.global_db_port})"
     with step(f"{where}: migrating") as line:
         async with connect(settings, settings.global_db_host, settings.global_db_port) as conn:
             line.text = migration_summary(
                 where, [await migrate_global(conn, settings.global_db_name)], shards=False
             )
+            await grant_service_user(conn, given)
     shard_map = await register_clusters(settings, clusters, shard_count, replicas=replicas)
     for cluster in shard_map.clusters.values():
         shards = sorted(s for s, c in shard_map.shard_cluster.items() if c == cluster.cluster_id)
@@ -175,6 +178,11 @@ async def _migrate(
         with step(f"{where}: migrating {len(shards)} shards") as line:
             async with connect(settings, *cluster.primary) as conn:
                 applied = [await migrate_shard(conn, shard) for shard in shards]
+                if (cluster.primary_host, cluster.primary_port) != (
+                    settings.global_db_host,
+                    settings.global_db_port,
+                ):
+                    await grant_service_user(conn, given)
             line.text = migration_summary(where, applied)
     typer.echo(f"shard map version {shard_map.version}: {len(shard_map.shard_cluster)} shards")
 

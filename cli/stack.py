@@ -39,8 +39,8 @@ DB_USER = "flightlog"
 DB_PASSWORD = "flightlog"
 # The replicas' login on their primary (replication only), on every server so that a promoted
 # replica can be a primary to the next one.
-# The shard operations' login (failover, fencing): it alone may set read_only and change
-# replication. Its defaults are libs.shardops.ShardOpsSettings'.
+# The administrative login (migrations, failover, fencing): it alone may create schemas, set
+# read_only and change replication. Its defaults are libs.config.AdminDatabaseSettings'.
 ADMIN_USER = "flightlog_admin"
 ADMIN_PASSWORD = "flightlog-admin"
 REPL_USER = "flightlog_repl"
@@ -452,7 +452,8 @@ class MariaDB(Part):
             f"REVOKE READ_ONLY ADMIN ON *.* FROM '{DB_USER}'@'127.0.0.1';"
             f"REVOKE READ_ONLY ADMIN ON *.* FROM '{DB_USER}'@'localhost';"
             f"CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'127.0.0.1' IDENTIFIED BY '{ADMIN_PASSWORD}';"
-            f"GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.0.0.1';"
+            # WITH GRANT OPTION: the migrations, run as this user, grant the services' user its rows
+            f"GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.0.0.1' WITH GRANT OPTION;"
             f"CREATE USER IF NOT EXISTS '{REPL_USER}'@'127.0.0.1' IDENTIFIED BY '{REPL_PASSWORD}';"
             f"GRANT REPLICATION SLAVE, REPLICATION SLAVE ADMIN ON *.* TO '{REPL_USER}'@'127.0.0.1';"
         )

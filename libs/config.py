@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "MIN_KEY_CHARS",
+    "AdminDatabaseSettings",
     "DatabaseSettings",
     "InsecureSettings",
     "KafkaSettings",
@@ -85,6 +86,36 @@ class DatabaseSettings(_Base):
     db_pool_max_size: int = 8
     db_connect_timeout_s: float = 5.0
     shard_map_reload_interval_s: float = 10.0
+
+
+class AdminDatabaseSettings(DatabaseSettings):
+    """The administrative login, for what the services' user may not do: the migrations
+    (``flightlog db migrate``, ``flightlog shards create``) and the shard operations (fencing,
+    failover, moves).
+
+    The migrations create the services' user, ``db_user`` at ``db_user_host`` with
+    ``db_password``, on the global server and every cluster primary, and give it SELECT, INSERT,
+    UPDATE and DELETE on the global schema and on every shard schema, nothing else: it cannot
+    create or drop a schema or a table, and ``read_only`` fences it (libs.db.migrate).
+    """
+
+    # The login of the migrations and the shard operations: it creates schemas, tables and the
+    # services' user, and grants (the local stack's flightlog_admin; root in docker-compose.yml
+    # and the Kubernetes init Job).
+    admin_db_user: str = "flightlog_admin"
+    admin_db_password: str = "flightlog-admin"
+    # The host part of the services' user the migrations create: "%" (any address, what a
+    # Kubernetes pod's changing address needs), or a network such as "10.%".
+    db_user_host: str = "%"
+
+    def admin(self, *, connect_timeout_s: float | None = None) -> DatabaseSettings:
+        """These settings with the administrative login (and a shorter connect timeout)."""
+        update: dict[str, object] = {"db_user": self.admin_db_user, "db_password": self.admin_db_password}
+        if connect_timeout_s is not None:
+            update["db_connect_timeout_s"] = connect_timeout_s
+        return DatabaseSettings.model_validate(
+            {**self.model_dump(include=set(DatabaseSettings.model_fields)), **update}
+        )
 
 
 class ServiceSettings(KafkaSettings, DatabaseSettings):

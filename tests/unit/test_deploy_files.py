@@ -79,7 +79,10 @@ def service_secrets(name: str) -> set[str]:
 
 
 SECRET_ENV = set().union(*(service_secrets(name) for name in SERVICE_PORTS))
+# The migrations' login: the init Job's and compose's init only, never a service's.
+ADMIN_ENV = {"FLIGHTLOG_ADMIN_DB_USER", "FLIGHTLOG_ADMIN_DB_PASSWORD"}
 FLIGHTLOG_ENV = {
+    *ADMIN_ENV,
     "FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS",
     "FLIGHTLOG_DB_USER",
     "FLIGHTLOG_GLOBAL_DB_HOST",
@@ -337,7 +340,8 @@ def test_compose_flightlog_services() -> None:
         assert env["FLIGHTLOG_HTTP_HOST"] == "0.0.0.0", name
         assert env["FLIGHTLOG_MANAGEMENT_HOST"] == "0.0.0.0", name
         assert env["FLIGHTLOG_MANAGEMENT_PORT"] == str(port + MANAGEMENT_PORT_OFFSET), name
-        assert env["FLIGHTLOG_DB_USER"] == "root", name
+        assert env["FLIGHTLOG_DB_USER"] == "flightlog", name
+        assert not ADMIN_ENV & set(env), name
         assert env["FLIGHTLOG_DB_PASSWORD"], name
         assert SECRET_ENV & set(env) == service_secrets(name), name
         test = _command_text(svc["healthcheck"]["test"])
@@ -368,6 +372,10 @@ def test_compose_init_builds_the_image_and_runs_the_init_commands() -> None:
     assert env["FLIGHTLOG_GLOBAL_DB_HOST"] == "mysql-1"
     assert env["FLIGHTLOG_GLOBAL_DB_PORT"] == "3306"
     assert env["FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:19092"
+    assert env["FLIGHTLOG_ADMIN_DB_USER"] == "root"
+    assert env["FLIGHTLOG_ADMIN_DB_PASSWORD"] == "${FLIGHTLOG_ADMIN_DB_PASSWORD:-flightlog-admin}"
+    mariadb = _compose()["x-mariadb"]["environment"]
+    assert mariadb["MARIADB_ROOT_PASSWORD"] == env["FLIGHTLOG_ADMIN_DB_PASSWORD"]
 
 
 def test_compose_infrastructure() -> None:
@@ -414,14 +422,14 @@ def test_compose_infrastructure() -> None:
             named.add(source)
     assert named == volumes == {"kafka-data", "mysql-1-data", "mysql-2-data"}
 
-    # database password: the same value for the MySQL root user and the flightlog services
+    # the MySQL root user is the migrations' (init's) administrative login; the services log in
+    # as the user the migrations make, with a password of its own
+    roots = {_env_map(services[n]["environment"])["MARIADB_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")}
+    assert roots == {_env_map(services["init"]["environment"])["FLIGHTLOG_ADMIN_DB_PASSWORD"]}
     passwords = {
-        _env_map(services[n]["environment"])["MARIADB_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")
-    }
-    passwords |= {
         _env_map(services[n]["environment"])["FLIGHTLOG_DB_PASSWORD"] for n in (*SERVICE_PORTS, "init")
     }
-    assert len(passwords) == 1, passwords
+    assert len(passwords) == 1 and not passwords & roots, passwords
 
 
 # deploy/k8s -----------------------------------------------------------------------------------
@@ -524,7 +532,7 @@ def test_k8s_deployments_follow_the_contract() -> None:
     assert int(config["FLIGHTLOG_DRAIN_TIMEOUT_S"]) == DRAIN_TIMEOUT_S
     assert config["FLIGHTLOG_HTTP_HOST"] == "0.0.0.0"
     assert config["FLIGHTLOG_MANAGEMENT_HOST"] == "0.0.0.0"
-    assert config["FLIGHTLOG_DB_USER"] == "root"
+    assert config["FLIGHTLOG_DB_USER"] == "flightlog"  # not the admin: the migrations make it
 
     for name, port in SERVICE_PORTS.items():
         dep = deployments[name]
@@ -641,6 +649,7 @@ def test_k8s_init_job_runs_the_init_commands() -> None:
     # every $(VAR)/${VAR} the command uses is defined for the container
     init_config = _k8s("ConfigMap")["flightlog-init"]["data"]
     env_names = {e["name"] for e in container["env"]}
+    assert ADMIN_ENV <= env_names  # the migrations run as the administrative user
     for var in re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", command):
         assert var in env_names, var
         ref = next(e for e in container["env"] if e["name"] == var)["valueFrom"]
@@ -649,7 +658,7 @@ def test_k8s_init_job_runs_the_init_commands() -> None:
 
 def test_k8s_secret_is_a_marked_placeholder() -> None:
     secret = _k8s("Secret")["flightlog-secrets"]
-    assert set(secret["stringData"]) == SECRET_ENV
+    assert set(secret["stringData"]) == SECRET_ENV | {"FLIGHTLOG_ADMIN_DB_PASSWORD"}
     assert "replace" in (K8S_DIR / "secret.yaml").read_text().lower()
     assert not SECRET_ENV & set(_k8s("ConfigMap")["flightlog-config"]["data"])
 
@@ -676,9 +685,9 @@ def test_contract_variables_are_all_configured() -> None:
 
     k8s_env = set(_k8s("ConfigMap")["flightlog-config"]["data"])
     k8s_env |= set(_k8s("Secret")["flightlog-secrets"]["stringData"])
-    for dep in _workloads().values():
+    for dep in [*_workloads().values(), *_k8s("Job").values()]:
         for container in dep["spec"]["template"]["spec"]["containers"]:
-            k8s_env |= {e["name"] for e in container.get("env", [])}
+            k8s_env |= {e["name"] for e in container.get("env", []) if e["name"].startswith("FLIGHTLOG_")}
     assert k8s_env == FLIGHTLOG_ENV
 
 
