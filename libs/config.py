@@ -10,9 +10,9 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -68,6 +68,32 @@ class KafkaSettings(_Base):
     kafka_dlq_partitions: int | None = Field(default=None, ge=1)
     kafka_linger_ms: int = 5
     kafka_max_batch_bytes: int = 1_048_576
+    # How every producer, consumer and admin client (the services' and the CLI's) talks to the
+    # brokers: PLAINTEXT (the local stack), SSL, SASL_PLAINTEXT or SASL_SSL.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    # TLS (SSL, SASL_SSL): the brokers' certificates are always verified, against this CA bundle
+    # (PEM; unset: the system's CAs) and, unless this is false, the broker's host name.
+    kafka_tls_ca_file: Path | None = None
+    kafka_tls_verify_hostname: bool = True
+    # A client certificate and its key (PEM), for brokers that require mutual TLS.
+    kafka_tls_cert_file: Path | None = None
+    kafka_tls_key_file: Path | None = None
+    # SASL (SASL_PLAINTEXT, SASL_SSL): the mechanism and the login. PLAIN sends the password
+    # itself: only over TLS (SASL_SSL).
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Self:
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
+            raise ValueError(
+                f"FLIGHTLOG_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs"
+                " FLIGHTLOG_KAFKA_SASL_USERNAME and FLIGHTLOG_KAFKA_SASL_PASSWORD"
+            )
+        if (self.kafka_tls_cert_file is None) != (self.kafka_tls_key_file is None):
+            raise ValueError("FLIGHTLOG_KAFKA_TLS_CERT_FILE and FLIGHTLOG_KAFKA_TLS_KEY_FILE go together")
+        return self
 
 
 class DatabaseSettings(_Base):
@@ -85,6 +111,22 @@ class DatabaseSettings(_Base):
     db_pool_min_size: int = 1
     db_pool_max_size: int = 8
     db_connect_timeout_s: float = 5.0
+    # TLS to every MariaDB/MySQL server (the services' pools, the migrations, the shard
+    # operations). The server's certificate is always verified, against this CA bundle (PEM;
+    # unset: the system's CAs) and, unless this is false, the server's host name.
+    db_tls: bool = False
+    db_tls_ca_file: Path | None = None
+    db_tls_verify_hostname: bool = True
+    # A client certificate and its key (PEM), for users created with REQUIRE X509 / SUBJECT.
+    db_tls_cert_file: Path | None = None
+    db_tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _db_tls(self) -> Self:
+        if (self.db_tls_cert_file is None) != (self.db_tls_key_file is None):
+            raise ValueError("FLIGHTLOG_DB_TLS_CERT_FILE and FLIGHTLOG_DB_TLS_KEY_FILE go together")
+        return self
+
     shard_map_reload_interval_s: float = 10.0
 
 

@@ -17,6 +17,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from libs.config import KafkaSettings
+from libs.tls import client_context
 
 __all__ = [
     "CHANGES",
@@ -32,6 +33,7 @@ __all__ = [
     "TopicMismatch",
     "TopicSpec",
     "catalogue_spec",
+    "client_options",
     "create_topics",
     "make_admin",
     "make_consumer",
@@ -229,23 +231,41 @@ async def partition_count(settings: KafkaSettings, topic: str) -> int:
     return len(described[0]["partitions"]) if described and described[0]["error_code"] == 0 else 0
 
 
+def client_options(settings: KafkaSettings) -> dict[str, Any]:
+    """What every client (producer, consumer, admin) is given: the brokers, the request timeout,
+    and the security settings (TLS that always verifies the brokers, SASL)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = client_context(
+            settings.kafka_tls_ca_file,
+            verify_hostname=settings.kafka_tls_verify_hostname,
+            cert_file=settings.kafka_tls_cert_file,
+            key_file=settings.kafka_tls_key_file,
+        )
+    if settings.kafka_security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = settings.kafka_sasl_password
+    return options
+
+
 def make_admin(settings: KafkaSettings) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        request_timeout_ms=settings.kafka_request_timeout_ms,
-    )
+    return AIOKafkaAdminClient(**client_options(settings))
 
 
 def make_producer(
     settings: KafkaSettings, *, transactional_id: str | None = None, **overrides: Any
 ) -> AIOKafkaProducer:
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        **client_options(settings),
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": settings.kafka_linger_ms,
         "max_batch_size": settings.kafka_max_batch_bytes,
-        "request_timeout_ms": settings.kafka_request_timeout_ms,
         "compression_type": None,
     }
     if transactional_id is not None:
@@ -258,12 +278,11 @@ def make_consumer(
     settings: KafkaSettings, *topics: str, group_id: str | None, **overrides: Any
 ) -> AIOKafkaConsumer:
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        **client_options(settings),
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
-        "request_timeout_ms": settings.kafka_request_timeout_ms,
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
