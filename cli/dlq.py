@@ -31,14 +31,13 @@ from typing import Annotated, Final
 import orjson
 import typer
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
 from libs.accounts import AccountDirectory
 from libs.config import DatabaseSettings, KafkaSettings
 from libs.dlq import DeadLetter, account_in_key, account_named, parse_dead_letter
 from libs.events import encode, message_key_bytes
-from libs.kafka import DLQ, INFLIGHT, make_consumer, make_producer
+from libs.kafka import DLQ, INFLIGHT, make_admin, make_consumer, make_producer
 from libs.shards import ShardRouter
 from services.ingest.constants import STAGE as INGEST_STAGE
 from services.ingest.validation import normalise_item
@@ -65,10 +64,7 @@ class Replayed:
 
 
 async def topic_partitions(settings: KafkaSettings, topic: str) -> list[TopicPartition]:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        request_timeout_ms=settings.kafka_request_timeout_ms,
-    )
+    admin = make_admin(settings)
     await admin.start()
     try:
         (described,) = await admin.describe_topics([topic])

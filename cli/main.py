@@ -30,10 +30,17 @@ from cli.progress import Step, Steps, quiet
 from cli.services import SERVICE_PORTS, LocalServices, dev_env
 from cli.stack import Stack, StackError
 from libs.accounts import create_account, create_application
-from libs.config import REPO_ROOT, DatabaseSettings, KafkaSettings, StackSettings
+from libs.config import REPO_ROOT, AdminDatabaseSettings, DatabaseSettings, KafkaSettings, StackSettings
 from libs.db import connect
-from libs.db.migrate import migrate_global, migrate_shard
-from libs.kafka import TOPICS, create_topics
+from libs.db.migrate import grant_service_user, migrate_global, migrate_shard
+from libs.kafka import (
+    PRODUCTION_BROKERS,
+    TOPICS,
+    ReplicationError,
+    TopicMismatch,
+    create_topics,
+    topic_specs,
+)
 from libs.logs import configure_logging
 from libs.shards import ShardRouter, register_clusters
 
@@ -154,13 +161,16 @@ async def _migrate(
     step: Step = quiet,
     replicas: dict[str, tuple[str, int]] | None = None,
 ) -> None:
-    settings = DatabaseSettings()
+    # As the administrative user; each server gets the services' user with data privileges only.
+    given = AdminDatabaseSettings()
+    settings = given.admin()
     where = f"global schema {settings.global_db_name} ({settings.global_db_host}:{settings.global_db_port})"
     with step(f"{where}: migrating") as line:
         async with connect(settings, settings.global_db_host, settings.global_db_port) as conn:
             line.text = migration_summary(
                 where, [await migrate_global(conn, settings.global_db_name)], shards=False
             )
+            await grant_service_user(conn, given)
     shard_map = await register_clusters(settings, clusters, shard_count, replicas=replicas)
     for cluster in shard_map.clusters.values():
         shards = sorted(s for s, c in shard_map.shard_cluster.items() if c == cluster.cluster_id)
@@ -168,6 +178,11 @@ async def _migrate(
         with step(f"{where}: migrating {len(shards)} shards") as line:
             async with connect(settings, *cluster.primary) as conn:
                 applied = [await migrate_shard(conn, shard) for shard in shards]
+                if (cluster.primary_host, cluster.primary_port) != (
+                    settings.global_db_host,
+                    settings.global_db_port,
+                ):
+                    await grant_service_user(conn, given)
             line.text = migration_summary(where, applied)
     typer.echo(f"shard map version {shard_map.version}: {len(shard_map.shard_cluster)} shards")
 
@@ -190,10 +205,15 @@ def db_migrate(
 
 @topics_app.command("create")
 def topics_create() -> None:
-    """Create the flightlog topics that do not exist yet."""
+    """Create the flightlog topics that do not exist yet; report those that differ from the settings."""
     settings = KafkaSettings()
     with STEPS(f"Kafka topics on {settings.kafka_bootstrap_servers}") as line:
-        created = asyncio.run(create_topics(settings))
+        try:
+            created = asyncio.run(create_topics(settings))
+        except (TopicMismatch, ReplicationError) as exc:
+            line.text = "topics: not created"
+            _fail(str(exc))
+            return
         line.text = (
             f"topics created: {', '.join(created)}"
             if created
@@ -203,9 +223,15 @@ def topics_create() -> None:
 
 @topics_app.command("list")
 def topics_list() -> None:
-    """The topics flightlog uses, with their partition counts and configs."""
-    for spec in TOPICS:
-        typer.echo(f"{spec.name:<28} partitions={spec.partitions} {spec.config}")
+    """The topics flightlog uses, with their partition counts (settings, else the defaults on a
+    small and on a production cluster) and configs."""
+    settings = KafkaSettings()
+    small = topic_specs(settings, 1)
+    large = topic_specs(settings, PRODUCTION_BROKERS)
+    for spec, s, p in zip(TOPICS, small, large, strict=True):
+        counts = f"{s.partitions}" if s.partitions == p.partitions else f"{s.partitions}/{p.partitions}"
+        setting = f"FLIGHTLOG_{spec.setting.upper()}" if spec.setting else "-"
+        typer.echo(f"{spec.name:<28} partitions={counts:<6} ({setting}) {spec.config}")
 
 
 shards_app.command("list")(shard_commands.list_shards)

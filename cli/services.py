@@ -15,9 +15,16 @@ from cli.procs import ManagedProcess, ProcessError, wait_until
 from cli.progress import Step, quiet
 from cli.stack import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, Stack, StackError
 from libs.config import REPO_ROOT, StackSettings
-from libs.service import MULTIPROCESS_DIR
+from libs.service import MANAGEMENT_PORT_OFFSET, MULTIPROCESS_DIR
 
-__all__ = ["SERVICE_PORTS", "LocalService", "LocalServices", "dev_env", "local_imap_env"]
+__all__ = [
+    "SERVICE_PORTS",
+    "LocalService",
+    "LocalServices",
+    "dev_env",
+    "local_imap_env",
+    "management_address",
+]
 
 SERVICE_PORTS: Final = {"ingest": 8081, "transform": 8082, "persist": 8083, "gateway": 8080}
 
@@ -49,6 +56,13 @@ def local_imap_env(settings: StackSettings | None = None) -> dict[str, str]:
         "FLIGHTLOG_OAUTH_GENERIC_CLIENT_SECRET": OAUTH_CLIENT_SECRET,
         "FLIGHTLOG_OAUTH_TLS_CA_FILE": str(token_server.tls_cert),
     }
+
+
+def management_address(address: str) -> str:
+    """The management port's address of a local service at ``address`` (``http://host:port``)
+    with the default management port."""
+    base, port = address.rsplit(":", 1)
+    return f"{base}:{int(port) + MANAGEMENT_PORT_OFFSET}"
 
 
 def _ready(url: str) -> bool:
@@ -98,6 +112,11 @@ class LocalService:
     @property
     def address(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def management_address(self) -> str:
+        """/metrics, and the gateway's docs and admin routes (the service's default management port)."""
+        return management_address(self.address)
 
     def ready(self) -> bool:
         return _ready(f"{self.address}/readyz")

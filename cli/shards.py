@@ -22,7 +22,7 @@ from libs.shardops.watch import ShardWatch
 
 __all__ = ["CONTROLLER_PORT", "create", "failover", "list_shards", "move", "verify", "watch"]
 
-CONTROLLER_PORT = 8084  # the controller's /healthz, /readyz and /metrics
+CONTROLLER_PORT = 8084  # the controller's /healthz and /readyz (/metrics: this plus 1000)
 
 
 def _fail(message: str) -> None:
@@ -46,7 +46,8 @@ def failover(
 def watch() -> None:
     """Run the controller: health-check primaries, export replica lag, fail over a dead primary.
 
-    Serves /healthz, /readyz and /metrics on FLIGHTLOG_HTTP_PORT (default 8084); one instance
+    Serves /healthz and /readyz on FLIGHTLOG_HTTP_PORT (default 8084), /metrics on the management
+    port (FLIGHTLOG_MANAGEMENT_PORT, default 9084); one instance
     leads (a lock on the global server), others wait as standbys. Stop it with SIGTERM or Ctrl-C.
     """
 

@@ -26,7 +26,17 @@ from cli.procs import ManagedProcess, ProcessError, port_answers, wait_until
 from cli.progress import Step, quiet
 from libs.config import REPO_ROOT, StackSettings
 
-__all__ = ["Dovecot", "Kafka", "MariaDB", "OAuthServer", "Part", "Stack", "StackError"]
+__all__ = [
+    "Dovecot",
+    "Kafka",
+    "KafkaSaslSsl",
+    "MariaDB",
+    "OAuthServer",
+    "Part",
+    "ServerTls",
+    "Stack",
+    "StackError",
+]
 
 HOST = "127.0.0.1"
 # Dovecot 2.3's capabilities after login, less CONDSTORE and QRESYNC.
@@ -40,8 +50,8 @@ DB_USER = "flightlog"
 DB_PASSWORD = "flightlog"
 # The replicas' login on their primary (replication only), on every server so that a promoted
 # replica can be a primary to the next one.
-# The shard operations' login (failover, fencing): it alone may set read_only and change
-# replication. Its defaults are libs.shardops.ShardOpsSettings'.
+# The administrative login (migrations, failover, fencing): it alone may create schemas, set
+# read_only and change replication. Its defaults are libs.config.AdminDatabaseSettings'.
 ADMIN_USER = "flightlog_admin"
 ADMIN_PASSWORD = "flightlog-admin"
 REPL_USER = "flightlog_repl"
@@ -112,14 +122,43 @@ class Part:
         raise NotImplementedError
 
 
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """A server's certificate chain and key (PEM); ``ca`` verifies client certificates."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSaslSsl:
+    """A SASL_SSL listener on ``port``: TLS with ``tls``, SCRAM-SHA-512 and PLAIN for ``users``
+    (name -> password; SCRAM credentials are written when the storage is formatted)."""
+
+    port: int
+    tls: ServerTls
+    users: tuple[tuple[str, str], ...]
+
+
 class Kafka(Part):
-    """A single KRaft node (broker and controller in one JVM)."""
+    """A single KRaft node (broker and controller in one JVM).
+
+    The stack's has a PLAINTEXT listener only. ``dir`` and ``sasl_ssl`` make another node (tests
+    of TLS and SASL start one of their own): its state in ``dir``, the same jars (resolved once,
+    under the stack's state directory), a SASL_SSL listener besides the PLAINTEXT one, which the
+    node uses to reach itself.
+    """
 
     name = "kafka"
 
-    def __init__(self, settings: StackSettings) -> None:
+    def __init__(
+        self, settings: StackSettings, *, dir: Path | None = None, sasl_ssl: KafkaSaslSsl | None = None
+    ) -> None:
         self.settings = settings
-        self.dir = settings.state_dir / "kafka"
+        self.classpath_dir = settings.state_dir / "kafka"
+        self.dir = dir or self.classpath_dir
+        self.sasl_ssl = sasl_ssl
         self.proc = ManagedProcess("kafka", self.dir / "kafka.pid", self.dir / "kafka.out", str(self.dir))
         self.pom = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 
@@ -129,14 +168,14 @@ class Kafka(Part):
 
     def classpath(self, step: Step = quiet) -> str:
         """Resolve the broker's jars with Maven once per version of the pom."""
-        cp_file = self.dir / "classpath.txt"
-        stamp = self.dir / "classpath.pom-sha256"
+        cp_file = self.classpath_dir / "classpath.txt"
+        stamp = self.classpath_dir / "classpath.pom-sha256"
         digest = hashlib.sha256(self.pom.read_bytes()).hexdigest()
         if not (cp_file.exists() and stamp.exists() and stamp.read_text() == digest):
             for tool in ("java", "mvn"):
                 if shutil.which(tool) is None:
                     raise StackError(f"{tool} is not installed: Kafka needs Java 17 and Maven")
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.classpath_dir.mkdir(parents=True, exist_ok=True)
             with step("resolving Kafka's jars with Maven (first run only)"):
                 _run(
                     [
@@ -153,6 +192,38 @@ class Kafka(Part):
             stamp.write_text(digest)
         return cp_file.read_text().strip()
 
+    def _listeners(self) -> list[str]:
+        s = self.settings
+        plain = f"PLAINTEXT://{HOST}:{s.kafka_port}"
+        controller = f"CONTROLLER://{HOST}:{s.kafka_controller_port}"
+        if self.sasl_ssl is None:
+            return [
+                f"listeners={plain},{controller}",
+                f"advertised.listeners={plain}",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            ]
+        secure = self.sasl_ssl
+        # Kafka reads a PEM key store as one file: the key (PKCS#8), then the certificate.
+        keystore = self.dir / "keystore.pem"
+        keystore.write_text(secure.tls.key.read_text() + secure.tls.cert.read_text())
+        keystore.chmod(0o600)
+        plain_users = " ".join(f'user_{name}="{password}"' for name, password in secure.users)
+        listener = f"SASL_SSL://{HOST}:{secure.port}"
+        return [
+            f"listeners={plain},{controller},{listener}",
+            f"advertised.listeners={plain},{listener}",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL",
+            "inter.broker.listener.name=PLAINTEXT",
+            "sasl.enabled.mechanisms=SCRAM-SHA-512,PLAIN",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "listener.name.sasl_ssl.plain.sasl.jaas.config="
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={keystore}",
+            "ssl.client.auth=none",
+        ]
+
     def _write_config(self) -> Path:
         s = self.settings
         data = self.dir / "data"
@@ -163,10 +234,8 @@ class Kafka(Part):
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.bootstrap.servers={HOST}:{s.kafka_controller_port}",
-                    f"listeners=PLAINTEXT://{HOST}:{s.kafka_port},CONTROLLER://{HOST}:{s.kafka_controller_port}",
-                    f"advertised.listeners=PLAINTEXT://{HOST}:{s.kafka_port}",
+                    *self._listeners(),
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
                     f"log.dirs={data}",
                     "num.partitions=6",
                     "offsets.topic.replication.factor=1",
@@ -241,6 +310,7 @@ class Kafka(Part):
                         "-c",
                         str(props),
                         "--standalone",
+                        *self._scram_users(),
                     ),
                     "kafka storage format",
                 )
@@ -251,6 +321,17 @@ class Kafka(Part):
             except ProcessError as exc:
                 raise StackError(f"{exc}\n{self.proc.log_tail()}") from None
         self.proc.detach()
+
+    def _scram_users(self) -> list[str]:
+        """``kafka-storage format`` arguments that write the SCRAM credentials (KRaft keeps them
+        in its metadata log)."""
+        if self.sasl_ssl is None:
+            return []
+        return [
+            arg
+            for name, password in self.sasl_ssl.users
+            for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")
+        ]
 
     def _answers(self) -> bool:
         if not self.proc.running():
@@ -276,10 +357,19 @@ class MariaDB(Part):
     (:meth:`replicate`), and runs ``read_only``.
     """
 
-    def __init__(self, settings: StackSettings, index: int, *, primary: MariaDB | None = None) -> None:
+    def __init__(
+        self,
+        settings: StackSettings,
+        index: int,
+        *,
+        primary: MariaDB | None = None,
+        tls: ServerTls | None = None,
+    ) -> None:
         self.settings = settings
         self.index = index
         self.primary = primary
+        # With ``tls``, every TCP connection must use TLS (tests of the clients' TLS start one).
+        self.tls = tls
         self.cluster_name = f"c{index + 1}"
         if primary is None:
             self.port = settings.mariadb_ports[index]
@@ -419,10 +509,21 @@ class MariaDB(Part):
                 "--innodb-autoinc-lock-mode=2",
                 "--transaction-isolation=READ-COMMITTED",
                 *self._replication_args(),
+                *self._tls_args(),
             ]
         )
         wait_until(self._ping, 60, f"{self.name} on {self.address}")
         self.proc.detach()
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            f"--ssl-cert={self.tls.cert}",
+            f"--ssl-key={self.tls.key}",
+            f"--ssl-ca={self.tls.ca}",
+            "--require-secure-transport=ON",  # the socket counts as secure: _client still works
+        ]
 
     def _replication_args(self) -> list[str]:
         return [
@@ -459,7 +560,8 @@ class MariaDB(Part):
             f"REVOKE READ_ONLY ADMIN ON *.* FROM '{DB_USER}'@'127.0.0.1';"
             f"REVOKE READ_ONLY ADMIN ON *.* FROM '{DB_USER}'@'localhost';"
             f"CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'127.0.0.1' IDENTIFIED BY '{ADMIN_PASSWORD}';"
-            f"GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.0.0.1';"
+            # WITH GRANT OPTION: the migrations, run as this user, grant the services' user its rows
+            f"GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.0.0.1' WITH GRANT OPTION;"
             f"CREATE USER IF NOT EXISTS '{REPL_USER}'@'127.0.0.1' IDENTIFIED BY '{REPL_PASSWORD}';"
             f"GRANT REPLICATION SLAVE, REPLICATION SLAVE ADMIN ON *.* TO '{REPL_USER}'@'127.0.0.1';"
         )

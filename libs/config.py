@@ -10,13 +10,14 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "MIN_KEY_CHARS",
+    "AdminDatabaseSettings",
     "DatabaseSettings",
     "InsecureSettings",
     "KafkaSettings",
@@ -45,11 +46,54 @@ class KafkaSettings(_Base):
     kafka_request_timeout_ms: int = 30_000
     # Replicas of each topic `flightlog topics create` makes, and min.insync.replicas of every
     # topic: unset, 3 and 2 (acks=all then survives one broker down), or what a smaller cluster
-    # can hold (the local stack's one broker: 1 and 1). Partition counts are in libs.kafka.TOPICS.
+    # can hold (the local stack's one broker: 1 and 1).
     kafka_topic_replication_factor: int | None = Field(default=None, ge=1)
     kafka_topic_min_insync_replicas: int | None = Field(default=None, ge=1)
+    # Partitions of each topic `flightlog topics create` makes; a stage runs at most as many
+    # instances as its input topic has partitions. Unset: libs.kafka.PRODUCTION_PARTITIONS (48)
+    # on a cluster of 3 or more brokers, the catalogue's small counts on a smaller one (the local
+    # stack's one broker: 6, imap-accounts 12). transform's changelog always takes inflight's
+    # count (partition N of one holds the states of the other's partition N). An existing topic
+    # with another count is reported, never changed (docs/topics.md says how to grow one).
+    kafka_inflight_partitions: int | None = Field(default=None, ge=1)
+    # flightlog.postflight: persist's instances at most (unset: 48 / 6, as inflight's).
+    kafka_postflight_partitions: int | None = Field(default=None, ge=1)
+    # flightlog.changes: the webhook dispatcher's and downstream consumers' (unset: 48 / 6).
+    kafka_changes_partitions: int | None = Field(default=None, ge=1)
+    # flightlog.persist-retry: persist's retry consumers' (unset: 48 / 6).
+    kafka_persist_retry_partitions: int | None = Field(default=None, ge=1)
+    # flightlog.imap-accounts: ingest instances that sync IMAP accounts (unset: 48 / 12).
+    kafka_imap_accounts_partitions: int | None = Field(default=None, ge=1)
+    # One partition: the DLQ is read by `flightlog dlq` only, in order.
+    kafka_dlq_partitions: int | None = Field(default=None, ge=1)
     kafka_linger_ms: int = 5
     kafka_max_batch_bytes: int = 1_048_576
+    # How every producer, consumer and admin client (the services' and the CLI's) talks to the
+    # brokers: PLAINTEXT (the local stack), SSL, SASL_PLAINTEXT or SASL_SSL.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    # TLS (SSL, SASL_SSL): the brokers' certificates are always verified, against this CA bundle
+    # (PEM; unset: the system's CAs) and, unless this is false, the broker's host name.
+    kafka_tls_ca_file: Path | None = None
+    kafka_tls_verify_hostname: bool = True
+    # A client certificate and its key (PEM), for brokers that require mutual TLS.
+    kafka_tls_cert_file: Path | None = None
+    kafka_tls_key_file: Path | None = None
+    # SASL (SASL_PLAINTEXT, SASL_SSL): the mechanism and the login. PLAIN sends the password
+    # itself: only over TLS (SASL_SSL).
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Self:
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
+            raise ValueError(
+                f"FLIGHTLOG_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs"
+                " FLIGHTLOG_KAFKA_SASL_USERNAME and FLIGHTLOG_KAFKA_SASL_PASSWORD"
+            )
+        if (self.kafka_tls_cert_file is None) != (self.kafka_tls_key_file is None):
+            raise ValueError("FLIGHTLOG_KAFKA_TLS_CERT_FILE and FLIGHTLOG_KAFKA_TLS_KEY_FILE go together")
+        return self
 
 
 class DatabaseSettings(_Base):
@@ -67,7 +111,53 @@ class DatabaseSettings(_Base):
     db_pool_min_size: int = 1
     db_pool_max_size: int = 8
     db_connect_timeout_s: float = 5.0
+    # TLS to every MariaDB/MySQL server (the services' pools, the migrations, the shard
+    # operations). The server's certificate is always verified, against this CA bundle (PEM;
+    # unset: the system's CAs) and, unless this is false, the server's host name.
+    db_tls: bool = False
+    db_tls_ca_file: Path | None = None
+    db_tls_verify_hostname: bool = True
+    # A client certificate and its key (PEM), for users created with REQUIRE X509 / SUBJECT.
+    db_tls_cert_file: Path | None = None
+    db_tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _db_tls(self) -> Self:
+        if (self.db_tls_cert_file is None) != (self.db_tls_key_file is None):
+            raise ValueError("FLIGHTLOG_DB_TLS_CERT_FILE and FLIGHTLOG_DB_TLS_KEY_FILE go together")
+        return self
+
     shard_map_reload_interval_s: float = 10.0
+
+
+class AdminDatabaseSettings(DatabaseSettings):
+    """The administrative login, for what the services' user may not do: the migrations
+    (``flightlog db migrate``, ``flightlog shards create``) and the shard operations (fencing,
+    failover, moves).
+
+    The migrations create the services' user, ``db_user`` at ``db_user_host`` with
+    ``db_password``, on the global server and every cluster primary, and give it SELECT, INSERT,
+    UPDATE and DELETE on the global schema and on every shard schema, nothing else: it cannot
+    create or drop a schema or a table, and ``read_only`` fences it (libs.db.migrate).
+    """
+
+    # The login of the migrations and the shard operations: it creates schemas, tables and the
+    # services' user, and grants (the local stack's flightlog_admin; root in docker-compose.yml
+    # and the Kubernetes init Job).
+    admin_db_user: str = "flightlog_admin"
+    admin_db_password: str = "flightlog-admin"
+    # The host part of the services' user the migrations create: "%" (any address, what a
+    # Kubernetes pod's changing address needs), or a network such as "10.%".
+    db_user_host: str = "%"
+
+    def admin(self, *, connect_timeout_s: float | None = None) -> DatabaseSettings:
+        """These settings with the administrative login (and a shorter connect timeout)."""
+        update: dict[str, object] = {"db_user": self.admin_db_user, "db_password": self.admin_db_password}
+        if connect_timeout_s is not None:
+            update["db_connect_timeout_s"] = connect_timeout_s
+        return DatabaseSettings.model_validate(
+            {**self.model_dump(include=set(DatabaseSettings.model_fields)), **update}
+        )
 
 
 class ServiceSettings(KafkaSettings, DatabaseSettings):
@@ -81,6 +171,13 @@ class ServiceSettings(KafkaSettings, DatabaseSettings):
     environment: Literal["production", "development"] = "production"
     http_host: str = "127.0.0.1"
     http_port: int = 0  # 0 means "the service's default port"
+    # The management port: /metrics of every service, and the gateway's /docs, /openapi.json and
+    # /v1/admin/*. The public port answers 404 for them, and this one 404 for everything else
+    # (/healthz and /readyz answer on both). Keep it off the internet: the Kubernetes
+    # NetworkPolicies let only the monitoring namespace and the operators' namespace reach it.
+    management_host: str = "127.0.0.1"
+    # 0 means the HTTP port plus libs.service.MANAGEMENT_PORT_OFFSET (1000): 9080 for the gateway.
+    management_port: int = Field(default=0, ge=0)
     # Several processes of the service listen on the one port (SO_REUSEPORT) and the kernel
     # spreads the connections among them: how a host runs more than one gateway process.
     http_reuse_port: bool = False

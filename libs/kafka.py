@@ -17,6 +17,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from libs.config import KafkaSettings
+from libs.tls import client_context
 
 __all__ = [
     "CHANGES",
@@ -25,12 +26,21 @@ __all__ = [
     "INFLIGHT",
     "PERSIST_RETRY",
     "POSTFLIGHT",
+    "PRODUCTION_BROKERS",
+    "PRODUCTION_PARTITIONS",
     "TOPICS",
     "TRANSFORM_STATE",
+    "TopicMismatch",
     "TopicSpec",
+    "catalogue_spec",
+    "client_options",
     "create_topics",
+    "make_admin",
     "make_consumer",
     "make_producer",
+    "partition_count",
+    "resolve",
+    "topic_specs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,24 +67,71 @@ _COMPACTED: Final = {
 }
 
 
+# Partitions of the partitioned topics on a production cluster (3 or more brokers), unless set.
+# Each stage runs at most this many instances: transform and persist at ~40 and ~30 us of CPU an
+# event (BENCHMARKS.md) would take 48 instances past 1 million events/s, far beyond what one
+# machine's cores give. 48 splits evenly among 1, 2, 3, 4, 6, 8, 12, 16, 24 and 48 instances.
+# The cost is on the brokers: 6 topics of 48 with 3 replicas are ~860 partition replicas, well
+# within what a three-broker cluster carries; transform restores its changelog per partition, so
+# a rebalance moves smaller pieces.
+PRODUCTION_PARTITIONS: Final = 48
+# A cluster this large gets the production partition counts by default.
+PRODUCTION_BROKERS: Final = 3
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
+    """A topic: its name, partitions and configs. In :data:`TOPICS`, ``partitions`` is the count
+    on a cluster smaller than :data:`PRODUCTION_BROKERS` and ``setting`` the
+    :class:`~libs.config.KafkaSettings` field that sets it (:func:`topic_specs` resolves both)."""
+
     name: str
     partitions: int
     config: dict[str, str] = field(default_factory=dict)
+    setting: str | None = None
+    production_partitions: int = PRODUCTION_PARTITIONS
 
 
-# inflight and the transform's changelog must have the same partition count: partition N of the
-# changelog holds the state of the messages read from partition N of inflight.
+# inflight and the transform's changelog share one setting: partition N of the changelog holds
+# the state of the messages read from partition N of inflight.
 TOPICS: Final = (
-    TopicSpec(INFLIGHT, 6, {"retention.ms": str(_WEEK_MS)}),
-    TopicSpec(POSTFLIGHT, 6, {"retention.ms": str(_WEEK_MS)}),
-    TopicSpec(CHANGES, 6, {"retention.ms": str(_WEEK_MS)}),
-    TopicSpec(DLQ, 1, {"retention.ms": str(4 * _WEEK_MS)}),
-    TopicSpec(PERSIST_RETRY, 6, {"retention.ms": str(4 * _WEEK_MS)}),
-    TopicSpec(TRANSFORM_STATE, 6, dict(_COMPACTED)),
-    TopicSpec(IMAP_ACCOUNTS, 12, dict(_COMPACTED)),
+    TopicSpec(INFLIGHT, 6, {"retention.ms": str(_WEEK_MS)}, "kafka_inflight_partitions"),
+    TopicSpec(POSTFLIGHT, 6, {"retention.ms": str(_WEEK_MS)}, "kafka_postflight_partitions"),
+    TopicSpec(CHANGES, 6, {"retention.ms": str(_WEEK_MS)}, "kafka_changes_partitions"),
+    TopicSpec(DLQ, 1, {"retention.ms": str(4 * _WEEK_MS)}, "kafka_dlq_partitions", 1),
+    TopicSpec(PERSIST_RETRY, 6, {"retention.ms": str(4 * _WEEK_MS)}, "kafka_persist_retry_partitions"),
+    TopicSpec(TRANSFORM_STATE, 6, dict(_COMPACTED), "kafka_inflight_partitions"),
+    TopicSpec(IMAP_ACCOUNTS, 12, dict(_COMPACTED), "kafka_imap_accounts_partitions"),
 )
+
+
+def resolve(spec: TopicSpec, settings: KafkaSettings, brokers: int) -> TopicSpec:
+    """``spec`` with its partition count for a cluster of ``brokers``: the setting where one is
+    given, else the production count on :data:`PRODUCTION_BROKERS` or more, else the small count.
+    A spec without a ``setting`` is taken as it is."""
+    if spec.setting is None:
+        return spec
+    explicit = getattr(settings, spec.setting)
+    if explicit is not None:
+        count = int(explicit)
+    else:
+        count = spec.production_partitions if brokers >= PRODUCTION_BROKERS else spec.partitions
+    return TopicSpec(spec.name, count, dict(spec.config))
+
+
+def topic_specs(settings: KafkaSettings, brokers: int) -> tuple[TopicSpec, ...]:
+    """:data:`TOPICS` resolved (:func:`resolve`) for a cluster of ``brokers``."""
+    return tuple(resolve(s, settings, brokers) for s in TOPICS)
+
+
+def catalogue_spec(name: str) -> TopicSpec:
+    """The :data:`TOPICS` entry named ``name``."""
+    return next(s for s in TOPICS if s.name == name)
+
+
+class TopicMismatch(ValueError):
+    """An existing topic differs from what the settings ask, in what only an operator may change
+    (its partition count or replication factor); the message names each difference."""
 
 
 class ReplicationError(ValueError):
@@ -104,18 +161,19 @@ def replication(brokers: int, settings: KafkaSettings) -> tuple[int, int]:
     return factor, insync
 
 
-async def create_topics(settings: KafkaSettings, specs: tuple[TopicSpec, ...] = TOPICS) -> list[str]:
+async def create_topics(settings: KafkaSettings, specs: tuple[TopicSpec, ...] | None = None) -> list[str]:
     """Create the topics that do not exist yet, and give those that do their spec's settings (a
-    topic created by an older version keeps no stale retention); returns the names created. The
-    replication factor and ``min.insync.replicas`` are :func:`replication`'s."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        request_timeout_ms=settings.kafka_request_timeout_ms,
-    )
+    topic created by an older version keeps no stale retention); returns the names created.
+    ``specs`` default to :data:`TOPICS`; each is :func:`resolve`d for this cluster. The replication factor and
+    ``min.insync.replicas`` are :func:`replication`'s. An existing topic whose partition count or
+    replication factor differs raises :class:`TopicMismatch` before anything is changed."""
+    admin = make_admin(settings)
     await admin.start()
     try:
         cluster = await admin.describe_cluster()
-        factor, insync = replication(len(cluster["brokers"]), settings)
+        brokers = len(cluster["brokers"])
+        factor, insync = replication(brokers, settings)
+        specs = tuple(resolve(s, settings, brokers) for s in (TOPICS if specs is None else specs))
 
         def config(spec: TopicSpec) -> dict[str, str]:
             return {**spec.config, "min.insync.replicas": str(insync)}
@@ -124,6 +182,13 @@ async def create_topics(settings: KafkaSettings, specs: tuple[TopicSpec, ...] = 
         wanted = [s for s in specs if s.name not in existing]
         stale = [s for s in specs if s.name in existing]
         if stale:
+            described = {t["topic"]: t for t in await admin.describe_topics([s.name for s in stale])}
+            differences = _differences(stale, described, factor)
+            if differences:
+                raise TopicMismatch(
+                    "existing topics differ from the settings (see docs/topics.md on growing"
+                    " partitions): " + "; ".join(differences)
+                )
             # AlterConfigs replaces a topic's overrides with these: the spec is the whole set.
             await admin.alter_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, s.name, configs=config(s)) for s in stale]
@@ -142,16 +207,65 @@ async def create_topics(settings: KafkaSettings, specs: tuple[TopicSpec, ...] = 
         await admin.close()
 
 
+def _differences(specs: list[TopicSpec], described: dict[str, Any], factor: int) -> list[str]:
+    found = []
+    for spec in specs:
+        partitions = described[spec.name]["partitions"]
+        if len(partitions) != spec.partitions:
+            found.append(f"{spec.name} has {len(partitions)} partitions, the settings ask {spec.partitions}")
+        replicas = {len(p["replicas"]) for p in partitions}
+        if replicas and replicas != {factor}:
+            have = "/".join(str(r) for r in sorted(replicas))
+            found.append(f"{spec.name} has {have} replicas, the settings ask {factor}")
+    return found
+
+
+async def partition_count(settings: KafkaSettings, topic: str) -> int:
+    """How many partitions ``topic`` has on the cluster (0 when it does not exist)."""
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return len(described[0]["partitions"]) if described and described[0]["error_code"] == 0 else 0
+
+
+def client_options(settings: KafkaSettings) -> dict[str, Any]:
+    """What every client (producer, consumer, admin) is given: the brokers, the request timeout,
+    and the security settings (TLS that always verifies the brokers, SASL)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = client_context(
+            settings.kafka_tls_ca_file,
+            verify_hostname=settings.kafka_tls_verify_hostname,
+            cert_file=settings.kafka_tls_cert_file,
+            key_file=settings.kafka_tls_key_file,
+        )
+    if settings.kafka_security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = settings.kafka_sasl_password
+    return options
+
+
+def make_admin(settings: KafkaSettings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**client_options(settings))
+
+
 def make_producer(
     settings: KafkaSettings, *, transactional_id: str | None = None, **overrides: Any
 ) -> AIOKafkaProducer:
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        **client_options(settings),
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": settings.kafka_linger_ms,
         "max_batch_size": settings.kafka_max_batch_bytes,
-        "request_timeout_ms": settings.kafka_request_timeout_ms,
         "compression_type": None,
     }
     if transactional_id is not None:
@@ -164,12 +278,11 @@ def make_consumer(
     settings: KafkaSettings, *topics: str, group_id: str | None, **overrides: Any
 ) -> AIOKafkaConsumer:
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        **client_options(settings),
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
-        "request_timeout_ms": settings.kafka_request_timeout_ms,
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)

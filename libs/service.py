@@ -1,7 +1,8 @@
 """The one runner every flightlog service starts through.
 
-It installs uvloop, configures logging, serves ``/healthz``, ``/readyz`` and ``/metrics`` on the
-service's port (beside the service's own routes, if it has any), runs the service's ``main`` and
+It installs uvloop, configures logging, serves ``/healthz`` and ``/readyz`` on the service's port
+(beside the service's own routes, if it has any) and ``/metrics`` on its management port (with the
+service's ``management_paths``: the gateway's docs and admin routes), runs the service's ``main`` and
 handles SIGTERM and SIGINT the same way everywhere: set ``ctx.stopping`` so the service stops
 taking input and finishes or hands back its batch, wait up to ``drain_timeout_s`` for ``main`` to
 return, then cancel it, and give the resources ``close_timeout_s`` to close. A second signal
@@ -48,13 +49,16 @@ from libs.logs import configure_logging
 
 __all__ = [
     "HEALTH_PATHS",
+    "MANAGEMENT_PORT_OFFSET",
     "MULTIPROCESS_DIR",
+    "PROBE_PATHS",
     "STOPPING",
     "ServiceContext",
     "ServiceDefinition",
     "build_app",
     "check_secrets",
     "make_runner",
+    "management_port",
     "raise_open_files_limit",
     "run_service",
     "serve",
@@ -63,6 +67,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HEALTH_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+# Answered on both ports: probes and load balancers check the public one.
+PROBE_PATHS: Final = frozenset({"/healthz", "/readyz"})
+# The management port's default: the service's HTTP port plus this (8080 -> 9080).
+MANAGEMENT_PORT_OFFSET: Final = 1000
 # prometheus_client's multiprocess mode: where every process of the service keeps its metrics
 MULTIPROCESS_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
 # Set on SIGTERM: long-lived responses (long polls, event streams) end when they see it.
@@ -79,6 +87,9 @@ class ServiceContext:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     ready_checks: list[Callable[[], bool]] = field(default_factory=list)
+    # Requests that arrive on this local port are the management port's (set by ``serve``;
+    # in-process tests set it to their test server's port to reach the management routes).
+    management_port: int = -1
 
     def set_ready(self) -> None:
         self.ready = True
@@ -109,6 +120,14 @@ class ServiceDefinition:
     # The secrets the service uses beyond the database password, as (settings class, field):
     # in production it refuses to start while one is built-in or short (run_service).
     secrets: tuple[tuple[type[BaseSettings], str], ...] = ()
+    # Paths (exact, or a prefix when they end with "/") served on the management port only, besides
+    # /metrics: for operators, never on the public port.
+    management_paths: tuple[str, ...] = ()
+
+    def is_management(self, path: str) -> bool:
+        return path == "/metrics" or any(
+            path.startswith(p) if p.endswith("/") else path == p for p in self.management_paths
+        )
 
 
 def _health_routes(ctx: ServiceContext) -> list[web.RouteDef]:
@@ -149,13 +168,43 @@ def _ready_gate(ctx: ServiceContext) -> Callable[..., Awaitable[web.StreamRespon
     return gate
 
 
+def _port_split(ctx: ServiceContext, defn: ServiceDefinition) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """404 for a management path on the public port and for any other path on the management
+    port, as if the route did not exist there."""
+
+    @web.middleware
+    async def split(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        path = request.path
+        if path not in PROBE_PATHS:
+            sockname = request.transport.get_extra_info("sockname") if request.transport else None
+            on_management = sockname is not None and sockname[1] == ctx.management_port
+            if defn.is_management(path) != on_management:
+                raise Problem(404, "Not Found", f"no resource at {path}")
+        return await handler(request)
+
+    return split
+
+
+def management_port(defn: ServiceDefinition, settings: ServiceSettings) -> int:
+    """The port of the management routes: ``management_port``, else the HTTP port plus
+    :data:`MANAGEMENT_PORT_OFFSET`."""
+    return settings.management_port or (settings.http_port or defn.default_port) + MANAGEMENT_PORT_OFFSET
+
+
 def build_app(defn: ServiceDefinition, settings: ServiceSettings) -> ServiceContext:
     """The service's HTTP app, as the runner serves it (in-process tests serve it the same way)."""
     app = web.Application(client_max_size=defn.client_max_size)
     ctx = ServiceContext(defn.name, settings, app)
     app[STOPPING] = ctx.stopping
     app.middlewares.extend(
-        [problem_middleware, _ready_gate(ctx), body_deadline(settings.http_body_timeout_s)]
+        [
+            problem_middleware,
+            _port_split(ctx, defn),
+            _ready_gate(ctx),
+            body_deadline(settings.http_body_timeout_s),
+        ]
     )
     app.add_routes(_health_routes(ctx))
     if defn.setup_app is not None:
@@ -208,15 +257,20 @@ async def serve(defn: ServiceDefinition, settings: ServiceSettings) -> None:
             logger.warning("%s stopped while opening its resources", defn.name)
             return
         port = settings.http_port or defn.default_port
-        site = web.TCPSite(
-            runner, settings.http_host, port, reuse_address=True, reuse_port=settings.http_reuse_port or None
-        )
-        await site.start()
+        ctx.management_port = management_port(defn, settings)
+        for host, site_port in ((settings.http_host, port), (settings.management_host, ctx.management_port)):
+            site = web.TCPSite(
+                runner, host, site_port, reuse_address=True, reuse_port=settings.http_reuse_port or None
+            )
+            await site.start()
         # What exists now (modules, schemas, pools, clients) stays out of every later collection.
         gc.collect()
         gc.freeze()
         gc.set_threshold(defn.gc_young_objects, *gc_threshold[1:])
-        logger.info("%s listening on http://%s:%d", defn.name, settings.http_host, port)
+        logger.info(
+            "%s listening on http://%s:%d, management on http://%s:%d",
+            defn.name, settings.http_host, port, settings.management_host, ctx.management_port,
+        )  # fmt: skip
         main_task = asyncio.create_task(defn.main(ctx), name=f"{defn.name}-main")
         stop_wait = asyncio.create_task(ctx.stopping.wait())
         done, _ = await asyncio.wait({main_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

@@ -28,7 +28,7 @@ from cli.mailbox_gen import DOMAIN
 from cli.stack import Dovecot
 from libs.config import DatabaseSettings, KafkaSettings
 from libs.db import connect, shard_schema
-from libs.kafka import TOPICS, make_consumer
+from libs.kafka import TopicSpec, create_topics, make_consumer, partition_count
 from libs.shards import ShardMap
 
 __all__ = [
@@ -75,11 +75,29 @@ async def commit_end_offsets(kafka: KafkaSettings, group: str, *topics: str) -> 
     of the tests that reads a shared topic in a group of its own must not work through its
     history (flightlog.postflight holds every record since the stack was made). ``topics`` are
     among :data:`libs.kafka.TOPICS`."""
-    partitions = {spec.name: spec.partitions for spec in TOPICS}
-    tps = [TopicPartition(t, p) for t in topics for p in range(partitions[t])]
+    tps = [TopicPartition(t, p) for t in topics for p in range(await partition_count(kafka, t))]
     async with make_consumer(kafka, group_id=group) as consumer:
         consumer.assign(tps)
         await consumer.commit(dict(await consumer.end_offsets(tps)))
+
+
+async def transform_topics(
+    kafka: KafkaSettings, prefix: str, partitions: int, *, state_partitions: int | None = None
+) -> tuple[str, str, str]:
+    """Inflight, postflight and changelog topics of this run for a transform of a test's own
+    (the changelog with ``state_partitions``, by default as many as the others)."""
+    base = topic_name(prefix)
+    inflight, postflight, state = (f"{base}.{n}" for n in ("inflight", "postflight", "state"))
+    changelog = partitions if state_partitions is None else state_partitions
+    await create_topics(
+        kafka,
+        (
+            TopicSpec(inflight, partitions),
+            TopicSpec(postflight, partitions),
+            TopicSpec(state, changelog, {"cleanup.policy": "compact"}),
+        ),
+    )
+    return inflight, postflight, state
 
 
 def _removable(name: str, now: float) -> bool:

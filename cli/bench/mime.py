@@ -30,11 +30,9 @@ from datetime import UTC, datetime, timedelta
 from email.header import Header
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient
-
 from libs.config import KafkaSettings
 from libs.events import Event, EventType, decode_event, encode, message_key_bytes
-from libs.kafka import TopicSpec, create_topics, make_producer
+from libs.kafka import TopicSpec, create_topics, make_admin, make_producer
 from libs.lifecycle import apply
 from libs.mime import parse_message
 from services.transform.worker import TransformWorker
@@ -204,7 +202,7 @@ async def worker_throughput(kafka: KafkaSettings, events: list[Event], partition
             assert started is not None
             return len(events) / (time.perf_counter() - started)
     finally:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.kafka_bootstrap_servers)
+        admin = make_admin(kafka)
         await admin.start()
         try:
             await admin.delete_topics([s.name for s in specs])

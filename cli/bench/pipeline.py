@@ -34,6 +34,7 @@ from cli.progress import Step, quiet
 from cli.services import LocalService, LocalServices, dev_env
 from cli.stack import Stack
 from libs.config import DatabaseSettings, KafkaSettings, ServiceSettings
+from libs.kafka import make_admin
 from libs.shards import ShardRouter
 from services.persist.worker import PersistSettings
 from services.transform.settings import TransformSettings
@@ -354,7 +355,7 @@ async def _wait_groups(
 ) -> None:
     """Until every group of ``expected`` is stable with that many members (each one has its
     partitions) and every service of ``ready`` answers ready (transform: its states restored)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.kafka_bootstrap_servers)
+    admin = make_admin(kafka)
     await admin.start()
     try:
         deadline = time.monotonic() + timeout_s
@@ -381,7 +382,7 @@ async def second_instances(kafka: KafkaSettings, show: Step = quiet) -> AsyncIte
         "persist": PersistSettings().persist_group_id,
     }
     first = LocalServices().services
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.kafka_bootstrap_servers)
+    admin = make_admin(kafka)
     await admin.start()
     try:
         before = {g: (await _group_members(admin, g))[1] for g in groups.values()}

@@ -40,7 +40,7 @@ import orjson
 
 from cli.bench.drive import lifecycle, post_events
 from cli.bench.report import Figure, Stage, StageContext
-from cli.services import LocalServices
+from cli.services import LocalServices, management_address
 from cli.stack import Stack
 from libs.accounts import create_account, create_application
 from libs.config import DatabaseSettings
@@ -178,7 +178,7 @@ async def _questions(db: DatabaseSettings, ports: list[int]) -> int:
 
 
 async def _gateway_counters(http: aiohttp.ClientSession, gateway_url: str) -> dict[str, float]:
-    async with http.get(f"{gateway_url}/metrics") as resp:
+    async with http.get(f"{management_address(gateway_url)}/metrics") as resp:
         body = await resp.read()
     return {name: float(m.group(1)) for name, pattern in _COUNTERS.items() if (m := pattern.search(body))}
 

@@ -35,7 +35,6 @@ from typing import Final, Self
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli.bench.drive import raw_kafka
@@ -43,7 +42,15 @@ from cli.bench.report import BenchReport, Figure, Section, Stage, StageContext, 
 from cli.services import LocalService
 from libs.config import KafkaSettings, StackSettings
 from libs.events import Event, EventType, encode, message_key_bytes
-from libs.kafka import TOPICS, TRANSFORM_STATE, TopicSpec, create_topics, make_consumer, make_producer
+from libs.kafka import (
+    TOPICS,
+    TRANSFORM_STATE,
+    TopicSpec,
+    create_topics,
+    make_admin,
+    make_consumer,
+    make_producer,
+)
 
 __all__ = [
     "STAGE",
@@ -308,7 +315,7 @@ class TransformUnderTest:
                 await self._tail.stop()
             if self._http is not None:
                 await self._http.close()
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.kafka_bootstrap_servers)
+            admin = make_admin(self.kafka)
             await admin.start()
             try:
                 await admin.delete_topics([self.inflight, self.postflight, self.state])
@@ -327,7 +334,7 @@ class TransformUnderTest:
 
     async def metrics(self) -> str:
         assert self._http is not None
-        async with self._http.get(f"{self.service.address}/metrics") as resp:
+        async with self._http.get(f"{self.service.management_address}/metrics") as resp:
             resp.raise_for_status()
             return await resp.text()
 

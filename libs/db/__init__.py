@@ -21,6 +21,7 @@ from asyncmy.cursors import Cursor
 
 from libs.config import DatabaseSettings
 from libs.ids import check_shard
+from libs.tls import client_context
 
 __all__ = [
     "DatabaseError",
@@ -57,7 +58,18 @@ _INIT_COMMAND = (
 
 
 def _conn_kwargs(settings: DatabaseSettings, host: str, port: int) -> dict[str, Any]:
+    tls = (
+        client_context(
+            settings.db_tls_ca_file,
+            verify_hostname=settings.db_tls_verify_hostname,
+            cert_file=settings.db_tls_cert_file,
+            key_file=settings.db_tls_key_file,
+        )
+        if settings.db_tls
+        else None
+    )
     return {
+        "ssl": tls,
         "host": host,
         "port": port,
         "user": settings.db_user,

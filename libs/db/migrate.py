@@ -4,6 +4,9 @@ Migrations are SQL files named ``NNNN_name.sql`` under ``migrations/global`` and
 ``migrations/shard``. Each schema records what it has applied in ``schema_migrations``; DDL in
 MySQL is not transactional, so every statement is written to be safe to run again
 (``IF NOT EXISTS``) and the version is recorded only after the whole file applied.
+
+Migrations run as the administrative user (``admin_db_user``); :func:`grant_service_user` makes
+the services' user on each server they migrate, with data privileges only (:data:`SERVICE_PRIVILEGES`).
 """
 
 from __future__ import annotations
@@ -12,18 +15,34 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import asyncmy
 
+from libs.config import AdminDatabaseSettings
 from libs.db import MigrationError, shard_schema
 from libs.ids import auto_increment_start
 
-__all__ = ["Migration", "ensure_auto_increment", "load_migrations", "migrate_global", "migrate_shard"]
+__all__ = [
+    "SERVICE_PRIVILEGES",
+    "Migration",
+    "ensure_auto_increment",
+    "grant_service_user",
+    "load_migrations",
+    "migrate_global",
+    "migrate_shard",
+]
 
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
+# What the services' user may do in the global schema and in every shard schema: read and write
+# rows. No CREATE, DROP, ALTER, INDEX or GRANT, and no global privilege (READ_ONLY ADMIN or SUPER
+# would let a fenced primary take its writes).
+SERVICE_PRIVILEGES: Final = "SELECT, INSERT, UPDATE, DELETE"
+# Every shard schema, those made later included (`_` escaped: it is a wildcard in grants).
+_SHARD_SCHEMAS: Final = r"flightlog\_shard\_%"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +104,31 @@ async def _apply(conn: asyncmy.Connection, schema: str, kind: str) -> list[int]:
             applied.append(migration.version)
             logger.info("applied %s migration %04d to %s", kind, migration.version, schema)
         return applied
+
+
+async def grant_service_user(conn: asyncmy.Connection, settings: AdminDatabaseSettings) -> None:
+    """Create the services' user on the server of ``conn`` (an administrative connection) if it
+    is missing, set its password to ``db_password`` (the settings are the truth: a rotated
+    password takes effect here), and grant it :data:`SERVICE_PRIVILEGES` on the global schema and
+    every shard schema. Grants only add: a user made elsewhere with more privileges keeps them
+    (the local stack's development user has every privilege)."""
+    user, host = settings.db_user, settings.db_user_host
+    if user == settings.admin_db_user:
+        raise MigrationError(
+            f"FLIGHTLOG_DB_USER and FLIGHTLOG_ADMIN_DB_USER are both {user!r}: the services need a"
+            " user of their own, without the administrative privileges"
+        )
+    async with conn.cursor() as cur:
+        await cur.execute(
+            "CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", (user, host, settings.db_password)
+        )
+        await cur.execute("ALTER USER %s@%s IDENTIFIED BY %s", (user, host, settings.db_password))
+        # `_` and `%` are wildcards in a grant's schema name; `%%` is the driver's literal `%`
+        for schema in (settings.global_db_name.replace("_", r"\_"), _SHARD_SCHEMAS):
+            pattern = schema.replace("%", "%%")
+            await cur.execute(f"GRANT {SERVICE_PRIVILEGES} ON `{pattern}`.* TO %s@%s", (user, host))
+    await conn.commit()
+    logger.info("services' user %s@%s: %s on the flightlog schemas", user, host, SERVICE_PRIVILEGES)
 
 
 async def migrate_global(conn: asyncmy.Connection, schema: str) -> list[int]:

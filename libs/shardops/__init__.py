@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from libs.config import DatabaseSettings
+from libs.config import AdminDatabaseSettings
 
 __all__ = ["FailoverError", "ShardOpsError", "ShardOpsSettings"]
 
@@ -38,7 +38,7 @@ class FailoverError(ShardOpsError):
     pass
 
 
-class ShardOpsSettings(DatabaseSettings):
+class ShardOpsSettings(AdminDatabaseSettings):
     """The shard operations and the controller (``flightlog shards failover|watch|verify``).
 
     A primary is declared dead when no health check succeeded for ``watch_dead_after_s`` and
@@ -48,8 +48,6 @@ class ShardOpsSettings(DatabaseSettings):
     ``failover_catch_up_timeout_s`` for the replica to apply what it received.
     """
 
-    admin_db_user: str = "flightlog_admin"
-    admin_db_password: str = "flightlog-admin"
     watch_interval_s: float = Field(default=0.25, gt=0)
     watch_check_timeout_s: float = Field(default=0.5, gt=0)
     watch_failed_checks: int = Field(default=3, ge=1)
@@ -58,12 +56,3 @@ class ShardOpsSettings(DatabaseSettings):
     watch_auto_failover: bool = True  # false: detect, export and log, but leave failover to an operator
     failover_fence_timeout_s: float = Field(default=1.0, gt=0)  # reaching the old primary to fence it
     failover_catch_up_timeout_s: float = Field(default=3.0, gt=0)
-
-    def admin(self, *, connect_timeout_s: float | None = None) -> DatabaseSettings:
-        """These settings with the administrative login (and a shorter connect timeout)."""
-        update: dict[str, object] = {"db_user": self.admin_db_user, "db_password": self.admin_db_password}
-        if connect_timeout_s is not None:
-            update["db_connect_timeout_s"] = connect_timeout_s
-        return DatabaseSettings.model_validate(
-            {**self.model_dump(include=set(DatabaseSettings.model_fields)), **update}
-        )

@@ -127,7 +127,8 @@ async def create_shards(settings: ShardOpsSettings, n: int) -> tuple[int, dict[i
         load[cid] += average
         count[cid] += 1
     for shard, cid in placed.items():
-        async with connect(settings, *shard_map.clusters[cid].primary) as conn:
+        # the services' user cannot create schemas; its grant covers every shard schema already
+        async with connect(settings.admin(), *shard_map.clusters[cid].primary) as conn:
             await migrate_shard(conn, shard)
     schema = settings.global_db_name
     async with connect(settings, settings.global_db_host, settings.global_db_port) as conn:

@@ -45,6 +45,7 @@ from typing import Any, Final
 
 import asyncmy
 
+from libs.config import DatabaseSettings
 from libs.db import connect, shard_schema
 from libs.db.migrate import ensure_auto_increment
 from libs.ids import check_shard
@@ -234,11 +235,25 @@ async def _now(conn: asyncmy.Connection) -> datetime:
     return now
 
 
+def _tls_options(settings: DatabaseSettings) -> list[str]:
+    """The MariaDB client tools' options for the TLS of ``settings`` (verified like libs.db's)."""
+    if not settings.db_tls:
+        return []
+    options = ["--ssl"]
+    if settings.db_tls_ca_file is not None:
+        options.append(f"--ssl-ca={settings.db_tls_ca_file}")
+    if settings.db_tls_verify_hostname:
+        options.append("--ssl-verify-server-cert")
+    if settings.db_tls_cert_file is not None and settings.db_tls_key_file is not None:
+        options += [f"--ssl-cert={settings.db_tls_cert_file}", f"--ssl-key={settings.db_tls_key_file}"]
+    return options
+
+
 async def _snapshot(settings: ShardOpsSettings, source: Cluster, target: Cluster, schema: str) -> None:
     """``mariadb-dump`` of ``schema`` on the source piped into ``mariadb`` on the target."""
     admin = settings.admin()
     env = {**os.environ, "MYSQL_PWD": admin.db_password}  # not on a command line anyone can read
-    common = ["-u", admin.db_user, "--default-character-set=utf8mb4", "--protocol=TCP"]
+    common = ["-u", admin.db_user, "--default-character-set=utf8mb4", "--protocol=TCP", *_tls_options(admin)]
     read_fd, write_fd = os.pipe()
     try:
         dump = await asyncio.create_subprocess_exec(

@@ -32,7 +32,10 @@ from services.gateway.openapi import ADMIN, id_param
 from services.gateway.params import Query
 from services.gateway.resources import SETTINGS
 
-__all__ = ["API", "NewAccount", "NewApplication", "add_admin_routes"]
+__all__ = ["ADMIN_PREFIX", "API", "NewAccount", "NewApplication", "add_admin_routes"]
+
+# Every admin route is under this prefix, served on the management port only (libs.service).
+ADMIN_PREFIX: Final = "/v1/admin/"
 
 API: Final = ApiRoutes()
 

@@ -70,7 +70,9 @@ INFO: Final[Json] = {
         "Authenticate with `Authorization: Bearer <API key>`. Ids are decimal strings."
         " Errors are application/problem+json. Limits: request body"
         f" {MAX_BODY_BYTES} bytes, query string {MAX_QUERY_STRING_LENGTH} characters, pages"
-        f" {MAX_PAGE_SIZE} messages, long-poll {MAX_LONG_POLL_S} s."
+        f" {MAX_PAGE_SIZE} messages, long-poll {MAX_LONG_POLL_S} s.\n\n"
+        "The /v1/admin/ operations, this document and /docs are served on the management port"
+        " (FLIGHTLOG_MANAGEMENT_PORT, 9080 by default), not on the public port."
     ),
 }
 SECURITY_SCHEMES: Final[Json] = {

@@ -24,7 +24,7 @@ from libs.http import Problem, read_json
 from libs.imap_accounts import ImapAccountsSettings
 from libs.resources import ROUTER
 from libs.service import ServiceContext, ServiceDefinition
-from services.gateway.admin import add_admin_routes
+from services.gateway.admin import ADMIN_PREFIX, add_admin_routes
 from services.gateway.applications import add_application_routes
 from services.gateway.constants import MAX_BODY_BYTES, MAX_QUERY_STRING_LENGTH
 from services.gateway.content import ContentSettings, add_content_routes
@@ -32,7 +32,7 @@ from services.gateway.delta import add_delta_routes
 from services.gateway.imap_accounts import add_imap_account_routes
 from services.gateway.messages import add_message_routes
 from services.gateway.metrics import request_metrics_middleware
-from services.gateway.openapi import add_doc_routes
+from services.gateway.openapi import DOC_PATHS, add_doc_routes
 from services.gateway.resources import SETTINGS, setup_resources
 from services.gateway.retention import trim_forever
 from services.gateway.settings import GatewaySettings
@@ -110,6 +110,8 @@ DEFINITION = ServiceDefinition(
     main=main,
     setup_app=setup_app,
     client_max_size=MAX_BODY_BYTES,
+    # for operators only: the docs and the admin API (its key mints keys for any application)
+    management_paths=(*DOC_PATHS, ADMIN_PREFIX),
     secrets=(
         (GatewaySettings, "admin_api_key"),
         (GatewaySettings, "gateway_token_secret"),

@@ -59,7 +59,7 @@ from libs.config import KafkaSettings
 from libs.dlq import account_in_key, dead_letter
 from libs.events import Event, decode_event, encode, message_key_bytes
 from libs.inflight import partition_for
-from libs.kafka import make_consumer, make_producer
+from libs.kafka import TopicMismatch, make_consumer, make_producer
 from libs.lifecycle import MessageState, OutcomeKind, apply
 from services.transform.parsing import ParsePool
 from services.transform.settings import TransformSettings
@@ -344,14 +344,29 @@ class TransformWorker(Component):
         # predecessor left open, so the changelog is stable before we restore from it.
         await self._producer.start()
         try:
+            await self._check_partitions()
             self._parser.start()
             self._consumer.subscribe([self.inflight_topic], listener=_Listener(self))
             await self._consumer.start()
         except BaseException:
             self._parser.stop()
+            await self._consumer.stop()  # closes its client even when it never started
             await self._producer.stop()
             raise
         self._started = True
+
+    async def _check_partitions(self) -> None:
+        """Refuse to start when the changelog's partition count is not inflight's: partition N of
+        the changelog holds the states of inflight's partition N, so with another count states
+        would be restored to the wrong partitions and messages processed without their state."""
+        inflight = len(await self._producer.partitions_for(self.inflight_topic))
+        state = len(await self._producer.partitions_for(self.state_topic))
+        if inflight != state:
+            raise TopicMismatch(
+                f"{self.state_topic} has {state} partitions but {self.inflight_topic} has {inflight}:"
+                " transform's changelog must match its input; give both the same count"
+                " (docs/topics.md, growing partitions)"
+            )
 
     async def stop(self) -> None:
         if self._stopped or not self._started:

@@ -60,6 +60,9 @@ class Pipeline:
     def url(self, name: str) -> str:
         return self.services[name].address
 
+    def management_url(self, name: str) -> str:
+        return self.services[name].management_address
+
 
 @pytest.fixture(scope="session")
 def pipeline(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[Pipeline]:

@@ -8,6 +8,7 @@ from typing import Any, Final
 import aiohttp
 import pytest
 
+from cli.services import management_address
 from libs.shards import ShardRouter
 from services.gateway.messages import MessageQuery, list_statement
 from tests.e2e import checks
@@ -87,18 +88,22 @@ async def test_authentication_and_key_lifecycle(
 
     # The operator can add a key to an application that lost every key.
     admin = {"Authorization": "Bearer flightlog-dev-admin-key"}
-    app_keys = f"{gateway}/v1/admin/applications/{tenant.application.id}/api-keys"
+    app_keys = f"{management_address(gateway)}/v1/admin/applications/{tenant.application.id}/api-keys"
     async with http.post(app_keys, headers=admin) as resp:
         assert resp.status == 201
         assert (await get(http, url, (await resp.json())["api_key"]))[0] == 200
     async with http.post(app_keys, headers=bearer(second)) as resp:
         assert resp.status == 401
-    async with http.post(f"{gateway}/v1/admin/applications/99999999999/api-keys", headers=admin) as resp:
+    missing = f"{management_address(gateway)}/v1/admin/applications/99999999999/api-keys"
+    async with http.post(missing, headers=admin) as resp:
         assert resp.status == 404
 
 
 async def test_admin_paths(gateway: str, http: aiohttp.ClientSession) -> None:
     admin = {"Authorization": "Bearer flightlog-dev-admin-key"}
+    public, gateway = gateway, management_address(gateway)
+    async with http.post(f"{public}/v1/admin/applications", json={"name": "acme"}, headers=admin) as resp:
+        assert resp.status == 404  # not on the public port
     async with http.post(f"{gateway}/v1/admin/applications", json={"name": "acme"}, headers=admin) as resp:
         assert resp.status == 201
         app = await resp.json()
@@ -107,7 +112,7 @@ async def test_admin_paths(gateway: str, http: aiohttp.ClientSession) -> None:
         assert resp.status == 201
         account = await resp.json()
     assert account["shard"] == 3 and int(account["id"]) >> 48 == 3
-    status, listed, _ = await get(http, f"{gateway}/v1/accounts", app["api_key"])
+    status, listed, _ = await get(http, f"{public}/v1/accounts", app["api_key"])
     assert status == 200 and [a["id"] for a in listed["data"]] == [account["id"]]
     for bad, code in (({"name": ""}, 422), ({"nme": "x"}, 422), ("[", 400)):
         kwargs: dict[str, Any] = {"data": bad} if isinstance(bad, str) else {"json": bad}
@@ -450,6 +455,10 @@ async def test_errors_and_limits_are_problem_documents(
 
 
 async def test_openapi_and_docs_are_served(gateway: str, http: aiohttp.ClientSession) -> None:
+    for path in ("/openapi.json", "/docs", "/metrics"):
+        async with http.get(f"{gateway}{path}") as resp:
+            assert resp.status == 404, path  # on the management port only
+    gateway = management_address(gateway)
     async with http.get(f"{gateway}/openapi.json") as resp:
         spec = await resp.json()
         assert resp.status == 200 and spec["openapi"] == "3.1.0"

@@ -37,7 +37,9 @@ from schemathesis.checks import (
 )
 from schemathesis.core.result import Ok
 
+from cli.services import management_address
 from libs.shards import ShardRouter
+from services.gateway.admin import ADMIN_PREFIX
 from tests.e2e.gateway_helpers import gateway, message_ids, seed, varied
 
 __all__ = ["gateway"]
@@ -91,7 +93,7 @@ def fuzzable(spec: dict[str, Any], ids: dict[str, list[str]], mode: GenerationMo
 
 
 def load_spec(base_url: str) -> dict[str, Any]:
-    with urlopen(f"{base_url}/openapi.json", timeout=5) as resp:
+    with urlopen(f"{management_address(base_url)}/openapi.json", timeout=5) as resp:
         spec: dict[str, Any] = json.load(resp)
     return spec
 
@@ -149,7 +151,7 @@ def run_fuzz(
             out of the negative cases that remove or mutate the Authorization header."""
 
             def get(self, case: schemathesis.Case[Any], ctx: Any) -> str:
-                return ADMIN_KEY if case.operation.path.startswith("/v1/admin/") else app_key
+                return ADMIN_KEY if case.operation.path.startswith(ADMIN_PREFIX) else app_key
 
             def set(self, case: schemathesis.Case[Any], data: str, ctx: Any) -> None:
                 case.headers["Authorization"] = f"Bearer {data}"
@@ -157,8 +159,10 @@ def run_fuzz(
         for result in schema.get_all_operations():
             assert isinstance(result, Ok), result
             operation = result.ok()
+            # the admin operations are served on the management port
+            admin = operation.path.startswith(ADMIN_PREFIX)
             try:
-                fuzz_operation(base_url, operation, mode, run_seed)
+                fuzz_operation(management_address(base_url) if admin else base_url, operation, mode, run_seed)
             except Exception as exc:
                 failures.append(f"{operation.method.upper()} {operation.path} ({mode.value}): {exc}")
     return failures

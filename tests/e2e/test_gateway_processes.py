@@ -14,7 +14,7 @@ from typing import Any, Final
 import aiohttp
 import pytest
 
-from cli.services import LocalService
+from cli.services import LocalService, management_address
 from cli.stack import Stack
 from libs.accounts import create_api_key
 from libs.shards import ShardMap, ShardRouter
@@ -50,7 +50,9 @@ def gateways(stack: Stack, shard_map: ShardMap) -> Iterator[LocalService]:
 
 
 def _metrics() -> bytes:
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=2) as resp:
+    with urllib.request.urlopen(
+        f"{management_address(f'http://127.0.0.1:{PORT}')}/metrics", timeout=2
+    ) as resp:
         body: bytes = resp.read()
         return body
 

@@ -16,10 +16,11 @@ from urllib.request import urlopen
 import aiohttp
 import pytest
 
-from cli.services import LocalService
+from cli.services import LocalService, management_address
 from cli.stack import Stack
 from libs.http import MAX_JSON_DEPTH, PROBLEM_CONTENT_TYPE
 from libs.shards import ShardMap, ShardRouter
+from services.gateway.admin import ADMIN_PREFIX
 from services.gateway.constants import MAX_BODY_BYTES as GATEWAY_MAX_BODY_BYTES
 from services.ingest.constants import MAX_BODY_BYTES as INGEST_MAX_BODY_BYTES
 from tests.e2e.conftest import E2E_ENV, E2E_INSTANCE, E2E_PORT_OFFSET, Tenant
@@ -76,7 +77,7 @@ async def tenant(tenant_factory: Any, router: ShardRouter) -> Tenant:
 
 
 def _operations(base_url: str) -> list[tuple[str, str]]:
-    with urlopen(f"{base_url}/openapi.json", timeout=5) as resp:
+    with urlopen(f"{management_address(base_url)}/openapi.json", timeout=5) as resp:
         spec: dict[str, Any] = json.load(resp)
     return [
         (method.upper(), path)
@@ -94,8 +95,10 @@ async def test_every_gateway_json_endpoint_refuses_bad_bodies(
     account = tenant.accounts[0]
     ids = {"account_id": str(account.id), "application_id": str(tenant.application.id)}
     for method, path in operations:
-        url = gateway + path.format_map({**ids, "message_id": "1", "id": "1", "delivery_id": "1"})
-        key = ADMIN_KEY if path.startswith("/v1/admin/") else tenant.api_key
+        admin = path.startswith(ADMIN_PREFIX)  # on the management port
+        base = management_address(gateway) if admin else gateway
+        url = base + path.format_map({**ids, "message_id": "1", "id": "1", "delivery_id": "1"})
+        key = ADMIN_KEY if admin else tenant.api_key
         await assert_refused(http, method, url, bearer(key), GATEWAY_MAX_BODY_BYTES)
 
 

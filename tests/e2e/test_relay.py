@@ -101,7 +101,7 @@ async def test_rolled_back_ids_do_not_stall_the_relay(
 
 
 def relay_active(pipeline: Pipeline) -> bool:
-    with urllib.request.urlopen(f"{pipeline.url('persist')}/metrics", timeout=2) as resp:
+    with urllib.request.urlopen(f"{pipeline.management_url('persist')}/metrics", timeout=2) as resp:
         return b"flightlog_relay_active 1.0" in resp.read()
 
 

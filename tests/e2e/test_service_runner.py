@@ -11,9 +11,9 @@ import pytest
 from cli.services import SERVICE_PORTS, LocalService
 from cli.stack import Stack
 from libs.config import KafkaSettings
-from libs.kafka import PERSIST_RETRY, POSTFLIGHT, TopicSpec, create_topics
+from libs.kafka import PERSIST_RETRY, POSTFLIGHT
 from tests.e2e.conftest import E2E_ENV, E2E_INSTANCE, E2E_PORT_OFFSET
-from tests.scratch import commit_end_offsets, group_name, topic_name
+from tests.scratch import commit_end_offsets, group_name, topic_name, transform_topics
 
 pytestmark = pytest.mark.e2e
 
@@ -27,16 +27,7 @@ async def test_service_health_metrics_and_sigterm(
     # groups and move their partitions here mid-session. Transform reads and writes topics of its
     # own; persist's group starts at the shared topics' ends, so it has no history to write again.
     group = group_name("runner")
-    transform_topics = topic_name("runner-transform")
-    inflight, postflight, state = (f"{transform_topics}.{n}" for n in ("inflight", "postflight", "state"))
-    await create_topics(
-        kafka_settings,
-        (
-            TopicSpec(inflight, 1),
-            TopicSpec(postflight, 1),
-            TopicSpec(state, 1, {"cleanup.policy": "compact"}),
-        ),
-    )
+    inflight, postflight, state = await transform_topics(kafka_settings, "runner-transform", 1)
     await commit_end_offsets(kafka_settings, group, POSTFLIGHT)
     await commit_end_offsets(kafka_settings, f"{group}-retry", PERSIST_RETRY)
     env = {
@@ -65,8 +56,12 @@ async def test_service_health_metrics_and_sigterm(
             async with http.get("/readyz") as resp:
                 assert resp.status == 200
             async with http.get("/metrics") as resp:
+                assert resp.status == 404  # the public port has no /metrics
+            async with http.get(f"{svc.management_address}/metrics") as resp:
                 assert resp.status == 200
                 assert "python_info" in await resp.text()
+            async with http.get(f"{svc.management_address}/readyz") as resp:
+                assert resp.status == 200
         pid = svc.proc.pid()
         assert pid is not None
         svc.proc.signal(signal.SIGTERM)

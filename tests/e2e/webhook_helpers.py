@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 from aiokafka import TopicPartition
 
+from cli.services import management_address
 from libs.config import KafkaSettings
 from libs.events import MessageDoc, PostflightRecord
 from libs.ids import shard_of
@@ -177,7 +178,9 @@ def first_seen(ids: list[int]) -> list[int]:
 def metric_line(port: int, line: bytes) -> bool:
     """Whether the service on ``port`` exposes ``line`` on /metrics (False while it does not answer)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+        with urllib.request.urlopen(
+            f"{management_address(f'http://127.0.0.1:{port}')}/metrics", timeout=2
+        ) as resp:
             return line in resp.read()
     except OSError:
         return False

@@ -26,6 +26,7 @@ from libs.openapi import route_operations
 from libs.resources import DIRECTORY, PRODUCER, ROUTER
 from libs.service import ServiceContext, ServiceDefinition, build_app
 from libs.shards import ShardMap, ShardRouter
+from services.gateway.admin import ADMIN_PREFIX
 from services.gateway.openapi import DOC_PATHS, RUNNER_PATHS
 from services.gateway.service import DEFINITION as GATEWAY
 from services.ingest.routes import INTAKE
@@ -39,12 +40,15 @@ ADMIN = {"Authorization": "Bearer flightlog-dev-admin-key"}
 
 @asynccontextmanager
 async def served(
-    defn: ServiceDefinition, *, ready: bool = True
+    defn: ServiceDefinition, *, ready: bool = True, management: bool = False
 ) -> AsyncIterator[tuple[TestClient[web.Request, web.Application], ServiceContext]]:
+    """The app on a test server: its public port, or with ``management`` its management port."""
     ctx = build_app(defn, ServiceSettings())
     server = TestServer(ctx.app)
     client: TestClient[web.Request, web.Application] = TestClient(server)
     async with server, client:
+        if management:
+            ctx.management_port = server.port or 0
         if ready:
             ctx.set_ready()
         yield client, ctx
@@ -89,8 +93,6 @@ async def test_gateway_errors_are_problem_documents(tenant: tuple[str, int]) -> 
                 async with client.get(path, headers=headers) as resp:
                     await problem(resp, 401)
                     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
-        async with client.post("/v1/admin/applications", json={"name": "x"}, headers=key) as resp:
-            await problem(resp, 401)  # an application key is not the admin key
         async with client.get("/v1/nowhere", headers=key) as resp:
             await problem(resp, 404)
         async with client.put("/v1/accounts", headers=key) as resp:
@@ -103,8 +105,39 @@ async def test_gateway_errors_are_problem_documents(tenant: tuple[str, int]) -> 
             assert "not an IMAP account" in (await problem(resp, 404))["detail"]
 
 
+async def test_management_routes_answer_on_the_management_port_only(tenant: tuple[str, int]) -> None:
+    key = {"Authorization": f"Bearer {tenant[0]}"}
+    management = ("/metrics", "/docs", "/openapi.json", "/v1/admin/applications")
+    async with served(GATEWAY) as (client, _):
+        for path in management:
+            async with client.get(path, headers=ADMIN) as resp:
+                assert (await problem(resp, 404))["detail"] == f"no resource at {path}"
+        async with client.post("/v1/admin/applications", json={"name": "x"}, headers=ADMIN) as resp:
+            await problem(resp, 404)
+        async with client.get("/v1/accounts", headers=key) as resp:
+            assert resp.status == 200
+        async with client.get("/readyz") as resp:
+            assert resp.status == 200
+    async with served(GATEWAY, management=True) as (client, _):
+        for path in ("/metrics", "/docs", "/openapi.json"):
+            async with client.get(path) as resp:
+                assert resp.status == 200, path
+        async with client.post("/v1/admin/applications", json={"name": "x"}, headers=key) as resp:
+            await problem(resp, 401)  # an application key is not the admin key
+        async with client.get("/v1/accounts", headers=key) as resp:
+            await problem(resp, 404)  # the public API is not on the management port
+        async with client.get("/readyz") as resp:
+            assert resp.status == 200
+    async with served(INGEST) as (client, _):
+        async with client.get("/metrics") as resp:
+            await problem(resp, 404)
+    async with served(INGEST, management=True) as (client, _):
+        async with client.get("/metrics") as resp:
+            assert resp.status == 200
+
+
 async def test_the_served_document_lists_exactly_the_served_routes() -> None:
-    async with served(GATEWAY) as (client, ctx):
+    async with served(GATEWAY, management=True) as (client, ctx):
         async with client.get("/openapi.json") as resp:
             assert resp.status == 200
             spec = await resp.json()
@@ -127,8 +160,10 @@ async def test_every_invalid_body_is_answered_alike(tenant: tuple[str, int]) -> 
         ("/v1/accounts", {"email": "a@b.c", "host": "h", "username": "u", "password": 5, "port": secret},
          key, "Invalid account"),
     ]  # fmt: skip
-    async with served(GATEWAY) as (client, _):
+    async with served(GATEWAY) as (client, ctx):
         for path, body, headers, title in cases:
+            # the admin path on the management port (this server's, while it is asked)
+            ctx.management_port = (client.port or 0) if path.startswith(ADMIN_PREFIX) else -1
             async with client.post(path, json=body, headers=headers) as resp:
                 doc = await problem(resp, 422)
             assert doc["title"] == title and doc["errors"], doc

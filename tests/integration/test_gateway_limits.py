@@ -77,8 +77,9 @@ async def served(defn: ServiceDefinition) -> AsyncIterator[tuple[str, ServiceCon
     runner = make_runner(ctx.app, settings)
     await runner.setup()  # the app's cleanup contexts open its resources here
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        for _ in ("public", "management"):
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+        ctx.management_port = runner.addresses[1][1]
         ctx.set_ready()
         yield f"http://127.0.0.1:{runner.addresses[0][1]}", ctx
     finally:
@@ -111,7 +112,7 @@ async def problem(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
 async def test_failed_authentications_are_limited_per_address_and_known_keys_still_work(
     gateway: tuple[str, ServiceContext], router: ShardRouter
 ) -> None:
-    base, _ = gateway
+    base, ctx = gateway
     known, fresh = await new_tenant(router), await new_tenant(router)
     async with aiohttp.ClientSession(base) as http:
         async with http.get("/v1/accounts", headers=bearer(known.api_key)) as resp:
@@ -125,7 +126,8 @@ async def test_failed_authentications_are_limited_per_address_and_known_keys_sti
             assert int(resp.headers["Retry-After"]) >= 1
             assert "failed authentications" in doc["detail"]
         # So is a wrong admin key, and a right key this process has not seen yet.
-        async with http.post("/v1/admin/applications", json={"name": "x"}, headers=bearer("nope")) as resp:
+        admin = f"http://127.0.0.1:{ctx.management_port}/v1/admin/applications"
+        async with http.post(admin, json={"name": "x"}, headers=bearer("nope")) as resp:
             await problem(resp, 429)
         async with http.get("/v1/accounts", headers=bearer(fresh.api_key)) as resp:
             await problem(resp, 429)

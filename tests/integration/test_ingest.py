@@ -293,16 +293,20 @@ def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
-async def _metrics(http: aiohttp.ClientSession) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    async with http.get("/metrics") as resp:
+async def _metrics(
+    http: aiohttp.ClientSession, ingest: LocalService
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    async with http.get(f"{ingest.management_address}/metrics") as resp:
         return _samples(await resp.text())
 
 
-async def test_metrics_count_outcomes(http: aiohttp.ClientSession, tenant: Tenant) -> None:
+async def test_metrics_count_outcomes(
+    http: aiohttp.ClientSession, ingest: LocalService, tenant: Tenant
+) -> None:
     """Three accepted events, then a batch of one invalid and two good ones: the counters move by
     exactly those numbers, and each request is timed under its status."""
     a, _ = tenant.accounts
-    before = await _metrics(http)
+    before = await _metrics(http, ingest)
     good = {"events": [item(a, f"count-{i}") for i in range(3)]}
     async with http.post("/v1/events", json=good, headers=auth(tenant.api_key)) as resp:
         assert resp.status == 202, await resp.text()
@@ -315,7 +319,7 @@ async def test_metrics_count_outcomes(http: aiohttp.ClientSession, tenant: Tenan
     }
     async with http.post("/v1/events", json=bad, headers=auth(tenant.api_key)) as resp:
         assert resp.status == 422, await resp.text()
-    after = await _metrics(http)
+    after = await _metrics(http, ingest)
 
     def moved(name: str, **labels: str) -> float:
         key = (name, frozenset(labels.items()))

@@ -8,8 +8,17 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from libs.config import KafkaSettings
-from libs.kafka import TOPICS, TopicSpec, create_topics, make_consumer, make_producer
-from tests.scratch import topic_name
+from libs.kafka import (
+    TOPICS,
+    TopicMismatch,
+    TopicSpec,
+    create_topics,
+    make_consumer,
+    make_producer,
+    partition_count,
+)
+from services.transform.worker import TransformWorker
+from tests.scratch import topic_name, transform_topics
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +120,47 @@ async def test_transactions_hide_aborted_records(topics: None, kafka_settings: K
             assert batch, got
             got.extend(r.value for r in batch[tp] if r.value is not None)
     assert got == [b"committed", b"committed-2"]
+
+
+async def test_an_existing_topic_that_differs_is_reported_and_left_alone(
+    topics: None, kafka_settings: KafkaSettings
+) -> None:
+    first, second = topic_name("differs"), topic_name("same")
+    await create_topics(kafka_settings, (TopicSpec(first, 2), TopicSpec(second, 1)))
+    with pytest.raises(TopicMismatch, match=rf"{first} has 2 partitions, the settings ask 3") as raised:
+        await create_topics(kafka_settings, (TopicSpec(first, 3), TopicSpec(second, 1)))
+    assert second not in str(raised.value)
+    assert await partition_count(kafka_settings, first) == 2
+
+
+async def test_the_settings_are_checked_against_the_stack_topics(
+    topics: None, kafka_settings: KafkaSettings
+) -> None:
+    """A production-sized setting against the local stack's 6-partition topics is refused, naming
+    inflight and the changelog, before anything changes."""
+    asking = kafka_settings.model_copy(update={"kafka_inflight_partitions": 48})
+    with pytest.raises(TopicMismatch) as raised:
+        await create_topics(asking)
+    message = str(raised.value)
+    assert "flightlog.inflight has 6 partitions, the settings ask 48" in message
+    assert "flightlog.transform-state has 6 partitions, the settings ask 48" in message
+    assert "flightlog.postflight" not in message
+    assert await partition_count(kafka_settings, "flightlog.inflight") == 6
+
+
+async def test_transform_refuses_a_changelog_that_does_not_match_inflight(
+    topics: None, kafka_settings: KafkaSettings
+) -> None:
+    inflight, postflight, state = await transform_topics(kafka_settings, "mismatch", 3, state_partitions=2)
+    base = inflight.removesuffix(".inflight")
+    worker = TransformWorker(
+        kafka_settings,
+        transactional_id=f"{base}-txn",
+        group_id=f"{base}-group",
+        inflight_topic=inflight,
+        postflight_topic=postflight,
+        state_topic=state,
+    )
+    with pytest.raises(TopicMismatch, match=rf"{state} has 2 partitions but {inflight} has 3"):
+        await worker.start()
+    await worker.stop()

@@ -40,12 +40,12 @@ from libs.events import (
     encode,
     message_key_bytes,
 )
-from libs.kafka import DLQ, TopicSpec, create_topics, make_consumer, make_producer
+from libs.kafka import DLQ, make_consumer, make_producer
 from libs.lifecycle import MessageState, apply
 from libs.mime import MAX_RAW_BYTES
 from services.transform.worker import TransformWorker
 from tests.polling import eventually
-from tests.scratch import group_name, topic_name
+from tests.scratch import group_name, transform_topics
 
 pytestmark = pytest.mark.integration
 
@@ -98,16 +98,8 @@ async def _end_offsets(kafka: KafkaSettings, topic: str, partitions: int) -> dic
 
 async def make_env(kafka_settings: KafkaSettings, prefix: str) -> Env:
     """Topics, a consumer group and a transactional id of one test's own, named after ``prefix``."""
-    base, group = topic_name(prefix), group_name(prefix)
-    inflight, postflight, state = (f"{base}.{n}" for n in ("inflight", "postflight", "state"))
-    await create_topics(
-        kafka_settings,
-        (
-            TopicSpec(inflight, PARTITIONS),
-            TopicSpec(postflight, PARTITIONS),
-            TopicSpec(state, PARTITIONS, {"cleanup.policy": "compact"}),
-        ),
-    )
+    group = group_name(prefix)
+    inflight, postflight, state = await transform_topics(kafka_settings, prefix, PARTITIONS)
     dlq_end = await _end_offsets(kafka_settings, DLQ, 1)
     return Env(
         kafka_settings, inflight, postflight, state, group, group,

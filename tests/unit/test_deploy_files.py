@@ -42,8 +42,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from libs.config import KafkaSettings
 from libs.imap_accounts import ImapAccountsSettings
-from libs.kafka import TOPICS
+from libs.kafka import PRODUCTION_BROKERS, TOPICS, topic_specs
+from libs.service import MANAGEMENT_PORT_OFFSET
 from services.persist.worker import PersistSettings
 from services.transform.settings import TransformSettings
 
@@ -77,7 +79,10 @@ def service_secrets(name: str) -> set[str]:
 
 
 SECRET_ENV = set().union(*(service_secrets(name) for name in SERVICE_PORTS))
+# The migrations' login: the init Job's and compose's init only, never a service's.
+ADMIN_ENV = {"FLIGHTLOG_ADMIN_DB_USER", "FLIGHTLOG_ADMIN_DB_PASSWORD"}
 FLIGHTLOG_ENV = {
+    *ADMIN_ENV,
     "FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS",
     "FLIGHTLOG_DB_USER",
     "FLIGHTLOG_GLOBAL_DB_HOST",
@@ -85,6 +90,8 @@ FLIGHTLOG_ENV = {
     "FLIGHTLOG_GLOBAL_DB_NAME",
     "FLIGHTLOG_HTTP_HOST",
     "FLIGHTLOG_HTTP_PORT",
+    "FLIGHTLOG_MANAGEMENT_HOST",
+    "FLIGHTLOG_MANAGEMENT_PORT",
     "FLIGHTLOG_LOG_FORMAT",
     "FLIGHTLOG_DRAIN_TIMEOUT_S",
     "FLIGHTLOG_ENVIRONMENT",
@@ -310,10 +317,13 @@ def test_compose_has_the_stack_services() -> None:
 
 def test_compose_ports_follow_the_contract() -> None:
     services = _compose()["services"]
-    expected = {name: (port, port) for name, port in SERVICE_PORTS.items()} | INFRA_PORTS
-    for name, (published, target) in expected.items():
+    management = MANAGEMENT_PORT_OFFSET
+    expected = {
+        name: [(port, port), (port + management, port + management)] for name, port in SERVICE_PORTS.items()
+    } | {name: [ports] for name, ports in INFRA_PORTS.items()}
+    for name, published in expected.items():
         ports = [_parse_port(p) for p in services[name].get("ports", [])]
-        assert [(p, t) for _, p, t in ports] == [(published, target)], name
+        assert [(p, t) for _, p, t in ports] == published, name
         # published for local use only, like the Docker-free dev stack
         assert all(ip == "127.0.0.1" for ip, _, _ in ports), name
     assert "ports" not in services["init"]
@@ -328,7 +338,10 @@ def test_compose_flightlog_services() -> None:
         env = _env_map(svc.get("environment"))
         assert env["FLIGHTLOG_HTTP_PORT"] == str(port), name
         assert env["FLIGHTLOG_HTTP_HOST"] == "0.0.0.0", name
-        assert env["FLIGHTLOG_DB_USER"] == "root", name
+        assert env["FLIGHTLOG_MANAGEMENT_HOST"] == "0.0.0.0", name
+        assert env["FLIGHTLOG_MANAGEMENT_PORT"] == str(port + MANAGEMENT_PORT_OFFSET), name
+        assert env["FLIGHTLOG_DB_USER"] == "flightlog", name
+        assert not ADMIN_ENV & set(env), name
         assert env["FLIGHTLOG_DB_PASSWORD"], name
         assert SECRET_ENV & set(env) == service_secrets(name), name
         test = _command_text(svc["healthcheck"]["test"])
@@ -359,6 +372,10 @@ def test_compose_init_builds_the_image_and_runs_the_init_commands() -> None:
     assert env["FLIGHTLOG_GLOBAL_DB_HOST"] == "mysql-1"
     assert env["FLIGHTLOG_GLOBAL_DB_PORT"] == "3306"
     assert env["FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:19092"
+    assert env["FLIGHTLOG_ADMIN_DB_USER"] == "root"
+    assert env["FLIGHTLOG_ADMIN_DB_PASSWORD"] == "${FLIGHTLOG_ADMIN_DB_PASSWORD:-flightlog-admin}"
+    mariadb = _compose()["x-mariadb"]["environment"]
+    assert mariadb["MARIADB_ROOT_PASSWORD"] == env["FLIGHTLOG_ADMIN_DB_PASSWORD"]
 
 
 def test_compose_infrastructure() -> None:
@@ -405,14 +422,14 @@ def test_compose_infrastructure() -> None:
             named.add(source)
     assert named == volumes == {"kafka-data", "mysql-1-data", "mysql-2-data"}
 
-    # database password: the same value for the MySQL root user and the flightlog services
+    # the MySQL root user is the migrations' (init's) administrative login; the services log in
+    # as the user the migrations make, with a password of its own
+    roots = {_env_map(services[n]["environment"])["MARIADB_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")}
+    assert roots == {_env_map(services["init"]["environment"])["FLIGHTLOG_ADMIN_DB_PASSWORD"]}
     passwords = {
-        _env_map(services[n]["environment"])["MARIADB_ROOT_PASSWORD"] for n in ("mysql-1", "mysql-2")
-    }
-    passwords |= {
         _env_map(services[n]["environment"])["FLIGHTLOG_DB_PASSWORD"] for n in (*SERVICE_PORTS, "init")
     }
-    assert len(passwords) == 1, passwords
+    assert len(passwords) == 1 and not passwords & roots, passwords
 
 
 # deploy/k8s -----------------------------------------------------------------------------------
@@ -514,7 +531,8 @@ def test_k8s_deployments_follow_the_contract() -> None:
     config = configmaps["flightlog-config"]["data"]
     assert int(config["FLIGHTLOG_DRAIN_TIMEOUT_S"]) == DRAIN_TIMEOUT_S
     assert config["FLIGHTLOG_HTTP_HOST"] == "0.0.0.0"
-    assert config["FLIGHTLOG_DB_USER"] == "root"
+    assert config["FLIGHTLOG_MANAGEMENT_HOST"] == "0.0.0.0"
+    assert config["FLIGHTLOG_DB_USER"] == "flightlog"  # not the admin: the migrations make it
 
     for name, port in SERVICE_PORTS.items():
         dep = deployments[name]
@@ -523,7 +541,8 @@ def test_k8s_deployments_follow_the_contract() -> None:
         assert selector.items() <= template["metadata"]["labels"].items(), name
         annotations = template["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true", name
-        assert annotations["prometheus.io/port"] == str(port), name
+        management = port + MANAGEMENT_PORT_OFFSET
+        assert annotations["prometheus.io/port"] == str(management), name
         assert annotations["prometheus.io/path"] == "/metrics", name
 
         pod = template["spec"]
@@ -532,7 +551,8 @@ def test_k8s_deployments_follow_the_contract() -> None:
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         [container] = pod["containers"]
         assert container["command"] == ["python", "-m", f"services.{name}"], name
-        assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http", port)]
+        ports = [(p["name"], p["containerPort"]) for p in container["ports"]]
+        assert ports == [("http", port), ("management", management)], name
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", name
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", name
         for probe in ("readinessProbe", "livenessProbe"):
@@ -542,6 +562,7 @@ def test_k8s_deployments_follow_the_contract() -> None:
 
         env = {e["name"]: e for e in container.get("env", [])}
         assert env["FLIGHTLOG_HTTP_PORT"]["value"] == str(port), name
+        assert env["FLIGHTLOG_MANAGEMENT_PORT"]["value"] == str(management), name
         assert SECRET_ENV & set(env) == service_secrets(name), name
         assert [s["configMapRef"]["name"] for s in container["envFrom"]] == ["flightlog-config"]
         for var in SECRET_ENV & set(env):
@@ -559,9 +580,13 @@ def test_k8s_services_expose_gateway_and_ingest() -> None:
     for name, svc in services.items():
         pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert svc["spec"]["selector"].items() <= pod_labels.items(), name
-        [port] = svc["spec"]["ports"]
-        assert port["port"] == SERVICE_PORTS[name], name
-        assert port["targetPort"] in ("http", SERVICE_PORTS[name]), name
+        http, management = svc["spec"]["ports"]
+        assert (http["name"], http["port"], http["targetPort"]) == ("http", SERVICE_PORTS[name], "http")
+        assert (management["name"], management["port"], management["targetPort"]) == (
+            "management",
+            SERVICE_PORTS[name] + MANAGEMENT_PORT_OFFSET,
+            "management",
+        ), name
 
 
 def test_k8s_transform_is_a_statefulset_with_a_stable_instance_id() -> None:
@@ -624,6 +649,7 @@ def test_k8s_init_job_runs_the_init_commands() -> None:
     # every $(VAR)/${VAR} the command uses is defined for the container
     init_config = _k8s("ConfigMap")["flightlog-init"]["data"]
     env_names = {e["name"] for e in container["env"]}
+    assert ADMIN_ENV <= env_names  # the migrations run as the administrative user
     for var in re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", command):
         assert var in env_names, var
         ref = next(e for e in container["env"] if e["name"] == var)["valueFrom"]
@@ -632,7 +658,7 @@ def test_k8s_init_job_runs_the_init_commands() -> None:
 
 def test_k8s_secret_is_a_marked_placeholder() -> None:
     secret = _k8s("Secret")["flightlog-secrets"]
-    assert set(secret["stringData"]) == SECRET_ENV
+    assert set(secret["stringData"]) == SECRET_ENV | {"FLIGHTLOG_ADMIN_DB_PASSWORD"}
     assert "replace" in (K8S_DIR / "secret.yaml").read_text().lower()
     assert not SECRET_ENV & set(_k8s("ConfigMap")["flightlog-config"]["data"])
 
@@ -659,9 +685,9 @@ def test_contract_variables_are_all_configured() -> None:
 
     k8s_env = set(_k8s("ConfigMap")["flightlog-config"]["data"])
     k8s_env |= set(_k8s("Secret")["flightlog-secrets"]["stringData"])
-    for dep in _workloads().values():
+    for dep in [*_workloads().values(), *_k8s("Job").values()]:
         for container in dep["spec"]["template"]["spec"]["containers"]:
-            k8s_env |= {e["name"] for e in container.get("env", [])}
+            k8s_env |= {e["name"] for e in container.get("env", []) if e["name"].startswith("FLIGHTLOG_")}
     assert k8s_env == FLIGHTLOG_ENV
 
 
@@ -711,7 +737,7 @@ def test_dockerfile_builds_the_project_image() -> None:
         f"services.{name}" for name in SERVICE_PORTS
     }
     exposed = {int(p) for i in final if i.cmd == "EXPOSE" for p in i.value}
-    assert exposed == set(SERVICE_PORTS.values())
+    assert exposed == {p + offset for p in SERVICE_PORTS.values() for offset in (0, MANAGEMENT_PORT_OFFSET)}
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
@@ -879,14 +905,22 @@ def test_k8s_network_policies_let_in_only_the_service_ports() -> None:
         ingress = _policies_for(pod, "ingress")
         ports = {p["port"] for rule in ingress for p in rule.get("ports", [])}
         assert all(rule.get("ports") for rule in ingress), pod  # no rule opens every port
-        if pod in K8S_EXPOSED_SERVICES:
-            # the API from anywhere (ingress controller, other services, Prometheus)
-            assert ports == {port} and any("from" not in rule for rule in ingress), pod
-        elif pod == "init":
+        if pod == "init":
             assert not ingress
-        else:  # /metrics, for Prometheus only
-            assert ports == {port}, pod
-            assert all(_namespaces(rule, "from") == {"monitoring"} for rule in ingress), pod
+            continue
+        assert port is not None
+        management = port + MANAGEMENT_PORT_OFFSET
+        # the management port (/metrics; the gateway's docs and admin API) for Prometheus only
+        for rule in ingress:
+            if management in {p["port"] for p in rule["ports"]}:
+                assert _namespaces(rule, "from") == {"monitoring"}, pod
+        if pod in K8S_EXPOSED_SERVICES:
+            # the API from anywhere (ingress controller, other services)
+            open_rules = [rule for rule in ingress if "from" not in rule]
+            assert [p["port"] for rule in open_rules for p in rule["ports"]] == [port], pod
+            assert ports == {port, management}, pod
+        else:
+            assert ports == {management}, pod
 
 
 def test_k8s_internet_egress_never_reaches_inward() -> None:
@@ -919,7 +953,7 @@ def test_k8s_internet_egress_never_reaches_inward() -> None:
 def test_k8s_consumers_scale_on_their_lag() -> None:
     scaled = _k8s("ScaledObject")
     assert set(scaled) == set(CONSUMER_GROUPS)
-    partitions = {spec.name: spec.partitions for spec in TOPICS}
+    partitions = {spec.name: spec.partitions for spec in topic_specs(KafkaSettings(), PRODUCTION_BROKERS)}
     bootstrap = _k8s("ConfigMap")["flightlog-config"]["data"]["FLIGHTLOG_KAFKA_BOOTSTRAP_SERVERS"]
     workloads = _workloads()
     for name, obj in scaled.items():
@@ -1007,7 +1041,7 @@ def test_promql_metric_extraction() -> None:
 def test_k8s_kafka_topics_follow_the_topic_specs() -> None:
     topics = {t["spec"]["topicName"]: t for t in _k8s("KafkaTopic").values()}
     assert set(topics) == {spec.name for spec in TOPICS}
-    for spec in TOPICS:
+    for spec in topic_specs(KafkaSettings(), PRODUCTION_BROKERS):
         topic = topics[spec.name]
         assert topic["metadata"]["name"] == spec.name
         assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "flightlog"

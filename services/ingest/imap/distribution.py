@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -24,7 +25,7 @@ from libs.component import Component
 from libs.config import KafkaSettings
 from libs.imap_accounts import SyncStore
 from libs.imap_login import AccountLogin
-from libs.kafka import TopicSpec, create_topics, make_consumer
+from libs.kafka import IMAP_ACCOUNTS, TopicSpec, catalogue_spec, create_topics, make_consumer
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.sync import AccountSync
 
@@ -34,11 +35,9 @@ logger = logging.getLogger(__name__)
 
 
 def accounts_topic_spec(settings: ImapSettings) -> TopicSpec:
-    return TopicSpec(
-        settings.imap_accounts_topic,
-        settings.imap_accounts_partitions,
-        {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000", "segment.ms": "3600000"},
-    )
+    """The catalogue's imap-accounts topic under the configured name (its partitions are
+    ``FLIGHTLOG_KAFKA_IMAP_ACCOUNTS_PARTITIONS``, resolved when it is created)."""
+    return dataclasses.replace(catalogue_spec(IMAP_ACCOUNTS), name=settings.imap_accounts_topic)
 
 
 class _Worker:

@@ -22,7 +22,6 @@ class ImapSettings(ImapAccountsSettings):
     """
 
     imap_sync_enabled: bool = True
-    imap_accounts_partitions: int = Field(default=12, gt=0)  # only for a topic of another name
     imap_consumer_group: str = "flightlog-ingest-imap"
     # A UID FETCH of bodies holds at most imap_batch_size messages and imap_fetch_batch_bytes of
     # them as planned from RFC822.SIZE (each counted up to libs.mime.MAX_RAW_BYTES, the most
