@@ -21,10 +21,12 @@ from libs.config import KafkaSettings
 __all__ = [
     "CHANGES",
     "DLQ",
+    "ERASURES",
     "IMAP_ACCOUNTS",
     "INFLIGHT",
     "PERSIST_RETRY",
     "POSTFLIGHT",
+    "RETENTION_MS",
     "TOPICS",
     "TRANSFORM_STATE",
     "TopicSpec",
@@ -45,8 +47,21 @@ TRANSFORM_STATE: Final = "flightlog.transform-state"
 PERSIST_RETRY: Final = "flightlog.persist-retry"
 # One compacted record per IMAP account (key: account id); ingest instances split it between them.
 IMAP_ACCOUNTS: Final = "flightlog.imap-accounts"
+# One compacted record per erased account (key: account id; libs.erasure): transform reads it
+# whole and tails it, tombstones the account's states and drops its records still in flight.
+ERASURES: Final = "flightlog.erasures"
 
 _WEEK_MS: Final = 7 * 24 * 3600 * 1000
+# How long each append-only topic keeps a record (``retention.ms``). These are the upper bound of
+# how long an erased account's records may outlive its erasure there (docs/privacy.md): a topic
+# cannot drop one account's records, so an erasure report names each topic with this time.
+RETENTION_MS: Final = {
+    INFLIGHT: _WEEK_MS,
+    POSTFLIGHT: _WEEK_MS,
+    CHANGES: _WEEK_MS,
+    DLQ: 4 * _WEEK_MS,
+    PERSIST_RETRY: 4 * _WEEK_MS,
+}
 # Tombstones stay an hour after compaction (the default is a day): transform's restore reads each
 # one, and every expired message state leaves one. A restore takes seconds, far below the hour.
 _COMPACTED: Final = {
@@ -67,13 +82,14 @@ class TopicSpec:
 # inflight and the transform's changelog must have the same partition count: partition N of the
 # changelog holds the state of the messages read from partition N of inflight.
 TOPICS: Final = (
-    TopicSpec(INFLIGHT, 6, {"retention.ms": str(_WEEK_MS)}),
-    TopicSpec(POSTFLIGHT, 6, {"retention.ms": str(_WEEK_MS)}),
-    TopicSpec(CHANGES, 6, {"retention.ms": str(_WEEK_MS)}),
-    TopicSpec(DLQ, 1, {"retention.ms": str(4 * _WEEK_MS)}),
-    TopicSpec(PERSIST_RETRY, 6, {"retention.ms": str(4 * _WEEK_MS)}),
+    TopicSpec(INFLIGHT, 6, {"retention.ms": str(RETENTION_MS[INFLIGHT])}),
+    TopicSpec(POSTFLIGHT, 6, {"retention.ms": str(RETENTION_MS[POSTFLIGHT])}),
+    TopicSpec(CHANGES, 6, {"retention.ms": str(RETENTION_MS[CHANGES])}),
+    TopicSpec(DLQ, 1, {"retention.ms": str(RETENTION_MS[DLQ])}),
+    TopicSpec(PERSIST_RETRY, 6, {"retention.ms": str(RETENTION_MS[PERSIST_RETRY])}),
     TopicSpec(TRANSFORM_STATE, 6, dict(_COMPACTED)),
     TopicSpec(IMAP_ACCOUNTS, 12, dict(_COMPACTED)),
+    TopicSpec(ERASURES, 1, dict(_COMPACTED)),
 )
 
 
