@@ -1,5 +1,5 @@
 """Erasing an account against the real MariaDB and Kafka, with transform and persist running and
-records of the account still in flight (libs.erasure).
+records of the account still in flight (libs.erasure); and the message retention job on a shard.
 
 "Nothing is left" is checked from ``information_schema``: every table of the shard and of the
 global schema with an ``account_id`` column, so a table added later (threads) is checked without a
@@ -40,6 +40,14 @@ from libs.events import (
 from libs.imap_accounts import ImapAccountsSettings, SyncStore, UidEntry
 from libs.kafka import TopicSpec, create_topics, make_consumer, make_producer
 from libs.shards import ShardRouter
+from services.gateway.retention import (
+    MessageRetention,
+    account_retention,
+    application_retention,
+    expire_messages,
+    set_account_retention,
+    set_application_retention,
+)
 from services.persist.worker import PersistSettings, PersistWorker
 from services.transform.worker import TransformWorker
 from tests.polling import eventually
@@ -411,3 +419,55 @@ async def test_an_interrupted_erasure_is_finished_by_the_next_call(
     assert done.erased == {"shard.accounts": 1, "shard.messages": 2500}
     left = await rows_of(router, account)
     assert not any(left.values()), left
+
+
+async def test_the_retention_job_erases_old_messages_with_their_deleted_changes(router: ShardRouter) -> None:
+    """Against the shard: the application's retention, an account's override (longer), an account
+    without messages that old; batches smaller than the work, so several transactions."""
+    app, _ = await create_application(router, app_name("retention"))
+    shard = router.shard_map.shards[0]
+    follows = await create_account(router, app.id, "follows@example.test", shard=shard)
+    longer = await create_account(router, app.id, "longer@example.test", shard=shard)
+    await set_application_retention(router, app.id, 2 * 86400)
+    await set_account_retention(router, longer.id, 10 * 86400)
+    assert await application_retention(router, app.id) == 2 * 86400
+    assert await account_retention(router, longer.id) == 10 * 86400
+    assert await account_retention(router, follows.id) is None
+    messages = router.table(shard, "messages")
+    ages_days = {"fresh": 0, "day": 1, "week": 7, "month": 30}
+    async with (await router.pool(shard)).acquire() as conn, conn.cursor() as cur:
+        for account in (follows, longer):
+            for name, days in ages_days.items():
+                for i in range(5):
+                    await cur.execute(
+                        f"INSERT INTO {messages} (account_id, message_key, version, subject, occurred_at)"
+                        " VALUES (%s, %s, 7, 'x', UTC_TIMESTAMP(6) - INTERVAL %s DAY)",
+                        (account.id, f"{name}-{i}", days),
+                    )
+        await conn.commit()
+    erased_before = sample("flightlog_retention_erased_messages_total", {"shard": str(shard)})
+
+    erased = await expire_messages(router, shard, MessageRetention(interval_s=60, batch_rows=3, pause_s=0))
+
+    assert erased >= 15  # this test's; other applications' on the shared stack may add to it
+    assert (
+        sample("flightlog_retention_erased_messages_total", {"shard": str(shard)}) - erased_before == erased
+    )
+    async with (await router.pool(shard)).acquire() as conn, conn.cursor() as cur:
+        left: dict[int, set[str]] = {}
+        for account in (follows, longer):
+            await cur.execute(f"SELECT message_key FROM {messages} WHERE account_id = %s", (account.id,))
+            left[account.id] = {bytes(r[0]).decode().split("-")[0] for r in await cur.fetchall()}
+        await cur.execute(
+            f"SELECT account_id, change_type, version, COUNT(*) FROM {router.table(shard, 'changes')}"
+            " WHERE account_id IN (%s, %s) GROUP BY account_id, change_type, version",
+            (follows.id, longer.id),
+        )
+        changes = {(int(r[0]), r[1], int(r[2])): int(r[3]) for r in await cur.fetchall()}
+        await conn.commit()
+    assert left == {follows.id: {"fresh", "day"}, longer.id: {"fresh", "day", "week"}}
+    assert changes == {(follows.id, "deleted", 8): 10, (longer.id, "deleted", 8): 5}
+    # A second pass finds nothing more of them.
+    await expire_messages(router, shard, MessageRetention(interval_s=60, batch_rows=3, pause_s=0))
+    await set_application_retention(router, app.id, None)
+    assert await application_retention(router, app.id) is None
