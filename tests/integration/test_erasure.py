@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ from services.gateway.retention import (
     set_account_retention,
     set_application_retention,
 )
+from services.gateway.webhooks.settings import WebhookSettings
+from services.gateway.webhooks.store import NewDelivery, WebhookStore
 from services.persist.worker import PersistSettings, PersistWorker
 from services.transform.worker import TransformWorker
 from tests.polling import eventually
@@ -361,6 +365,19 @@ async def test_an_erased_account_leaves_nothing_even_with_records_in_flight(
             return (await rows_of(router, kept))["shard.messages"] == 2
 
         await eventually(kept_caught_up, 90, "the other account's later message stored")
+
+    # The webhook dispatcher, reading a change of the account published before the erasure:
+    store = WebhookStore(router, WebhookSettings().webhooks_secret_key)
+    late = NewDelivery(
+        0,
+        account.id,
+        random.getrandbits(62),
+        "message.created",
+        b"{}",
+        datetime.now(UTC).replace(tzinfo=None),
+    )
+    await store.insert_deliveries([late, dataclasses.replace(late, account_id=kept.id)])
+    assert len(await delivery_ids(router, kept)) == 1
 
     left = await rows_of(router, account)
     assert left and not any(left.values()), f"rows of the erased account are left: {left}"
