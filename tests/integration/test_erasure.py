@@ -379,6 +379,11 @@ async def test_an_erased_account_leaves_nothing_even_with_records_in_flight(
     await store.insert_deliveries([late, dataclasses.replace(late, account_id=kept.id)])
     assert len(await delivery_ids(router, kept)) == 1
 
+    # An IMAP sync still running when the erasure stopped it:
+    sync = SyncStore(router, SecretBox.from_settings())
+    folder = await sync.add_folder(account.id, "Archive", None)
+    await sync.put_uids(account.id, folder.id, [UidEntry(9, "imap:1:late", "")])
+
     left = await rows_of(router, account)
     assert left and not any(left.values()), f"rows of the erased account are left: {left}"
     assert await attempts_of(router, deliveries) == 0
