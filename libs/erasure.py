@@ -34,10 +34,11 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter
 
-from libs.db import shard_schema
+from libs.db import leader_lock_name, shard_schema
 from libs.ids import shard_of
 from libs.imap_accounts import ImapAccountsSettings, publish_account
 from libs.kafka import ERASURES, RETENTION_MS
+from libs.leader import take_lock
 from libs.shards import ShardRouter
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "account_tables",
     "announce_erasure",
     "erase_account",
+    "erasure_lock_name",
     "erasure_of",
     "global_account_tables",
 ]
@@ -138,6 +140,11 @@ async def _tables_with_account(router: ShardRouter, pool: Any, schema: str) -> l
     return [str(r[0]) for r in rows]
 
 
+def erasure_lock_name(router: ShardRouter, account_id: int) -> str:
+    """The named lock held while a call runs the account's erasure."""
+    return leader_lock_name(f"erasure-{account_id}", router.global_schema)
+
+
 async def announce_erasure(producer: AIOKafkaProducer, account_id: int, topic: str = ERASURES) -> None:
     """Tell transform (``flightlog.erasures``) that the account is erased."""
     value = orjson.dumps(
@@ -225,7 +232,8 @@ async def erase_account(
     erasures_topic: str = ERASURES,
 ) -> Erasure:
     """Start or finish the erasure of ``account_id`` (see the module docstring); returns the job,
-    done. Safe to call again at any point, also after it finished (it only answers then)."""
+    done, or ``running`` when another call is running it now (a named lock per account). Safe to
+    call again at any point, also after it finished (it only answers then)."""
     g = router.global_schema
     async with router.global_pool.acquire() as conn, conn.cursor() as cur:
         try:
@@ -238,6 +246,31 @@ async def erase_account(
         except BaseException:
             await conn.rollback()
             raise
+    # One runner per account: a client that retries while the job still runs gets its state.
+    lock = erasure_lock_name(router, account_id)
+    async with router.global_pool.acquire() as lock_conn:
+        try:
+            if not await take_lock(lock_conn, lock):
+                running = await erasure_of(router, account_id)
+                assert running is not None
+                return running
+            return await _run(router, producer, imap, account_id, erasures_topic)
+        finally:
+            # The lock dies with its session; a pooled connection outlives the job, so release it.
+            async with lock_conn.cursor() as cur:
+                await cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
+                await cur.fetchall()
+            await lock_conn.commit()
+
+
+async def _run(
+    router: ShardRouter,
+    producer: AIOKafkaProducer,
+    imap: ImapAccountsSettings,
+    account_id: int,
+    erasures_topic: str,
+) -> Erasure:
+    g = router.global_schema
     job = await erasure_of(router, account_id)
     assert job is not None
     if job.state == "done":

@@ -67,7 +67,14 @@ async def _retention_body(request: web.Request) -> int | None:
         "eraseAccount",
         "accounts",
         "Erase the account and everything it has",
-        (Answer(200, "what was erased, and the topics whose records expire later", schemas.AccountErasure),),
+        (
+            Answer(200, "what was erased, and the topics whose records expire later", schemas.AccountErasure),
+            Answer(
+                202,
+                "another request is erasing the account now: what it erased so far",
+                schemas.AccountErasure,
+            ),
+        ),
         description="Messages, change log, IMAP sync state and credentials, webhook deliveries and the"
         " account itself; transform forgets the account's message states and drops its records still"
         " in flight; ingest stops syncing its mailbox. Idempotent: calling again finishes an erasure"
@@ -98,7 +105,7 @@ async def delete_account(request: web.Request, app: Application) -> web.StreamRe
         erasures_topic=request.app[SETTINGS].gateway_erasures_topic,
     )
     request.app[DIRECTORY].forget_account(account_id)
-    return web.json_response(job.report())
+    return web.json_response(job.report(), status=200 if job.state == "done" else 202)
 
 
 async def _account_view(request: web.Request, app: Application) -> web.Response:

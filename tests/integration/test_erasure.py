@@ -24,10 +24,10 @@ from aiokafka import TopicPartition
 from prometheus_client import REGISTRY
 
 from libs.accounts import Account, Application, create_account, create_application
-from libs.config import KafkaSettings
+from libs.config import DatabaseSettings, KafkaSettings
 from libs.crypto import SecretBox
-from libs.db import shard_schema
-from libs.erasure import Erasure, erase_account, erasure_of
+from libs.db import connect, shard_schema
+from libs.erasure import Erasure, erase_account, erasure_lock_name, erasure_of
 from libs.events import (
     Direction,
     Event,
@@ -41,6 +41,7 @@ from libs.events import (
 )
 from libs.imap_accounts import ImapAccountsSettings, SyncStore, UidEntry
 from libs.kafka import TopicSpec, create_topics, make_consumer, make_producer
+from libs.leader import take_lock
 from libs.shards import ShardRouter
 from services.gateway.retention import (
     MessageRetention,
@@ -403,10 +404,11 @@ async def test_an_erased_account_leaves_nothing_even_with_records_in_flight(
 
 
 async def test_an_interrupted_erasure_is_finished_by_the_next_call(
-    router: ShardRouter, topics: None, kafka_settings: KafkaSettings
+    router: ShardRouter, topics: None, kafka_settings: KafkaSettings, db_settings: DatabaseSettings
 ) -> None:
     """The state a crash right after the account's row was deleted leaves: the job running, the
-    row gone, everything else still there. The next call finishes it and reports all of it."""
+    row gone, everything else still there. A call while another runs the job answers its state;
+    the next call finishes it and reports all of it."""
     app, _ = await create_application(router, app_name("erasure"))
     shard = router.shard_map.shards[-1]
     account = await create_account(router, app.id, "half@example.test", shard=shard)
@@ -436,6 +438,10 @@ async def test_an_interrupted_erasure_is_finished_by_the_next_call(
         kafka_settings, (TopicSpec(t.erasures, 1, dict(COMPACTED)), TopicSpec(t.imap, 1, dict(COMPACTED)))
     )
 
+    async with connect(db_settings, db_settings.global_db_host, db_settings.global_db_port) as other:
+        assert await take_lock(other, erasure_lock_name(router, account.id))  # another call runs it
+        busy = await erase(router, kafka_settings, t, account)
+        assert busy.state == "running" and busy.erased == {"shard.accounts": 1}
     done = await erase(router, kafka_settings, t, account)
     assert done.state == "done" and done.finished_at is not None
     assert done.erased == {"shard.accounts": 1, "shard.messages": 2500}
