@@ -378,7 +378,12 @@ async def test_an_erased_account_leaves_nothing_even_with_records_in_flight(
         datetime.now(UTC).replace(tzinfo=None),
     )
     await store.insert_deliveries([late, dataclasses.replace(late, account_id=kept.id)])
-    assert len(await delivery_ids(router, kept)) == 1
+    (kept_delivery,) = await delivery_ids(router, kept)
+    async with router.global_pool.acquire() as conn, conn.cursor() as cur:  # endpoint 0: not swept
+        await cur.execute(
+            f"DELETE FROM `{router.global_schema}`.webhook_deliveries WHERE id = %s", (kept_delivery,)
+        )
+        await conn.commit()
 
     # An IMAP sync still running when the erasure stopped it:
     sync = SyncStore(router, SecretBox.from_settings())
