@@ -326,6 +326,10 @@ class AccountDirectory:
         self._check_map_version()
         self._accounts[account.id] = account
 
+    def forget_account(self, account_id: int) -> None:
+        """Drop a cached account (after its erasure), so this process answers 404 at once."""
+        self._accounts.pop(account_id, None)
+
     async def account(self, account_id: int) -> Account | None:
         self._check_map_version()
         account = self._accounts.get(account_id)

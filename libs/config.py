@@ -66,6 +66,8 @@ class KafkaSettings(_Base):
     kafka_imap_accounts_partitions: int | None = Field(default=None, ge=1)
     # One partition: the DLQ is read by `flightlog dlq` only, in order.
     kafka_dlq_partitions: int | None = Field(default=None, ge=1)
+    # One partition: flightlog.erasures is small and every transform reads it whole.
+    kafka_erasures_partitions: int | None = Field(default=None, ge=1)
     kafka_linger_ms: int = 5
     kafka_max_batch_bytes: int = 1_048_576
     # How every producer, consumer and admin client (the services' and the CLI's) talks to the

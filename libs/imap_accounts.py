@@ -299,9 +299,11 @@ class SyncStore:
         ]  # fmt: skip
 
     async def add_folder(self, account_id: int, name: str, role: str | None) -> FolderRow:
+        # Not for an erased account (libs.erasure): a sync still running must not bring it back.
         _, folder_id = await self._global(
-            f"INSERT INTO `{self._g}`.imap_folders (account_id, name, role) VALUES (%s, %s, %s)",
-            (account_id, name, role),
+            f"INSERT INTO `{self._g}`.imap_folders (account_id, name, role) SELECT %s, %s, %s FROM DUAL"
+            f" WHERE NOT EXISTS (SELECT 1 FROM `{self._g}`.account_erasures WHERE account_id = %s)",
+            (account_id, name, role, account_id),
         )
         return FolderRow(folder_id, name, role, None, None, None, "initial", 0)
 
@@ -390,6 +392,13 @@ class SyncStore:
         shard = shard_of(account_id)
         pool = await self._router.pool(shard)
         async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT 1 FROM {self._router.table(shard, 'erased_accounts')} WHERE account_id = %s",
+                (account_id,),
+            )
+            if await cur.fetchone() is not None:  # erased (libs.erasure): a sync still running writes nothing
+                await conn.commit()
+                return
             await cur.executemany(
                 f"INSERT INTO {self._router.table(shard, 'imap_uids')}"
                 " (account_id, folder_id, uid, message_key,"

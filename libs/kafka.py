@@ -22,12 +22,14 @@ from libs.tls import client_context
 __all__ = [
     "CHANGES",
     "DLQ",
+    "ERASURES",
     "IMAP_ACCOUNTS",
     "INFLIGHT",
     "PERSIST_RETRY",
     "POSTFLIGHT",
     "PRODUCTION_BROKERS",
     "PRODUCTION_PARTITIONS",
+    "RETENTION_MS",
     "TOPICS",
     "TRANSFORM_STATE",
     "TopicMismatch",
@@ -55,8 +57,21 @@ TRANSFORM_STATE: Final = "flightlog.transform-state"
 PERSIST_RETRY: Final = "flightlog.persist-retry"
 # One compacted record per IMAP account (key: account id); ingest instances split it between them.
 IMAP_ACCOUNTS: Final = "flightlog.imap-accounts"
+# One compacted record per erased account (key: account id; libs.erasure): transform reads it
+# whole and tails it, tombstones the account's states and drops its records still in flight.
+ERASURES: Final = "flightlog.erasures"
 
 _WEEK_MS: Final = 7 * 24 * 3600 * 1000
+# How long each append-only topic keeps a record (``retention.ms``). These are the upper bound of
+# how long an erased account's records may outlive its erasure there (docs/privacy.md): a topic
+# cannot drop one account's records, so an erasure report names each topic with this time.
+RETENTION_MS: Final = {
+    INFLIGHT: _WEEK_MS,
+    POSTFLIGHT: _WEEK_MS,
+    CHANGES: _WEEK_MS,
+    DLQ: 4 * _WEEK_MS,
+    PERSIST_RETRY: 4 * _WEEK_MS,
+}
 # Tombstones stay an hour after compaction (the default is a day): transform's restore reads each
 # one, and every expired message state leaves one. A restore takes seconds, far below the hour.
 _COMPACTED: Final = {
@@ -95,13 +110,16 @@ class TopicSpec:
 # inflight and the transform's changelog share one setting: partition N of the changelog holds
 # the state of the messages read from partition N of inflight.
 TOPICS: Final = (
-    TopicSpec(INFLIGHT, 6, {"retention.ms": str(_WEEK_MS)}, "kafka_inflight_partitions"),
-    TopicSpec(POSTFLIGHT, 6, {"retention.ms": str(_WEEK_MS)}, "kafka_postflight_partitions"),
-    TopicSpec(CHANGES, 6, {"retention.ms": str(_WEEK_MS)}, "kafka_changes_partitions"),
-    TopicSpec(DLQ, 1, {"retention.ms": str(4 * _WEEK_MS)}, "kafka_dlq_partitions", 1),
-    TopicSpec(PERSIST_RETRY, 6, {"retention.ms": str(4 * _WEEK_MS)}, "kafka_persist_retry_partitions"),
+    TopicSpec(INFLIGHT, 6, {"retention.ms": str(RETENTION_MS[INFLIGHT])}, "kafka_inflight_partitions"),
+    TopicSpec(POSTFLIGHT, 6, {"retention.ms": str(RETENTION_MS[POSTFLIGHT])}, "kafka_postflight_partitions"),
+    TopicSpec(CHANGES, 6, {"retention.ms": str(RETENTION_MS[CHANGES])}, "kafka_changes_partitions"),
+    TopicSpec(DLQ, 1, {"retention.ms": str(RETENTION_MS[DLQ])}, "kafka_dlq_partitions", 1),
+    TopicSpec(
+        PERSIST_RETRY, 6, {"retention.ms": str(RETENTION_MS[PERSIST_RETRY])}, "kafka_persist_retry_partitions"
+    ),
     TopicSpec(TRANSFORM_STATE, 6, dict(_COMPACTED), "kafka_inflight_partitions"),
     TopicSpec(IMAP_ACCOUNTS, 12, dict(_COMPACTED), "kafka_imap_accounts_partitions"),
+    TopicSpec(ERASURES, 1, dict(_COMPACTED), "kafka_erasures_partitions", 1),
 )
 
 

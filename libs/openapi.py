@@ -183,6 +183,9 @@ class ApiRoutes:
     def patch(self, path: str, op: Operation) -> Callable[[Handler], Handler]:
         return self.route("PATCH", path, op)
 
+    def put(self, path: str, op: Operation) -> Callable[[Handler], Handler]:
+        return self.route("PUT", path, op)
+
     def delete(self, path: str, op: Operation) -> Callable[[Handler], Handler]:
         return self.route("DELETE", path, op)
 

@@ -148,6 +148,11 @@ async def _sweep_applications(db: DatabaseSettings, shard_map: ShardMap, now: fl
     if not apps:
         return
     marks = ", ".join(["%s"] * len(apps))
+    async with connect(db, db.global_db_host, db.global_db_port) as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT account_id FROM {g}.account_erasures WHERE application_id IN ({marks})", apps
+        )
+        erased = [int(a) for (a,) in await cur.fetchall()]
     for shard in shard_map.shards:
         async with connect(db, *shard_map.cluster_of(shard).primary) as conn, conn.cursor() as cur:
             schema = f"`{shard_schema(shard)}`"
@@ -161,6 +166,12 @@ async def _sweep_applications(db: DatabaseSettings, shard_map: ShardMap, now: fl
                     )
                 await cur.execute(f"DELETE FROM {schema}.accounts WHERE id IN ({in_accounts})", accounts)
                 swept.accounts += len(accounts)
+            theirs = [a for a in erased if a >> 48 == shard]
+            if theirs:  # the record of erased accounts (libs.erasure) that persist reads
+                in_erased = ", ".join(["%s"] * len(theirs))
+                swept.rows += await cur.execute(
+                    f"DELETE FROM {schema}.erased_accounts WHERE account_id IN ({in_erased})", theirs
+                )
             await conn.commit()
     async with connect(db, db.global_db_host, db.global_db_port) as conn, conn.cursor() as cur:
         endpoints = f"SELECT id FROM {g}.webhook_endpoints WHERE application_id IN ({marks})"
@@ -172,6 +183,7 @@ async def _sweep_applications(db: DatabaseSettings, shard_map: ShardMap, now: fl
             f"DELETE FROM {g}.imap_folders WHERE account_id IN ({imap})",
             f"DELETE FROM {g}.imap_accounts WHERE application_id IN ({marks})",
             f"DELETE FROM {g}.api_keys WHERE application_id IN ({marks})",
+            f"DELETE FROM {g}.account_erasures WHERE application_id IN ({marks})",
         ):
             swept.rows += await cur.execute(statement, apps)
         swept.applications = await cur.execute(f"DELETE FROM {g}.applications WHERE id IN ({marks})", apps)

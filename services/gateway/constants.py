@@ -25,3 +25,8 @@ MAX_SSE_HEARTBEAT_S: Final = 60
 BUSY_RETRY_AFTER_S: Final = 5
 
 MAX_ACTIVE_KEYS: Final = 20
+
+# Message retention an application or account may set: from an hour (the retention job's passes
+# are minutes apart) to a century; none keeps messages for ever.
+MIN_RETENTION_S: Final = 3600
+MAX_RETENTION_S: Final = 100 * 365 * 86400

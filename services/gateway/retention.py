@@ -1,18 +1,49 @@
-"""Trimming the change log: rows older than the retention go, and the shard's mark says how far.
+"""Retention: the change log's, and the messages' that applications ask for.
 
+Trimming the change log: rows older than the retention go, and the shard's mark says how far.
 The mark (``changes_retention.trimmed_through``) is raised in the transaction of the first delete,
 so a delta reader sees the mark and the missing rows together and answers 410 instead of silently
 skipping changes. Several gateways may trim at once: every step is idempotent.
+
+Message retention: an application sets a period (``applications.message_retention_s``), an
+account may override it (``accounts.message_retention_s`` on its shard), and one leader in the
+deployment (:func:`libs.leader.lead_until_stopped`, role ``message-retention``) erases the messages
+older than it (by ``occurred_at``), shard by shard. Each batch is one short transaction that
+deletes at most ``batch_rows`` rows and writes a ``deleted`` change per message, as the delta feed
+contract has deletions do (the change relay then makes them ``message.deleted`` webhooks), with
+the row's version + 1; then the job pauses ``pause_s``. The batch size bounds how long it holds the
+shard's change-order lock (persist's writes wait for it) and the pause bounds its share of the
+shard's time, so foreground writes keep their rate; the rate of erasure is at most
+``batch_rows / pause_s`` rows a second per gateway leader.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
+import asyncmy
+from prometheus_client import Counter
+
+from libs.changelog import lock_changes
+from libs.config import DatabaseSettings
+from libs.db import insert_guarded
+from libs.ids import shard_of
+from libs.leader import lead_until_stopped, sleep_unless_stopped
 from libs.shards import ShardRouter
 
-__all__ = ["trim_changes", "trim_forever"]
+__all__ = [
+    "MessageRetention",
+    "account_retention",
+    "application_retention",
+    "expire_messages",
+    "expire_messages_forever",
+    "set_account_retention",
+    "set_application_retention",
+    "trim_changes",
+    "trim_forever",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +118,189 @@ async def trim_forever(router: ShardRouter, retention_s: float, interval_s: floa
                     "trimming the change log of shard %d failed; next try in %.0f s", shard, interval_s
                 )
         await asyncio.sleep(interval_s)
+
+
+EXPIRED_MESSAGES = Counter(
+    "flightlog_retention_erased_messages_total", "Messages erased by the retention job, by shard", ["shard"]
+)
+RETENTION_ROLE = "message-retention"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRetention:
+    """How the retention job runs: a pass over every shard each ``interval_s``; batches of at most
+    ``batch_rows`` messages, each its own transaction, ``pause_s`` apart."""
+
+    interval_s: float
+    batch_rows: int
+    pause_s: float
+
+
+async def application_retention(router: ShardRouter, application_id: int) -> int | None:
+    async with router.global_pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT message_retention_s FROM `{router.global_schema}`.applications WHERE id = %s",
+            (application_id,),
+        )
+        row = await cur.fetchone()
+        await conn.commit()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+async def set_application_retention(
+    router: ShardRouter, application_id: int, retention_s: int | None
+) -> None:
+    async with router.global_pool.acquire() as conn, conn.cursor() as cur:
+        try:
+            await cur.execute(
+                f"UPDATE `{router.global_schema}`.applications SET message_retention_s = %s WHERE id = %s",
+                (retention_s, application_id),
+            )
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+
+
+async def account_retention(router: ShardRouter, account_id: int) -> int | None:
+    """The account's own retention (None: it follows its application's)."""
+    shard = shard_of(account_id)
+    pool = await router.pool(shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT message_retention_s FROM {router.table(shard, 'accounts')} WHERE id = %s", (account_id,)
+        )
+        row = await cur.fetchone()
+        await conn.commit()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+async def set_account_retention(router: ShardRouter, account_id: int, retention_s: int | None) -> None:
+    shard = shard_of(account_id)
+    pool = await router.pool(shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        try:
+            await cur.execute(
+                f"UPDATE {router.table(shard, 'accounts')} SET message_retention_s = %s WHERE id = %s",
+                (retention_s, account_id),
+            )
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+
+
+async def _applications_with_retention(router: ShardRouter) -> dict[int, int]:
+    async with router.global_pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT id, message_retention_s FROM `{router.global_schema}`.applications"
+            " WHERE message_retention_s IS NOT NULL"
+        )
+        rows = await cur.fetchall()
+        await conn.commit()
+    return {int(r[0]): int(r[1]) for r in rows}
+
+
+async def _accounts_with_retention(router: ShardRouter, shard: int, apps: dict[int, int]) -> dict[int, int]:
+    """Each of the shard's accounts that has a retention, with it (its own over its application's)."""
+    where = "message_retention_s IS NOT NULL"
+    if apps:
+        where += f" OR application_id IN ({', '.join(['%s'] * len(apps))})"
+    pool = await router.pool(shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT id, application_id, message_retention_s FROM {router.table(shard, 'accounts')}"
+            f" WHERE {where}",
+            list(apps),
+        )
+        rows = await cur.fetchall()
+        await conn.commit()
+    return {int(r[0]): int(r[2]) if r[2] is not None else apps[int(r[1])] for r in rows}
+
+
+async def _expire_batch(
+    router: ShardRouter, shard: int, account_id: int, retention_s: int, limit: int
+) -> int:
+    """Erase up to ``limit`` of the account's messages older than ``retention_s``, with their
+    ``deleted`` changes, in one transaction; returns how many."""
+    messages = router.table(shard, "messages")
+    pool = await router.pool(shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        try:
+            await cur.execute(
+                f"SELECT id, version FROM {messages} WHERE account_id = %s"
+                " AND occurred_at < UTC_TIMESTAMP(6) - INTERVAL %s SECOND"
+                f" ORDER BY occurred_at, id LIMIT {int(limit)} FOR UPDATE",
+                (account_id, retention_s),
+            )
+            rows = [(int(r[0]), int(r[1])) for r in await cur.fetchall()]
+            if rows:
+                await cur.execute(
+                    f"DELETE FROM {messages} WHERE id IN ({', '.join(['%s'] * len(rows))})",
+                    [i for i, _ in rows],
+                )
+                await lock_changes(cur, router, shard)
+                await insert_guarded(
+                    cur,
+                    shard,
+                    f"INSERT INTO {router.table(shard, 'changes')}"
+                    " (account_id, object_type, object_id, change_type, version) VALUES "
+                    + ", ".join(["(%s, 'message', %s, 'deleted', %s)"] * len(rows)),
+                    [v for i, version in rows for v in (account_id, i, version + 1)],
+                    rows=len(rows),
+                )
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+    return len(rows)
+
+
+async def expire_messages(
+    router: ShardRouter, shard: int, settings: MessageRetention, stopping: asyncio.Event | None = None
+) -> int:
+    """One pass of the retention job over one shard; returns the messages erased."""
+    accounts = await _accounts_with_retention(router, shard, await _applications_with_retention(router))
+    erased = 0
+    for account_id, retention_s in sorted(accounts.items()):
+        while stopping is None or not stopping.is_set():
+            n = await _expire_batch(router, shard, account_id, retention_s, settings.batch_rows)
+            if n:
+                erased += n
+                EXPIRED_MESSAGES.labels(str(shard)).inc(n)
+                await asyncio.sleep(settings.pause_s)
+            if n < settings.batch_rows:
+                break
+    return erased
+
+
+async def expire_messages_forever(
+    db: DatabaseSettings, router: ShardRouter, settings: MessageRetention, stopping: asyncio.Event
+) -> None:
+    """Run the retention job while this process leads its role (one in the deployment)."""
+
+    async def lead(conn: asyncmy.Connection) -> None:
+        while not stopping.is_set():
+            for shard in router.shard_map.shards:
+                if shard in router.shard_map.readonly or stopping.is_set():
+                    continue  # a moving shard takes no writes; the next pass gets it
+                try:
+                    erased = await expire_messages(router, shard, settings, stopping)
+                    if erased:
+                        logger.info("retention erased %d messages of shard %d", erased, shard)
+                except Exception:
+                    logger.exception("message retention of shard %d failed; next pass in %.0f s",
+                                     shard, settings.interval_s)  # fmt: skip
+            async with conn.cursor() as cur:  # the lock's connection is still ours
+                await cur.execute("SELECT 1")
+                await cur.fetchall()
+            await sleep_unless_stopped(stopping, settings.interval_s)
+
+    await lead_until_stopped(
+        db,
+        RETENTION_ROLE,
+        stopping,
+        lead,
+        standby_poll_s=settings.interval_s,
+        error_backoff_s=settings.interval_s,
+    )

@@ -15,13 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from libs.events import Direction, Status
 from libs.openapi import PublicId
+from services.gateway.constants import MAX_RETENTION_S, MIN_RETENTION_S
 
 __all__ = [
     "Account",
+    "AccountErasure",
     "AccountPage",
     "ApiKey",
     "ApiKeyList",
     "Application",
+    "ApplicationRetention",
     "Attachment",
     "Cursor",
     "Delta",
@@ -41,6 +44,7 @@ __all__ = [
     "NonNegative",
     "Participant",
     "Participants",
+    "Retention",
     "Token",
 ]
 
@@ -182,6 +186,43 @@ class Account(Doc):
     email: str
     provider: str
     shard: Shard
+
+
+class TopicExpiry(Doc):
+    topic: str
+    retention_s: NonNegative
+    records_expire_by: datetime = Field(description="when the topic holds no record of the account any more")
+
+
+class AccountErasure(Doc):
+    """What an erasure removed: rows per table (``shard.<table>``, ``global.<table>``); transform's
+    states of the account are tombstoned by transform itself. ``topics`` are what an erasure cannot
+    reach: append-only topics keep the account's records until their retention passes."""
+
+    account_id: PublicId
+    state: Literal["running", "done"]
+    erased: dict[str, NonNegative]
+    requested_at: datetime
+    finished_at: datetime | None
+    topics: list[TopicExpiry]
+
+
+RetentionSeconds = Annotated[int, Field(ge=MIN_RETENTION_S, le=MAX_RETENTION_S)]
+
+
+class Retention(Doc):
+    """An account's message retention: its own (``retention_s``), else its application's
+    (``effective_retention_s`` is what applies; null keeps messages for ever)."""
+
+    account_id: PublicId
+    retention_s: RetentionSeconds | None
+    effective_retention_s: RetentionSeconds | None
+
+
+class ApplicationRetention(Doc):
+    """The application's message retention (null keeps messages for ever)."""
+
+    retention_s: RetentionSeconds | None
 
 
 class AccountPage(Doc):

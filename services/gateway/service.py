@@ -5,7 +5,8 @@ router with the account directory, the Kafka producer, then the webhook and IMAP
 on that router; see :mod:`services.gateway.resources`). PATCH and DELETE of messages are
 lifecycle events on flightlog.inflight; IMAP accounts are announced on flightlog.imap-accounts.
 :func:`main` runs the workers that are not requests: the webhook dispatcher (unless
-``FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY`` is false) and the change-log trimmer; it waits for
+``FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY`` is false), the change-log trimmer and the message
+retention job (one leader in the deployment); it waits for
 SIGTERM, then stops them. Open SSE streams end when the runner sets ``STOPPING``. Readiness
 includes the dispatcher. Every request is counted and timed per route on ``/metrics``
 (:mod:`services.gateway.metrics`).
@@ -33,8 +34,9 @@ from services.gateway.imap_accounts import add_imap_account_routes
 from services.gateway.messages import add_message_routes
 from services.gateway.metrics import request_metrics_middleware
 from services.gateway.openapi import DOC_PATHS, add_doc_routes
+from services.gateway.privacy import add_privacy_routes
 from services.gateway.resources import SETTINGS, setup_resources
-from services.gateway.retention import trim_forever
+from services.gateway.retention import MessageRetention, expire_messages_forever, trim_forever
 from services.gateway.settings import GatewaySettings
 from services.gateway.webhooks import WEBHOOK_SETTINGS, WebhookDispatcher, WebhookSettings, add_webhook_routes
 from services.gateway.webhooks.service import consumer_factory
@@ -76,6 +78,7 @@ def setup_app(app: web.Application) -> None:
     add_delta_routes(app)
     add_webhook_routes(app, WebhookSettings())
     add_imap_account_routes(app, ImapAccountsSettings())
+    add_privacy_routes(app)  # after the IMAP accounts' settings: an erasure stops the sync
     add_content_routes(app, ContentSettings())
 
 
@@ -94,6 +97,16 @@ async def main(ctx: ServiceContext) -> None:
                 name="changes-trimmer",
             )
             workers.push_async_callback(_cancel, trimmer)
+        if settings.gateway_message_retention_interval_s > 0:
+            retention = MessageRetention(
+                settings.gateway_message_retention_interval_s,
+                settings.gateway_message_retention_batch_rows,
+                settings.gateway_message_retention_pause_s,
+            )
+            expirer = asyncio.create_task(
+                expire_messages_forever(settings, router, retention, ctx.stopping), name="message-retention"
+            )
+            workers.push_async_callback(_cancel, expirer)
         ctx.set_ready()
         await ctx.stopping.wait()
 

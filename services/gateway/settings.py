@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from libs.config import ServiceSettings
-from libs.kafka import CHANGES
+from libs.kafka import CHANGES, ERASURES
 
 __all__ = ["GatewaySettings"]
 
@@ -52,6 +52,16 @@ class GatewaySettings(ServiceSettings):
     # The delta log keeps at least this long; older change rows are trimmed (0 keeps them forever).
     gateway_changes_retention_s: float = 7 * 24 * 3600.0
     gateway_trim_interval_s: float = 600.0
+    # Message retention (services.gateway.retention): one leader erases the messages older than
+    # their application's or account's retention, a pass over every shard each interval (0: no
+    # job in this process), in batches of at most batch_rows messages (one transaction each,
+    # holding the shard's change-order lock that long), pause_s apart: at most
+    # batch_rows / pause_s messages a second, so persist's writes keep their rate.
+    gateway_message_retention_interval_s: float = Field(default=300.0, ge=0)
+    gateway_message_retention_batch_rows: int = Field(default=200, ge=1, le=5000)
+    gateway_message_retention_pause_s: float = Field(default=0.1, ge=0)
+    # Account erasures: the topic transform learns of them from (libs.erasure).
+    gateway_erasures_topic: str = ERASURES
     gateway_write_wait_s: float = Field(default=5.0, ge=0, le=30)
     gateway_write_poll_interval_s: float = Field(default=0.05, gt=0, le=1)
     gateway_produce_timeout_s: float = Field(default=10.0, gt=0)  # Kafka's acks=all for one event

@@ -7,7 +7,11 @@ message's content from its state and later records carry flags without content
 number of records (a statement per record was most of persist's time):
 
 1. lock the rows the batch touches and read their versions (``SELECT ... FOR UPDATE``), building
-   the rows meanwhile (the client's work beside the server's);
+   the rows meanwhile (the client's work beside the server's); then read the batch's accounts with
+   a shared lock, and for those without a row the shard's ``erased_accounts``: the records of an
+   erased account are dropped and counted (:mod:`libs.erasure` writes that row, then deletes the
+   account's row, which waits for this lock), so a record still in flight cannot bring an erased
+   account back;
 2. full records: one multi-row ``INSERT ... ON DUPLICATE KEY UPDATE`` (:func:`upsert_statement`)
    where
    - status, flags and times take the record's value only over a lower ``version``;
@@ -80,7 +84,9 @@ import asyncmy.errors
 import orjson
 from asyncmy.converters import escape_item, escape_string
 from asyncmy.cursors import Cursor
+from prometheus_client import Counter
 
+from libs.changelog import lock_changes
 from libs.db import insert_guarded
 from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_utc
 from libs.ids import ShardBitsMismatch, check_shard
@@ -240,6 +246,7 @@ class ShardWriteResult:
     body_bytes_raw: int
     body_bytes_stored: int
     patches_without_row: int = 0  # patches of messages with no row: nothing to change, not an error
+    erased: int = 0  # records of erased accounts: dropped, never written
 
 
 def _utc_naive(name: str, value: datetime | None) -> datetime | None:
@@ -558,19 +565,37 @@ def _checked_key(record: PostflightRecord) -> bytes:
         raise UnstorableRecord(record, f"{type(exc).__name__}: {exc}") from exc
 
 
-async def lock_changes(cur: Cursor, router: ShardRouter, shard: int, *, prefix: str = "") -> None:
-    """Serialize the shard's change writers so change ids commit in order (see migration 0003).
-
-    Call it right before inserting change rows, in the transaction that inserts them; ``prefix``
-    is :func:`_lock_wait`'s.
-    """
-    await cur.execute(f"{prefix}SELECT id FROM {router.table(shard, 'changes_lock')} WHERE id = 1 FOR UPDATE")
-
-
 def _lock_wait(timeout_s: int | None) -> str:
     """The prefix that bounds a statement's lock waits (MariaDB's ``SET STATEMENT``): no round
     trip of its own, and nothing left on the pooled connection."""
     return "" if timeout_s is None else f"SET STATEMENT innodb_lock_wait_timeout = {int(timeout_s)} FOR "
+
+
+ERASED_RECORDS: Final = Counter(
+    "flightlog_persist_erased_account_records_total",
+    "Postflight records dropped because their account is erased",
+)
+
+
+async def _erased_accounts(
+    cur: Cursor, router: ShardRouter, shard: int, ids: set[int], prefix: str
+) -> set[int]:
+    """Which of ``ids`` are erased. The accounts' rows are share-locked for the rest of the
+    transaction: an erasure records the account in ``erased_accounts``, then deletes its row, so
+    it waits for this write (and then erases what it wrote), or this write finds the record.
+    Accounts with neither (written straight to persist, as tests and benchmarks do) are written."""
+    listed = ", ".join(str(int(i)) for i in sorted(ids))
+    await cur.execute(
+        f"{prefix}SELECT id FROM {router.table(shard, 'accounts')} WHERE id IN ({listed}) LOCK IN SHARE MODE"
+    )
+    missing = ids - {int(r[0]) for r in await cur.fetchall()}
+    if not missing:
+        return set()
+    listed = ", ".join(str(int(i)) for i in sorted(missing))
+    await cur.execute(
+        f"SELECT account_id FROM {router.table(shard, 'erased_accounts')} WHERE account_id IN ({listed})"
+    )
+    return {int(r[0]) for r in await cur.fetchall()}
 
 
 async def write_shard(
@@ -596,7 +621,7 @@ async def write_shard(
         dict.fromkeys(full_keys + [(r.account_id, key) for r, key in zip(patches, patch_keys, strict=True)])
     )
     rows: list[tuple[tuple[Any, ...], int, int]] = []
-    without_row = 0
+    without_row = erased = 0
     changes: list[tuple[int, str, int, str, int]] = []
     prefix = _lock_wait(lock_wait_timeout_s)  # on every statement that may wait for a lock
     pool = await router.pool(shard)
@@ -613,6 +638,20 @@ async def write_shard(
                         await reading
                     raise
                 before = await reading
+                accounts = {r.account_id for r in records}
+                gone = await _erased_accounts(cur, router, shard, accounts, prefix) if accounts else set()
+                if gone:  # rare: rebuild without the erased accounts' records
+                    erased = sum(1 for r in records if r.account_id in gone)
+                    ERASED_RECORDS.inc(erased)
+                    full = [r for r in full if r.account_id not in gone]
+                    kept = [
+                        (r, k) for r, k in zip(patches, patch_keys, strict=True) if r.account_id not in gone
+                    ]
+                    patches, patch_keys = [r for r, _ in kept], [k for _, k in kept]
+                    full_keys = [m for m in full_keys if m[0] not in gone]
+                    keys = [m for m in keys if m[0] not in gone]
+                    rows = [row(r) for r in full]
+                    values_sql = _values_sql(values for values, _, _ in rows)
                 now = dict(before)
                 if rows:
                     # RETURNING gives each statement row's state after its update, in the order of
@@ -673,4 +712,5 @@ async def write_shard(
         sum(r[1] for r in rows),
         sum(r[2] for r in rows),
         without_row,
+        erased,
     )

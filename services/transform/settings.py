@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from libs.config import ServiceSettings
-from libs.kafka import INFLIGHT, POSTFLIGHT, TRANSFORM_STATE
+from libs.kafka import ERASURES, INFLIGHT, POSTFLIGHT, TRANSFORM_STATE
 
 __all__ = ["GROUP_ID", "TransformSettings"]
 
@@ -48,6 +48,9 @@ class TransformSettings(ServiceSettings):
     transform_final_state_ttl_s: float = Field(default=3600.0, ge=0)
     transform_pending_state_ttl_s: float = Field(default=7 * 86400.0, ge=0)
     transform_state_sweep_interval_s: float = Field(default=5.0, gt=0)
+    # Erased accounts (libs.erasure), read at start and at every sweep: their states are
+    # tombstoned and their records in flight dropped.
+    transform_erasures_topic: str = ERASURES
 
     @property
     def transactional_id(self) -> str:

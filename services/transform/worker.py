@@ -37,6 +37,13 @@ and restores the touched states, then the batch is retried after a back-off. A
 :class:`aiokafka.errors.ProducerFenced` (another instance took over our transactional id), a
 failed commit (its outcome is unknown) or a failed restore raise :class:`TransformStopped` or
 the error itself: the worker ends, and its successor rebuilds from what Kafka committed.
+
+Erased accounts (:mod:`libs.erasure`): the worker reads ``flightlog.erasures`` whole before it
+joins its group, and again at every sweep. The states of an erased account's messages are
+tombstoned in the changelog (at the sweep that learns of the erasure, and at the first sweep after a
+restore that brought some back), and its records still in flight are dropped, counted as the
+outcome ``erased``: not dead-lettered, which would keep what the erasure removes for the DLQ's
+four weeks and offer it for replay. persist refuses them too (the account's row is gone).
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ from libs.config import KafkaSettings
 from libs.dlq import account_in_key, dead_letter
 from libs.events import Event, decode_event, encode, message_key_bytes
 from libs.inflight import partition_for
-from libs.kafka import TopicMismatch, make_consumer, make_producer
+from libs.kafka import ERASURES, TopicMismatch, make_consumer, make_producer
 from libs.lifecycle import MessageState, OutcomeKind, apply
 from services.transform.parsing import ParsePool
 from services.transform.settings import TransformSettings
@@ -87,6 +94,9 @@ ABORTED = Counter("flightlog_transform_aborted_transactions_total", "Transaction
 RESTORE_SECONDS = Histogram("flightlog_transform_restore_seconds", "Rebuilding states from the changelog")
 EXPIRED_STATES = Counter(
     "flightlog_transform_expired_states_total", "States tombstoned by the sweep", ["kind"]
+)
+ERASED_STATES = Counter(
+    "flightlog_transform_erased_states_total", "States of erased accounts tombstoned in the changelog"
 )
 LIVE_STATES = Gauge("flightlog_transform_states", "Message states in memory, by kind", ["kind"])
 
@@ -196,6 +206,9 @@ class PartitionStates:
     def __len__(self) -> int:
         return len(self._items)
 
+    def keys(self) -> list[bytes]:
+        return list(self._items)
+
     def pop(self, key: bytes) -> None:
         self._items.pop(key, None)
         self._final.pop(key, None)
@@ -264,6 +277,7 @@ class TransformWorker(Component):
         final_state_ttl_s: float = 3600.0,
         pending_state_ttl_s: float = 7 * 86400.0,
         state_sweep_interval_s: float = 5.0,
+        erasures_topic: str = ERASURES,
     ) -> None:
         self.kafka = kafka
         self.transactional_id = transactional_id
@@ -278,6 +292,10 @@ class TransformWorker(Component):
         self.final_state_ttl_s = final_state_ttl_s
         self.pending_state_ttl_s = pending_state_ttl_s
         self.state_sweep_interval_s = state_sweep_interval_s
+        self.erasures_topic = erasures_topic
+        self._erasures: AIOKafkaConsumer = make_consumer(kafka, group_id=None)
+        self._erased: set[int] = set()
+        self._erase_due = False  # some state of an erased account may be held: look at the sweep
         self._parser = ParsePool(
             workers=parse_workers, timeout_s=parse_timeout_s, memory_limit_bytes=parse_memory_limit_bytes
         )
@@ -322,6 +340,7 @@ class TransformWorker(Component):
             final_state_ttl_s=s.transform_final_state_ttl_s,
             pending_state_ttl_s=s.transform_pending_state_ttl_s,
             state_sweep_interval_s=s.transform_state_sweep_interval_s,
+            erasures_topic=s.transform_erasures_topic,
         )
 
     @property
@@ -339,18 +358,25 @@ class TransformWorker(Component):
                 return states.get(key)
         return None
 
+    def is_erased(self, account_id: int) -> bool:
+        """Whether the worker has learnt of the account's erasure (and drops its records)."""
+        return account_id in self._erased
+
     async def start(self) -> None:
         # The producer first: initialising the transactional id aborts whatever a dead
         # predecessor left open, so the changelog is stable before we restore from it.
         await self._producer.start()
         try:
             await self._check_partitions()
+            await self._erasures.start()
+            await self._read_erasures_from_start()
             self._parser.start()
             self._consumer.subscribe([self.inflight_topic], listener=_Listener(self))
             await self._consumer.start()
         except BaseException:
             self._parser.stop()
             await self._consumer.stop()  # closes its client even when it never started
+            await self._erasures.stop()
             await self._producer.stop()
             raise
         self._started = True
@@ -377,6 +403,7 @@ class TransformWorker(Component):
             await self._consumer.stop()
         finally:
             self._parser.stop()
+            await self._erasures.stop()
             await self._producer.stop()
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -481,13 +508,59 @@ class TransformWorker(Component):
         assert event.content is not None
         return event.model_copy(update={"content": await self._parser.expand(event.content)})
 
+    async def _read_erasures_from_start(self) -> None:
+        """Every erased account, up to the topic's end: before the first batch is read."""
+        partitions = await self._producer.partitions_for(self.erasures_topic)  # waits for the metadata
+        tps = [TopicPartition(self.erasures_topic, p) for p in sorted(partitions)]
+        self._erasures.assign(tps)
+        for tp in tps:
+            # From 0, not seek_to_beginning: its offset lookup, failing once on a topic just
+            # created (no leader yet), was not retried and left the partition unread for good.
+            self._erasures.seek(tp, 0)
+        ends = await self._erasures.end_offsets(tps)
+        pending = {tp for tp in tps if ends[tp] > 0}
+        while pending:
+            await self._poll_erasures(timeout_ms=500)
+            for tp in list(pending):
+                if await self._erasures.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+
+    async def _poll_erasures(self, timeout_ms: int = 0) -> None:
+        batch = await self._erasures.getmany(timeout_ms=timeout_ms, max_records=10_000)
+        for records in batch.values():
+            for record in records:
+                account = account_in_key((record.key or b"") + b":")
+                if account is not None and account not in self._erased:
+                    self._erased.add(account)
+                    self._erase_due = True
+
+    async def _forget_erased(self) -> int:
+        """Tombstone every state held of an erased account; returns how many."""
+        self._erase_due = False
+        found: dict[int, list[bytes]] = {}
+        for partition, states in self._states.items():
+            keys = [k for k in states.keys() if account_in_key(k) in self._erased]
+            if keys:
+                found[partition] = keys
+        pairs = [(p, k) for p, keys in found.items() for k in keys]
+        for i in range(0, len(pairs), MAX_EXPIRED_PER_SWEEP):
+            chunk: dict[int, list[bytes]] = {}
+            for p, k in pairs[i : i + MAX_EXPIRED_PER_SWEEP]:
+                chunk.setdefault(p, []).append(k)
+            await self._tombstone(chunk, erased=True)
+        return len(pairs)
+
     async def sweep(self) -> int:
-        """Tombstone the expired states (see the module docstring); returns how many."""
+        """Tombstone the expired states and those of erased accounts (see the module docstring);
+        returns how many expired."""
         self._next_sweep = time.monotonic() + self.state_sweep_interval_s
         now = time.time()
+        await self._poll_erasures()
         async with self._lock:
             if self._fatal is not None:
                 raise self._fatal
+            if self._erase_due:
+                await self._forget_erased()
             expired: dict[int, list[bytes]] = {}
             room = MAX_EXPIRED_PER_SWEEP
             for partition, states in self._states.items():
@@ -509,7 +582,7 @@ class TransformWorker(Component):
             LIVE_STATES.labels("pending").set(pending)
         return sum(len(keys) for keys in expired.values())
 
-    async def _tombstone(self, expired: dict[int, list[bytes]]) -> None:
+    async def _tombstone(self, expired: dict[int, list[bytes]], *, erased: bool = False) -> None:
         out = _Outbox(self._producer)
         await self._producer.begin_transaction()
         try:
@@ -527,9 +600,11 @@ class TransformWorker(Component):
         for partition, keys in expired.items():
             states = self._states[partition]
             for key in keys:
-                kind = "final" if states.is_final(key) else "pending"
+                if erased:
+                    ERASED_STATES.inc()
+                else:
+                    EXPIRED_STATES.labels("final" if states.is_final(key) else "pending").inc()
                 states.pop(key)
-                EXPIRED_STATES.labels(kind).inc()
 
     async def _transact(self, batch: _Batch, decoded: _Decoded) -> dict[str, int]:
         snapshot: _Snapshot = {}
@@ -621,6 +696,8 @@ class TransformWorker(Component):
         """Fold one event into ``states``; what it produces goes to ``dirty`` (the key's state
         changed, with its changelog value when encoded already), ``emitted`` (postflight key and
         value) and ``letters`` (the DLQ, with the reason)."""
+        if self._erased and account_in_key(record.key) in self._erased:
+            return "erased"  # nothing of an erased account is kept, the DLQ included
         if isinstance(event, str):
             letters.append((record, event))
             return "undecodable"
@@ -743,6 +820,7 @@ class TransformWorker(Component):
             if generation != self._generation:
                 return  # reassigned meanwhile; that assignment restores for itself
             self._states.update(restored)
+            self._erase_due = self._erase_due or bool(self._erased)  # the changelog may hold some
             assigned = self._consumer.assignment()
             self._consumer.resume(*(tp for tp in tps if tp in assigned))
             self._restoring = False

@@ -364,7 +364,21 @@ class WebhookStore:
     # -- deliveries ------------------------------------------------------------------------
 
     async def insert_deliveries(self, deliveries: Sequence[NewDelivery]) -> None:
-        """Record deliveries to make; re-recording one (same endpoint and change) is a no-op."""
+        """Record deliveries to make; re-recording one (same endpoint and change) is a no-op. None
+        is recorded for an erased account (libs.erasure): its changes may still be in
+        flightlog.changes after the erasure removed its deliveries."""
+        if not deliveries:
+            return
+        accounts = sorted({d.account_id for d in deliveries})
+        erased = {
+            int(r[0])
+            for r in await self._read(
+                f"SELECT account_id FROM {self._t('account_erasures')}"
+                f" WHERE account_id IN ({', '.join(['%s'] * len(accounts))})",
+                accounts,
+            )
+        }
+        deliveries = [d for d in deliveries if d.account_id not in erased]
         if not deliveries:
             return
         values = []
