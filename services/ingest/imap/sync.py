@@ -199,6 +199,8 @@ class AccountSync:
                         logger.info("imap account %d is disconnected; not syncing", self.account_id)
                         return
                     self.account = account
+                    if attempt == 0 and account.state == "auth_failed":
+                        await self._defer_refused(account)
                     await self._session(account, on_connected=lambda: None)
                 except AuthFailed as exc:
                     self.state = "auth_failed"
@@ -233,6 +235,18 @@ class AccountSync:
                         self.conn = None
         finally:
             ACCOUNTS_RUNNING.dec()
+
+    async def _defer_refused(self, account: AccountRow) -> None:
+        """Credentials the server refused before this worker started (an ingest restart) are
+        tried once more, but late and spread out: a failed login holds its slot for the server's
+        failure delay (Dovecot's: 2 s, then a penalty of up to 15 s on every login from our
+        address), so a fleet's refused accounts tried first would hold back all the others."""
+        after_s = self.settings.imap_refused_retry_delay_s
+        delay = backoff_s(1, after_s, after_s, jitter="spread")
+        logger.info(
+            "imap account %d: credentials refused before; trying again in %.0f s", self.account_id, delay
+        )
+        await asyncio.sleep(delay)
 
     async def _session(self, account: AccountRow, on_connected: Callable[[], None]) -> None:
         conn = ImapConnection(
