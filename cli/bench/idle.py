@@ -43,6 +43,7 @@ from cli.stack import Dovecot, Stack
 from libs.accounts import create_application
 from libs.config import DatabaseSettings
 from libs.shards import ShardRouter
+from services.ingest.imap.settings import ImapSettings
 
 __all__ = ["STAGE", "IdleBench", "Reconnect", "bench_idle_accounts"]
 
@@ -54,6 +55,7 @@ class Reconnect:
     resynced_s: float | None  # the new process's start until every account resynced; None: timeout
     resynced: int  # accounts resynced by then
     cpu_s: float  # the new ingest's CPU time over that span
+    machine_cores: float  # the whole machine's average busy cores over that span (other work too)
     profile: ServiceProfile | None = None
 
 
@@ -158,6 +160,7 @@ async def _restart_and_time(
     stop_s = time.monotonic() - began
     (since,) = await _global_query(router, "SELECT CURRENT_TIMESTAMP(6)")
     assert isinstance(since, datetime)
+    machine = cpu.sample({})
     started = time.monotonic()
     pid = await _start(ingest)
     ready_s = time.monotonic() - started
@@ -175,8 +178,9 @@ async def _restart_and_time(
         resynced_s = time.monotonic() - started
     # a new process: all its CPU time is the restart's, start-up (imports, Kafka) included
     cpu_s = (cpu.tree_ticks(cpu.read_stats(), pid) or 0) / cpu.CLOCK_TICKS_PER_S
+    busy = cpu.usage(machine, cpu.sample({}))
     profile = (await profiling)[0] if profiling is not None else None
-    return Reconnect(stop_s, ready_s, resynced_s, done, cpu_s, profile)
+    return Reconnect(stop_s, ready_s, resynced_s, done, cpu_s, busy.machine_s / busy.wall_s, profile)
 
 
 async def bench_idle_accounts(
@@ -287,7 +291,8 @@ async def idle_stage(ctx: StageContext) -> None:
                 else f"incomplete: {again.resynced:,} of {n:,} resynced within the timeout; "
             )
             + f"{again.cpu_s / n * 1000:.1f} ms of ingest CPU per account ({again.cpu_s:.1f} s, start-up "
-            "included); "
+            f"included); the machine was {again.machine_cores:.1f} cores busy meanwhile (all its work); "
+            f"at most {ImapSettings().imap_max_concurrent_logins_per_host} logins at once per host; "
             "target <= 15 s at 1,000 accounts",
         ),
         progress,
