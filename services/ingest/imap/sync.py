@@ -35,6 +35,7 @@ from aiokafka.errors import KafkaError
 from libs.aio import cancelling, raise_if_cancelling, wait_for
 from libs.backoff import backoff_s
 from libs.events import (
+    MAX_LABELS,
     Direction,
     Event,
     EventType,
@@ -58,7 +59,7 @@ from libs.mime import MAX_RAW_BYTES, message_id_of
 from libs.shards import ShardError
 from services.ingest.imap.settings import ImapSettings
 
-__all__ = ["AccountSync", "LoginGate", "internaldate", "message_key", "tenant_error"]
+__all__ = ["AccountSync", "LoginGate", "gmail_key", "internaldate", "message_key", "tenant_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ FETCH_BYTES: Final = prometheus_client.Histogram(
     buckets=[2**k * 1024 for k in range(6, 15)],  # 64 KiB to 16 MiB
 )  # fmt: skip
 
+MAX_LABEL_CHARS: Final = 100  # libs.events.Label
 _SIZE_FETCH_UIDS: Final = 5_000  # UIDs per RFC822.SIZE fetch: a ~300 KiB answer, a short command
 _ITEM_OVERHEAD_BYTES: Final = 4096  # a FETCH item's bytes beside its literal (UID, flags, date)
 
@@ -140,6 +142,36 @@ def message_key(folder_id: int, header: bytes) -> str:
 
 def _flag_text(flags: Iterable[str]) -> str:
     return " ".join(sorted(f for f in flags if f.lower() != "\\recent"))
+
+
+def gmail_key(msgid: int) -> str:
+    """A Gmail message's key: its X-GM-MSGID, the same in every label and after any UIDVALIDITY
+    change or rename of All Mail (whose name depends on the user's language)."""
+    return f"imap:gm:{msgid}"
+
+
+def _key(folder: FolderRow, item: FetchItem) -> str:
+    return gmail_key(item.gm_msgid) if item.gm_msgid is not None else message_key(folder.id, item.body or b"")
+
+
+def _state_text(item: FetchItem) -> str:
+    """What the UID map keeps of a message to see it change: its flags, and on Gmail a digest of
+    its labels (the column holds 500 characters; a message may have hundreds of labels)."""
+    flags = _flag_text(item.flags)
+    if item.gm_labels is None:
+        return flags
+    digest = hashlib.blake2b("\0".join(sorted(item.gm_labels)).encode(), digest_size=8).hexdigest()
+    return f"{flags} gm:{digest}".lstrip()
+
+
+def _changes(conn: ImapConnection) -> str:
+    """The items a flag-change fetch asks for: on Gmail a label change is a change too."""
+    return "UID FLAGS X-GM-LABELS" if conn.gmail else "UID FLAGS"
+
+
+def _idles_in(conn: ImapConnection, folder: FolderRow) -> bool:
+    """Whether ``folder`` is the one IDLE watches: INBOX, or on Gmail All Mail (the only one synced)."""
+    return folder.role == "all" if conn.gmail else folder.name.upper() == INBOX
 
 
 def internaldate(value: str | None) -> datetime:
@@ -286,9 +318,9 @@ class AccountSync:
         folders = await self._sync_folder_list(conn)
         reselect_inbox = select_inbox
         # INBOX last, so it stays selected for IDLE
-        for folder in sorted(folders, key=lambda f: f.name.upper() == INBOX):
+        for folder in sorted(folders, key=lambda f: _idles_in(conn, f)):
             raise_if_cancelling()
-            is_inbox = folder.name.upper() == INBOX
+            is_inbox = _idles_in(conn, folder)
             # after another folder's SELECT, INBOX is synced (and so selected) again for IDLE
             if not (is_inbox and reselect_inbox) and await self._unchanged(conn, folder):
                 POLLED_FOLDERS.labels("unchanged").inc()
@@ -314,7 +346,7 @@ class AccountSync:
 
     async def _idle_loop(self, conn: ImapConnection) -> None:
         imap = conn.imap
-        inbox = next((f for f in await self.store.folders(self.account_id) if f.name.upper() == INBOX), None)
+        inbox = next((f for f in await self.store.folders(self.account_id) if _idles_in(conn, f)), None)
         loop = asyncio.get_running_loop()
         next_poll = loop.time() + self.settings.imap_poll_interval_s
         while True:
@@ -357,12 +389,15 @@ class AccountSync:
             if loop.time() >= next_poll:
                 await self.poll(conn)
                 inbox = next(
-                    (f for f in await self.store.folders(self.account_id) if f.name.upper() == INBOX), None
+                    (f for f in await self.store.folders(self.account_id) if _idles_in(conn, f)), None
                 )
                 next_poll = loop.time() + self.settings.imap_poll_interval_s
 
     async def _sync_folder_list(self, conn: ImapConnection) -> list[FolderRow]:
         listed = [f for f in await conn.list_folders() if f.selectable]
+        if conn.gmail and any(f.role == "all" for f in listed):
+            # every message of the mailbox once, its labels from X-GM-LABELS (not a copy per label)
+            listed = [f for f in listed if f.role == "all"]
         rows = await self.store.folders(self.account_id)
         by_name = {r.name: r for r in rows}
         listed_names = {f.name for f in listed}
@@ -489,12 +524,12 @@ class AccountSync:
             changed = info.changed
             vanished = info.vanished.select(known)  # linear in what we hold, whatever the set
         elif conn.condstore and folder.highestmodseq is not None:
-            changed = await conn.uid_fetch("1:*", f"(UID FLAGS) (CHANGEDSINCE {folder.highestmodseq})")
+            changed = await conn.uid_fetch("1:*", f"({_changes(conn)}) (CHANGEDSINCE {folder.highestmodseq})")
             listed = await conn.uid_list(max_uids=max_uids) if info.exists else set()
             vanished = [u for u in known if u not in listed]
             server_uids = listed
         else:
-            changed = await conn.uid_fetch("1:*", "(UID FLAGS)") if info.exists else []
+            changed = await conn.uid_fetch("1:*", f"({_changes(conn)})") if info.exists else []
             server_uids = {i.uid for i in changed}
             vanished = [u for u in known if u not in server_uids]
         events: list[Event] = []
@@ -503,10 +538,10 @@ class AccountSync:
             entry = known.get(item.uid)
             if entry is None:
                 continue
-            flags = _flag_text(item.flags)
+            flags = _state_text(item)
             if flags != entry.flags:
                 events.append(
-                    self._updated(folder, item.uid, entry.message_key, item.flags, str(item.modseq or flags))
+                    self._updated(folder, item.uid, entry.message_key, item, str(item.modseq or flags))
                 )
                 updates.append(UidEntry(item.uid, entry.message_key, flags))
         # a key may sit on two UIDs (a duplicate copy): delete it only when none is left
@@ -533,20 +568,24 @@ class AccountSync:
         by_key = {e.message_key: e for e in known.values()}
         uids = sorted(await conn.uid_list(max_uids=self.settings.imap_max_folder_uids)) if info.exists else []
         # cut where a body fetch cuts, so a header above MAX_RAW_BYTES gives the same key
-        parts = f"(UID FLAGS BODY.PEEK[HEADER]<0.{MAX_RAW_BYTES}>)"
+        parts = (
+            "(UID FLAGS X-GM-MSGID X-GM-LABELS)"  # the key is the message id: no header to fetch
+            if conn.gmail
+            else f"(UID FLAGS BODY.PEEK[HEADER]<0.{MAX_RAW_BYTES}>)"
+        )
         kept: dict[int, UidEntry] = {}
         events: list[Event] = []
         async with contextlib.aclosing(self._planned_fetches(conn, uids, parts)) as batches:
             async for items in batches:
                 for item in items:
-                    key = message_key(folder.id, item.body or b"")
+                    key = _key(folder, item)
                     old = by_key.get(key)
                     if old is None:
                         continue
-                    flags = _flag_text(item.flags)
+                    flags = _state_text(item)
                     kept[item.uid] = UidEntry(item.uid, key, flags)
                     if flags != old.flags:
-                        events.append(self._updated(folder, item.uid, key, item.flags, f"reset:{flags}"))
+                        events.append(self._updated(folder, item.uid, key, item, f"reset:{flags}"))
         still = {e.message_key for e in kept.values()}
         events.extend(self._deleted(folder, e) for e in by_key.values() if e.message_key not in still)
         await self._emit(events)
@@ -559,7 +598,8 @@ class AccountSync:
     async def _fetch_new(
         self, conn: ImapConnection, folder: FolderRow, uids: list[int], known: dict[int, UidEntry]
     ) -> None:
-        parts = f"(UID FLAGS RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{MAX_RAW_BYTES}>)"
+        gmail = " X-GM-MSGID X-GM-THRID X-GM-LABELS" if conn.gmail else ""
+        parts = f"(UID FLAGS RFC822.SIZE INTERNALDATE{gmail} BODY.PEEK[]<0.{MAX_RAW_BYTES}>)"
         async with contextlib.aclosing(self._planned_fetches(conn, uids, parts)) as batches:
             async for items in batches:
                 await self._record_new(folder, items, known)
@@ -574,9 +614,9 @@ class AccountSync:
             if item.uid in known:
                 continue
             raw = item.body or b""
-            key = message_key(folder.id, raw)
+            key = _key(folder, item)
             events.append(self._synced(folder, item, key, raw))
-            entries.append(UidEntry(item.uid, key, _flag_text(item.flags)))
+            entries.append(UidEntry(item.uid, key, _state_text(item)))
         await _uncancelled(self._emit_and_record(folder, events, entries))
         for e in entries:
             known[e.uid] = e
@@ -623,13 +663,19 @@ class AccountSync:
                         fresh.append(item)
                 yield fresh
 
-    def _flags(self, folder: FolderRow, flags: Iterable[str]) -> MessageFlags:
+    def _flags(
+        self, folder: FolderRow, flags: Iterable[str], labels: list[str] | None = None
+    ) -> MessageFlags:
         lowered = {f.lower() for f in flags}
-        return MessageFlags(
-            unread="\\seen" not in lowered, starred="\\flagged" in lowered, folder=folder.name[:255]
-        )
+        unread, starred = "\\seen" not in lowered, "\\flagged" in lowered
+        if labels is not None:  # Gmail: labels instead of the folder (every message is in All Mail)
+            kept = list(dict.fromkeys(label[:MAX_LABEL_CHARS] for label in labels if label))[:MAX_LABELS]
+            return MessageFlags(unread=unread, starred=starred, labels=kept)
+        return MessageFlags(unread=unread, starred=starred, folder=folder.name[:255])
 
     def _synced(self, folder: FolderRow, item: FetchItem, key: str, raw: bytes) -> Event:
+        labels = {label.lower() for label in item.gm_labels or ()}
+        outbound = folder.role in ("sent", "drafts") or bool(labels & {"\\sent", "\\draft"})
         return Event(
             event_id=_event_id(self.account_id, folder, item.uid, "synced"),
             account_id=self.account_id,
@@ -637,16 +683,21 @@ class AccountSync:
             type=EventType.SYNCED,
             occurred_at=internaldate(item.internaldate),
             source=SOURCE,
-            direction=Direction.OUTBOUND if folder.role in ("sent", "drafts") else Direction.INBOUND,
+            direction=Direction.OUTBOUND if outbound else Direction.INBOUND,
             content=MessageContent(
                 channel="email",
                 raw_mime=base64.b64encode(raw).decode(),
                 size_bytes=item.size if item.size is not None else len(raw),
+                thread_key=f"gm:{item.gm_thrid}" if item.gm_thrid is not None else None,
             ),
-            flags=self._flags(folder, item.flags),
+            flags=self._flags(folder, item.flags, item.gm_labels),
         )
 
-    def _updated(self, folder: FolderRow, uid: int, key: str, flags: Iterable[str], salt: str) -> Event:
+    def _updated(
+        self, folder: FolderRow, uid: int, key: str, now: FetchItem | Iterable[str], salt: str
+    ) -> Event:
+        """``now``: the message's FETCH (flags, and labels on Gmail), or its flags alone."""
+        flags, labels = (now.flags, now.gm_labels) if isinstance(now, FetchItem) else (now, None)
         return Event(
             event_id=_event_id(self.account_id, folder, uid, "updated", salt),
             account_id=self.account_id,
@@ -654,7 +705,7 @@ class AccountSync:
             type=EventType.UPDATED,
             occurred_at=datetime.now(UTC),
             source=SOURCE,
-            flags=self._flags(folder, flags),
+            flags=self._flags(folder, flags, labels),
         )
 
     def _deleted(self, folder: FolderRow, entry: UidEntry) -> Event:
