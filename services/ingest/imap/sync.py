@@ -12,6 +12,11 @@ move to another instance re-emits at most the last unacknowledged batch, with th
 A message key is ``imap:<folder id>:<identity>``, the identity being the Message-ID (or, without
 one, a digest of the header block): it survives UIDVALIDITY resets and folder renames. Two copies
 of one message in one folder share the key (one message).
+
+On a server with Gmail's extensions (X-GM-EXT-1) only All Mail is synced and watched in IDLE; the
+key is ``imap:gm:<X-GM-MSGID>``, the thread ``gm:<X-GM-THRID>``, and X-GM-LABELS are the
+message's labels (a label change is a flag change). After a login, as in every periodic pass, a
+folder whose STATUS is that of its last complete sync is not synced again.
 """
 
 from __future__ import annotations
