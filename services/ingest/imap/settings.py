@@ -40,9 +40,6 @@ class ImapSettings(ImapAccountsSettings):
     # Logins running at once to one server host, per ingest instance: after a restart every
     # account logs in again, and a provider must not see thousands of logins at once.
     imap_max_concurrent_logins_per_host: int = Field(default=50, gt=0)
-    # An account whose credentials were refused before this instance started it is tried again
-    # only after about this long (jittered by a quarter), behind the fleet's other logins.
-    imap_refused_retry_delay_s: float = Field(default=120.0, ge=0)
     imap_backoff_base_s: float = Field(default=1.0, gt=0)
     imap_backoff_max_s: float = Field(default=300.0, gt=0)
     imap_use_condstore: bool = True  # False forces the UID-list fallback even if offered
