@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 from libs.accounts import create_application
 from libs.imap_accounts import SyncStore
 from libs.shards import ShardRouter
+from services.gateway.content import imap_source
 from services.gateway.imap_accounts import NewImapAccount, create_imap_account
 from services.ingest.imap.settings import ImapSettings
 from services.ingest.imap.sync import AccountSync, gmail_key
@@ -112,10 +113,11 @@ async def test_initial_sync_labels_threads_and_new_mail(
             await eventually(lambda: len(got.of("message.synced")) == 4, 60, "a, b, c and d synced")
             await eventually(lambda: len(got.of("message.updated")) == 1, 60, "a's label change")
             await eventually(lambda: server.played == [one.name], 30, "the whole transcript")
+        (folder,) = await store.folders(account_id)
         synced = by_key(got.of("message.synced"))
         # one message per X-GM-MSGID, whatever its labels: never a copy per label or folder
-        assert set(synced) == {gmail_key(m) for m in (A, B, C, D)}
-        a, b, c, d = (synced[gmail_key(m)] for m in (A, B, C, D))
+        assert set(synced) == {gmail_key(folder.id, m) for m in (A, B, C, D)}
+        a, b, c, d = (synced[gmail_key(folder.id, m)] for m in (A, B, C, D))
         assert base64.b64decode(a["content"]["raw_mime"]) == MESSAGES["a"]  # type: ignore[index]
         assert a["flags"] == {"unread": False, "starred": False, "labels": ["\\Inbox", "Work"]}
         assert c["flags"] == {
@@ -126,10 +128,12 @@ async def test_initial_sync_labels_threads_and_new_mail(
         assert d["content"]["thread_key"] == f"gm:{D}"  # type: ignore[index]
         assert b["direction"] == "outbound" and a["direction"] == "inbound"  # \Sent is outbound
         (updated,) = got.of("message.updated")
-        assert updated["message_key"] == gmail_key(A)
+        assert updated["message_key"] == gmail_key(folder.id, A)
         assert updated["flags"] == {"unread": False, "starred": False, "labels": ["\\Inbox", "Receipts"]}
-        folders = [f.name for f in await store.folders(account_id)]
-        assert folders == ["[Gmail]/All Mail"]  # INBOX, Work, Sent Mail, ... are labels, not synced
+        assert folder.name == "[Gmail]/All Mail"  # INBOX, Work, Sent Mail, ... are labels, not synced
+        # the gateway finds where to read a message's content from its key and the UID map
+        source = await imap_source(store, account_id, gmail_key(folder.id, A))
+        assert source is not None and (source.folder, source.uid) == ("[Gmail]/All Mail", 2)
 
 
 async def test_uidvalidity_change_maps_uids_back_by_message_id(
@@ -155,10 +159,17 @@ async def test_uidvalidity_change_maps_uids_back_by_message_id(
                 f"both transcripts {server.mismatches}",
             )
         await tap.read_up_to_now()
+        (folder,) = await store.folders(account_id)
         # a kept its key and its labels: no event for it, and no second synced event
         synced = [e["message_key"] for e in got.of("message.synced")]
-        assert sorted(synced) == sorted(gmail_key(m) for m in (A, B, C, E))
-        assert {e["message_key"] for e in got.of("message.deleted")} == {gmail_key(B), gmail_key(C)}
+        assert sorted(synced) == sorted(gmail_key(folder.id, m) for m in (A, B, C, E))
+        assert {e["message_key"] for e in got.of("message.deleted")} == {
+            gmail_key(folder.id, B),
+            gmail_key(folder.id, C),
+        }
         assert not got.of("message.updated")
-        uids = await store.uids(account_id, (await store.folders(account_id))[0].id)
-        assert {u: e.message_key for u, e in uids.items()} == {10: gmail_key(A), 11: gmail_key(E)}
+        uids = await store.uids(account_id, folder.id)
+        assert {u: e.message_key for u, e in uids.items()} == {
+            10: gmail_key(folder.id, A),
+            11: gmail_key(folder.id, E),
+        }

@@ -14,7 +14,7 @@ one, a digest of the header block): it survives UIDVALIDITY resets and folder re
 of one message in one folder share the key (one message).
 
 On a server with Gmail's extensions (X-GM-EXT-1) only All Mail is synced and watched in IDLE; the
-key is ``imap:gm:<X-GM-MSGID>``, the thread ``gm:<X-GM-THRID>``, and X-GM-LABELS are the
+key is ``imap:<folder id>:gm<X-GM-MSGID>``, the thread ``gm:<X-GM-THRID>``, and X-GM-LABELS are the
 message's labels (a label change is a flag change). After a login, as in every periodic pass, a
 folder whose STATUS is that of its last complete sync is not synced again.
 """
@@ -149,14 +149,17 @@ def _flag_text(flags: Iterable[str]) -> str:
     return " ".join(sorted(f for f in flags if f.lower() != "\\recent"))
 
 
-def gmail_key(msgid: int) -> str:
-    """A Gmail message's key: its X-GM-MSGID, the same in every label and after any UIDVALIDITY
-    change or rename of All Mail (whose name depends on the user's language)."""
-    return f"imap:gm:{msgid}"
+def gmail_key(folder_id: int, msgid: int) -> str:
+    """A Gmail message's key: All Mail's folder (the only one synced; the gateway reads content
+    through it) and the X-GM-MSGID, the same whatever the message's labels and after any
+    UIDVALIDITY change or rename of All Mail (whose name depends on the user's language)."""
+    return f"imap:{folder_id}:gm{msgid}"
 
 
 def _key(folder: FolderRow, item: FetchItem) -> str:
-    return gmail_key(item.gm_msgid) if item.gm_msgid is not None else message_key(folder.id, item.body or b"")
+    if item.gm_msgid is not None:
+        return gmail_key(folder.id, item.gm_msgid)
+    return message_key(folder.id, item.body or b"")
 
 
 def _state_text(item: FetchItem) -> str:
