@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from cli.bench import cpu
 from cli.bench.drive import (
     WebhookReceiver,
     create_imap_account_via_gateway,
@@ -32,11 +33,13 @@ from cli.bench.drive import (
 from cli.bench.report import Figure, Stage, StageContext
 from cli.bench.stats import LatencySummary, summarize
 from cli.mailbox_gen import DOMAIN, fill_maildir, live_message
+from cli.services import LocalServices
 from cli.stack import IMAP_TEST_PASSWORD, Dovecot, Stack
 from libs.accounts import create_application
 from libs.config import DatabaseSettings
 from libs.imap.client import Imap4
 from libs.shards import ShardRouter
+from services.transform.settings import TransformSettings
 
 __all__ = ["STAGE", "ImapBench", "bench_imap"]
 
@@ -52,6 +55,10 @@ class ImapBench:
     # seconds apart -> APPEND to webhook delivered, of the mail whose webhook arrived in time
     new_mail_webhook: dict[float, LatencySummary] = field(default_factory=dict)
     webhook_missed: dict[float, int] = field(default_factory=dict)  # queryable, never delivered
+    # CPU seconds of each pipeline service (its parse workers included) over the initial sync,
+    # and the machine's average busy cores meanwhile (everyone's work on it)
+    sync_cpu_s: dict[str, float] = field(default_factory=dict)
+    machine_cores: float = 0.0
 
     @property
     def sync_rate(self) -> float:
@@ -155,6 +162,13 @@ async def bench_imap(
     async with ShardRouter(db) as router:
         _, api_key = await create_application(router, f"bench-imap-{uuid.uuid4().hex[:6]}")
         async with aiohttp.ClientSession() as http:
+            services = LocalServices().services
+            pids = {
+                n: [p]
+                for n in ("ingest", "transform", "persist")
+                if (p := services[n].proc.pid()) is not None
+            }
+            before = cpu.sample(pids)
             started = time.monotonic()
             account_id = await create_imap_account_via_gateway(http, gateway_url, api_key, user, server)
             try:
@@ -165,7 +179,11 @@ async def bench_imap(
                         sync_s = time.monotonic() - started
                         break
                     await asyncio.sleep(0.1)
-                result = ImapBench(messages, fill_s, sync_s, synced, {}, {})
+                used = cpu.usage(before, cpu.sample(pids))
+                result = ImapBench(
+                    messages, fill_s, sync_s, synced, {}, {}, sync_cpu_s=used.seconds,
+                    machine_cores=used.machine_s / used.wall_s if used.wall_s else 0.0,
+                )  # fmt: skip
                 if sync_s is not None and new_mail:
                     await _new_mail_stage(result, router, http, gateway_url, api_key, account_id,
                                           server, user, new_mail, new_mail_timeout_s)  # fmt: skip
@@ -226,7 +244,10 @@ async def imap_stage(ctx: StageContext) -> None:
             f"IMAP initial sync of {messages:,} messages to queryable",
             result.initial_sync_s,
             "s",
-            note=f"{result.sync_rate:,.0f} msgs/s, POST /v1/accounts to the last row; "
+            note=f"{result.sync_rate:,.0f} msgs/s, POST /v1/accounts to the last row; CPU per message: "
+            + ", ".join(f"{n} {s / messages * 1e6:,.0f} us" for n, s in result.sync_cpu_s.items())
+            + f" ({TransformSettings().transform_parse_workers} parse workers); the machine was "
+            f"{result.machine_cores:.1f} cores busy (all its work); "
             "target <= 5 s for 10,000 (docs/architecture.md)",
         ),
         progress,

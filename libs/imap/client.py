@@ -16,6 +16,7 @@ Exceptions::
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ __all__ = [
     "ListedFolder",
     "ResponseTooLarge",
     "SelectInfo",
+    "decode_mailbox_utf7",
     "parse_fetch",
+    "parse_gm_labels",
     "parse_list",
     "parse_search",
     "parse_select",
@@ -85,6 +88,12 @@ _SIZE: Final = re.compile(rb"\bRFC822\.SIZE (\d{1,19})\b")
 _DATE: Final = re.compile(rb'\bINTERNALDATE "([^"]+)"')
 _MODSEQ: Final = re.compile(rb"\bMODSEQ \((\d{1,19})\)")
 _NUMBER: Final = re.compile(rb"\d+")
+# Gmail's extensions (X-GM-EXT-1): 64-bit ids, and a parenthesised list of labels
+_GM_MSGID: Final = re.compile(rb"\bX-GM-MSGID (\d{1,20})\b")
+_GM_THRID: Final = re.compile(rb"\bX-GM-THRID (\d{1,20})\b")
+_GM_LABELS: Final = b"X-GM-LABELS ("
+MAX_GM_LABELS: Final = 1000  # labels kept of one message; a mailbox has at most 10,000 (Gmail)
+_MAX_ID: Final = 2**64 - 1
 _LIST: Final = re.compile(rb'^(?:LIST )?\(([^)]*)\) (?:"(?:[^"\\]|\\.)*"|NIL) (.*)$')
 _SPECIAL: Final = {
     "\\sent": "sent", "\\drafts": "drafts", "\\trash": "trash", "\\junk": "junk",
@@ -100,6 +109,10 @@ class FetchItem:
     internaldate: str | None = None
     modseq: int | None = None
     body: bytes | None = None
+    # Gmail (X-GM-EXT-1): the message's and its thread's ids, and its labels (None: not asked)
+    gm_msgid: int | None = None
+    gm_thrid: int | None = None
+    gm_labels: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +150,13 @@ def parse_fetch(lines: list[Any]) -> list[FetchItem]:
     in_item = False
 
     def close() -> None:
+        nonlocal meta
+        labels: list[str] | None = None
+        at = meta.find(_GM_LABELS)
+        if at >= 0:
+            # cut out before the other items are searched: a label is any quoted string
+            labels, end = parse_gm_labels(meta, at + len(_GM_LABELS))
+            meta = meta[:at] + meta[end:]
         uid = _UID.search(meta)
         if uid is None or not 0 < int(uid[1]) <= MAX_UID:
             return
@@ -152,6 +172,9 @@ def parse_fetch(lines: list[Any]) -> list[FetchItem]:
                 internaldate=date[1].decode() if date else None,
                 modseq=int(modseq[1]) if modseq else None,
                 body=body,
+                gm_msgid=_gm_id(_GM_MSGID.search(meta)),
+                gm_thrid=_gm_id(_GM_THRID.search(meta)),
+                gm_labels=labels,
             )
         )
 
@@ -173,6 +196,75 @@ def parse_fetch(lines: list[Any]) -> list[FetchItem]:
     if in_item:
         close()
     return items
+
+
+def _gm_id(match: re.Match[bytes] | None) -> int | None:
+    if match is None:
+        return None
+    value = int(match[1])
+    return value if 0 < value <= _MAX_ID else None
+
+
+def parse_gm_labels(data: bytes, start: int) -> tuple[list[str], int]:
+    """The labels of an ``X-GM-LABELS (`` list whose first label starts at ``start``, and the
+    offset after its ``)``. A label is an atom (``\\Inbox``, ``Work``) or a quoted string with
+    ``\\`` escapes, in modified UTF-7 (RFC 3501 5.1.3) like a mailbox name. One pass over the
+    bytes; at most :data:`MAX_GM_LABELS` are kept. A list cut short ends at the data's end."""
+    labels: list[str] = []
+    i, n = start, len(data)
+    while i < n:
+        c = data[i]
+        if c == 0x29:  # ")"
+            return labels, i + 1
+        if c == 0x20:
+            i += 1
+            continue
+        token = bytearray()
+        if c == 0x22:  # '"'
+            i += 1
+            while i < n and data[i] != 0x22:
+                if data[i] == 0x5C and i + 1 < n:  # a backslash escapes the next byte
+                    i += 1
+                token.append(data[i])
+                i += 1
+            i += 1  # the closing quote
+        else:
+            while i < n and data[i] not in (0x20, 0x29):
+                token.append(data[i])
+                i += 1
+        if len(labels) < MAX_GM_LABELS:
+            labels.append(decode_mailbox_utf7(bytes(token)))
+    return labels, n
+
+
+def decode_mailbox_utf7(raw: bytes) -> str:
+    """RFC 3501's modified UTF-7 (``&`` starts base64 of UTF-16BE with ``,`` for ``/``, ``-``
+    ends it, ``&-`` is ``&``); a malformed shift is kept as it was sent."""
+    if b"&" not in raw:
+        return raw.decode("ascii", "replace")
+    out: list[str] = []
+    i = 0
+    while i < len(raw):
+        amp = raw.find(b"&", i)
+        if amp < 0:
+            out.append(raw[i:].decode("ascii", "replace"))
+            break
+        out.append(raw[i:amp].decode("ascii", "replace"))
+        dash = raw.find(b"-", amp)
+        if dash < 0:
+            out.append(raw[amp:].decode("ascii", "replace"))
+            break
+        chunk = raw[amp + 1 : dash]
+        if not chunk:
+            out.append("&")
+        else:
+            try:
+                padded = chunk.replace(b",", b"/") + b"=" * (-len(chunk) % 4)
+                out.append(base64.b64decode(padded, validate=True).decode("utf-16-be"))
+            except (ValueError, UnicodeDecodeError):
+                out.append(raw[amp : dash + 1].decode("ascii", "replace"))
+        i = dash + 1
+    return "".join(out)
 
 
 def parse_list(lines: list[Any]) -> list[ListedFolder]:
@@ -459,6 +551,7 @@ class ImapConnection:
         self.client: aioimaplib.IMAP4 | None = None
         self.condstore = False
         self.qresync = False
+        self.gmail = False  # the server advertises X-GM-EXT-1
         self.selected: str | None = None
 
     @property
@@ -527,6 +620,7 @@ class ImapConnection:
             raise AuthFailed(f"authentication failed: {text}")
         await self.client.protocol.capability()
         caps = {c.upper() for c in self.client.protocol.capabilities}
+        self.gmail = "X-GM-EXT-1" in caps
         self.condstore = use_condstore and "CONDSTORE" in caps
         self.qresync = use_condstore and "QRESYNC" in caps and "ENABLE" in caps
         if self.qresync:

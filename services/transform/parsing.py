@@ -39,6 +39,10 @@ def _limit_memory(max_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
 
 
+def _warm() -> None:
+    """Nothing: run once per worker at start, so it is spawned and has imported libs.mime."""
+
+
 def _parse(raw_mime: str, size_bytes: int | None) -> dict[str, Any]:
     return parse_raw_mime(raw_mime, size_bytes, max_bytes=MAX_RAW_BYTES)
 
@@ -74,6 +78,10 @@ class ParsePool:
                 initargs=(self.memory_limit_bytes,),
                 context=_CONTEXT,
             )
+            # pebble spawns its workers on the first task: one now per worker (importing this
+            # module imports libs.mime), so the first batch of a sync does not wait for them
+            for _ in range(self.workers):
+                self._pool.schedule(_warm)
 
     def stop(self) -> None:
         pool, self._pool = self._pool, None

@@ -598,3 +598,32 @@ async def test_body_fetches_are_bounded_in_bytes(
     count = fetches() - count_before
     assert count >= 4, f"{count} body fetches for 3 MiB of mail with a 1 MiB budget"
     assert fetches(float(budget)) - within_before == count, "a body fetch went past its byte budget"
+
+
+async def test_a_restart_resyncs_unchanged_folders_without_selecting_them(
+    stack: Stack, router: ShardRouter, store: SyncStore, producer: AIOKafkaProducer,
+    imap_settings: ImapSettings, tap: InflightTap,
+) -> None:  # fmt: skip
+    server = stack.dovecot  # CONDSTORE: an unchanged folder is told by its STATUS
+    user = new_mailbox(server, 3)
+    fill_maildir(server, user, 2, folder="Projects")
+    account_id = await new_account(router, store, producer, imap_settings, server, user)
+    got = tap.watch(account_id)
+    first = AccountSync(account_id, store, producer, imap_settings)
+    async with running(first):
+        await asyncio.wait_for(first.synced_once.wait(), 60)
+    await eventually(lambda: len(got.of("message.synced")) == 5, 30, "5 synced events")
+    folders = {f.name: f for f in await store.folders(account_id)}
+    unchanged_before = polled_unchanged()
+    again = AccountSync(
+        account_id, store, producer, imap_settings.model_copy(update={"imap_poll_interval_s": 600})
+    )
+    async with running(again):
+        await asyncio.wait_for(again.synced_once.wait(), 60)
+    # the restart's pass found every folder but INBOX (selected for IDLE) unchanged by STATUS, and
+    # left them as they were: the same sync state, no event
+    assert polled_unchanged() - unchanged_before == len(folders) - 1
+    after = {f.name: f for f in await store.folders(account_id)}
+    assert after == folders
+    await tap.read_up_to_now()
+    assert len(got.events) == 5

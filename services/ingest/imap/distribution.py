@@ -27,7 +27,7 @@ from libs.imap_accounts import SyncStore
 from libs.imap_login import AccountLogin
 from libs.kafka import IMAP_ACCOUNTS, TopicSpec, catalogue_spec, create_topics, make_consumer
 from services.ingest.imap.settings import ImapSettings
-from services.ingest.imap.sync import AccountSync
+from services.ingest.imap.sync import AccountSync, LoginGate
 
 __all__ = ["AccountDistributor", "accounts_topic_spec"]
 
@@ -74,6 +74,7 @@ class AccountDistributor(Component, ConsumerRebalanceListener):  # type: ignore[
             instance,
         )
         self.workers: dict[int, _Worker] = {}
+        self.logins = LoginGate(settings.imap_max_concurrent_logins_per_host)
         self._consumer: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -139,5 +140,7 @@ class AccountDistributor(Component, ConsumerRebalanceListener):  # type: ignore[
         if current is not None and current.version >= version:
             return
         await self._stop_workers([account_id])
-        sync = AccountSync(account_id, self.store, self.producer, self.settings, self.login)
+        sync = AccountSync(
+            account_id, self.store, self.producer, self.settings, login=self.login, logins=self.logins
+        )
         self.workers[account_id] = _Worker(sync, version, partition)

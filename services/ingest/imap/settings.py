@@ -36,6 +36,9 @@ class ImapSettings(ImapAccountsSettings):
     imap_poll_interval_s: float = Field(default=30.0, gt=0)  # folders other than INBOX
     imap_idle_renew_s: float = Field(default=25 * 60.0, gt=0)  # RFC 9051: servers may drop at 30 min
     imap_command_timeout_s: float = Field(default=60.0, gt=0)
+    # Logins running at once to one server host, per ingest instance: after a restart every
+    # account logs in again, and a provider must not see thousands of logins at once.
+    imap_max_concurrent_logins_per_host: int = Field(default=50, gt=0)
     imap_backoff_base_s: float = Field(default=1.0, gt=0)
     imap_backoff_max_s: float = Field(default=300.0, gt=0)
     imap_use_condstore: bool = True  # False forces the UID-list fallback even if offered

@@ -12,6 +12,11 @@ move to another instance re-emits at most the last unacknowledged batch, with th
 A message key is ``imap:<folder id>:<identity>``, the identity being the Message-ID (or, without
 one, a digest of the header block): it survives UIDVALIDITY resets and folder renames. Two copies
 of one message in one folder share the key (one message).
+
+On a server with Gmail's extensions (X-GM-EXT-1) only All Mail is synced and watched in IDLE; the
+key is ``imap:<folder id>:gm<X-GM-MSGID>``, the thread ``gm:<X-GM-THRID>``, and X-GM-LABELS are the
+message's labels (a label change is a flag change). After a login, as in every periodic pass, a
+folder whose STATUS is that of its last complete sync is not synced again.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from aiokafka.errors import KafkaError
 from libs.aio import cancelling, raise_if_cancelling, wait_for
 from libs.backoff import backoff_s
 from libs.events import (
+    MAX_LABELS,
     Direction,
     Event,
     EventType,
@@ -60,7 +66,7 @@ from libs.oauth import OAuthError, OAuthSettings, TokenRefused
 from libs.shards import ShardError
 from services.ingest.imap.settings import ImapSettings
 
-__all__ = ["AccountSync", "internaldate", "message_key", "tenant_error"]
+__all__ = ["AccountSync", "LoginGate", "gmail_key", "internaldate", "message_key", "tenant_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +101,36 @@ FETCH_BYTES: Final = prometheus_client.Histogram(
     buckets=[2**k * 1024 for k in range(6, 15)],  # 64 KiB to 16 MiB
 )  # fmt: skip
 
+MAX_LABEL_CHARS: Final = 100  # libs.events.Label
 _SIZE_FETCH_UIDS: Final = 5_000  # UIDs per RFC822.SIZE fetch: a ~300 KiB answer, a short command
 _ITEM_OVERHEAD_BYTES: Final = 4096  # a FETCH item's bytes beside its literal (UID, flags, date)
+
+
+class LoginGate:
+    """At most ``per_host`` logins at a time to one server host, shared by every account of an
+    ingest instance: after a restart its accounts all log in at once, and a provider meets
+    thousands of simultaneous logins from one address with throttling (or its ``[UNAVAILABLE]``).
+    A slot is held from the connection's start to the end of its login; the sync after it is not
+    bounded here. A host's entry lives only while a login to it runs or waits."""
+
+    def __init__(self, per_host: int) -> None:
+        self.per_host = per_host
+        self._hosts: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, host: str) -> AsyncGenerator[None]:
+        key = host.lower()
+        gate, users = self._hosts.get(key, (asyncio.Semaphore(self.per_host), 0))
+        self._hosts[key] = (gate, users + 1)
+        try:
+            async with gate:
+                yield
+        finally:
+            gate, users = self._hosts[key]
+            if users == 1:
+                del self._hosts[key]
+            else:
+                self._hosts[key] = (gate, users - 1)
 
 
 def _identity(header: bytes) -> str:
@@ -133,6 +167,39 @@ def _flag_text(flags: Iterable[str]) -> str:
     return " ".join(sorted(f for f in flags if f.lower() != "\\recent"))
 
 
+def gmail_key(folder_id: int, msgid: int) -> str:
+    """A Gmail message's key: All Mail's folder (the only one synced; the gateway reads content
+    through it) and the X-GM-MSGID, the same whatever the message's labels and after any
+    UIDVALIDITY change or rename of All Mail (whose name depends on the user's language)."""
+    return f"imap:{folder_id}:gm{msgid}"
+
+
+def _key(folder: FolderRow, item: FetchItem) -> str:
+    if item.gm_msgid is not None:
+        return gmail_key(folder.id, item.gm_msgid)
+    return message_key(folder.id, item.body or b"")
+
+
+def _state_text(item: FetchItem) -> str:
+    """What the UID map keeps of a message to see it change: its flags, and on Gmail a digest of
+    its labels (the column holds 500 characters; a message may have hundreds of labels)."""
+    flags = _flag_text(item.flags)
+    if item.gm_labels is None:
+        return flags
+    digest = hashlib.blake2b("\0".join(sorted(item.gm_labels)).encode(), digest_size=8).hexdigest()
+    return f"{flags} gm:{digest}".lstrip()
+
+
+def _changes(conn: ImapConnection) -> str:
+    """The items a flag-change fetch asks for: on Gmail a label change is a change too."""
+    return "UID FLAGS X-GM-LABELS" if conn.gmail else "UID FLAGS"
+
+
+def _idles_in(conn: ImapConnection, folder: FolderRow) -> bool:
+    """Whether ``folder`` is the one IDLE watches: INBOX, or on Gmail All Mail (the only one synced)."""
+    return folder.role == "all" if conn.gmail else folder.name.upper() == INBOX
+
+
 def internaldate(value: str | None) -> datetime:
     """The server's INTERNALDATE, or now when it is missing, malformed or not storable (a hostile
     server's year 0999 would otherwise fail the event, and the folder's sync with it, for ever)."""
@@ -160,17 +227,20 @@ class AccountSync:
     :param store: sync state.
     :param producer: the shared idempotent ``acks=all`` producer.
     :param login: logs the account in (OAuth2 tokens refreshed); None: passwords only.
+    :param logins: the instance's bound on concurrent logins per host (one of its own if none).
     """
 
     def __init__(
         self, account_id: int, store: SyncStore, producer: AIOKafkaProducer, settings: ImapSettings,
         login: AccountLogin | None = None,
+        logins: LoginGate | None = None,
     ) -> None:  # fmt: skip
         self.account_id = account_id
         self.store = store
         self.login = login or AccountLogin(store, None, OAuthSettings())
         self.producer = producer
         self.settings = settings
+        self.logins = logins or LoginGate(settings.imap_max_concurrent_logins_per_host)
         self.conn: ImapConnection | None = None
         self.account: AccountRow | None = None
         self.state = "starting"
@@ -189,6 +259,16 @@ class AccountSync:
                         return
                     if account.state == "disconnected":
                         logger.info("imap account %d is disconnected; not syncing", self.account_id)
+                        return
+                    if account.state == "auth_failed":
+                        # refused before this worker started (an ingest restart): new credentials
+                        # start a new worker. Retrying would storm the server with logins it
+                        # refuses and slows on purpose (Dovecot penalises the client address:
+                        # 30 such logins held 300 good ones from 2.5 s to 16 s).
+                        self.state = "auth_failed"
+                        logger.info(
+                            "imap account %d: credentials refused; waiting for new ones", self.account_id
+                        )
                         return
                     self.account = account
                     await self._session(account, on_connected=lambda: None)
@@ -255,7 +335,8 @@ class AccountSync:
             allow_private=self.settings.imap_allow_private_hosts,
         )
         self.conn = conn
-        await self.login.connect(conn, account, use_condstore=self.settings.imap_use_condstore)
+        async with self.logins.slot(account.host):
+            await self.login.connect(conn, account, use_condstore=self.settings.imap_use_condstore)
         on_connected()
         await self.sync_all(conn)
         self.state = "running"
@@ -264,24 +345,24 @@ class AccountSync:
         await self._idle_loop(conn)
 
     async def sync_all(self, conn: ImapConnection) -> None:
-        folders = await self._sync_folder_list(conn)
-        # INBOX last, so it stays selected for IDLE
-        for folder in sorted(folders, key=lambda f: f.name.upper() == INBOX):
-            raise_if_cancelling()
-            await self.sync_folder(conn, folder)
+        """The pass after a login: :meth:`poll`, with INBOX selected whatever its STATUS (IDLE
+        needs it). After an ingest restart most folders have not changed, and each then costs
+        one STATUS and no query of the sync state: a fleet of 1,000 accounts comes back in
+        seconds instead of waiting on 30,000 queries."""
+        await self.poll(conn, select_inbox=True)
 
-    async def poll(self, conn: ImapConnection) -> None:
+    async def poll(self, conn: ImapConnection, *, select_inbox: bool = False) -> None:
         """The periodic pass: the folder list, then a full sync of only the folders whose STATUS
         moved since their last sync. With CONDSTORE, HIGHESTMODSEQ moves on new mail, flag changes
         and expunges alike, so an unchanged folder costs one STATUS instead of a SELECT, a fetch
         and a write of its sync state. Without CONDSTORE only a full pass sees flag changes, so
         every folder is synced as before."""
         folders = await self._sync_folder_list(conn)
-        reselect_inbox = False
+        reselect_inbox = select_inbox
         # INBOX last, so it stays selected for IDLE
-        for folder in sorted(folders, key=lambda f: f.name.upper() == INBOX):
+        for folder in sorted(folders, key=lambda f: _idles_in(conn, f)):
             raise_if_cancelling()
-            is_inbox = folder.name.upper() == INBOX
+            is_inbox = _idles_in(conn, folder)
             # after another folder's SELECT, INBOX is synced (and so selected) again for IDLE
             if not (is_inbox and reselect_inbox) and await self._unchanged(conn, folder):
                 POLLED_FOLDERS.labels("unchanged").inc()
@@ -301,15 +382,13 @@ class AccountSync:
             # the items follow the last "(": a folder's name may contain anything
             for key, value in _STATUS_ITEM.findall(bytes(line).rpartition(b"(")[2]):
                 status[key.decode().upper()] = int(value)
-        return (status.get("UIDVALIDITY"), status.get("UIDNEXT"), status.get("HIGHESTMODSEQ")) == (
-            folder.uidvalidity,
-            folder.uidnext,
-            folder.highestmodseq,
+        return _as_synced(
+            folder, status.get("UIDVALIDITY"), status.get("UIDNEXT"), status.get("HIGHESTMODSEQ")
         )
 
     async def _idle_loop(self, conn: ImapConnection) -> None:
         imap = conn.imap
-        inbox = next((f for f in await self.store.folders(self.account_id) if f.name.upper() == INBOX), None)
+        inbox = next((f for f in await self.store.folders(self.account_id) if _idles_in(conn, f)), None)
         loop = asyncio.get_running_loop()
         next_poll = loop.time() + self.settings.imap_poll_interval_s
         while True:
@@ -352,12 +431,15 @@ class AccountSync:
             if loop.time() >= next_poll:
                 await self.poll(conn)
                 inbox = next(
-                    (f for f in await self.store.folders(self.account_id) if f.name.upper() == INBOX), None
+                    (f for f in await self.store.folders(self.account_id) if _idles_in(conn, f)), None
                 )
                 next_poll = loop.time() + self.settings.imap_poll_interval_s
 
     async def _sync_folder_list(self, conn: ImapConnection) -> list[FolderRow]:
         listed = [f for f in await conn.list_folders() if f.selectable]
+        if conn.gmail and any(f.role == "all" for f in listed):
+            # every message of the mailbox once, its labels from X-GM-LABELS (not a copy per label)
+            listed = [f for f in listed if f.role == "all"]
         rows = await self.store.folders(self.account_id)
         by_name = {r.name: r for r in rows}
         listed_names = {f.name for f in listed}
@@ -413,6 +495,8 @@ class AccountSync:
         )  # fmt: skip
         known = None if incremental else await self.store.uids(self.account_id, folder.id)
         info = await conn.select(folder.name, uidvalidity=folder.uidvalidity, modseq=folder.highestmodseq)
+        if conn.condstore and _as_synced(folder, info.uidvalidity, info.uidnext, info.highestmodseq):
+            return  # nothing new, changed or expunged since the last sync: no query, no write
         if known is None:
             if info.uidvalidity == folder.uidvalidity and info.vanished is not None:
                 await self._sync_reported_changes(conn, folder, info, info.vanished)
@@ -482,12 +566,12 @@ class AccountSync:
             changed = info.changed
             vanished = info.vanished.select(known)  # linear in what we hold, whatever the set
         elif conn.condstore and folder.highestmodseq is not None:
-            changed = await conn.uid_fetch("1:*", f"(UID FLAGS) (CHANGEDSINCE {folder.highestmodseq})")
+            changed = await conn.uid_fetch("1:*", f"({_changes(conn)}) (CHANGEDSINCE {folder.highestmodseq})")
             listed = await conn.uid_list(max_uids=max_uids) if info.exists else set()
             vanished = [u for u in known if u not in listed]
             server_uids = listed
         else:
-            changed = await conn.uid_fetch("1:*", "(UID FLAGS)") if info.exists else []
+            changed = await conn.uid_fetch("1:*", f"({_changes(conn)})") if info.exists else []
             server_uids = {i.uid for i in changed}
             vanished = [u for u in known if u not in server_uids]
         events: list[Event] = []
@@ -496,10 +580,10 @@ class AccountSync:
             entry = known.get(item.uid)
             if entry is None:
                 continue
-            flags = _flag_text(item.flags)
+            flags = _state_text(item)
             if flags != entry.flags:
                 events.append(
-                    self._updated(folder, item.uid, entry.message_key, item.flags, str(item.modseq or flags))
+                    self._updated(folder, item.uid, entry.message_key, item, str(item.modseq or flags))
                 )
                 updates.append(UidEntry(item.uid, entry.message_key, flags))
         # a key may sit on two UIDs (a duplicate copy): delete it only when none is left
@@ -526,20 +610,24 @@ class AccountSync:
         by_key = {e.message_key: e for e in known.values()}
         uids = sorted(await conn.uid_list(max_uids=self.settings.imap_max_folder_uids)) if info.exists else []
         # cut where a body fetch cuts, so a header above MAX_RAW_BYTES gives the same key
-        parts = f"(UID FLAGS BODY.PEEK[HEADER]<0.{MAX_RAW_BYTES}>)"
+        parts = (
+            "(UID FLAGS X-GM-MSGID X-GM-LABELS)"  # the key is the message id: no header to fetch
+            if conn.gmail
+            else f"(UID FLAGS BODY.PEEK[HEADER]<0.{MAX_RAW_BYTES}>)"
+        )
         kept: dict[int, UidEntry] = {}
         events: list[Event] = []
         async with contextlib.aclosing(self._planned_fetches(conn, uids, parts)) as batches:
             async for items in batches:
                 for item in items:
-                    key = message_key(folder.id, item.body or b"")
+                    key = _key(folder, item)
                     old = by_key.get(key)
                     if old is None:
                         continue
-                    flags = _flag_text(item.flags)
+                    flags = _state_text(item)
                     kept[item.uid] = UidEntry(item.uid, key, flags)
                     if flags != old.flags:
-                        events.append(self._updated(folder, item.uid, key, item.flags, f"reset:{flags}"))
+                        events.append(self._updated(folder, item.uid, key, item, f"reset:{flags}"))
         still = {e.message_key for e in kept.values()}
         events.extend(self._deleted(folder, e) for e in by_key.values() if e.message_key not in still)
         await self._emit(events)
@@ -552,10 +640,26 @@ class AccountSync:
     async def _fetch_new(
         self, conn: ImapConnection, folder: FolderRow, uids: list[int], known: dict[int, UidEntry]
     ) -> None:
-        parts = f"(UID FLAGS RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{MAX_RAW_BYTES}>)"
-        async with contextlib.aclosing(self._planned_fetches(conn, uids, parts)) as batches:
-            async for items in batches:
-                await self._record_new(folder, items, known)
+        gmail = " X-GM-MSGID X-GM-THRID X-GM-LABELS" if conn.gmail else ""
+        parts = f"(UID FLAGS RFC822.SIZE INTERNALDATE{gmail} BODY.PEEK[]<0.{MAX_RAW_BYTES}>)"
+        # Pipelined: the next batch is fetched while the last one's events wait for Kafka and its
+        # UIDs are written (two batches in memory at most); batches are still recorded in order.
+        recording: asyncio.Task[None] | None = None
+        try:
+            async with contextlib.aclosing(self._planned_fetches(conn, uids, parts)) as batches:
+                async for items in batches:
+                    if recording is not None:
+                        await recording
+                    recording = asyncio.create_task(self._record_new(folder, items, known))
+            if recording is not None:
+                await recording
+        finally:
+            if recording is not None and not recording.done():
+                recording.cancel()  # _record_new still finishes a batch Kafka took (_uncancelled)
+            if recording is not None:
+                # its own failure, if any, is logged by the retry of the error that ends us here
+                with contextlib.suppress(asyncio.CancelledError, *_TRANSIENT):
+                    await recording
 
     async def _record_new(
         self, folder: FolderRow, items: list[FetchItem], known: dict[int, UidEntry]
@@ -567,9 +671,9 @@ class AccountSync:
             if item.uid in known:
                 continue
             raw = item.body or b""
-            key = message_key(folder.id, raw)
+            key = _key(folder, item)
             events.append(self._synced(folder, item, key, raw))
-            entries.append(UidEntry(item.uid, key, _flag_text(item.flags)))
+            entries.append(UidEntry(item.uid, key, _state_text(item)))
         await _uncancelled(self._emit_and_record(folder, events, entries))
         for e in entries:
             known[e.uid] = e
@@ -616,13 +720,19 @@ class AccountSync:
                         fresh.append(item)
                 yield fresh
 
-    def _flags(self, folder: FolderRow, flags: Iterable[str]) -> MessageFlags:
+    def _flags(
+        self, folder: FolderRow, flags: Iterable[str], labels: list[str] | None = None
+    ) -> MessageFlags:
         lowered = {f.lower() for f in flags}
-        return MessageFlags(
-            unread="\\seen" not in lowered, starred="\\flagged" in lowered, folder=folder.name[:255]
-        )
+        unread, starred = "\\seen" not in lowered, "\\flagged" in lowered
+        if labels is not None:  # Gmail: labels instead of the folder (every message is in All Mail)
+            kept = list(dict.fromkeys(label[:MAX_LABEL_CHARS] for label in labels if label))[:MAX_LABELS]
+            return MessageFlags(unread=unread, starred=starred, labels=kept)
+        return MessageFlags(unread=unread, starred=starred, folder=folder.name[:255])
 
     def _synced(self, folder: FolderRow, item: FetchItem, key: str, raw: bytes) -> Event:
+        labels = {label.lower() for label in item.gm_labels or ()}
+        outbound = folder.role in ("sent", "drafts") or bool(labels & {"\\sent", "\\draft"})
         return Event(
             event_id=_event_id(self.account_id, folder, item.uid, "synced"),
             account_id=self.account_id,
@@ -630,16 +740,21 @@ class AccountSync:
             type=EventType.SYNCED,
             occurred_at=internaldate(item.internaldate),
             source=SOURCE,
-            direction=Direction.OUTBOUND if folder.role in ("sent", "drafts") else Direction.INBOUND,
+            direction=Direction.OUTBOUND if outbound else Direction.INBOUND,
             content=MessageContent(
                 channel="email",
                 raw_mime=base64.b64encode(raw).decode(),
                 size_bytes=item.size if item.size is not None else len(raw),
+                thread_key=f"gm:{item.gm_thrid}" if item.gm_thrid is not None else None,
             ),
-            flags=self._flags(folder, item.flags),
+            flags=self._flags(folder, item.flags, item.gm_labels),
         )
 
-    def _updated(self, folder: FolderRow, uid: int, key: str, flags: Iterable[str], salt: str) -> Event:
+    def _updated(
+        self, folder: FolderRow, uid: int, key: str, now: FetchItem | Iterable[str], salt: str
+    ) -> Event:
+        """``now``: the message's FETCH (flags, and labels on Gmail), or its flags alone."""
+        flags, labels = (now.flags, now.gm_labels) if isinstance(now, FetchItem) else (now, None)
         return Event(
             event_id=_event_id(self.account_id, folder, uid, "updated", salt),
             account_id=self.account_id,
@@ -647,7 +762,7 @@ class AccountSync:
             type=EventType.UPDATED,
             occurred_at=datetime.now(UTC),
             source=SOURCE,
-            flags=self._flags(folder, flags),
+            flags=self._flags(folder, flags, labels),
         )
 
     def _deleted(self, folder: FolderRow, entry: UidEntry) -> Event:
@@ -671,6 +786,19 @@ class AccountSync:
         await publish_inflight(self.producer, [e.model_copy(update={"received_at": now}) for e in events])
         for event in events:
             EVENTS.labels(event.type.value).inc()
+
+
+def _as_synced(
+    folder: FolderRow, uidvalidity: int | None, uidnext: int | None, highestmodseq: int | None
+) -> bool:
+    """Whether a folder's STATUS or SELECT values are those of its last complete sync: with
+    CONDSTORE, HIGHESTMODSEQ moves on every flag change and expunge, UIDNEXT on every new message."""
+    return (
+        folder.state == "synced"
+        and highestmodseq is not None
+        and (uidvalidity, uidnext, highestmodseq)
+        == (folder.uidvalidity, folder.uidnext, folder.highestmodseq)
+    )
 
 
 async def _uncancelled(coro: Coroutine[Any, Any, None]) -> None:
