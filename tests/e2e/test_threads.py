@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from cli.stack import IMAP_TEST_PASSWORD, Stack
-from libs.imap.client import Imap4
+from libs.imap.client import Imap4, parse_search
 from libs.shards import ShardRouter
 from services.ingest.imap.sync import message_key as imap_message_key
 from tests.e2e.conftest import Pipeline
@@ -58,10 +58,10 @@ async def mark_seen(stack: Stack, mailbox: Mailbox, raw: bytes) -> None:
     assert (await client.login(mailbox.address, IMAP_TEST_PASSWORD)).result == "OK"
     try:
         assert (await client.select("INBOX")).result == "OK"
-        found = await client.uid("search", f'HEADER Message-ID "{message_id}"')
-        uids = [u for line in found.lines if line.startswith(b"SEARCH") for u in line.split()[1:]]
+        found = await client.uid_search(f'HEADER Message-ID "{message_id}"', charset=None)
+        uids = parse_search(found.lines, 10)
         assert len(uids) == 1, found.lines
-        assert (await client.uid("store", uids[0].decode(), "+FLAGS.SILENT (\\Seen)")).result == "OK"
+        assert (await client.uid("store", str(uids.pop()), "+FLAGS.SILENT (\\Seen)")).result == "OK"
     finally:
         await client.logout()
 

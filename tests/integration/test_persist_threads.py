@@ -18,7 +18,6 @@ import pytest
 from libs.events import MessageDoc, MessageFlags, MessagePatch, PostflightRecord
 from libs.ids import shard_of
 from libs.shards import ShardRouter
-from services.persist.threads import change_kind
 from services.persist.writer import write_shard
 
 pytestmark = pytest.mark.integration
@@ -89,13 +88,6 @@ async def thread_changes(router: ShardRouter, account: int) -> list[tuple[int, s
         rows = await cur.fetchall()
         await conn.commit()
     return [(int(i), t, int(v)) for i, t, v in rows]
-
-
-def test_change_kinds() -> None:
-    assert change_kind(1, 2) == "created"
-    assert change_kind(3, 2) == "updated"
-    assert change_kind(3, 0) == "deleted"
-    assert change_kind(1, 0) is None  # created empty: a message stored deleted
 
 
 async def test_a_reply_chain_is_one_thread_and_a_replay_changes_nothing(
