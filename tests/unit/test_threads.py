@@ -28,9 +28,7 @@ def test_change_kinds() -> None:
     assert change_kind(1, 0) is None  # created empty: a message stored deleted
 
 
-def row(
-    key: str, people: dict[str, list[dict[str, Any]]] | None, sender: str | None = None
-) -> dict[str, Any]:
+def row(key: str, people: dict[str, Any] | None, sender: str | None = None) -> dict[str, Any]:
     return {
         "thread_key": key,
         "sender": sender,
