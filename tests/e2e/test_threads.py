@@ -91,74 +91,88 @@ async def thread_where(gw: Gateway, account_id: int, subject: str, **wanted: Any
 async def test_a_reply_chain_synced_from_imap_is_one_thread_whose_unread_count_follows_seen(
     pipeline: Pipeline, stack: Stack, router: ShardRouter, tenant_factory: Any, http: aiohttp.ClientSession
 ) -> None:
+    async with synced_mailbox(pipeline, stack, router, tenant_factory, http, "threads") as (mailbox, gw):
+        tag = f"t-{uuid.uuid4().hex[:12]}"
+        ids = [f"{tag}-{n}@example.org" for n in range(3)]
+        chain = [
+            mail(tag, 0, mailbox.address, parents=[]),
+            mail(tag, 1, "ann@example.org", parents=ids[:1], sender=f'"Bo Berg" <{mailbox.address}>'),
+            mail(tag, 2, mailbox.address, parents=ids[:2]),
+        ]
+        other = mail(f"{tag}-other", 0, mailbox.address, parents=[])
+        for n, raw in enumerate([*chain, other]):  # the INTERNALDATE is the message's occurred_at
+            await append(stack, mailbox.address, raw, datetime(2025, 7, 1, 10, n, tzinfo=UTC))
+
+        thread = await thread_where(gw, mailbox.account_id, f"lunch {tag}", message_count=3)
+        assert thread["unread_count"] == 3
+        assert thread["last_message_at"] == "2025-07-01T10:02:00.000000Z"
+        assert thread["participants"] == [
+            {"name": "Ann Lee", "email": "ann@example.org"},
+            {"name": "Bo Berg", "email": mailbox.address},
+        ]
+        alone = await thread_where(gw, mailbox.account_id, f"lunch {tag}-other", message_count=1)
+        assert alone["id"] != thread["id"]
+        listed = await threads_of(gw, mailbox.account_id)
+        times = [t["last_message_at"] for t in listed]
+        assert times == sorted(times, reverse=True)  # latest first
+
+        # The thread with its messages, newest first, the rest a page further.
+        status, detail = await gw.call("GET", f"/v1/threads/{thread['id']}?limit=2")
+        assert status == 200, detail
+        keys = [imap_message_key(mailbox.folder_id, raw) for raw in chain]
+        assert [m["message_key"] for m in detail["messages"]] == [keys[2], keys[1]]
+        status, rest = await gw.call(
+            "GET", f"/v1/threads/{thread['id']}/messages?limit=2&page_token={detail['next_page_token']}"
+        )
+        assert status == 200, rest
+        assert [m["message_key"] for m in rest["data"]] == [keys[0]] and rest["next_page_token"] is None
+
+        status, latest = await gw.call("GET", f"/v1/accounts/{mailbox.account_id}/delta/latest_cursor")
+        assert status == 200, latest
+        await mark_seen(stack, mailbox, chain[1])
+        seen = await thread_where(gw, mailbox.account_id, f"lunch {tag}", unread_count=2)
+        assert seen["message_count"] == 3 and seen["version"] > thread["version"]
+
+        status, delta = await gw.call(
+            "GET", f"/v1/accounts/{mailbox.account_id}/delta?cursor={latest['cursor']}&limit=500"
+        )
+        assert status == 200, delta
+        changes = [d for d in delta["deltas"] if d["object_type"] == "thread"]
+        assert [(d["object_id"], d["change_type"]) for d in changes] == [(thread["id"], "updated")]
+        assert changes[0]["version"] == seen["version"]
+        assert changes[0]["object"]["unread_count"] == 2
+
+
+async def test_thread_changes_are_webhooks(router: ShardRouter, tenant_factory: Any) -> None:
+    """thread.created, thread.updated and thread.deleted go to the endpoints that asked for them,
+    each once, signed like every webhook; a message without a thread key makes none."""
+    tenant = await tenant_factory(router.shard_map.shards[:1])
+    account = tenant.accounts[0].id
     receiver = Receiver()
     await receiver.start()
     try:
-        async with (
-            synced_mailbox(pipeline, stack, router, tenant_factory, http, "threads") as (mailbox, gw),
-            stack_of_webhooks(router, mailbox.api_key) as hooks,
-        ):
+        async with stack_of_webhooks(router, tenant.api_key) as hooks:
             await hooks.subscribe(
-                receiver.url, event_types=["thread.updated"], account_ids=[str(mailbox.account_id)]
+                receiver.url, event_types=["thread.created", "thread.updated", "thread.deleted"]
             )
-            tag = f"t-{uuid.uuid4().hex[:12]}"
-            ids = [f"{tag}-{n}@example.org" for n in range(3)]
-            chain = [
-                mail(tag, 0, mailbox.address, parents=[]),
-                mail(tag, 1, "ann@example.org", parents=ids[:1], sender=f'"Bo Berg" <{mailbox.address}>'),
-                mail(tag, 2, mailbox.address, parents=ids[:2]),
+            await seed(router, [record(account, "a", 10, thread_key="k"), record(account, "loose", 11)])
+            await seed(router, [record(account, "b", 12, thread_key="k")])
+            await seed(router, [record(account, "a", 20, thread_key="k", deleted=True)])
+            await seed(router, [record(account, "b", 21, thread_key="k", deleted=True)])
+
+            def announced() -> list[tuple[str, int]]:
+                return [(r.json["type"], r.json["data"]["version"]) for r in receiver.ok]
+
+            wanted = [
+                ("thread.created", 1),
+                ("thread.updated", 2),
+                ("thread.updated", 3),
+                ("thread.deleted", 4),
             ]
-            other = mail(f"{tag}-other", 0, mailbox.address, parents=[])
-            for n, raw in enumerate([*chain, other]):  # the INTERNALDATE is the message's occurred_at
-                await append(stack, mailbox.address, raw, datetime(2025, 7, 1, 10, n, tzinfo=UTC))
-
-            thread = await thread_where(gw, mailbox.account_id, f"lunch {tag}", message_count=3)
-            assert thread["unread_count"] == 3
-            assert thread["last_message_at"] == "2025-07-01T10:02:00.000000Z"
-            assert thread["participants"] == [
-                {"name": "Ann Lee", "email": "ann@example.org"},
-                {"name": "Bo Berg", "email": mailbox.address},
-            ]
-            alone = await thread_where(gw, mailbox.account_id, f"lunch {tag}-other", message_count=1)
-            assert alone["id"] != thread["id"]
-            listed = await threads_of(gw, mailbox.account_id)
-            times = [t["last_message_at"] for t in listed]
-            assert times == sorted(times, reverse=True)  # latest first
-
-            # The thread with its messages, newest first, the rest a page further.
-            status, detail = await gw.call("GET", f"/v1/threads/{thread['id']}?limit=2")
-            assert status == 200, detail
-            keys = [imap_message_key(mailbox.folder_id, raw) for raw in chain]
-            assert [m["message_key"] for m in detail["messages"]] == [keys[2], keys[1]]
-            status, rest = await gw.call(
-                "GET", f"/v1/threads/{thread['id']}/messages?limit=2&page_token={detail['next_page_token']}"
-            )
-            assert status == 200, rest
-            assert [m["message_key"] for m in rest["data"]] == [keys[0]] and rest["next_page_token"] is None
-
-            status, latest = await gw.call("GET", f"/v1/accounts/{mailbox.account_id}/delta/latest_cursor")
-            assert status == 200, latest
-            await mark_seen(stack, mailbox, chain[1])
-            seen = await thread_where(gw, mailbox.account_id, f"lunch {tag}", unread_count=2)
-            assert seen["message_count"] == 3 and seen["version"] > thread["version"]
-
-            status, delta = await gw.call(
-                "GET", f"/v1/accounts/{mailbox.account_id}/delta?cursor={latest['cursor']}&limit=500"
-            )
-            assert status == 200, delta
-            changes = [d for d in delta["deltas"] if d["object_type"] == "thread"]
-            assert [(d["object_id"], d["change_type"]) for d in changes] == [(thread["id"], "updated")]
-            assert changes[0]["version"] == seen["version"]
-            assert changes[0]["object"]["unread_count"] == 2
-
-            async def announced() -> bool:
-                return any(
-                    r.json["data"]["id"] == thread["id"] and r.json["data"]["version"] == seen["version"]
-                    for r in receiver.ok
-                )
-
-            await eventually(announced, SYNCED_WITHIN_S, "the thread.updated webhook")
-            assert {r.json["type"] for r in receiver.ok} == {"thread.updated"}
+            await eventually(lambda: len(announced()) >= len(wanted), SYNCED_WITHIN_S, "the thread webhooks")
+            assert announced() == wanted
+            assert {r.json["data"]["object"] for r in receiver.ok} == {"thread"}
+            assert len({r.json["data"]["id"] for r in receiver.ok}) == 1
     finally:
         await receiver.stop()
 
