@@ -15,7 +15,10 @@ replay (no message changed) costs nothing at all. One statement does the work
 (:func:`aggregate_statement`): ``INSERT ... SELECT ... GROUP BY ... ON DUPLICATE KEY UPDATE``
 over the touched keys, read through ``ix_messages_thread (account_id, thread_key)``, which
 ``RETURNING`` the rows as written. The cost is the thread's size, not the batch's: each touched
-thread's messages are read again.
+thread's messages are read again. Measured (batches of 500 new messages, four a thread,
+alternating with batches without thread keys in one process, 2 shared cores): +1.7 to +1.9 us of
+writer CPU per row (38 us) and +5.6 to +6.6 us of MariaDB CPU per row (33 us), a quarter more
+change rows; a batch that adds one message to a 20,000-message thread took 45 ms more.
 
 A thread changes only when its aggregate does: the update keeps the row's ``change_token``
 when every aggregate column equals the recomputed one, and sets this write's random token
