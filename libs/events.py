@@ -455,7 +455,7 @@ class ChangeRecord(_Model):
     shard: Annotated[int, Field(ge=0)]
     account_id: DecimalId
     application_id: DecimalId | None  # None: the account's application is gone
-    object_type: Annotated[str, StringConstraints(min_length=1, max_length=16)]  # "message"
+    object_type: Annotated[str, StringConstraints(min_length=1, max_length=16)]  # "message", "thread"
     object_id: DecimalId
     change_type: Annotated[str, StringConstraints(min_length=1, max_length=16)]  # "created", ...
     version: Annotated[int, Field(ge=1, lt=2**64)]  # the object's version after this change

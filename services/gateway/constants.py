@@ -16,6 +16,10 @@ MAX_PAGE_SIZE: Final = 200
 DEFAULT_DELTA_PAGE_SIZE: Final = 100
 MAX_DELTA_PAGE_SIZE: Final = 500
 MAX_ACCOUNTS_PAGE_SIZE: Final = 500
+# A thread's participants are read from its latest messages, this many at most, and list this
+# many people at most (services.gateway.threads): both bound a read that a long thread would not.
+THREAD_PARTICIPANT_MESSAGES: Final = 20
+MAX_THREAD_PARTICIPANTS: Final = 100
 
 MAX_LONG_POLL_S: Final = 30
 MIN_SSE_HEARTBEAT_S: Final = 1

@@ -63,6 +63,7 @@ from services.gateway.notifier import ChangeNotifier, Subscription
 from services.gateway.openapi import ACCOUNT, TOKEN, query
 from services.gateway.params import Query
 from services.gateway.resources import LONG_POLL_SLOTS, NOTIFIER, SETTINGS, STREAM_SLOTS, TOKEN_KEY
+from services.gateway.threads import THREAD_SELECT, participant_statement, thread_json, thread_participants
 
 __all__ = ["API", "CursorExpired", "DeltaPage", "add_delta_routes", "read_delta"]
 
@@ -121,7 +122,7 @@ class CursorExpired(Exception):
 
 @dataclass(frozen=True, slots=True)
 class DeltaPage:
-    changes: list[dict[str, Any]]  # change rows with "object" (the message now, or None)
+    changes: list[dict[str, Any]]  # change rows with "object" (the message or thread now, or None)
     position: int  # the change id the next read starts after
     more: bool
 
@@ -152,6 +153,7 @@ async def read_delta(
             more = len(rows) > limit
             rows = rows[:limit]
             objects: dict[int, dict[str, Any]] = {}
+            threads_by_id: dict[int, dict[str, Any]] = {}
             ids = sorted({int(r["object_id"]) for r in rows if r["object_type"] == "message"})
             if ids:
                 await cur.execute(
@@ -160,6 +162,21 @@ async def read_delta(
                     [*ids, account_id],
                 )
                 objects = {int(m["id"]): message_json(m) for m in await cur.fetchall()}
+            thread_ids = sorted({int(r["object_id"]) for r in rows if r["object_type"] == "thread"})
+            if thread_ids:
+                await cur.execute(
+                    f"SELECT {THREAD_SELECT} FROM {router.table(shard, 'threads')}"
+                    f" WHERE id IN ({', '.join(['%s'] * len(thread_ids))}) AND account_id = %s"
+                    " AND message_count > 0",
+                    [*thread_ids, account_id],
+                )
+                threads = list(await cur.fetchall())
+                people: dict[str, list[dict[str, Any]]] = {}
+                if threads:
+                    sql, args = participant_statement(router, account_id, [t["thread_key"] for t in threads])
+                    await cur.execute(sql, args)
+                    people = thread_participants(list(await cur.fetchall()))
+                threads_by_id = {int(t["id"]): thread_json(t, people) for t in threads}
             position = int(rows[-1]["id"]) if rows else after
             if not more:
                 # Nothing more for this account up to the shard's newest visible change.
@@ -170,7 +187,8 @@ async def read_delta(
         finally:
             await conn.commit()
     for r in rows:
-        r["object"] = objects.get(int(r["object_id"]))
+        by_id = threads_by_id if r["object_type"] == "thread" else objects
+        r["object"] = by_id.get(int(r["object_id"]))
     return DeltaPage(rows, position, more)
 
 
@@ -237,7 +255,10 @@ async def _read(request: web.Request, account: Account, after: int, limit: int, 
         (Answer(200, "changes and the next cursor", schemas.DeltaPage),),
         description="With timeout > 0 the request waits (long-poll) until the first change or the"
         " timeout. The change log is retained for at least 7 days (gateway_changes_retention_s); a"
-        " cursor older than that answers 410: list the messages again and continue from latest_cursor.",
+        " cursor older than that answers 410: list the messages again and continue from latest_cursor."
+        " Objects are messages (object_type message) and threads (object_type thread: a thread changes"
+        " when its count, unread count, latest time, subject or a message's content does; deleted once"
+        " it has no message left).",
         params=(
             ACCOUNT,
             _CURSOR,

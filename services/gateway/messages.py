@@ -66,9 +66,15 @@ __all__ = [
     "add_message_routes",
     "attachment_list",
     "fetch_messages",
+    "fetch_page",
+    "from_micros",
+    "json_response",
     "list_statement",
     "message_json",
     "message_row",
+    "micros",
+    "next_page_token",
+    "page_position",
     "participants",
     "read_rows",
     "select_list",
@@ -90,7 +96,9 @@ _ACCEPTED: Final = Answer(202, "accepted; not stored yet", schemas.MessageAccept
 # as the API shows them (RFC 3339, microseconds, Z): converting four datetimes a row in Python
 # (the driver's parse, then isoformat) was the largest cost of a page after the driver's own.
 # ``%%``: the statements go through the driver's %-formatting of their arguments.
-_TIME_COLUMNS: Final = frozenset({"occurred_at", "final_at", "created_at", "updated_at", "sent_at"})
+_TIME_COLUMNS: Final = frozenset(
+    {"occurred_at", "final_at", "created_at", "updated_at", "sent_at", "last_message_at"}
+)
 _TIME_FORMAT: Final = "'%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ'"
 
 
@@ -217,13 +225,13 @@ def message_json(row: dict[str, Any], *, with_body: bool = False) -> dict[str, A
     return doc
 
 
-def _micros(value: datetime | str) -> int:
+def micros(value: datetime | str) -> int:
     if isinstance(value, str):  # as select_list formats it
         value = datetime.fromisoformat(value.removesuffix("Z"))
     return (value - EPOCH) // timedelta(microseconds=1)
 
 
-def _from_micros(us: int) -> datetime:
+def from_micros(us: int) -> datetime:
     return EPOCH + timedelta(microseconds=us)
 
 
@@ -243,6 +251,7 @@ class MessageQuery:
     folder: str | None = None
     unread: bool | None = None
     position: tuple[datetime, int] | None = None  # (occurred_at, id) of the last row already seen
+    thread_key: str | None = None  # one thread's messages (services.gateway.threads)
 
 
 def list_statement(router: ShardRouter, q: MessageQuery) -> tuple[str, list[Any]]:
@@ -277,11 +286,17 @@ def list_statement(router: ShardRouter, q: MessageQuery) -> tuple[str, list[Any]
     if q.unread is not None:
         where.append("unread = %s")
         args.append(int(q.unread))
+    # A thread's messages are read whole through their own index and sorted: a thread is small
+    # beside the account, whose time index would be read until the thread's oldest message.
+    index = "ix_messages_account_time"
+    if q.thread_key is not None:
+        where.append("thread_key = %s")
+        args.append(q.thread_key)
+        index = "ix_messages_thread"
     # ``m.``: the SELECT list's formatted times carry the columns' names, and an unqualified name
     # in ORDER BY would sort by those strings, reading and sorting the account's every row.
     sql = (
-        f"SELECT {LIST_SELECT} FROM {router.table(shard, 'messages')} m"
-        " FORCE INDEX (ix_messages_account_time)"
+        f"SELECT {LIST_SELECT} FROM {router.table(shard, 'messages')} m FORCE INDEX ({index})"
         f" WHERE {' AND '.join(where)} ORDER BY m.occurred_at DESC, m.id DESC LIMIT %s"
     )
     return sql, [*args, q.limit + 1]
@@ -297,15 +312,22 @@ async def fetch_messages(
     that fails the read is set aside for a while and the read is done on the primary.
     """
     sql, args = list_statement(router, q)
-    shard = shard_of(q.account_id)
+    return await fetch_page(router, shard_of(q.account_id), sql, args, q.limit, replica=replica)
+
+
+async def fetch_page(
+    router: ShardRouter, shard: int, sql: str, args: list[Any], limit: int, *, replica: bool = False
+) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of a page query (``limit`` + 1 rows asked) and whether more follow; ``replica``
+    as in :func:`fetch_messages`."""
     if replica:
         try:
-            return await _page(await router.pool(shard, replica=True), sql, args, q.limit)
+            return await _page(await router.pool(shard, replica=True), sql, args, limit)
         except (OSError, asyncmy.errors.OperationalError) as exc:
             if not is_unavailable(exc):
                 raise
             router.mark_replica_down(shard)
-    return await _page(await router.pool(shard, write=False), sql, args, q.limit)
+    return await _page(await router.pool(shard, write=False), sql, args, limit)
 
 
 async def _page(
@@ -405,28 +427,46 @@ def parse_message_query(request: web.Request, account_id: int) -> tuple[MessageQ
 @authenticated
 async def list_messages(request: web.Request, app: Application) -> web.StreamResponse:
     account = await owned_account(request, app)
-    token_key = request.app[TOKEN_KEY]
     q, fingerprint = parse_message_query(request, account.id)
-    token = request.query.get("page_token")
-    if token is not None:
-        try:
-            position = decode_page_token(token_key, token, account.id, fingerprint)
-        except CursorError as exc:
-            raise ApiError(400, "Invalid page_token", str(exc)) from None
-        q = replace(q, position=(_from_micros(position.occurred_at_us), position.message_id))
+    q = replace(q, position=page_position(request, account.id, fingerprint))
     rows, more = await fetch_messages(
         request.app[ROUTER], q, replica=request.app[SETTINGS].gateway_replica_reads
     )
-    next_token = None
-    if more and rows:
-        last = rows[-1]
-        next_token = encode_page_token(
-            token_key, PageToken(account.id, fingerprint, _micros(last["occurred_at"]), int(last["id"]))
-        )
-    return _json({"data": [message_json(r) for r in rows], "next_page_token": next_token})
+    next_token = next_page_token(request, account.id, fingerprint, rows, more, "occurred_at")
+    return json_response({"data": [message_json(r) for r in rows], "next_page_token": next_token})
 
 
-def _json(doc: dict[str, Any], status: int = 200) -> web.Response:
+def page_position(request: web.Request, account_id: int, fingerprint: int) -> tuple[datetime, int] | None:
+    """The keyset position (time, id) of the request's ``page_token`` (None: the first page);
+    400 for a token that is not this account's and query's."""
+    token = request.query.get("page_token")
+    if token is None:
+        return None
+    try:
+        position = decode_page_token(request.app[TOKEN_KEY], token, account_id, fingerprint)
+    except CursorError as exc:
+        raise ApiError(400, "Invalid page_token", str(exc)) from None
+    return from_micros(position.occurred_at_us), position.message_id
+
+
+def next_page_token(
+    request: web.Request,
+    account_id: int,
+    fingerprint: int,
+    rows: list[dict[str, Any]],
+    more: bool,
+    time_column: str,
+) -> str | None:
+    """The token of the page after ``rows`` (ordered by ``time_column`` and id), if more follow."""
+    if not (more and rows):
+        return None
+    last = rows[-1]
+    return encode_page_token(
+        request.app[TOKEN_KEY], PageToken(account_id, fingerprint, micros(last[time_column]), int(last["id"]))
+    )
+
+
+def json_response(doc: dict[str, Any], status: int = 200) -> web.Response:
     # orjson's bytes as the body: no str in between, as json_response with dumps= would make
     return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
 
@@ -472,7 +512,7 @@ async def _owned_message(request: web.Request, app: Application, *, with_body: b
 @authenticated
 async def get_message(request: web.Request, app: Application) -> web.StreamResponse:
     row = await _owned_message(request, app, with_body=True)
-    return _json(message_json(row, with_body=True))
+    return json_response(message_json(row, with_body=True))
 
 
 def _no_null_defaults(schema: dict[str, Any]) -> None:
@@ -566,7 +606,7 @@ async def _landed(
 
 
 def _accepted(message_id: int, what: str) -> web.Response:
-    return _json(
+    return json_response(
         {
             "id": str(message_id),
             "status": "accepted",
@@ -614,7 +654,7 @@ async def patch_message(request: web.Request, app: Application) -> web.StreamRes
     await _submit(request, row, EventType.UPDATED, MessageFlags(**wanted))
     current = message_json(row, with_body=True)
     if all(current[k] == v for k, v in wanted.items()):
-        return _json(current)
+        return json_response(current)
 
     def shows_patch(fresh: dict[str, Any]) -> bool:
         doc = message_json(fresh)
@@ -625,7 +665,7 @@ async def patch_message(request: web.Request, app: Application) -> web.StreamRes
         return _accepted(message_id, "change")
     if fresh["deleted"]:
         raise NotFound("message", str(message_id))
-    return _json(message_json(fresh, with_body=True))
+    return json_response(message_json(fresh, with_body=True))
 
 
 @API.delete(
@@ -651,7 +691,7 @@ async def delete_message(request: web.Request, app: Application) -> web.StreamRe
     )
     if fresh is None:
         return _accepted(message_id, "deletion")
-    return _json(
+    return json_response(
         {
             "id": str(message_id),
             "account_id": str(fresh["account_id"]),

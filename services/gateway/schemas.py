@@ -45,6 +45,9 @@ __all__ = [
     "Participant",
     "Participants",
     "Retention",
+    "Thread",
+    "ThreadDetail",
+    "ThreadPage",
     "Token",
 ]
 
@@ -160,14 +163,43 @@ class MessageDeleted(Doc):
     deleted: Literal[True]
 
 
+class Thread(Doc):
+    """A conversation: the account's messages that share a ``thread_key`` and are not deleted."""
+
+    id: PublicId
+    account_id: PublicId
+    thread_key: str
+    version: Annotated[int, Field(ge=1)] = Field(description="counts the thread's changes")
+    subject: str | None = Field(description="the subject of the earliest message that has one")
+    message_count: Annotated[int, Field(ge=1)]
+    unread_count: NonNegative
+    last_message_at: datetime = Field(description="occurred_at of the latest message")
+    participants: list[Participant] = Field(
+        description="everyone in from, to, cc and bcc of the thread's latest messages (at most"
+        " THREAD_PARTICIPANT_MESSAGES of them), once each, earliest first"
+    )
+
+
+class ThreadPage(Doc):
+    data: list[Thread]
+    next_page_token: Token | None
+
+
+class ThreadDetail(Thread):
+    messages: list[Message] = Field(description="the first page of the thread's messages, newest first")
+    next_page_token: Token | None = Field(description="the next page: GET /v1/threads/{thread_id}/messages")
+
+
 class Delta(Doc):
     cursor: Token = Field(description="resume after this change")
-    object_type: Literal["message"]
+    object_type: Literal["message", "thread"]
     object_id: PublicId
     change_type: Literal["created", "updated", "deleted"]
     version: int
     changed_at: datetime
-    object: Message | None = Field(description="the object as it is now; null once it is deleted")
+    object: Message | Thread | None = Field(
+        description="the object as it is now; null once it is deleted (a thread: once it has no message)"
+    )
 
 
 class DeltaPage(Doc):

@@ -38,6 +38,7 @@ from services.gateway.privacy import add_privacy_routes
 from services.gateway.resources import SETTINGS, setup_resources
 from services.gateway.retention import MessageRetention, expire_messages_forever, trim_forever
 from services.gateway.settings import GatewaySettings
+from services.gateway.threads import add_thread_routes
 from services.gateway.webhooks import WEBHOOK_SETTINGS, WebhookDispatcher, WebhookSettings, add_webhook_routes
 from services.gateway.webhooks.service import consumer_factory
 
@@ -75,6 +76,7 @@ def setup_app(app: web.Application) -> None:
     add_admin_routes(app)
     add_application_routes(app)
     add_message_routes(app)
+    add_thread_routes(app)
     add_delta_routes(app)
     add_webhook_routes(app, WebhookSettings())
     add_imap_account_routes(app, ImapAccountsSettings())

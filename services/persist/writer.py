@@ -32,9 +32,12 @@ number of records (a statement per record was most of persist's time):
    are rare: they are for messages transform forgot); a patch without a row changes nothing;
 4. compare each row's final state with step 1: a row whose version or content version went up,
    or that was newly erased, really changed and gets exactly one ``changes`` row (never two for
-   one message in one transaction);
+   one message in one transaction); the threads of the rows that changed (the thread each was in
+   and the one it is in now) are recomputed from their messages in one statement, and a thread
+   whose aggregate changed gets a ``changes`` row of its own (:mod:`services.persist.threads`);
 5. check the shard bits of every id (the bug #199 guard), lock the shard's change order
-   (:func:`lock_changes`), insert the change rows in one statement and commit.
+   (:func:`lock_changes`), recompute the touched threads (under that lock, see
+   :mod:`services.persist.threads`), insert the change rows in one statement and commit.
 
 Values travel as SQL literals built per type (:func:`_values_sql`), the text the driver's escaping
 would produce, without its generic dispatch per value.
@@ -92,6 +95,7 @@ from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_ut
 from libs.ids import ShardBitsMismatch, check_shard
 from libs.messages import BODY_RAW, CONTENT_COLUMNS, ERASABLE_COLUMNS, FLAG_COLUMNS, encode_body
 from libs.shards import ShardReadOnly, ShardRouter, UnknownShard
+from services.persist.threads import update_threads
 
 __all__ = [
     "Failure",
@@ -462,13 +466,15 @@ def _erases_as(record: PostflightRecord, erasure: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RowState:
-    """What the writer compares of a stored row: its id, versions and erasure."""
+    """What the writer compares of a stored row: its id, versions and erasure, and the thread it
+    is in (:mod:`services.persist.threads`)."""
 
     id: int
     version: int
     content_version: int
     redacted: bool
     deleted: bool
+    thread_key: str | None = None
 
 
 def change_kind(before: RowState | None, after: RowState) -> str | None:
@@ -522,13 +528,13 @@ def patch_assignments(state: RowState, record: PostflightRecord) -> dict[str, An
     return out
 
 
-_STATE_COLUMNS: Final = "id, version, content_version, redacted, deleted"
+_STATE_COLUMNS: Final = "id, version, content_version, redacted, deleted, thread_key"
 _RETURNING_STATES: Final = f" RETURNING {_STATE_COLUMNS}"
 
 
 def _state(values: Sequence[Any]) -> RowState:
-    id_, version, cv, redacted, deleted = values
-    return RowState(int(id_), int(version), int(cv), bool(redacted), bool(deleted))
+    id_, version, cv, redacted, deleted, thread_key = values
+    return RowState(int(id_), int(version), int(cv), bool(redacted), bool(deleted), thread_key)
 
 
 async def _states(
@@ -555,6 +561,7 @@ def _patched(state: RowState, assignments: dict[str, Any]) -> RowState:
         assignments.get("content_version", state.content_version),
         bool(assignments.get("redacted", state.redacted)),
         bool(assignments.get("deleted", state.deleted)),
+        state.thread_key,
     )
 
 
@@ -682,16 +689,26 @@ async def write_shard(
                         f"UPDATE {table} SET {', '.join(f'{c} = %s' for c in assignments)} WHERE id = %s",
                         [*assignments.values(), now[message].id],
                     )
+                threads: dict[tuple[int, str], None] = {}  # of the messages that changed, old and new
                 for message in keys:
                     state = now.get(message)
                     if state is None:  # only a patch's, without a row
                         continue
                     check_shard(state.id, shard)
-                    kind = change_kind(before.get(message), state)
+                    old = before.get(message)
+                    kind = change_kind(old, state)
                     if kind is not None:
                         changes.append((message[0], "message", state.id, kind, state.version))
+                        for thread in (old.thread_key if old is not None else None, state.thread_key):
+                            if thread is not None:
+                                threads[(message[0], thread)] = None
                 if changes:
                     await lock_changes(cur, router, shard, prefix=prefix)
+                    # Under the lock: the shard's thread recomputations run one at a time, each
+                    # seeing every message the ones before it committed (update_threads).
+                    changes += await update_threads(
+                        cur, shard, router.table(shard, "threads"), table, list(threads), _values_sql, prefix
+                    )
                     await insert_guarded(
                         cur,
                         shard,

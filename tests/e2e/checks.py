@@ -33,13 +33,13 @@ async def messages(router: ShardRouter, account_id: int) -> dict[str, dict[str, 
 
 
 async def changes(router: ShardRouter, account_id: int) -> list[tuple[int, str, int]]:
-    """(object_id, change_type, version) in commit order."""
+    """(object_id, change_type, version) of the account's messages, in commit order."""
     shard = shard_of(account_id)
     pool = await router.pool(shard)
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
             f"SELECT object_id, change_type, version FROM {router.table(shard, 'changes')}"
-            " WHERE account_id = %s ORDER BY id",
+            " WHERE account_id = %s AND object_type = 'message' ORDER BY id",
             (account_id,),
         )
         rows = await cur.fetchall()

@@ -127,3 +127,15 @@ async def message_ids(router: ShardRouter, account_id: int) -> dict[str, int]:
         rows = await cur.fetchall()
         await conn.commit()
     return {bytes(k).decode(): int(i) for k, i in rows}
+
+
+async def thread_ids(router: ShardRouter, account_id: int) -> list[int]:
+    shard = account_id >> 48
+    pool = await router.pool(shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT id FROM {router.table(shard, 'threads')} WHERE account_id = %s", (account_id,)
+        )
+        rows = await cur.fetchall()
+        await conn.commit()
+    return [int(r[0]) for r in rows]

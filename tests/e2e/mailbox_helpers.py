@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 import aiohttp
@@ -105,11 +106,12 @@ async def synced_mailbox(
         assert status == 200, gone
 
 
-async def append(stack: Stack, address: str, raw: bytes) -> None:
+async def append(stack: Stack, address: str, raw: bytes, internaldate: datetime | None = None) -> None:
+    """APPEND ``raw`` to the INBOX, with ``internaldate`` (the message's occurred_at) if given."""
     client = Imap4("127.0.0.1", stack.dovecot.port, timeout=60)
     await client.wait_hello_from_server()
     assert (await client.login(address, IMAP_TEST_PASSWORD)).result == "OK"
     try:
-        assert (await client.append(raw, mailbox="INBOX")).result == "OK"
+        assert (await client.append(raw, mailbox="INBOX", date=internaldate)).result == "OK"
     finally:
         await client.logout()

@@ -40,7 +40,7 @@ from schemathesis.core.result import Ok
 from cli.services import management_address
 from libs.shards import ShardRouter
 from services.gateway.admin import ADMIN_PREFIX
-from tests.e2e.gateway_helpers import gateway, message_ids, seed, varied
+from tests.e2e.gateway_helpers import gateway, message_ids, record, seed, thread_ids, varied
 
 __all__ = ["gateway"]
 
@@ -173,13 +173,16 @@ def run_fuzz(
 
 async def test_fuzz_against_openapi(gateway: str, tenant_factory: Any, router: ShardRouter) -> None:
     tenant = await tenant_factory([1, 2, 3])
-    await seed(router, varied(tenant.accounts[0].id, 20))
-    mids = list((await message_ids(router, tenant.accounts[0].id)).values())
+    account = tenant.accounts[0].id
+    await seed(router, varied(account, 20))
+    await seed(router, [record(account, f"t{i}", thread_key=f"fuzz-thread-{i % 3}") for i in range(6)])
+    mids = list((await message_ids(router, account)).values())
     served = await asyncio.to_thread(load_spec, gateway)
     ids = {
         "account_id": [str(a.id) for a in tenant.accounts[:2]],
         "erasable_account_id": [str(tenant.accounts[2].id)],
         "message_id": [str(m) for m in mids[:10]],
+        "thread_id": [str(t) for t in await thread_ids(router, account)],
     }
     run_seed = fuzz_seed()
     print(f"\nfuzz seed {run_seed} (FLIGHTLOG_FUZZ_SEED={run_seed} repeats these cases)")

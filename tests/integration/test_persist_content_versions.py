@@ -131,7 +131,7 @@ async def changes(env: Env) -> list[tuple[str, str, int]]:
         await cur.execute(
             f"SELECT m.message_key, c.change_type, c.version FROM {env.router.table(env.shard, 'changes')} c"
             f" JOIN {env.router.table(env.shard, 'messages')} m ON m.id = c.object_id"
-            " WHERE c.account_id = %s ORDER BY c.id",
+            " WHERE c.account_id = %s AND c.object_type = 'message' ORDER BY c.id",
             (env.account,),
         )
         rows = await cur.fetchall()

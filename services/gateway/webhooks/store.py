@@ -31,7 +31,10 @@ __all__ = [
     "utcnow",
 ]
 
-EVENT_TYPES: Final = ("message.created", "message.updated", "message.deleted")
+EVENT_TYPES: Final = (
+    "message.created", "message.updated", "message.deleted",
+    "thread.created", "thread.updated", "thread.deleted",
+)  # fmt: skip
 # How a lane treats an event its receiver refuses permanently; see the dispatcher's docstring.
 SKIP_REFUSED: Final = "skip_refused"
 STRICT: Final = "strict"
