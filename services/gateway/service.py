@@ -22,6 +22,7 @@ from aiohttp import web
 from libs.crypto import SecretsSettings
 from libs.http import Problem, read_json
 from libs.imap_accounts import ImapAccountsSettings
+from libs.outbox import SmtpSettings
 from libs.resources import ROUTER
 from libs.service import ServiceContext, ServiceDefinition
 from services.gateway.admin import add_admin_routes
@@ -35,6 +36,7 @@ from services.gateway.metrics import request_metrics_middleware
 from services.gateway.openapi import add_doc_routes
 from services.gateway.resources import SETTINGS, setup_resources
 from services.gateway.retention import trim_forever
+from services.gateway.sending import SendSettings, add_sending_routes
 from services.gateway.settings import GatewaySettings
 from services.gateway.webhooks import WEBHOOK_SETTINGS, WebhookDispatcher, WebhookSettings, add_webhook_routes
 from services.gateway.webhooks.service import consumer_factory
@@ -77,6 +79,7 @@ def setup_app(app: web.Application) -> None:
     add_webhook_routes(app, WebhookSettings())
     add_imap_account_routes(app, ImapAccountsSettings())
     add_content_routes(app, ContentSettings())
+    add_sending_routes(app, SmtpSettings(), SendSettings())
 
 
 async def main(ctx: ServiceContext) -> None:

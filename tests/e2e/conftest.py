@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cli.services import SERVICE_PORTS, LocalService, local_imap_env
+from cli.services import SERVICE_PORTS, LocalService, local_imap_env, local_smtp_env
 from cli.stack import Stack
 from libs.accounts import Account, Application, create_account, create_application
 from libs.shards import ShardMap, ShardRouter
@@ -42,6 +42,7 @@ PIPELINE_IMAP_ENV = {
     "FLIGHTLOG_IMAP_ACCOUNTS_TOPIC": topic_name("imap-accounts"),
     "FLIGHTLOG_IMAP_CONSUMER_GROUP": group_name("imap"),
     **local_imap_env(),
+    **local_smtp_env(),
 }
 # The webhook tests run dispatchers with settings of their own, and only one dispatcher delivers
 # at a time: the pipeline's gateway serves the webhook API without one (see test_gateway_wiring).

@@ -33,10 +33,7 @@ def _inbox(stack: Stack, address: str) -> list[EmailMessage]:
     if not path.is_dir():
         return []
     box = mailbox.Maildir(path, create=False)
-    return [
-        email.message_from_bytes(box.get_bytes(key), policy=email.policy.default)
-        for key in box.keys()
-    ]
+    return [email.message_from_bytes(box.get_bytes(key), policy=email.policy.default) for key in box.keys()]
 
 
 def _message(sender: str, recipient: str) -> EmailMessage:

@@ -34,6 +34,7 @@ from aiokafka.errors import KafkaError
 
 from libs.aio import cancelling, raise_if_cancelling, wait_for
 from libs.backoff import backoff_s
+from libs.dsn import parse_dsn, report_event
 from libs.events import (
     Direction,
     Event,
@@ -529,6 +530,12 @@ class AccountSync:
             raw = item.body or b""
             key = message_key(folder.id, raw)
             events.append(self._synced(folder, item, key, raw))
+            # A DSN about a message flightlog sent moves that message too (libs.dsn).
+            if (report := parse_dsn(raw)) is not None:
+                event_id = _event_id(self.account_id, folder, item.uid, "dsn")
+                events.append(
+                    report_event(self.account_id, report, event_id, internaldate(item.internaldate))
+                )
             entries.append(UidEntry(item.uid, key, _flag_text(item.flags)))
         await _uncancelled(self._emit_and_record(folder, events, entries))
         for e in entries:
