@@ -51,7 +51,11 @@ PIPELINE_IMAP_ENV = {
 GATEWAY_ENV = {
     "FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY": "false",
     "FLIGHTLOG_GATEWAY_DELTA_RECHECK_S": "120",
+    # The sending crash test posts more than an account's default burst at once.
+    "FLIGHTLOG_SEND_BURST_PER_ACCOUNT": "1000",
 }
+# Two SMTP conversations at once: a batch of sends takes long enough that a kill -9 lands in it.
+SENDER_ENV = {"FLIGHTLOG_SENDER_CONCURRENCY": "2", "FLIGHTLOG_SENDER_CLAIM_BATCH": "4"}
 
 
 @dataclass
@@ -69,7 +73,12 @@ def pipeline(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[Pipeli
             name,
             port + E2E_PORT_OFFSET,
             stack.settings.state_dir,
-            env={**E2E_ENV, **PIPELINE_IMAP_ENV, **(GATEWAY_ENV if name == "gateway" else {})},
+            env={
+                **E2E_ENV,
+                **PIPELINE_IMAP_ENV,
+                **(GATEWAY_ENV if name == "gateway" else {}),
+                **(SENDER_ENV if name == "sender" else {}),
+            },
             instance=E2E_INSTANCE,
         )
         for name, port in SERVICE_PORTS.items()

@@ -12,76 +12,22 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
-from aiokafka import TopicPartition
 
 from cli.stack import HOST, Stack
-from libs.config import KafkaSettings
-from libs.events import message_key_bytes
-from libs.inflight import partition_for
-from libs.kafka import INFLIGHT, TOPICS, make_consumer
 from libs.shards import ShardRouter
-from tests.e2e.checks import offsets_since
 from tests.e2e.conftest import Pipeline
-from tests.e2e.mailbox_helpers import SYNCED_WITHIN_S, Gateway, Mailbox, synced_mailbox
+from tests.e2e.mailbox_helpers import SYNCED_WITHIN_S, synced_mailbox
+from tests.e2e.send_helpers import final_message, inflight_types, two_mailboxes
 from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(300)
-
-
-async def inflight_types(account_id: int, key: str, since_ms: int) -> list[str]:
-    """The types of the message's events on flightlog.inflight, in order, from ``since_ms`` on."""
-    count = next(spec.partitions for spec in TOPICS if spec.name == INFLIGHT)
-    wanted = message_key_bytes(account_id, key)
-    tp = TopicPartition(INFLIGHT, partition_for(wanted, count))
-    found: list[str] = []
-    async with make_consumer(KafkaSettings(), group_id=None) as consumer:
-        consumer.assign([tp])
-        consumer.seek(tp, (await offsets_since(consumer, [tp], since_ms))[tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
-            found += [orjson.loads(r.value or b"")["type"] for r in batch.get(tp, []) if r.key == wanted]
-    return found
-
-
-async def _two_mailboxes(
-    stack_: AsyncExitStack, pipeline: Pipeline, stack: Stack, router: ShardRouter, tenants: Any, http: Any
-) -> tuple[Mailbox, Gateway, Mailbox, Gateway]:
-    a, gw_a = await stack_.enter_async_context(
-        synced_mailbox(pipeline, stack, router, tenants, http, "sendfrom")
-    )
-    b, gw_b = await stack_.enter_async_context(
-        synced_mailbox(pipeline, stack, router, tenants, http, "sendto")
-    )
-    status, smtp = await gw_a.call(
-        "PUT",
-        f"/v1/accounts/{a.account_id}/smtp",
-        {"host": HOST, "port": stack.settings.submission_port, "tls_mode": "starttls"},
-    )
-    assert status == 200, smtp
-    assert smtp["reuses_imap_login"] is True
-    return a, gw_a, b, gw_b
 
 
 @pytest.fixture
 async def exits() -> AsyncIterator[AsyncExitStack]:
     async with AsyncExitStack() as stack:
         yield stack
-
-
-async def _final(gw: Gateway, account_id: int, key: str) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-
-    async def final() -> bool:
-        row = (await gw.messages(account_id)).get(key)
-        if row is not None and row["status"] in ("delivered", "undelivered", "failed"):
-            found.update(row)
-        return bool(found)
-
-    await eventually(final, SYNCED_WITHIN_S, f"sent message {key} final")
-    return found
 
 
 async def test_a_sent_message_arrives_and_is_delivered(
@@ -93,7 +39,7 @@ async def test_a_sent_message_arrives_and_is_delivered(
     exits: AsyncExitStack,
 ) -> None:
     since_ms = int(time.time() * 1000) - 1000
-    a, gw_a, b, gw_b = await _two_mailboxes(exits, pipeline, stack, router, tenant_factory, http)
+    a, gw_a, b, gw_b = await two_mailboxes(exits, pipeline, stack, router, tenant_factory, http)
     subject = f"sent through flightlog {uuid.uuid4().hex}"
     body = {
         "to": [{"name": "Bee", "email": b.address}],
@@ -119,7 +65,7 @@ async def test_a_sent_message_arrives_and_is_delivered(
 
     await eventually(in_b, SYNCED_WITHIN_S, "the message in the recipient's synced account")
     assert arrived[0]["direction"] == "inbound"
-    sent = await _final(gw_a, a.account_id, accepted["message_key"])
+    sent = await final_message(gw_a, a.account_id, accepted["message_key"])
     assert sent["status"] == "delivered", sent
     assert sent["direction"] == "outbound" and sent["subject"] == subject
     types = await inflight_types(a.account_id, accepted["message_key"], since_ms)
@@ -138,7 +84,7 @@ async def test_a_message_to_an_unknown_user_is_undelivered_with_the_reason(
     http: aiohttp.ClientSession,
     exits: AsyncExitStack,
 ) -> None:
-    a, gw_a, _, _ = await _two_mailboxes(exits, pipeline, stack, router, tenant_factory, http)
+    a, gw_a, _, _ = await two_mailboxes(exits, pipeline, stack, router, tenant_factory, http)
     unknown = f"nobody-{uuid.uuid4().hex[:8]}@flightlog.test"
     status, accepted = await gw_a.call(
         "POST",
@@ -146,7 +92,7 @@ async def test_a_message_to_an_unknown_user_is_undelivered_with_the_reason(
         {"to": [{"email": unknown}], "subject": "to nobody", "text": "hello"},
     )
     assert status == 202, accepted
-    sent = await _final(gw_a, a.account_id, accepted["message_key"])
+    sent = await final_message(gw_a, a.account_id, accepted["message_key"])
     assert sent["status"] == "undelivered", sent
     status, full = await gw_a.call("GET", f"/v1/messages/{sent['id']}")
     assert status == 200, full
