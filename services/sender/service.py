@@ -8,6 +8,7 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 
 from libs.crypto import SecretBox, SecretsSettings
+from libs.imap_accounts import ImapAccountsSettings, SyncStore
 from libs.kafka import make_producer
 from libs.outbox import OutboxStore, SmtpSettings
 from libs.service import ServiceContext, ServiceDefinition
@@ -25,7 +26,10 @@ async def main(ctx: ServiceContext) -> None:
     async with AsyncExitStack() as stack:
         router = await stack.enter_async_context(ShardRouter(s))
         producer = await stack.enter_async_context(make_producer(s))
-        sender = Sender(router, OutboxStore(router, box), producer, s.instance_id, settings, smtp)
+        sender = Sender(
+            router, OutboxStore(router, box), producer, s.instance_id, settings, smtp,
+            SyncStore(router, box), ImapAccountsSettings(),
+        )  # fmt: skip
         ctx.set_ready()
         await sender.run(ctx.stopping)
 

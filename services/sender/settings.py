@@ -27,3 +27,6 @@ class SenderSettings(BaseSettings):
     sender_retry_initial_s: float = Field(default=5.0, gt=0)
     sender_retry_max_s: float = Field(default=600.0, gt=0)
     sender_produce_timeout_s: float = Field(default=10.0, gt=0)
+    # Append each sent message to the account's Sent folder over IMAP when the server has not
+    # filed it there itself (searched for by Message-ID).
+    sender_file_sent_copy: bool = True

@@ -22,6 +22,9 @@ settles it later. That window, from the DATA command to the record of its answer
 SMTP leaves (RFC 1047: the client cannot tell whether a reply it never read was a 250); a sender
 crash outside it never sends twice nor loses a message.
 
+The sent copy: after the submission is recorded, the message is appended to the account's Sent
+folder over IMAP unless the server filed it there itself (:mod:`services.sender.sent_copy`).
+
 Retries: a 4xx, or a connection that failed before DATA, puts the row back ``pending`` with an
 exponential backoff (``FLIGHTLOG_SENDER_RETRY_*``); a 5xx, or running out of attempts, posts
 ``failed`` with the server's code. Several senders may run: a row is leased to one of them
@@ -40,10 +43,12 @@ from aiokafka import AIOKafkaProducer
 
 from libs.backoff import backoff_s
 from libs.events import Event, EventType
+from libs.imap_accounts import ImapAccountsSettings, SyncStore
 from libs.inflight import publish_inflight
 from libs.outbox import OutboxRow, OutboxState, OutboxStore, SmtpSettings
 from libs.sending import SendRequest, build_mime, send_event
 from libs.shards import ShardRouter
+from services.sender.sent_copy import file_sent_copy
 from services.sender.settings import SenderSettings
 from services.sender.smtp import SubmitError, SubmitInDoubt, submit, tls_context
 
@@ -63,6 +68,8 @@ class Sender:
         owner: str,
         settings: SenderSettings,
         smtp: SmtpSettings,
+        imap_store: SyncStore,
+        imap: ImapAccountsSettings,
     ) -> None:
         self._router = router
         self._store = store
@@ -70,6 +77,8 @@ class Sender:
         self._owner = owner
         self._settings = settings
         self._smtp = smtp
+        self._imap_store = imap_store
+        self._imap = imap
         self._context: ssl.SSLContext = tls_context(smtp.smtp_tls_ca_file)
         self._slots = asyncio.Semaphore(settings.sender_concurrency)
 
@@ -132,11 +141,12 @@ class Sender:
         if account is None:
             await self._fail(request, "no_smtp_account", "the account has no SMTP server or login")
             return
+        mime = build_mime(request)
         try:
             done = await submit(
                 account,
                 request,
-                build_mime(request),
+                mime,
                 context=self._context,
                 timeout_s=self._settings.sender_smtp_timeout_s,
                 allow_private=self._smtp.smtp_allow_private_hosts,
@@ -164,6 +174,12 @@ class Sender:
         note = "; ".join(f"{r} refused: {why}" for r, why in done.refused.items()) or None
         await self._post([send_event(request, EventType.SENT, datetime.now(UTC))])
         await self._store.mark_submitted(request, self._owner, done.queue_id, note)
+        if self._settings.sender_file_sent_copy:
+            filed = await file_sent_copy(
+                self._imap_store, self._imap, request.account_id, mime.as_bytes(), request.message_id,
+                timeout_s=self._settings.sender_smtp_timeout_s,
+            )  # fmt: skip
+            logger.info("message %s sent (%s); sent copy: %s", request.message_key, done.queue_id, filed)
 
     async def _fail(self, request: SendRequest, code: str, reason: str) -> None:
         await self._post([send_event(request, EventType.FAILED, datetime.now(UTC), error_code=code)])

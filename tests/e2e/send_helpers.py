@@ -73,9 +73,14 @@ async def final_message(gw: Gateway, account_id: int, key: str) -> dict[str, Any
     return found
 
 
-def maildir_message_ids(stack: Stack, address: str) -> list[str]:
-    """The Message-ID of every message in the user's Dovecot mailbox (INBOX), read from disk."""
+def maildir_message_ids(stack: Stack, address: str, folder: str | None = None) -> list[str]:
+    """The Message-ID of every message in a folder (INBOX by default) of the user's Dovecot
+    mailbox, read from disk."""
     path = stack.dovecot.dir / "mail" / DOMAIN / address.split("@", 1)[0] / "Maildir"
+    if folder is not None:
+        path = path / f".{folder}"
+    if not path.is_dir():
+        return []
     box = mailbox.Maildir(path, create=False)
     parser = BytesHeaderParser()
     return [str(parser.parsebytes(box.get_bytes(key)).get("Message-ID", "")) for key in box.keys()]

@@ -18,7 +18,7 @@ from cli.stack import HOST, Stack
 from libs.shards import ShardRouter
 from tests.e2e.conftest import Pipeline
 from tests.e2e.mailbox_helpers import SYNCED_WITHIN_S, synced_mailbox
-from tests.e2e.send_helpers import final_message, inflight_types, two_mailboxes
+from tests.e2e.send_helpers import final_message, inflight_types, maildir_message_ids, two_mailboxes
 from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(300)
@@ -74,6 +74,13 @@ async def test_a_sent_message_arrives_and_is_delivered(
         "message.accepted", "message.queued", "message.sending", "message.sent", "message.delivered",
     ], types  # fmt: skip
     assert len([m for m in (await gw_b.messages(b.account_id)).values() if m["subject"] == subject]) == 1
+
+    # Dovecot files no sent copy itself: the sender appends one to the Sent folder, once.
+    def sent_copies() -> int:
+        return maildir_message_ids(stack, a.address, "Sent").count(f"<{accepted['message_id']}>")
+
+    await eventually(lambda: sent_copies() > 0, SYNCED_WITHIN_S, "the sent copy in the Sent folder")
+    assert sent_copies() == 1
 
 
 async def test_a_message_to_an_unknown_user_is_undelivered_with_the_reason(
