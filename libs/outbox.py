@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import asyncmy.errors
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.crypto import SecretBox
@@ -45,6 +46,9 @@ class SmtpSettings(BaseSettings):
     # The ports an account's SMTP server may use: submission 587 (STARTTLS) and 465 (implicit
     # TLS); the API refuses others, so the platform cannot be pointed at arbitrary services.
     smtp_allowed_ports: tuple[int, ...] = (465, 587)
+
+
+ER_DUP_ENTRY = 1062  # the key is taken: the idempotency key was used before
 
 
 class OutboxState(StrEnum):
@@ -164,14 +168,17 @@ class OutboxStore:
         shard = shard_of(request.account_id)
         table = self._router.table(shard, "outbox")
         key = request.message_key.encode()
-        _, inserted = await self._execute(
-            shard,
-            f"INSERT IGNORE INTO {table} (account_id, message_key, request, request_sha256)"
-            " VALUES (%s, %s, %s, %s)",
-            (request.account_id, key, body, digest),
-        )
-        if inserted:
+        try:
+            await self._execute(
+                shard,
+                f"INSERT INTO {table} (account_id, message_key, request, request_sha256)"
+                " VALUES (%s, %s, %s, %s)",
+                (request.account_id, key, body, digest),
+            )
             return request
+        except asyncmy.errors.IntegrityError as exc:
+            if exc.args[0] != ER_DUP_ENTRY:
+                raise
         rows, _ = await self._execute(
             shard,
             f"SELECT request, request_sha256 FROM {table} WHERE account_id = %s AND message_key = %s",

@@ -209,9 +209,11 @@ async def post_send(request: web.Request, app: Application) -> web.StreamRespons
         raise ApiError(
             422, "Invalid idempotency key", f"an idempotency key has 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
         )
+    key = send_message_key(account.id, idempotency_key)
     limiter = request.app[SEND_LIMITER]
     denied = limiter.acquire({account.id: 1})
-    if denied is not None:
+    # A repeat of a message already taken is answered whatever the limit: it sends nothing.
+    if denied is not None and (idempotency_key is None or await store.row(account.id, key) is None):
         raise ApiError(
             429,
             "Sending limit",
@@ -219,7 +221,7 @@ async def post_send(request: web.Request, app: Application) -> web.StreamRespons
             f" {limiter.rate_per_s:g} a second",
             retry_after_s=max(1, int(denied.retry_after_s + 0.999)),
         )
-    key = send_message_key(account.id, idempotency_key)
+    charged = denied is None
     request_model = SendRequest(
         account_id=account.id,
         message_key=key,
@@ -231,11 +233,12 @@ async def post_send(request: web.Request, app: Application) -> web.StreamRespons
     try:
         stored = await store.put(request_model)
     except IdempotencyConflict:
-        limiter.refund({account.id: 1})
+        if charged:
+            limiter.refund({account.id: 1})
         raise ApiError(
             409, "Idempotency key reused", f"the key {idempotency_key!r} already sent a different message"
         ) from None
-    if stored is not request_model:
+    if stored is not request_model and charged:
         limiter.refund({account.id: 1})  # a repeat sends nothing
     try:
         await publish_inflight(
