@@ -37,8 +37,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from datetime import UTC, datetime
+from typing import Final
 
+import prometheus_client
 from aiokafka import AIOKafkaProducer
 
 from libs.backoff import backoff_s
@@ -55,6 +58,13 @@ from services.sender.smtp import SubmitError, SubmitInDoubt, submit, tls_context
 __all__ = ["Sender"]
 
 logger = logging.getLogger(__name__)
+
+OUTCOMES: Final = prometheus_client.Counter(
+    "flightlog_sender_messages", "Submission attempts by outcome", ["outcome"]
+)  # sent, deferred, failed, in_doubt
+SMTP_SECONDS: Final = prometheus_client.Histogram(
+    "flightlog_sender_smtp_seconds", "One SMTP conversation, connect to the answer to DATA"
+)
 
 
 class Sender:
@@ -142,6 +152,7 @@ class Sender:
             await self._fail(request, "no_smtp_account", "the account has no SMTP server or login")
             return
         mime = build_mime(request)
+        began = time.perf_counter()
         try:
             done = await submit(
                 account,
@@ -153,6 +164,7 @@ class Sender:
                 before_data=lambda: self._store.mark_submitting(request, self._owner),
             )
         except SubmitInDoubt as exc:
+            OUTCOMES.labels("in_doubt").inc()
             logger.warning("message %s is in doubt: %s", request.message_key, exc)
             await self._post([send_event(request, EventType.SENT, datetime.now(UTC), error_code="in_doubt")])
             await self._store.mark_submitted(request, self._owner, None, f"in doubt: {exc}")
@@ -162,6 +174,7 @@ class Sender:
             if exc.permanent or attempt >= self._settings.sender_max_attempts:
                 await self._fail(request, exc.error_code, str(exc))
                 return
+            OUTCOMES.labels("deferred").inc()
             delay = backoff_s(
                 attempt,
                 self._settings.sender_retry_initial_s,
@@ -171,6 +184,8 @@ class Sender:
             logger.info("message %s deferred %.1f s: %s", request.message_key, delay, exc)
             await self._store.defer(request, self._owner, str(exc), delay)
             return
+        SMTP_SECONDS.observe(time.perf_counter() - began)
+        OUTCOMES.labels("sent").inc()
         note = "; ".join(f"{r} refused: {why}" for r, why in done.refused.items()) or None
         await self._post([send_event(request, EventType.SENT, datetime.now(UTC))])
         await self._store.mark_submitted(request, self._owner, done.queue_id, note)
@@ -182,5 +197,6 @@ class Sender:
             logger.info("message %s sent (%s); sent copy: %s", request.message_key, done.queue_id, filed)
 
     async def _fail(self, request: SendRequest, code: str, reason: str) -> None:
+        OUTCOMES.labels("failed").inc()
         await self._post([send_event(request, EventType.FAILED, datetime.now(UTC), error_code=code)])
         await self._store.mark_failed(request, self._owner, reason)
