@@ -51,15 +51,18 @@ SETTINGS_MODULES: Final = (
     "libs.crypto",
     "libs.imap_accounts",
     "libs.oauth",
+    "libs.outbox",
     "libs.shardops",
     "services.gateway.settings",
     "services.gateway.content",
     "services.gateway.webhooks.settings",
+    "services.gateway.sending",
     "services.ingest.settings",
     "services.ingest.imap.settings",
     "services.transform.settings",
     "services.persist.worker",
     "services.persist.relay",
+    "services.sender.settings",
 )
 
 _HEADER: Final = """\

@@ -1,4 +1,4 @@
-"""The four services as local background processes, for `make dev` and the end-to-end tests."""
+"""The services as local background processes, for `make dev` and the end-to-end tests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from urllib.request import urlopen
 
 from cli.procs import ManagedProcess, ProcessError, wait_until
 from cli.progress import Step, quiet
-from cli.stack import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, Stack, StackError
+from cli.stack import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, Dovecot, Stack, StackError
 from libs.config import REPO_ROOT, StackSettings
 from libs.service import MANAGEMENT_PORT_OFFSET, MULTIPROCESS_DIR
 
@@ -23,17 +23,34 @@ __all__ = [
     "LocalServices",
     "dev_env",
     "local_imap_env",
+    "local_smtp_env",
     "management_address",
 ]
 
-SERVICE_PORTS: Final = {"ingest": 8081, "transform": 8082, "persist": 8083, "gateway": 8080}
+SERVICE_PORTS: Final = {"ingest": 8081, "transform": 8082, "persist": 8083, "gateway": 8080, "sender": 8085}
 
 
 def dev_env(settings: StackSettings | None = None) -> dict[str, str]:
     """What `flightlog services up` / `flightlog dev` set for a local development stack: webhooks
     may go to receivers on this machine (the bench's own receiver on 127.0.0.1 among them), and
-    IMAP accounts may use the local Dovecot (:func:`local_imap_env`)."""
-    return {"FLIGHTLOG_WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true", **local_imap_env(settings)}
+    IMAP accounts may use the local Dovecot (:func:`local_imap_env`) and send through the local
+    Postfix (:func:`local_smtp_env`)."""
+    return {
+        "FLIGHTLOG_WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
+        **local_imap_env(settings),
+        **local_smtp_env(settings),
+    }
+
+
+def local_smtp_env(settings: StackSettings | None = None) -> dict[str, str]:
+    """Sending through the local stack's Postfix: its loopback host and ports, and trust in its
+    certificate (Dovecot's)."""
+    s = settings or StackSettings()
+    return {
+        "FLIGHTLOG_SMTP_TLS_CA_FILE": str(Dovecot(s).tls_cert),
+        "FLIGHTLOG_SMTP_ALLOW_PRIVATE_HOSTS": "true",
+        "FLIGHTLOG_SMTP_ALLOWED_PORTS": json.dumps(sorted({465, 587, s.submission_port, s.smtps_port})),
+    }
 
 
 def local_imap_env(settings: StackSettings | None = None) -> dict[str, str]:

@@ -33,6 +33,7 @@ __all__ = [
     "MariaDB",
     "OAuthServer",
     "Part",
+    "Postfix",
     "ServerTls",
     "Stack",
     "StackError",
@@ -64,6 +65,8 @@ OAUTH_CLIENT_ID = "flightlog"
 OAUTH_CLIENT_SECRET = "flightlog-oauth-secret"
 OAUTH_INTROSPECTION_CLIENT = ("dovecot", "dovecot-introspection-secret")
 OAUTH_DOVECOT_PORT_OFFSET = 2  # the OAuth2 Dovecot: 1143 -> 1145
+# The stack's mail domain: the Dovecot users' addresses, delivered over LMTP.
+MAIL_DOMAIN = "flightlog.test"
 
 
 class StackError(RuntimeError):
@@ -79,9 +82,21 @@ def _run(argv: list[str], what: str, **kwargs: object) -> subprocess.CompletedPr
     return result  # type: ignore[no-any-return]
 
 
-def ensure_debian_packages(binaries: dict[str, str], step: Step = quiet) -> None:
-    """Install the Debian packages whose binaries are missing (``binary -> package``)."""
-    missing = sorted({pkg for binary, pkg in binaries.items() if shutil.which(binary) is None})
+def ensure_debian_packages(
+    binaries: dict[str, str], step: Step = quiet, *, debconf: tuple[str, ...] = ()
+) -> None:
+    """Install the Debian packages whose binaries are missing (``binary -> package``).
+
+    A binary is a name on PATH or an absolute path (a daemon outside PATH). ``debconf`` holds
+    ``debconf-set-selections`` lines answered before the install (Postfix asks questions).
+    """
+    missing = sorted(
+        {
+            pkg
+            for binary, pkg in binaries.items()
+            if (not Path(binary).exists() if binary.startswith("/") else shutil.which(binary) is None)
+        }
+    )
     if not missing:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
@@ -92,6 +107,8 @@ def ensure_debian_packages(binaries: dict[str, str], step: Step = quiet) -> None
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     with step("apt-get update"):
         _run(["apt-get", "update", "-qq"], "apt-get update", env=env)
+    if debconf:
+        _run(["debconf-set-selections"], "debconf-set-selections", input="\n".join(debconf) + "\n")
     with step(f"apt-get install {' '.join(missing)}"):
         _run(
             ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
@@ -784,27 +801,23 @@ class Dovecot(Part):
             return False
         return True
 
-    def _write_config(self) -> None:
+    def _write_config(self) -> bool:
+        """Write the config (and what it names); returns whether the config changed."""
         d = self.dir
         for sub in ("run", "state", "mail"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         shutil.chown(d / "mail", "mail", "mail")
+        # Dovecot (as mail) creates a user's folder here on a first login or LMTP delivery.
+        (d / "mail" / MAIL_DOMAIN).mkdir(exist_ok=True)
+        shutil.chown(d / "mail" / MAIL_DOMAIN, "mail", "mail")
         if not self.users.exists():
             for i in range(1, 4):
-                self.add_user(f"user{i}@flightlog.test", wait=False)
+                self.add_user(f"user{i}@{MAIL_DOMAIN}", wait=False)
         if self.tls and not self.tls_cert.exists():
             write_self_signed_cert(self.tls_cert, self.tls_key, HOST)
-        tls = (
-            f"ssl = yes\nssl_cert = <{self.tls_cert}\nssl_key = <{self.tls_key}\n"
-            if self.tls
-            else "ssl = no\n"
-        )
-        mechanisms, oauth_passdb = "plain login", ""
         if self.oauth is not None:
-            mechanisms += " xoauth2 oauthbearer"
-            oauth_conf = d / "dovecot-oauth2.conf.ext"
             client, secret = OAUTH_INTROSPECTION_CLIENT
-            oauth_conf.write_text(
+            self._oauth_conf.write_text(
                 f"introspection_mode = post\n"
                 f"introspection_url = https://{client}:{secret}@{self.oauth.address}/introspect\n"
                 "force_introspection = yes\n"
@@ -813,20 +826,62 @@ class Dovecot(Part):
                 "active_value = true\n"
                 f"tls_ca_cert_file = {self.oauth.tls_cert}\n"
             )
-            oauth_conf.chmod(0o600)
+            self._oauth_conf.chmod(0o600)
+        text = self._config_text()
+        if self.conf.exists() and self.conf.read_text() == text:
+            return False
+        self.conf.write_text(text)
+        return True
+
+    @property
+    def _oauth_conf(self) -> Path:
+        return self.dir / "dovecot-oauth2.conf.ext"
+
+    def _config_text(self) -> str:
+        d = self.dir
+        tls = (
+            f"ssl = yes\nssl_cert = <{self.tls_cert}\nssl_key = <{self.tls_key}\n"
+            if self.tls
+            else "ssl = no\n"
+        )
+        mechanisms, oauth_passdb = "plain login", ""
+        if self.oauth is not None:
+            mechanisms += " xoauth2 oauthbearer"
             # Tests refuse tokens on purpose: no delay after a failure, and no penalty per client
-            # address (up to 15 s; every test client is 127.0.0.1), as Dovecot's docs disable it:
-            # no anvil-auth-penalty socket (one left by an earlier config has auth wait 5 s for it).
-            (d / "run" / "anvil-auth-penalty").unlink(missing_ok=True)
+            # address (up to 15 s; every test client is 127.0.0.1), as Dovecot's docs disable it.
             oauth_passdb = (
                 "auth_failure_delay = 0\n"
                 "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n"
                 "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
-                f"  args = {oauth_conf}\n}}\n"
+                f"  args = {self._oauth_conf}\n}}\n"
             )
-        self.conf.write_text(
-            f"""# Generated by `flightlog stack up`; edits are overwritten.
-protocols = imap
+        # The TLS server is also the stack's mail store: Postfix delivers into it over LMTP and
+        # checks SMTP AUTH against its users. The static userdb has no allow_all_users, so LMTP
+        # asks the passdb whether a user exists and refuses an unknown one (Postfix bounces it).
+        mta = (
+            f"""service lmtp {{
+  process_limit = 32
+  inet_listener lmtp {{
+    address = {HOST}
+    port = {self.settings.lmtp_port}
+  }}
+}}
+service auth {{
+  client_limit = 4100
+  inet_listener auth-postfix {{
+    address = {HOST}
+    port = {self.settings.dovecot_auth_port}
+  }}
+}}
+protocol lmtp {{
+  postmaster_address = postmaster@{MAIL_DOMAIN}
+}}
+"""
+            if self.tls
+            else ""
+        )
+        return f"""# Generated by `flightlog stack up`; edits are overwritten.
+protocols = imap{" lmtp" if self.tls else ""}
 listen = {HOST}
 base_dir = {d}/run
 state_dir = {d}/state
@@ -891,18 +946,27 @@ service imap {{
 protocol imap {{
   imap_idle_notify_interval = 2 mins
 }}
-"""
-            + (f"imap_capability = {self.capability}\n" if self.capability else "")
-        )
+{mta}""" + (f"imap_capability = {self.capability}\n" if self.capability else "")
 
     def up(self, step: Step = quiet) -> None:
-        ensure_debian_packages({"dovecot": "dovecot-imapd", "doveadm": "dovecot-core"}, step)
+        packages = {"dovecot": "dovecot-imapd", "doveadm": "dovecot-core"}
+        if self.tls:
+            packages["/usr/lib/dovecot/lmtp"] = "dovecot-lmtpd"
+        ensure_debian_packages(packages, step)
         if self.proc.running():
+            # A server started from an older config (before LMTP) takes the new one on a reload,
+            # which keeps its IMAP sessions.
+            if self._write_config():
+                with step(f"{self.name}: reloading its changed config"):
+                    _run(["dovecot", "-c", str(self.conf), "reload"], f"{self.name} reload")
             return
         if port_answers(HOST, self.port):
             raise StackError(f"port {self.port} is taken by a process this stack did not start")
         with step(f"starting {self.name} on {self.address}"):
             self._write_config()  # a first run writes a TLS certificate
+            if self.oauth is not None:
+                # no anvil-auth-penalty socket: one left by an earlier config has auth wait 5 s for it
+                (self.dir / "run" / "anvil-auth-penalty").unlink(missing_ok=True)
             # dovecot daemonizes itself and writes run/master.pid, which is our pid file. Its output
             # goes to a file: a daemon holding our pipes open would block us forever.
             with open(self.proc.log_file, "ab") as log:
@@ -984,6 +1048,167 @@ class OAuthServer(Part):
         return Status(self.name, self.url, self.proc.running(), port_answers(HOST, self.port))
 
 
+# Postfix's daemons, none chrooted (the state folder holds everything they read).
+POSTFIX_SERVICES = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+POSTFIX_DAEMON_DIR = Path("/usr/lib/postfix/sbin")
+# Largest message Postfix accepts (its default, written down).
+POSTFIX_MESSAGE_SIZE_LIMIT_BYTES = 10_240_000
+
+
+class Postfix(Part):
+    """Postfix as the stack's MTA: submission with AUTH (STARTTLS, and implicit TLS) on loopback,
+    delivering ``@flightlog.test`` into the main Dovecot over LMTP.
+
+    Its master runs in the foreground (``master -d``) with its own config, queue and data
+    folders under the state folder. SASL is Dovecot's (the IMAP users and passwords) and TLS uses
+    the main Dovecot's self-signed certificate, so one CA file verifies both servers. A
+    recipient is not checked while the client talks (``smtpd_reject_unlisted_recipient = no``):
+    Dovecot refuses an unknown one over LMTP and Postfix returns a DSN to the sender, as a
+    remote server would. Other domains bounce at once: the stack reaches no other server.
+    """
+
+    name = "postfix"
+
+    def __init__(self, settings: StackSettings, dovecot: Dovecot) -> None:
+        self.settings = settings
+        self.dovecot = dovecot
+        self.dir = settings.state_dir / "postfix"
+        self.conf_dir = self.dir / "etc"
+        self.queue_dir = self.dir / "queue"
+        self.proc = ManagedProcess(
+            "postfix", self.dir / "master.pid", self.dir / "postfix.out", str(self.conf_dir)
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.settings.submission_port}"
+
+    def _write_config(self) -> None:
+        s = self.settings
+        self.conf_dir.mkdir(parents=True, exist_ok=True)
+        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.dir / "data", "postfix", "postfix")
+        main = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(self.queue_dir),
+            "data_directory": str(self.dir / "data"),
+            "daemon_directory": str(POSTFIX_DAEMON_DIR),
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            # Postfix's postlogd writes to the master's stdout, the process's log file.
+            "maillog_file": "/dev/stdout",
+            "myhostname": f"mta.{MAIL_DOMAIN}",
+            "mydomain": MAIL_DOMAIN,
+            "myorigin": "$myhostname",
+            "mydestination": "",
+            "inet_interfaces": HOST,
+            "inet_protocols": "ipv4",
+            "mynetworks": f"{HOST}/32",
+            "alias_maps": "",
+            "alias_database": "",
+            "biff": "no",
+            "append_dot_mydomain": "no",
+            "message_size_limit": str(POSTFIX_MESSAGE_SIZE_LIMIT_BYTES),
+            "virtual_mailbox_domains": MAIL_DOMAIN,
+            "virtual_transport": f"lmtp:inet:{HOST}:{s.lmtp_port}",
+            "smtpd_reject_unlisted_recipient": "no",
+            "default_transport": f"error:5.1.2 this local stack delivers only to {MAIL_DOMAIN}",
+            "relay_transport": "$default_transport",
+            "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination",
+            "smtpd_recipient_restrictions": "permit_sasl_authenticated, reject",
+            "smtpd_sasl_type": "dovecot",
+            "smtpd_sasl_path": f"inet:{HOST}:{s.dovecot_auth_port}",
+            "smtpd_sasl_auth_enable": "yes",
+            "smtpd_tls_auth_only": "yes",
+            "smtpd_tls_cert_file": str(self.dovecot.tls_cert),
+            "smtpd_tls_key_file": str(self.dovecot.tls_key),
+            "smtpd_tls_security_level": "encrypt",
+            # Retry a deferred message soon: tests and the bench wait on it.
+            "queue_run_delay": "10s",
+            "minimal_backoff_time": "10s",
+            "maximal_backoff_time": "60s",
+        }
+        (self.conf_dir / "main.cf").write_text(
+            "# Generated by `flightlog stack up`; edits are overwritten.\n"
+            + "".join(f"{key} = {value}\n" for key, value in main.items())
+        )
+        listeners = (
+            f"{HOST}:{s.submission_port} inet n - n - - smtpd\n"
+            "  -o syslog_name=postfix/submission\n"
+            f"{HOST}:{s.smtps_port} inet n - n - - smtpd\n"
+            "  -o syslog_name=postfix/smtps\n"
+            "  -o smtpd_tls_wrappermode=yes\n"
+        )
+        (self.conf_dir / "master.cf").write_text(
+            "# Generated by `flightlog stack up`; edits are overwritten.\n" + listeners + POSTFIX_SERVICES
+        )
+
+    def up(self, step: Step = quiet) -> None:
+        ensure_debian_packages(
+            {"postfix": "postfix", str(POSTFIX_DAEMON_DIR / "master"): "postfix"},
+            step,
+            # Installed without a system instance: the stack runs its own.
+            debconf=("postfix postfix/main_mailer_type select No configuration",),
+        )
+        if self.proc.running():
+            return
+        for port in (self.settings.submission_port, self.settings.smtps_port):
+            if port_answers(HOST, port):
+                raise StackError(f"port {port} is taken by a process this stack did not start")
+        with step(f"starting postfix on {self.address}"):
+            self._write_config()
+            # Creates the queue folders with their owners and modes (and checks the config).
+            _run(["postfix", "-c", str(self.conf_dir), "check"], "postfix check")
+            self.proc.start([str(POSTFIX_DAEMON_DIR / "master"), "-c", str(self.conf_dir), "-d"])
+            try:
+                wait_until(self._answers, 30, f"Postfix on {self.address}")
+            except ProcessError as exc:
+                raise StackError(f"{exc}\n{self.proc.log_tail()}") from None
+        self.proc.detach()
+
+    def _answers(self) -> bool:
+        if not self.proc.running():
+            raise StackError(f"Postfix exited during start-up:\n{self.proc.log_tail()}")
+        return port_answers(HOST, self.settings.submission_port) and port_answers(
+            HOST, self.settings.smtps_port
+        )
+
+    def down(self) -> bool:
+        return self.proc.stop(timeout_s=30)
+
+    def status(self) -> Status:
+        return Status(
+            self.name,
+            self.address,
+            self.proc.running(),
+            port_answers(HOST, self.settings.submission_port),
+        )
+
+
 class Stack:
     """All parts of the local stack, in start order."""
 
@@ -1013,14 +1238,21 @@ class Stack:
             port=self.settings.imap_port + OAUTH_DOVECOT_PORT_OFFSET,
             oauth=self.oauth_server,
         )
+        self.postfix = Postfix(self.settings, self.dovecot)
 
     @property
     def parts(self) -> list[Part]:
         # each replica after its primary: it copies and follows it
         return [
-            *self.mariadb, *self.replicas, self.kafka, self.dovecot, self.dovecot_plain, self.oauth_server,
+            *self.mariadb,
+            *self.replicas,
+            self.kafka,
+            self.dovecot,
+            self.dovecot_plain,
+            self.oauth_server,
             self.dovecot_oauth,
-        ]  # fmt: skip
+            self.postfix,  # after the Dovecot it delivers to and authenticates against
+        ]
 
     def up(self, step: Step = quiet) -> None:
         """Start the parts that are not running; ``step`` shows each one that takes a while."""

@@ -266,6 +266,13 @@ class StackSettings(_Base):
     imap_port: int = 1143
     # The OAuth2 token server the stack runs for its OAuth2 Dovecot (on imap_port + 2).
     oauth_server_port: int = 1180
+    # The main Dovecot's LMTP (Postfix delivers into it) and SASL (Postfix authenticates against
+    # it) listeners, both on 127.0.0.1.
+    lmtp_port: int = 1124
+    dovecot_auth_port: int = 1125
+    # Postfix: submission with STARTTLS and with implicit TLS, both requiring AUTH.
+    submission_port: int = 2587
+    smtps_port: int = 2465
     shard_count: int = 16
     # Gateway processes `flightlog services up` / `flightlog dev` start, sharing port 8080.
     gateway_processes: int = Field(default=1, ge=1, le=64)

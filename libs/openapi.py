@@ -180,11 +180,11 @@ class ApiRoutes:
     def post(self, path: str, op: Operation) -> Callable[[Handler], Handler]:
         return self.route("POST", path, op)
 
-    def patch(self, path: str, op: Operation) -> Callable[[Handler], Handler]:
-        return self.route("PATCH", path, op)
-
     def put(self, path: str, op: Operation) -> Callable[[Handler], Handler]:
         return self.route("PUT", path, op)
+
+    def patch(self, path: str, op: Operation) -> Callable[[Handler], Handler]:
+        return self.route("PATCH", path, op)
 
     def delete(self, path: str, op: Operation) -> Callable[[Handler], Handler]:
         return self.route("DELETE", path, op)

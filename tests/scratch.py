@@ -160,7 +160,7 @@ async def _sweep_applications(db: DatabaseSettings, shard_map: ShardMap, now: fl
             accounts = [int(a) for (a,) in await cur.fetchall()]
             if accounts:
                 in_accounts = ", ".join(["%s"] * len(accounts))
-                for table in ("messages", "changes", "imap_uids"):
+                for table in ("messages", "changes", "imap_uids", "outbox"):
                     swept.rows += await cur.execute(
                         f"DELETE FROM {schema}.`{table}` WHERE account_id IN ({in_accounts})", accounts
                     )
@@ -182,6 +182,7 @@ async def _sweep_applications(db: DatabaseSettings, shard_map: ShardMap, now: fl
             f"DELETE FROM {g}.webhook_endpoints WHERE application_id IN ({marks})",
             f"DELETE FROM {g}.imap_folders WHERE account_id IN ({imap})",
             f"DELETE FROM {g}.imap_accounts WHERE application_id IN ({marks})",
+            f"DELETE FROM {g}.smtp_accounts WHERE application_id IN ({marks})",
             f"DELETE FROM {g}.api_keys WHERE application_id IN ({marks})",
             f"DELETE FROM {g}.account_erasures WHERE application_id IN ({marks})",
         ):

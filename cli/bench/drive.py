@@ -34,10 +34,12 @@ from services.ingest.constants import MAX_EVENTS_PER_REQUEST
 __all__ = [
     "Tenant",
     "WebhookReceiver",
+    "count_messages",
     "create_imap_account_via_gateway",
     "created_message_id",
     "disconnect_via_gateway",
     "gateway_request",
+    "landed_at",
     "lifecycle",
     "make_tenant",
     "offer",
@@ -267,3 +269,30 @@ async def disconnect_via_gateway(
 ) -> None:
     """DELETE /v1/accounts/{id}/credentials: the bench's accounts stop syncing when it is done."""
     await gateway_request(http, "DELETE", f"{gateway_url}/v1/accounts/{account_id}/credentials", api_key)
+
+
+async def count_messages(router: ShardRouter, account_id: int) -> int:
+    shard = account_id >> 48
+    pool = await router.pool(shard, write=False)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT COUNT(*) FROM {router.table(shard, 'messages')} WHERE account_id = %s", (account_id,)
+        )
+        (n,) = await cur.fetchone()
+        await conn.commit()
+    return int(n)
+
+
+async def landed_at(router: ShardRouter, account_id: int, prefix: str) -> dict[str, tuple[int, float]]:
+    """Subject -> (row id, insert time) of the account's messages whose subject has ``prefix``."""
+    shard = account_id >> 48
+    pool = await router.pool(shard, write=False)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT subject, id, UNIX_TIMESTAMP(created_at) FROM {router.table(shard, 'messages')}"
+            " WHERE account_id = %s AND subject LIKE %s",
+            (account_id, prefix + "%"),
+        )
+        rows = {str(subject): (int(id_), float(at)) for subject, id_, at in await cur.fetchall()}
+        await conn.commit()
+    return rows

@@ -26,9 +26,11 @@ import aiohttp
 from cli.bench import cpu
 from cli.bench.drive import (
     WebhookReceiver,
+    count_messages,
     create_imap_account_via_gateway,
     disconnect_via_gateway,
     gateway_request,
+    landed_at,
 )
 from cli.bench.report import Figure, Stage, StageContext
 from cli.bench.stats import LatencySummary, summarize
@@ -65,33 +67,6 @@ class ImapBench:
         return self.synced / self.initial_sync_s if self.initial_sync_s else 0.0
 
 
-async def _count(router: ShardRouter, account_id: int) -> int:
-    shard = account_id >> 48
-    pool = await router.pool(shard, write=False)
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            f"SELECT COUNT(*) FROM {router.table(shard, 'messages')} WHERE account_id = %s", (account_id,)
-        )
-        (n,) = await cur.fetchone()
-        await conn.commit()
-    return int(n)
-
-
-async def _landed_at(router: ShardRouter, account_id: int, prefix: str) -> dict[str, tuple[int, float]]:
-    """Subject -> (row id, insert time) of the account's messages whose subject has ``prefix``."""
-    shard = account_id >> 48
-    pool = await router.pool(shard, write=False)
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            f"SELECT subject, id, UNIX_TIMESTAMP(created_at) FROM {router.table(shard, 'messages')}"
-            " WHERE account_id = %s AND subject LIKE %s",
-            (account_id, prefix + "%"),
-        )
-        rows = {str(subject): (int(id_), float(at)) for subject, id_, at in await cur.fetchall()}
-        await conn.commit()
-    return rows
-
-
 @dataclass(frozen=True, slots=True)
 class NewMail:
     queryable: LatencySummary | None
@@ -125,7 +100,7 @@ async def _new_mail(
         await client.logout()
     deadline = time.monotonic() + timeout_s
     while True:
-        landed = await _landed_at(router, account_id, prefix)
+        landed = await landed_at(router, account_id, prefix)
         if len(landed) >= samples or time.monotonic() >= deadline:
             break
         await asyncio.sleep(0.2)
@@ -174,7 +149,7 @@ async def bench_imap(
             try:
                 synced, sync_s = 0, None
                 while time.monotonic() - started < sync_timeout_s:
-                    synced = await _count(router, account_id)
+                    synced = await count_messages(router, account_id)
                     if synced >= messages:
                         sync_s = time.monotonic() - started
                         break

@@ -715,6 +715,22 @@ class ImapConnection:
         self.check(response, "UID SEARCH")
         return parse_search(response.lines, max_uids)
 
+    async def has_message_id(self, message_id: str) -> bool:
+        """Whether the selected folder holds a message with this Message-ID (with its <>)."""
+        if has_control_characters(message_id) or '"' in message_id or "\\" in message_id:
+            raise ValueError("a Message-ID to search for must not need escaping")
+        response = await wait_for(
+            self.imap.uid_search(f'HEADER Message-ID "{message_id}"', charset=None), self.timeout_s * 2
+        )
+        self.check(response, "UID SEARCH")
+        return bool(parse_search(response.lines, 1_000))
+
+    async def append(self, raw: bytes, folder: str, flags: str = "(\\Seen)") -> None:
+        response = await wait_for(
+            self.imap.append(raw, mailbox=quote_mailbox(folder), flags=flags), self.timeout_s * 2
+        )
+        self.check(response, f"APPEND {folder}")
+
     async def close(self) -> None:
         client, self.client = self.client, None
         if client is None:

@@ -23,6 +23,7 @@ from aiohttp import web
 from libs.crypto import SecretsSettings
 from libs.http import Problem, read_json
 from libs.imap_accounts import ImapAccountsSettings
+from libs.outbox import SmtpSettings
 from libs.resources import ROUTER
 from libs.service import ServiceContext, ServiceDefinition
 from services.gateway.admin import ADMIN_PREFIX, add_admin_routes
@@ -37,6 +38,7 @@ from services.gateway.openapi import DOC_PATHS, add_doc_routes
 from services.gateway.privacy import add_privacy_routes
 from services.gateway.resources import SETTINGS, setup_resources
 from services.gateway.retention import MessageRetention, expire_messages_forever, trim_forever
+from services.gateway.sending import SendSettings, add_sending_routes
 from services.gateway.settings import GatewaySettings
 from services.gateway.threads import add_thread_routes
 from services.gateway.webhooks import WEBHOOK_SETTINGS, WebhookDispatcher, WebhookSettings, add_webhook_routes
@@ -82,6 +84,7 @@ def setup_app(app: web.Application) -> None:
     add_imap_account_routes(app, ImapAccountsSettings())
     add_privacy_routes(app)  # after the IMAP accounts' settings: an erasure stops the sync
     add_content_routes(app, ContentSettings())
+    add_sending_routes(app, SmtpSettings(), SendSettings())
 
 
 async def main(ctx: ServiceContext) -> None:

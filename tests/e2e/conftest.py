@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cli.services import SERVICE_PORTS, LocalService, local_imap_env
+from cli.services import SERVICE_PORTS, LocalService, local_imap_env, local_smtp_env
 from cli.stack import Stack
 from libs.accounts import Account, Application, create_account, create_application
 from libs.shards import ShardMap, ShardRouter
@@ -42,6 +42,7 @@ PIPELINE_IMAP_ENV = {
     "FLIGHTLOG_IMAP_ACCOUNTS_TOPIC": topic_name("imap-accounts"),
     "FLIGHTLOG_IMAP_CONSUMER_GROUP": group_name("imap"),
     **local_imap_env(),
+    **local_smtp_env(),
 }
 # The webhook tests run dispatchers with settings of their own, and only one dispatcher delivers
 # at a time: the pipeline's gateway serves the webhook API without one (see test_gateway_wiring).
@@ -50,7 +51,11 @@ PIPELINE_IMAP_ENV = {
 GATEWAY_ENV = {
     "FLIGHTLOG_WEBHOOKS_DISPATCHER_IN_GATEWAY": "false",
     "FLIGHTLOG_GATEWAY_DELTA_RECHECK_S": "120",
+    # The sending crash test posts more than an account's default burst at once.
+    "FLIGHTLOG_SEND_BURST_PER_ACCOUNT": "1000",
 }
+# Two SMTP conversations at once: a batch of sends takes long enough that a kill -9 lands in it.
+SENDER_ENV = {"FLIGHTLOG_SENDER_CONCURRENCY": "2", "FLIGHTLOG_SENDER_CLAIM_BATCH": "4"}
 
 
 @dataclass
@@ -71,7 +76,12 @@ def pipeline(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[Pipeli
             name,
             port + E2E_PORT_OFFSET,
             stack.settings.state_dir,
-            env={**E2E_ENV, **PIPELINE_IMAP_ENV, **(GATEWAY_ENV if name == "gateway" else {})},
+            env={
+                **E2E_ENV,
+                **PIPELINE_IMAP_ENV,
+                **(GATEWAY_ENV if name == "gateway" else {}),
+                **(SENDER_ENV if name == "sender" else {}),
+            },
             instance=E2E_INSTANCE,
         )
         for name, port in SERVICE_PORTS.items()

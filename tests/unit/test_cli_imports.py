@@ -33,6 +33,7 @@ BENCH_LAYERS: Final = {
     "cli.bench.gateway": 3,
     "cli.bench.webhooks": 3,
     "cli.bench.imap": 3,
+    "cli.bench.send": 3,
     "cli.bench.idle": 3,
     "cli.bench.streams": 3,
     "cli.bench.transform_memory": 3,

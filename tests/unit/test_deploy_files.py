@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from libs.config import KafkaSettings
 from libs.imap_accounts import ImapAccountsSettings
 from libs.kafka import PRODUCTION_BROKERS, TOPICS, topic_specs
+from libs.outbox import SmtpSettings
 from libs.service import MANAGEMENT_PORT_OFFSET
 from services.persist.worker import PersistSettings
 from services.transform.settings import TransformSettings
@@ -61,7 +62,7 @@ K8S_VERSION = "1.30"
 
 # The runtime contract -------------------------------------------------------------------------
 
-SERVICE_PORTS = {"gateway": 8080, "ingest": 8081, "transform": 8082, "persist": 8083}
+SERVICE_PORTS = {"gateway": 8080, "ingest": 8081, "transform": 8082, "persist": 8083, "sender": 8085}
 K8S_EXPOSED_SERVICES = {"gateway", "ingest"}  # get a Kubernetes Service
 # Run as a StatefulSet: transform's Kafka transactional id derives from the instance id, and Kafka
 # fences a zombie only when its successor reuses that id, so the id must survive a restart.
@@ -576,7 +577,7 @@ def test_k8s_services_expose_gateway_and_ingest() -> None:
     headless = {name for name, svc in services.items() if svc["spec"].get("clusterIP") == "None"}
     assert set(services) - headless == K8S_EXPOSED_SERVICES
     # governing Services (transform) and persist's for scraping only: no load balancing
-    assert headless == K8S_STATEFUL_SERVICES | {"persist"}
+    assert headless == K8S_STATEFUL_SERVICES | {"persist", "sender"}
     for name, svc in services.items():
         pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert svc["spec"]["selector"].items() <= pod_labels.items(), name
@@ -925,6 +926,7 @@ def test_k8s_network_policies_let_in_only_the_service_ports() -> None:
 
 def test_k8s_internet_egress_never_reaches_inward() -> None:
     imap_ports = set(ImapAccountsSettings.model_fields["imap_allowed_ports"].default)
+    smtp_ports = set(SmtpSettings.model_fields["smtp_allowed_ports"].default)
     for pod in _pod_labels():
         blocks = [
             (peer["ipBlock"], rule.get("ports", []))
@@ -932,7 +934,7 @@ def test_k8s_internet_egress_never_reaches_inward() -> None:
             for peer in rule.get("to", [])
             if "ipBlock" in peer
         ]
-        if pod not in ("gateway", "ingest"):  # only webhooks and IMAP sync go out
+        if pod not in ("gateway", "ingest", "sender"):  # only webhooks, IMAP sync and SMTP go out
             assert not blocks, pod
             continue
         assert {ipaddress.ip_network(b["cidr"]) for b, _ in blocks} == {
@@ -946,6 +948,8 @@ def test_k8s_internet_egress_never_reaches_inward() -> None:
                 assert any(inward.subnet_of(e) for e in excepted), (pod, str(inward))  # type: ignore[arg-type]
             if pod == "ingest":  # the ports an IMAP account may name, nothing else
                 assert {(p["protocol"], p["port"]) for p in ports} == {("TCP", p) for p in imap_ports}
+            elif pod == "sender":  # the ports an SMTP server may use, nothing else
+                assert {(p["protocol"], p["port"]) for p in ports} == {("TCP", p) for p in smtp_ports}
             else:  # a webhook URL may name any port
                 assert ports == [{"protocol": "TCP"}]
 

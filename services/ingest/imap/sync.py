@@ -39,6 +39,7 @@ from aiokafka.errors import KafkaError
 
 from libs.aio import cancelling, raise_if_cancelling, wait_for
 from libs.backoff import backoff_s
+from libs.dsn import parse_dsn, report_event
 from libs.events import (
     MAX_LABELS,
     Direction,
@@ -673,6 +674,12 @@ class AccountSync:
             raw = item.body or b""
             key = _key(folder, item)
             events.append(self._synced(folder, item, key, raw))
+            # A DSN about a message flightlog sent moves that message too (libs.dsn).
+            if (report := parse_dsn(raw)) is not None:
+                event_id = _event_id(self.account_id, folder, item.uid, "dsn")
+                events.append(
+                    report_event(self.account_id, report, event_id, internaldate(item.internaldate))
+                )
             entries.append(UidEntry(item.uid, key, _state_text(item)))
         await _uncancelled(self._emit_and_record(folder, events, entries))
         for e in entries:
