@@ -51,7 +51,7 @@ def _sample_record(account_id: int, n: int) -> PostflightRecord:
             occurred_at=now,
             final_at=now,
             # Mail comes in conversations: four messages a thread, so the writer's figure includes
-            # keeping the threads (services.persist.threads).
+            # keeping the threads (libs.threads).
             thread_key=f"bench-thread-{n // 4}",
         ),
     )

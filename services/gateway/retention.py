@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncmy
+from asyncmy.converters import escape_string
 from prometheus_client import Counter
 
 from libs.changelog import lock_changes
@@ -32,6 +35,7 @@ from libs.db import insert_guarded
 from libs.ids import shard_of
 from libs.leader import lead_until_stopped, sleep_unless_stopped
 from libs.shards import ShardRouter
+from libs.threads import update_threads
 
 __all__ = [
     "MessageRetention",
@@ -218,36 +222,49 @@ async def _accounts_with_retention(router: ShardRouter, shard: int, apps: dict[i
     return {int(r[0]): int(r[2]) if r[2] is not None else apps[int(r[1])] for r in rows}
 
 
+def _thread_keys_sql(keys: Iterable[Sequence[Any]]) -> str:
+    """(account id, thread key) pairs as SQL literals, for :func:`libs.threads.update_threads`."""
+    return ", ".join(f"({int(account)}, '{escape_string(str(key))}')" for account, key in keys)
+
+
 async def _expire_batch(
     router: ShardRouter, shard: int, account_id: int, retention_s: int, limit: int
 ) -> int:
     """Erase up to ``limit`` of the account's messages older than ``retention_s``, with their
-    ``deleted`` changes, in one transaction; returns how many."""
+    ``deleted`` changes and their threads recomputed (a thread changes, or goes, with them), in
+    one transaction; returns how many."""
     messages = router.table(shard, "messages")
     pool = await router.pool(shard)
     async with pool.acquire() as conn, conn.cursor() as cur:
         try:
             await cur.execute(
-                f"SELECT id, version FROM {messages} WHERE account_id = %s"
+                f"SELECT id, version, thread_key FROM {messages} WHERE account_id = %s"
                 " AND occurred_at < UTC_TIMESTAMP(6) - INTERVAL %s SECOND"
                 f" ORDER BY occurred_at, id LIMIT {int(limit)} FOR UPDATE",
                 (account_id, retention_s),
             )
-            rows = [(int(r[0]), int(r[1])) for r in await cur.fetchall()]
+            found = list(await cur.fetchall())
+            rows = [(int(r[0]), int(r[1])) for r in found]
             if rows:
                 await cur.execute(
                     f"DELETE FROM {messages} WHERE id IN ({', '.join(['%s'] * len(rows))})",
                     [i for i, _ in rows],
                 )
+                # Under the changes lock, as persist recomputes threads (libs.threads).
                 await lock_changes(cur, router, shard)
+                keys = sorted({(account_id, str(r[2])) for r in found if r[2] is not None})
+                changes = [(account_id, "message", i, "deleted", version + 1) for i, version in rows]
+                changes += await update_threads(
+                    cur, shard, router.table(shard, "threads"), messages, keys, _thread_keys_sql
+                )
                 await insert_guarded(
                     cur,
                     shard,
                     f"INSERT INTO {router.table(shard, 'changes')}"
                     " (account_id, object_type, object_id, change_type, version) VALUES "
-                    + ", ".join(["(%s, 'message', %s, 'deleted', %s)"] * len(rows)),
-                    [v for i, version in rows for v in (account_id, i, version + 1)],
-                    rows=len(rows),
+                    + ", ".join(["(%s, %s, %s, %s, %s)"] * len(changes)),
+                    [v for change in changes for v in change],
+                    rows=len(changes),
                 )
             await conn.commit()
         except BaseException:

@@ -1,7 +1,7 @@
 """Threads: an account's conversations, latest first, and one thread with its messages.
 
 persist keeps one row per (account, thread_key) in the shard's ``threads`` table, recomputed
-from the messages in the transaction that changes them (:mod:`services.persist.threads`); a
+from the messages in the transaction that changes them (:mod:`libs.threads`); a
 thread with no message left (all deleted or moved to another thread) keeps its row and id with a
 count of 0 and is not shown. The list walks ``ix_threads_account_time (account_id,
 last_message_at, id)`` newest first with the same signed keyset page tokens as the messages list

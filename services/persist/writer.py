@@ -34,10 +34,10 @@ number of records (a statement per record was most of persist's time):
    or that was newly erased, really changed and gets exactly one ``changes`` row (never two for
    one message in one transaction); the threads of the rows that changed (the thread each was in
    and the one it is in now) are recomputed from their messages in one statement, and a thread
-   whose aggregate changed gets a ``changes`` row of its own (:mod:`services.persist.threads`);
+   whose aggregate changed gets a ``changes`` row of its own (:mod:`libs.threads`);
 5. check the shard bits of every id (the bug #199 guard), lock the shard's change order
    (:func:`lock_changes`), recompute the touched threads (under that lock, see
-   :mod:`services.persist.threads`), insert the change rows in one statement and commit.
+   :mod:`libs.threads`), insert the change rows in one statement and commit.
 
 Values travel as SQL literals built per type (:func:`_values_sql`), the text the driver's escaping
 would produce, without its generic dispatch per value.
@@ -95,7 +95,7 @@ from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_ut
 from libs.ids import ShardBitsMismatch, check_shard
 from libs.messages import BODY_RAW, CONTENT_COLUMNS, ERASABLE_COLUMNS, FLAG_COLUMNS, encode_body
 from libs.shards import ShardReadOnly, ShardRouter, UnknownShard
-from services.persist.threads import update_threads
+from libs.threads import update_threads
 
 __all__ = [
     "Failure",
@@ -467,7 +467,7 @@ def _erases_as(record: PostflightRecord, erasure: str) -> bool:
 @dataclass(frozen=True, slots=True)
 class RowState:
     """What the writer compares of a stored row: its id, versions and erasure, and the thread it
-    is in (:mod:`services.persist.threads`)."""
+    is in (:mod:`libs.threads`)."""
 
     id: int
     version: int

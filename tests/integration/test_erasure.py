@@ -16,7 +16,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -55,6 +55,7 @@ from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.store import NewDelivery, WebhookStore
 from services.persist.worker import PersistSettings, PersistWorker
 from services.transform.worker import TransformWorker
+from tests.e2e.gateway_helpers import record, seed
 from tests.polling import eventually
 from tests.scratch import app_name, group_name, topic_name
 
@@ -504,3 +505,55 @@ async def test_the_retention_job_erases_old_messages_with_their_deleted_changes(
     await expire_messages(router, shard, MessageRetention(interval_s=60, batch_rows=3, pause_s=0))
     await set_application_retention(router, app.id, None)
     assert await application_retention(router, app.id) is None
+
+
+async def test_the_retention_job_recomputes_the_threads_of_what_it_erases(router: ShardRouter) -> None:
+    """A thread losing its old messages shrinks (an ``updated`` thread change), one losing all of
+    them goes (``deleted``), in the transaction that erases them."""
+    app, _ = await create_application(router, app_name("retention-threads"))
+    shard = router.shard_map.shards[0]
+    account = await create_account(router, app.id, "threads@example.test", shard=shard)
+    await set_application_retention(router, app.id, 2 * 86400)
+    now = datetime.now(UTC)
+    month_ago = now - timedelta(days=30)
+    await seed(
+        router,
+        [
+            record(account.id, "mixed-old-1", thread_key="mixed", occurred_at=month_ago),
+            record(account.id, "mixed-old-2", thread_key="mixed", occurred_at=month_ago),
+            record(account.id, "mixed-new", thread_key="mixed", occurred_at=now),
+            record(account.id, "gone-1", thread_key="gone", occurred_at=month_ago),
+            record(account.id, "gone-2", thread_key="gone", occurred_at=month_ago),
+        ],
+    )
+
+    async def threads() -> dict[str, int]:
+        async with (await router.pool(shard)).acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT thread_key, message_count FROM {router.table(shard, 'threads')}"
+                " WHERE account_id = %s",
+                (account.id,),
+            )
+            found = {str(k): int(n) for k, n in await cur.fetchall()}
+            await conn.commit()
+        return found
+
+    async def thread_changes() -> list[str]:
+        async with (await router.pool(shard)).acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT change_type FROM {router.table(shard, 'changes')}"
+                " WHERE account_id = %s AND object_type = 'thread' ORDER BY id",
+                (account.id,),
+            )
+            found = [str(r[0]) for r in await cur.fetchall()]
+            await conn.commit()
+        return found
+
+    assert await threads() == {"mixed": 3, "gone": 2}
+    before = await thread_changes()
+
+    await expire_messages(router, shard, MessageRetention(interval_s=60, batch_rows=10, pause_s=0))
+
+    assert await threads() == {"mixed": 1, "gone": 0}
+    assert sorted((await thread_changes())[len(before) :]) == ["deleted", "updated"]
+    await set_application_retention(router, app.id, None)

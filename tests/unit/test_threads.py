@@ -7,9 +7,9 @@ from typing import Any
 
 import orjson
 
+from libs.threads import THREAD_COLUMNS, aggregate_statement, change_kind
 from services.gateway.constants import MAX_THREAD_PARTICIPANTS
 from services.gateway.threads import thread_participants
-from services.persist.threads import THREAD_COLUMNS, aggregate_statement, change_kind
 
 
 def test_the_token_is_decided_before_the_version_and_the_aggregate_is_assigned() -> None:
