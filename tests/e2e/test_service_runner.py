@@ -79,7 +79,7 @@ def test_stack_up_twice_is_harmless_and_status_answers(stack: Stack) -> None:
     stack.up()
     assert [p.proc.pid() for p in stack.parts] == pids
     statuses = stack.status()
-    servers = {"kafka", "dovecot", "dovecot-plain"}
+    servers = {"kafka", "dovecot", "dovecot-plain", "oauth-server", "dovecot-oauth", "postfix"}
     servers |= {f"mariadb-{c}{role}" for c in ("c1", "c2") for role in ("", "-replica")}
     assert {s.name for s in statuses} == servers
     assert all(s.running and s.answers for s in statuses), statuses
