@@ -794,11 +794,15 @@ class Dovecot(Part):
 
     def _logs_in(self, username: str, password: str) -> bool:
         try:
-            with imaplib.IMAP4(HOST, self.port, timeout=5) as imap:
-                imap.login(username, password)
-                imap.logout()
-        except imaplib.IMAP4.error:
+            imap = imaplib.IMAP4(HOST, self.port, timeout=5)
+        except OSError:
             return False
+        try:
+            imap.login(username, password)
+        except (imaplib.IMAP4.error, OSError):  # refused, or not answered in time: asked again
+            return False
+        finally:
+            imap.shutdown()
         return True
 
     def _write_config(self) -> bool:
@@ -844,14 +848,18 @@ class Dovecot(Part):
             if self.tls
             else "ssl = no\n"
         )
+        # Tests refuse logins on purpose (wrong passwords, revoked tokens): no delay after a
+        # failure, and no penalty per client address (up to 15 s; every test client is 127.0.0.1,
+        # so one test's refusals slowed every other's logins past their timeouts), as Dovecot's
+        # docs disable it.
+        no_penalty = (
+            "auth_failure_delay = 0\n"
+            "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n"
+        )
         mechanisms, oauth_passdb = "plain login", ""
         if self.oauth is not None:
             mechanisms += " xoauth2 oauthbearer"
-            # Tests refuse tokens on purpose: no delay after a failure, and no penalty per client
-            # address (up to 15 s; every test client is 127.0.0.1), as Dovecot's docs disable it.
             oauth_passdb = (
-                "auth_failure_delay = 0\n"
-                "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n"
                 "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
                 f"  args = {self._oauth_conf}\n}}\n"
             )
@@ -896,7 +904,7 @@ first_valid_uid = 8
 mail_max_userip_connections = 2000
 default_process_limit = 2000
 default_client_limit = 4000
-{oauth_passdb}passdb {{
+{no_penalty}{oauth_passdb}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.users}
 }}
@@ -964,9 +972,8 @@ protocol imap {{
             raise StackError(f"port {self.port} is taken by a process this stack did not start")
         with step(f"starting {self.name} on {self.address}"):
             self._write_config()  # a first run writes a TLS certificate
-            if self.oauth is not None:
-                # no anvil-auth-penalty socket: one left by an earlier config has auth wait 5 s for it
-                (self.dir / "run" / "anvil-auth-penalty").unlink(missing_ok=True)
+            # no anvil-auth-penalty socket: one left by an earlier config has auth wait 5 s for it
+            (self.dir / "run" / "anvil-auth-penalty").unlink(missing_ok=True)
             # dovecot daemonizes itself and writes run/master.pid, which is our pid file. Its output
             # goes to a file: a daemon holding our pipes open would block us forever.
             with open(self.proc.log_file, "ab") as log:
