@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -237,14 +237,24 @@ class WebhookReceiver:
             self._runner = None
 
 
+GATEWAY_RETRIES: Final = 5
+
+
 async def gateway_request(
     http: aiohttp.ClientSession, method: str, url: str, key: str, body: dict[str, Any] | None = None
 ) -> Any:
-    """One authenticated gateway call; its JSON answer (None for 204), or RuntimeError."""
-    async with http.request(method, url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
-        if resp.status >= 300:
-            raise RuntimeError(f"{method} {url}: gateway answered {resp.status}: {await resp.text()}")
-        return None if resp.status == 204 else await resp.json()
+    """One authenticated gateway call; its JSON answer (None for 204), or RuntimeError. A 429 or
+    503 (a deadlock the database chose this request for, a busy limit) is asked again after its
+    Retry-After, as the API asks clients to, at most ``GATEWAY_RETRIES`` times."""
+    for attempt in range(GATEWAY_RETRIES + 1):
+        async with http.request(method, url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+            if resp.status in (429, 503) and attempt < GATEWAY_RETRIES:
+                await asyncio.sleep(float(resp.headers.get("Retry-After", "0.5")))
+                continue
+            if resp.status >= 300:
+                raise RuntimeError(f"{method} {url}: gateway answered {resp.status}: {await resp.text()}")
+            return None if resp.status == 204 else await resp.json()
+    raise AssertionError("unreachable")
 
 
 async def create_imap_account_via_gateway(
