@@ -32,15 +32,17 @@ async def messages(router: ShardRouter, account_id: int) -> dict[str, dict[str, 
     return {bytes(r[1]).decode(): dict(zip(cols, r, strict=True)) for r in rows}
 
 
-async def changes(router: ShardRouter, account_id: int) -> list[tuple[int, str, int]]:
-    """(object_id, change_type, version) of the account's messages, in commit order."""
+async def changes(
+    router: ShardRouter, account_id: int, object_type: str = "message"
+) -> list[tuple[int, str, int]]:
+    """(object_id, change_type, version) of the account's messages (or threads), in commit order."""
     shard = shard_of(account_id)
     pool = await router.pool(shard)
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
             f"SELECT object_id, change_type, version FROM {router.table(shard, 'changes')}"
-            " WHERE account_id = %s AND object_type = 'message' ORDER BY id",
-            (account_id,),
+            " WHERE account_id = %s AND object_type = %s ORDER BY id",
+            (account_id, object_type),
         )
         rows = await cur.fetchall()
         await conn.commit()

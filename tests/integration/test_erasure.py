@@ -55,6 +55,7 @@ from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.store import NewDelivery, WebhookStore
 from services.persist.worker import PersistSettings, PersistWorker
 from services.transform.worker import TransformWorker
+from tests.e2e.checks import changes
 from tests.e2e.gateway_helpers import record, seed
 from tests.polling import eventually
 from tests.scratch import app_name, group_name, topic_name
@@ -497,10 +498,10 @@ async def test_the_retention_job_erases_old_messages_with_their_deleted_changes(
             " WHERE account_id IN (%s, %s) GROUP BY account_id, change_type, version",
             (follows.id, longer.id),
         )
-        changes = {(int(r[0]), r[1], int(r[2])): int(r[3]) for r in await cur.fetchall()}
+        counted = {(int(r[0]), r[1], int(r[2])): int(r[3]) for r in await cur.fetchall()}
         await conn.commit()
     assert left == {follows.id: {"fresh", "day"}, longer.id: {"fresh", "day", "week"}}
-    assert changes == {(follows.id, "deleted", 8): 10, (longer.id, "deleted", 8): 5}
+    assert counted == {(follows.id, "deleted", 8): 10, (longer.id, "deleted", 8): 5}
     # A second pass finds nothing more of them.
     await expire_messages(router, shard, MessageRetention(interval_s=60, batch_rows=3, pause_s=0))
     await set_application_retention(router, app.id, None)
@@ -539,15 +540,7 @@ async def test_the_retention_job_recomputes_the_threads_of_what_it_erases(router
         return found
 
     async def thread_changes() -> list[str]:
-        async with (await router.pool(shard)).acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                f"SELECT change_type FROM {router.table(shard, 'changes')}"
-                " WHERE account_id = %s AND object_type = 'thread' ORDER BY id",
-                (account.id,),
-            )
-            found = [str(r[0]) for r in await cur.fetchall()]
-            await conn.commit()
-        return found
+        return [kind for _, kind, _ in await changes(router, account.id, "thread")]
 
     assert await threads() == {"mixed": 3, "gone": 2}
     before = await thread_changes()

@@ -398,33 +398,39 @@ async def test_the_worker_reads_content_versions_and_patches_from_postflight(
     assert patches_without_row() == without_row + 1
 
 
-async def test_the_migration_gives_existing_rows_their_version_as_content_version(
-    env: Env, db_settings: DatabaseSettings
-) -> None:
-    schema = f"flightlog_test_cv_{uuid.uuid4().hex[:8]}"
-    [added] = [m for m in load_migrations("shard") if m.name == "content_version"]
+@contextlib.asynccontextmanager
+async def schema_before(env: Env, db_settings: DatabaseSettings, migration: str) -> AsyncIterator[Any]:
+    """A cursor in a scratch shard schema holding every migration before ``migration``, and that
+    migration for the test to run; the schema is dropped afterwards."""
+    schema = f"flightlog_test_{uuid.uuid4().hex[:8]}"
+    [added] = [m for m in load_migrations("shard") if m.name == migration]
     server = env.router.shard_map.cluster_of(env.shard).primary
     async with connect(db_settings, *server) as conn, conn.cursor() as cur:
         try:
             await cur.execute(f"CREATE DATABASE `{schema}`")
             await cur.execute(f"USE `{schema}`")
-            for migration in load_migrations("shard"):
-                if migration.version < added.version:
-                    for statement in migration.statements:
+            for earlier in load_migrations("shard"):
+                if earlier.version < added.version:
+                    for statement in earlier.statements:
                         await cur.execute(statement)
-            await cur.execute(
-                "INSERT INTO messages (account_id, message_key, version, subject) VALUES (1, 'a', 7, 's')"
-            )
-            for statement in added.statements:
-                await cur.execute(statement)
-            await cur.execute("INSERT INTO messages (account_id, message_key, version) VALUES (1, 'b', 9)")
-            await cur.execute(
-                "SELECT message_key, version, content_version FROM messages ORDER BY message_key"
-            )
-            assert [(bytes(k), v, cv) for k, v, cv in await cur.fetchall()] == [(b"a", 7, 7), (b"b", 9, 0)]
+            yield cur, added
         finally:
             await cur.execute(f"DROP DATABASE IF EXISTS `{schema}`")
             await conn.commit()
+
+
+async def test_the_migration_gives_existing_rows_their_version_as_content_version(
+    env: Env, db_settings: DatabaseSettings
+) -> None:
+    async with schema_before(env, db_settings, "content_version") as (cur, added):
+        await cur.execute(
+            "INSERT INTO messages (account_id, message_key, version, subject) VALUES (1, 'a', 7, 's')"
+        )
+        for statement in added.statements:
+            await cur.execute(statement)
+        await cur.execute("INSERT INTO messages (account_id, message_key, version) VALUES (1, 'b', 9)")
+        await cur.execute("SELECT message_key, version, content_version FROM messages ORDER BY message_key")
+        assert [(bytes(k), v, cv) for k, v, cv in await cur.fetchall()] == [(b"a", 7, 7), (b"b", 9, 0)]
 
 
 async def fields(env: Env, message_key: str) -> dict[str, Any]:
@@ -501,25 +507,12 @@ async def test_participants_merge_per_role_whatever_the_order(env: Env, late_fir
 
 
 async def test_migration_0012_is_instant_and_old_rows_read(env: Env, db_settings: DatabaseSettings) -> None:
-    schema = f"flightlog_test_mf_{uuid.uuid4().hex[:8]}"
-    [added] = [m for m in load_migrations("shard") if m.name == "message_headers"]
-    server = env.router.shard_map.cluster_of(env.shard).primary
-    async with connect(db_settings, *server) as conn, conn.cursor() as cur:
-        try:
-            await cur.execute(f"CREATE DATABASE `{schema}`")
-            await cur.execute(f"USE `{schema}`")
-            for migration in load_migrations("shard"):
-                if migration.version < added.version:
-                    for statement in migration.statements:
-                        await cur.execute(statement)
-            await cur.execute(
-                "INSERT INTO messages (account_id, message_key, version, sender, to_addrs)"
-                " VALUES (1, 'a', 7, 'a@x', '[\"b@y\"]')"
-            )
-            for statement in added.statements:  # ALGORITHM=INSTANT: an error if it had to copy
-                await cur.execute(statement)
-            await cur.execute("SELECT participants, sent_at, rfc_message_id, reference_ids FROM messages")
-            assert [tuple(r) for r in await cur.fetchall()] == [(None, None, None, None)]
-        finally:
-            await cur.execute(f"DROP DATABASE IF EXISTS `{schema}`")
-            await conn.commit()
+    async with schema_before(env, db_settings, "message_headers") as (cur, added):
+        await cur.execute(
+            "INSERT INTO messages (account_id, message_key, version, sender, to_addrs)"
+            " VALUES (1, 'a', 7, 'a@x', '[\"b@y\"]')"
+        )
+        for statement in added.statements:  # ALGORITHM=INSTANT: an error if it had to copy
+            await cur.execute(statement)
+        await cur.execute("SELECT participants, sent_at, rfc_message_id, reference_ids FROM messages")
+        assert [tuple(r) for r in await cur.fetchall()] == [(None, None, None, None)]

@@ -19,6 +19,7 @@ from libs.events import MessageDoc, MessageFlags, MessagePatch, PostflightRecord
 from libs.ids import shard_of
 from libs.shards import ShardRouter
 from services.persist.writer import write_shard
+from tests.e2e.checks import changes
 
 pytestmark = pytest.mark.integration
 
@@ -77,17 +78,7 @@ async def threads(router: ShardRouter, account: int) -> dict[str, dict[str, Any]
 
 async def thread_changes(router: ShardRouter, account: int) -> list[tuple[int, str, int]]:
     """(thread id, change type, version) of the account's threads, in commit order."""
-    shard = shard_of(account)
-    pool = await router.pool(shard)
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            f"SELECT object_id, change_type, version FROM {router.table(shard, 'changes')}"
-            " WHERE account_id = %s AND object_type = 'thread' ORDER BY id",
-            (account,),
-        )
-        rows = await cur.fetchall()
-        await conn.commit()
-    return [(int(i), t, int(v)) for i, t, v in rows]
+    return await changes(router, account, "thread")
 
 
 async def test_a_reply_chain_is_one_thread_and_a_replay_changes_nothing(
