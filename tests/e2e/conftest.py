@@ -69,7 +69,10 @@ class Pipeline:
         return self.services[name].management_address
 
 
-@pytest.fixture(scope="session")
+# Package scope: the pipeline stops after the last e2e test, so that its sender, change relay and
+# webhook dispatcher do not also work on the rows of the integration tests that run after them
+# (a sender of the pipeline once deferred an integration test's outbox row with its own policy).
+@pytest.fixture(scope="package")
 def pipeline(stack: Stack, shard_map: ShardMap, topics: None) -> Iterator[Pipeline]:
     services = {
         name: LocalService(
