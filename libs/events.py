@@ -404,7 +404,8 @@ class MessagePatch(_Model):
 
 
 class PostflightRecord(_Model):
-    """A final message, or a later change to one (a ``flightlog.postflight`` record).
+    """A stored message (final, or an outbound message sent: :mod:`libs.lifecycle`), or a later
+    change to one (a ``flightlog.postflight`` record).
 
     ``version`` grows with every record of the message (transform uses the inflight offset of the
     event that caused it, plus one, so versions keep growing after transform forgot a message);
@@ -412,7 +413,7 @@ class PostflightRecord(_Model):
     nothing.
 
     Content (sender, recipients, subject, bodies, attachments, ...) has a version of its own,
-    because transform drops a final message's content from its state (persist has it):
+    because transform drops a stored message's content from its state (persist has it):
     ``content_version`` is the version at which the content fields this record carries were set.
     persist writes content only over a lower content version and never blanks a stored field with
     a null, unless the record erases (``message.redacted`` or ``deleted``). 0: the record carries
@@ -460,6 +461,8 @@ class ChangeRecord(_Model):
     change_type: Annotated[str, StringConstraints(min_length=1, max_length=16)]  # "created", ...
     version: Annotated[int, Field(ge=1, lt=2**64)]  # the object's version after this change
     created_at: AwareDatetime  # UTC, ISO 8601 with a "Z"
+    # The status a message's change moved it to; absent when the status stayed (or not a message).
+    status: Status | None = None
 
 
 def message_key_bytes(account_id: int, message_key: str) -> bytes:

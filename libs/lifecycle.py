@@ -4,12 +4,19 @@
 :class:`MessageState` and says what follows from it, as an :class:`Outcome`:
 
 - ``emitted``: the state changed and a :class:`~libs.events.PostflightRecord` goes out (the first
-  final record, or an update of a final message: flags, redaction, deletion, late content);
-- ``applied``: the state changed, nothing goes out yet (the message is not final);
+  record of a message now stored, or an update of a stored one: its status, flags, redaction,
+  deletion, late content);
+- ``applied``: the state changed, nothing goes out yet (the message is not stored yet);
 - ``ignored``: nothing to do, with why (a duplicate, a late status); the state may still have
   changed (the event id is remembered, a late event fills content gaps);
 - ``rejected``: an impossible transition, with the reason; the state is unchanged and the
   event goes to the DLQ.
+
+Stored: a message goes to postflight (and so to persist, the API, the delta feed and webhooks) once
+it is final, or once an outbound message is ``sent``: most SMTP servers never send a delivery
+report, so ``sent`` is where most mail stays, and a later ``delivered``, ``undelivered`` or
+``failed`` goes out as an update of the stored message. Such a message's state is not final: it
+waits for its report (transform's pending period) with its content dropped as a final one's.
 
 Order independence: a status event's content fields are kept by rank (a field set by a later
 lifecycle stage wins over one set by an earlier stage, whatever the arrival order), and a late
@@ -20,16 +27,16 @@ as ``position``; without it, as in unit tests, the state's version plus one). Of
 message only grow (all its events are on one partition), so versions keep growing after transform
 forgot a message, and replays give the same versions.
 
-Bounded state: once a message is final, its state keeps only what the lifecycle needs. The
+Bounded state: once a message is stored, its state keeps only what the lifecycle needs. The
 content (participants, subject, bodies, attachments, parse warnings, threading ids) goes out in the
 record and is dropped from the state (:data:`DROPPED_WHEN_FINAL`); ``content_ranks`` stays, so a
 late event still only fills what was never set. A later record carries only the content its
 event changed, with ``content_version`` (0 when none), and persist keeps the rest.
 
-Patches: an update, redaction or deletion of a message that is not final here (transform forgot
-it after its grace period, or it is not final yet) goes out as a *patch* record (flags and
+Patches: an update, redaction or deletion of a message that is not stored here (transform forgot
+it after its grace period, or it is not stored yet) goes out as a *patch* record (flags and
 erasure only) that persist applies to the stored row if there is one; the state keeps the change
-too, for the final record when the message becomes final. Content an update carries for such a
+too, for the first record when the message is stored. Content an update carries for such a
 message reaches only that final record: a forgotten message's content changes only by redaction
 or deletion.
 
@@ -82,6 +89,8 @@ MAX_SEEN_EVENT_IDS: Final = 64
 SNIPPET_CHARS: Final = 200
 
 _FINAL_RANK: Final = 100
+# An outbound message is stored from this rank on (sent), before it is final; see the docstring.
+_STORED_RANK: Final = 4
 # Content from message.updated is newer than anything a lifecycle stage carried.
 _UPDATE_RANK: Final = 1000
 
@@ -89,7 +98,7 @@ _RANKS: Final[dict[Status, int]] = {
     Status.ACCEPTED: 1,
     Status.QUEUED: 2,
     Status.SENDING: 3,
-    Status.SENT: 4,
+    Status.SENT: _STORED_RANK,
     Status.DELIVERED: _FINAL_RANK,
     Status.UNDELIVERED: _FINAL_RANK,
     Status.FAILED: _FINAL_RANK,
@@ -107,7 +116,7 @@ _CONTENT_FIELDS: Final = (
 # What a redaction or a deletion erases, and what may not come back afterwards. Attachment
 # filenames say as much as a subject; the thread key, size and parse warnings say nothing.
 _ERASABLE: Final = frozenset({"subject", "body_text", "body_html", "attachments"})
-# What a final message's state drops once its record is out (persist has it): everything that can
+# What a stored message's state drops once its record is out (persist has it): everything that can
 # be large. The small fields stay: channel, error_code, thread_key, size_bytes, date.
 DROPPED_WHEN_FINAL: Final = frozenset({
     "sender", "to", "cc", "bcc", "reply_to", "subject", "body_text", "body_html", "attachments",
@@ -272,8 +281,13 @@ def _content_changed(old: MessageState, new: MessageState) -> bool:
     return any(getattr(new, name) != getattr(old, name) for name in _CONTENT_FIELDS)
 
 
-def _emit_final(new: MessageState, now: datetime | None, position: int | None, reason: str) -> Outcome:
-    """The first record of a message that just became final: its whole content."""
+def _stored(state: MessageState) -> bool:
+    """Whether the message's first record is out (see the module docstring)."""
+    return state.final or state.rank >= _STORED_RANK
+
+
+def _emit_first(new: MessageState, now: datetime | None, position: int | None, reason: str) -> Outcome:
+    """The first record of a message that is stored from now on: its whole content."""
     new.version = _next_version(new, position)
     record = _record(new, now)
     _drop_content(new)
@@ -283,7 +297,7 @@ def _emit_final(new: MessageState, now: datetime | None, position: int | None, r
 def _emit_update(
     old: MessageState, new: MessageState, now: datetime | None, position: int | None, reason: str
 ) -> Outcome:
-    """A later record of a final message: the content only when this event changed it."""
+    """A later record of a stored message: the content only when this event changed it."""
     new.version = _next_version(new, position)
     content_version = new.version if _content_changed(old, new) else 0
     record = _record(new, now, content_version=content_version)
@@ -377,14 +391,15 @@ def _after_change(
     emit_reason: str,
     patch: MessagePatch | None = None,
 ) -> Outcome:
-    """A final message emits an update when its document really changed; a message that is not
-    final here emits ``patch`` (if any) for persist to apply to a stored row."""
-    if new.final and _doc_view(new) != _doc_view(old):
+    """A stored message emits an update when its document really changed; a message that is not
+    stored here emits ``patch`` (if any) for persist to apply to a stored row."""
+    stored = _stored(new)
+    if stored and _doc_view(new) != _doc_view(old):
         return _emit_update(old, new, now, position, emit_reason)
-    if new.final:
+    if stored:
         return Outcome(OutcomeKind.IGNORED, new, True, reason=why_unchanged)
     if patch is not None:
-        return _emit_patch(new, now, position, patch, f"{emit_reason} (patch: not final here)")
+        return _emit_patch(new, now, position, patch, f"{emit_reason} (patch: not stored here)")
     return Outcome(OutcomeKind.APPLIED, new, True, reason=emit_reason)
 
 
@@ -447,8 +462,8 @@ def apply(
     # message.deleted
     _erase(new)
     new.deleted = True
-    if not new.final:
-        return _emit_patch(new, now, position, MessagePatch(deleted=True), "deleted (patch: not final here)")
+    if not _stored(new):
+        return _emit_patch(new, now, position, MessagePatch(deleted=True), "deleted (patch: not stored here)")
     return _emit_update(old, new, now, position, "deleted")
 
 
@@ -503,13 +518,20 @@ def _apply_status(
     if rank <= new.rank:
         what = "duplicate" if rank == new.rank else "late"
         current = new.status.value if new.status else "?"
-        return Outcome(OutcomeKind.IGNORED, new, True, reason=f"{what} {status.value}: message is {current}")
+        why = f"{what} {status.value}: message is {current}"
+        if _stored(new):  # what it filled goes out
+            return _after_change(old, new, now, position, why, emit_reason=f"{why}, filled content")
+        return Outcome(OutcomeKind.IGNORED, new, True, reason=why)
     if new.status is None:
         new.source = ("imap" if event.source == "api" else event.source) if synced else event.source
+    was_stored = _stored(new)
     new.status = status
     new.rank = rank
-    if rank < _FINAL_RANK:
+    if rank >= _FINAL_RANK:
+        new.final = True
+        new.final_at = event.occurred_at
+    if not _stored(new):
         return Outcome(OutcomeKind.APPLIED, new, True, reason=f"now {status.value}")
-    new.final = True
-    new.final_at = event.occurred_at
-    return _emit_final(new, now, position, f"final: {status.value}")
+    if was_stored:
+        return _emit_update(old, new, now, position, f"now {status.value}")
+    return _emit_first(new, now, position, f"{'final' if new.final else 'stored'}: {status.value}")

@@ -145,7 +145,7 @@ async def read_delta(
                 raise CursorExpired(f"changes up to {trimmed_through} have been trimmed")
             after = max(after, trimmed_through)
             await cur.execute(
-                "SELECT id, object_type, object_id, change_type, version, created_at"
+                "SELECT id, object_type, object_id, change_type, version, created_at, status"
                 f" FROM {changes_t} WHERE account_id = %s AND id > %s ORDER BY id LIMIT %s",
                 (account_id, after, limit + 1),
             )
@@ -194,7 +194,7 @@ async def read_delta(
 
 def _delta_json(key: bytes, account_id: int, change: dict[str, Any]) -> dict[str, Any]:
     created = change["created_at"]
-    return {
+    out = {
         "cursor": encode_delta_cursor(key, DeltaCursor(account_id, int(change["id"]))),
         "object_type": change["object_type"],
         "object_id": str(change["object_id"]),
@@ -203,6 +203,9 @@ def _delta_json(key: bytes, account_id: int, change: dict[str, Any]) -> dict[str
         "changed_at": created.isoformat(timespec="microseconds") + "Z",
         "object": change["object"],
     }
+    if change["status"] is not None:
+        out["status"] = change["status"]
+    return out
 
 
 def _cursor_position(request: web.Request, account: Account, token: str | None) -> tuple[int, bool]:

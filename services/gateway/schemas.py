@@ -195,6 +195,9 @@ class Delta(Doc):
     object_type: Literal["message", "thread"]
     object_id: PublicId
     change_type: Literal["created", "updated", "deleted"]
+    status: Status | None = Field(
+        None, description="the status this change moved the message to; absent when it stayed"
+    )
     version: int
     changed_at: datetime
     object: Message | Thread | None = Field(

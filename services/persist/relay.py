@@ -19,7 +19,10 @@ Message value (JSON, UTF-8), see README "The change firehose"::
 
     {"schema_version": 1, "change_id": "1970324836974593", "shard": 7, "account_id": "1970324836974593",
      "application_id": "12", "object_type": "message", "object_id": "1970324836974601",
-     "change_type": "created", "version": 3, "created_at": "2026-11-23T13:01:02.123456Z"}
+     "change_type": "created", "version": 3, "created_at": "2026-11-23T13:01:02.123456Z",
+     "status": "sent"}
+
+``status`` is there only when the change moved a message to another status.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class RelaySettings(DatabaseSettings):
 
 def change_message(shard: int, row: Sequence[Any]) -> tuple[bytes, bytes]:
     """(key, value) of one ``changes`` row joined with its account's application id."""
-    change_id, account_id, application_id, object_type, object_id, change_type, version, created = row
+    change_id, account_id, application_id, object_type, object_id, change_type, version, created, status = row
     # UNIX_TIMESTAMP: correct whatever the server's time zone is
     created_at = datetime.fromtimestamp(float(created), UTC).replace(tzinfo=None)
     value = {
@@ -92,6 +95,8 @@ def change_message(shard: int, row: Sequence[Any]) -> tuple[bytes, bytes]:
         "version": int(version),
         "created_at": created_at.isoformat(timespec="microseconds") + "Z",
     }
+    if status is not None:
+        value["status"] = status
     return str(account_id).encode(), orjson.dumps(value)
 
 
@@ -222,7 +227,7 @@ class ChangeRelay(Component):
         accounts = self._router.table(shard, "accounts")
         query = (
             "SELECT c.id, c.account_id, a.application_id, c.object_type, c.object_id, c.change_type,"
-            f" c.version, UNIX_TIMESTAMP(c.created_at) FROM {changes} c"
+            f" c.version, UNIX_TIMESTAMP(c.created_at), c.status FROM {changes} c"
             f" LEFT JOIN {accounts} a ON a.id = c.account_id WHERE c.id > %s ORDER BY c.id LIMIT %s"
         )
         min_idle_s = self._settings.relay_idle_poll_ms / 1000

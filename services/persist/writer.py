@@ -32,9 +32,11 @@ number of records (a statement per record was most of persist's time):
    are rare: they are for messages transform forgot); a patch without a row changes nothing;
 4. compare each row's final state with step 1: a row whose version or content version went up,
    or that was newly erased, really changed and gets exactly one ``changes`` row (never two for
-   one message in one transaction); the threads of the rows that changed (the thread each was in
-   and the one it is in now) are recomputed from their messages in one statement, and a thread
-   whose aggregate changed gets a ``changes`` row of its own (:mod:`libs.threads`);
+   one message in one transaction), with the status it moved the message to, if it moved it
+   (:func:`status_change`: the webhooks ``message.sent``, ``message.delivered``, ...); the
+   threads of the rows that changed (the thread each was in and the one it is in now) are
+   recomputed from their messages in one statement, and a thread whose aggregate changed gets a
+   ``changes`` row of its own (:mod:`libs.threads`);
 5. check the shard bits of every id (the bug #199 guard), lock the shard's change order
    (:func:`lock_changes`), recompute the touched threads (under that lock, see
    :mod:`libs.threads`), insert the change rows in one statement and commit.
@@ -432,7 +434,9 @@ def latest_per_message(records: Iterable[PostflightRecord]) -> list[PostflightRe
     the batch is kept (one record each, the highest version: records of one content version
     carry the same content), and so is an erasure no kept record makes. A message's records are
     ordered by content version, so the one statement applies them as if they had arrived one by
-    one in the order their content was set. Replays (equal versions) keep the first.
+    one in the order their content was set. Replays (equal versions) keep the first. What is left
+    as one record with content under one of a higher version without any (a message stored when
+    sent and delivered in one batch) is folded into one record (:func:`_folded`): one row to write.
     """
     grouped: dict[tuple[int, str], list[PostflightRecord]] = {}
     for r in records:
@@ -456,8 +460,25 @@ def latest_per_message(records: Iterable[PostflightRecord]) -> list[PostflightRe
                 if erasing:
                     last = max(erasing, key=lambda r: r.version)
                     keep[id(last)] = last
-        out += sorted(keep.values(), key=lambda r: (content_version(r), r.version))
+        kept = sorted(keep.values(), key=lambda r: (content_version(r), r.version))
+        if len(kept) == 2 and content_version(kept[0]) == 0 and not erases(kept[0]) and not erases(kept[1]):
+            kept = [_folded(kept[0], kept[1])]
+        out += kept
     return out
+
+
+# The document fields a record writes by its version (FLAG_COLUMNS, and the erasure flag).
+_FLAG_FIELDS: Final = (
+    "status", "direction", "unread", "starred", "folder", "labels", "source", "occurred_at", "final_at",
+    "redacted",
+)  # fmt: skip
+
+
+def _folded(top: PostflightRecord, content: PostflightRecord) -> PostflightRecord:
+    """The one record that writes what ``content`` and then ``top`` (of a higher version, without
+    content, neither erasing) write: ``top``'s flags and status over ``content``'s content."""
+    doc = content.message.model_copy(update={name: getattr(top.message, name) for name in _FLAG_FIELDS})
+    return top.model_copy(update={"message": doc, "content_version": content_version(content)})
 
 
 def _erases_as(record: PostflightRecord, erasure: str) -> bool:
@@ -466,8 +487,8 @@ def _erases_as(record: PostflightRecord, erasure: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RowState:
-    """What the writer compares of a stored row: its id, versions and erasure, and the thread it
-    is in (:mod:`libs.threads`)."""
+    """What the writer compares of a stored row: its id, versions and erasure, the thread it is
+    in (:mod:`libs.threads`) and its status."""
 
     id: int
     version: int
@@ -475,6 +496,7 @@ class RowState:
     redacted: bool
     deleted: bool
     thread_key: str | None = None
+    status: str | None = None
 
 
 def change_kind(before: RowState | None, after: RowState) -> str | None:
@@ -489,6 +511,14 @@ def change_kind(before: RowState | None, after: RowState) -> str | None:
     if after.deleted:
         return "deleted"  # also a row created deleted: it leaves just its tombstone
     return "created" if before is None else "updated"
+
+
+def status_change(before: RowState | None, after: RowState) -> str | None:
+    """The status a change moved its message to (the change row's ``status``), or None when the
+    status stayed. Of several records of one message in one batch only the last status is told."""
+    if after.deleted or (before is not None and before.status == after.status):
+        return None
+    return after.status
 
 
 def patch_assignments(state: RowState, record: PostflightRecord) -> dict[str, Any]:
@@ -528,13 +558,13 @@ def patch_assignments(state: RowState, record: PostflightRecord) -> dict[str, An
     return out
 
 
-_STATE_COLUMNS: Final = "id, version, content_version, redacted, deleted, thread_key"
+_STATE_COLUMNS: Final = "id, version, content_version, redacted, deleted, thread_key, status"
 _RETURNING_STATES: Final = f" RETURNING {_STATE_COLUMNS}"
 
 
 def _state(values: Sequence[Any]) -> RowState:
-    id_, version, cv, redacted, deleted, thread_key = values
-    return RowState(int(id_), int(version), int(cv), bool(redacted), bool(deleted), thread_key)
+    id_, version, cv, redacted, deleted, thread_key, status = values
+    return RowState(int(id_), int(version), int(cv), bool(redacted), bool(deleted), thread_key, status)
 
 
 async def _states(
@@ -562,6 +592,7 @@ def _patched(state: RowState, assignments: dict[str, Any]) -> RowState:
         bool(assignments.get("redacted", state.redacted)),
         bool(assignments.get("deleted", state.deleted)),
         state.thread_key,
+        state.status,
     )
 
 
@@ -629,7 +660,7 @@ async def write_shard(
     )
     rows: list[tuple[tuple[Any, ...], int, int]] = []
     without_row = erased = 0
-    changes: list[tuple[int, str, int, str, int]] = []
+    changes: list[tuple[int, str, int, str, int, str | None]] = []
     prefix = _lock_wait(lock_wait_timeout_s)  # on every statement that may wait for a lock
     pool = await router.pool(shard)
     async with pool.acquire() as conn:
@@ -698,7 +729,9 @@ async def write_shard(
                     old = before.get(message)
                     kind = change_kind(old, state)
                     if kind is not None:
-                        changes.append((message[0], "message", state.id, kind, state.version))
+                        changes.append(
+                            (message[0], "message", state.id, kind, state.version, status_change(old, state))
+                        )
                         for thread in (old.thread_key if old is not None else None, state.thread_key):
                             if thread is not None:
                                 threads[(message[0], thread)] = None
@@ -706,14 +739,15 @@ async def write_shard(
                     await lock_changes(cur, router, shard, prefix=prefix)
                     # Under the lock: the shard's thread recomputations run one at a time, each
                     # seeing every message the ones before it committed (update_threads).
-                    changes += await update_threads(
+                    threads_changed = await update_threads(
                         cur, shard, router.table(shard, "threads"), table, list(threads), _values_sql, prefix
                     )
+                    changes += [(*change, None) for change in threads_changed]
                     await insert_guarded(
                         cur,
                         shard,
                         f"INSERT INTO {router.table(shard, 'changes')}"
-                        " (account_id, object_type, object_id, change_type, version) VALUES "
+                        " (account_id, object_type, object_id, change_type, version, status) VALUES "
                         + _values_sql(changes),
                         rows=len(changes),
                     )

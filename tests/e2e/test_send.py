@@ -74,6 +74,12 @@ async def test_a_sent_message_arrives_and_is_delivered(
         "message.accepted", "message.queued", "message.sending", "message.sent", "message.delivered",
     ], types  # fmt: skip
     assert len([m for m in (await gw_b.messages(b.account_id)).values() if m["subject"] == subject]) == 1
+    # Stored once sent (most servers send no report), then updated by the DSN: the delta feed
+    # tells each step's status, which webhooks deliver as message.sent and message.delivered.
+    status, page = await gw_a.call("GET", f"/v1/accounts/{a.account_id}/delta?limit=100")
+    assert status == 200, page
+    steps = [(d["change_type"], d.get("status")) for d in page["deltas"] if d["object_id"] == sent["id"]]
+    assert steps == [("created", "sent"), ("updated", "delivered")], page
 
     # Dovecot files no sent copy itself: the sender appends one to the Sent folder, once.
     def sent_copies() -> int:

@@ -60,7 +60,7 @@ async def _relay(
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
             "SELECT c.id, c.account_id, a.application_id, c.object_type, c.object_id, c.change_type,"
-            f" c.version, UNIX_TIMESTAMP(c.created_at) FROM {router.table(shard, 'changes')} c"
+            f" c.version, UNIX_TIMESTAMP(c.created_at), c.status FROM {router.table(shard, 'changes')} c"
             f" LEFT JOIN {router.table(shard, 'accounts')} a ON a.id = c.account_id"
             " WHERE c.account_id = %s ORDER BY c.id",
             (account_id,),

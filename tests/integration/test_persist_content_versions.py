@@ -174,6 +174,36 @@ async def test_a_contentless_record_of_a_higher_version_keeps_the_content(env: E
     assert await changes(env) == [(m, "created", 10), (m, "updated", 20)]
 
 
+async def statuses(env: Env, message_key: str) -> list[tuple[str, str | None]]:
+    """(change type, status) of one message's changes, in commit order."""
+    pool = await env.router.pool(env.shard)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT c.change_type, c.status FROM {env.router.table(env.shard, 'changes')} c"
+            f" JOIN {env.router.table(env.shard, 'messages')} m ON m.id = c.object_id"
+            " WHERE c.account_id = %s AND c.object_type = 'message' AND m.message_key = %s ORDER BY c.id",
+            (env.account, message_key.encode()),
+        )
+        rows = await cur.fetchall()
+        await conn.commit()
+    return [(t, s) for t, s in rows]
+
+
+async def test_a_change_tells_the_status_it_moved_the_message_to(env: Env) -> None:
+    m, late = key(), key()
+    await write(
+        env,
+        full(env, m, 10, status="sent"),
+        full(env, m, 20, content_version=0, status="sent", starred=True),  # a flag: the status stays
+        full(env, m, 30, content_version=0, status="delivered"),
+        full(env, m, 30, content_version=0, status="delivered"),  # a replay: no change at all
+    )
+    assert await statuses(env, m) == [("created", "sent"), ("updated", None), ("updated", "delivered")]
+    # A lower version's status never lands, so it is never told either.
+    await write(env, full(env, late, 30, status="undelivered"), full(env, late, 10, status="sent"))
+    assert await statuses(env, late) == [("created", "undelivered")]
+
+
 async def test_content_arriving_after_a_contentless_record_lands_with_a_change(env: Env) -> None:
     forward, reverse = key(), key()
     await write(

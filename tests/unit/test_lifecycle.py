@@ -62,7 +62,7 @@ def records(outcomes: list[Outcome]) -> list[PostflightRecord]:
     return [o.record for o in outcomes if o.record is not None]
 
 
-def test_outbound_in_order_emits_one_final_record() -> None:
+def test_outbound_in_order_is_stored_when_sent_and_updated_when_delivered() -> None:
     state, outcomes = run([
         ev(EventType.ACCEPTED, at=0, content={"from": "a@x.io", "to": ["b@y.io"], "subject": "Hi",
                                              "body_text": "  Hello\n\n  world  "}),
@@ -71,11 +71,11 @@ def test_outbound_in_order_emits_one_final_record() -> None:
         ev(EventType.SENT, at=3),
         ev(EventType.DELIVERED, at=4),
     ])  # fmt: skip
-    assert [o.kind for o in outcomes] == [OutcomeKind.APPLIED] * 4 + [OutcomeKind.EMITTED]
-    (record,) = records(outcomes)
-    assert record.version == 1 and not record.deleted
-    doc = record.message
-    assert doc.status is Status.DELIVERED and doc.direction is Direction.OUTBOUND
+    assert [o.kind for o in outcomes] == [OutcomeKind.APPLIED] * 3 + [OutcomeKind.EMITTED] * 2
+    sent, delivered = records(outcomes)
+    assert sent.version == 1 and sent.content_version is None and not sent.deleted
+    doc = sent.message
+    assert doc.status is Status.SENT and doc.direction is Direction.OUTBOUND
     assert (
         doc.sender == Participant(email="a@x.io")
         and doc.to == [Participant(email="b@y.io")]
@@ -83,8 +83,29 @@ def test_outbound_in_order_emits_one_final_record() -> None:
     )
     assert doc.snippet == "Hello world"
     assert doc.unread is False  # outbound default
-    assert doc.occurred_at == T0 and doc.final_at == T0 + timedelta(seconds=4)
-    assert state is not None and state.final and state.version == 1
+    assert doc.occurred_at == T0 and doc.final_at is None
+    # The delivery report is an update: the status, no content (persist keeps it).
+    assert delivered.version == 2 and delivered.content_version == 0
+    assert delivered.message.status is Status.DELIVERED and delivered.message.subject is None
+    assert delivered.message.final_at == T0 + timedelta(seconds=4)
+    assert state is not None and state.final and state.version == 2 and state.subject is None
+
+
+def test_a_sent_message_is_not_final_and_keeps_no_content() -> None:
+    state, outcomes = run([
+        ev(EventType.ACCEPTED, at=0, content={"subject": "Hi"}),
+        ev(EventType.SENT, at=1),
+    ])  # fmt: skip
+    assert outcomes[-1].kind is OutcomeKind.EMITTED and outcomes[-1].reason == "stored: sent"
+    assert state is not None and not state.final and state.subject is None
+    # Stored, so an update goes out as an update, not as a patch.
+    outcome = apply(state, ev(EventType.UPDATED, flags={"starred": True}))
+    assert outcome.record is not None and outcome.record.patch is None
+    assert outcome.record.message.starred is True and outcome.record.message.status is Status.SENT
+    # A late stage's content never set before goes out; a duplicate of it changes nothing.
+    late = apply(outcome.state, ev(EventType.QUEUED, content={"channel": "email"}, event_id="q"))
+    assert late.record is not None and late.record.message.channel == "email"
+    assert apply(late.state, ev(EventType.QUEUED, content={"channel": "email"}, event_id="q2")).record is None
 
 
 def test_snippet_is_bounded_and_collapsed() -> None:
@@ -128,15 +149,24 @@ def test_late_lower_status_is_ignored_but_fills_gaps() -> None:
         ev(EventType.SENT, at=3),
         ev(EventType.QUEUED, at=1, content={"subject": "from queued", "channel": "email"}),
     ])  # fmt: skip
+    # sent is stored: what the late event filled goes out as an update, and leaves the state.
+    record = outcomes[1].record
+    assert outcomes[1].kind is OutcomeKind.EMITTED and record is not None
+    assert record.message.subject == "from queued" and record.content_version == record.version
+    assert state is not None and state.status is Status.SENT and state.subject is None
+    assert state.occurred_at == T0 + timedelta(seconds=1)
+    state, outcomes = run([
+        ev(EventType.SENDING, at=3),
+        ev(EventType.QUEUED, at=1, content={"subject": "from queued", "channel": "email"}),
+    ])  # fmt: skip
     assert outcomes[1].kind is OutcomeKind.IGNORED and outcomes[1].changed
-    assert state is not None and state.status is Status.SENT
-    assert state.subject == "from queued" and state.occurred_at == T0 + timedelta(seconds=1)
+    assert state is not None and state.status is Status.SENDING and state.subject == "from queued"
 
 
 def test_failed_from_any_non_final_state_and_error_code() -> None:
     for before in (EventType.ACCEPTED, EventType.QUEUED, EventType.SENDING, EventType.SENT):
         _, outcomes = run([ev(before), ev(EventType.FAILED, content={"error_code": "30003"})])
-        (record,) = records(outcomes)
+        record = records(outcomes)[-1]
         assert record.message.status is Status.FAILED and record.message.error_code == "30003"
 
 
@@ -326,7 +356,7 @@ def _first_deliveries(delivered: list[Event]) -> list[Event]:
 
 @settings(max_examples=500, deadline=None)
 @given(shuffled_with_duplicates())
-def test_any_order_and_duplication_gives_one_final_record_and_same_state(
+def test_any_order_and_duplication_gives_one_first_record_and_same_state(
     case: tuple[list[Event], list[Event]],
 ) -> None:
     """Outbound and inbound lifecycles with updates, redaction and deletion, in any order of
@@ -358,7 +388,8 @@ def test_any_order_and_duplication_gives_one_final_record_and_same_state(
     if deletion is None or _first_deliveries(delivered)[-1].event_id == deletion.event_id:
         assert not any(o.kind is OutcomeKind.REJECTED for o in outcomes)
         assert _comparable(state) == _comparable(expected)
-        assert len(full) == 1 and full[0].message.status == expected.status
+        # The first record: the final status, or sent when the message was sent first.
+        assert len(full) == 1 and full[0].message.status in (expected.status, Status.SENT)
         # persist ends with the same row whatever the order of the events, and of the records.
         assert stored(recs) == final_row
         assert stored(reversed(recs)) == final_row

@@ -222,7 +222,13 @@ def test_collapsing_a_batch_changes_nothing(
 
 def test_a_batch_keeps_the_content_a_later_record_lacks() -> None:
     content, flags, replay = record(10, subject="s"), record(20, 0, starred=True), record(10, subject="s")
-    assert latest_per_message([flags, content, replay]) == [flags, content]
+    # Folded into one record: the flags and status of 20 over the content of 10.
+    (folded,) = latest_per_message([flags, content, replay])
+    assert (folded.version, folded.content_version) == (20, 10)
+    assert folded.message.subject == "s" and folded.message.starred is True
+    assert values(folded) == values(flags) | {
+        k: v for k, v in values(content).items() if k in CONTENT_COLUMNS or k == "content_version"
+    }
     # Lower flags-only records and replays go; an erasure no kept record makes stays.
     redaction = record(12, 0, redacted=True)
     assert latest_per_message([content, record(11, 0), redaction, flags]) == [redaction, flags, content]

@@ -78,8 +78,8 @@ def _postflight_values() -> list[bytes]:
 
 def _change_values() -> list[bytes]:
     rows = [
-        (1970324836974593, ACCOUNT, 12, "message", 1970324836974601, "created", 3, "1796040062.123456"),
-        (1970324836974594, ACCOUNT, None, "message", 1970324836974601, "updated", 4, "1796040063"),
+        (1970324836974593, ACCOUNT, 12, "message", 1970324836974601, "created", 3, "1796040062.12", "sent"),
+        (1970324836974594, ACCOUNT, None, "message", 1970324836974601, "updated", 4, "1796040063", None),
     ]
     return [change_message(7, row)[1] for row in rows]
 
@@ -130,7 +130,10 @@ def test_change_records_are_what_the_model_says() -> None:
         model = ChangeRecord.model_validate_json(raw)  # the model refuses unknown fields
         published = orjson.loads(raw)
         assert model.created_at == datetime.fromisoformat(published.pop("created_at"))
-        assert model.model_dump(mode="json", exclude={"created_at"}) == published
+        dumped = model.model_dump(mode="json", exclude={"created_at"})
+        if dumped["status"] is None:  # published only when the change moved the status
+            del dumped["status"]
+        assert dumped == published
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from libs.webhooks import (
     sign_headers,
     verify,
 )
-from services.gateway.webhooks.dispatcher import build_payload
+from services.gateway.webhooks.dispatcher import build_payload, event_types
 from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.targets import TargetRefused, check_url_syntax
 
@@ -138,14 +138,26 @@ def test_payload_shape() -> None:
     change = {"change_id": "5", "shard": 1, "account_id": "7", "application_id": "3",
               "object_type": "message", "object_id": "9", "change_type": "updated", "version": 2,
               "created_at": "2026-11-23T13:00:00.000001Z"}  # fmt: skip
-    event_type, body = build_payload(change)
-    assert event_type == "message.updated"
-    assert json.loads(body) == {
+    assert event_types(change) == ("message.updated", None)
+    assert json.loads(build_payload(change, "message.updated")) == {
         "type": "message.updated",
         "timestamp": "2026-11-23T13:00:00.000001Z",
         "data": {"object": "message", "id": "9", "account_id": "7", "application_id": "3",
                  "change_id": "5", "change_type": "updated", "version": 2},
     }  # fmt: skip
+
+
+def test_a_status_change_has_its_status_type() -> None:
+    change = {"change_id": "5", "shard": 1, "account_id": "7", "application_id": "3",
+              "object_type": "message", "object_id": "9", "change_type": "created", "version": 2,
+              "created_at": "2026-11-23T13:00:00.000001Z", "status": "sent"}  # fmt: skip
+    assert event_types(change) == ("message.created", "message.sent")
+    body = json.loads(build_payload(change, "message.sent"))
+    assert body["type"] == "message.sent" and body["data"]["change_type"] == "created"
+    assert body["data"]["status"] == "sent"
+    # received has no type of its own, and a thread never has one
+    assert event_types(change | {"status": "received"}) == ("message.created", None)
+    assert event_types(change | {"object_type": "thread"}) == ("thread.created", None)
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ from libs.webhooks import sign_headers
 from services.gateway.webhooks.settings import WebhookSettings
 from services.gateway.webhooks.store import (
     SKIP_REFUSED,
+    STATUS_EVENT_TYPES,
     Delivery,
     Endpoint,
     NewDelivery,
@@ -93,6 +94,7 @@ __all__ = [
     "build_payload",
     "classify",
     "decide",
+    "event_types",
     "parse_retry_after_s",
 ]
 
@@ -225,10 +227,18 @@ def decide(
     return Decision("pending", delay_s, refused)
 
 
-def build_payload(change: dict[str, Any]) -> tuple[str, bytes]:
-    """(event type, JSON body) of one flightlog.changes message, in the Standard Webhooks shape."""
-    event_type = f"{change['object_type']}.{change['change_type']}"
-    body = {
+def event_types(change: dict[str, Any]) -> tuple[str, str | None]:
+    """The event type of one flightlog.changes message, and its status type if it has one (a
+    change that moved a message to sent, delivered, undelivered or failed), which the endpoints
+    that subscribe to it receive instead."""
+    status = change.get("status") if change["object_type"] == "message" else None
+    return f"{change['object_type']}.{change['change_type']}", STATUS_EVENT_TYPES.get(status or "")
+
+
+def build_payload(change: dict[str, Any], event_type: str) -> bytes:
+    """The JSON body of one flightlog.changes message as ``event_type``, in the Standard Webhooks
+    shape; ``status`` only when the change moved a message to another status."""
+    body: dict[str, Any] = {
         "type": event_type,
         "timestamp": change["created_at"],
         "data": {
@@ -241,7 +251,9 @@ def build_payload(change: dict[str, Any]) -> tuple[str, bytes]:
             "version": change["version"],
         },
     }
-    return event_type, orjson.dumps(body)
+    if change.get("status") is not None:
+        body["data"]["status"] = change["status"]
+    return orjson.dumps(body)
 
 
 def _parse_time(value: str) -> datetime:
@@ -457,17 +469,23 @@ class WebhookDispatcher(Component):
                 return []
             account_id = int(change["account_id"])
             event_at = _parse_time(change["created_at"])
-            event_type, payload = build_payload(change)
+            generic, specific = event_types(change)
             change_id = int(change["change_id"])
         except (ValueError, KeyError, TypeError):
             logger.error("skipping a malformed flightlog.changes message: %r", value[:200])
             return []
-        return [
-            NewDelivery(e.id, account_id, change_id, event_type, payload, event_at)
-            for e in endpoints
-            # an endpoint gets the changes committed after it was created
-            if e.wants(event_type, account_id) and event_at >= e.created_at
-        ]
+        payloads: dict[str, bytes] = {}
+        news = []
+        for e in endpoints:
+            if event_at < e.created_at:  # an endpoint gets the changes committed after it was created
+                continue
+            event_type = specific if specific is not None and e.wants(specific, account_id) else generic
+            if e.wants(event_type, account_id):
+                if event_type not in payloads:
+                    payloads[event_type] = build_payload(change, event_type)
+                payload = payloads[event_type]
+                news.append(NewDelivery(e.id, account_id, change_id, event_type, payload, event_at))
+        return news
 
     # -- delivery --------------------------------------------------------------------------
 

@@ -37,7 +37,13 @@ from services.gateway.errors import ApiError
 from services.gateway.openapi import id_param, query
 from services.gateway.webhooks import schemas
 from services.gateway.webhooks.settings import WebhookSettings
-from services.gateway.webhooks.store import DELIVERY_STATES, EVENT_TYPES, Endpoint, WebhookStore
+from services.gateway.webhooks.store import (
+    DEFAULT_EVENT_TYPES,
+    DELIVERY_STATES,
+    EVENT_TYPES,
+    Endpoint,
+    WebhookStore,
+)
 from services.gateway.webhooks.targets import MAX_URL_LENGTH, TargetRefused, check_target
 
 __all__ = [
@@ -103,7 +109,10 @@ class NewWebhook(_Body):
     url: Url
     description: Annotated[str, StringConstraints(max_length=500)] = ""
     event_types: Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES))] = Field(
-        default_factory=lambda: list(EVENT_TYPES), description="left out: every type"
+        default_factory=lambda: list(DEFAULT_EVENT_TYPES),
+        description="left out: every created, updated and deleted type; the status types"
+        " (message.sent, message.delivered, message.undelivered, message.failed) are asked for by"
+        " name, and replace message.created or message.updated for the changes they tell",
     )
     account_ids: AccountFilter | None = None
     ordering: Ordering = "skip_refused"

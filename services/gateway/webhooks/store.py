@@ -20,9 +20,11 @@ from libs.shards import ShardRouter
 from libs.webhooks import generate_secret
 
 __all__ = [
+    "DEFAULT_EVENT_TYPES",
     "DELIVERY_STATES",
     "EVENT_TYPES",
     "ORDERINGS",
+    "STATUS_EVENT_TYPES",
     "Attempt",
     "Delivery",
     "Endpoint",
@@ -31,10 +33,18 @@ __all__ = [
     "utcnow",
 ]
 
-EVENT_TYPES: Final = (
+# What an endpoint created without event types subscribes to: every change of every object.
+DEFAULT_EVENT_TYPES: Final = (
     "message.created", "message.updated", "message.deleted",
     "thread.created", "thread.updated", "thread.deleted",
 )  # fmt: skip
+# A change that moved a message to one of these statuses is delivered as this type instead of
+# message.created or message.updated, to the endpoints that subscribe to it by name.
+STATUS_EVENT_TYPES: Final = {
+    "sent": "message.sent", "delivered": "message.delivered",
+    "undelivered": "message.undelivered", "failed": "message.failed",
+}  # fmt: skip
+EVENT_TYPES: Final = (*DEFAULT_EVENT_TYPES, *STATUS_EVENT_TYPES.values())
 # How a lane treats an event its receiver refuses permanently; see the dispatcher's docstring.
 SKIP_REFUSED: Final = "skip_refused"
 STRICT: Final = "strict"
