@@ -73,6 +73,46 @@ async def test_event_type_and_account_filters(router: ShardRouter, tenant_factor
             await rx.stop()
 
 
+async def test_a_status_change_goes_as_its_status_type_to_the_endpoints_that_ask(
+    router: ShardRouter, tenant_factory: Any
+) -> None:
+    tenant = await tenant_factory(router.shard_map.shards[:1])
+    (account,) = (a.id for a in tenant.accounts)
+    by_status, default = Receiver(), Receiver()
+    for rx in (by_status, default):
+        await rx.start()
+    try:
+        async with stack(router, fast_settings(), tenant.api_key) as (h, _):
+            await h.subscribe(
+                by_status.url, event_types=["message.sent", "message.delivered", "message.updated"]
+            )
+            await h.subscribe(default.url)
+            await write_change(router, account, "m", 1, status="sent")  # stored when sent
+            await write_change(router, account, "m", 2, status="sent")  # new content, same status
+            await write_change(router, account, "m", 3, status="delivered")  # the delivery report
+            await eventually(lambda: len(by_status.ok) >= 3, WAIT_S, "the status endpoint's deliveries")
+            await eventually(lambda: len(default.ok) >= 3, WAIT_S, "the default endpoint's deliveries")
+            got = [
+                (r.json["type"], r.json["data"]["change_type"], r.json["data"].get("status"))
+                for r in by_status.ok
+            ]
+            assert got == [
+                ("message.sent", "created", "sent"),
+                ("message.updated", "updated", None),
+                ("message.delivered", "updated", "delivered"),
+            ]
+            # Without asking: the change types as ever, the status in the data.
+            got = [(r.json["type"], r.json["data"].get("status")) for r in default.ok]
+            assert got == [
+                ("message.created", "sent"),
+                ("message.updated", None),
+                ("message.updated", "delivered"),
+            ]
+    finally:
+        for rx in (by_status, default):
+            await rx.stop()
+
+
 async def test_a_target_resolving_to_loopback_is_refused_at_delivery(
     router: ShardRouter, tenant_factory: Any
 ) -> None:

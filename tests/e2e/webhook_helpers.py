@@ -26,7 +26,9 @@ from services.persist.writer import write_shard
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
 
-async def write_change(router: ShardRouter, account_id: int, key: str, version: int) -> None:
+async def write_change(
+    router: ShardRouter, account_id: int, key: str, version: int, status: str = "delivered"
+) -> None:
     """One message version through persist's writer: one ``changes`` row (created or updated)."""
     record = PostflightRecord(
         account_id=account_id,
@@ -34,7 +36,7 @@ async def write_change(router: ShardRouter, account_id: int, key: str, version: 
         version=version,
         message=MessageDoc.model_validate(
             {
-                "status": "delivered",
+                "status": status,
                 "direction": "outbound",
                 "subject": f"s {key} v{version}",
                 "occurred_at": T0,
