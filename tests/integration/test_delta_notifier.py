@@ -68,7 +68,7 @@ async def _relay(
         rows: list[Any] = list(await cur.fetchall())
         await conn.commit()
     if fake_id:
-        rows = [(fake_id, account_id, None, "message", fake_id, "created", 1, 0)]
+        rows = [(fake_id, account_id, None, "message", fake_id, "created", 1, 0, None)]
     async with make_producer(kafka) as producer:
         for key, value in (change_message(shard, r) for r in rows):
             await producer.send_and_wait(topic, value, key=key)

@@ -226,8 +226,9 @@ async def test_lifecycle_dedupe_order_updates_and_dlq(env: Env) -> None:
     queued = ev(EventType.QUEUED, "out-1", 1)
     sent = ev(EventType.SENT, "out-1", 3)
     events: list[Event | tuple[bytes, bytes]] = [
-        # out-1: final first, then duplicates and late events: one final record, then one update
-        # because the late accepted brings the content the final record lacked.
+        # out-1: sent first (stored: a record without content), delivered (an update), then
+        # duplicates and late events: one more update because the late accepted brings the content
+        # the first records lacked.
         sent, delivered, delivered, accepted, queued, sent, ev(EventType.DELIVERED, "out-1", 5),
         ev(EventType.UPDATED, "out-1", 6, flags={"starred": True}),
         ev(EventType.UPDATED, "out-1", 7, flags={"starred": True}),  # no change: no record
@@ -249,10 +250,10 @@ async def test_lifecycle_dedupe_order_updates_and_dlq(env: Env) -> None:
     await produce(env, events)
 
     async with running(env.worker()):
-        await eventually(lambda: _count(env, 9), 60, "9 postflight records")
+        await eventually(lambda: _count(env, 10), 60, "10 postflight records")
         await eventually(lambda: _dlq_count(env, 4), 30, "4 dead letters")
         await eventually(_consumed(env), 30, "every event committed")
-    assert len(await postflight(env)) == 9 and len(await dead_letters(env)) == 4
+    assert len(await postflight(env)) == 10 and len(await dead_letters(env)) == 4
 
     records = by_message(await postflight(env))
     assert sorted(records) == ["bad-1", "in-1", "out-1"]
@@ -265,12 +266,13 @@ async def test_lifecycle_dedupe_order_updates_and_dlq(env: Env) -> None:
         assert versions == sorted(set(versions))
         assert {v - 1 for v in versions} <= offsets[message_key_bytes(ACCOUNT, key)]
     out = records["out-1"]
-    assert len(out) == 4 and all(r.patch is None for r in out)
-    assert out[0].message.status is Status.DELIVERED and out[0].message.subject is None
-    filled = out[1].message
+    assert len(out) == 5 and all(r.patch is None for r in out)
+    assert out[0].message.status is Status.SENT and out[0].message.subject is None
+    assert out[1].message.status is Status.DELIVERED and out[1].content_version == 0
+    filled = out[2].message
     assert filled.status is Status.DELIVERED and filled.subject == "Hello" and filled.snippet == "Hi there"
     assert filled.occurred_at == T0 and filled.final_at == T0 + timedelta(seconds=4)
-    assert out[2].message.starred and out[3].message.redacted and out[3].message.body_text is None
+    assert out[3].message.starred and out[4].message.redacted and out[4].message.body_text is None
 
     inbound = records["in-1"]
     assert len(inbound) == 4
