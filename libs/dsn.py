@@ -6,7 +6,8 @@ block per recipient (``Action``, ``Status``, ``Diagnostic-Code``), often followe
 message or its headers (``RET=HDRS``). :func:`parse_dsn` reads one and says which message it is
 about: the ENVID first, else the original's Message-ID (both carry the send's token, see
 :func:`libs.sending.message_key_of`). Anything else (mail that is not a DSN, a DSN about a message
-that flightlog did not send) gives None.
+that flightlog did not send) gives None. A message to several recipients may get several DSNs:
+the lifecycle makes it undelivered when any of them reports a failure (:mod:`libs.lifecycle`).
 
 Only the headers are parsed for every message; a body is parsed when the headers say DSN. The
 input is bounded by the IMAP sync's fetch (``libs.mime.MAX_RAW_BYTES``) and Python's email

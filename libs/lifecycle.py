@@ -105,6 +105,11 @@ _RANKS: Final[dict[Status, int]] = {
     Status.RECEIVING: 1,
     Status.RECEIVED: _FINAL_RANK,
 }
+# A message to several recipients gets a report per recipient (or per group of them): it is
+# undelivered when any recipient's report says so, whatever the order the reports come in, and
+# the bounce's content (its reason in error_code) outranks what a delivery report carried.
+_BOUNCE: Final = (Status.UNDELIVERED, Status.DELIVERED)  # (status, the final status it overrides)
+_BOUNCE_CONTENT_RANK: Final = _FINAL_RANK + 1
 _STATUS_OF: Final[dict[EventType, Status]] = {t: s for t in EventType if (s := t.status) is not None}
 _INBOUND: Final = frozenset({Status.RECEIVING, Status.RECEIVED})
 
@@ -504,16 +509,26 @@ def _apply_status(
             return Outcome(OutcomeKind.IGNORED, new, True, reason=f"late {status.value}: message was deleted")
         return _reject(state, f"{event.type.value}: message was deleted")
 
+    content_rank = _BOUNCE_CONTENT_RANK if status is _BOUNCE[0] else rank
     if new.final:
-        if rank == _FINAL_RANK and status != new.status:
+        bounce = (status, new.status) == _BOUNCE  # another recipient's report: undelivered now
+        late_delivery = (new.status, status) == _BOUNCE
+        if rank == _FINAL_RANK and status != new.status and not (bounce or late_delivery):
             return _reject(state, f"{status.value} after {new.status.value if new.status else 'final'}")
         _remember(new, event)
         if synced:  # a re-sync: the mailbox's flags are current
             _merge_flags(new, event.flags, override=True)
         else:
             _merge_flags(new, event.flags, override=False)
-        _merge_content(new, event.content, rank)
-        why = f"duplicate final status {status.value}" if rank == _FINAL_RANK else (
+        _merge_content(new, event.content, content_rank)
+        if bounce or late_delivery:  # final since the first report, whichever came first
+            new.final_at = min(new.final_at or event.occurred_at, event.occurred_at)
+        if bounce:
+            new.status = status
+            return _after_change(
+                old, new, now, position, "", emit_reason=f"now {status.value}: a recipient bounced"
+            )
+        why = f"duplicate final status {status.value}" if rank == _FINAL_RANK and not late_delivery else (
             f"late {status.value}: message is already {new.status.value if new.status else 'final'}"
         )  # fmt: skip
         return _after_change(old, new, now, position, why, emit_reason=f"{why}, filled content")
@@ -521,7 +536,7 @@ def _apply_status(
     _remember(new, event)
     new.direction = implied
     _merge_flags(new, event.flags, override=False)
-    _merge_content(new, event.content, rank)
+    _merge_content(new, event.content, content_rank)
     if rank <= new.rank:
         what = "duplicate" if rank == new.rank else "late"
         current = new.status.value if new.status else "?"

@@ -174,7 +174,8 @@ def test_failed_from_any_non_final_state_and_error_code() -> None:
     ("events", "reason"),
     [
         ([EventType.FAILED, EventType.DELIVERED], "delivered after failed"),
-        ([EventType.DELIVERED, EventType.UNDELIVERED], "undelivered after delivered"),
+        ([EventType.UNDELIVERED, EventType.FAILED], "failed after undelivered"),
+        ([EventType.DELIVERED, EventType.FAILED], "failed after delivered"),
         ([EventType.RECEIVED, EventType.DELIVERED], "on an inbound message"),
         ([EventType.RECEIVING, EventType.SENT], "on an inbound message"),
         ([EventType.ACCEPTED, EventType.RECEIVED], "on an outbound message"),
@@ -266,6 +267,25 @@ def test_state_of_another_message_is_a_programming_error() -> None:
     state, _ = run([ev(EventType.ACCEPTED, key="a")])
     with pytest.raises(ValueError, match="another message"):
         apply(state, ev(EventType.SENT, key="b"))
+
+
+def test_a_bounce_of_another_recipient_makes_a_delivered_message_undelivered_in_any_order() -> None:
+    sent = [ev(EventType.ACCEPTED, at=0, content={"subject": "Hi"}), ev(EventType.SENT, at=1)]
+    delivered = ev(EventType.DELIVERED, at=5, event_id="d", content={"error_code": "2.0.0"})
+    bounced = ev(EventType.UNDELIVERED, at=6, event_id="u", content={"error_code": "5.1.1 unknown user"})
+    first, first_outcomes = run([*sent, delivered, bounced])
+    second, second_outcomes = run([*sent, bounced, delivered])
+    assert first is not None and second is not None
+    # The late delivery only moves final_at back to the first report.
+    assert first_outcomes[-1].record is not None and second_outcomes[-1].record is not None
+    assert second_outcomes[-1].record.message.status is Status.UNDELIVERED
+    assert _comparable(first) == _comparable(second)
+    assert first.status is Status.UNDELIVERED and first.final_at == T0 + timedelta(seconds=5)
+    assert stored(records(first_outcomes)) == stored(records(second_outcomes))
+    assert stored(records(first_outcomes))["error_code"] == "5.1.1 unknown user"
+    # A bounce overrides a delivery only: after failed, it is still impossible.
+    _, outcomes = run([*sent, ev(EventType.FAILED, at=2), bounced])
+    assert outcomes[-1].kind is OutcomeKind.REJECTED
 
 
 # -- properties -----------------------------------------------------------------------------------
