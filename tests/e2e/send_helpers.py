@@ -60,12 +60,15 @@ async def two_mailboxes(
     return a, gw_a, b, gw_b
 
 
-async def final_message(gw: Gateway, account_id: int, key: str) -> dict[str, Any]:
+async def final_message(
+    gw: Gateway, account_id: int, key: str, statuses: tuple[str, ...] = ("delivered", "undelivered", "failed")
+) -> dict[str, Any]:
+    """The sent message once its status is one of ``statuses``."""
     found: dict[str, Any] = {}
 
     async def final() -> bool:
         row = (await gw.messages(account_id)).get(key)
-        if row is not None and row["status"] in ("delivered", "undelivered", "failed"):
+        if row is not None and row["status"] in statuses:
             found.update(row)
         return bool(found)
 

@@ -112,6 +112,35 @@ async def test_a_message_to_an_unknown_user_is_undelivered_with_the_reason(
     assert full["error_code"].startswith("5.1.1"), full
 
 
+async def test_a_message_to_a_known_and_an_unknown_user_arrives_and_is_undelivered(
+    pipeline: Pipeline,
+    stack: Stack,
+    router: ShardRouter,
+    tenant_factory: Any,
+    http: aiohttp.ClientSession,
+    exits: AsyncExitStack,
+) -> None:
+    """Two reports, a success for one recipient and a failure for the other, in whatever order
+    they are synced: the message is undelivered with the failure's reason."""
+    a, gw_a, b, gw_b = await two_mailboxes(exits, pipeline, stack, router, tenant_factory, http)
+    unknown = f"nobody-{uuid.uuid4().hex[:8]}@flightlog.test"
+    subject = f"to two {uuid.uuid4().hex}"
+    status, accepted = await gw_a.call(
+        "POST",
+        f"/v1/accounts/{a.account_id}/messages/send",
+        {"to": [{"email": b.address}, {"email": unknown}], "subject": subject, "text": "hello"},
+    )
+    assert status == 202, accepted
+
+    async def in_b() -> bool:
+        return any(m["subject"] == subject for m in (await gw_b.messages(b.account_id)).values())
+
+    await eventually(in_b, SYNCED_WITHIN_S, "the message in the known recipient's account")
+    sent = await final_message(gw_a, a.account_id, accepted["message_key"], ("undelivered",))
+    status, full = await gw_a.call("GET", f"/v1/messages/{sent['id']}")
+    assert status == 200 and full["error_code"].startswith("5.1.1"), full
+
+
 async def test_send_refusals_are_problems(
     pipeline: Pipeline,
     stack: Stack,

@@ -102,8 +102,8 @@ async def test_a_status_change_goes_as_its_status_type_to_the_endpoints_that_ask
                 ("message.delivered", "updated", "delivered"),
             ]
             # Without asking: the change types as ever, the status in the data.
-            got = [(r.json["type"], r.json["data"].get("status")) for r in default.ok]
-            assert got == [
+            plain = [(r.json["type"], r.json["data"].get("status")) for r in default.ok]
+            assert plain == [
                 ("message.created", "sent"),
                 ("message.updated", None),
                 ("message.updated", "delivered"),
