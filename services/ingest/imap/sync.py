@@ -64,6 +64,7 @@ from libs.imap_login import AccountLogin
 from libs.inflight import publish_inflight
 from libs.mime import MAX_RAW_BYTES, message_id_of
 from libs.oauth import OAuthError, OAuthSettings, TokenRefused
+from libs.sending import SEND_KEY_PREFIX, message_key_of
 from libs.shards import ShardError
 from services.ingest.imap.settings import ImapSettings
 
@@ -178,7 +179,15 @@ def gmail_key(folder_id: int, msgid: int) -> str:
 def _key(folder: FolderRow, item: FetchItem) -> str:
     if item.gm_msgid is not None:
         return gmail_key(folder.id, item.gm_msgid)
-    return message_key(folder.id, item.body or b"")
+    header = item.body or b""
+    if folder.role == "sent" and (msgid := message_id_of(header)) is not None:
+        # The Sent copy of a message flightlog sent (its Message-ID carries the send's token,
+        # libs.sending) is that message, not a second one: the copy's flags and folder go to it,
+        # and expunging the copy deletes it, as for any synced message.
+        sent = message_key_of(msgid)
+        if sent is not None:
+            return sent
+    return message_key(folder.id, header)
 
 
 def _state_text(item: FetchItem) -> str:
@@ -673,6 +682,10 @@ class AccountSync:
                 continue
             raw = item.body or b""
             key = _key(folder, item)
+            if key.startswith(SEND_KEY_PREFIX):  # the Sent copy of a message flightlog sent
+                events.append(self._updated(folder, item.uid, key, item, "sent-copy"))
+                entries.append(UidEntry(item.uid, key, _state_text(item)))
+                continue
             events.append(self._synced(folder, item, key, raw))
             # A DSN about a message flightlog sent moves that message too (libs.dsn).
             if (report := parse_dsn(raw)) is not None:
