@@ -17,7 +17,7 @@ import pytest
 from cli.stack import HOST, Stack
 from libs.shards import ShardRouter
 from tests.e2e.conftest import Pipeline
-from tests.e2e.mailbox_helpers import SYNCED_WITHIN_S, synced_mailbox
+from tests.e2e.mailbox_helpers import SYNCED_WITHIN_S, Gateway, Mailbox, synced_mailbox
 from tests.e2e.send_helpers import final_message, inflight_types, maildir_message_ids, two_mailboxes
 from tests.polling import eventually
 
@@ -30,16 +30,25 @@ async def exits() -> AsyncIterator[AsyncExitStack]:
         yield stack
 
 
-async def test_a_sent_message_arrives_and_is_delivered(
+Pair = tuple[Mailbox, Gateway, Mailbox, Gateway]  # the sender and the recipient, each with its gateway
+
+
+@pytest.fixture
+async def pair(
     pipeline: Pipeline,
     stack: Stack,
     router: ShardRouter,
     tenant_factory: Any,
     http: aiohttp.ClientSession,
     exits: AsyncExitStack,
-) -> None:
+) -> Pair:
+    """Two synced stack users, each with its tenant's gateway client."""
+    return await two_mailboxes(exits, pipeline, stack, router, tenant_factory, http)
+
+
+async def test_a_sent_message_arrives_and_is_delivered(pair: Pair, stack: Stack) -> None:
     since_ms = int(time.time() * 1000) - 1000
-    a, gw_a, b, gw_b = await two_mailboxes(exits, pipeline, stack, router, tenant_factory, http)
+    a, gw_a, b, gw_b = pair
     subject = f"sent through flightlog {uuid.uuid4().hex}"
     body = {
         "to": [{"name": "Bee", "email": b.address}],
@@ -91,22 +100,16 @@ async def test_a_sent_message_arrives_and_is_delivered(
 
     # Synced, the copy is the sent message itself (its folder), not a second message.
     async def filed() -> bool:
-        return (await gw_a.messages(a.account_id))[accepted["message_key"]]["folder"] == "Sent"
+        row = (await gw_a.messages(a.account_id)).get(accepted["message_key"])
+        return row is not None and row["folder"] == "Sent"
 
     await eventually(filed, SYNCED_WITHIN_S, "the sent message in the Sent folder")
     mine = [m for m in (await gw_a.messages(a.account_id)).values() if m["subject"] == subject]
     assert [m["message_key"] for m in mine] == [accepted["message_key"]], mine
 
 
-async def test_a_message_to_an_unknown_user_is_undelivered_with_the_reason(
-    pipeline: Pipeline,
-    stack: Stack,
-    router: ShardRouter,
-    tenant_factory: Any,
-    http: aiohttp.ClientSession,
-    exits: AsyncExitStack,
-) -> None:
-    a, gw_a, _, _ = await two_mailboxes(exits, pipeline, stack, router, tenant_factory, http)
+async def test_a_message_to_an_unknown_user_is_undelivered_with_the_reason(pair: Pair) -> None:
+    a, gw_a, _, _ = pair
     unknown = f"nobody-{uuid.uuid4().hex[:8]}@flightlog.test"
     status, accepted = await gw_a.call(
         "POST",
@@ -121,17 +124,10 @@ async def test_a_message_to_an_unknown_user_is_undelivered_with_the_reason(
     assert full["error_code"].startswith("5.1.1"), full
 
 
-async def test_a_message_to_a_known_and_an_unknown_user_arrives_and_is_undelivered(
-    pipeline: Pipeline,
-    stack: Stack,
-    router: ShardRouter,
-    tenant_factory: Any,
-    http: aiohttp.ClientSession,
-    exits: AsyncExitStack,
-) -> None:
+async def test_a_message_to_a_known_and_an_unknown_user_arrives_and_is_undelivered(pair: Pair) -> None:
     """Two reports, a success for one recipient and a failure for the other, in whatever order
     they are synced: the message is undelivered with the failure's reason."""
-    a, gw_a, b, gw_b = await two_mailboxes(exits, pipeline, stack, router, tenant_factory, http)
+    a, gw_a, b, gw_b = pair
     unknown = f"nobody-{uuid.uuid4().hex[:8]}@flightlog.test"
     subject = f"to two {uuid.uuid4().hex}"
     status, accepted = await gw_a.call(

@@ -124,19 +124,25 @@ async def stored(env: Env, message_key: str) -> dict[str, Any] | None:
     return got
 
 
-async def changes(env: Env) -> list[tuple[str, str, int]]:
-    """(message key, change type, version) of the test account, in commit order."""
+async def _message_changes(env: Env) -> list[tuple[str, str, int, str | None]]:
+    """(message key, change type, version, status) of the test account, in commit order."""
     pool = await env.router.pool(env.shard)
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
-            f"SELECT m.message_key, c.change_type, c.version FROM {env.router.table(env.shard, 'changes')} c"
+            "SELECT m.message_key, c.change_type, c.version, c.status"
+            f" FROM {env.router.table(env.shard, 'changes')} c"
             f" JOIN {env.router.table(env.shard, 'messages')} m ON m.id = c.object_id"
             " WHERE c.account_id = %s AND c.object_type = 'message' ORDER BY c.id",
             (env.account,),
         )
         rows = await cur.fetchall()
         await conn.commit()
-    return [(bytes(k).decode(), t, int(v)) for k, t, v in rows]
+    return [(bytes(k).decode(), t, int(v), s) for k, t, v, s in rows]
+
+
+async def changes(env: Env) -> list[tuple[str, str, int]]:
+    """(message key, change type, version) of the test account, in commit order."""
+    return [(k, t, v) for k, t, v, _ in await _message_changes(env)]
 
 
 async def write(env: Env, *records: PostflightRecord) -> int:
@@ -176,17 +182,7 @@ async def test_a_contentless_record_of_a_higher_version_keeps_the_content(env: E
 
 async def statuses(env: Env, message_key: str) -> list[tuple[str, str | None]]:
     """(change type, status) of one message's changes, in commit order."""
-    pool = await env.router.pool(env.shard)
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            f"SELECT c.change_type, c.status FROM {env.router.table(env.shard, 'changes')} c"
-            f" JOIN {env.router.table(env.shard, 'messages')} m ON m.id = c.object_id"
-            " WHERE c.account_id = %s AND c.object_type = 'message' AND m.message_key = %s ORDER BY c.id",
-            (env.account, message_key.encode()),
-        )
-        rows = await cur.fetchall()
-        await conn.commit()
-    return [(t, s) for t, s in rows]
+    return [(t, s) for k, t, _, s in await _message_changes(env) if k == message_key]
 
 
 async def test_a_change_tells_the_status_it_moved_the_message_to(env: Env) -> None:
