@@ -35,6 +35,7 @@ leases back at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -93,27 +94,46 @@ class Sender:
         self._slots = asyncio.Semaphore(settings.sender_concurrency)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Read every shard's outbox until ``stopping``; the messages in flight are finished."""
-        while not stopping.is_set():
-            worked = False
-            for shard in self._router.shard_map.shards:
-                if stopping.is_set():
-                    break
-                try:
-                    rows = await self._store.claim(
-                        shard, self._owner, self._settings.sender_lease_s, self._settings.sender_claim_batch
-                    )
-                except Exception:
-                    logger.exception("reading the outbox of shard %d failed", shard)
-                    continue
-                if rows:
-                    worked = True
-                    await asyncio.gather(*(self._one(row) for row in rows))
-            if not worked:
-                try:
-                    await asyncio.wait_for(stopping.wait(), self._settings.sender_poll_interval_s)
-                except TimeoutError:
-                    pass
+        """Read every shard's outbox until ``stopping``; the messages in flight are finished.
+
+        Each shard is worked by passes of its own, one at a time (:meth:`_pass`), the shards
+        independently: a tenant's server that holds its conversations to the timeouts delays the
+        rest of its shard's claim batch, never another shard's messages.
+        """
+        passes: dict[int, asyncio.Task[None]] = {}
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            while not stopping.is_set():
+                for shard in self._router.shard_map.shards:  # the map of now: shards come and go
+                    if shard not in passes:
+                        work = self._pass(shard, stopping)
+                        passes[shard] = asyncio.create_task(work, name=f"sender-shard-{shard}")
+                await asyncio.wait([stop, *passes.values()], return_when=asyncio.FIRST_COMPLETED)
+                for shard in [shard for shard, task in passes.items() if task.done()]:
+                    passes.pop(shard).result()
+        except asyncio.CancelledError:
+            for task in passes.values():
+                task.cancel()
+            raise
+        finally:
+            stop.cancel()
+            await asyncio.gather(*passes.values(), return_exceptions=True)
+
+    async def _pass(self, shard: int, stopping: asyncio.Event) -> None:
+        """One claim of the shard's due rows, sent at once (within the concurrency); a pause of
+        ``sender_poll_interval_s`` when there were none or the claim failed."""
+        try:
+            rows = await self._store.claim(
+                shard, self._owner, self._settings.sender_lease_s, self._settings.sender_claim_batch
+            )
+        except Exception:
+            logger.exception("reading the outbox of shard %d failed", shard)
+            rows = []
+        if rows:
+            await asyncio.gather(*(self._one(row) for row in rows))
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), self._settings.sender_poll_interval_s)
 
     async def _one(self, row: OutboxRow) -> None:
         async with self._slots:

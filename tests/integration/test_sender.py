@@ -65,13 +65,13 @@ async def running_sender(
 
 
 async def _queued(
-    router: ShardRouter, stack: Stack, port: int, password: str
+    router: ShardRouter, stack: Stack, port: int, password: str, shard: int | None = None
 ) -> tuple[OutboxStore, SendRequest]:
-    """An account with its own SMTP login and one message in its outbox."""
+    """An account (on ``shard``, if given) with its own SMTP login and one message in its outbox."""
     address = f"{dovecot_user('sender')}@{DOMAIN}"
     stack.dovecot.add_user(address)
     app, _ = await create_application(router, app_name("sender"))
-    account = await create_account(router, app.id, address)
+    account = await create_account(router, app.id, address, shard=shard)
     store = OutboxStore(router, SecretBox.from_settings())
     await store.set_smtp(account.id, app.id, HOST, port, "starttls", address, password)
     key = send_message_key(account.id, None)
@@ -122,6 +122,59 @@ async def test_an_unreachable_server_is_retried_then_fails(
     ):
         row = await _settled(store, request, OutboxState.FAILED)
     assert row.attempts == 2  # two deferrals, and the third failure is the last
+
+
+class _Tarpit:
+    """A server on loopback that takes connections and never says a word: the SMTP greeting a
+    client waits for never comes (a hostile or broken tenant server)."""
+
+    def __init__(self) -> None:
+        self._held: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._held.append(writer)
+
+        self._server = await asyncio.start_server(hold, HOST, 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Closes what it holds: the client's conversation ends with a broken connection."""
+        if self._server is not None:
+            self._server.close()
+        for writer in self._held:
+            writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def test_a_server_that_never_answers_holds_back_no_other_shard(
+    router: ShardRouter, kafka_settings: KafkaSettings, stack: Stack
+) -> None:
+    tarpit = _Tarpit()
+    first, second = router.shard_map.shards[:2]
+    try:
+        slow_store, slow = await _queued(router, stack, await tarpit.start(), "flightlog", shard=first)
+        store, fine = await _queued(router, stack, stack.settings.submission_port, "flightlog", shard=second)
+        async with running_sender(router, kafka_settings, stack, sender_smtp_timeout_s=300):
+            try:
+                await _settled(store, fine, OutboxState.SUBMITTED)
+                # meanwhile the first shard's conversation still waits for its greeting
+                held = await slow_store.row(slow.account_id, slow.message_key)
+                assert held is not None and (held.state, held.attempts) == (OutboxState.PENDING, 0), held
+            finally:
+                await tarpit.close()  # the held conversation breaks, so the sender can stop
+            await eventually(
+                lambda: _attempted(slow_store, slow), SETTLED_WITHIN_S, "the held message deferred"
+            )
+    finally:
+        await tarpit.close()
+
+
+async def _attempted(store: OutboxStore, request: SendRequest) -> bool:
+    row = await store.row(request.account_id, request.message_key)
+    return row is not None and row.attempts == 1
 
 
 async def test_a_sent_message_is_submitted_once_with_its_queue_id(
