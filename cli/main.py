@@ -403,35 +403,44 @@ def bench(
         # BENCHMARKS.md is one run of every stage; a part of one would drop the others' figures
         raise typer.BadParameter("rewrites the whole file: run every stage with it", param_hint="--write-md")
     # the stages that measure the running services need them; the others start what they measure
-    _set_up(services=any(s.needs == "services" for s in chosen))
-    # every stage opens shard routers: their "shard map version N" lines would split the progress
-    logging.getLogger("libs.shards").setLevel(logging.WARNING)
-    out = Path(json_path)
-    # progress on stderr, the report on stdout; one console, so the lines a stage prints while
-    # its step's spinner runs go above the spinner
-    steps = Steps(Console(stderr=True, highlight=False, soft_wrap=True))
-    report = asyncio.run(
-        run_bench(
-            lambda line: steps.console.print(Text(line)),
-            step=steps,
-            stages=chosen,
-            quick=quick,
-            profile_dir=out.parent / "profiles" if profile else None,
+    needs_services = any(s.needs == "services" for s in chosen)
+    # Services the bench started are stopped at its end: left running, they would hold the change
+    # relay's and the webhook dispatcher's leader locks and their consumer groups, which the next
+    # thing run here (the tests) must win.
+    started = needs_services and not any(svc.running() for svc in LocalServices().services.values())
+    _set_up(services=needs_services)
+    try:
+        # every stage opens shard routers: their "shard map version N" lines would split the progress
+        logging.getLogger("libs.shards").setLevel(logging.WARNING)
+        out = Path(json_path)
+        # progress on stderr, the report on stdout; one console, so the lines a stage prints while
+        # its step's spinner runs go above the spinner
+        steps = Steps(Console(stderr=True, highlight=False, soft_wrap=True))
+        report = asyncio.run(
+            run_bench(
+                lambda line: steps.console.print(Text(line)),
+                step=steps,
+                stages=chosen,
+                quick=quick,
+                profile_dir=out.parent / "profiles" if profile else None,
+            )
         )
-    )
-    typer.echo("\n" + report.table())
-    for line in report.profiles:
-        typer.echo(f"profile: {line}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.to_json())
-    typer.echo(f"\nJSON: {out}")
-    for chart in write_charts(report, out.parent):
-        typer.echo(f"chart: {chart}")
-    if write_md:
-        command = "flightlog bench --write-md" + (" --quick" if quick else "")
-        write_charts(report, REPO_ROOT)  # beside BENCHMARKS.md, which links them
-        write_benchmarks_md(report, command, REPO_ROOT / "BENCHMARKS.md")
-        typer.echo("BENCHMARKS.md rewritten")
+        typer.echo("\n" + report.table())
+        for line in report.profiles:
+            typer.echo(f"profile: {line}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report.to_json())
+        typer.echo(f"\nJSON: {out}")
+        for chart in write_charts(report, out.parent):
+            typer.echo(f"chart: {chart}")
+        if write_md:
+            command = "flightlog bench --write-md" + (" --quick" if quick else "")
+            write_charts(report, REPO_ROOT)  # beside BENCHMARKS.md, which links them
+            write_benchmarks_md(report, command, REPO_ROOT / "BENCHMARKS.md")
+            typer.echo("BENCHMARKS.md rewritten")
+    finally:
+        if started:
+            services_down()
 
 
 @app.command("down")
