@@ -74,6 +74,7 @@ async def test_relay_publishes_every_change_in_order(
         "change_type": "created",
         "version": 1,
         "created_at": sample["created_at"],
+        "status": "delivered",  # the message's first change moved it to its status
     }
 
 
