@@ -79,6 +79,7 @@ __all__ = [
     "decode_event",
     "decode_postflight",
     "encode",
+    "json_bytes",
     "message_key_bytes",
     "storable_utc",
 ]
@@ -467,9 +468,16 @@ def message_key_bytes(account_id: int, message_key: str) -> bytes:
 
 
 def encode(model: BaseModel) -> bytes:
-    # pydantic-core's own JSON: the same bytes as orjson over model_dump(mode="json") (the unit
-    # tests hold them together), a third less CPU (8.4 against 12.6 us a postflight record).
-    return model.model_dump_json(by_alias=True, exclude_none=True).encode()
+    """A topic record's value: aliases, no nulls."""
+    # pydantic-core's own JSON, as bytes: the same bytes as orjson over model_dump(mode="json")
+    # (the unit tests hold them together), 4.8 against 12.6 us a postflight record.
+    return model.__pydantic_serializer__.to_json(model, by_alias=True, exclude_none=True)
+
+
+def json_bytes(model: BaseModel) -> bytes:
+    """``model.model_dump_json().encode()`` without the round trip through ``str``: 4.3 against
+    5.9 us for a message state."""
+    return model.__pydantic_serializer__.to_json(model)
 
 
 def decode_event(raw: bytes) -> Event:

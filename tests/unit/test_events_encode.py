@@ -1,5 +1,6 @@
 """libs.events.encode writes pydantic-core's JSON: the very bytes orjson wrote over the model's
-JSON dump before it (what transform and the IMAP sync put on the topics), on any text, time and id."""
+JSON dump before it (what transform and the IMAP sync put on the topics), on any text, time and id;
+json_bytes the very bytes of model_dump_json (transform's changelog values)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.events import Event, PostflightRecord, encode
+from libs.events import Event, PostflightRecord, encode, json_bytes
 from libs.lifecycle import apply
 
 TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
@@ -38,3 +39,5 @@ def test_encode_is_orjson_over_the_json_dump(
     assert isinstance(outcome.record, PostflightRecord)
     for model in (event, outcome.record):
         assert encode(model) == orjson.dumps(model.model_dump(mode="json", by_alias=True, exclude_none=True))
+    assert outcome.state is not None
+    assert json_bytes(outcome.state) == outcome.state.model_dump_json().encode()
