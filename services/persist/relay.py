@@ -42,12 +42,12 @@ from prometheus_client import Counter, Gauge
 from libs.component import Component
 from libs.config import DatabaseSettings
 from libs.events import SCHEMA_VERSION
-from libs.inflight import partition_for
+from libs.inflight import publish_records
 from libs.kafka import CHANGES
 from libs.leader import lead_until_stopped, sleep_unless_stopped
 from libs.shards import ShardRouter
 
-__all__ = ["ChangeRelay", "RelaySettings", "change_message"]
+__all__ = ["ChangeRelay", "RelayPublishFailed", "RelaySettings", "change_message"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 _published = Counter("flightlog_relay_changes_published_total", "Changes published to flightlog.changes")
 _position = Gauge("flightlog_relay_position", "Last published change id per shard", ["shard"])
 _active = Gauge("flightlog_relay_active", "1 while this process holds the relay lock")
+
+
+class RelayPublishFailed(Exception):
+    """Kafka did not acknowledge a publish of changes; the tails that handed them retry."""
 
 
 class RelaySettings(DatabaseSettings):
@@ -127,6 +131,9 @@ class ChangeRelay(Component):
         self._task: asyncio.Task[None] | None = None
         self._acked: dict[int, int] = {}  # shard -> last change id Kafka acknowledged
         self._wake: dict[int, asyncio.Event] = {}  # shard -> set when it committed changes
+        # (key, value) of the changes the tails handed over, each tail's with the future it waits on
+        self._outgoing: list[tuple[list[tuple[bytes, bytes]], asyncio.Future[None]]] = []
+        self._sender: asyncio.Task[None] | None = None
         self.active = False
 
     async def start(self) -> None:
@@ -210,6 +217,8 @@ class ChangeRelay(Component):
             for r in await asyncio.gather(*tails.values(), return_exceptions=True):
                 if isinstance(r, Exception):
                     logger.error("relay tail failed: %r", r)
+            if self._sender is not None:  # nobody waits for it any more: let it end
+                await asyncio.gather(self._sender, return_exceptions=True)
         await self._save_positions(conn, saved)  # draining: what the tails published last
 
     async def _positions(self, conn: asyncmy.Connection) -> dict[int, int]:
@@ -267,20 +276,38 @@ class ChangeRelay(Component):
     async def _publish(self, shard: int, rows: Sequence[Sequence[Any]]) -> None:
         """Publish ``rows`` (in change id order) and wait for Kafka's acks.
 
-        A ``send`` per change, to the partition the producer's own partitioner gives its account
-        (:func:`libs.inflight.partition_for`), so an account's changes land where they always did. The
-        shards' tails publish at the same moments (one writer commit wakes every shard it
-        wrote), and ``send`` puts all their changes of one moment into the producer's open batch
-        of each partition, one produce request for them all. A record batch per publish
-        (``send_batch``) queued behind the other shards' batches of the same partition, one
-        request each: 2.2 changes per produce request at 2,000 events/s over 16 shards.
+        Every change goes to the partition the producer's own partitioner gives its account
+        (:func:`libs.inflight.partition_for`), so an account's changes land where they always did.
+        The shards' tails publish at the same moments (one writer commit wakes every shard it
+        wrote), so their changes are handed to one sender (:meth:`_send_outgoing`): what the
+        tails hand over while a publish is in flight goes out together in the next, one record
+        batch per partition (:func:`libs.inflight.publish_records`). A ``send`` per change cost
+        9.9 us of CPU (a partitioner call and a future per record), a batch 1 us a change; a
+        batch per tail queued behind the other tails' batches of the same partition, one produce
+        request each. A tail hands over its next rows only once these are acknowledged, so each
+        shard's changes keep their order.
         """
-        partitions = sorted(await self._producer.partitions_for(self._topic))
-        acks = []
-        for key, value in (change_message(shard, r) for r in rows):
-            partition = partitions[partition_for(key, len(partitions))]
-            acks.append(await self._producer.send(self._topic, value, key=key, partition=partition))
-        await asyncio.gather(*acks)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outgoing.append(([change_message(shard, r) for r in rows], done))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_outgoing(), name="relay-publish")
+        await done
+
+    async def _send_outgoing(self) -> None:
+        while self._outgoing:
+            taken, self._outgoing = self._outgoing, []
+            try:
+                await publish_records(self._producer, [m for ms, _ in taken for m in ms], topic=self._topic)
+            except BaseException as exc:
+                for _, done in taken:  # each tail retries from its position, as after any failure
+                    if not done.done():
+                        done.set_exception(RelayPublishFailed(f"publishing changes failed: {exc!r}"))
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for _, done in taken:
+                    if not done.done():
+                        done.set_result(None)
 
     async def _save_positions(self, conn: asyncmy.Connection, saved: dict[int, int]) -> None:
         """Write the acknowledged positions that moved since the last save, in one transaction."""

@@ -64,7 +64,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from libs.component import Component
 from libs.config import KafkaSettings
 from libs.dlq import account_in_key, dead_letter
-from libs.events import Event, decode_event, encode, message_key_bytes
+from libs.events import Event, decode_event, encode, json_bytes, message_key_bytes
 from libs.inflight import partition_for
 from libs.kafka import ERASURES, TopicMismatch, make_consumer, make_producer
 from libs.lifecycle import MessageState, OutcomeKind, apply
@@ -646,7 +646,7 @@ class TransformWorker(Component):
                         self.state_topic,
                         tp.partition,
                         key,
-                        encoded or state.model_dump_json().encode(),
+                        encoded or json_bytes(state),
                         headers=[(H_FINAL, b"1" if state.final else b"0")],
                     )
             await out.flush()
@@ -715,7 +715,7 @@ class TransformWorker(Component):
         changed = outcome.changed and outcome.state is not None
         # Only content makes a state grow by much; encoding it here is reused for the changelog.
         state_value = (
-            outcome.state.model_dump_json().encode()
+            json_bytes(outcome.state)
             if changed and outcome.state is not None and event.content is not None
             else None
         )

@@ -1,5 +1,6 @@
 """services.ingest.validation.check_batch: one validation per batch, the same answers as item by
-item, and inflight values that the transform decodes into the very events ingest validated."""
+item (msgspec's narrower check first, pydantic's where it refuses), and inflight values that the
+transform decodes into the very events ingest validated."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from libs.events import Event, EventType, Participant, decode_event
-from services.ingest.validation import ItemError, check_batch, item_errors, normalise_item
+from services.ingest import validation
+from services.ingest.validation import Accepted, ItemError, check_batch, item_errors, normalise_item
 
 ACCOUNT = 3 << 48 | 5
 RECEIVED = datetime(2026, 11, 30, 9, 0, 0, 123456, tzinfo=UTC)
@@ -57,15 +59,13 @@ def test_a_valid_batch_becomes_its_events_and_their_values() -> None:
     assert list(checked.events) == [0, 1, 2]
     generated = checked.events[2].event_id
     assert len(generated) == 32
-    for index, value in enumerate(checked.values):
-        decoded = decode_event(value)
-        assert decoded == checked.events[index]
-        assert decoded.received_at == RECEIVED and decoded.schema_version == 1
-        assert orjson.loads(value)["schema_version"] == 1
-    assert checked.events[1].source == "provider-x"
-    assert checked.events[2].content is not None and checked.events[2].content.sender == Participant(
-        email="a@example.test"
-    )
+    decoded = [decode_event(value) for value in checked.values]
+    for index, event in enumerate(decoded):
+        assert (event.event_id, event.account_id, event.message_key) == checked.events[index]
+        assert event.received_at == RECEIVED and event.schema_version == 1
+        assert orjson.loads(checked.values[index])["schema_version"] == 1
+    assert decoded[1].source == "provider-x"
+    assert decoded[2].content is not None and decoded[2].content.sender == Participant(email="a@example.test")
     # The posted items are as they were: a bad one goes to the DLQ as posted.
     assert "event_id" not in items[2] and "received_at" not in items[0]
 
@@ -167,14 +167,29 @@ odd_flags = st.fixed_dictionaries(
         "unread": st.sampled_from([True, False, "true", "no", "1", 0, 1, None]),
         "starred": st.sampled_from([True, "off", 1.0, None]),
         "folder": st.sampled_from(["INBOX", None]),
-        "labels": st.sampled_from([[], ["a", "b"], None]),
+        "labels": st.sampled_from([[], ["a", "b"], ["l" * 100], ["l" * 101], [""], ["l"] * 51, None]),
     },
 )
+# Every form a participant takes, and the edges of each: a string ending in ">" with a "<" in it
+# is parsed as "Name <address>"; any other is a bare address.
+participants = st.one_of(
+    st.sampled_from([
+        "a@example.test", "Ann <a@example.test>", "<a@x>", "a@x>", "<a@x", "<", ">", "", "x" * 320,
+        "x" * 321, "Bob <bob>", "a <b> c", "a>\n", "<a>\n", "x" * 300 + " <" + "y" * 30 + ">",
+        {"email": "a@x"}, {"email": ""}, {"email": "e" * 321}, {"name": "n" * 256, "email": "e"},
+        {"name": "n" * 257, "email": "e"}, {"name": None, "email": "e"}, {"name": "n"},
+        {"email": "e", "x": 1},
+    ]),
+    st.text(alphabet="<>a@ \n\"", max_size=8),
+)  # fmt: skip
 odd_content: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
     {},
     optional={
-        "from": st.sampled_from(["a@example.test", None]),
-        "to": st.sampled_from([["a@example.test"], [], None]),
+        "from": st.one_of(st.none(), participants),
+        "to": st.one_of(st.none(), st.lists(participants, max_size=3)),
+        "date": st.one_of(st.none(), times),
+        "references": st.sampled_from([["<a@x>"], [""], ["x" * 998], ["x" * 999], ["<r>"] * 101, None]),
+        "thread_key": st.sampled_from(["t", "t" * 64, "t" * 65, None]),
         "subject": st.one_of(st.text(max_size=10), st.none()),
         "size_bytes": st.sampled_from([0, 12, 12.0, "12", 2**64 - 1, True, None]),
         "raw_mime": st.sampled_from([base64.b64encode(b"Subject: x\r\n\r\nhi").decode(), "", None]),
@@ -204,8 +219,66 @@ mostly_valid = st.fixed_dictionaries(
 )
 
 
+# Items of strict JSON types, as msgspec's check takes them, at the edges of each limit.
+edge_times = st.one_of(
+    st.datetimes(timezones=offsets).map(datetime.isoformat),
+    st.sampled_from([
+        "1000-12-31T23:59:59.9999999+23:59", "1001-01-01T00:00:00+23:59", "1000-01-01T00:00:00Z",
+        "9998-12-31T23:59:59.9999999Z", "9998-12-31T23:59:59-23:59", "9999-01-01T00:00:00Z",
+        "2025-01-02 03:04:05z", "2025-01-02T03:04:05,5Z", "2025-01-02T03:04Z", "2025-01-02T03:04:05",
+    ]),
+)  # fmt: skip
+strict_valid = st.fixed_dictionaries(
+    {
+        "account_id": st.sampled_from(
+            [str(ACCOUNT), ACCOUNT, "0", 0, -1, str(2**64), 2**64 - 1, "0012", "\uff11"]
+        ),
+        "message_key": st.one_of(
+            st.text(min_size=1, max_size=3),
+            st.text(alphabet="é😀a", min_size=60, max_size=260),
+            st.sampled_from(["a" * 255, "a" * 256, "é" * 127, "é" * 128, ""]),
+        ),
+        "type": st.sampled_from([t.value for t in EventType]),
+        "occurred_at": edge_times,
+    },
+    optional={
+        "event_id": st.sampled_from(["e", "e" * 64, "e" * 65, ""]),
+        "schema_version": st.sampled_from([1, 2]),
+        "source": st.sampled_from(["api", "x" * 64, "x" * 65, ""]),
+        "direction": st.sampled_from(["inbound", "outbound", "sideways", None]),
+        "content": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "from": participants,
+                    "to": st.lists(participants, max_size=3),
+                    "cc": st.sampled_from([["c@x"] * 100, ["c@x"] * 101]),
+                    "subject": st.sampled_from(["s" * 998, "s" * 999, ""]),
+                    "channel": st.sampled_from(["c" * 32, "c" * 33, ""]),
+                    "error_code": st.sampled_from(["e" * 64, "e" * 65]),
+                    "size_bytes": st.sampled_from([0, -1, 2**64 - 1]),
+                    "date": edge_times,
+                    "message_id": st.sampled_from(["", "m", "m" * 998, "m" * 999]),
+                    "parse_warnings": st.sampled_from([["w"] * 20, ["w"] * 21, [""]]),
+                    "raw_mime": st.none(),
+                    "attachments": st.none(),
+                },
+            ),
+        ),
+        "flags": st.one_of(st.none(), odd_flags),
+    },
+)
+
+
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(mostly_valid, mostly_valid, mostly_valid, items), min_size=1, max_size=2))
+@given(
+    st.lists(
+        st.one_of(mostly_valid, mostly_valid, mostly_valid, strict_valid, strict_valid, items),
+        min_size=1,
+        max_size=2,
+    )
+)
 def test_one_call_agrees_with_item_by_item_and_the_transform_reads_what_was_validated(
     posted: list[dict[str, Any]],
 ) -> None:
@@ -218,13 +291,37 @@ def test_one_call_agrees_with_item_by_item_and_the_transform_reads_what_was_vali
     checked = check_batch(batch, RECEIVED)
     events, errors = _one_by_one(batch)
     assert checked.errors == errors
-    assert checked.events == events
+    assert checked.events == {i: Accepted(e.event_id, e.account_id, e.message_key) for i, e in events.items()}
     if errors:
         assert checked.values == []
         return
     assert len(checked.values) == len(batch)
     for index, value in enumerate(checked.values):
-        assert decode_event(value) == checked.events[index]
+        assert decode_event(value) == events[index]
+
+
+class _NotCalled:
+    def validate_python(self, data: Any) -> Any:
+        raise AssertionError("pydantic validated a batch msgspec should have taken")
+
+
+def test_a_batch_shaped_as_clients_post_it_never_reaches_pydantic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validation, "_EVENTS", _NotCalled())
+    items = [
+        _item(
+            type="message.accepted", direction="outbound", source="provider-x",
+            content={
+                "from": "a@example.test", "to": ["b@example.test", {"name": "C", "email": "c@example.test"}],
+                "subject": "s", "body_text": "b", "channel": "email", "date": "2025-01-02T03:04:05+01:00",
+                "message_id": "<m@x>", "references": ["<r@x>"],
+            },
+        ),
+        _item(event_id="e2", account_id=ACCOUNT, type="message.updated",
+              flags={"unread": False, "labels": ["a"], "folder": "Archive"}),
+    ]  # fmt: skip
+    checked = check_batch(items, RECEIVED)
+    assert checked.errors == []
+    assert checked.events == {0: Accepted("e1", ACCOUNT, "k"), 1: Accepted("e2", ACCOUNT, "k")}
 
 
 @pytest.mark.parametrize("account_id", ["12", 12, 12.0])
