@@ -28,7 +28,14 @@ async def main(ctx: ServiceContext) -> None:
             relay = await stack.enter_async_context(ChangeRelay(router, relay_producer, relay_settings))
         group = persist_settings.persist_group_id
         consumer = await stack.enter_async_context(
-            make_consumer(s, POSTFLIGHT, group_id=group, max_partition_fetch_bytes=4 * 1024**2)
+            make_consumer(
+                s,
+                POSTFLIGHT,
+                group_id=group,
+                max_partition_fetch_bytes=4 * 1024**2,
+                fetch_min_bytes=persist_settings.persist_fetch_min_bytes,
+                fetch_max_wait_ms=persist_settings.persist_fetch_max_wait_ms,
+            )
         )
         retry = await stack.enter_async_context(make_consumer(s, PERSIST_RETRY, group_id=f"{group}-retry"))
         ctx.set_ready()

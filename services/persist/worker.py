@@ -89,6 +89,11 @@ class PersistSettings(BaseSettings):
     # so a second pipeline on one stack (the e2e tests beside `make dev`) keeps its own offsets.
     persist_group_id: str = "flightlog-persist"
     persist_max_records: int = Field(default=2000, gt=0)  # records per consumed batch
+    # The broker answers a fetch of flightlog.postflight once this much is there, or when the wait
+    # is over: fuller batches, so fewer statements per shard and record, for at most the wait's
+    # latency when the pipeline is not busy.
+    persist_fetch_min_bytes: int = Field(default=256 * 1024, ge=1)
+    persist_fetch_max_wait_ms: int = Field(default=50, ge=0, le=500)
     persist_write_timeout_s: float = Field(default=10.0, gt=0)  # one shard transaction
     # Whole seconds (InnoDB's unit), below the write timeout so a lock wait is the server's error.
     persist_lock_wait_timeout_s: int = Field(default=5, ge=1)
