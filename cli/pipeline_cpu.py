@@ -34,7 +34,7 @@ from urllib.request import urlopen
 import aiohttp
 
 from cli.bench.drive import Tenant, lifecycle, make_tenant, post_events
-from cli.bench.pipeline import _wait_landed as wait_landed
+from cli.bench.pipeline import wait_landed
 from cli.bench.transform_memory import sample_total
 from cli.services import LocalService, LocalServices
 from cli.transform_cpu import EVENTS_PER_MESSAGE, cpu_seconds

@@ -523,11 +523,9 @@ def _apply_status(
         _merge_content(new, event.content, content_rank)
         if bounce or late_delivery:  # final since the first report, whichever came first
             new.final_at = min(new.final_at or event.occurred_at, event.occurred_at)
-        if bounce:
+        if bounce:  # the status changed: an update goes out
             new.status = status
-            return _after_change(
-                old, new, now, position, "", emit_reason=f"now {status.value}: a recipient bounced"
-            )
+            return _emit_update(old, new, now, position, f"now {status.value}: a recipient bounced")
         why = f"duplicate final status {status.value}" if rank == _FINAL_RANK and not late_delivery else (
             f"late {status.value}: message is already {new.status.value if new.status else 'final'}"
         )  # fmt: skip

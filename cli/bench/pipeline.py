@@ -79,7 +79,7 @@ async def _landed(router: ShardRouter, accounts: list[int], prefix: str) -> int:
     return sum(await asyncio.gather(*(one(a) for a in accounts)))
 
 
-async def _wait_landed(
+async def wait_landed(
     router: ShardRouter, accounts: list[int], prefix: str, count: int, timeout_s: float = 300.0
 ) -> None:
     deadline = time.monotonic() + timeout_s
@@ -148,7 +148,7 @@ async def pipeline_throughput(
             posted = time.monotonic() - start
         if paused and posted > MAX_PAUSE_S:
             raise RuntimeError(f"posting took {posted:.1f} s with consumers stopped: post fewer messages")
-        await _wait_landed(router, tenant.accounts, prefix, messages)
+        await wait_landed(router, tenant.accounts, prefix, messages)
         done = time.monotonic() - start
     return messages * 5 / posted, messages * 5 / done
 
@@ -205,7 +205,7 @@ async def _ramp_step(
     await asyncio.gather(*tasks)
     # The step ends when its last message is queryable: the next starts on a drained pipeline,
     # so the CPU time in between is this step's events' and nobody else's.
-    await _wait_landed(router, tenant.accounts, prefix, n)
+    await wait_landed(router, tenant.accounts, prefix, n)
     used = cpu.usage(before, await asyncio.to_thread(cpu.sample, groups))
     landed_at = await _landed_at(router, tenant.accounts, prefix)
     latencies_ms = [(at - sent_at[key]) * 1000 for key, at in landed_at.items()]
@@ -278,7 +278,7 @@ async def pipeline_latency(
     async with ShardRouter(db) as router, aiohttp.ClientSession() as http:
         n, tasks = await offer(http, url, tenant, prefix, rate_events_s, seconds, sent_at)
         await asyncio.gather(*tasks)
-        await _wait_landed(router, tenant.accounts, prefix, n)
+        await wait_landed(router, tenant.accounts, prefix, n)
         landed_at = await _landed_at(router, tenant.accounts, prefix)
     return [at - sent_at[key] for key, at in landed_at.items()]
 

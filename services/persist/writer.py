@@ -467,11 +467,9 @@ def latest_per_message(records: Iterable[PostflightRecord]) -> list[PostflightRe
     return out
 
 
-# The document fields a record writes by its version (FLAG_COLUMNS, and the erasure flag).
-_FLAG_FIELDS: Final = (
-    "status", "direction", "unread", "starred", "folder", "labels", "source", "occurred_at", "final_at",
-    "redacted",
-)  # fmt: skip
+# The document fields a record writes by its version: the flag columns (named as the fields) and
+# the erasure flag.
+_FLAG_FIELDS: Final = (*FLAG_COLUMNS, "redacted")
 
 
 def _folded(top: PostflightRecord, content: PostflightRecord) -> PostflightRecord:

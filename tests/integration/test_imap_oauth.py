@@ -9,6 +9,7 @@ import base64
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -119,6 +120,14 @@ async def _oauth_account(
     return int(created["id"])
 
 
+def _granted(tokens: dict[str, Any], **extra: Any) -> OAuthGrant:
+    """The grant of a token response, as an application hands it over."""
+    return OAuthGrant(
+        provider="generic", refresh_token=tokens["refresh_token"], access_token=tokens["access_token"],
+        access_token_expires_in=tokens["expires_in"], **extra,
+    )  # fmt: skip
+
+
 async def _stored(store: SyncStore, account_id: int) -> AccountRow:
     account = await store.account(account_id)
     assert account is not None and account.oauth is not None
@@ -135,10 +144,7 @@ async def test_a_sync_goes_on_after_its_access_token_expires(
     user = new_mailbox(oauth_dovecot, 1, "oauth")
     address = f"{user}@{DOMAIN}"
     first = await grant(token_server, address, lifetime_s=3)  # every access token of it: 3 s
-    oauth = OAuthGrant(
-        provider="generic", refresh_token=first["refresh_token"], access_token=first["access_token"],
-        access_token_expires_in=first["expires_in"], sasl_mechanism="oauthbearer",
-    )  # fmt: skip
+    oauth = _granted(first, sasl_mechanism="oauthbearer")
     account_id = await _oauth_account(router, store, producer, imap_settings, oauth_dovecot, address, oauth)
     got = tap.watch(account_id)
     sync = AccountSync(account_id, store, producer, imap_settings, login)
@@ -210,10 +216,7 @@ async def test_a_revoked_grant_leaves_the_account_auth_failed_with_the_reason(
     user = new_mailbox(oauth_dovecot, 1, "oauth")
     address = f"{user}@{DOMAIN}"
     tokens = await grant(token_server, address)
-    oauth = OAuthGrant(
-        provider="generic", refresh_token=tokens["refresh_token"], access_token=tokens["access_token"],
-        access_token_expires_in=tokens["expires_in"], sasl_mechanism="xoauth2",
-    )  # fmt: skip
+    oauth = _granted(tokens, sasl_mechanism="xoauth2")
     account_id = await _oauth_account(router, store, producer, imap_settings, oauth_dovecot, address, oauth)
     got = tap.watch(account_id)
     sync = AccountSync(account_id, store, producer, imap_settings, login)
@@ -247,10 +250,7 @@ async def test_a_refresh_token_spent_by_another_process_is_taken_from_the_store(
     user = new_mailbox(oauth_dovecot, 0, "oauth")
     address = f"{user}@{DOMAIN}"
     tokens = await grant(token_server, address, lifetime_s=2)
-    oauth = OAuthGrant(
-        provider="generic", refresh_token=tokens["refresh_token"], access_token=tokens["access_token"],
-        access_token_expires_in=tokens["expires_in"],
-    )  # fmt: skip
+    oauth = _granted(tokens)
     account_id = await _oauth_account(router, store, producer, imap_settings, oauth_dovecot, address, oauth)
     stale = await _stored(store, account_id)  # what the second process read
     assert stale.oauth is not None and stale.oauth.expires_at is not None
