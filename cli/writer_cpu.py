@@ -1,0 +1,107 @@
+"""What one persist batch costs in shard transactions: this process's CPU and MariaDB's, per batch.
+
+``python -m cli.writer_cpu [--records N] [--batches B]`` writes batches shaped like persist's at a
+paced rate: every shard of the map at once (as persist's worker writes them), each shard ``N``
+new messages (the ``sent`` record, with content) and ``N`` updates of the previous batch's
+(``delivered``, without). The figures are this process's CPU time and the CPU time of every
+``mariadbd`` on the machine (primaries and replicas, from ``/proc``) over ``B`` batches, per batch.
+
+It tells what a shard transaction costs apart from its rows: run it at a few ``--records`` and
+the part that does not grow is the transaction's (its round trips and its commit, which with the
+binlog and a semi-sync replica is most of it). A bench application with an account per shard is
+created each run (``cli.bench.drive.make_tenant``), as the bench's stages do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import time
+from datetime import UTC, datetime
+
+from cli.bench.drive import make_tenant
+from cli.transform_cpu import cpu_seconds
+from libs.config import DatabaseSettings
+from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
+from libs.ids import shard_of
+from libs.shards import ShardRouter
+from services.persist.writer import write_shard
+
+__all__ = ["record"]
+
+_WARM_UP_BATCHES = 20
+
+
+def record(account_id: int, key: str, version: int, status: Status) -> PostflightRecord:
+    """A ``sent`` record carries the message's content; a later ``delivered`` one only its status."""
+    now = datetime.now(UTC)
+    sent = status is Status.SENT
+    return PostflightRecord(
+        account_id=account_id,
+        message_key=key,
+        version=version,
+        content_version=None if sent else 0,
+        message=MessageDoc(
+            status=status,
+            direction=Direction.OUTBOUND,
+            channel="email",
+            sender=Participant(email="sender@example.test") if sent else None,
+            to=[Participant(email="rcpt@example.test")] if sent else [],
+            subject="subject" if sent else None,
+            body_text="a short body " * 20 if sent else None,
+            occurred_at=now,
+            final_at=None if sent else now,
+        ),
+    )
+
+
+def _mariadb_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "mariadbd"], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+async def measure(records: int, batches: int) -> str:
+    db = DatabaseSettings()
+    tenant = await make_tenant(db)
+    servers = _mariadb_pids()
+    run = time.time_ns()
+
+    async with ShardRouter(db) as router:
+
+        async def batch(i: int) -> None:
+            writes = []
+            for account in tenant.accounts:
+                new = [record(account, f"w{run}-{i}-{j}", 2 * i + 1, Status.SENT) for j in range(records)]
+                if i:
+                    done = Status.DELIVERED
+                    new += [record(account, f"w{run}-{i - 1}-{j}", 2 * i + 2, done) for j in range(records)]
+                writes.append(write_shard(router, shard_of(account), new))
+            await asyncio.gather(*writes)
+
+        for i in range(_WARM_UP_BATCHES):
+            await batch(i)
+        ours, theirs = time.process_time(), sum(cpu_seconds(p) for p in servers)
+        started = time.perf_counter()
+        for i in range(_WARM_UP_BATCHES, _WARM_UP_BATCHES + batches):
+            await batch(i)
+        ours = time.process_time() - ours
+        theirs = sum(cpu_seconds(p) for p in servers) - theirs
+        wall = time.perf_counter() - started
+    return (
+        f"{batches} batches of {len(tenant.accounts)} shards x {2 * records} records: per batch, "
+        f"this process {ours / batches * 1e3:.2f} ms of CPU, MariaDB {theirs / batches * 1e3:.2f} ms, "
+        f"wall {wall / batches * 1e3:.2f} ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=5, help="new messages a shard, as many updates")
+    parser.add_argument("--batches", type=int, default=300)
+    args = parser.parse_args()
+    print(asyncio.run(measure(args.records, args.batches)))
+
+
+if __name__ == "__main__":
+    main()
