@@ -41,11 +41,12 @@ reads the latest committed rows with shared locks, with the same result.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Final
 
 from asyncmy.cursors import Cursor
 
+from libs.db.literals import values_sql
 from libs.ids import check_shard
 
 __all__ = ["THREAD_COLUMNS", "ThreadChange", "aggregate_statement", "change_kind", "update_threads"]
@@ -103,16 +104,15 @@ async def update_threads(
     threads: str,
     messages: str,
     keys: Sequence[tuple[int, str]],
-    literals: Callable[[Iterable[Sequence[Any]]], str],
     prefix: str = "",
 ) -> list[ThreadChange]:
     """Recompute the threads of ``keys`` (account id, thread key) in the caller's transaction and
-    return the change rows of those that changed. ``literals`` renders rows as SQL literals (the
-    writer's), ``prefix`` bounds the lock waits (the writer's ``SET STATEMENT``)."""
+    return the change rows of those that changed. ``prefix`` bounds the lock waits (the writer's
+    ``SET STATEMENT``)."""
     if not keys:
         return []
     token = secrets.randbits(63) + 1  # never 0, the backfill's
-    await cur.execute(prefix + aggregate_statement(threads, messages, literals(keys), token))
+    await cur.execute(prefix + aggregate_statement(threads, messages, values_sql(keys), token))
     changes: list[ThreadChange] = []
     seen: set[tuple[int, str]] = set()
     for id_, account_id, key, version, count, row_token in await cur.fetchall():
@@ -123,7 +123,7 @@ async def update_threads(
             changes.append((int(account_id), "thread", int(id_), kind, int(version)))
     gone = [k for k in keys if k not in seen]
     if gone:
-        changes += await _empty(cur, threads, literals(gone), token, prefix)
+        changes += await _empty(cur, threads, values_sql(gone), token, prefix)
     return changes
 
 

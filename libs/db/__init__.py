@@ -50,7 +50,7 @@ def shard_schema(shard: int) -> str:
 # Run on every new connection. Notes ("database exists" after IF NOT EXISTS) are not problems (the
 # driver logs real warnings on its "asyncmy" logger). NO_BACKSLASH_ESCAPES is taken out of the
 # session's sql_mode whatever the server's default: the driver escapes with backslashes (its bytes
-# escaping ignores the mode), and so does persist's writer (services.persist.writer._literal).
+# escaping ignores the mode), and so does libs.db.literals (persist's writer).
 _INIT_COMMAND = (
     "SET SESSION sql_notes = 0, sql_mode = TRIM(BOTH ',' FROM"
     " REPLACE(CONCAT(',', @@SESSION.sql_mode, ','), ',NO_BACKSLASH_ESCAPES,', ','))"

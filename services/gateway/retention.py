@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import asyncmy
-from asyncmy.converters import escape_string
 from prometheus_client import Counter
 
 from libs.changelog import lock_changes
@@ -222,11 +219,6 @@ async def _accounts_with_retention(router: ShardRouter, shard: int, apps: dict[i
     return {int(r[0]): int(r[2]) if r[2] is not None else apps[int(r[1])] for r in rows}
 
 
-def _thread_keys_sql(keys: Iterable[Sequence[Any]]) -> str:
-    """(account id, thread key) pairs as SQL literals, for :func:`libs.threads.update_threads`."""
-    return ", ".join(f"({int(account)}, '{escape_string(str(key))}')" for account, key in keys)
-
-
 async def _expire_batch(
     router: ShardRouter, shard: int, account_id: int, retention_s: int, limit: int
 ) -> int:
@@ -254,9 +246,7 @@ async def _expire_batch(
                 await lock_changes(cur, router, shard)
                 keys = sorted({(account_id, str(r[2])) for r in found if r[2] is not None})
                 changes = [(account_id, "message", i, "deleted", version + 1) for i, version in rows]
-                changes += await update_threads(
-                    cur, shard, router.table(shard, "threads"), messages, keys, _thread_keys_sql
-                )
+                changes += await update_threads(cur, shard, router.table(shard, "threads"), messages, keys)
                 await insert_guarded(
                     cur,
                     shard,

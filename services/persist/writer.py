@@ -41,8 +41,8 @@ number of records (a statement per record was most of persist's time):
    (:func:`lock_changes`), recompute the touched threads (under that lock, see
    :mod:`libs.threads`), insert the change rows in one statement and commit.
 
-Values travel as SQL literals built per type (:func:`_values_sql`), the text the driver's escaping
-would produce, without its generic dispatch per value.
+Values travel as SQL literals built per type (:func:`libs.db.literals.values_sql`), the text the
+driver's escaping would produce, without its generic dispatch per value.
 
 Replays change nothing: a record is a no-op (and writes no change) unless its version, its
 content version or its erasure is news to the row. Reordering lands the same row: content of a
@@ -87,12 +87,12 @@ from typing import Any, ClassVar, Final
 
 import asyncmy.errors
 import orjson
-from asyncmy.converters import escape_item, escape_string
 from asyncmy.cursors import Cursor
 from prometheus_client import Counter
 
 from libs.changelog import lock_changes
 from libs.db import insert_guarded
+from libs.db.literals import values_sql
 from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_utc
 from libs.ids import ShardBitsMismatch, check_shard
 from libs.messages import BODY_RAW, CONTENT_COLUMNS, ERASABLE_COLUMNS, FLAG_COLUMNS, encode_body
@@ -278,63 +278,12 @@ def _key(record: PostflightRecord) -> bytes:
 
 def upsert_statement(table: str, rows: int, *, values_sql: str | None = None) -> str:
     """The version-guarded multi-row upsert of ``rows`` messages: placeholders, or the rows'
-    literals when ``values_sql`` is given (:func:`_values_sql`), as persist sends it."""
+    literals when ``values_sql`` is given (:func:`libs.db.literals.values_sql`), as persist sends it."""
     return (
         f"INSERT INTO {table} ({', '.join(_INSERT_COLUMNS)}) VALUES "
         + (values_sql if values_sql is not None else ", ".join([_ROW_PLACEHOLDER] * rows))
         + f" ON DUPLICATE KEY UPDATE {_GUARDED_UPDATE}"
     )
-
-
-# What escape_string writes for each character it changes, derived from it, the backslash first
-# so that the backslashes the others gain are not escaped again. Replacing them in turn is what
-# escape_string does, 4 to 7 times faster: 0.6 against 2.5 us on a participants column's JSON,
-# 22 against 152 us on 5,000 characters (the unit tests compare the two on any text).
-_ESCAPES: Final = sorted(
-    ((c, escape_string(c)) for c in map(chr, range(128)) if escape_string(c) != c),
-    key=lambda pair: pair[0] != "\\",
-)
-
-
-def _escaped(value: str) -> str:
-    for char, escaped in _ESCAPES:
-        if char in value:
-            value = value.replace(char, escaped)
-    return value
-
-
-def _literal(value: Any) -> str:
-    """``value`` as an SQL literal, as asyncmy's Connection.literal writes it (strings escaped as
-    its escape_string does, times with their microseconds); bytes as a hex literal.
-
-    Backslash escapes are right on every connection: :func:`libs.db.connect` and
-    :func:`libs.db.create_pool` take NO_BACKSLASH_ESCAPES out of the session's sql_mode.
-    """
-    kind = type(value)
-    # The types a row holds, most frequent first, tested inline: the driver's generic dispatch
-    # per value (Connection.literal) costs half as much again as this over persist's rows.
-    if kind is str:
-        return f"'{_escaped(value)}'"
-    if value is None:
-        return "NULL"
-    if kind is int:
-        return str(value)
-    if kind is bool:
-        return "1" if value else "0"
-    if kind is bytes:
-        # X'...' where the driver writes _binary'...': escaping binary a character at a time took
-        # 5 us for a 248-byte compressed body and 95 us for 3 KB, hex 0.3 and 2.4 us.
-        return f"X'{value.hex()}'"
-    if kind is datetime:
-        return f"'{value.isoformat(' ')}'"
-    if isinstance(value, str):  # a StrEnum
-        return f"'{_escaped(value)}'"
-    return str(escape_item(value, "utf8mb4"))
-
-
-def _values_sql(rows: Iterable[Sequence[Any]]) -> str:
-    """The rows as a list of parenthesised SQL literals, as in VALUES or IN."""
-    return ", ".join(["(" + ", ".join(map(_literal, values)) + ")" for values in rows])
 
 
 def _json_or_null(items: list[Any]) -> str | None:
@@ -576,7 +525,7 @@ async def _states(
         return {}
     await cur.execute(
         f"{prefix}SELECT account_id, message_key, {_STATE_COLUMNS} FROM {table}"
-        f" WHERE (account_id, message_key) IN ({_values_sql(keys)}) FOR UPDATE"
+        f" WHERE (account_id, message_key) IN ({values_sql(keys)}) FOR UPDATE"
     )
     return {(int(a), bytes(k)): _state(rest) for a, k, *rest in await cur.fetchall()}
 
@@ -668,7 +617,7 @@ async def write_shard(
                 await asyncio.sleep(0)  # the query is sent: build the rows while the server reads
                 try:
                     rows = [row(r) for r in full]
-                    values_sql = _values_sql(values for values, _, _ in rows)
+                    rows_sql = values_sql(values for values, _, _ in rows)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         await reading
@@ -687,13 +636,13 @@ async def write_shard(
                     full_keys = [m for m in full_keys if m[0] not in gone]
                     keys = [m for m in keys if m[0] not in gone]
                     rows = [row(r) for r in full]
-                    values_sql = _values_sql(values for values, _, _ in rows)
+                    rows_sql = values_sql(values for values, _, _ in rows)
                 now = dict(before)
                 if rows:
                     # RETURNING gives each statement row's state after its update, in the order of
                     # the rows: the last one of a message is the row as written (no second read).
                     await cur.execute(
-                        prefix + upsert_statement(table, len(rows), values_sql=values_sql) + _RETURNING_STATES
+                        prefix + upsert_statement(table, len(rows), values_sql=rows_sql) + _RETURNING_STATES
                     )
                     returned = await cur.fetchall()
                     if len(returned) != len(rows):
@@ -738,7 +687,7 @@ async def write_shard(
                     # Under the lock: the shard's thread recomputations run one at a time, each
                     # seeing every message the ones before it committed (update_threads).
                     threads_changed = await update_threads(
-                        cur, shard, router.table(shard, "threads"), table, list(threads), _values_sql, prefix
+                        cur, shard, router.table(shard, "threads"), table, list(threads), prefix
                     )
                     changes += [(*change, None) for change in threads_changed]
                     await insert_guarded(
@@ -746,7 +695,7 @@ async def write_shard(
                         shard,
                         f"INSERT INTO {router.table(shard, 'changes')}"
                         " (account_id, object_type, object_id, change_type, version, status) VALUES "
-                        + _values_sql(changes),
+                        + values_sql(changes),
                         rows=len(changes),
                     )
             await conn.commit()

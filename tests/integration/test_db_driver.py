@@ -13,7 +13,7 @@ import pytest
 
 from libs.config import DatabaseSettings
 from libs.db import _INIT_COMMAND, connect, create_pool
-from services.persist.writer import _values_sql
+from libs.db.literals import values_sql
 from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -139,8 +139,8 @@ async def test_literals_round_trip_even_where_the_server_default_has_no_backslas
         async with conn.cursor() as cur:
             await cur.execute("SELECT %s, %s", (AWKWARD_TEXT, AWKWARD_BYTES))
             assert await cur.fetchone() == (AWKWARD_TEXT, AWKWARD_BYTES)
-            # persist's own literals (services.persist.writer._literal)
-            await cur.execute(f"SELECT * FROM (VALUES {_values_sql([(AWKWARD_TEXT, AWKWARD_BYTES)])}) AS t")
+            # persist's own literals (libs.db.literals)
+            await cur.execute(f"SELECT * FROM (VALUES {values_sql([(AWKWARD_TEXT, AWKWARD_BYTES)])}) AS t")
             assert await cur.fetchone() == (AWKWARD_TEXT, AWKWARD_BYTES)
     finally:
         conn.close()

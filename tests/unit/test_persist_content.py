@@ -16,21 +16,19 @@ from asyncmy.converters import escape_item, escape_string
 from hypothesis import given
 from hypothesis import strategies as st
 
+from libs.db.literals import escaped as escaped_by_writer
+from libs.db.literals import values_sql
 from libs.events import AttachmentInfo, MessageDoc, MessageFlags, MessagePatch, PostflightRecord
 from libs.messages import BODY_RAW, ERASABLE_COLUMNS
 from services.persist.writer import (
     _INSERT_COLUMNS,
     RowState,
-    _values_sql,
     change_kind,
     content_version,
     latest_per_message,
     patch_assignments,
     row,
     upsert_statement,
-)
-from services.persist.writer import (
-    _escaped as _escaped_by_writer,
 )
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -135,13 +133,13 @@ def test_the_upsert_literals_are_the_drivers_with_bytes_in_hex(
         attachments=[AttachmentInfo(filename=subject)], labels=[subject] if subject else [],
     )  # fmt: skip
     got = row(r)[0]
-    assert _values_sql([got, got]) == ", ".join(["(" + ", ".join(_escaped(v) for v in got) + ")"] * 2)
+    assert values_sql([got, got]) == ", ".join(["(" + ", ".join(_escaped(v) for v in got) + ")"] * 2)
 
 
 @given(st.text())
 def test_strings_are_escaped_as_the_driver_escapes_them(value: str) -> None:
     for text in (value, value + "\\'\"\0\n\r\x1a", "\\" + value + "\\"):
-        assert _escaped_by_writer(text) == escape_string(text)
+        assert escaped_by_writer(text) == escape_string(text)
 
 
 def _upsert(stored: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
