@@ -1,15 +1,15 @@
 """What one persist batch costs in shard transactions: this process's CPU and MariaDB's, per batch.
 
-``python -m cli.writer_cpu [--records N] [--batches B]`` writes batches shaped like persist's at a
-paced rate: every shard of the map at once (as persist's worker writes them), each shard ``N``
+``python -m cli.writer_cpu [--records N] [--batches B]`` writes batches shaped like persist's, one
+after another: every shard of the map at once (as persist's worker writes them), each shard ``N``
 new messages (the ``sent`` record, with content) and ``N`` updates of the previous batch's
 (``delivered``, without). The figures are this process's CPU time and the CPU time of every
 ``mariadbd`` on the machine (primaries and replicas, from ``/proc``) over ``B`` batches, per batch.
 
 It tells what a shard transaction costs apart from its rows: run it at a few ``--records`` and
-the part that does not grow is the transaction's (its round trips and its commit, which with the
-binlog and a semi-sync replica is most of it). A bench application with an account per shard is
-created each run (``cli.bench.drive.make_tenant``), as the bench's stages do.
+the part that does not grow is the transaction's (its statements, each parsed and planned again,
+and its commit, with the binlog and a semi-sync replica). A bench application with an account
+per shard is created each run (``cli.bench.drive.make_tenant``), as the bench's stages do.
 """
 
 from __future__ import annotations

@@ -91,11 +91,11 @@ class PersistSettings(BaseSettings):
     persist_max_records: int = Field(default=2000, gt=0)  # records per consumed batch
     # The broker answers a fetch of flightlog.postflight once this much is there, or when the wait
     # is over: fuller batches, so fewer shard transactions per record, for at most the wait's
-    # latency when the pipeline is not busy. A shard transaction costs mostly its commit, not its
-    # rows or statements (MariaDB: ~0.5 ms of CPU a write commit with the binlog and the semi-sync
-    # replica, ~0.15 ms a read-only one). Throughput for latency: 1 MiB / 100 ms took the pipeline
-    # bench at 10,000 events/s from 192-195 to 160-176 us of CPU an event (persist and MariaDB),
-    # but its p99 at 5,000 events/s from 159-165 to 221-278 ms, past the 250 ms target; so 50 ms.
+    # latency when the pipeline is not busy. A shard transaction costs MariaDB ~1.3 ms of CPU and
+    # persist ~0.4 ms whatever its rows, a row ~0.075 and ~0.05 ms (python -m cli.writer_cpu).
+    # Throughput for latency: 1 MiB / 100 ms took the pipeline bench at 10,000 events/s from
+    # 192-195 to 160-176 us of CPU an event (persist and MariaDB), but its p99 at 5,000 events/s
+    # from 159-165 to 221-278 ms, past the 250 ms target; so 50 ms.
     persist_fetch_min_bytes: int = Field(default=256 * 1024, ge=1)
     persist_fetch_max_wait_ms: int = Field(default=50, ge=0, le=500)
     persist_write_timeout_s: float = Field(default=10.0, gt=0)  # one shard transaction
