@@ -19,7 +19,7 @@ from cli.stack import Stack
 from libs.events import MessageDoc, PostflightRecord
 from libs.shards import ShardMap, ShardRouter
 from services.persist.writer import write_shard
-from tests.e2e.conftest import E2E_INSTANCE, E2E_PORT_OFFSET, GATEWAY_ENV
+from tests.e2e.conftest import E2E_ENV, E2E_INSTANCE, E2E_PORT_OFFSET, GATEWAY_ENV
 from tests.scratch import topic_name
 
 GATEWAY_PORT: Final = 8080 + E2E_PORT_OFFSET + 10
@@ -44,6 +44,9 @@ def gateway(stack: Stack, shard_map: ShardMap) -> Iterator[str]:
         GATEWAY_PORT,
         stack.settings.state_dir,
         env={
+            # E2E_ENV's failed-authentication burst: this process outlives many tests whose
+            # failures (revoked and mangled keys) would otherwise leave a new key answered 429.
+            **E2E_ENV,
             **GATEWAY_ENV,
             **local_imap_env(),  # IMAP accounts on loopback, never resolved (the fuzz makes up hosts)
             # A changes topic that does not exist: the change notifier hears of no change (as
