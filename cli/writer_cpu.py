@@ -3,8 +3,9 @@
 ``python -m cli.writer_cpu [--records N] [--batches B]`` writes batches shaped like persist's, one
 after another: every shard of the map at once (as persist's worker writes them), each shard ``N``
 new messages (the ``sent`` record, with content) and ``N`` updates of the previous batch's
-(``delivered``, without). The figures are this process's CPU time and the CPU time of every
-``mariadbd`` on the machine (primaries and replicas, from ``/proc``) over ``B`` batches, per batch.
+(``delivered``, without). The figures are this process's CPU time and the stack's MariaDB
+servers' (primaries and replicas, :func:`cli.bench.cpu.stack_groups`) over ``B`` batches, per
+batch.
 
 It tells what a shard transaction costs apart from its rows: run it at a few ``--records`` and
 the part that does not grow is the transaction's (its statements, each parsed and planned again,
@@ -16,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import time
 from datetime import UTC, datetime
 
+from cli.bench import cpu
 from cli.bench.drive import make_tenant
-from cli.transform_cpu import cpu_seconds
 from libs.config import DatabaseSettings
 from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
 from libs.ids import shard_of
@@ -56,15 +56,10 @@ def record(account_id: int, key: str, version: int, status: Status) -> Postfligh
     )
 
 
-def _mariadb_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "mariadbd"], capture_output=True, text=True, check=False)
-    return [int(pid) for pid in found.stdout.split()]
-
-
 async def measure(records: int, batches: int) -> str:
     db = DatabaseSettings()
     tenant = await make_tenant(db)
-    servers = _mariadb_pids()
+    groups = cpu.stack_groups()
     run = time.time_ns()
 
     async with ShardRouter(db) as router:
@@ -81,13 +76,13 @@ async def measure(records: int, batches: int) -> str:
 
         for i in range(_WARM_UP_BATCHES):
             await batch(i)
-        ours, theirs = time.process_time(), sum(cpu_seconds(p) for p in servers)
-        started = time.perf_counter()
+        before = cpu.sample(groups)
         for i in range(_WARM_UP_BATCHES, _WARM_UP_BATCHES + batches):
             await batch(i)
-        ours = time.process_time() - ours
-        theirs = sum(cpu_seconds(p) for p in servers) - theirs
-        wall = time.perf_counter() - started
+        used = cpu.usage(before, cpu.sample(groups))
+    ours = used.seconds[cpu.LOAD_GENERATOR]
+    theirs = used.seconds.get("MariaDB primaries", 0.0) + used.seconds.get("MariaDB replicas", 0.0)
+    wall = used.wall_s
     return (
         f"{batches} batches of {len(tenant.accounts)} shards x {2 * records} records: per batch, "
         f"this process {ours / batches * 1e3:.2f} ms of CPU, MariaDB {theirs / batches * 1e3:.2f} ms, "

@@ -276,12 +276,12 @@ def _key(record: PostflightRecord) -> bytes:
     return key
 
 
-def upsert_statement(table: str, rows: int, *, values_sql: str | None = None) -> str:
+def upsert_statement(table: str, rows: int, *, rows_sql: str | None = None) -> str:
     """The version-guarded multi-row upsert of ``rows`` messages: placeholders, or the rows'
-    literals when ``values_sql`` is given (:func:`libs.db.literals.values_sql`), as persist sends it."""
+    literals when ``rows_sql`` is given (:func:`libs.db.literals.values_sql`), as persist sends it."""
     return (
         f"INSERT INTO {table} ({', '.join(_INSERT_COLUMNS)}) VALUES "
-        + (values_sql if values_sql is not None else ", ".join([_ROW_PLACEHOLDER] * rows))
+        + (rows_sql if rows_sql is not None else ", ".join([_ROW_PLACEHOLDER] * rows))
         + f" ON DUPLICATE KEY UPDATE {_GUARDED_UPDATE}"
     )
 
@@ -642,7 +642,7 @@ async def write_shard(
                     # RETURNING gives each statement row's state after its update, in the order of
                     # the rows: the last one of a message is the row as written (no second read).
                     await cur.execute(
-                        prefix + upsert_statement(table, len(rows), values_sql=rows_sql) + _RETURNING_STATES
+                        prefix + upsert_statement(table, len(rows), rows_sql=rows_sql) + _RETURNING_STATES
                     )
                     returned = await cur.fetchall()
                     if len(returned) != len(rows):
