@@ -155,9 +155,9 @@ def cpu_path(events: list[Event], rounds: int = 3) -> CpuFigures:
         started = time.perf_counter()
         for value in values:
             outcome = apply(None, decode_event(value))
-            assert outcome.state is not None and outcome.record is not None
+            assert outcome.state is not None and outcome.value is not None
             state_sizes.append(len(outcome.state.model_dump_json().encode()))
-            record_sizes.append(len(encode(outcome.record)))
+            record_sizes.append(len(outcome.value))
         best = min(best, time.perf_counter() - started)
     return CpuFigures(
         len(values) / best,

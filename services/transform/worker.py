@@ -64,7 +64,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from libs.component import Component
 from libs.config import KafkaSettings
 from libs.dlq import account_in_key, dead_letter
-from libs.events import Event, decode_event, encode, json_bytes, message_key_bytes
+from libs.events import Event, decode_event, json_bytes, message_key_bytes
 from libs.inflight import partition_for
 from libs.kafka import ERASURES, TopicMismatch, make_consumer, make_producer
 from libs.lifecycle import MessageState, OutcomeKind, apply
@@ -711,7 +711,7 @@ class TransformWorker(Component):
             return "error"
         if outcome.kind is OutcomeKind.REJECTED:
             letters.append((record, outcome.reason or "rejected"))
-        postflight = encode(outcome.record) if outcome.record is not None else None
+        postflight = outcome.value
         changed = outcome.changed and outcome.state is not None
         # Only content makes a state grow by much; encoding it here is reused for the changelog.
         state_value = (

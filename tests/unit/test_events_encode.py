@@ -10,7 +10,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.events import Event, PostflightRecord, encode, json_bytes
+from libs.events import Event, EventType, PostflightRecord, encode, json_bytes
 from libs.lifecycle import apply
 
 TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
@@ -41,3 +41,62 @@ def test_encode_is_orjson_over_the_json_dump(
         assert encode(model) == orjson.dumps(model.model_dump(mode="json", by_alias=True, exclude_none=True))
     assert outcome.state is not None
     assert json_bytes(outcome.state) == outcome.state.model_dump_json().encode()
+
+
+CONTENT = st.fixed_dictionaries(
+    {},
+    optional={
+        "subject": TEXT,
+        "body_text": TEXT,
+        "body_html": TEXT,
+        "from": st.fixed_dictionaries({"email": TEXT}, optional={"name": TEXT}),
+        "to": st.lists(TEXT, max_size=3),
+        "error_code": TEXT.map(lambda t: t[:64]),
+        "size_bytes": st.integers(0, 2**64 - 1),
+        "attachments": st.lists(
+            st.fixed_dictionaries({"size_bytes": st.integers(0, 10**9)}, optional={"filename": TEXT}),
+            max_size=2,
+        ),
+        "message_id": TEXT.map(lambda t: f"<{t}>"),
+        "references": st.lists(TEXT.map(lambda t: f"<{t}>"), max_size=2),
+    },
+)
+FLAGS = st.fixed_dictionaries(
+    {}, optional={"unread": st.booleans(), "starred": st.booleans(), "labels": st.lists(TEXT, max_size=2)}
+)
+
+
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(list(EventType)),
+            st.sampled_from(["inbound", "outbound", None]),
+            st.none() | CONTENT,
+            st.none() | FLAGS,
+            st.integers(-1439, 1439),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_an_outcomes_value_is_its_record_encoded(
+    steps: list[tuple[EventType, str | None, dict[str, object] | None, dict[str, object] | None, int]],
+) -> None:
+    """transform sends Outcome.value, encoded from the record's fields without the model: the
+    very bytes of encode(outcome.record), through every kind of record a lifecycle emits (first
+    records, updates with and without content, patches, erasures) and any time zone."""
+    state = None
+    for i, (type_, direction, content, flags, offset_min) in enumerate(steps):
+        raw: dict[str, object] = {
+            "event_id": f"e{i}", "account_id": 77, "message_key": "k", "type": type_.value,
+            "occurred_at": datetime(2026, 5, 6, 7, 8, 9, i, tzinfo=timezone(timedelta(minutes=offset_min))),
+            "received_at": datetime(2026, 5, 6, tzinfo=UTC),
+        }  # fmt: skip
+        for name, value in (("direction", direction), ("content", content), ("flags", flags)):
+            if value is not None:
+                raw[name] = value
+        outcome = apply(state, Event.model_validate(raw), position=i)
+        if outcome.postflight is not None:
+            assert outcome.record is not None
+            assert outcome.value == encode(outcome.record)
+        state = outcome.state
