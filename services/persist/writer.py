@@ -6,12 +6,11 @@ message's content from its state and later records carry flags without content
 (``content_version`` 0). One transaction per shard batch, one statement per step whatever the
 number of records (a statement per record was most of persist's time):
 
-1. lock the rows the batch touches and read their versions (``SELECT ... FOR UPDATE``), building
-   the rows meanwhile (the client's work beside the server's); then read the batch's accounts with
-   a shared lock, and for those without a row the shard's ``erased_accounts``: the records of an
-   erased account are dropped and counted (:mod:`libs.erasure` writes that row, then deletes the
-   account's row, which waits for this lock), so a record still in flight cannot bring an erased
-   account back;
+1. read the batch's accounts with a shared lock, and for those without a row the shard's
+   ``erased_accounts``, building the rows meanwhile (the client's work beside the server's): the
+   records of an erased account are dropped and counted (:mod:`libs.erasure` writes that row,
+   then deletes the account's row, which waits for this lock), so a record still in flight cannot
+   bring an erased account back;
 2. full records: one multi-row ``INSERT ... ON DUPLICATE KEY UPDATE`` (:func:`upsert_statement`)
    where
    - status, flags and times take the record's value only over a lower ``version``;
@@ -25,14 +24,20 @@ number of records (a statement per record was most of persist's time):
      erasure is for ever;
    - both versions are assigned last (GREATEST), so the conditions above compare with the old
      values (MariaDB assigns left to right, later expressions seeing earlier assignments);
-   and ``RETURNING`` the state of each row as written, in the order of the rows;
-3. patch records (``record.patch``, a change to a message transform no longer holds): computed
-   in version order against the states of steps 1 and 2 (:func:`patch_assignments`), so a patch
-   finds the row its own batch created, and written as one ``UPDATE`` per patched row (patches
-   are rare: they are for messages transform forgot); a patch without a row changes nothing;
-4. compare each row's final state with step 1: a row whose version or content version went up,
-   or that was newly erased, really changed and gets exactly one ``changes`` row (never two for
-   one message in one transaction), with the status it moved the message to, if it moved it
+   - the ``prev_*`` columns are assigned first, from the stored values;
+   and ``RETURNING`` the state of each row as written and as the statement found it (its
+   ``prev_*``; NULL: inserted), in the order of the rows, so a message's first row tells its
+   state before the batch without a read of its own (a ``SELECT ... FOR UPDATE`` of the rows
+   before the upsert cost a statement per shard transaction);
+3. patch records (``record.patch``, a change to a message transform no longer holds): the rows
+   only patches touch are locked and read (``SELECT ... FOR UPDATE``); the patches are computed
+   in version order against the states so far (:func:`patch_assignments`), so a patch finds the
+   row its own batch created, and written as one ``UPDATE`` per patched row (patches are rare:
+   they are for messages transform forgot); a patch without a row changes nothing;
+4. compare each row's final state with its state before the batch (steps 2 and 3): a row whose
+   version or content version went up, or that was newly erased, really changed and gets exactly
+   one ``changes`` row (never two for one message in one transaction), with the status it moved
+   the message to, if it moved it
    (:func:`status_change`: the webhooks ``message.sent``, ``message.delivered``, ...); the
    threads of the rows that changed (the thread each was in and the one it is in now) are
    recomputed from their messages in one statement, and a thread whose aggregate changed gets a
@@ -276,13 +281,18 @@ def _key(record: PostflightRecord) -> bytes:
     return key
 
 
-def upsert_statement(table: str, rows: int, *, rows_sql: str | None = None) -> str:
+def upsert_statement(
+    table: str, rows: int, *, rows_sql: str | None = None, keep_previous: bool = False
+) -> str:
     """The version-guarded multi-row upsert of ``rows`` messages: placeholders, or the rows'
-    literals when ``rows_sql`` is given (:func:`libs.db.literals.values_sql`), as persist sends it."""
+    literals when ``rows_sql`` is given (:func:`libs.db.literals.values_sql`), as persist sends it.
+    ``keep_previous``: a row's ``prev_*`` columns take its state as the statement found it, as
+    persist's writer returns them (the bench's raw upsert leaves them out)."""
+    update = f"{_KEEP_PREVIOUS}, {_GUARDED_UPDATE}" if keep_previous else _GUARDED_UPDATE
     return (
         f"INSERT INTO {table} ({', '.join(_INSERT_COLUMNS)}) VALUES "
         + (rows_sql if rows_sql is not None else ", ".join([_ROW_PLACEHOLDER] * rows))
-        + f" ON DUPLICATE KEY UPDATE {_GUARDED_UPDATE}"
+        + f" ON DUPLICATE KEY UPDATE {update}"
     )
 
 
@@ -505,13 +515,24 @@ def patch_assignments(state: RowState, record: PostflightRecord) -> dict[str, An
     return out
 
 
-_STATE_COLUMNS: Final = "id, version, content_version, redacted, deleted, thread_key, status"
-_RETURNING_STATES: Final = f" RETURNING {_STATE_COLUMNS}"
+_COMPARED: Final = ("version", "content_version", "redacted", "deleted", "thread_key", "status")
+_STATE_COLUMNS: Final = f"id, {', '.join(_COMPARED)}"
+# Assigned before anything else, so they take the stored values (MariaDB assigns left to right).
+_KEEP_PREVIOUS: Final = ", ".join(f"prev_{c} = {c}" for c in _COMPARED)
+# Each row's state as written, then as the statement found it (prev_version NULL: inserted).
+_RETURNING_STATES: Final = f" RETURNING {_STATE_COLUMNS}, {', '.join(f'prev_{c}' for c in _COMPARED)}"
 
 
 def _state(values: Sequence[Any]) -> RowState:
     id_, version, cv, redacted, deleted, thread_key, status = values
     return RowState(int(id_), int(version), int(cv), bool(redacted), bool(deleted), thread_key, status)
+
+
+def _written(values: Sequence[Any]) -> tuple[RowState | None, RowState]:
+    """(before, after) of a row from the upsert's RETURNING (before None: it inserted the row)."""
+    after = _state(values[:7])
+    before = None if values[7] is None else _state((values[0], *values[7:]))
+    return before, after
 
 
 async def _states(
@@ -569,6 +590,8 @@ async def _erased_accounts(
     transaction: an erasure records the account in ``erased_accounts``, then deletes its row, so
     it waits for this write (and then erases what it wrote), or this write finds the record.
     Accounts with neither (written straight to persist, as tests and benchmarks do) are written."""
+    if not ids:
+        return set()
     listed = ", ".join(str(int(i)) for i in sorted(ids))
     await cur.execute(
         f"{prefix}SELECT id FROM {router.table(shard, 'accounts')} WHERE id IN ({listed}) LOCK IN SHARE MODE"
@@ -613,18 +636,17 @@ async def write_shard(
     async with pool.acquire() as conn:
         try:
             async with conn.cursor() as cur:
-                reading = asyncio.ensure_future(_states(cur, table, keys, prefix))
+                accounts = {r.account_id for r in records}
+                checking = asyncio.ensure_future(_erased_accounts(cur, router, shard, accounts, prefix))
                 await asyncio.sleep(0)  # the query is sent: build the rows while the server reads
                 try:
                     rows = [row(r) for r in full]
                     rows_sql = values_sql(values for values, _, _ in rows)
                 except BaseException:
                     with contextlib.suppress(Exception):
-                        await reading
+                        await checking
                     raise
-                before = await reading
-                accounts = {r.account_id for r in records}
-                gone = await _erased_accounts(cur, router, shard, accounts, prefix) if accounts else set()
+                gone = await checking
                 if gone:  # rare: rebuild without the erased accounts' records
                     erased = sum(1 for r in records if r.account_id in gone)
                     ERASED_RECORDS.inc(erased)
@@ -637,20 +659,33 @@ async def write_shard(
                     keys = [m for m in keys if m[0] not in gone]
                     rows = [row(r) for r in full]
                     rows_sql = values_sql(values for values, _, _ in rows)
-                now = dict(before)
+                before: dict[tuple[int, bytes], RowState] = {}
+                now: dict[tuple[int, bytes], RowState] = {}
                 if rows:
-                    # RETURNING gives each statement row's state after its update, in the order of
-                    # the rows: the last one of a message is the row as written (no second read).
+                    # RETURNING gives each statement row's state after its update and before it, in
+                    # the order of the rows: a message's first row says what the row was before
+                    # this batch, its last one the row as written (no read before, none after).
                     await cur.execute(
-                        prefix + upsert_statement(table, len(rows), rows_sql=rows_sql) + _RETURNING_STATES
+                        prefix
+                        + upsert_statement(table, len(rows), rows_sql=rows_sql, keep_previous=True)
+                        + _RETURNING_STATES
                     )
                     returned = await cur.fetchall()
                     if len(returned) != len(rows):
                         raise RuntimeError(f"the upsert of {len(rows)} rows returned {len(returned)}")
-                    now.update(zip(full_keys, map(_state, returned), strict=True))
+                    seen: set[tuple[int, bytes]] = set()
+                    for message, values in zip(full_keys, returned, strict=True):
+                        was, now[message] = _written(values)
+                        if message not in seen:  # its first row: the row as it was before this batch
+                            seen.add(message)
+                            if was is not None:
+                                before[message] = was
+                # The rows only patches touch, locked for the rest of the transaction.
+                before.update(await _states(cur, table, [m for m in keys if m not in now], prefix))
+                now = {**before, **now}
                 # Patches in version order against the state so far (the rows are locked: the
-                # SELECT above locked the stored ones, the upsert the new ones), folded into one
-                # UPDATE per row; the rare case, so one statement per patched row.
+                # upsert locked its rows, the SELECT above the others), folded into one UPDATE per
+                # row; the rare case, so one statement per patched row.
                 patched: dict[tuple[int, bytes], dict[str, Any]] = {}
                 for record, key in zip(patches, patch_keys, strict=True):
                     message = (record.account_id, key)

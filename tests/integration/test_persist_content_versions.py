@@ -200,6 +200,25 @@ async def test_a_change_tells_the_status_it_moved_the_message_to(env: Env) -> No
     assert await statuses(env, late) == [("created", "undelivered")]
 
 
+async def test_rows_of_one_message_in_one_batch_compare_with_the_row_before_the_batch(env: Env) -> None:
+    """Each row of the upsert returns the state it found: a stored message's change compares with
+    the row before the batch (its first row's), not with what the batch's earlier row wrote."""
+    m = key()
+    await write(env, full(env, m, 10, status="sent", thread_key="t-before"))
+    # Two content versions of one message: two rows of the one statement (latest_per_message).
+    await write_shard(
+        env.router,
+        env.shard,
+        [
+            full(env, m, 15, status="delivered", subject="first", thread_key="t-between"),
+            full(env, m, 20, status="delivered", subject="second", thread_key="t-after"),
+        ],
+    )
+    assert await statuses(env, m) == [("created", "sent"), ("updated", "delivered")]
+    row = await stored(env, m)
+    assert row is not None and (row["version"], row["subject"], row["thread_key"]) == (20, "second", "t-after")
+
+
 async def test_content_arriving_after_a_contentless_record_lands_with_a_change(env: Env) -> None:
     forward, reverse = key(), key()
     await write(
