@@ -9,6 +9,13 @@ Ids missing because their transaction rolled back cannot stall it: writers commi
 change rows in id order (the shard's ``changes_lock``), so when a read returns id N every lower
 committed id was already visible.
 
+The writer of the same process hands over the change rows it committed (:meth:`ChangeRelay.notify`):
+rows that follow the shard's position with no id between are published as they are, without a
+read (:func:`following`); anything else (another writer's rows, an id a rolled-back transaction
+took, a backlog) leaves a gap, and the shard is read. Under load that spares a read and its commit
+per shard and persist batch, which competed with the writer for MariaDB: 0.18 ms of MariaDB's CPU
+and 0.11 ms of persist's each.
+
 Only one relay publishes at a time, whatever the number of persist replicas: the active one holds
 the MySQL named lock ``flightlog.change-relay`` on a dedicated connection, and writes its
 positions through that same connection, so a relay that lost the lock (its connection died)
@@ -32,7 +39,8 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, NamedTuple
 
 import asyncmy
 import orjson
@@ -47,12 +55,25 @@ from libs.kafka import CHANGES
 from libs.leader import lead_until_stopped, sleep_unless_stopped
 from libs.shards import ShardRouter
 
-__all__ = ["ChangeRelay", "RelayPublishFailed", "RelaySettings", "change_message"]
+__all__ = [
+    "ChangeRelay",
+    "CommittedChange",
+    "RelayPublishFailed",
+    "RelaySettings",
+    "change_message",
+    "following",
+]
 
 logger = logging.getLogger(__name__)
 
 
 _published = Counter("flightlog_relay_changes_published_total", "Changes published to flightlog.changes")
+_rounds = Counter(
+    "flightlog_relay_rounds_total",
+    "Turns of a shard's tail: a read of the shard (source=read), or rows its writer handed over"
+    " published without one (source=handed)",
+    ["source"],
+)
 _position = Gauge("flightlog_relay_position", "Last published change id per shard", ["shard"])
 _active = Gauge("flightlog_relay_active", "1 while this process holds the relay lock")
 
@@ -82,6 +103,21 @@ class RelaySettings(DatabaseSettings):
     relay_error_backoff_s: float = 1.0
 
 
+class CommittedChange(NamedTuple):
+    """A committed ``changes`` row with its account's application: what a relay read returns, and
+    what persist's writer hands over after its commit (:meth:`ChangeRelay.notify`)."""
+
+    id: int
+    account_id: int
+    application_id: int | None
+    object_type: str
+    object_id: int
+    change_type: str
+    version: int
+    created_at: Decimal  # UNIX_TIMESTAMP(created_at): UTC whatever the server's time zone
+    status: str | None
+
+
 def change_message(shard: int, row: Sequence[Any]) -> tuple[bytes, bytes]:
     """(key, value) of one ``changes`` row joined with its account's application id."""
     change_id, account_id, application_id, object_type, object_id, change_type, version, created, status = row
@@ -102,6 +138,21 @@ def change_message(shard: int, row: Sequence[Any]) -> tuple[bytes, bytes]:
     if status is not None:
         value["status"] = status
     return str(account_id).encode(), orjson.dumps(value)
+
+
+def following(committed: Sequence[CommittedChange], position: int) -> list[CommittedChange] | None:
+    """The rows a writer handed over past ``position``, in id order, when they follow it with no id
+    between (None otherwise: the shard must be read).
+
+    No id between is no committed row missed: writers insert change rows and commit under the
+    shard's change lock, so ids commit in order, and a row of another writer (another persist
+    replica, the retention job) or an id a rolled-back transaction took leaves a gap. None too
+    when nothing is left past ``position``: a wake-up without news reads, as it always did.
+    """
+    rows = sorted((c for c in committed if c.id > position), key=lambda c: c.id)
+    if not rows or any(c.id != position + 1 + i for i, c in enumerate(rows)):
+        return None
+    return rows
 
 
 class ChangeRelay(Component):
@@ -131,6 +182,7 @@ class ChangeRelay(Component):
         self._task: asyncio.Task[None] | None = None
         self._acked: dict[int, int] = {}  # shard -> last change id Kafka acknowledged
         self._wake: dict[int, asyncio.Event] = {}  # shard -> set when it committed changes
+        self._handed: dict[int, list[CommittedChange]] = {}  # shard -> rows its writer committed
         # (key, value) of the changes the tails handed over, each tail's with the future it waits on
         self._outgoing: list[tuple[list[tuple[bytes, bytes]], asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
@@ -155,8 +207,20 @@ class ChangeRelay(Component):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def notify(self, shard: int) -> None:
-        """``shard`` committed change rows: read it now rather than at its next idle poll."""
+    def notify(self, shard: int, committed: Sequence[CommittedChange] = ()) -> None:
+        """``shard`` committed change rows: read it now rather than at its next idle poll.
+
+        ``committed``: those rows, as the writer inserted them. When they follow what the shard's
+        tail published last with no id between, it publishes them without reading the shard
+        (:func:`following`); otherwise it reads, as for any wake-up. At most a read's worth is
+        held a shard; past that the tail reads.
+        """
+        if committed and self.active:
+            held = self._handed.setdefault(shard, [])
+            if len(held) + len(committed) <= self._settings.relay_batch_size:
+                held += committed
+            else:
+                held.clear()  # a gap, from now on: the tail reads
         self._wake_event(shard).set()
 
     def _wake_event(self, shard: int) -> asyncio.Event:
@@ -245,12 +309,16 @@ class ChangeRelay(Component):
         wake = self._wake_event(shard)
         while not self._stopping.is_set():
             wake.clear()  # a commit from now on is read by the next poll, or wakes the wait
+            rows: Sequence[Sequence[Any]] | None = following(self._handed.pop(shard, []), position)
+            handed = rows is not None
+            _rounds.labels("handed" if handed else "read").inc()
             try:
-                pool = await self._router.pool(shard, write=False)
-                async with pool.acquire() as shard_conn, shard_conn.cursor() as cur:
-                    await cur.execute(query, (position, self._settings.relay_batch_size))
-                    rows = await cur.fetchall()
-                    await shard_conn.commit()  # a fresh read view for the next poll
+                if rows is None:
+                    pool = await self._router.pool(shard, write=False)
+                    async with pool.acquire() as shard_conn, shard_conn.cursor() as cur:
+                        await cur.execute(query, (position, self._settings.relay_batch_size))
+                        rows = await cur.fetchall()
+                        await shard_conn.commit()  # a fresh read view for the next poll
                 if rows:
                     await self._publish(shard, rows)
             except asyncio.CancelledError:
@@ -265,7 +333,9 @@ class ChangeRelay(Component):
                 await self._idle(shard, idle_s)
                 idle_s = min_idle_s if wake.is_set() else min(idle_s * 2, max_idle_s)
                 continue
-            idle_s = min_idle_s
+            # Rows read: more may follow soon. Rows handed over: the next commit of this writer
+            # wakes the tail with its own; the poll is for other writers' rows only, and slows.
+            idle_s = min(idle_s * 2, max_idle_s) if handed else min_idle_s
             position = int(rows[-1][0])
             self._acked[shard] = position  # saved by _lead every relay_position_flush_ms
             _published.inc(len(rows))

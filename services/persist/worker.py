@@ -64,6 +64,7 @@ from libs.events import PostflightRecord, decode_postflight
 from libs.ids import ShardBitsMismatch, shard_of
 from libs.kafka import PERSIST_RETRY
 from libs.shards import ShardRouter, UnknownShard
+from services.persist.relay import CommittedChange
 from services.persist.writer import Failure, UnstorableRecord, classify, write_shard
 
 __all__ = ["PersistSettings", "PersistWorker"]
@@ -168,7 +169,7 @@ class PersistWorker:
 
     ``settings`` bounds batches, transactions, lock waits and backoff and sets how many charged
     failures a record is given (see the module docstring). ``on_changes`` is told each shard
-    that committed change rows (the change relay's wake-up).
+    that committed change rows, with the rows (the change relay's wake-up and hand-over).
     """
 
     def __init__(
@@ -180,7 +181,7 @@ class PersistWorker:
         *,
         retry_topic: str = PERSIST_RETRY,
         settings: PersistSettings | None = None,
-        on_changes: Callable[[int], None] | None = None,
+        on_changes: Callable[[int, Sequence[CommittedChange]], None] | None = None,
     ) -> None:
         s = settings or PersistSettings()
         self.on_changes = on_changes
@@ -387,7 +388,7 @@ class PersistWorker:
                 RECORDS.labels("patch_without_row").inc(result.patches_without_row)
                 CHANGES.inc(result.changed)
                 if result.changed and self.on_changes is not None:
-                    self.on_changes(shard)
+                    self.on_changes(shard, result.committed)
                 BODY_BYTES.labels("raw").inc(result.body_bytes_raw)
                 BODY_BYTES.labels("stored").inc(result.body_bytes_stored)
         return verdicts

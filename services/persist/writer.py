@@ -96,13 +96,13 @@ from asyncmy.cursors import Cursor
 from prometheus_client import Counter
 
 from libs.changelog import lock_changes
-from libs.db import insert_guarded
 from libs.db.literals import values_sql
 from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_utc
 from libs.ids import ShardBitsMismatch, check_shard
 from libs.messages import BODY_RAW, CONTENT_COLUMNS, ERASABLE_COLUMNS, FLAG_COLUMNS, encode_body
 from libs.shards import ShardReadOnly, ShardRouter, UnknownShard
 from libs.threads import update_threads
+from services.persist.relay import CommittedChange
 
 __all__ = [
     "Failure",
@@ -258,6 +258,7 @@ class ShardWriteResult:
     body_bytes_stored: int
     patches_without_row: int = 0  # patches of messages with no row: nothing to change, not an error
     erased: int = 0  # records of erased accounts: dropped, never written
+    committed: Sequence[CommittedChange] = ()  # the change rows, for the change relay
 
 
 def _utc_naive(name: str, value: datetime | None) -> datetime | None:
@@ -583,27 +584,70 @@ ERASED_RECORDS: Final = Counter(
 )
 
 
-async def _erased_accounts(
+async def _accounts(
     cur: Cursor, router: ShardRouter, shard: int, ids: set[int], prefix: str
-) -> set[int]:
-    """Which of ``ids`` are erased. The accounts' rows are share-locked for the rest of the
-    transaction: an erasure records the account in ``erased_accounts``, then deletes its row, so
-    it waits for this write (and then erases what it wrote), or this write finds the record.
-    Accounts with neither (written straight to persist, as tests and benchmarks do) are written."""
+) -> tuple[dict[int, int | None], set[int]]:
+    """The application of each of ``ids`` that has a row, and which of the others are erased.
+
+    The accounts' rows are share-locked for the rest of the transaction: an erasure records the
+    account in ``erased_accounts``, then deletes its row, so it waits for this write (and then
+    erases what it wrote), or this write finds the record. Accounts with neither (written
+    straight to persist, as tests and benchmarks do) are written, without an application."""
     if not ids:
-        return set()
+        return {}, set()
     listed = ", ".join(str(int(i)) for i in sorted(ids))
     await cur.execute(
-        f"{prefix}SELECT id FROM {router.table(shard, 'accounts')} WHERE id IN ({listed}) LOCK IN SHARE MODE"
+        f"{prefix}SELECT id, application_id FROM {router.table(shard, 'accounts')}"
+        f" WHERE id IN ({listed}) LOCK IN SHARE MODE"
     )
-    missing = ids - {int(r[0]) for r in await cur.fetchall()}
+    applications = {int(a): None if app is None else int(app) for a, app in await cur.fetchall()}
+    missing = ids - applications.keys()
     if not missing:
-        return set()
+        return applications, set()
     listed = ", ".join(str(int(i)) for i in sorted(missing))
     await cur.execute(
         f"SELECT account_id FROM {router.table(shard, 'erased_accounts')} WHERE account_id IN ({listed})"
     )
-    return {int(r[0]) for r in await cur.fetchall()}
+    return applications, {int(r[0]) for r in await cur.fetchall()}
+
+
+async def _insert_changes(
+    cur: Cursor,
+    router: ShardRouter,
+    shard: int,
+    changes: Sequence[tuple[int, str, int, str, int, str | None]],
+    applications: dict[int, int | None],
+) -> list[CommittedChange]:
+    """Insert the change rows in one statement; they are returned as the relay publishes them.
+    Every id is checked for the shard's bits (the bug #199 guard, as ``insert_guarded`` does)."""
+    await cur.execute(
+        f"INSERT INTO {router.table(shard, 'changes')}"
+        " (account_id, object_type, object_id, change_type, version, status) VALUES "
+        + values_sql(changes)
+        + " RETURNING id, UNIX_TIMESTAMP(created_at)"
+    )
+    returned = await cur.fetchall()
+    if len(returned) != len(changes):
+        raise RuntimeError(f"the insert of {len(changes)} change rows returned {len(returned)}")
+    out = []
+    for (id_, created), (account, kind, object_id, change, version, status) in zip(
+        returned, changes, strict=True
+    ):
+        check_shard(int(id_), shard)
+        out.append(
+            CommittedChange(
+                int(id_),
+                account,
+                applications.get(account),
+                kind,
+                object_id,
+                change,
+                version,
+                created,
+                status,
+            )
+        )
+    return out
 
 
 async def write_shard(
@@ -629,6 +673,7 @@ async def write_shard(
         dict.fromkeys(full_keys + [(r.account_id, key) for r, key in zip(patches, patch_keys, strict=True)])
     )
     rows: list[tuple[tuple[Any, ...], int, int]] = []
+    committed: list[CommittedChange] = []
     without_row = erased = 0
     changes: list[tuple[int, str, int, str, int, str | None]] = []
     prefix = _lock_wait(lock_wait_timeout_s)  # on every statement that may wait for a lock
@@ -637,7 +682,7 @@ async def write_shard(
         try:
             async with conn.cursor() as cur:
                 accounts = {r.account_id for r in records}
-                checking = asyncio.ensure_future(_erased_accounts(cur, router, shard, accounts, prefix))
+                checking = asyncio.ensure_future(_accounts(cur, router, shard, accounts, prefix))
                 await asyncio.sleep(0)  # the query is sent: build the rows while the server reads
                 try:
                     rows = [row(r) for r in full]
@@ -646,7 +691,7 @@ async def write_shard(
                     with contextlib.suppress(Exception):
                         await checking
                     raise
-                gone = await checking
+                applications, gone = await checking
                 if gone:  # rare: rebuild without the erased accounts' records
                     erased = sum(1 for r in records if r.account_id in gone)
                     ERASED_RECORDS.inc(erased)
@@ -725,14 +770,7 @@ async def write_shard(
                         cur, shard, router.table(shard, "threads"), table, list(threads), prefix
                     )
                     changes += [(*change, None) for change in threads_changed]
-                    await insert_guarded(
-                        cur,
-                        shard,
-                        f"INSERT INTO {router.table(shard, 'changes')}"
-                        " (account_id, object_type, object_id, change_type, version, status) VALUES "
-                        + values_sql(changes),
-                        rows=len(changes),
-                    )
+                    committed = await _insert_changes(cur, router, shard, changes, applications)
             await conn.commit()
         except BaseException:
             with contextlib.suppress(Exception):  # a dead connection cannot roll back; it is gone
@@ -746,4 +784,5 @@ async def write_shard(
         sum(r[2] for r in rows),
         without_row,
         erased,
+        committed,
     )

@@ -216,7 +216,8 @@ async def test_rows_of_one_message_in_one_batch_compare_with_the_row_before_the_
     )
     assert await statuses(env, m) == [("created", "sent"), ("updated", "delivered")]
     row = await stored(env, m)
-    assert row is not None and (row["version"], row["subject"], row["thread_key"]) == (20, "second", "t-after")
+    assert row is not None
+    assert (row["version"], row["subject"], row["thread_key"]) == (20, "second", "t-after")
 
 
 async def test_content_arriving_after_a_contentless_record_lands_with_a_change(env: Env) -> None:
