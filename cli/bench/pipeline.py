@@ -183,7 +183,7 @@ async def _landed_at(router: ShardRouter, accounts: list[int], prefix: str) -> d
     return dict(row for rows in await asyncio.gather(*(one(a) for a in accounts)) for row in rows)
 
 
-async def _ramp_step(
+async def ramp_step(
     router: ShardRouter,
     http: aiohttp.ClientSession,
     url: str,
@@ -261,7 +261,7 @@ async def pipeline_ramp(
     async with ShardRouter(db) as router, aiohttp.ClientSession() as http:
         for rate in range(start, top + 1, step):
             with show(f"ramp step: {rate:,} events/s for {step_s:.0f} s") as line:
-                result = await _ramp_step(router, http, url, tenant, rate, step_s, max_backlog_s, groups)
+                result = await ramp_step(router, http, url, tenant, rate, step_s, max_backlog_s, groups)
                 line.text = _step_line(result)
             steps.append(result)
             if not result.sustained:
