@@ -1,7 +1,10 @@
 """persist's consumer loops: postflight into the shards, and parked records back into them.
 
 A shard whose server is down or slow must neither stop the other shards nor lose anything. So a
-batch is split by shard and the shards are written concurrently, each with a timeout; the records
+batch is split by server, and the servers are written concurrently, each with a timeout: a
+server's shards in one transaction (:func:`services.persist.writer.write_shards`, one commit
+instead of one a shard). When that transaction fails, its shards are written again one by one,
+concurrently, each in a transaction of its own, and what follows is per shard: the records
 of a shard that failed are *parked* on ``flightlog.persist-retry`` (acknowledged by Kafka) before
 the batch's offsets are committed. The retry loop writes parked records when their backoff is
 due and parks them again, with a longer backoff, while their shard is still failing. Writes are
@@ -49,7 +52,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Self
 
@@ -65,7 +68,14 @@ from libs.ids import ShardBitsMismatch, shard_of
 from libs.kafka import PERSIST_RETRY
 from libs.shards import ShardRouter, UnknownShard
 from services.persist.relay import CommittedChange
-from services.persist.writer import Failure, UnstorableRecord, classify, write_shard
+from services.persist.writer import (
+    Failure,
+    ShardWriteResult,
+    UnstorableRecord,
+    classify,
+    write_shard,
+    write_shards,
+)
 
 __all__ = ["PersistSettings", "PersistWorker"]
 
@@ -78,6 +88,10 @@ H_NOT_BEFORE: Final = "flightlog-not-before"
 RECORDS = Counter("flightlog_persist_records_total", "Postflight records handled", ["outcome"])
 ISOLATIONS = Counter(
     "flightlog_persist_isolations_total", "Shard batches split to find the record that fails", ["failure"]
+)
+TOGETHER_FAILED = Counter(
+    "flightlog_persist_server_writes_failed_total",
+    "Transactions of a server's shards that failed, whose shards were then written one by one",
 )
 
 
@@ -309,14 +323,83 @@ class PersistWorker:
         for item in items:
             by_shard[shard_of(item.record.account_id)].append(item)
         verdicts = _Verdicts()
+        groups = [[shard] for shard in by_shard] if from_retry else self._by_server(by_shard)
         for outcome in await asyncio.gather(
-            *(
-                self._write_one(shard, shard_items, from_retry=from_retry)
-                for shard, shard_items in by_shard.items()
-            )
+            *(self._write_group(g, by_shard, from_retry=from_retry) for g in groups)
         ):
             verdicts.extend(outcome)
         await self._settle(verdicts, stage=stage)
+
+    def _by_server(self, shards: Iterable[int]) -> list[list[int]]:
+        """The shards to write in one transaction: those of one server. A shard whose breaker is
+        open, that is read-only for a move or that the map does not name goes alone, to the path
+        that parks it."""
+        together: dict[int, list[int]] = defaultdict(list)
+        alone: list[list[int]] = []
+        shard_map = self.router.shard_map
+        for shard in shards:
+            if not self.breaker.allows(shard) or shard in shard_map.readonly or shard not in shard_map.shards:
+                alone.append([shard])
+            else:
+                together[shard_map.cluster_of(shard).cluster_id].append(shard)
+        return [*together.values(), *alone]
+
+    async def _write_group(
+        self, shards: list[int], by_shard: Mapping[int, list[_Item]], *, from_retry: bool = False
+    ) -> _Verdicts:
+        """Write the shards of one server in one transaction (:func:`write_shards`: one commit
+        instead of one a shard); when it fails, write them one by one, which tells which shard
+        and which records failed and handles each as always (:meth:`_write_one`)."""
+        if len(shards) > 1:
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    results = await write_shards(
+                        self.router,
+                        {shard: [i.record for i in by_shard[shard]] for shard in shards},
+                        lock_wait_timeout_s=self.lock_wait_timeout_s,
+                    )
+            except Exception as exc:
+                if classify(exc) is Failure.UNAVAILABLE:  # the server's: one by one would wait again
+                    verdicts = _Verdicts()
+                    for shard in shards:
+                        self._unavailable(shard, exc, [by_shard[shard]], verdicts)
+                    return verdicts
+                TOGETHER_FAILED.inc()
+                logger.info(
+                    "shards %s in one transaction: %s; writing them one by one", shards, _describe(exc)
+                )
+            else:
+                for result in results:
+                    self._written(result, len(by_shard[result.shard]))
+                return _Verdicts()
+        verdicts = _Verdicts()
+        for outcome in await asyncio.gather(
+            *(self._write_one(shard, by_shard[shard], from_retry=from_retry) for shard in shards)
+        ):
+            verdicts.extend(outcome)
+        return verdicts
+
+    def _unavailable(self, shard: int, exc: Exception, parts: list[list[_Item]], verdicts: _Verdicts) -> None:
+        """The shard cannot take writes: park its records uncharged and open its breaker."""
+        self._log_unavailable(shard, exc, sum(len(p) for p in parts))
+        self._open_breaker(shard)
+        # a failover may be publishing a new primary: follow it within a fraction of a second,
+        # so the parked records' next retry goes there
+        self.router.request_reload()
+        for part in parts:
+            verdicts.park(part, charged=False, error=_describe(exc))
+
+    def _written(self, result: ShardWriteResult, records: int) -> None:
+        shard = result.shard
+        self.breaker.succeeded(shard)
+        # A patch of a message with no row is handled, not written: nothing to patch.
+        RECORDS.labels("written").inc(records - result.patches_without_row)
+        RECORDS.labels("patch_without_row").inc(result.patches_without_row)
+        CHANGES.inc(result.changed)
+        if result.changed and self.on_changes is not None:
+            self.on_changes(shard, result.committed)
+        BODY_BYTES.labels("raw").inc(result.body_bytes_raw)
+        BODY_BYTES.labels("stored").inc(result.body_bytes_stored)
 
     async def _write_one(self, shard: int, items: list[_Item], *, from_retry: bool) -> _Verdicts:
         """Write one shard's items, isolating the records that fail (see the module docstring).
@@ -343,13 +426,7 @@ class PersistWorker:
                 failure = classify(exc)
                 error = _describe(exc)
                 if failure is Failure.UNAVAILABLE:
-                    self._log_unavailable(shard, exc, sum(len(p) for p in (part, *pending)))
-                    self._open_breaker(shard)
-                    # a failover may be publishing a new primary: follow it within a fraction
-                    # of a second, so the parked records' next retry goes there
-                    self.router.request_reload()
-                    for left in (part, *pending):
-                        verdicts.park(left, charged=False, error=error)
+                    self._unavailable(shard, exc, [part, *pending], verdicts)
                     return verdicts
                 culprit = exc.record if isinstance(exc, UnstorableRecord) else None
                 bad = [i for i in part if i.record is culprit]
@@ -382,15 +459,7 @@ class PersistWorker:
                 logger.warning("shard %d: %s; parking %d records", shard, error, len(part))
                 verdicts.park(part, charged=False, error=error)
             else:
-                self.breaker.succeeded(shard)
-                # A patch of a message with no row is handled, not written: nothing to patch.
-                RECORDS.labels("written").inc(len(part) - result.patches_without_row)
-                RECORDS.labels("patch_without_row").inc(result.patches_without_row)
-                CHANGES.inc(result.changed)
-                if result.changed and self.on_changes is not None:
-                    self.on_changes(shard, result.committed)
-                BODY_BYTES.labels("raw").inc(result.body_bytes_raw)
-                BODY_BYTES.labels("stored").inc(result.body_bytes_stored)
+                self._written(result, len(part))
         return verdicts
 
     @staticmethod

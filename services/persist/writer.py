@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -119,6 +119,7 @@ __all__ = [
     "row",
     "upsert_statement",
     "write_shard",
+    "write_shards",
 ]
 
 _INSERT_COLUMNS: Final = (
@@ -650,6 +651,20 @@ async def _insert_changes(
     return out
 
 
+@dataclass(slots=True)
+class _ShardPart:
+    """One shard's part of a transaction: its rows written, its change rows not yet."""
+
+    shard: int
+    records: int
+    rows: list[tuple[tuple[Any, ...], int, int]]
+    changes: list[tuple[int, str, int, str, int, str | None]]
+    threads: list[tuple[int, str]]  # of the messages that changed, old and new
+    applications: dict[int, int | None]
+    without_row: int
+    erased: int
+
+
 async def write_shard(
     router: ShardRouter,
     shard: int,
@@ -663,6 +678,43 @@ async def write_shard(
     an error of the server (1205, ``TRANSIENT``) instead of a wait that the caller's own timeout
     would cut short (``UNAVAILABLE``); None leaves the session's setting.
     """
+    return (await write_shards(router, {shard: records}, lock_wait_timeout_s=lock_wait_timeout_s))[0]
+
+
+async def write_shards(
+    router: ShardRouter,
+    records: Mapping[int, Sequence[PostflightRecord]],
+    *,
+    lock_wait_timeout_s: int | None = None,
+) -> list[ShardWriteResult]:
+    """Write shards of one server in one transaction (see :func:`write_shard`), in shard order:
+    every shard's rows (steps 1 to 4), then every shard's change rows (step 5, each shard's change
+    lock taken in that order, the last thing before the one commit). A commit, with the binlog
+    and the semi-sync replica's answer, is the most expensive statement of a shard's write.
+    Any shard's failure fails them all: the caller writes them one by one to tell which.
+    """
+    shards = sorted(records)
+    pools = {id(pool): pool for pool in [await router.pool(shard) for shard in shards]}
+    if len(pools) != 1:
+        raise ValueError(f"shards {shards} are not on one server")
+    prefix = _lock_wait(lock_wait_timeout_s)  # on every statement that may wait for a lock
+    async with next(iter(pools.values())).acquire() as conn:
+        try:
+            async with conn.cursor() as cur:
+                parts = [await _write_rows(cur, router, shard, records[shard], prefix) for shard in shards]
+                results = [await _write_changes(cur, router, part, prefix) for part in parts]
+            await conn.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):  # a dead connection cannot roll back; it is gone
+                await conn.rollback()
+            raise
+    return results
+
+
+async def _write_rows(
+    cur: Cursor, router: ShardRouter, shard: int, records: Sequence[PostflightRecord], prefix: str
+) -> _ShardPart:
+    """Steps 1 to 4 of the module docstring for one shard: its rows written, its changes found."""
     full = latest_per_message(r for r in records if r.patch is None)
     # In version order, so of two patches in one batch the later one is applied last.
     patches = sorted((r for r in records if r.patch is not None), key=lambda r: r.version)
@@ -672,117 +724,110 @@ async def write_shard(
     keys = list(
         dict.fromkeys(full_keys + [(r.account_id, key) for r, key in zip(patches, patch_keys, strict=True)])
     )
-    rows: list[tuple[tuple[Any, ...], int, int]] = []
-    committed: list[CommittedChange] = []
     without_row = erased = 0
     changes: list[tuple[int, str, int, str, int, str | None]] = []
-    prefix = _lock_wait(lock_wait_timeout_s)  # on every statement that may wait for a lock
-    pool = await router.pool(shard)
-    async with pool.acquire() as conn:
-        try:
-            async with conn.cursor() as cur:
-                accounts = {r.account_id for r in records}
-                checking = asyncio.ensure_future(_accounts(cur, router, shard, accounts, prefix))
-                await asyncio.sleep(0)  # the query is sent: build the rows while the server reads
-                try:
-                    rows = [row(r) for r in full]
-                    rows_sql = values_sql(values for values, _, _ in rows)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await checking
-                    raise
-                applications, gone = await checking
-                if gone:  # rare: rebuild without the erased accounts' records
-                    erased = sum(1 for r in records if r.account_id in gone)
-                    ERASED_RECORDS.inc(erased)
-                    full = [r for r in full if r.account_id not in gone]
-                    kept = [
-                        (r, k) for r, k in zip(patches, patch_keys, strict=True) if r.account_id not in gone
-                    ]
-                    patches, patch_keys = [r for r, _ in kept], [k for _, k in kept]
-                    full_keys = [m for m in full_keys if m[0] not in gone]
-                    keys = [m for m in keys if m[0] not in gone]
-                    rows = [row(r) for r in full]
-                    rows_sql = values_sql(values for values, _, _ in rows)
-                before: dict[tuple[int, bytes], RowState] = {}
-                now: dict[tuple[int, bytes], RowState] = {}
-                if rows:
-                    # RETURNING gives each statement row's state after its update and before it, in
-                    # the order of the rows: a message's first row says what the row was before
-                    # this batch, its last one the row as written (no read before, none after).
-                    await cur.execute(
-                        prefix
-                        + upsert_statement(table, len(rows), rows_sql=rows_sql, keep_previous=True)
-                        + _RETURNING_STATES
-                    )
-                    returned = await cur.fetchall()
-                    if len(returned) != len(rows):
-                        raise RuntimeError(f"the upsert of {len(rows)} rows returned {len(returned)}")
-                    seen: set[tuple[int, bytes]] = set()
-                    for message, values in zip(full_keys, returned, strict=True):
-                        was, now[message] = _written(values)
-                        if message not in seen:  # its first row: the row as it was before this batch
-                            seen.add(message)
-                            if was is not None:
-                                before[message] = was
-                # The rows only patches touch, locked for the rest of the transaction.
-                before.update(await _states(cur, table, [m for m in keys if m not in now], prefix))
-                now = {**before, **now}
-                # Patches in version order against the state so far (the rows are locked: the
-                # upsert locked its rows, the SELECT above the others), folded into one UPDATE per
-                # row; the rare case, so one statement per patched row.
-                patched: dict[tuple[int, bytes], dict[str, Any]] = {}
-                for record, key in zip(patches, patch_keys, strict=True):
-                    message = (record.account_id, key)
-                    state = now.get(message)
-                    if state is None:
-                        without_row += 1
-                        continue
-                    assignments = patch_assignments(state, record)
-                    if assignments:
-                        now[message] = _patched(state, assignments)
-                        patched.setdefault(message, {}).update(assignments)
-                for message, assignments in patched.items():
-                    await cur.execute(
-                        f"UPDATE {table} SET {', '.join(f'{c} = %s' for c in assignments)} WHERE id = %s",
-                        [*assignments.values(), now[message].id],
-                    )
-                threads: dict[tuple[int, str], None] = {}  # of the messages that changed, old and new
-                for message in keys:
-                    state = now.get(message)
-                    if state is None:  # only a patch's, without a row
-                        continue
-                    check_shard(state.id, shard)
-                    old = before.get(message)
-                    kind = change_kind(old, state)
-                    if kind is not None:
-                        changes.append(
-                            (message[0], "message", state.id, kind, state.version, status_change(old, state))
-                        )
-                        for thread in (old.thread_key if old is not None else None, state.thread_key):
-                            if thread is not None:
-                                threads[(message[0], thread)] = None
-                if changes:
-                    await lock_changes(cur, router, shard, prefix=prefix)
-                    # Under the lock: the shard's thread recomputations run one at a time, each
-                    # seeing every message the ones before it committed (update_threads).
-                    threads_changed = await update_threads(
-                        cur, shard, router.table(shard, "threads"), table, list(threads), prefix
-                    )
-                    changes += [(*change, None) for change in threads_changed]
-                    committed = await _insert_changes(cur, router, shard, changes, applications)
-            await conn.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):  # a dead connection cannot roll back; it is gone
-                await conn.rollback()
-            raise
+    accounts = {r.account_id for r in records}
+    checking = asyncio.ensure_future(_accounts(cur, router, shard, accounts, prefix))
+    await asyncio.sleep(0)  # the query is sent: build the rows while the server reads
+    try:
+        rows = [row(r) for r in full]
+        rows_sql = values_sql(values for values, _, _ in rows)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await checking
+        raise
+    applications, gone = await checking
+    if gone:  # rare: rebuild without the erased accounts' records
+        erased = sum(1 for r in records if r.account_id in gone)
+        ERASED_RECORDS.inc(erased)
+        full = [r for r in full if r.account_id not in gone]
+        kept = [(r, k) for r, k in zip(patches, patch_keys, strict=True) if r.account_id not in gone]
+        patches, patch_keys = [r for r, _ in kept], [k for _, k in kept]
+        full_keys = [m for m in full_keys if m[0] not in gone]
+        keys = [m for m in keys if m[0] not in gone]
+        rows = [row(r) for r in full]
+        rows_sql = values_sql(values for values, _, _ in rows)
+    before: dict[tuple[int, bytes], RowState] = {}
+    now: dict[tuple[int, bytes], RowState] = {}
+    if rows:
+        # RETURNING gives each statement row's state after its update and before it, in the
+        # order of the rows: a message's first row says what the row was before this batch, its
+        # last one the row as written (no read before, none after).
+        await cur.execute(
+            prefix
+            + upsert_statement(table, len(rows), rows_sql=rows_sql, keep_previous=True)
+            + _RETURNING_STATES
+        )
+        returned = await cur.fetchall()
+        if len(returned) != len(rows):
+            raise RuntimeError(f"the upsert of {len(rows)} rows returned {len(returned)}")
+        seen: set[tuple[int, bytes]] = set()
+        for message, values in zip(full_keys, returned, strict=True):
+            was, now[message] = _written(values)
+            if message not in seen:  # its first row: the row as it was before this batch
+                seen.add(message)
+                if was is not None:
+                    before[message] = was
+    # The rows only patches touch, locked for the rest of the transaction.
+    before.update(await _states(cur, table, [m for m in keys if m not in now], prefix))
+    now = {**before, **now}
+    # Patches in version order against the state so far (the rows are locked: the upsert locked
+    # its rows, the SELECT above the others), folded into one UPDATE per row; the rare case, so
+    # one statement per patched row.
+    patched: dict[tuple[int, bytes], dict[str, Any]] = {}
+    for record, key in zip(patches, patch_keys, strict=True):
+        message = (record.account_id, key)
+        state = now.get(message)
+        if state is None:
+            without_row += 1
+            continue
+        assignments = patch_assignments(state, record)
+        if assignments:
+            now[message] = _patched(state, assignments)
+            patched.setdefault(message, {}).update(assignments)
+    for message, assignments in patched.items():
+        await cur.execute(
+            f"UPDATE {table} SET {', '.join(f'{c} = %s' for c in assignments)} WHERE id = %s",
+            [*assignments.values(), now[message].id],
+        )
+    threads: dict[tuple[int, str], None] = {}  # of the messages that changed, old and new
+    for message in keys:
+        state = now.get(message)
+        if state is None:  # only a patch's, without a row
+            continue
+        check_shard(state.id, shard)
+        old = before.get(message)
+        kind = change_kind(old, state)
+        if kind is not None:
+            changes.append((message[0], "message", state.id, kind, state.version, status_change(old, state)))
+            for thread in (old.thread_key if old is not None else None, state.thread_key):
+                if thread is not None:
+                    threads[(message[0], thread)] = None
+    return _ShardPart(
+        shard, len(rows) + len(patches), rows, changes, list(threads), applications, without_row, erased
+    )
+
+
+async def _write_changes(cur: Cursor, router: ShardRouter, part: _ShardPart, prefix: str) -> ShardWriteResult:
+    """Step 5 for one shard, in the transaction that wrote its rows."""
+    committed: list[CommittedChange] = []
+    changes, shard = part.changes, part.shard
+    if changes:
+        await lock_changes(cur, router, shard, prefix=prefix)
+        # Under the lock: the shard's thread recomputations run one at a time, each seeing every
+        # message the ones before it committed (update_threads).
+        threads_changed = await update_threads(
+            cur, shard, router.table(shard, "threads"), router.table(shard, "messages"), part.threads, prefix
+        )
+        changes += [(*change, None) for change in threads_changed]
+        committed = await _insert_changes(cur, router, shard, changes, part.applications)
     return ShardWriteResult(
         shard,
-        len(rows) + len(patches),
+        part.records,
         len(changes),
-        sum(r[1] for r in rows),
-        sum(r[2] for r in rows),
-        without_row,
-        erased,
+        sum(r[1] for r in part.rows),
+        sum(r[2] for r in part.rows),
+        part.without_row,
+        part.erased,
         committed,
     )

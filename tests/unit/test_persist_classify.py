@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from libs.events import MessageDoc, PostflightRecord, encode
 from libs.ids import ShardBitsMismatch
 from libs.kafka import DLQ
-from libs.shards import ShardRouter, UnknownShard
+from libs.shards import Cluster, ShardMap, ShardRouter, UnknownShard
 from services.persist import worker as worker_module
 from services.persist.worker import H_ATTEMPT, H_FAILURES, PersistSettings, PersistWorker, _Item
 from services.persist.writer import Failure, ShardWriteResult, UnstorableRecord, classify, row
@@ -169,10 +169,14 @@ class _FailingWrites:
 
 
 class _Router:
-    """The one router call the worker makes itself (``write_shard`` is replaced)."""
+    """What the worker reads of the router itself (``write_shard`` and ``write_shards`` are
+    replaced): the shard map (shards 3 and 5 on one server, 4 on another) and a reload."""
 
     def __init__(self) -> None:
         self.reloads_requested = 0
+        self.shard_map = ShardMap(
+            1, {1: Cluster(1, "c1", "127.0.0.1", 1), 2: Cluster(2, "c2", "127.0.0.1", 2)}, {3: 1, 4: 2, 5: 1}
+        )
 
     def request_reload(self) -> None:
         self.reloads_requested += 1
@@ -254,3 +258,72 @@ async def test_a_permanent_failure_is_bisected_to_its_record(monkeypatch: pytest
     assert headers["flightlog-account"] == str(ACCOUNT).encode()  # whose it is, for a replay
     written = {k for part in writes.parts if "k5" not in part for k in part}
     assert written == set(keys) - {"k5"}
+
+
+class _FailingServerWrites:
+    """A ``write_shards`` that raises ``error`` (when given) or writes every shard."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.calls: list[list[int]] = []
+
+    async def __call__(
+        self, router: ShardRouter, records: dict[int, Sequence[PostflightRecord]], **_: Any
+    ) -> list[ShardWriteResult]:
+        self.calls.append(sorted(records))
+        if self.error is not None:
+            raise self.error
+        return [ShardWriteResult(shard, len(rs), len(rs), 0, 0) for shard, rs in sorted(records.items())]
+
+
+def _items_on(shard: int, keys: list[str]) -> list[_Item]:
+    items = []
+    for offset, key in enumerate(keys):
+        r = _record(key).model_copy(update={"account_id": shard << 48 | 77})
+        source = ConsumerRecord("postflight", 0, offset, 0, 0, key.encode(), encode(r), None, 0, 0, [])
+        items.append(_Item(r, source, 0, 0))
+    return items
+
+
+async def test_the_shards_of_one_server_are_written_in_one_transaction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    together, alone = _FailingServerWrites(), _FailingWrites({})
+    monkeypatch.setattr(worker_module, "write_shards", together)
+    monkeypatch.setattr(worker_module, "write_shard", alone)
+    producer = _Producer()
+    items = _items_on(3, ["a", "b"]) + _items_on(4, ["c"]) + _items_on(5, ["d"])
+    await _worker(producer)._write(items, stage="persist")
+    assert together.calls == [[3, 5]] and alone.parts == [["c"]]  # shard 4 is alone on its server
+    assert producer.to("retry") == [] and producer.to(DLQ) == []
+
+
+async def test_a_failed_server_transaction_is_written_shard_by_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A record's data error fails the server's transaction: each shard is written on its own,
+    # which finds the record, as ever, and writes the rest.
+    together, alone = (
+        _FailingServerWrites(_db(1406, asyncmy.errors.DataError)),
+        _FailingWrites({"bad": _db(1406, asyncmy.errors.DataError)}),
+    )
+    monkeypatch.setattr(worker_module, "write_shards", together)
+    monkeypatch.setattr(worker_module, "write_shard", alone)
+    producer = _Producer()
+    await _worker(producer)._write(_items_on(3, ["a", "bad"]) + _items_on(5, ["d"]), stage="persist")
+    assert together.calls == [[3, 5]]
+    assert ["d"] in alone.parts and ["a"] in alone.parts
+    [(value, _)] = producer.to(DLQ)
+    assert value == encode(_record("bad").model_copy(update={"account_id": 3 << 48 | 77}))
+
+
+async def test_an_unavailable_server_parks_its_shards_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server's failure, not a shard's: writing its shards one by one would wait for it again.
+    together, alone = _FailingServerWrites(_db(2013)), _FailingWrites({})
+    monkeypatch.setattr(worker_module, "write_shards", together)
+    monkeypatch.setattr(worker_module, "write_shard", alone)
+    producer = _Producer()
+    worker = _worker(producer)
+    await worker._write(_items_on(3, ["a"]) + _items_on(5, ["d"]), stage="persist")
+    await worker.stop_probes()
+    assert alone.parts == []
+    assert not worker.breaker.allows(3) and not worker.breaker.allows(5)
+    assert [h[H_FAILURES] for _, h in producer.to("retry")] == [b"0", b"0"]  # parked, uncharged
