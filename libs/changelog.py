@@ -13,10 +13,15 @@ from libs.shards import ShardRouter
 __all__ = ["lock_changes"]
 
 
-async def lock_changes(cur: Cursor, router: ShardRouter, shard: int, *, prefix: str = "") -> None:
-    """Serialize the shard's change writers so change ids commit in order (see migration 0003).
+async def lock_changes(cur: Cursor, router: ShardRouter, *shards: int, prefix: str = "") -> None:
+    """Serialize the shards' change writers so change ids commit in order (see migration 0003).
 
     Call it right before inserting change rows, in the transaction that inserts them; ``prefix``
-    bounds the lock wait (persist's ``SET STATEMENT innodb_lock_wait_timeout = N FOR``).
+    bounds the lock wait (persist's ``SET STATEMENT innodb_lock_wait_timeout = N FOR``). Several
+    shards (of one server) are locked in one statement, in shard order, as every writer takes them.
     """
-    await cur.execute(f"{prefix}SELECT id FROM {router.table(shard, 'changes_lock')} WHERE id = 1 FOR UPDATE")
+    locks = [
+        f"SELECT id FROM {router.table(shard, 'changes_lock')} WHERE id = 1 FOR UPDATE"
+        for shard in sorted(shards)
+    ]
+    await cur.execute(prefix + (locks[0] if len(locks) == 1 else " UNION ALL ".join(f"({q})" for q in locks)))

@@ -85,7 +85,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Final
@@ -586,30 +586,36 @@ ERASED_RECORDS: Final = Counter(
 
 
 async def _accounts(
-    cur: Cursor, router: ShardRouter, shard: int, ids: set[int], prefix: str
-) -> tuple[dict[int, int | None], set[int]]:
-    """The application of each of ``ids`` that has a row, and which of the others are erased.
+    cur: Cursor, router: ShardRouter, ids: Mapping[int, set[int]], prefix: str
+) -> dict[int, tuple[dict[int, int | None], set[int]]]:
+    """For each shard of ``ids`` (of one server, read in one statement): the application of each
+    of its accounts that has a row, and which of the others are erased.
 
     The accounts' rows are share-locked for the rest of the transaction: an erasure records the
     account in ``erased_accounts``, then deletes its row, so it waits for this write (and then
     erases what it wrote), or this write finds the record. Accounts with neither (written
     straight to persist, as tests and benchmarks do) are written, without an application."""
-    if not ids:
-        return {}, set()
-    listed = ", ".join(str(int(i)) for i in sorted(ids))
-    await cur.execute(
-        f"{prefix}SELECT id, application_id FROM {router.table(shard, 'accounts')}"
-        f" WHERE id IN ({listed}) LOCK IN SHARE MODE"
-    )
-    applications = {int(a): None if app is None else int(app) for a, app in await cur.fetchall()}
-    missing = ids - applications.keys()
-    if not missing:
-        return applications, set()
-    listed = ", ".join(str(int(i)) for i in sorted(missing))
-    await cur.execute(
-        f"SELECT account_id FROM {router.table(shard, 'erased_accounts')} WHERE account_id IN ({listed})"
-    )
-    return applications, {int(r[0]) for r in await cur.fetchall()}
+    reads = [
+        f"SELECT {int(shard)}, id, application_id FROM {router.table(shard, 'accounts')}"
+        f" WHERE id IN ({', '.join(str(int(i)) for i in sorted(accounts))}) LOCK IN SHARE MODE"
+        for shard, accounts in sorted(ids.items())
+        if accounts
+    ]
+    out: dict[int, tuple[dict[int, int | None], set[int]]] = {shard: ({}, set()) for shard in ids}
+    if not reads:
+        return out
+    await cur.execute(prefix + (reads[0] if len(reads) == 1 else " UNION ALL ".join(f"({q})" for q in reads)))
+    for shard, account, app in await cur.fetchall():
+        out[int(shard)][0][int(account)] = None if app is None else int(app)
+    for shard, accounts in sorted(ids.items()):
+        applications, gone = out[shard]
+        missing = accounts - applications.keys()
+        if missing:  # rare: accounts without a row, erased or never made here
+            listed = ", ".join(str(int(i)) for i in sorted(missing))
+            erased = router.table(shard, "erased_accounts")
+            await cur.execute(f"SELECT account_id FROM {erased} WHERE account_id IN ({listed})")
+            gone.update(int(r[0]) for r in await cur.fetchall())
+    return out
 
 
 async def _insert_changes(
@@ -653,16 +659,23 @@ async def _insert_changes(
 
 @dataclass(slots=True)
 class _ShardPart:
-    """One shard's part of a transaction: its rows written, its change rows not yet."""
+    """One shard's part of a transaction: its records, rows and keys, then what writing them found."""
 
     shard: int
-    records: int
-    rows: list[tuple[tuple[Any, ...], int, int]]
-    changes: list[tuple[int, str, int, str, int, str | None]]
-    threads: list[tuple[int, str]]  # of the messages that changed, old and new
-    applications: dict[int, int | None]
-    without_row: int
-    erased: int
+    records: Sequence[PostflightRecord]
+    full: list[PostflightRecord]  # latest_per_message
+    patches: list[PostflightRecord]  # in version order: of two in one batch the later applies last
+    rows: list[tuple[tuple[Any, ...], int, int]] = field(default_factory=list)
+    rows_sql: str = ""
+    changes: list[tuple[int, str, int, str, int, str | None]] = field(default_factory=list)
+    threads: list[tuple[int, str]] = field(default_factory=list)  # of the messages that changed, old and new
+    applications: dict[int, int | None] = field(default_factory=dict)
+    without_row: int = 0
+    erased: int = 0
+
+    def build_rows(self) -> None:
+        self.rows = [row(r) for r in self.full]
+        self.rows_sql = values_sql(values for values, _, _ in self.rows)
 
 
 async def write_shard(
@@ -688,20 +701,44 @@ async def write_shards(
     lock_wait_timeout_s: int | None = None,
 ) -> list[ShardWriteResult]:
     """Write shards of one server in one transaction (see :func:`write_shard`), in shard order:
-    every shard's rows (steps 1 to 4), then every shard's change rows (step 5, each shard's change
-    lock taken in that order, the last thing before the one commit). A commit, with the binlog
-    and the semi-sync replica's answer, is the most expensive statement of a shard's write.
+    every shard's accounts in one read, every shard's rows (steps 1 to 4), every shard's change
+    lock in one read, then every shard's change rows (step 5), and one commit. A commit, with the
+    binlog and the semi-sync replica's answer, is the most expensive statement of a shard's write.
     Any shard's failure fails them all: the caller writes them one by one to tell which.
     """
-    shards = sorted(records)
-    pools = {id(pool): pool for pool in [await router.pool(shard) for shard in shards]}
+    parts = [
+        _ShardPart(
+            shard,
+            records[shard],
+            latest_per_message(r for r in records[shard] if r.patch is None),
+            sorted((r for r in records[shard] if r.patch is not None), key=lambda r: r.version),
+        )
+        for shard in sorted(records)
+    ]
+    pools = {id(pool): pool for pool in [await router.pool(part.shard) for part in parts]}
     if len(pools) != 1:
-        raise ValueError(f"shards {shards} are not on one server")
+        raise ValueError(f"shards {sorted(records)} are not on one server")
     prefix = _lock_wait(lock_wait_timeout_s)  # on every statement that may wait for a lock
     async with next(iter(pools.values())).acquire() as conn:
         try:
             async with conn.cursor() as cur:
-                parts = [await _write_rows(cur, router, shard, records[shard], prefix) for shard in shards]
+                accounts = {p.shard: {r.account_id for r in p.records} for p in parts}
+                checking = asyncio.ensure_future(_accounts(cur, router, accounts, prefix))
+                await asyncio.sleep(0)  # the query is sent: build the rows while the server reads
+                try:
+                    for part in parts:
+                        part.build_rows()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await checking
+                    raise
+                found = await checking
+                for part in parts:
+                    part.applications, gone = found[part.shard]
+                    await _write_rows(cur, router, part, gone, prefix)
+                changed = [part.shard for part in parts if part.changes]
+                if changed:
+                    await lock_changes(cur, router, *changed, prefix=prefix)
                 results = [await _write_changes(cur, router, part, prefix) for part in parts]
             await conn.commit()
         except BaseException:
@@ -712,55 +749,40 @@ async def write_shards(
 
 
 async def _write_rows(
-    cur: Cursor, router: ShardRouter, shard: int, records: Sequence[PostflightRecord], prefix: str
-) -> _ShardPart:
-    """Steps 1 to 4 of the module docstring for one shard: its rows written, its changes found."""
-    full = latest_per_message(r for r in records if r.patch is None)
-    # In version order, so of two patches in one batch the later one is applied last.
-    patches = sorted((r for r in records if r.patch is not None), key=lambda r: r.version)
+    cur: Cursor, router: ShardRouter, part: _ShardPart, gone: set[int], prefix: str
+) -> None:
+    """Steps 1 to 4 of the module docstring for one shard, its accounts read (``gone``: erased)."""
+    shard, full, patches = part.shard, part.full, part.patches
     table = router.table(shard, "messages")
     patch_keys = [_checked_key(r) for r in patches]
     full_keys = [(r.account_id, _checked_key(r)) for r in full]
     keys = list(
         dict.fromkeys(full_keys + [(r.account_id, key) for r, key in zip(patches, patch_keys, strict=True)])
     )
-    without_row = erased = 0
-    changes: list[tuple[int, str, int, str, int, str | None]] = []
-    accounts = {r.account_id for r in records}
-    checking = asyncio.ensure_future(_accounts(cur, router, shard, accounts, prefix))
-    await asyncio.sleep(0)  # the query is sent: build the rows while the server reads
-    try:
-        rows = [row(r) for r in full]
-        rows_sql = values_sql(values for values, _, _ in rows)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await checking
-        raise
-    applications, gone = await checking
     if gone:  # rare: rebuild without the erased accounts' records
-        erased = sum(1 for r in records if r.account_id in gone)
-        ERASED_RECORDS.inc(erased)
-        full = [r for r in full if r.account_id not in gone]
+        part.erased = sum(1 for r in part.records if r.account_id in gone)
+        ERASED_RECORDS.inc(part.erased)
+        part.full = full = [r for r in full if r.account_id not in gone]
         kept = [(r, k) for r, k in zip(patches, patch_keys, strict=True) if r.account_id not in gone]
-        patches, patch_keys = [r for r, _ in kept], [k for _, k in kept]
+        part.patches = patches = [r for r, _ in kept]
+        patch_keys = [k for _, k in kept]
         full_keys = [m for m in full_keys if m[0] not in gone]
         keys = [m for m in keys if m[0] not in gone]
-        rows = [row(r) for r in full]
-        rows_sql = values_sql(values for values, _, _ in rows)
+        part.build_rows()
     before: dict[tuple[int, bytes], RowState] = {}
     now: dict[tuple[int, bytes], RowState] = {}
-    if rows:
+    if part.rows:
         # RETURNING gives each statement row's state after its update and before it, in the
         # order of the rows: a message's first row says what the row was before this batch, its
         # last one the row as written (no read before, none after).
         await cur.execute(
             prefix
-            + upsert_statement(table, len(rows), rows_sql=rows_sql, keep_previous=True)
+            + upsert_statement(table, len(part.rows), rows_sql=part.rows_sql, keep_previous=True)
             + _RETURNING_STATES
         )
         returned = await cur.fetchall()
-        if len(returned) != len(rows):
-            raise RuntimeError(f"the upsert of {len(rows)} rows returned {len(returned)}")
+        if len(returned) != len(part.rows):
+            raise RuntimeError(f"the upsert of {len(part.rows)} rows returned {len(returned)}")
         seen: set[tuple[int, bytes]] = set()
         for message, values in zip(full_keys, returned, strict=True):
             was, now[message] = _written(values)
@@ -779,7 +801,7 @@ async def _write_rows(
         message = (record.account_id, key)
         state = now.get(message)
         if state is None:
-            without_row += 1
+            part.without_row += 1
             continue
         assignments = patch_assignments(state, record)
         if assignments:
@@ -790,7 +812,7 @@ async def _write_rows(
             f"UPDATE {table} SET {', '.join(f'{c} = %s' for c in assignments)} WHERE id = %s",
             [*assignments.values(), now[message].id],
         )
-    threads: dict[tuple[int, str], None] = {}  # of the messages that changed, old and new
+    threads: dict[tuple[int, str], None] = {}
     for message in keys:
         state = now.get(message)
         if state is None:  # only a patch's, without a row
@@ -799,21 +821,20 @@ async def _write_rows(
         old = before.get(message)
         kind = change_kind(old, state)
         if kind is not None:
-            changes.append((message[0], "message", state.id, kind, state.version, status_change(old, state)))
+            part.changes.append(
+                (message[0], "message", state.id, kind, state.version, status_change(old, state))
+            )
             for thread in (old.thread_key if old is not None else None, state.thread_key):
                 if thread is not None:
                     threads[(message[0], thread)] = None
-    return _ShardPart(
-        shard, len(rows) + len(patches), rows, changes, list(threads), applications, without_row, erased
-    )
+    part.threads = list(threads)
 
 
 async def _write_changes(cur: Cursor, router: ShardRouter, part: _ShardPart, prefix: str) -> ShardWriteResult:
-    """Step 5 for one shard, in the transaction that wrote its rows."""
+    """Step 5 for one shard, its change lock held (:func:`libs.changelog.lock_changes`)."""
     committed: list[CommittedChange] = []
     changes, shard = part.changes, part.shard
     if changes:
-        await lock_changes(cur, router, shard, prefix=prefix)
         # Under the lock: the shard's thread recomputations run one at a time, each seeing every
         # message the ones before it committed (update_threads).
         threads_changed = await update_threads(
@@ -823,7 +844,7 @@ async def _write_changes(cur: Cursor, router: ShardRouter, part: _ShardPart, pre
         committed = await _insert_changes(cur, router, shard, changes, part.applications)
     return ShardWriteResult(
         shard,
-        part.records,
+        len(part.full) + len(part.patches),
         len(changes),
         sum(r[1] for r in part.rows),
         sum(r[2] for r in part.rows),

@@ -31,7 +31,7 @@ from libs.kafka import TopicSpec, create_topics, make_consumer, make_producer
 from libs.messages import decode_body
 from libs.shards import ShardRouter
 from services.persist.worker import PersistSettings, PersistWorker
-from services.persist.writer import write_shard
+from services.persist.writer import write_shard, write_shards
 from tests.polling import eventually
 from tests.scratch import group_name, topic_name
 
@@ -218,6 +218,34 @@ async def test_rows_of_one_message_in_one_batch_compare_with_the_row_before_the_
     row = await stored(env, m)
     assert row is not None
     assert (row["version"], row["subject"], row["thread_key"]) == (20, "second", "t-after")
+
+
+async def test_the_shards_of_one_server_are_written_in_one_transaction(router: ShardRouter) -> None:
+    """write_shards: each shard's rows and change rows, as write_shard writes them one by one, and
+    the change rows handed back for the relay (ids with the shard's bits, in id order)."""
+    by_cluster: dict[int, list[int]] = {}
+    for shard in router.shard_map.shards:
+        by_cluster.setdefault(router.shard_map.cluster_of(shard).cluster_id, []).append(shard)
+    shards = next(s for s in by_cluster.values() if len(s) >= 2)[:2]
+    envs = [Env(router, shard, shard << 48 | 1 << 45 | secrets.randbits(40)) for shard in shards]
+    keys = [key(), key()]
+    results = await write_shards(
+        router,
+        {
+            e.shard: [full(e, k, 10, status="sent"), full(e, k, 20, content_version=0)]
+            for e, k in zip(envs, keys, strict=True)
+        },
+    )
+    assert [r.shard for r in results] == sorted(shards)
+    for e, k in zip(envs, keys, strict=True):
+        row = await stored(e, k)
+        assert_content(row)
+        assert row is not None and (row["version"], row["content_version"]) == (20, 10)
+        assert await statuses(e, k) == [("created", "delivered")]
+        [result] = [r for r in results if r.shard == e.shard]
+        messages = [c for c in result.committed if c.object_type == "message"]  # and its thread's
+        assert [(c.account_id, c.change_type, c.version) for c in messages] == [(e.account, "created", 20)]
+        assert all(c.id >> 48 == e.shard for c in result.committed)
 
 
 async def test_content_arriving_after_a_contentless_record_lands_with_a_change(env: Env) -> None:
