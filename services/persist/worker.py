@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Self
 
+import asyncmy.errors
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from prometheus_client import Counter, Histogram
 from pydantic import Field, ValidationError, model_validator
@@ -89,6 +90,8 @@ RECORDS = Counter("flightlog_persist_records_total", "Postflight records handled
 ISOLATIONS = Counter(
     "flightlog_persist_isolations_total", "Shard batches split to find the record that fails", ["failure"]
 )
+# Failures classified UNAVAILABLE that are one shard's, not its server's.
+_A_SHARDS_OWN: Final = (ShardBitsMismatch, asyncmy.errors.ProgrammingError)
 TOGETHER_FAILED = Counter(
     "flightlog_persist_server_writes_failed_total",
     "Transactions of a server's shards that failed, whose shards were then written one by one",
@@ -113,7 +116,8 @@ class PersistSettings(BaseSettings):
     # from 159-165 to 221-278 ms, past the 250 ms target; so 50 ms.
     persist_fetch_min_bytes: int = Field(default=256 * 1024, ge=1)
     persist_fetch_max_wait_ms: int = Field(default=50, ge=0, le=500)
-    persist_write_timeout_s: float = Field(default=10.0, gt=0)  # one shard transaction
+    # one transaction: a shard's, or a server's shards'
+    persist_write_timeout_s: float = Field(default=10.0, gt=0)
     # Whole seconds (InnoDB's unit), below the write timeout so a lock wait is the server's error.
     persist_lock_wait_timeout_s: int = Field(default=5, ge=1)
     persist_max_backoff_s: float = Field(default=30.0, gt=0)  # between retries of a parked record
@@ -359,7 +363,9 @@ class PersistWorker:
                         lock_wait_timeout_s=self.lock_wait_timeout_s,
                     )
             except Exception as exc:
-                if classify(exc) is Failure.UNAVAILABLE:  # the server's: one by one would wait again
+                # The server's unavailability (not a shard's schema or id counter): one by one
+                # would wait for it again.
+                if classify(exc) is Failure.UNAVAILABLE and not isinstance(exc, _A_SHARDS_OWN):
                     verdicts = _Verdicts()
                     for shard in shards:
                         self._unavailable(shard, exc, [by_shard[shard]], verdicts)

@@ -327,3 +327,17 @@ async def test_an_unavailable_server_parks_its_shards_at_once(monkeypatch: pytes
     assert alone.parts == []
     assert not worker.breaker.allows(3) and not worker.breaker.allows(5)
     assert [h[H_FAILURES] for _, h in producer.to("retry")] == [b"0", b"0"]  # parked, uncharged
+
+
+async def test_a_shards_own_unavailability_is_found_shard_by_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A counter without the shard's bits is that shard's: the others of its server are written.
+    together = _FailingServerWrites(ShardBitsMismatch(1, 3))
+    alone = _FailingWrites({"a": ShardBitsMismatch(1, 3)})
+    monkeypatch.setattr(worker_module, "write_shards", together)
+    monkeypatch.setattr(worker_module, "write_shard", alone)
+    producer = _Producer()
+    worker = _worker(producer)
+    await worker._write(_items_on(3, ["a"]) + _items_on(5, ["d"]), stage="persist")
+    await worker.stop_probes()
+    assert ["d"] in alone.parts and worker.breaker.allows(5) and not worker.breaker.allows(3)
+    assert len(producer.to("retry")) == 1
