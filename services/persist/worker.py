@@ -108,9 +108,10 @@ class PersistSettings(BaseSettings):
     persist_group_id: str = "flightlog-persist"
     persist_max_records: int = Field(default=2000, gt=0)  # records per consumed batch
     # The broker answers a fetch of flightlog.postflight once this much is there, or when the wait
-    # is over: fuller batches, so fewer shard transactions per record, for at most the wait's
-    # latency when the pipeline is not busy. A shard transaction costs MariaDB ~1.3 ms of CPU and
-    # persist ~0.4 ms whatever its rows, a row ~0.075 and ~0.05 ms (python -m cli.writer_cpu).
+    # is over: fuller batches, so fewer transactions per record, for at most the wait's latency
+    # when the pipeline is not busy. A shard transaction cost MariaDB ~1.3 ms of CPU and persist
+    # ~0.4 ms whatever its rows, a row ~0.075 and ~0.05 ms (python -m cli.writer_cpu), before a
+    # server's shards shared one (docs/architecture.md, "What a persist batch costs").
     # Throughput for latency: 1 MiB / 100 ms took the pipeline bench at 10,000 events/s from
     # 192-195 to 160-176 us of CPU an event (persist and MariaDB), but its p99 at 5,000 events/s
     # from 159-165 to 221-278 ms, past the 250 ms target; so 50 ms.
