@@ -4,7 +4,9 @@ A row has two versions (libs.events.PostflightRecord): ``version`` for status, f
 times, and ``content_version`` for what the message says, because transform drops a final
 message's content from its state and later records carry flags without content
 (``content_version`` 0). One transaction per shard batch, one statement per step whatever the
-number of records (a statement per record was most of persist's time):
+number of records (a statement per record was most of persist's time); :func:`write_shards`
+writes the batches of one server's shards in one transaction, reading all their accounts in one
+statement and taking all their change locks in one (``UNION ALL``, in shard order):
 
 1. read the batch's accounts with a shared lock, and for those without a row the shard's
    ``erased_accounts``, building the rows meanwhile (the client's work beside the server's): the
