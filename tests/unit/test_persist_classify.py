@@ -285,15 +285,28 @@ def _items_on(shard: int, keys: list[str]) -> list[_Item]:
     return items
 
 
+async def _write_server(
+    monkeypatch: pytest.MonkeyPatch,
+    together: _FailingServerWrites,
+    alone: _FailingWrites,
+    items: list[_Item],
+) -> tuple[PersistWorker, _Producer]:
+    """The main loop's write of ``items`` with ``write_shards`` and ``write_shard`` replaced."""
+    monkeypatch.setattr(worker_module, "write_shards", together)
+    monkeypatch.setattr(worker_module, "write_shard", alone)
+    producer = _Producer()
+    worker = _worker(producer)
+    await worker._write(items, stage="persist")
+    await worker.stop_probes()
+    return worker, producer
+
+
 async def test_the_shards_of_one_server_are_written_in_one_transaction(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     together, alone = _FailingServerWrites(), _FailingWrites({})
-    monkeypatch.setattr(worker_module, "write_shards", together)
-    monkeypatch.setattr(worker_module, "write_shard", alone)
-    producer = _Producer()
     items = _items_on(3, ["a", "b"]) + _items_on(4, ["c"]) + _items_on(5, ["d"])
-    await _worker(producer)._write(items, stage="persist")
+    _, producer = await _write_server(monkeypatch, together, alone, items)
     assert together.calls == [[3, 5]] and alone.parts == [["c"]]  # shard 4 is alone on its server
     assert producer.to("retry") == [] and producer.to(DLQ) == []
 
@@ -305,10 +318,8 @@ async def test_a_failed_server_transaction_is_written_shard_by_shard(monkeypatch
         _FailingServerWrites(_db(1406, asyncmy.errors.DataError)),
         _FailingWrites({"bad": _db(1406, asyncmy.errors.DataError)}),
     )
-    monkeypatch.setattr(worker_module, "write_shards", together)
-    monkeypatch.setattr(worker_module, "write_shard", alone)
-    producer = _Producer()
-    await _worker(producer)._write(_items_on(3, ["a", "bad"]) + _items_on(5, ["d"]), stage="persist")
+    items = _items_on(3, ["a", "bad"]) + _items_on(5, ["d"])
+    _, producer = await _write_server(monkeypatch, together, alone, items)
     assert together.calls == [[3, 5]]
     assert ["d"] in alone.parts and ["a"] in alone.parts
     [(value, _)] = producer.to(DLQ)
@@ -318,12 +329,9 @@ async def test_a_failed_server_transaction_is_written_shard_by_shard(monkeypatch
 async def test_an_unavailable_server_parks_its_shards_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # The server's failure, not a shard's: writing its shards one by one would wait for it again.
     together, alone = _FailingServerWrites(_db(2013)), _FailingWrites({})
-    monkeypatch.setattr(worker_module, "write_shards", together)
-    monkeypatch.setattr(worker_module, "write_shard", alone)
-    producer = _Producer()
-    worker = _worker(producer)
-    await worker._write(_items_on(3, ["a"]) + _items_on(5, ["d"]), stage="persist")
-    await worker.stop_probes()
+    worker, producer = await _write_server(
+        monkeypatch, together, alone, _items_on(3, ["a"]) + _items_on(5, ["d"])
+    )
     assert alone.parts == []
     assert not worker.breaker.allows(3) and not worker.breaker.allows(5)
     assert [h[H_FAILURES] for _, h in producer.to("retry")] == [b"0", b"0"]  # parked, uncharged
@@ -333,11 +341,8 @@ async def test_a_shards_own_unavailability_is_found_shard_by_shard(monkeypatch: 
     # A counter without the shard's bits is that shard's: the others of its server are written.
     together = _FailingServerWrites(ShardBitsMismatch(1, 3))
     alone = _FailingWrites({"a": ShardBitsMismatch(1, 3)})
-    monkeypatch.setattr(worker_module, "write_shards", together)
-    monkeypatch.setattr(worker_module, "write_shard", alone)
-    producer = _Producer()
-    worker = _worker(producer)
-    await worker._write(_items_on(3, ["a"]) + _items_on(5, ["d"]), stage="persist")
-    await worker.stop_probes()
+    worker, producer = await _write_server(
+        monkeypatch, together, alone, _items_on(3, ["a"]) + _items_on(5, ["d"])
+    )
     assert ["d"] in alone.parts and worker.breaker.allows(5) and not worker.breaker.allows(3)
     assert len(producer.to("retry")) == 1
