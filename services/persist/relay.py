@@ -62,6 +62,7 @@ __all__ = [
     "RelaySettings",
     "change_message",
     "following",
+    "read_statement",
 ]
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,17 @@ def change_message(shard: int, row: Sequence[Any]) -> tuple[bytes, bytes]:
     if status is not None:
         value["status"] = status
     return str(account_id).encode(), orjson.dumps(value)
+
+
+def read_statement(router: ShardRouter, shard: int) -> str:
+    """A tail's read of ``shard``: the :class:`CommittedChange` rows past an id (``%s``), at most a
+    number of them (``%s``), in id order."""
+    changes, accounts = router.table(shard, "changes"), router.table(shard, "accounts")
+    return (
+        "SELECT c.id, c.account_id, a.application_id, c.object_type, c.object_id, c.change_type,"
+        f" c.version, UNIX_TIMESTAMP(c.created_at), c.status FROM {changes} c"
+        f" LEFT JOIN {accounts} a ON a.id = c.account_id WHERE c.id > %s ORDER BY c.id LIMIT %s"
+    )
 
 
 def following(committed: Sequence[CommittedChange], position: int) -> list[CommittedChange] | None:
@@ -296,13 +308,7 @@ class ChangeRelay(Component):
 
     async def _tail(self, shard: int, position: int) -> None:
         """Publish one shard's changes until stopping; the batch in flight always completes."""
-        changes = self._router.table(shard, "changes")
-        accounts = self._router.table(shard, "accounts")
-        query = (
-            "SELECT c.id, c.account_id, a.application_id, c.object_type, c.object_id, c.change_type,"
-            f" c.version, UNIX_TIMESTAMP(c.created_at), c.status FROM {changes} c"
-            f" LEFT JOIN {accounts} a ON a.id = c.account_id WHERE c.id > %s ORDER BY c.id LIMIT %s"
-        )
+        query = read_statement(self._router, shard)
         min_idle_s = self._settings.relay_idle_poll_ms / 1000
         max_idle_s = max(self._settings.relay_idle_poll_max_ms / 1000, min_idle_s)
         idle_s = min_idle_s

@@ -30,6 +30,7 @@ from libs.events import MessageDoc, MessageFlags, MessagePatch, PostflightRecord
 from libs.kafka import TopicSpec, create_topics, make_consumer, make_producer
 from libs.messages import decode_body
 from libs.shards import ShardRouter
+from services.persist.relay import read_statement
 from services.persist.worker import PersistSettings, PersistWorker
 from services.persist.writer import write_shard, write_shards
 from tests.polling import eventually
@@ -246,6 +247,14 @@ async def test_the_shards_of_one_server_are_written_in_one_transaction(router: S
         messages = [c for c in result.committed if c.object_type == "message"]  # and its thread's
         assert [(c.account_id, c.change_type, c.version) for c in messages] == [(e.account, "created", 20)]
         assert all(c.id >> 48 == e.shard for c in result.committed)
+        # what the relay publishes without reading is what its read would have given
+        pool = await router.pool(e.shard)
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                read_statement(router, e.shard), (result.committed[0].id - 1, len(result.committed))
+            )
+            assert [tuple(r) for r in await cur.fetchall()] == [tuple(c) for c in result.committed]
+            await conn.commit()
 
 
 async def test_content_arriving_after_a_contentless_record_lands_with_a_change(env: Env) -> None:
