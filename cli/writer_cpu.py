@@ -1,15 +1,15 @@
 """What one persist batch costs in shard transactions: this process's CPU and MariaDB's, per batch.
 
 ``python -m cli.writer_cpu [--records N] [--batches B]`` writes batches shaped like persist's, one
-after another: every shard of the map at once (as persist's worker writes them), each shard ``N``
-new messages (the ``sent`` record, with content) and ``N`` updates of the previous batch's
-(``delivered``, without). The figures are this process's CPU time and the stack's MariaDB
-servers' (primaries and replicas, :func:`cli.bench.cpu.stack_groups`) over ``B`` batches, per
-batch.
+after another: every shard of the map at once, a server's shards in one transaction (as persist's
+worker writes them, :func:`services.persist.writer.write_shards`), each shard ``N`` new messages
+(the ``sent`` record, with content) and ``N`` updates of the previous batch's (``delivered``,
+without). The figures are this process's CPU time and the stack's MariaDB servers' (primaries and
+replicas, :func:`cli.bench.cpu.stack_groups`) over ``B`` batches, per batch.
 
-It tells what a shard transaction costs apart from its rows: run it at a few ``--records`` and
-the part that does not grow is the transaction's (its statements, each parsed and planned again,
-and its commit, with the binlog and a semi-sync replica). A bench application with an account
+It tells what a batch costs apart from its rows: run it at a few ``--records`` and the part that
+does not grow is the transactions' (their statements, each parsed and planned again, and their
+commits, with the binlog and a semi-sync replica). A bench application with an account
 per shard is created each run (``cli.bench.drive.make_tenant``), as the bench's stages do.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections import defaultdict
 from datetime import UTC, datetime
 
 from cli.bench import cpu
@@ -26,7 +27,7 @@ from libs.config import DatabaseSettings
 from libs.events import Direction, MessageDoc, Participant, PostflightRecord, Status
 from libs.ids import shard_of
 from libs.shards import ShardRouter
-from services.persist.writer import write_shard
+from services.persist.writer import write_shards
 
 __all__ = ["record"]
 
@@ -65,14 +66,15 @@ async def measure(records: int, batches: int) -> str:
     async with ShardRouter(db) as router:
 
         async def batch(i: int) -> None:
-            writes = []
+            by_server: dict[int, dict[int, list[PostflightRecord]]] = defaultdict(dict)
             for account in tenant.accounts:
                 new = [record(account, f"w{run}-{i}-{j}", 2 * i + 1, Status.SENT) for j in range(records)]
                 if i:
                     done = Status.DELIVERED
                     new += [record(account, f"w{run}-{i - 1}-{j}", 2 * i + 2, done) for j in range(records)]
-                writes.append(write_shard(router, shard_of(account), new))
-            await asyncio.gather(*writes)
+                shard = shard_of(account)
+                by_server[router.shard_map.shard_cluster[shard]][shard] = new
+            await asyncio.gather(*(write_shards(router, shards) for shards in by_server.values()))
 
         for i in range(_WARM_UP_BATCHES):
             await batch(i)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from asyncmy.cursors import Cursor
 
+from libs.db import union_all
 from libs.shards import ShardRouter
 
 __all__ = ["lock_changes"]
@@ -24,4 +25,4 @@ async def lock_changes(cur: Cursor, router: ShardRouter, *shards: int, prefix: s
         f"SELECT id FROM {router.table(shard, 'changes_lock')} WHERE id = 1 FOR UPDATE"
         for shard in sorted(shards)
     ]
-    await cur.execute(prefix + (locks[0] if len(locks) == 1 else " UNION ALL ".join(f"({q})" for q in locks)))
+    await cur.execute(prefix + union_all(locks))

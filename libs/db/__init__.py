@@ -31,6 +31,7 @@ __all__ = [
     "insert_guarded",
     "leader_lock_name",
     "shard_schema",
+    "union_all",
 ]
 
 
@@ -127,6 +128,12 @@ async def insert_guarded(
     check_shard(first, shard)
     check_shard(first + rows - 1, shard)
     return first
+
+
+def union_all(selects: Sequence[str]) -> str:
+    """One statement of ``selects`` (at least one), read in their order: a server's shards are
+    each a schema of their own, and one statement for all of them spares a statement each."""
+    return selects[0] if len(selects) == 1 else " UNION ALL ".join(f"({q})" for q in selects)
 
 
 def leader_lock_name(role: str, global_schema: str) -> str:

@@ -343,10 +343,11 @@ class PersistWorker:
         alone: list[list[int]] = []
         shard_map = self.router.shard_map
         for shard in shards:
-            if not self.breaker.allows(shard) or shard in shard_map.readonly or shard not in shard_map.shards:
+            cluster = shard_map.shard_cluster.get(shard)
+            if cluster is None or shard in shard_map.readonly or not self.breaker.allows(shard):
                 alone.append([shard])
             else:
-                together[shard_map.cluster_of(shard).cluster_id].append(shard)
+                together[cluster].append(shard)
         return [*together.values(), *alone]
 
     async def _write_group(

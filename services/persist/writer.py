@@ -98,6 +98,7 @@ from asyncmy.cursors import Cursor
 from prometheus_client import Counter
 
 from libs.changelog import lock_changes
+from libs.db import union_all
 from libs.db.literals import values_sql
 from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_utc
 from libs.ids import ShardBitsMismatch, check_shard
@@ -534,9 +535,8 @@ def _state(values: Sequence[Any]) -> RowState:
 
 def _written(values: Sequence[Any]) -> tuple[RowState | None, RowState]:
     """(before, after) of a row from the upsert's RETURNING (before None: it inserted the row)."""
-    after = _state(values[:7])
-    before = None if values[7] is None else _state((values[0], *values[7:]))
-    return before, after
+    id_, now, was = values[0], values[1 : 1 + len(_COMPARED)], values[1 + len(_COMPARED) :]
+    return (None if was[0] is None else _state((id_, *was))), _state((id_, *now))
 
 
 async def _states(
@@ -606,7 +606,7 @@ async def _accounts(
     out: dict[int, tuple[dict[int, int | None], set[int]]] = {shard: ({}, set()) for shard in ids}
     if not reads:
         return out
-    await cur.execute(prefix + (reads[0] if len(reads) == 1 else " UNION ALL ".join(f"({q})" for q in reads)))
+    await cur.execute(prefix + union_all(reads))
     for shard, account, app in await cur.fetchall():
         out[int(shard)][0][int(account)] = None if app is None else int(app)
     for shard, accounts in sorted(ids.items()):
