@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from libs.event_structs import StatusEvent
 from libs.events import (
     SCHEMA_VERSION,
     AttachmentInfo,
@@ -78,6 +79,7 @@ __all__ = [
     "DROPPED_WHEN_FINAL",
     "MAX_SEEN_EVENT_IDS",
     "SNIPPET_CHARS",
+    "AnyEvent",
     "MessageState",
     "Outcome",
     "OutcomeKind",
@@ -87,6 +89,10 @@ __all__ = [
 
 MAX_SEEN_EVENT_IDS: Final = 64
 SNIPPET_CHARS: Final = 200
+
+# What apply folds: an inflight event as pydantic decodes it, or as msgspec decodes a status
+# event (no content, no flags), with the same fields (libs.event_structs).
+AnyEvent = Event | StatusEvent
 
 _FINAL_RANK: Final = 100
 # An outbound message is stored from this rank on (sent), before it is final; see the docstring.
@@ -398,20 +404,20 @@ def _copy(state: MessageState) -> MessageState:
     return new
 
 
-def _remember(state: MessageState, event: Event) -> None:
+def _remember(state: MessageState, event: AnyEvent) -> None:
     state.seen_event_ids.append(event.event_id)
     del state.seen_event_ids[:-MAX_SEEN_EVENT_IDS]
     if event.occurred_at < state.occurred_at:
         state.occurred_at = event.occurred_at
 
 
-def _status_of(event: Event, direction: Direction) -> Status:
+def _status_of(event: AnyEvent, direction: Direction) -> Status:
     if event.type is EventType.SYNCED:
         return Status.RECEIVED if direction is Direction.INBOUND else Status.SENT
     return _STATUS_OF[event.type]
 
 
-def _implied_direction(event: Event) -> Direction | str:
+def _implied_direction(event: AnyEvent) -> Direction | str:
     """The direction a status event belongs to, or a rejection reason."""
     if event.type is EventType.SYNCED:
         return event.direction or Direction.INBOUND
@@ -448,7 +454,7 @@ def _after_change(
 
 
 def apply(
-    state: MessageState | None, event: Event, *, now: datetime | None = None, position: int | None = None
+    state: MessageState | None, event: AnyEvent, *, now: datetime | None = None, position: int | None = None
 ) -> Outcome:
     """Fold ``event`` into ``state`` (None for a message not seen yet). Never mutates ``state``.
 
@@ -519,7 +525,7 @@ def _apply_status(
     state: MessageState | None,
     old: MessageState,
     new: MessageState,
-    event: Event,
+    event: AnyEvent,
     now: datetime | None,
     position: int | None,
 ) -> Outcome:

@@ -64,10 +64,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from libs.component import Component
 from libs.config import KafkaSettings
 from libs.dlq import account_in_key, dead_letter
+from libs.event_structs import decode_status_event
 from libs.events import Event, decode_event, json_bytes, message_key_bytes
 from libs.inflight import partition_for
 from libs.kafka import ERASURES, TopicMismatch, make_consumer, make_producer
-from libs.lifecycle import MessageState, OutcomeKind, apply
+from libs.lifecycle import AnyEvent, MessageState, OutcomeKind, apply
 from services.transform.parsing import ParsePool
 from services.transform.settings import TransformSettings
 
@@ -233,7 +234,7 @@ class PartitionStates:
 # The keys whose state a batch changed, each with its changelog value when _handle encoded it.
 _Dirty = dict[bytes, bytes | None]
 _Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-_Decoded = dict[tuple[TopicPartition, int], Event | str]  # by (partition, offset): event or why not
+_Decoded = dict[tuple[TopicPartition, int], AnyEvent | str]  # by (partition, offset): event or why not
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -472,7 +473,7 @@ class TransformWorker(Component):
                 try:
                     if record.value is None:
                         raise ValueError("record has no value")
-                    event = decode_event(record.value)
+                    event = decode_status_event(record.value) or decode_event(record.value)
                 except Exception as exc:  # any bad bytes or schema: the DLQ, never a stuck partition
                     decoded[(tp, record.offset)] = f"undecodable event: {exc}"
                     continue
@@ -688,7 +689,7 @@ class TransformWorker(Component):
         self,
         tp: TopicPartition,
         record: ConsumerRecord[bytes, bytes],
-        event: Event | str,
+        event: AnyEvent | str,
         states: PartitionStates,
         snapshot: _Snapshot,
         dirty: _Dirty,
