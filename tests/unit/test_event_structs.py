@@ -75,7 +75,9 @@ def test_content_flags_and_what_only_pydantic_can_judge_go_to_pydantic() -> None
     assert decode_status_event(b"[]") is None
 
 
-BASE = {"event_id": "e", "account_id": str(ACCOUNT), "message_key": "k", "occurred_at": "2025-01-02T03:04:05Z"}
+BASE = {
+    "event_id": "e", "account_id": str(ACCOUNT), "message_key": "k", "occurred_at": "2025-01-02T03:04:05Z",
+}  # fmt: skip
 # A valid status event with any of its fields replaced by odd or wrong values: where the two
 # decoders differ is where such a value is accepted.
 overrides = st.fixed_dictionaries(
