@@ -479,7 +479,7 @@ def encode(model: BaseModel) -> bytes:
 
 def json_bytes(model: BaseModel) -> bytes:
     """``model.model_dump_json(exclude_none=True).encode()`` without the round trip through
-    ``str`` (4.3 against 5.9 us for a message state). A field left out decodes as its default,
+    ``str`` (4.3 against 5.9 us for a message state with its nulls). A field left out decodes as its default,
     so this is for models whose every nullable field defaults to None (transform's states):
     a delivered message's state is 549 bytes instead of 878 with its nulls, 12 % faster to
     encode and twice as fast to decode."""

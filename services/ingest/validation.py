@@ -2,10 +2,11 @@
 
 A batch is validated in one call (:func:`check_batch`), and what goes on ``flightlog.inflight``
 is each item as posted, with ``event_id``, ``received_at`` and ``schema_version`` set, encoded
-once by orjson: not the model dumped again. The transform decodes it with the same model
-(:func:`libs.events.decode_event`), so it reads the event ingest validated
-(``tests/unit/test_ingest_batch.py`` holds the two side by side). Only a batch with a bad item is
-validated again, item by item, for the per-item errors of the 422.
+once by orjson: not the model dumped again. The transform decodes it with the same structs and
+model (:func:`libs.event_structs.decode_status_event`, then :func:`libs.events.decode_event`), so
+it reads the event ingest validated (``tests/unit/test_ingest_batch.py`` holds the two side by
+side). Only a batch with a bad item is validated again, item by item, for the per-item errors of
+the 422.
 
 The batch is first checked by msgspec (:class:`libs.event_structs.EventItem`, 0.3 us an event
 where pydantic's TypeAdapter took 4.6, a third of ingest's CPU), whose structs accept a subset of
