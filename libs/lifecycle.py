@@ -67,7 +67,6 @@ from libs.events import (
     Event,
     EventType,
     MessageContent,
-    MessageDoc,
     MessageFlags,
     MessagePatch,
     ParticipantIn,
@@ -240,7 +239,6 @@ def postflight_value(fields: dict[str, Any]) -> bytes:
 # What a record without content writes of its document: the flag columns (named as the fields)
 # and the erasure flag; the rest of its document is the state's view, not written.
 _FLAG_FIELDS: Final = frozenset({*FLAG_COLUMNS, "redacted"})
-_DOC_ORDER: Final = tuple(MessageDoc.model_fields)
 
 
 def coalesced(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any] | None:
@@ -257,12 +255,14 @@ def coalesced(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any] | N
     doc, flags = first["message"], then["message"]
     if first["deleted"] or then["deleted"] or doc["redacted"] or flags["redacted"]:
         return None
-    merged = {name: flags.get(name) if name in _FLAG_FIELDS else doc.get(name) for name in _DOC_ORDER}
-    return {
-        **then,
-        "message": {name: value for name, value in merged.items() if value is not None},
-        "content_version": first.get("content_version", first["version"]),
-    }
+    message = dict(doc)
+    for name in _FLAG_FIELDS:
+        value = flags.get(name)
+        if value is None:
+            message.pop(name, None)
+        else:
+            message[name] = value
+    return {**then, "message": message, "content_version": first.get("content_version", first["version"])}
 
 
 # An HTML-only message's snippet is read from this much of its HTML at most.
