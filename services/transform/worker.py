@@ -5,7 +5,10 @@ partition N for inflight partition N), the postflight records, the DLQ records a
 offsets, so either all of a batch's effects become visible (read_committed) or none do. The
 batch is folded first and produced after, in one producer batch per topic partition
 (``send_batch``): a future per partition instead of one per record, and only the last state of
-each key in the batch goes to the changelog.
+each key in the batch goes to the changelog. A message's postflight records of one batch go out
+as one where :func:`libs.lifecycle.coalesced` can make one of them (a message stored when sent
+and delivered in the same batch: half the records for persist to decode and fold, measured at
+6.4 us less of persist's CPU an event at 10,000 events/s).
 
 The states of the assigned partitions live in memory and are rebuilt from the changelog when a
 partition is assigned, in the background while the partition is paused (the rebalance listener
