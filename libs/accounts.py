@@ -24,7 +24,15 @@ from cachetools import TTLCache
 
 from libs.db import insert_guarded
 from libs.ids import shard_of
-from libs.shards import SIZE_BUCKET_BYTES, ShardMoved, ShardRouter, UnknownShard, schema_gone, shard_sizes
+from libs.shards import (
+    SIZE_BUCKET_BYTES,
+    ShardMap,
+    ShardMoved,
+    ShardRouter,
+    UnknownShard,
+    schema_gone,
+    shard_sizes,
+)
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -44,6 +52,11 @@ __all__ = [
 ]
 
 API_KEY_PREFIX: Final = "flk_"
+# How long an account read waits for a shard move to publish where the shard went, after its
+# fence renamed the copy the map names: the move's write pause (the last changes copied and
+# verified), seconds on a large shard. Past it the read fails with ShardMoved (ingest: 503).
+MOVE_WAIT_S: Final = 15.0
+MOVE_POLL_S: Final = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,15 +349,17 @@ class AccountDirectory:
         if account is not None or account_id in self._unknown_accounts:
             return account
         shard = shard_of(account_id)
-        if shard not in self._router.shard_map.shard_cluster:
+        read_with = self._router.shard_map
+        if shard not in read_with.shard_cluster:
             return None
         try:
             row = await self._account_row(shard, account_id)
         except Exception as exc:
-            # A move finished and dropped the copy this (stale) map points at: read the map again.
+            # A move fenced the copy this map points at (its write pause) or finished and dropped
+            # it: read again once the map says where the shard is.
             if not schema_gone(exc):
                 raise
-            if not await self._router.reload():
+            if not await self._map_moved_on(shard, read_with):
                 raise ShardMoved(f"shard {shard} is not where the shard map says") from exc
             row = await self._account_row(shard, account_id)
         if row is None:
@@ -352,6 +367,25 @@ class AccountDirectory:
             return None
         account = self._accounts[account_id] = Account(int(row[0]), int(row[1]), row[2], row[3])
         return account
+
+    async def _map_moved_on(self, shard: int, read_with: ShardMap) -> bool:
+        """Whether the shard map, within :data:`MOVE_WAIT_S`, moves ``shard`` off the cluster
+        ``read_with`` names, or reopens it there (a move rolled back). A move publishes its fence
+        (the shard ``readonly``, same cluster) before it renames the source's tables, and the
+        new cluster only after the last changes are copied and verified: a map that merely
+        changed may still point at the renamed copy."""
+        await self._router.reload()
+        self._router.request_reload()  # and its reloader polls the map fast for a while
+        deadline = time.monotonic() + MOVE_WAIT_S
+        while True:
+            now = self._router.shard_map
+            if now.shard_cluster.get(shard) != read_with.shard_cluster.get(shard) or (
+                now.version != read_with.version and shard not in now.readonly
+            ):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(MOVE_POLL_S)
 
     async def _account_row(self, shard: int, account_id: int) -> tuple[Any, ...] | None:
         pool = await self._router.pool(shard, write=False)
