@@ -73,7 +73,7 @@ from libs.events import (
     PostflightRecord,
     Status,
 )
-from libs.messages import FLAG_COLUMNS
+from libs.messages import FLAG_FIELDS
 from libs.mime import MAX_RAW_BYTES, collapse_whitespace, expand_raw_mime, html_to_text
 
 __all__ = [
@@ -236,11 +236,6 @@ def postflight_value(fields: dict[str, Any]) -> bytes:
     return orjson.dumps(fields, default=_model_json, option=orjson.OPT_UTC_Z)
 
 
-# What a record without content writes of its document: the flag columns (named as the fields)
-# and the erasure flag; the rest of its document is the state's view, not written.
-_FLAG_FIELDS: Final = frozenset({*FLAG_COLUMNS, "redacted"})
-
-
 def coalesced(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any] | None:
     """The one record (as fields) that writes what ``first`` and then ``then``, two records of one
     message, write: ``then``'s status and flags over ``first``'s content. None when they must go
@@ -256,7 +251,7 @@ def coalesced(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any] | N
     if first["deleted"] or then["deleted"] or doc["redacted"] or flags["redacted"]:
         return None
     message = dict(doc)
-    for name in _FLAG_FIELDS:
+    for name in FLAG_FIELDS:
         value = flags.get(name)
         if value is None:
             message.pop(name, None)

@@ -20,6 +20,7 @@ __all__ = [
     "DETAIL_COLUMNS",
     "ERASABLE_COLUMNS",
     "FLAG_COLUMNS",
+    "FLAG_FIELDS",
     "LIST_COLUMNS",
     "decode_body",
     "encode_body",
@@ -34,6 +35,9 @@ BODY_ZLIB: Final = 1  # body_encoding: the JSON, zlib-compressed
 FLAG_COLUMNS: Final = (
     "status", "direction", "unread", "starred", "folder", "labels", "source", "occurred_at", "final_at",
 )  # fmt: skip
+# The document fields a postflight record writes by its version: the flag columns (named as the
+# fields) and the erasure flag. A record without content writes only these of its document.
+FLAG_FIELDS: Final = (*FLAG_COLUMNS, "redacted")
 # Guarded by ``content_version``, and never blanked by a NULL (see services.persist.writer).
 # ``participants`` is merged per role (migration 0012), the others are taken whole.
 CONTENT_COLUMNS: Final = (

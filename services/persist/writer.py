@@ -102,7 +102,7 @@ from libs.db import union_all
 from libs.db.literals import values_sql
 from libs.events import MAX_KEY_BYTES, MessageDoc, PostflightRecord, storable_utc
 from libs.ids import ShardBitsMismatch, check_shard
-from libs.messages import BODY_RAW, CONTENT_COLUMNS, ERASABLE_COLUMNS, FLAG_COLUMNS, encode_body
+from libs.messages import BODY_RAW, CONTENT_COLUMNS, ERASABLE_COLUMNS, FLAG_COLUMNS, FLAG_FIELDS, encode_body
 from libs.shards import ShardReadOnly, ShardRouter, UnknownShard
 from libs.threads import update_threads
 from services.persist.relay import CommittedChange
@@ -431,15 +431,10 @@ def latest_per_message(records: Iterable[PostflightRecord]) -> list[PostflightRe
     return out
 
 
-# The document fields a record writes by its version: the flag columns (named as the fields) and
-# the erasure flag.
-_FLAG_FIELDS: Final = (*FLAG_COLUMNS, "redacted")
-
-
 def _folded(top: PostflightRecord, content: PostflightRecord) -> PostflightRecord:
     """The one record that writes what ``content`` and then ``top`` (of a higher version, without
     content, neither erasing) write: ``top``'s flags and status over ``content``'s content."""
-    doc = content.message.model_copy(update={name: getattr(top.message, name) for name in _FLAG_FIELDS})
+    doc = content.message.model_copy(update={name: getattr(top.message, name) for name in FLAG_FIELDS})
     return top.model_copy(update={"message": doc, "content_version": content_version(content)})
 
 

@@ -249,6 +249,11 @@ class _Emitted(NamedTuple):
     value: bytes
 
 
+def _key_account(key: bytes) -> bytes:
+    """The account part of a message's key (``b"<account id>"``), as erased accounts are kept."""
+    return key.partition(b":")[0]
+
+
 def _merged(kept: _Emitted, fresh: _Emitted) -> _Emitted | None:
     """``kept`` and then ``fresh`` as one record, when they can be and it is small enough to hold."""
     fields = coalesced(kept.fields, fresh.fields)
@@ -564,8 +569,9 @@ class TransformWorker(Component):
         for records in batch.values():
             for record in records:
                 account = account_in_key((record.key or b"") + b":")
-                if account is not None and str(account).encode() not in self._erased:
-                    self._erased.add(str(account).encode())
+                prefix = None if account is None else str(account).encode()
+                if prefix is not None and prefix not in self._erased:
+                    self._erased.add(prefix)
                     self._erase_due = True
 
     async def _forget_erased(self) -> int:
@@ -573,7 +579,7 @@ class TransformWorker(Component):
         self._erase_due = False
         found: dict[int, list[bytes]] = {}
         for partition, states in self._states.items():
-            keys = [k for k in states.keys() if k.partition(b":")[0] in self._erased]
+            keys = [k for k in states.keys() if _key_account(k) in self._erased]
             if keys:
                 found[partition] = keys
         pairs = [(p, k) for p, keys in found.items() for k in keys]
@@ -750,7 +756,7 @@ class TransformWorker(Component):
         """Fold one event into ``states``; what it produces goes to ``dirty`` (the key's state
         changed, with its changelog value when encoded already), ``emitted`` (postflight key and
         value) and ``letters`` (the DLQ, with the reason)."""
-        if self._erased and (record.key or b"").partition(b":")[0] in self._erased:
+        if self._erased and _key_account(record.key or b"") in self._erased:
             return "erased"  # nothing of an erased account is kept, the DLQ included
         if isinstance(event, str):
             letters.append((record, event))
@@ -765,7 +771,8 @@ class TransformWorker(Component):
             return "error"
         if outcome.kind is OutcomeKind.REJECTED:
             letters.append((record, outcome.reason or "rejected"))
-        postflight = outcome.value
+        fields = outcome.postflight
+        postflight = None if fields is None else _Emitted(key, fields, postflight_value(fields))
         changed = outcome.changed and outcome.state is not None
         # Only content makes a state grow by much; encoding it here is reused for the changelog.
         state_value = (
@@ -773,7 +780,7 @@ class TransformWorker(Component):
             if changed and outcome.state is not None and event.content is not None
             else None
         )
-        largest = max(len(postflight or b""), len(state_value or b""))
+        largest = max(len(postflight.value) if postflight else 0, len(state_value or b""))
         if largest > MAX_RECORD_BYTES:
             letters.append(
                 (record, f"message too large: {largest} bytes encoded, over the limit of {MAX_RECORD_BYTES}")
@@ -783,8 +790,8 @@ class TransformWorker(Component):
             snapshot.setdefault((tp.partition, key), previous)
             states[key] = outcome.state
             dirty[key] = state_value
-        if postflight is not None and outcome.postflight is not None:
-            emitted.append(_Emitted(key, outcome.postflight, postflight))
+        if postflight is not None:
+            emitted.append(postflight)
         return outcome.kind.value
 
     async def _dead_letter(

@@ -12,7 +12,7 @@ import asyncmy.errors
 import pytest
 
 from libs import accounts
-from libs.accounts import AccountDirectory
+from libs.accounts import Account, AccountDirectory
 from libs.shards import Cluster, ShardMap, ShardMoved
 
 SHARD = 3
@@ -58,28 +58,31 @@ async def _publish_later(router: _Router, *maps: ShardMap) -> None:
         router.shard_map = shard_map
 
 
-async def test_a_read_in_the_write_pause_waits_for_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(accounts, "MOVE_POLL_S", 0.01)
+async def _read_while_published(*maps: ShardMap) -> tuple[Account | None, list[int]]:
+    """The account read while ``maps`` are published one after the other, and the map versions
+    it was read with."""
     router = _Router(_map(1, 1))
     reads: list[ShardMap] = []
     directory = _directory(router, reads)
-    # The fence is published (readonly, the same cluster), then the switch (the other cluster).
-    publishing = asyncio.create_task(_publish_later(router, _map(2, 1, readonly=True), _map(3, 2)))
+    publishing = asyncio.create_task(_publish_later(router, *maps))
     account = await directory.account(ACCOUNT)
     await publishing
+    return account, [m.version for m in reads]
+
+
+async def test_a_read_in_the_write_pause_waits_for_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accounts, "MOVE_POLL_S", 0.01)
+    # The fence is published (readonly, the same cluster), then the switch (the other cluster).
+    account, versions = await _read_while_published(_map(2, 1, readonly=True), _map(3, 2))
     assert account is not None and account.application_id == 9
-    assert [m.version for m in reads] == [1, 3]  # not read again on the fence's map
+    assert versions == [1, 3]  # not read again on the fence's map
 
 
 async def test_a_move_rolled_back_reads_where_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(accounts, "MOVE_POLL_S", 0.01)
-    router = _Router(_map(1, 1))
-    reads: list[ShardMap] = []
-    directory = _directory(router, reads)
-    publishing = asyncio.create_task(_publish_later(router, _map(2, 1, readonly=True), _map(4, 1)))
-    assert await directory.account(ACCOUNT) is not None
-    await publishing
-    assert [m.version for m in reads] == [1, 4]
+    account, versions = await _read_while_published(_map(2, 1, readonly=True), _map(4, 1))
+    assert account is not None
+    assert versions == [1, 4]
 
 
 async def test_a_map_that_says_nothing_new_in_time_is_shard_moved(monkeypatch: pytest.MonkeyPatch) -> None:
