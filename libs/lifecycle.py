@@ -86,6 +86,7 @@ __all__ = [
     "OutcomeKind",
     "apply",
     "coalesced",
+    "is_stored",
     "make_snippet",
     "postflight_value",
 ]
@@ -361,7 +362,7 @@ def _content_changed(old: MessageState, new: MessageState) -> bool:
     return any(getattr(new, name) != getattr(old, name) for name in _CONTENT_FIELDS)
 
 
-def _stored(state: MessageState) -> bool:
+def is_stored(state: MessageState) -> bool:
     """Whether the message's first record is out (see the module docstring)."""
     return state.final or state.rank >= _STORED_RANK
 
@@ -473,7 +474,7 @@ def _after_change(
 ) -> Outcome:
     """A stored message emits an update when its document really changed; a message that is not
     stored here emits ``patch`` (if any) for persist to apply to a stored row."""
-    stored = _stored(new)
+    stored = is_stored(new)
     if stored and _doc_view(new) != _doc_view(old):
         return _emit_update(old, new, now, position, emit_reason)
     if stored:
@@ -542,7 +543,7 @@ def apply(
     # message.deleted
     _erase(new)
     new.deleted = True
-    if not _stored(new):
+    if not is_stored(new):
         return _emit_patch(new, now, position, MessagePatch(deleted=True), "deleted (patch: not stored here)")
     return _emit_update(old, new, now, position, "deleted")
 
@@ -607,18 +608,18 @@ def _apply_status(
         what = "duplicate" if rank == new.rank else "late"
         current = new.status.value if new.status else "?"
         why = f"{what} {status.value}: message is {current}"
-        if _stored(new):  # what it filled goes out
+        if is_stored(new):  # what it filled goes out
             return _after_change(old, new, now, position, why, emit_reason=f"{why}, filled content")
         return Outcome(OutcomeKind.IGNORED, new, True, reason=why)
     if new.status is None:
         new.source = ("imap" if event.source == "api" else event.source) if synced else event.source
-    was_stored = _stored(new)
+    was_stored = is_stored(new)
     new.status = status
     new.rank = rank
     if rank >= _FINAL_RANK:
         new.final = True
         new.final_at = event.occurred_at
-    if not _stored(new):
+    if not is_stored(new):
         return Outcome(OutcomeKind.APPLIED, new, True, reason=f"now {status.value}")
     if was_stored:
         return _emit_update(old, new, now, position, f"now {status.value}")

@@ -71,7 +71,15 @@ from libs.event_structs import decode_status_event
 from libs.events import Event, decode_event, json_bytes, message_key_bytes
 from libs.inflight import partition_for
 from libs.kafka import ERASURES, TopicMismatch, make_consumer, make_producer
-from libs.lifecycle import AnyEvent, MessageState, OutcomeKind, apply, coalesced, postflight_value
+from libs.lifecycle import (
+    AnyEvent,
+    MessageState,
+    OutcomeKind,
+    apply,
+    coalesced,
+    is_stored,
+    postflight_value,
+)
 from services.transform.parsing import ParsePool
 from services.transform.settings import TransformSettings
 
@@ -174,7 +182,10 @@ class PartitionStates:
     States restored from the changelog stay encoded until an event first needs them: a restore
     then costs one dict insert per record instead of a pydantic decode (222,875 states took
     12-16 s decoded). Most restored states (final messages) are never read again before the
-    next rebalance.
+    next rebalance. A stored message's state goes back to its changelog bytes once its batch
+    is done (:meth:`hold_encoded`), for the same reason, and for the garbage collector: a
+    state held as a model is four objects it scans in every full collection, a pause that grew
+    with the states held (300,000 states: 440 ms), while bytes are not scanned at all.
 
     Each key is also in ``_final`` or ``_pending`` with the wall-clock time it was last written,
     oldest first (a write moves it to the end), so :meth:`expired` reads only what has expired.
@@ -207,6 +218,10 @@ class PartitionStates:
         self._final.pop(key, None)
         self._pending.pop(key, None)
         (self._final if final else self._pending)[key] = at
+
+    def hold_encoded(self, key: bytes, value: bytes) -> None:
+        """Hold ``key``'s state as ``value``, its encoding, until an event needs it again."""
+        self._items[key] = value
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._items
@@ -699,16 +714,20 @@ class TransformWorker(Component):
                     out.sends.append(
                         await self._dead_letter(record, reason, (tp.topic, tp.partition, record.offset))
                     )
-                # Only the last state of a key in the batch goes to the changelog.
+                # Only the last state of a key in the batch goes to the changelog. A stored
+                # message's waits, mostly for ever, for its next event: it is held as these bytes.
                 for key, encoded in dirty.items():
                     state = states[key]
+                    value = encoded or json_bytes(state)
                     await out.add(
                         self.state_topic,
                         tp.partition,
                         key,
-                        encoded or json_bytes(state),
+                        value,
                         headers=[(H_FINAL, b"1" if state.final else b"0")],
                     )
+                    if is_stored(state):
+                        states.hold_encoded(key, value)
             await out.flush()
             await asyncio.gather(*out.sends)
             offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}

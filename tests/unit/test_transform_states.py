@@ -81,3 +81,15 @@ def test_postflight_partition_is_the_default_partitioners() -> None:
     for i in range(200):
         key = message_key_bytes(1 << 48 | i, f"m{i}")
         assert _partition_of(key, partitions) == DefaultPartitioner()(key, partitions, partitions)
+
+
+def test_a_state_held_encoded_keeps_its_clock_and_decodes_when_read() -> None:
+    state = _state()
+    states = PartitionStates()
+    states[b"k"] = state
+    written = states.expired(final_before=0.0, pending_before=float("inf"), limit=10)
+    states.hold_encoded(b"k", state.model_dump_json(exclude_none=True).encode())
+    assert states.expired(final_before=0.0, pending_before=float("inf"), limit=10) == written
+    assert states.counts() == (0, 1)
+    read = states.get(b"k")
+    assert read == state and read is not state
