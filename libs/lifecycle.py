@@ -376,11 +376,12 @@ def _emit_first(new: MessageState, now: datetime | None, position: int | None, r
 
 
 def _emit_update(
-    old: MessageState, new: MessageState, now: datetime | None, position: int | None, reason: str
+    old: MessageState | None, new: MessageState, now: datetime | None, position: int | None, reason: str
 ) -> Outcome:
-    """A later record of a stored message: the content only when this event changed it."""
+    """A later record of a stored message: the content only when this event changed it (against
+    ``old``, the state before the event; None for a message not seen before: all of it is new)."""
     new.version = _next_version(new, position)
-    content_version = new.version if _content_changed(old, new) else 0
+    content_version = new.version if old is None or _content_changed(old, new) else 0
     record = _record(new, now, content_version=content_version)
     _drop_content(new)
     return Outcome(OutcomeKind.EMITTED, new, True, record, reason)
@@ -426,13 +427,47 @@ def _erase(state: MessageState) -> None:
         state.content_ranks.pop(name, None)
 
 
+_set_slot = object.__setattr__
+# Every field's default, in the model's order; the required ones and the containers are set by
+# each new state (the placeholders keep their places).
+_DEFAULTS: Final = {
+    name: None if info.default_factory is not None else info.default
+    for name, info in MessageState.model_fields.items()
+}
+
+
+def _built(fields: dict[str, Any], fields_set: set[str]) -> MessageState:
+    """A state from its fields, as pydantic's ``__copy__`` builds one (a state has no extra or
+    private attributes), without validation: the caller's values come from a state or a
+    validated event."""
+    state = MessageState.__new__(MessageState)
+    _set_slot(state, "__dict__", fields)
+    _set_slot(state, "__pydantic_fields_set__", fields_set)
+    _set_slot(state, "__pydantic_extra__", None)
+    _set_slot(state, "__pydantic_private__", None)
+    return state
+
+
+_NEW_FIELDS_SET: Final = frozenset({"account_id", "message_key", "occurred_at", "source"})
+
+
+def _new(event: AnyEvent) -> MessageState:
+    """A message's first state: 1.2 against 3.9 us through the validating constructor."""
+    fields = _DEFAULTS.copy()
+    fields.update(
+        account_id=event.account_id, message_key=event.message_key, occurred_at=event.occurred_at,
+        source=event.source, content_ranks={}, seen_event_ids=[],
+    )  # fmt: skip
+    return _built(fields, set(_NEW_FIELDS_SET))
+
+
 def _copy(state: MessageState) -> MessageState:
     # Shallow, much cheaper than deep: lists held in fields are replaced, never changed in place,
-    # except these two.
-    new = state.model_copy()
-    new.content_ranks = dict(state.content_ranks)
-    new.seen_event_ids = list(state.seen_event_ids)
-    return new
+    # except these two. 1.1 against 2.0 us through model_copy.
+    fields = state.__dict__.copy()
+    fields["content_ranks"] = state.content_ranks.copy()
+    fields["seen_event_ids"] = state.seen_event_ids.copy()
+    return _built(fields, state.__pydantic_fields_set__.copy())
 
 
 def _remember(state: MessageState, event: AnyEvent) -> None:
@@ -463,7 +498,7 @@ def _implied_direction(event: AnyEvent) -> Direction | str:
 
 
 def _after_change(
-    old: MessageState,
+    old: MessageState | None,
     new: MessageState,
     now: datetime | None,
     position: int | None,
@@ -475,7 +510,7 @@ def _after_change(
     """A stored message emits an update when its document really changed; a message that is not
     stored here emits ``patch`` (if any) for persist to apply to a stored row."""
     stored = is_stored(new)
-    if stored and _doc_view(new) != _doc_view(old):
+    if stored and (old is None or _doc_view(new) != _doc_view(old)):
         return _emit_update(old, new, now, position, emit_reason)
     if stored:
         return Outcome(OutcomeKind.IGNORED, new, True, reason=why_unchanged)
@@ -498,11 +533,7 @@ def apply(
             return Outcome(OutcomeKind.IGNORED, state, reason=f"duplicate event_id {event.event_id}")
         new = _copy(state)
     else:
-        new = MessageState(
-            account_id=event.account_id, message_key=event.message_key,
-            occurred_at=event.occurred_at, source=event.source,
-        )  # fmt: skip
-    old = state or _copy(new)
+        new = _new(event)
     if event.content is not None and event.content.raw_mime is not None:
         try:
             content = expand_raw_mime(event.content, max_bytes=MAX_RAW_BYTES)
@@ -511,7 +542,7 @@ def apply(
         event = event.model_copy(update={"content": content})
 
     if event.type in _STATUS_OF or event.type is EventType.SYNCED:
-        return _apply_status(state, old, new, event, now, position)
+        return _apply_status(state, new, event, now, position)
     if event.direction is not None and new.direction is not None and event.direction is not new.direction:
         return _reject(state, f"{event.type.value} says {event.direction.value} but the message is "
                               f"{new.direction.value}")  # fmt: skip
@@ -529,7 +560,7 @@ def apply(
         _merge_content(new, event.content, _UPDATE_RANK)
         patch = MessagePatch(flags=event.flags) if event.flags is not None else None
         return _after_change(
-            old, new, now, position, "update changed nothing", emit_reason="updated", patch=patch
+            state, new, now, position, "update changed nothing", emit_reason="updated", patch=patch
         )
     if event.type is EventType.REDACTED:
         if new.redacted:
@@ -537,7 +568,7 @@ def apply(
         _erase(new)
         new.redacted = True
         return _after_change(
-            old, new, now, position, "redaction changed nothing", emit_reason="redacted",
+            state, new, now, position, "redaction changed nothing", emit_reason="redacted",
             patch=MessagePatch(redacted=True),
         )  # fmt: skip
     # message.deleted
@@ -545,7 +576,7 @@ def apply(
     new.deleted = True
     if not is_stored(new):
         return _emit_patch(new, now, position, MessagePatch(deleted=True), "deleted (patch: not stored here)")
-    return _emit_update(old, new, now, position, "deleted")
+    return _emit_update(state, new, now, position, "deleted")
 
 
 def _reject(state: MessageState | None, reason: str) -> Outcome:
@@ -554,7 +585,6 @@ def _reject(state: MessageState | None, reason: str) -> Outcome:
 
 def _apply_status(
     state: MessageState | None,
-    old: MessageState,
     new: MessageState,
     event: AnyEvent,
     now: datetime | None,
@@ -594,11 +624,11 @@ def _apply_status(
             new.final_at = min(new.final_at or event.occurred_at, event.occurred_at)
         if bounce:  # the status changed: an update goes out
             new.status = status
-            return _emit_update(old, new, now, position, f"now {status.value}: a recipient bounced")
+            return _emit_update(state, new, now, position, f"now {status.value}: a recipient bounced")
         why = f"duplicate final status {status.value}" if rank == _FINAL_RANK and not late_delivery else (
             f"late {status.value}: message is already {new.status.value if new.status else 'final'}"
         )  # fmt: skip
-        return _after_change(old, new, now, position, why, emit_reason=f"{why}, filled content")
+        return _after_change(state, new, now, position, why, emit_reason=f"{why}, filled content")
 
     _remember(new, event)
     new.direction = implied
@@ -609,7 +639,7 @@ def _apply_status(
         current = new.status.value if new.status else "?"
         why = f"{what} {status.value}: message is {current}"
         if is_stored(new):  # what it filled goes out
-            return _after_change(old, new, now, position, why, emit_reason=f"{why}, filled content")
+            return _after_change(state, new, now, position, why, emit_reason=f"{why}, filled content")
         return Outcome(OutcomeKind.IGNORED, new, True, reason=why)
     if new.status is None:
         new.source = ("imap" if event.source == "api" else event.source) if synced else event.source
@@ -622,5 +652,5 @@ def _apply_status(
     if not is_stored(new):
         return Outcome(OutcomeKind.APPLIED, new, True, reason=f"now {status.value}")
     if was_stored:
-        return _emit_update(old, new, now, position, f"now {status.value}")
+        return _emit_update(state, new, now, position, f"now {status.value}")
     return _emit_first(new, now, position, f"{'final' if new.final else 'stored'}: {status.value}")

@@ -50,9 +50,16 @@ def ev(type_: EventType, *, at: int = 0, key: str = "m1", event_id: str | None =
 def run(
     events: Iterable[Event], state: MessageState | None = None
 ) -> tuple[MessageState | None, list[Outcome]]:
+    """Apply ``events`` in turn. Every step also checks that apply leaves the state it was given
+    as it was (it builds its states without pydantic's validation or copy) and that the state it
+    returns is one the model validates as it is."""
     outcomes = []
     for event in events:
+        before = None if state is None else state.model_dump()
         outcome = apply(state, event)
+        assert state is None or state.model_dump() == before
+        if outcome.state is not None:
+            assert MessageState.model_validate(outcome.state.model_dump()) == outcome.state
         outcomes.append(outcome)
         state = outcome.state
     return state, outcomes
