@@ -94,7 +94,15 @@ async def make_tenant(db: DatabaseSettings, *, accounts_per_shard: int = 1) -> T
     return Tenant(key, accounts)
 
 
+_LIFECYCLE: Final = tuple(f"message.{s}" for s in ("accepted", "queued", "sending", "sent", "delivered"))
+
+
 def lifecycle(account_id: int, key: str, t: datetime) -> list[dict[str, Any]]:
+    """A message's five outbound events, the first with its content, as an application posts them.
+
+    The load generator shares the machine with what it measures: one random read for the five
+    event ids and one time string (4.2 against 18.6 us a message with a uuid4 and an isoformat
+    each)."""
     content = {
         "from": "sender@example.test",
         "to": ["rcpt@example.test"],
@@ -102,14 +110,15 @@ def lifecycle(account_id: int, key: str, t: datetime) -> list[dict[str, Any]]:
         "body_text": f"body of {key} " * 20,
         "channel": "email",
     }
-    out = []
-    for i, status in enumerate(("accepted", "queued", "sending", "sent", "delivered")):
+    ids, at, account = os.urandom(16 * len(_LIFECYCLE)).hex(), t.isoformat(), str(account_id)
+    out: list[dict[str, Any]] = []
+    for i, type_ in enumerate(_LIFECYCLE):
         e: dict[str, Any] = {
-            "event_id": uuid.uuid4().hex,
-            "account_id": str(account_id),
+            "event_id": ids[32 * i : 32 * i + 32],
+            "account_id": account,
             "message_key": key,
-            "type": f"message.{status}",
-            "occurred_at": t.isoformat(),
+            "type": type_,
+            "occurred_at": at,
             "direction": "outbound",
         }
         if i == 0:
