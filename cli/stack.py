@@ -148,6 +148,15 @@ class ServerTls:
     ca: Path
 
 
+def _kafka_cluster_id() -> str:
+    """A random cluster id as Kafka writes one (``kafka-storage random-uuid``): URL-safe base64 of
+    16 bytes, never starting with "-", which the storage tool's argument parser takes for an
+    option (one fresh stack in 64 failed to format its storage)."""
+    while (cluster_id := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+        pass
+    return cluster_id
+
+
 @dataclass(frozen=True, slots=True)
 class KafkaSaslSsl:
     """A SASL_SSL listener on ``port``: TLS with ``tls``, SCRAM-SHA-512 and PLAIN for ``users``
@@ -316,7 +325,7 @@ class Kafka(Part):
         self.classpath(step)  # Maven's step first, so the steps below find the jars resolved
         props = self._write_config()
         if not (self.dir / "data" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = _kafka_cluster_id()
             with step("kafka: formatting its storage"):
                 _run(
                     self._java(
