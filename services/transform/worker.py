@@ -270,12 +270,11 @@ def _key_account(key: bytes) -> bytes:
 
 
 def _merged(kept: _Emitted, fresh: _Emitted) -> _Emitted | None:
-    """``kept`` and then ``fresh`` as one record, when they can be and it is small enough to hold."""
+    """``kept`` and then ``fresh`` as one record, when they can be. It is ``kept`` (held, so at
+    most HELD_RECORD_BYTES) with ``fresh``'s status and flags (50 labels at most), far below
+    MAX_RECORD_BYTES; the caller holds it or sends it by its size, as any record."""
     fields = coalesced(kept.fields, fresh.fields)
-    if fields is None:
-        return None
-    value = postflight_value(fields)
-    return _Emitted(fresh.key, fields, value) if len(value) <= HELD_RECORD_BYTES else None
+    return None if fields is None else _Emitted(fresh.key, fields, postflight_value(fields))
 
 
 _COALESCED: Final = "coalesced"  # in _transact's counts: records that went out in a later one
