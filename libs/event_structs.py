@@ -6,18 +6,20 @@ necessarily invalid: it goes through pydantic, whose answer it gets. They take s
 bare-address participants, no raw MIME or attachments, text short enough to be under any byte
 limit; the account id's form and range, the key's bytes and the times' years are checked after
 decoding (:func:`accepted`). ``tests/unit/test_ingest_batch.py`` and
-``tests/unit/test_event_structs.py`` hold the two paths to that on generated items.
+``tests/unit/test_event_structs.py`` hold the two paths to that on generated items. What
+transform decodes with them is built from the checked values without validating them again
+(:func:`decode_inflight`).
 
 Costs (one core of the bench machine): a posted batch's items 0.3 us an event where pydantic's
-TypeAdapter took 4.6; an inflight status event (no content, no flags) 1.4 us where
-``Event.model_validate_json`` took 3.6, and an event with content about 1 us more than pydantic alone
-(msgspec's refusal first).
+TypeAdapter took 4.6; an inflight status event (no content, no flags) 1.3 us where
+``Event.model_validate_json`` took 3.6; the bench's event with content (sender, one recipient,
+subject, 500 characters of body) 7.2 us where msgspec's refusal and then pydantic took 10.6.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Final, Literal, NamedTuple
+from typing import Annotated, Any, Final, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -33,10 +35,14 @@ from libs.events import (
     MAX_REFERENCES,
     SCHEMA_VERSION,
     Direction,
+    Event,
     EventType,
+    MessageContent,
+    MessageFlags,
+    Participant,
 )
 
-__all__ = ["Accepted", "EventItem", "StatusEvent", "accepted", "decode_status_event"]
+__all__ = ["Accepted", "EventItem", "StatusEvent", "accepted", "decode_inflight"]
 
 
 def _text(min_length: int, max_length: int) -> Any:
@@ -166,18 +172,71 @@ class StatusEvent(NamedTuple):
 
 
 _DECODER: Final = msgspec.json.Decoder(EventItem)
+_Model = TypeVar("_Model", Event, MessageContent, MessageFlags, Participant)
+_set_slot = object.__setattr__
 
 
-def decode_status_event(raw: bytes) -> StatusEvent | None:
-    """``raw`` as a :class:`StatusEvent`, or None when it is not one or pydantic must decide:
-    then :func:`libs.events.decode_event` decodes it (or says why it cannot)."""
+def _unvalidated(model: type[_Model], fields: dict[str, Any]) -> _Model:
+    """``model`` holding ``fields`` (every field of it), built as pydantic's own copy builds an
+    instance, without validating again what msgspec checked (``model_construct`` took longer
+    than validating). Every field counts as set: nothing reads which were."""
+    instance = model.__new__(model)
+    _set_slot(instance, "__dict__", fields)
+    _set_slot(instance, "__pydantic_fields_set__", set(fields))
+    _set_slot(instance, "__pydantic_extra__", None)
+    _set_slot(instance, "__pydantic_private__", None)
+    return instance
+
+
+def _participant(someone: _Participant | str) -> Participant:
+    # A string here is a bare address (_Bare): pydantic stores it as given (libs.events._participant_of).
+    if isinstance(someone, str):
+        return _unvalidated(Participant, {"name": None, "email": someone})
+    return _unvalidated(Participant, {"name": someone.name, "email": someone.email})
+
+
+def _people(people: list[_Participant | str] | None) -> list[Participant] | None:
+    return None if people is None else [_participant(p) for p in people]
+
+
+def _content(c: _Content) -> MessageContent:
+    return _unvalidated(MessageContent, {
+        "channel": c.channel, "sender": None if c.sender is None else _participant(c.sender),
+        "to": _people(c.to), "cc": _people(c.cc), "bcc": _people(c.bcc), "reply_to": _people(c.reply_to),
+        "subject": c.subject, "body_text": c.body_text, "body_html": c.body_html,
+        "error_code": c.error_code, "raw_mime": None, "thread_key": c.thread_key,
+        "size_bytes": c.size_bytes, "attachments": None, "parse_warnings": c.parse_warnings,
+        "date": c.date, "message_id": c.message_id, "in_reply_to": c.in_reply_to,
+        "references": c.references,
+    })  # fmt: skip
+
+
+def _flags(f: _Flags) -> MessageFlags:
+    return _unvalidated(
+        MessageFlags, {"unread": f.unread, "starred": f.starred, "folder": f.folder, "labels": f.labels}
+    )
+
+
+def decode_inflight(raw: bytes) -> StatusEvent | Event | None:
+    """``raw`` as transform reads it: a :class:`StatusEvent` when it has neither content nor flags,
+    else an :class:`~libs.events.Event` of the same values as pydantic's; None when pydantic must
+    decide, then :func:`libs.events.decode_event` decodes it (or says why it cannot)."""
     try:
         item = _DECODER.decode(raw)
     except msgspec.DecodeError:  # ValidationError is one
         return None
     account = _account(item)
-    if not account or item.content is not None or item.flags is not None:
+    if not account:
         return None
-    return StatusEvent(
-        item.event_id, account, item.message_key, item.type, item.occurred_at, item.source, item.direction
-    )
+    content, flags = item.content, item.flags
+    if content is None and flags is None:
+        return StatusEvent(
+            item.event_id, account, item.message_key, item.type, item.occurred_at, item.source, item.direction
+        )
+    return _unvalidated(Event, {
+        "schema_version": item.schema_version, "event_id": item.event_id, "account_id": account,
+        "message_key": item.message_key, "type": item.type, "occurred_at": item.occurred_at,
+        "source": item.source, "direction": item.direction,
+        "content": None if content is None else _content(content),
+        "flags": None if flags is None else _flags(flags), "received_at": item.received_at,
+    })  # fmt: skip

@@ -3,7 +3,7 @@
 A batch is validated in one call (:func:`check_batch`), and what goes on ``flightlog.inflight``
 is each item as posted, with ``event_id``, ``received_at`` and ``schema_version`` set, encoded
 once by orjson: not the model dumped again. The transform decodes it with the same structs and
-model (:func:`libs.event_structs.decode_status_event`, then :func:`libs.events.decode_event`), so
+model (:func:`libs.event_structs.decode_inflight`, then :func:`libs.events.decode_event`), so
 it reads the event ingest validated (``tests/unit/test_ingest_batch.py`` holds the two side by
 side). Only a batch with a bad item is validated again, item by item, for the per-item errors of
 the 422.

@@ -67,7 +67,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from libs.component import Component
 from libs.config import KafkaSettings
 from libs.dlq import account_in_key, dead_letter
-from libs.event_structs import decode_status_event
+from libs.event_structs import decode_inflight
 from libs.events import Event, decode_event, json_bytes, message_key_bytes
 from libs.inflight import partition_for
 from libs.kafka import ERASURES, TopicMismatch, make_consumer, make_producer
@@ -523,7 +523,7 @@ class TransformWorker(Component):
                 try:
                     if record.value is None:
                         raise ValueError("record has no value")
-                    event = decode_status_event(record.value) or decode_event(record.value)
+                    event = decode_inflight(record.value) or decode_event(record.value)
                 except Exception as exc:  # any bad bytes or schema: the DLQ, never a stuck partition
                     decoded[(tp, record.offset)] = f"undecodable event: {exc}"
                     continue
