@@ -170,6 +170,7 @@ def pipeline_processes(extra: Mapping[str, int] | None = None) -> dict[str, list
 # sustained at 18,000 events/s while 14,659/s became queryable (December 2026).
 MAX_BACKLOG_S: Final = 1.0
 
+
 async def _landed_at(router: ShardRouter, accounts: list[int], prefix: str) -> dict[str, float]:
     """Each landed message of ``prefix``: when its row was last written (Unix time)."""
 
