@@ -500,9 +500,9 @@ async def pipeline_stage(ctx: StageContext) -> None:
         " step starts. Accepted: events ingest answered 202 for within the step. Queryable: the"
         " step's events over the time from its start to its last row's write. Latency: each"
         " message's row write less its POST's start. A step is sustained when ingest accepted 95%"
-        " of the offered events and what was not queryable at the step's end is under 2 s of the"
-        " offered rate; the ramp stops at the first step that is not, after one more step halfway"
-        " between it and the one before.",
+        " of the offered events and what was not queryable at the step's end is at most"
+        f" {MAX_BACKLOG_S:.0f} s of the offered rate; the ramp stops at the first step that is not,"
+        " after one more step halfway between it and the one before.",
         charts=[Chart(RAMP_CHART, "throughput and p50/p99 latency against the offered rate")],
     )
     report.sections.append(ramp_section)  # its table once both ramps have run
