@@ -19,7 +19,7 @@ subject, 500 characters of body) 7.2 us where msgspec's refusal and then pydanti
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Final, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import msgspec
 
@@ -40,6 +40,7 @@ from libs.events import (
     MessageContent,
     MessageFlags,
     Participant,
+    unvalidated,
 )
 
 __all__ = ["Accepted", "EventItem", "StatusEvent", "accepted", "decode_inflight"]
@@ -172,27 +173,13 @@ class StatusEvent(NamedTuple):
 
 
 _DECODER: Final = msgspec.json.Decoder(EventItem)
-_Model = TypeVar("_Model", Event, MessageContent, MessageFlags, Participant)
-_set_slot = object.__setattr__
-
-
-def _unvalidated(model: type[_Model], fields: dict[str, Any]) -> _Model:
-    """``model`` holding ``fields`` (every field of it), built as pydantic's own copy builds an
-    instance, without validating again what msgspec checked (``model_construct`` took longer
-    than validating). Every field counts as set: nothing reads which were."""
-    instance = model.__new__(model)
-    _set_slot(instance, "__dict__", fields)
-    _set_slot(instance, "__pydantic_fields_set__", set(fields))
-    _set_slot(instance, "__pydantic_extra__", None)
-    _set_slot(instance, "__pydantic_private__", None)
-    return instance
 
 
 def _participant(someone: _Participant | str) -> Participant:
     # A string here is a bare address (_Bare): pydantic stores it as given (libs.events._participant_of).
     if isinstance(someone, str):
-        return _unvalidated(Participant, {"name": None, "email": someone})
-    return _unvalidated(Participant, {"name": someone.name, "email": someone.email})
+        return unvalidated(Participant, {"name": None, "email": someone})
+    return unvalidated(Participant, {"name": someone.name, "email": someone.email})
 
 
 def _people(people: list[_Participant | str] | None) -> list[Participant] | None:
@@ -200,7 +187,7 @@ def _people(people: list[_Participant | str] | None) -> list[Participant] | None
 
 
 def _content(c: _Content) -> MessageContent:
-    return _unvalidated(MessageContent, {
+    return unvalidated(MessageContent, {
         "channel": c.channel, "sender": None if c.sender is None else _participant(c.sender),
         "to": _people(c.to), "cc": _people(c.cc), "bcc": _people(c.bcc), "reply_to": _people(c.reply_to),
         "subject": c.subject, "body_text": c.body_text, "body_html": c.body_html,
@@ -212,7 +199,7 @@ def _content(c: _Content) -> MessageContent:
 
 
 def _flags(f: _Flags) -> MessageFlags:
-    return _unvalidated(
+    return unvalidated(
         MessageFlags, {"unread": f.unread, "starred": f.starred, "folder": f.folder, "labels": f.labels}
     )
 
@@ -233,7 +220,7 @@ def decode_inflight(raw: bytes) -> StatusEvent | Event | None:
         return StatusEvent(
             item.event_id, account, item.message_key, item.type, item.occurred_at, item.source, item.direction
         )
-    return _unvalidated(Event, {
+    return unvalidated(Event, {
         "schema_version": item.schema_version, "event_id": item.event_id, "account_id": account,
         "message_key": item.message_key, "type": item.type, "occurred_at": item.occurred_at,
         "source": item.source, "direction": item.direction,

@@ -37,7 +37,7 @@ from __future__ import annotations
 import binascii
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -82,6 +82,7 @@ __all__ = [
     "json_bytes",
     "message_key_bytes",
     "storable_utc",
+    "unvalidated",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -484,6 +485,23 @@ def json_bytes(model: BaseModel) -> bytes:
     a delivered message's state is 549 bytes instead of 878 with its nulls, 12 % faster to
     encode and twice as fast to decode."""
     return model.__pydantic_serializer__.to_json(model, exclude_none=True)
+
+
+_M = TypeVar("_M", bound=BaseModel)
+_set_slot = object.__setattr__
+
+
+def unvalidated(model: type[_M], fields: dict[str, Any], fields_set: set[str] | None = None) -> _M:
+    """``model`` holding ``fields`` (every field of it, none extra or private), built as pydantic's
+    own ``__copy__`` builds an instance: without validation, for values that were checked already
+    (a state's, msgspec's). ``model_construct`` took longer than validating. ``fields_set``: every
+    field when None."""
+    instance = model.__new__(model)
+    _set_slot(instance, "__dict__", fields)
+    _set_slot(instance, "__pydantic_fields_set__", set(fields) if fields_set is None else fields_set)
+    _set_slot(instance, "__pydantic_extra__", None)
+    _set_slot(instance, "__pydantic_private__", None)
+    return instance
 
 
 def decode_event(raw: bytes) -> Event:

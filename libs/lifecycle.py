@@ -72,6 +72,7 @@ from libs.events import (
     ParticipantIn,
     PostflightRecord,
     Status,
+    unvalidated,
 )
 from libs.messages import FLAG_FIELDS
 from libs.mime import MAX_RAW_BYTES, collapse_whitespace, expand_raw_mime, html_to_text
@@ -427,27 +428,12 @@ def _erase(state: MessageState) -> None:
         state.content_ranks.pop(name, None)
 
 
-_set_slot = object.__setattr__
 # Every field's default, in the model's order; the required ones and the containers are set by
 # each new state (the placeholders keep their places).
 _DEFAULTS: Final = {
     name: None if info.default_factory is not None else info.default
     for name, info in MessageState.model_fields.items()
 }
-
-
-def _built(fields: dict[str, Any], fields_set: set[str]) -> MessageState:
-    """A state from its fields, as pydantic's ``__copy__`` builds one (a state has no extra or
-    private attributes), without validation: the caller's values come from a state or a
-    validated event."""
-    state = MessageState.__new__(MessageState)
-    _set_slot(state, "__dict__", fields)
-    _set_slot(state, "__pydantic_fields_set__", fields_set)
-    _set_slot(state, "__pydantic_extra__", None)
-    _set_slot(state, "__pydantic_private__", None)
-    return state
-
-
 _NEW_FIELDS_SET: Final = frozenset({"account_id", "message_key", "occurred_at", "source"})
 
 
@@ -458,7 +444,7 @@ def _new(event: AnyEvent) -> MessageState:
         account_id=event.account_id, message_key=event.message_key, occurred_at=event.occurred_at,
         source=event.source, content_ranks={}, seen_event_ids=[],
     )  # fmt: skip
-    return _built(fields, set(_NEW_FIELDS_SET))
+    return unvalidated(MessageState, fields, set(_NEW_FIELDS_SET))
 
 
 def _copy(state: MessageState) -> MessageState:
@@ -467,7 +453,7 @@ def _copy(state: MessageState) -> MessageState:
     fields = state.__dict__.copy()
     fields["content_ranks"] = state.content_ranks.copy()
     fields["seen_event_ids"] = state.seen_event_ids.copy()
-    return _built(fields, state.__pydantic_fields_set__.copy())
+    return unvalidated(MessageState, fields, state.__pydantic_fields_set__.copy())
 
 
 def _remember(state: MessageState, event: AnyEvent) -> None:
