@@ -109,14 +109,14 @@ class PersistSettings(BaseSettings):
     persist_max_records: int = Field(default=2000, gt=0)  # records per consumed batch
     # The broker answers a fetch of flightlog.postflight once this much is there, or when the wait
     # is over: fuller batches, so fewer transactions per record, for at most the wait's latency
-    # when the pipeline is not busy. A shard transaction cost MariaDB ~1.3 ms of CPU and persist
-    # ~0.4 ms whatever its rows, a row ~0.075 and ~0.05 ms (python -m cli.writer_cpu), before a
-    # server's shards shared one (docs/architecture.md, "What a persist batch costs").
-    # Throughput for latency: 1 MiB / 100 ms took the pipeline bench at 10,000 events/s from
-    # 192-195 to 160-176 us of CPU an event (persist and MariaDB), but its p99 at 5,000 events/s
-    # from 159-165 to 221-278 ms, past the 250 ms target; so 50 ms.
-    persist_fetch_min_bytes: int = Field(default=256 * 1024, ge=1)
-    persist_fetch_max_wait_ms: int = Field(default=50, ge=0, le=500)
+    # when the pipeline is not busy. A batch costs persist and MariaDB ~18 ms of CPU whatever its
+    # records (its shard parts' statements and commits), so at high rates the wait decides much
+    # of the CPU per event. 1 MiB / 100 ms against 256 KiB / 50 ms (python -m cli.pipeline_step,
+    # December 2026): persist's batches at 16,000 events/s 368 -> 168 in 20 s, the pipeline's CPU
+    # 91.5 -> 72.8 us an event; p99 at 8,500 events/s 111 -> 174 ms, at 2,000 76 -> 130 ms, inside
+    # the 250 ms target (docs/architecture.md, "persist's fetch wait").
+    persist_fetch_min_bytes: int = Field(default=1024 * 1024, ge=1)
+    persist_fetch_max_wait_ms: int = Field(default=100, ge=0, le=500)
     # one transaction: a shard's, or a server's shards'
     persist_write_timeout_s: float = Field(default=10.0, gt=0)
     # Whole seconds (InnoDB's unit), below the write timeout so a lock wait is the server's error.
